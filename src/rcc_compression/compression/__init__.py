@@ -1,0 +1,1 @@
+"""Compression engine: the stages (dare, nullu, alphaedit), the cascade, calibration and storage."""

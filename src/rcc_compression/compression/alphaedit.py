@@ -1,0 +1,263 @@
+"""Stage ``alphaedit``: recovery of the compressed layers.
+
+Default (design document, mode ``scaling``): learnable per-channel scales ``a_in``/``a_out`` on
+the compressed layers, trained by distillation from the dense teacher on calibration batches;
+they keep the sparsity pattern and the rank. Channel importance ``|grad * weight|`` (first-order
+Taylor, here ``|a * dL/da|``) decides which channels get learnable scales (``scale_fraction``).
+
+Mode ``closed_form`` is AlphaEdit (Fang et al., ICLR 2025, "Null-Space Constrained Knowledge
+Editing"; ``AlphaEdit_main.py``): the least-squares update that fits the layer back to the dense
+layer on calibration inputs K1, projected onto the null space of a preserve set K0 (eigenvalues
+of its second moment below ``nullspace_threshold``), ``Delta^T = (P K1 K1^T + l2 I)^-1 P K1 R^T``.
+Departures: the fit targets the dense layer's outputs on the dense model's inputs (a layer-wise
+reconstruction), and the update is solved only on the kept entries of each sparse row and into
+the low-rank factor ``B``, so the compression survives; the projector is then taken per row on
+its support, which keeps ``Delta K0 = 0`` exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import CompressionError
+from .calibration import flatten_outputs, relative_output_error, to_device
+from .layers import CompressedLinear
+from .stage import CompressionContext, Stage, StageConfig, kd_finetune
+
+
+class AlphaEditConfig(StageConfig):
+    """Keys of the ``alphaedit`` stage (defaults from the design document and the AlphaEdit paper)."""
+
+    mode: Literal["scaling", "closed_form"] = "scaling"
+    learning_rate: float = Field(1e-3, gt=0)
+    num_epochs: int = Field(10, ge=0)
+    importance_metric: Literal["gradient", "magnitude", "uniform"] = "gradient"
+    scale_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of channels given learnable scales")
+    trainable: Literal["scales", "scales_and_values"] = "scales"
+    nullspace_threshold: float = Field(2e-2, ge=0.0)
+    l2: float = Field(10.0, ge=0.0)
+    chunk_elements: int = Field(1 << 25, ge=1 << 10, description="memory bound of the batched row solves")
+
+
+# ------------------------------------------------------------------------------ pure functions
+def preserve_basis(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Orthonormal basis (n x k) of the directions the preserve set occupies (eigenvalues >= threshold).
+
+    Its orthogonal complement is AlphaEdit's null space ``P = I - U U^T``.
+    """
+    evals, evecs = torch.linalg.eigh(second_moment.double())
+    return evecs[:, evals >= threshold].to(second_moment.dtype)
+
+
+def _orth_columns(U: torch.Tensor, rel_tol: float = 1e-7) -> torch.Tensor:
+    """Batched orthonormal basis of the column spans of ``U`` (..., n, k); dependent columns zeroed."""
+    if U.shape[-1] == 0:
+        return U
+    Q, s, _ = torch.linalg.svd(U, full_matrices=False)
+    keep = s > rel_tol * s.amax(-1, keepdim=True).clamp_min(1e-300)
+    return Q * keep.unsqueeze(-2).to(Q.dtype)
+
+
+def null_space_ridge(
+    C: torch.Tensor,
+    R: torch.Tensor,
+    support: torch.Tensor | None = None,
+    basis: torch.Tensor | None = None,
+    l2: float = 10.0,
+    chunk_elements: int = 1 << 25,
+) -> torch.Tensor:
+    """Row-wise AlphaEdit update restricted to a support.
+
+    For each row ``r`` of the residual ``R`` (m x n) solve, over ``z`` supported on the row's
+    ``support`` and orthogonal to ``basis`` (``z U = 0``: inputs of the preserve set see no change),
+    ``min (r - z) C (r - z)^T + l2 ||z||^2`` with ``C = K1 K1^T``. The solution is AlphaEdit's
+    ``z^T = (P C + l2 I)^-1 P C r^T`` with ``P`` the projector onto the allowed set. Batched over
+    rows in chunks of at most ``chunk_elements`` numbers.
+    """
+    m, n = R.shape
+    C = C.double()
+    R = R.double()
+    eye = torch.eye(n, dtype=C.dtype, device=C.device)
+    if support is None:
+        P = eye if basis is None else eye - (lambda Q: Q @ Q.t())(_orth_columns(basis.double()))
+        rhs = P @ C @ R.t()
+        return torch.linalg.solve(P @ C + l2 * eye, rhs).t()
+    out = torch.zeros_like(R)
+    chunk = max(1, chunk_elements // (n * n))
+    U = basis.double() if basis is not None else None
+    for start in range(0, m, chunk):
+        D = support[start:start + chunk].to(C.dtype)
+        c = D.shape[0]
+        P = torch.diag_embed(D)
+        if U is not None and U.shape[1] > 0:
+            Q = _orth_columns(D.unsqueeze(-1) * U.unsqueeze(0))
+            P = P - Q @ Q.transpose(1, 2)
+        H = D.unsqueeze(-1) * C.unsqueeze(0) * D.unsqueeze(1) + torch.diag_embed(1.0 - D)
+        b = (R[start:start + c] @ C) * D
+        A = P @ H + l2 * eye.expand(c, n, n)
+        out[start:start + c] = torch.linalg.solve(A, (P @ b.unsqueeze(-1))).squeeze(-1) * D
+    return out
+
+
+def low_rank_update(
+    C: torch.Tensor, R: torch.Tensor, A: torch.Tensor, basis: torch.Tensor | None = None, l2: float = 10.0
+) -> torch.Tensor:
+    """AlphaEdit update of ``B`` in ``B A`` (A fixed): ``min ||(R - dB A) K1||^2 + l2 ||dB||^2``, ``dB A U = 0``."""
+    C, R, A = C.double(), R.double(), A.double()
+    G = A @ C @ A.t()
+    b = R @ C @ A.t()
+    r = A.shape[0]
+    eye = torch.eye(r, dtype=C.dtype, device=C.device)
+    P = eye
+    if basis is not None and basis.shape[1] > 0:
+        Q = _orth_columns(A @ basis.double())
+        P = eye - Q @ Q.t()
+    return torch.linalg.solve(P @ G + l2 * eye, P @ b.t()).t()
+
+
+def reconstruction_error(C: torch.Tensor, R: torch.Tensor, T: torch.Tensor) -> float:
+    """``tr(R C R^T) / tr(T C T^T)``: relative output error of a weight residual on inputs with moment C."""
+    C, R, T = C.double(), R.double(), T.double()
+    num = float(((R @ C) * R).sum())
+    den = float(((T @ C) * T).sum())
+    return num / den if den > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------ stage
+class AlphaEditStage(Stage):
+    """Recover the compressed layers: learned channel scales, or the closed-form null-space update."""
+
+    name = "alphaedit"
+    config_class = AlphaEditConfig
+    config: AlphaEditConfig
+
+    def target_description(self, progress: float, schedule: str) -> dict[str, Any]:
+        return {"mode": self.config.mode}
+
+    def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        if self.config.mode == "closed_form":
+            return self._closed_form(model, ctx)
+        return self._scaling(model, ctx)
+
+    # -------------------------------------------------------------- scaling
+    def _importance(self, model: nn.Module, layers: dict[str, CompressedLinear], ctx: CompressionContext
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        metric = self.config.importance_metric
+        if metric == "uniform":
+            return {n: (torch.ones(m.in_features), torch.ones(m.out_features)) for n, m in layers.items()}
+        if metric == "magnitude":
+            out = {}
+            for n, m in layers.items():
+                w = m.effective_weight().float()
+                out[n] = (w.norm(dim=0).cpu(), w.norm(dim=1).cpu())
+            return out
+        teacher = ctx.teacher_outputs()
+        scales = [p for m in layers.values() for p in (m.a_in, m.a_out)]
+        saved = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in scales:
+            p.requires_grad_(True)
+            p.grad = None
+        acc = {n: (torch.zeros(m.in_features), torch.zeros(m.out_features)) for n, m in layers.items()}
+        try:
+            for batch, t in zip(ctx.batches, teacher, strict=True):
+                loss = relative_output_error(flatten_outputs(model(**to_device(batch, ctx.device))), t)
+                loss.backward()
+                for n, m in layers.items():
+                    acc[n][0].add_((m.a_in * m.a_in.grad).detach().abs().cpu())
+                    acc[n][1].add_((m.a_out * m.a_out.grad).detach().abs().cpu())
+                    m.a_in.grad = m.a_out.grad = None
+        finally:
+            for p, flag in saved.items():
+                p.requires_grad_(flag)
+        return acc
+
+    def _scaling(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        cfg = self.config
+        layers = ctx.layers(self.layer_names(model))
+        for m in layers.values():
+            if m.a_in is None or m.a_out is None:
+                ref = m._ref
+                m.set_scales(
+                    m.a_in.detach() if m.a_in is not None else torch.ones(m.in_features, device=ref.device),
+                    m.a_out.detach() if m.a_out is not None else torch.ones(m.out_features, device=ref.device),
+                )
+        importance = self._importance(model, layers, ctx) if ctx.batches else {}
+        hooks = []
+        per_layer: dict[str, Any] = {}
+        if cfg.scale_fraction < 1.0 and importance:
+            for n, m in layers.items():
+                for param, imp in ((m.a_in, importance[n][0]), (m.a_out, importance[n][1])):
+                    k = max(1, round(cfg.scale_fraction * imp.numel()))
+                    sel = torch.zeros(imp.numel(), dtype=param.dtype, device=param.device)
+                    sel[imp.topk(k).indices.to(param.device)] = 1
+                    hooks.append(param.register_hook(lambda g, s=sel: g * s))
+        params: list[nn.Parameter] = [p for m in layers.values() for p in (m.a_in, m.a_out)]
+        if cfg.trainable == "scales_and_values":
+            params += [p for m in layers.values() for p in (m.weight, m.lr_A, m.lr_B) if p is not None]
+        try:
+            kd = kd_finetune(model, ctx, params, cfg.num_epochs, cfg.learning_rate, salt=2)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n, m in layers.items():
+            info: dict[str, Any] = {
+                "a_in_range": [float(m.a_in.min()), float(m.a_in.max())],
+                "a_out_range": [float(m.a_out.min()), float(m.a_out.max())],
+            }
+            if importance:
+                info["importance_in_mean"] = float(importance[n][0].mean())
+                info["importance_out_mean"] = float(importance[n][1].mean())
+            per_layer[n] = info
+        self.statistics = {"mode": "scaling", "importance_metric": cfg.importance_metric,
+                           "scale_fraction": cfg.scale_fraction, "trainable": cfg.trainable, **kd,
+                           "layers": per_layer}
+        return model
+
+    # -------------------------------------------------------------- closed form
+    @torch.no_grad()
+    def _closed_form(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        cfg = self.config
+        layers = ctx.layers(self.layer_names(model))
+        stats = ctx.stats(gram=True)
+        pstats = ctx.preserve_stats()
+        per_layer: dict[str, Any] = {}
+        for i, (name, layer) in enumerate(layers.items()):
+            dev = layer._ref.device
+            a_in = layer.a_in.detach().double() if layer.a_in is not None else None
+            C = stats[name].gram.to(dev).double()
+            if a_in is not None:
+                C = a_in[:, None] * C * a_in[None, :]
+            basis = None
+            if pstats is not None:
+                C0 = pstats[name].second_moment.to(dev).double()
+                if a_in is not None:
+                    C0 = a_in[:, None] * C0 * a_in[None, :]
+                basis = preserve_basis(C0, cfg.nullspace_threshold)
+            T = ctx.target_weight(name, layer).double()
+            R = T - layer.sparse_part().double() - layer.low_rank_part().double()
+            before = reconstruction_error(C, R, T)
+            if layer.weight is not None:
+                delta = null_space_ridge(C, R, layer.mask, basis, cfg.l2, cfg.chunk_elements)
+                layer.weight.data.add_(delta.to(layer.weight.dtype))
+                R = R - delta
+            if layer.rank > 0:
+                dB = low_rank_update(C, R, layer.lr_A.detach(), basis, cfg.l2)
+                layer.lr_B.data.add_(dB.to(layer.lr_B.dtype))
+                R = R - dB @ layer.lr_A.detach().double()
+            if not torch.isfinite(R).all():
+                raise CompressionError(f"alphaedit closed_form produced non-finite weights in {name}")
+            per_layer[name] = {
+                "error_before": before,
+                "error_after": reconstruction_error(C, R, T),
+                "preserve_dim": 0 if basis is None else int(basis.shape[1]),
+            }
+            ctx.tick(f"alphaedit {name}", i + 1, len(layers))
+        self.statistics = {"mode": "closed_form", "preserve_set": pstats is not None, "l2": cfg.l2,
+                           "nullspace_threshold": cfg.nullspace_threshold, "layers": per_layer}
+        return model

@@ -1,0 +1,409 @@
+"""The cascade: stages in configured order, rounds along a schedule, a validation gate, rollback, resume.
+
+``CascadePipeline`` (also exported as ``CompressionPipeline``) runs ``rounds`` rounds; in round k
+every stage acts at k/rounds of its final target along the schedule. After each stage a gate
+compares the compressed model with the dense one (default: agreement of their outputs on
+held-out calibration batches, so no labels are needed; or a task metric callable) and requires
+``validation_threshold`` retention. A failed gate rolls the model back to the last passing state
+and stops: the result is the most compressed model that meets the floor, with a record of every
+step. With a run directory, a checkpoint is written every ``checkpoint_frequency`` passing steps
+and an interrupted run resumes from it to the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from ..errors import CheckpointError, CompressionError
+from ..utils.io import atomic_write_json
+from ..utils.logging import get_logger
+from ..utils.schema import StrictModel
+from .calibration import output_agreement, run_outputs
+from .layers import CompressedLinear, compressed_layers, layer_snapshot, replace_module, restore_layer
+from .registry import STAGES, build_stage
+from .stage import CompressionContext, Stage, select_layers
+
+log = get_logger("cascade")
+
+PROGRESS_FILE = "progress.json"
+
+
+class CascadeConfig(StrictModel):
+    """Keys of the cascade (defaults from the design document)."""
+
+    stages: list[str] = Field(default_factory=lambda: ["dare", "nullu", "alphaedit"])
+    checkpoint_frequency: int = Field(1, ge=0, description="passing steps between checkpoints; 0: none")
+    validation_threshold: float = Field(0.95, ge=0.0, le=1.0)
+    rounds: int | None = Field(None, ge=1, description="None: dare.iterations when dare runs, else 1")
+    schedule: Literal["linear", "cubic"] | None = Field(None, description="None: dare.pruning_schedule")
+
+    @field_validator("stages")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from .registry import STAGES
+
+        bad = [s for s in v if s not in STAGES]
+        if bad:
+            raise ValueError(f"unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
+        if not v:
+            raise ValueError("at least one stage is needed")
+        return v
+
+
+def compression_summary(model: nn.Module) -> dict[str, Any]:
+    """Sparsity, ranks and stored/dense bytes of the compressed layers right now."""
+    from .storage import dense_bytes, stored_bytes
+
+    layers = compressed_layers(model)
+    dense = sum(dense_bytes(m) for m in layers.values())
+    stored = sum(stored_bytes(m) for m in layers.values())
+    numel = sum(m.in_features * m.out_features for m in layers.values())
+    nnz = sum(m.nnz() for m in layers.values())
+    return {
+        "layers": len(layers),
+        "dense_bytes": dense,
+        "stored_bytes": stored,
+        "compression_rate": 1.0 - stored / dense if dense else 0.0,
+        "sparsity": 1.0 - nnz / numel if numel else 0.0,
+        "mean_rank": sum(m.rank for m in layers.values()) / max(len(layers), 1),
+    }
+
+
+class CascadePipeline:
+    """Run compression stages as a validated, checkpointed, resumable cascade.
+
+    >>> pipe = CascadePipeline().add_stage("dare", {"pruning_rate": 0.5, "fine_tune_epochs": 0})
+    >>> model = pipe.compress(model)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        calibration_data: Iterable[Mapping[str, Any]] | None = None,
+        holdout_data: Iterable[Mapping[str, Any]] | None = None,
+        preserve_data: Iterable[Mapping[str, Any]] | None = None,
+        metric_fn: Callable[[nn.Module], float] | None = None,
+        reference_model: nn.Module | None = None,
+        run_dir: str | Path | None = None,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        progress_callback: Callable[[str, int, int], None] | None = None,
+        run_config: dict[str, Any] | None = None,
+        num_synthetic_batches: int = 6,
+    ) -> None:
+        from ..config import CompressionSection
+
+        if config is None:
+            section = None
+        elif isinstance(config, dict):
+            section = CompressionSection.model_validate(config)
+        else:
+            section = config
+        self.section = section
+        self.cascade = section.cascade if section is not None else CascadeConfig(stages=["dare"])
+        self.stages: list[Stage] = []
+        if section is not None:
+            for name in self.cascade.stages:
+                self.stages.append(build_stage(name, getattr(section, name)))
+        self.calibration = list(calibration_data) if calibration_data is not None else None
+        self.holdout = list(holdout_data) if holdout_data is not None else None
+        self.preserve = list(preserve_data) if preserve_data is not None else []
+        self.metric_fn = metric_fn
+        self.reference_model = reference_model
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.seed = seed
+        self.device = torch.device(device) if device is not None else None
+        self.progress_callback = progress_callback
+        self.run_config = run_config
+        self.num_synthetic_batches = num_synthetic_batches
+        self.records: list[dict[str, Any]] = []
+        self.stage_results: dict[str, dict[str, Any]] = {}
+        self._snapshots: dict[str, dict[str, dict[str, Any]]] = {}
+        self._model: nn.Module | None = None
+        self._ctx: CompressionContext | None = None
+        self._dense_score: float | None = None
+        self.stopped_early = False
+
+    # ------------------------------------------------------------------ building
+    def add_stage(self, stage: str | Stage, config: dict[str, Any] | Any = None) -> CascadePipeline:
+        """Append a stage (a registered name with its config, or a built :class:`Stage`); chainable."""
+        self.stages.append(stage if isinstance(stage, Stage) else build_stage(stage, config))
+        return self
+
+    @property
+    def rounds(self) -> int:
+        if self.cascade.rounds is not None:
+            return self.cascade.rounds
+        dare = next((s for s in self.stages if s.name == "dare"), None)
+        return dare.config.iterations if dare is not None else 1
+
+    @property
+    def schedule(self) -> str:
+        if self.cascade.schedule is not None:
+            return self.cascade.schedule
+        dare = next((s for s in self.stages if s.name == "dare"), None)
+        return dare.config.pruning_schedule if dare is not None else "linear"
+
+    def steps(self) -> list[tuple[int, int]]:
+        """(round, stage index) pairs in execution order."""
+        return [(k, j) for k in range(1, self.rounds + 1) for j in range(len(self.stages))]
+
+    # ------------------------------------------------------------------ preparation
+    def _prepare(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+        from ..models.base import ModelWrapper
+
+        wrapper = model if isinstance(model, ModelWrapper) else None
+        inner = wrapper.model if wrapper is not None else model
+        if not self.stages:
+            raise CompressionError("the pipeline has no stages; add_stage() or pass a config")
+        names: list[str] = []
+        for st in self.stages:
+            for n in st.layer_names(inner):
+                if n not in names:
+                    names.append(n)
+        device = self.device or next(inner.parameters()).device
+        self.device = device
+        dense_model = _copy_for_teacher(inner)
+        dense: dict[str, torch.Tensor] = {}
+        for name in names:
+            mod = inner.get_submodule(name)
+            if isinstance(mod, nn.Linear):
+                dense[name] = mod.weight.detach().clone()
+                replace_module(inner, name, CompressedLinear.from_linear(mod))
+            else:
+                dense[name] = mod.effective_weight().detach().clone()
+        batches = self.calibration
+        if batches is None:
+            batches = _synthetic_batches(inner, wrapper, self.num_synthetic_batches, self.seed)
+        holdout = self.holdout
+        if holdout is None:
+            n_hold = min(2, len(batches) // 3)
+            holdout, batches = (batches[-n_hold:], batches[:-n_hold]) if n_hold else (batches, batches)
+        reference = None
+        if self.reference_model is not None:
+            from ..models.registry import unwrap_model
+
+            ref = unwrap_model(self.reference_model)
+            reference = {n: ref.get_submodule(n).weight.detach().clone() for n in names
+                         if isinstance(ref.get_submodule(n), nn.Linear)}
+        self._ctx = CompressionContext(
+            model=inner, dense=dense, dense_model=dense_model, batches=list(batches), holdout=list(holdout),
+            preserve=self.preserve, reference=reference, seed=self.seed, schedule=self.schedule, device=device,
+            progress_callback=self.progress_callback,
+            tokenizer=getattr(wrapper, "tokenizer", None),
+            image_loader=(lambda imgs, w=wrapper: _load_images(w, imgs)) if wrapper is not None else None,
+        )
+        self._model = inner
+        return inner, wrapper
+
+    # ------------------------------------------------------------------ the gate
+    def _score(self, model: nn.Module) -> float:
+        if self.metric_fn is not None:
+            return float(self.metric_fn(model))
+        ctx = self._ctx
+        if not ctx.holdout:
+            return 1.0
+        return output_agreement(run_outputs(model, ctx.holdout, ctx.device), ctx.teacher_holdout())
+
+    def _retention(self, model: nn.Module) -> tuple[float, float, bool]:
+        finite = all(torch.isfinite(p).all().item() for m in compressed_layers(model).values() for p in m.parameters())
+        if not finite:
+            return float("nan"), 0.0, False
+        score = self._score(model)
+        if self.metric_fn is None:
+            retention = score
+        else:
+            if self._dense_score is None:
+                self._dense_score = float(self.metric_fn(self._ctx.dense_model))
+            retention = score / self._dense_score if self._dense_score else 0.0
+        if retention != retention:  # NaN outputs
+            return score, 0.0, False
+        return score, retention, True
+
+    def validate_stage(self, stage_name: str) -> bool:
+        """Re-run the gate on the current model; record and return whether it passes."""
+        if self._model is None:
+            raise CompressionError("validate_stage needs a model: call run() first")
+        score, retention, finite = self._retention(self._model)
+        passed = finite and retention >= self.cascade.validation_threshold
+        self.records.append({"stage": stage_name, "validation_only": True, "metric": score,
+                             "retention": retention, "passed": passed})
+        return passed
+
+    # ------------------------------------------------------------------ state
+    def _snapshot(self) -> dict[str, dict[str, Any]]:
+        return {n: layer_snapshot(m) for n, m in compressed_layers(self._model).items()}
+
+    def _restore(self, snap: dict[str, dict[str, Any]]) -> None:
+        for n, m in compressed_layers(self._model).items():
+            restore_layer(m, snap[n])
+
+    def rollback_to_stage(self, stage_name: str) -> None:
+        """Restore the model to its state after the last passing step of ``stage_name``."""
+        if stage_name not in self._snapshots:
+            raise CompressionError(f"no passing state recorded after stage {stage_name!r}; "
+                                   f"known: {', '.join(self._snapshots) or 'none'}")
+        self._restore(self._snapshots[stage_name])
+        self.records.append({"stage": stage_name, "rollback": True})
+
+    def get_stage_results(self) -> dict[str, Any]:
+        """Every step's record and each stage's latest statistics."""
+        return {"records": list(self.records), "stages": dict(self.stage_results),
+                "stopped_early": self.stopped_early, "rounds": self.rounds}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _write_checkpoint(self, step: int) -> None:
+        from .storage import save_compressed
+
+        assert self.run_dir is not None
+        ckpt_root = self.run_dir / "checkpoints"
+        target = ckpt_root / f"step-{step:05d}"
+        save_compressed(self._model, target, config=self.run_config, records=self.records, overwrite=True)
+        atomic_write_json(self.run_dir / PROGRESS_FILE, {
+            "format": "rcc-cascade-progress", "format_version": 1, "next_step": step + 1,
+            "checkpoint": target.relative_to(self.run_dir).as_posix(), "records": self.records,
+            "stage_results": self.stage_results, "done": False,
+        })
+        for old in ckpt_root.iterdir():
+            if old.is_dir() and old != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _resume_state(self) -> int:
+        from .storage import install_layers, load_layer_tensors, read_manifest, verify_files
+
+        if self.run_dir is None or not (self.run_dir / PROGRESS_FILE).is_file():
+            return 0
+        try:
+            progress = json.loads((self.run_dir / PROGRESS_FILE).read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{self.run_dir / PROGRESS_FILE}: malformed: {exc}") from None
+        if progress.get("format") != "rcc-cascade-progress":
+            raise CheckpointError(f"{self.run_dir / PROGRESS_FILE}: not a cascade progress file")
+        ckpt = self.run_dir / progress["checkpoint"]
+        manifest = read_manifest(ckpt)
+        verify_files(ckpt, manifest)
+        install_layers(self._model, manifest, load_layer_tensors(ckpt, manifest), self._ctx.reference)
+        self.records = list(progress.get("records", []))
+        self.stage_results = dict(progress.get("stage_results", {}))
+        log.info("resuming from %s (step %d of %d)", ckpt, progress["next_step"], len(self.steps()))
+        if progress.get("done"):
+            self.stopped_early = bool(progress.get("stopped_early"))
+            return len(self.steps())
+        return int(progress["next_step"])
+
+    # ------------------------------------------------------------------ run
+    def run(self, model: nn.Module, resume: bool = False) -> nn.Module:
+        """Compress ``model`` in place through every step; returns it (the wrapper, if given one)."""
+        inner, wrapper = self._prepare(model)
+        ctx = self._ctx
+        steps = self.steps()
+        start = self._resume_state() if resume else 0
+        if not resume and self.run_dir is not None and (self.run_dir / PROGRESS_FILE).exists():
+            raise CheckpointError(f"{self.run_dir}: holds an earlier run; resume it (--resume) or use a new directory")
+        last_pass = self._snapshot()
+        since_ckpt = 0
+        for idx in range(start, len(steps)):
+            k, j = steps[idx]
+            stage = self.stages[j]
+            ctx.step, ctx.progress = idx, k / self.rounds
+            t0 = time.perf_counter()
+            error = None
+            try:
+                stage.compress(inner, ctx)
+            except CompressionError:
+                raise
+            except (RuntimeError, torch.linalg.LinAlgError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            score, retention, finite = (float("nan"), 0.0, False) if error else self._retention(inner)
+            passed = finite and retention >= self.cascade.validation_threshold
+            stats = stage.get_statistics()
+            record = {
+                "step": idx, "round": k, "stage": stage.name,
+                "targets": stage.target_description(ctx.progress, ctx.schedule),
+                "achieved": compression_summary(inner),
+                "metric": score, "retention": retention, "threshold": self.cascade.validation_threshold,
+                "passed": passed, "seconds": round(time.perf_counter() - t0, 4),
+                "summary": {k2: v for k2, v in stats.items() if k2 != "layers"},
+            }
+            if error:
+                record["error"] = error
+            elif not finite:
+                record["error"] = "non-finite weights or outputs"
+            self.records.append(record)
+            if not passed:
+                self._restore(last_pass)
+                self.stopped_early = True
+                record["rolled_back"] = True
+                log.warning("step %d (%s, round %d) failed the gate (retention %.4f < %.4f%s); rolled back and stopped",
+                            idx, stage.name, k, retention, self.cascade.validation_threshold,
+                            f"; {record['error']}" if "error" in record else "")
+                break
+            self.stage_results[stage.name] = stats
+            last_pass = self._snapshot()
+            self._snapshots[stage.name] = last_pass
+            log.info("step %d/%d %s round %d: retention %.4f, layer compression %.4f", idx + 1, len(steps),
+                     stage.name, k, retention, record["achieved"]["compression_rate"])
+            since_ckpt += 1
+            if self.run_dir is not None and self.cascade.checkpoint_frequency and (
+                since_ckpt >= self.cascade.checkpoint_frequency or idx == len(steps) - 1
+            ):
+                self._write_checkpoint(idx)
+                since_ckpt = 0
+        if self.run_dir is not None:
+            progress_file = self.run_dir / PROGRESS_FILE
+            data = json.loads(progress_file.read_text()) if progress_file.exists() else {
+                "format": "rcc-cascade-progress", "format_version": 1}
+            if self.stopped_early or not data.get("checkpoint"):
+                self._write_checkpoint(len(steps) - 1 if not self.stopped_early else idx)
+                data = json.loads(progress_file.read_text())
+            data.update(done=True, stopped_early=self.stopped_early, records=self.records,
+                        stage_results=self.stage_results)
+            atomic_write_json(progress_file, data)
+        return wrapper if wrapper is not None else inner
+
+    compress = run
+
+
+CompressionPipeline = CascadePipeline
+
+
+def _copy_for_teacher(model: nn.Module) -> nn.Module:
+    import copy
+
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def _synthetic_batches(model: nn.Module, wrapper: Any, n: int, seed: int) -> list[dict[str, Any]]:
+    """Random inputs for CLIP/BLIP when no calibration data is given (enough for gates and KD)."""
+    from ..models.registry import wrap_model
+
+    try:
+        w = wrapper if wrapper is not None else wrap_model(model)
+    except Exception:  # noqa: BLE001 - a custom module: no synthetic inputs possible
+        return []
+    g = torch.Generator().manual_seed(seed + 12345)
+    return [w.synthetic_batch(4, g) for _ in range(n)]
+
+
+def _load_images(wrapper: Any, images: list[Any]) -> torch.Tensor:
+    from PIL import Image
+
+    if any(i is None for i in images):
+        raise CompressionError("BLIP hallu_space pairs need an 'image' path for every pair")
+    return wrapper.prepare_images([Image.open(i).convert("RGB") for i in images])
+
+
+__all__ = ["STAGES", "CascadeConfig", "CascadePipeline", "CompressionPipeline", "compression_summary", "select_layers"]

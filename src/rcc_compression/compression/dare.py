@@ -1,0 +1,217 @@
+"""Stage ``dare``: sparsify the weights (or a fine-tune's deltas).
+
+Default (design document): iterative unstructured magnitude pruning to ``pruning_rate`` over
+``iterations`` along a ``linear``/``cubic`` schedule, with optional distillation between
+iterations. Published DARE (Yu et al., "Language Models are Super Mario", ICML 2024; MergeLM
+``mask_weights_utils.py``) is ``scorer=random, target=delta, rescale=inverse_keep``: drop each
+delta entry with probability p and rescale survivors by 1/(1-p). It departs from the paper only
+when ``iterations > 1``, where the drop probability is split across rounds (same final rate).
+Also ``wanda`` scores (Sun et al., ICLR 2024: ``|W_ij| * ||X_j||``, ranked per output row) and
+N:M structure (2:4).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from ..errors import CompressionError
+from .stage import CompressionContext, Stage, StageConfig, kd_finetune, schedule_fraction
+
+
+class DareConfig(StageConfig):
+    """Keys of the ``dare`` stage (defaults from the design document)."""
+
+    pruning_rate: float = Field(0.9, ge=0.0, lt=1.0)
+    iterations: int = Field(10, ge=1)
+    pruning_schedule: Literal["linear", "cubic"] = "linear"
+    fine_tune_epochs: int = Field(5, ge=0)
+    fine_tune_lr: float = Field(1e-4, gt=0)
+    scorer: Literal["magnitude", "wanda", "random"] = "magnitude"
+    target: Literal["weights", "delta"] = "weights"
+    reference_model: str | None = None
+    rescale: Literal["none", "inverse_keep", "l1"] | None = None
+    scope: Literal["layer", "row"] | None = None
+    nm: str | None = Field(None, description="N:M structure, e.g. '2:4' (overrides pruning_rate with 1 - N/M)")
+
+    @field_validator("nm")
+    @classmethod
+    def _nm(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", v)
+        if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+            raise ValueError("expected 'N:M' with 0 < N < M, e.g. '2:4'")
+        return f"{int(m.group(1))}:{int(m.group(2))}"
+
+    def resolved_rescale(self) -> str:
+        return self.rescale or ("inverse_keep" if self.scorer == "random" else "none")
+
+    def resolved_scope(self) -> str:
+        return self.scope or ("row" if self.scorer == "wanda" else "layer")
+
+    def nm_pair(self) -> tuple[int, int] | None:
+        if self.nm is None:
+            return None
+        n, m = self.nm.split(":")
+        return int(n), int(m)
+
+
+# ------------------------------------------------------------------------------ pure functions
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    """``|W|``."""
+    return weight.abs()
+
+
+def wanda_scores(weight: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
+    """``|W_ij| * ||X_j||_2`` (Wanda)."""
+    return weight.abs() * col_norm.to(weight)[None, :]
+
+
+def topk_mask(scores: torch.Tensor, rate: float, scope: str = "layer", allowed: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """Keep the highest scores so that ``rate`` of all entries are pruned (per layer or per row).
+
+    ``allowed`` (bool) restricts the choice to entries still kept (masks only shrink).
+    """
+    s = scores.float()
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    mask = torch.zeros_like(s, dtype=torch.bool)
+    if scope == "row":
+        keep = s.shape[1] - round(s.shape[1] * rate)
+        if keep > 0:
+            idx = s.topk(keep, dim=1).indices
+            mask.scatter_(1, idx, True)
+    elif scope == "layer":
+        keep = s.numel() - round(s.numel() * rate)
+        if keep > 0:
+            idx = s.flatten().topk(keep).indices
+            mask.view(-1)[idx] = True
+    else:
+        raise ValueError(f"unknown scope {scope!r}; allowed: layer, row")
+    if allowed is not None:
+        mask &= allowed
+    return mask
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """N:M mask: in every group of ``m`` consecutive inputs of a row keep the ``n`` highest scores."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise CompressionError(f"N:M structure {n}:{m} needs in_features divisible by {m}, got {cols}")
+    s = scores.float()
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    groups = s.reshape(rows, cols // m, m)
+    idx = groups.topk(n, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True).reshape(rows, cols)
+    return mask & allowed if allowed is not None else mask
+
+
+def bernoulli_mask(shape: torch.Size, drop: float, generator: torch.Generator, allowed: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Keep each entry independently with probability ``1 - drop`` (DARE's random drop)."""
+    keep = torch.rand(shape, generator=generator) >= drop
+    return keep & allowed.cpu() if allowed is not None else keep
+
+
+def rescale_values(values: torch.Tensor, mask: torch.Tensor, before: torch.Tensor, kind: str, keep_prob: float
+                   ) -> torch.Tensor:
+    """Rescale the kept entries: ``none``, ``inverse_keep`` (x 1/keep_prob, DARE) or ``l1`` (row L1 of ``before``)."""
+    kept = values * mask
+    if kind == "none":
+        return kept
+    if kind == "inverse_keep":
+        return kept / max(keep_prob, 1e-12)
+    if kind == "l1":
+        num = before.abs().sum(1, keepdim=True)
+        den = kept.abs().sum(1, keepdim=True)
+        return kept * torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den))
+    raise ValueError(f"unknown rescale {kind!r}; allowed: none, inverse_keep, l1")
+
+
+# ------------------------------------------------------------------------------ stage
+class DareStage(Stage):
+    """Prune the S part of the target layers along the schedule (magnitude, wanda or random)."""
+
+    name = "dare"
+    config_class = DareConfig
+    config: DareConfig
+
+    def rate_at(self, progress: float, schedule: str | None = None) -> float:
+        """Cumulative pruning rate reached at ``progress`` of the schedule."""
+        nm = self.config.nm_pair()
+        if nm is not None:
+            return 1.0 - nm[0] / nm[1]
+        return self.config.pruning_rate * schedule_fraction(progress, schedule or self.config.pruning_schedule)
+
+    def target_description(self, progress: float, schedule: str) -> dict[str, Any]:
+        return {"pruning_rate": round(self.rate_at(progress, schedule), 6)}
+
+    @torch.no_grad()
+    def _prune_layer(self, name: str, layer: Any, ctx: CompressionContext, rate: float, stats: Any) -> dict[str, Any]:
+        cfg = self.config
+        if cfg.target == "delta" and layer.base is None:
+            if ctx.reference is None or name not in ctx.reference:
+                raise CompressionError(
+                    f"dare target 'delta' needs a reference model holding layer {name!r} "
+                    "(set compression.dare.reference_model or pass reference_model=...)"
+                )
+            ref = ctx.reference[name].to(layer._ref)
+            if layer.weight is not None and layer.mask is None:
+                layer.set_sparse(layer.weight.detach() - ref)
+            layer.set_base(ref)
+        if layer.weight is not None:
+            current = layer.weight.detach().float()
+        else:
+            current = ctx.target_weight(name, layer) - layer.low_rank_part().float()
+        allowed = layer.mask
+        prev_keep = float(allowed.float().mean()) if allowed is not None else 1.0
+        target_keep = 1.0 - rate
+        if target_keep >= prev_keep - 1e-12 and allowed is not None:
+            return {"sparsity": 1.0 - prev_keep, "changed": False}
+        nm = cfg.nm_pair()
+        if cfg.scorer == "random":
+            step_drop = max(0.0, 1.0 - target_keep / prev_keep)
+            mask = bernoulli_mask(current.shape, step_drop, ctx.generator(zlib.crc32(name.encode())), allowed).to(current.device)
+            keep_prob = 1.0 - step_drop
+        else:
+            scores = magnitude_scores(current) if cfg.scorer == "magnitude" else wanda_scores(current, stats[name].col_norm)
+            if nm is not None:
+                mask = nm_mask(scores, nm[0], nm[1], allowed)
+            else:
+                mask = topk_mask(scores, rate, cfg.resolved_scope(), allowed)
+            keep_prob = float(mask.float().mean()) / prev_keep
+        values = rescale_values(current, mask, current, cfg.resolved_rescale(), keep_prob)
+        layer.set_sparse(values, mask)
+        return {"sparsity": 1.0 - float(mask.float().mean()), "changed": True}
+
+    def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        cfg = self.config
+        names = self.layer_names(model)
+        layers = ctx.layers(names)
+        rate = self.rate_at(ctx.progress, ctx.schedule)
+        stats = ctx.stats() if cfg.scorer == "wanda" else None
+        per_layer: dict[str, Any] = {}
+        for i, (name, layer) in enumerate(layers.items()):
+            per_layer[name] = self._prune_layer(name, layer, ctx, rate, stats)
+            ctx.tick(f"dare {name}", i + 1, len(layers))
+        kd = {}
+        if cfg.fine_tune_epochs > 0:
+            params = [p for m in layers.values() for p in m.parameters() if p is not m.bias]
+            kd = kd_finetune(model, ctx, params, cfg.fine_tune_epochs, cfg.fine_tune_lr, salt=1)
+        total = sum(layers[n].in_features * layers[n].out_features for n in layers)
+        kept = sum(layers[n].nnz() for n in layers)
+        self.statistics = {
+            "target_rate": rate,
+            "achieved_rate": 1.0 - kept / max(total, 1),
+            "layers": per_layer,
+            **kd,
+        }
+        return model

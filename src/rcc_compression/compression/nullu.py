@@ -1,0 +1,446 @@
+"""Stage ``nullu``: low rank (the layer's input projected onto a subspace) and HalluSpace projection.
+
+Default (design document): replace the layer's weight, or the residual left by ``dare``, by
+``B A`` of rank r chosen by ``rank_reduction``, ``energy_threshold`` or a parameter budget;
+``decomposition_method`` is ``svd`` (exact), ``randomized`` (``torch.svd_lowrank``),
+``activation_aware`` (SVD-LLM, Wang et al. 2024: SVD of ``W L`` with ``L L^T = X^T X`` so each
+dropped singular value equals the output error it causes) or ``asvd`` (Yuan et al. 2023: input
+channels scaled by ``mean|x|^alpha``). A layer is only factorised where ``r (m + n) < m n``.
+Later rounds of the cascade refine the previous subspace (``warm_start``) instead of starting
+over: a block power iteration from the previous factors, exact when it converges.
+
+Mode ``hallu_space`` is the published Nullu (Yang et al., CVPR 2025, "HalluSpace Projection";
+``utils/halluedit.py``): from paired truthful / hallucinated captions, per-layer mean hidden
+states give ``D = (E_true - E_bad) / 2``; the top-k right singular vectors V of D span the
+HalluSpace and the MLP output projection is edited to ``W <- (I - V V^T) W``. Departure: hidden
+states are mean-pooled over tokens (the reference uses the last token), and the bias is
+projected too. It edits and does not shrink; on an already compressed layer the edit is folded
+into the low-rank part as ``k`` extra columns so S keeps its structure.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import CompressionError
+from ..utils.logging import get_logger
+from .stage import CompressionContext, Stage, StageConfig, schedule_fraction
+
+log = get_logger("nullu")
+
+
+class NulluConfig(StageConfig):
+    """Keys of the ``nullu`` stage (defaults from the design document)."""
+
+    mode: Literal["lowrank", "hallu_space"] = "lowrank"
+    rank_reduction: float | None = Field(0.5, ge=0.0, lt=1.0, description="share of the full rank removed")
+    energy_threshold: float | None = Field(0.95, gt=0.0, le=1.0, description="share of spectral energy kept")
+    param_budget: float | None = Field(None, gt=0.0, le=1.0, description="factor parameters / dense parameters")
+    rank_rule: Literal["min", "max"] = "min"
+    decomposition_method: Literal["svd", "randomized", "activation_aware", "asvd"] = "svd"
+    oversample: int = Field(8, ge=0)
+    power_iterations: int = Field(2, ge=0)
+    damping: float = Field(1e-2, ge=0.0, description="activation_aware: ridge as a share of mean input energy")
+    asvd_alpha: float = Field(0.5, ge=0.0)
+    warm_start: bool = True
+    pairs_file: str | None = None
+    top_k: int = Field(4, ge=1)
+    layers: list[int] | None = None
+
+
+# ------------------------------------------------------------------------------ pure functions
+def factorisable(rank: int, m: int, n: int) -> bool:
+    """Whether rank-``rank`` factors of an ``m x n`` weight store fewer numbers: ``r (m + n) < m n``."""
+    return 0 < rank and rank * (m + n) < m * n
+
+
+def rank_for(
+    energy: torch.Tensor,
+    m: int,
+    n: int,
+    rank_reduction: float | None = None,
+    energy_threshold: float | None = None,
+    param_budget: float | None = None,
+    rule: str = "min",
+    total_energy: float | None = None,
+) -> int:
+    """Rank from whichever criteria are set, combined by ``rule`` (``min`` = the most compressive).
+
+    ``energy`` are the squared singular values (descending); ``total_energy`` defaults to their
+    sum (pass ``||W||_F^2`` when only the top ones are known).
+    """
+    full = min(m, n)
+    cands = []
+    if rank_reduction is not None:
+        cands.append(max(1, round(full * (1.0 - rank_reduction))))
+    if energy_threshold is not None:
+        e = energy.double()
+        total = float(total_energy) if total_energy is not None else float(e.sum())
+        if total <= 0:
+            cands.append(1)
+        else:
+            frac = torch.cumsum(e, 0) / total
+            hit = torch.nonzero(frac >= energy_threshold - 1e-12)
+            cands.append(int(hit[0]) + 1 if hit.numel() else len(e))
+    if param_budget is not None:
+        cands.append(max(1, math.floor(param_budget * m * n / (m + n))))
+    if not cands:
+        return full
+    r = min(cands) if rule == "min" else max(cands)
+    return int(min(max(r, 1), full))
+
+
+@functools.lru_cache(maxsize=64)
+def _best_cuda_driver(shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
+    """Time the cuSOLVER SVD drivers once per shape and keep the fastest."""
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    best, best_t = None, float("inf")
+    for driver in ("gesvd", "gesvdj", "gesvda"):
+        try:
+            torch.linalg.svd(x, full_matrices=False, driver=driver)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            torch.linalg.svd(x, full_matrices=False, driver=driver)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        except RuntimeError:
+            continue
+        if dt < best_t:
+            best, best_t = driver, dt
+    return best
+
+
+def svd(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD, batched over leading dimensions; on CUDA the fastest driver for the shape, measured."""
+    if matrices.is_cuda:
+        driver = _best_cuda_driver(tuple(matrices.shape), matrices.dtype)
+        return torch.linalg.svd(matrices, full_matrices=False, driver=driver)
+    return torch.linalg.svd(matrices, full_matrices=False)
+
+
+def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) Vh_r`` (equal norms, better conditioned for training)."""
+    root = S[:r].sqrt()
+    return U[:, :r] * root[None, :], root[:, None] * Vh[:r]
+
+
+def whitening(gram: torch.Tensor, damping: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, L^-1)`` with ``L L^T = X^T X + lambda I``; Cholesky, or a symmetric root when it fails.
+
+    ``lambda = damping * mean(diag(X^T X))`` keeps directions the inputs never occupy invertible.
+    """
+    g = gram.double()
+    n = g.shape[0]
+    lam = damping * float(g.diagonal().mean().clamp_min(1e-12))
+    h = g + lam * torch.eye(n, dtype=g.dtype, device=g.device)
+    L, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0:
+        eye = torch.eye(n, dtype=g.dtype, device=g.device)
+        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+        return L.to(gram.dtype), Linv.to(gram.dtype)
+    evals, evecs = torch.linalg.eigh(h)
+    evals = evals.clamp_min(lam if lam > 0 else 1e-12)
+    L = evecs * evals.sqrt()[None, :]
+    Linv = (evecs / evals.sqrt()[None, :]).t()
+    return L.to(gram.dtype), Linv.to(gram.dtype)
+
+
+def warm_subspace_svd(M: torch.Tensor, A_prev: torch.Tensor, iterations: int = 1
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Approximate top SVD of ``M`` by block power iteration started from ``A_prev``'s row space.
+
+    Returns ``U, S, Vh`` with ``q = A_prev.shape[0]`` components; exact when ``M``'s top-q
+    subspace is ``A_prev``'s, and otherwise improving with each iteration.
+    """
+    Qn = torch.linalg.qr(A_prev.t().to(M.dtype)).Q
+    for _ in range(max(iterations, 0)):
+        Qm = torch.linalg.qr(M @ Qn).Q
+        Qn = torch.linalg.qr(M.t() @ Qm).Q
+    Qm = torch.linalg.qr(M @ Qn).Q
+    Us, S, Vh = torch.linalg.svd(Qm.t() @ M, full_matrices=False)
+    return Qm @ Us, S, Vh
+
+
+def input_energy_kept(A: torch.Tensor, gram: torch.Tensor) -> float:
+    """Share of calibration input energy ``tr(X^T X)`` inside the row space of ``A`` (what B A can see)."""
+    Q = torch.linalg.qr(A.t().to(gram.dtype)).Q
+    total = float(gram.diagonal().sum())
+    return float((Q * (gram @ Q)).sum()) / total if total > 0 else 1.0
+
+
+def input_null_dim(gram: torch.Tensor, rel_tol: float = 1e-6) -> int:
+    """Number of input directions calibration data never occupies (eigenvalues below ``rel_tol * max``)."""
+    evals = torch.linalg.eigvalsh(gram.double())
+    return int((evals <= rel_tol * evals.max().clamp_min(1e-300)).sum())
+
+
+# ------------------------------------------------------------------------------ stage
+class NulluStage(Stage):
+    """Low-rank factorisation of each target layer (or its residual), or the HalluSpace edit."""
+
+    name = "nullu"
+    config_class = NulluConfig
+    config: NulluConfig
+
+    def targets_at(self, progress: float, schedule: str) -> dict[str, float | None]:
+        """rank_reduction, energy_threshold and param_budget reached at ``progress``."""
+        c, f = self.config, schedule_fraction(progress, schedule)
+        return {
+            "rank_reduction": None if c.rank_reduction is None else c.rank_reduction * f,
+            "energy_threshold": None if c.energy_threshold is None else 1.0 - (1.0 - c.energy_threshold) * f,
+            "param_budget": None if c.param_budget is None else 1.0 - (1.0 - c.param_budget) * f,
+        }
+
+    def target_description(self, progress: float, schedule: str) -> dict[str, Any]:
+        if self.config.mode == "hallu_space":
+            return {"mode": "hallu_space", "top_k": self.config.top_k}
+        return {k: (None if v is None else round(v, 6)) for k, v in self.targets_at(progress, schedule).items()}
+
+    def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        if self.config.mode == "hallu_space":
+            return self._hallu_space(model, ctx)
+        return self._low_rank(model, ctx)
+
+    # -------------------------------------------------------------- low rank
+    @torch.no_grad()
+    def _low_rank(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        cfg = self.config
+        tg = self.targets_at(ctx.progress, ctx.schedule)
+        if all(v is None for v in tg.values()):
+            raise CompressionError("nullu needs one of rank_reduction, energy_threshold, param_budget")
+        layers = ctx.layers(self.layer_names(model))
+        method = cfg.decomposition_method
+        need_gram = method == "activation_aware"
+        stats = None
+        if method in ("activation_aware", "asvd") or (ctx.batches and ctx.dense_model is not None):
+            stats = ctx.stats(gram=True) if (need_gram or ctx.batches) else None
+
+        # 1. the matrix each layer factorises, in the space where its Frobenius error is what we minimise
+        work: dict[str, dict[str, Any]] = {}
+        for name, layer in layers.items():
+            residual = ctx.target_weight(name, layer) - (layer.sparse_part().float() if layer.mask is not None else 0)
+            right = right_inv = None
+            if method == "activation_aware":
+                right, right_inv = whitening(stats[name].gram.to(residual), cfg.damping)
+            elif method == "asvd":
+                s = stats[name].mean_abs.to(residual).clamp_min(1e-6) ** cfg.asvd_alpha
+                right, right_inv = torch.diag(s), torch.diag(1.0 / s)
+            M = residual @ right if right is not None else residual
+            work[name] = {"layer": layer, "M": M, "right": right, "right_inv": right_inv,
+                          "keep_sparse": layer.mask is not None}
+
+        # 2. decompositions, batched over layers of one shape
+        groups: dict[tuple[int, int], list[str]] = {}
+        for name, w in work.items():
+            groups.setdefault(tuple(w["M"].shape), []).append(name)
+        for names in groups.values():
+            fresh = [n for n in names if not (cfg.warm_start and work[n]["layer"].rank > 0)]
+            if fresh and method == "randomized":
+                for n in fresh:
+                    w = work[n]
+                    q = min(min(w["M"].shape), self._rank_guess(w["M"].shape, tg) + cfg.oversample)
+                    U, S, V = torch.svd_lowrank(w["M"], q=q, niter=cfg.power_iterations)
+                    w["usv"] = (U, S, V.t())
+            elif fresh:
+                U, S, Vh = svd(torch.stack([work[n]["M"] for n in fresh]))
+                for i, n in enumerate(fresh):
+                    work[n]["usv"] = (U[i], S[i], Vh[i])
+            for n in names:
+                if n in fresh:
+                    continue
+                w = work[n]
+                prev_A = w["layer"].lr_A.detach().float()
+                if w["right"] is not None:
+                    prev_A = prev_A @ w["right"]
+                w["usv"] = warm_subspace_svd(w["M"], prev_A, cfg.power_iterations)
+                w["warm"] = True
+
+        # 3. rank selection, factors, report
+        per_layer: dict[str, Any] = {}
+        for i, (name, w) in enumerate(work.items()):
+            layer, (U, S, Vh) = w["layer"], w["usv"]
+            m, n = layer.out_features, layer.in_features
+            total = float(w["M"].pow(2).sum())
+            r = rank_for(S.pow(2), m, n, tg["rank_reduction"], tg["energy_threshold"], tg["param_budget"],
+                         cfg.rank_rule, total_energy=total)
+            r = min(r, S.numel())
+            info: dict[str, Any] = {"rank": 0, "full_rank": min(m, n), "candidate_rank": r}
+            if not factorisable(r, m, n):
+                info["skipped"] = f"r (m + n) >= m n for r={r}"
+                if not w["keep_sparse"] and layer.weight is None and layer.rank > 0:
+                    layer.set_low_rank(None, None)
+                    layer.set_sparse(ctx.target_weight(name, layer))
+            else:
+                B, A = balanced_factors(U, S, Vh, r)
+                if w["right_inv"] is not None:
+                    A = A @ w["right_inv"]
+                layer.set_low_rank(B, A)
+                if not w["keep_sparse"]:
+                    layer.set_sparse(None)
+                kept = float(S[:r].pow(2).sum())
+                info.update(rank=r, energy_kept=kept / total if total > 0 else 1.0, warm=bool(w.get("warm")))
+                if stats is not None and stats[name].gram is not None:
+                    g = stats[name].gram
+                    info["dropped_input_energy"] = 1.0 - input_energy_kept(A.to(g), g)
+                    info["input_null_dim"] = input_null_dim(g)
+            per_layer[name] = info
+            ctx.tick(f"nullu {name}", i + 1, len(work))
+        dense = sum(layers[n].in_features * layers[n].out_features for n in layers)
+        factor = sum(layers[n].rank * (layers[n].in_features + layers[n].out_features) for n in layers)
+        self.statistics = {
+            "method": method,
+            "targets": tg,
+            "factorised_layers": sum(1 for v in per_layer.values() if v["rank"] > 0),
+            "layers_total": len(per_layer),
+            "factor_params_share": factor / max(dense, 1),
+            "layers": per_layer,
+        }
+        return model
+
+    def _rank_guess(self, shape: tuple[int, ...], tg: dict[str, float | None]) -> int:
+        m, n = shape
+        full = min(m, n)
+        if tg["param_budget"] is not None:
+            return max(1, math.floor(tg["param_budget"] * m * n / (m + n)))
+        if tg["rank_reduction"] is not None:
+            return max(1, round(full * (1 - tg["rank_reduction"])))
+        return full
+
+    # -------------------------------------------------------------- HalluSpace projection
+    @torch.no_grad()
+    def _hallu_space(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        cfg = self.config
+        if not cfg.pairs_file:
+            raise CompressionError("nullu mode 'hallu_space' needs pairs_file (JSON lines of truthful/hallucinated)")
+        if ctx.tokenizer is None:
+            raise CompressionError("nullu mode 'hallu_space' needs a model with a tokenizer (a CLIP or BLIP wrapper)")
+        pairs = load_caption_pairs(cfg.pairs_file)
+        adapter = _text_adapter(model)
+        layer_ids = cfg.layers if cfg.layers is not None else list(range(adapter.num_layers // 2, adapter.num_layers))
+        bad = [i for i in layer_ids if not 0 <= i < adapter.num_layers]
+        if bad:
+            raise CompressionError(f"hallu_space layers {bad} out of range 0..{adapter.num_layers - 1}")
+        true_h = adapter.hidden_states(ctx, [p["truthful"] for p in pairs], pairs)
+        bad_h = adapter.hidden_states(ctx, [p["hallucinated"] for p in pairs], pairs)
+        per_layer: dict[str, Any] = {}
+        for li in layer_ids:
+            D = (true_h[li] - bad_h[li]) / 2.0
+            k = min(cfg.top_k, min(D.shape))
+            V = torch.linalg.svd(D.double(), full_matrices=False).Vh[:k].t()
+            name = adapter.edit_layer(li)
+            per_layer[name] = hallu_project_layer(model.get_submodule(name), V)
+        self.statistics = {"mode": "hallu_space", "pairs": len(pairs), "top_k": cfg.top_k, "layers": per_layer}
+        return model
+
+
+def load_caption_pairs(path: str | Path) -> list[dict[str, str]]:
+    """Read paired captions: a JSON list or JSON lines of ``{"truthful", "hallucinated", ["image"]}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompressionError(f"{path}: pairs file not found")
+    text = path.read_text(encoding="utf-8").strip()
+    try:
+        items = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise CompressionError(f"{path}: malformed JSON: {exc}") from None
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("truthful"), str) or not isinstance(
+            item.get("hallucinated"), str
+        ):
+            raise CompressionError(f"{path}: item {i} needs string fields 'truthful' and 'hallucinated'")
+        out.append(item)
+    if not out:
+        raise CompressionError(f"{path}: no caption pairs")
+    return out
+
+
+@torch.no_grad()
+def hallu_project_layer(layer: nn.Module, V: torch.Tensor) -> dict[str, float]:
+    """Edit a layer so its output has no component along the columns of ``V`` (orthonormal, out x k).
+
+    Dense layers get ``W <- (I - V V^T) W`` (and the bias projected); compressed layers get the
+    same map as ``k`` extra low-rank columns, so their sparse part keeps its structure.
+    """
+    from .layers import CompressedLinear
+
+    V = V.to(torch.float64)
+    if isinstance(layer, nn.Linear):
+        W = layer.weight.double()
+        removed = float((V.t() @ W).norm() / W.norm().clamp_min(1e-30))
+        layer.weight.copy_((W - V @ (V.t() @ W)).to(layer.weight.dtype))
+        if layer.bias is not None:
+            b = layer.bias.double()
+            layer.bias.copy_((b - V @ (V.t() @ b)).to(layer.bias.dtype))
+        return {"removed_weight_share": removed}
+    if not isinstance(layer, CompressedLinear):
+        raise CompressionError(f"cannot HalluSpace-edit a {type(layer).__name__}")
+    M = layer.inner_weight().double()
+    a_out = layer.a_out.double() if layer.a_out is not None else torch.ones(layer.out_features, dtype=torch.float64)
+    a_in = layer.a_in.double() if layer.a_in is not None else None
+    eff = a_out[:, None] * M * (a_in[None, :] if a_in is not None else 1)
+    removed = float((V.t() @ eff).norm() / eff.norm().clamp_min(1e-30))
+    if layer.weight is not None and layer.mask is None and layer.rank == 0 and layer.base is None:
+        layer.set_sparse(M - (V @ (V.t() @ (a_out[:, None] * M))) / a_out[:, None])
+    else:
+        B_extra = -(V / a_out[:, None])
+        A_extra = V.t() @ (a_out[:, None] * M)
+        B = torch.cat([layer.lr_B.double(), B_extra], 1) if layer.rank else B_extra
+        A = torch.cat([layer.lr_A.double(), A_extra], 0) if layer.rank else A_extra
+        layer.set_low_rank(B, A)
+    if layer.bias is not None:
+        b = layer.bias.double()
+        layer.bias.data.copy_((b - V @ (V.t() @ b)).to(layer.bias.dtype))
+    return {"removed_weight_share": removed}
+
+
+class _TextAdapter:
+    """Where a model's text hidden states come from and which MLP output projection follows layer i."""
+
+    def __init__(self, model: nn.Module, kind: str) -> None:
+        self.model, self.kind = model, kind
+        cfg = model.config.text_config
+        self.num_layers = int(cfg.num_hidden_layers)
+
+    def edit_layer(self, i: int) -> str:
+        if self.kind == "clip":
+            return f"text_model.encoder.layers.{i}.mlp.fc2"
+        return f"text_decoder.bert.encoder.layer.{i}.output.dense"
+
+    def hidden_states(self, ctx: CompressionContext, texts: list[str], pairs: list[dict[str, str]]
+                      ) -> list[torch.Tensor]:
+        tok = ctx.tokenizer
+        enc = tok(texts, padding=True, truncation=True, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        if self.kind == "clip":
+            out = self.model.text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        else:
+            pixels = ctx.image_loader([p.get("image") for p in pairs]).to(device)
+            img = self.model.vision_model(pixel_values=pixels).last_hidden_state
+            ids = ids.clone()
+            ids[:, 0] = self.model.config.text_config.bos_token_id
+            out = self.model.text_decoder.bert(
+                input_ids=ids, attention_mask=mask, encoder_hidden_states=img, output_hidden_states=True
+            )
+        w = mask.unsqueeze(-1).to(out.hidden_states[0].dtype)
+        pooled = [(h * w).sum(1) / w.sum(1).clamp_min(1) for h in out.hidden_states[1:]]
+        return [p.double().cpu() for p in pooled]
+
+
+def _text_adapter(model: nn.Module) -> _TextAdapter:
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    if mtype == "clip":
+        return _TextAdapter(model, "clip")
+    if mtype == "blip" and hasattr(model, "text_decoder"):
+        return _TextAdapter(model, "blip")
+    raise CompressionError("hallu_space supports CLIP and BLIP captioning models")

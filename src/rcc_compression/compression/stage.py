@@ -1,0 +1,306 @@
+"""The stage interface, layer selection, and the context a stage works in.
+
+A stage (``dare``, ``nullu``, ``alphaedit``, ...) is built from its typed config and acts on the
+:class:`~rcc_compression.compression.layers.CompressedLinear` layers its ``targets``/``ignore``
+regexes select. It reads what it needs (dense weights, calibration statistics, teacher outputs)
+from a :class:`CompressionContext`, which computes each of them once, on first use.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import CompressionError
+from ..utils.io import atomic_write_json
+from ..utils.logging import get_logger
+from ..utils.schema import StrictModel
+from .calibration import LayerStats, collect_layer_stats, run_outputs
+from .layers import CompressedLinear
+
+log = get_logger("compression")
+
+#: targets for any model that is not CLIP or BLIP: every Linear but the usual output heads
+GENERIC_IGNORE = (r"(^|\.)(lm_head|head|classifier|visual_projection|text_projection|output_projection)$",)
+
+
+class StageConfig(StrictModel):
+    """Keys every stage has: which Linear layers it acts on (``re.search`` on module names)."""
+
+    targets: list[str] | None = Field(None, description="regexes of layers to compress; None: the model's default")
+    ignore: list[str] | None = Field(None, description="regexes of layers to leave alone; None: the model's default")
+
+
+def default_patterns(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Default (targets, ignore) regexes: the encoders' (and BLIP decoder's) Linear layers."""
+    from ..models.blip import BLIPWrapper
+    from ..models.clip import CLIPWrapper
+
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    if mtype == "clip":
+        return CLIPWrapper.default_targets, CLIPWrapper.default_ignore
+    if mtype == "blip":
+        return BLIPWrapper.default_targets, BLIPWrapper.default_ignore
+    return (r".",), GENERIC_IGNORE
+
+
+def select_layers(
+    model: nn.Module, targets: Sequence[str] | None = None, ignore: Sequence[str] | None = None
+) -> list[str]:
+    """Names of the Linear (or already compressed) layers of ``model`` the patterns select."""
+    dt, di = default_patterns(model)
+    tpat = [re.compile(p) for p in (dt if targets is None else targets)]
+    ipat = [re.compile(p) for p in (di if ignore is None else ignore)]
+    names = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, CompressedLinear)) or not name:
+            continue
+        if any(p.search(name) for p in tpat) and not any(p.search(name) for p in ipat):
+            names.append(name)
+    return names
+
+
+def schedule_fraction(progress: float, kind: str) -> float:
+    """Share of the final target reached at ``progress`` in (0, 1]: ``linear`` or ``cubic`` (Zhu & Gupta)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if kind == "linear":
+        return progress
+    if kind == "cubic":
+        return 1.0 - (1.0 - progress) ** 3
+    raise ValueError(f"unknown schedule {kind!r}; allowed: linear, cubic")
+
+
+@dataclass
+class CompressionContext:
+    """What stages share during one compression: dense weights, data, cached statistics.
+
+    ``batches`` are dicts of keyword arguments for ``model(**batch)``; ``holdout`` is kept apart
+    for the validation gate. Statistics are collected on the dense model the first time a stage
+    asks for them and cached for later rounds.
+    """
+
+    model: nn.Module
+    dense: dict[str, torch.Tensor]
+    dense_model: nn.Module | None = None
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    holdout: list[dict[str, Any]] = field(default_factory=list)
+    preserve: list[dict[str, Any]] = field(default_factory=list)
+    reference: dict[str, torch.Tensor] | None = None
+    seed: int = 0
+    step: int = 0
+    progress: float = 1.0
+    schedule: str = "linear"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress_callback: Callable[[str, int, int], None] | None = None
+    tokenizer: Any = None
+    image_loader: Callable[[list[Any]], torch.Tensor] | None = None
+    _stats: dict[str, LayerStats] = field(default_factory=dict)
+    _stats_gram: bool = False
+    _preserve_stats: dict[str, LayerStats] | None = None
+    _teacher: list[dict[str, torch.Tensor]] | None = None
+    _teacher_holdout: list[dict[str, torch.Tensor]] | None = None
+
+    def layers(self, names: Iterable[str] | None = None) -> dict[str, CompressedLinear]:
+        """The compressed layers of the model (optionally only ``names``)."""
+        wanted = set(names) if names is not None else None
+        return {
+            n: m for n, m in self.model.named_modules()
+            if isinstance(m, CompressedLinear) and (wanted is None or n in wanted)
+        }
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A generator seeded by (seed, step, salt): the same stage step always draws the same numbers."""
+        g = torch.Generator(device="cpu")
+        g.manual_seed((self.seed * 1_000_003 + self.step * 10_007 + salt) % (2**63))
+        return g
+
+    def _need_dense_model(self) -> nn.Module:
+        if self.dense_model is None:
+            raise CompressionError("this stage needs the dense model for calibration statistics")
+        return self.dense_model
+
+    def stats(self, gram: bool = False) -> dict[str, LayerStats]:
+        """Per-layer input statistics of the dense model on the calibration batches."""
+        if not self.batches:
+            raise CompressionError(
+                "this stage needs calibration data (wanda, activation_aware, asvd, alphaedit): pass "
+                "calibration_data=... or set calibration.source"
+            )
+        if not self._stats or (gram and not self._stats_gram):
+            names = list(self.dense)
+            self._stats = collect_layer_stats(self._need_dense_model(), names, self.batches, gram=gram,
+                                              device=self.device)
+            self._stats_gram = gram
+        return self._stats
+
+    def preserve_stats(self) -> dict[str, LayerStats] | None:
+        """Per-layer input statistics on the preserve set (``None`` when there is none)."""
+        if not self.preserve:
+            return None
+        if self._preserve_stats is None:
+            self._preserve_stats = collect_layer_stats(
+                self._need_dense_model(), list(self.dense), self.preserve, gram=True, device=self.device
+            )
+        return self._preserve_stats
+
+    def teacher_outputs(self) -> list[dict[str, torch.Tensor]]:
+        """Dense-model outputs on the calibration batches (computed once)."""
+        if self._teacher is None:
+            self._teacher = run_outputs(self._need_dense_model(), self.batches, self.device)
+        return self._teacher
+
+    def teacher_holdout(self) -> list[dict[str, torch.Tensor]]:
+        """Dense-model outputs on the held-out batches (computed once)."""
+        if self._teacher_holdout is None:
+            self._teacher_holdout = run_outputs(self._need_dense_model(), self.holdout, self.device)
+        return self._teacher_holdout
+
+    def target_weight(self, name: str, layer: CompressedLinear) -> torch.Tensor:
+        """The dense weight in the layer's inner (unscaled) space, minus its base: what S + B A should equal."""
+        w = self.dense[name].to(layer._ref.device, torch.float32)
+        if layer.a_out is not None:
+            w = w / _safe(layer.a_out.detach().float())[:, None]
+        if layer.a_in is not None:
+            w = w / _safe(layer.a_in.detach().float())[None, :]
+        if layer.base is not None:
+            w = w - layer.base.float()
+        return w
+
+    def tick(self, what: str, done: int, total: int) -> None:
+        """Report per-layer progress to the CLI's progress bar, if one is listening."""
+        if self.progress_callback is not None:
+            self.progress_callback(what, done, total)
+
+
+def _safe(scale: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    return torch.where(scale.abs() < eps, torch.full_like(scale, eps), scale)
+
+
+class Stage(ABC):
+    """One compression method acting on the compressed layers of a model.
+
+    ``compress`` applies the method at ``ctx.progress`` of its final target (rounds of the cascade
+    tighten it along the schedule), ``validate`` checks the result, ``get_statistics`` returns
+    what the last call did, and ``save_checkpoint``/``load_checkpoint`` persist the stage's own
+    record (the model's tensors are saved by :mod:`~rcc_compression.compression.storage`).
+    """
+
+    name: ClassVar[str] = "stage"
+    config_class: ClassVar[type[StageConfig]] = StageConfig
+
+    def __init__(self, config: StageConfig | dict[str, Any] | None = None) -> None:
+        if config is None:
+            config = self.config_class()
+        elif isinstance(config, dict):
+            config = self.config_class.model_validate(config)
+        self.config = config
+        self.statistics: dict[str, Any] = {}
+
+    def layer_names(self, model: nn.Module) -> list[str]:
+        """The layers this stage acts on."""
+        names = select_layers(model, self.config.targets, self.config.ignore)
+        if not names:
+            raise CompressionError(
+                f"stage {self.name!r}: no Linear layer of {type(model).__name__} matches targets "
+                f"{self.config.targets or 'default'} (ignore {self.config.ignore or 'default'})"
+            )
+        return names
+
+    def target_description(self, progress: float, schedule: str) -> dict[str, Any]:
+        """The targets this stage aims at when ``progress`` of the schedule is reached (for records)."""
+        return {}
+
+    @abstractmethod
+    def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        """Apply the stage in place to ``model`` (whose target layers are CompressedLinear)."""
+
+    def validate(self, model: nn.Module, validator: Callable[[nn.Module], float] | None = None,
+                 threshold: float = 0.0) -> dict[str, Any]:
+        """Check the compressed layers are finite and, with a validator, that its score meets ``threshold``."""
+        finite = all(
+            torch.isfinite(p).all().item() for m in model.modules() if isinstance(m, CompressedLinear)
+            for p in m.parameters()
+        )
+        score = validator(model) if (validator is not None and finite) else None
+        passed = finite and (score is None or score >= threshold)
+        return {"finite": finite, "score": score, "threshold": threshold, "passed": passed}
+
+    def get_statistics(self) -> dict[str, Any]:
+        """What the last ``compress`` call did (per layer and in total)."""
+        return dict(self.statistics)
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write the stage's config and statistics as JSON (atomically)."""
+        atomic_write_json(path, {"stage": self.name, "config": self.config.model_dump(mode="json"),
+                                 "statistics": self.statistics})
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore the stage's config and statistics written by :meth:`save_checkpoint`."""
+        import json
+
+        data = json.loads(Path(path).read_text())
+        if data.get("stage") != self.name:
+            raise CompressionError(f"{path}: checkpoint of stage {data.get('stage')!r}, not {self.name!r}")
+        self.config = self.config_class.model_validate(data["config"])
+        self.statistics = data.get("statistics", {})
+
+
+def kd_finetune(
+    model: nn.Module, ctx: CompressionContext, params: Sequence[nn.Parameter], epochs: int, lr: float, salt: int = 0
+) -> dict[str, float]:
+    """Minimal distillation: fit ``params`` so the model's outputs match the dense teacher's.
+
+    Loss: mean relative squared error over the shared floating outputs. Only ``params`` move;
+    compressed layers run in training mode so pruned entries keep zero gradient. Batch order is
+    drawn from ``ctx.generator`` so a resumed run repeats it exactly.
+    """
+    from .calibration import relative_output_error, to_device
+
+    if epochs <= 0 or not params or not ctx.batches:
+        return {}
+    teacher = ctx.teacher_outputs()
+    trainable = {id(p) for p in params}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    comp = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    was_training = model.training
+    model.eval()
+    for m in comp:
+        m.train(True)
+    opt = torch.optim.Adam(list(params), lr=lr)
+    gen = ctx.generator(salt)
+    first = last = float("nan")
+    try:
+        for _epoch in range(epochs):
+            total = 0.0
+            for i in torch.randperm(len(ctx.batches), generator=gen).tolist():
+                from .calibration import flatten_outputs
+
+                out = flatten_outputs(model(**to_device(ctx.batches[i], ctx.device)))
+                loss = relative_output_error(out, teacher[i])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss)
+            mean = total / len(ctx.batches)
+            first = mean if first != first else first
+            last = mean
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+        for m in comp:
+            m.train(was_training)
+            if m.weight is not None and m.mask is not None:
+                with torch.no_grad():
+                    m.weight.mul_(m.mask)
+    return {"kd_loss_first_epoch": first, "kd_loss_last_epoch": last}

@@ -1,0 +1,468 @@
+"""The compact saved format, and export to a plain Hugging Face model.
+
+A compressed checkpoint is a directory holding
+
+- ``layers.safetensors``: per compressed layer only what its compressed form needs: the kept
+  values of S with a bit-packed mask or CSR column indices (whichever is smaller), the low-rank
+  factors, the scales, the bias;
+- ``rest.safetensors``: every other parameter and buffer of the model;
+- tokenizer / image-processor files, when the model came with them;
+- ``manifest.json`` (written last): format version, model class and config, resolved config,
+  per-layer structure, stage records, and the sha256 and size of every file.
+
+Loading verifies every hash before reading a tensor and never unpickles.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..utils.io import atomic_save_safetensors, atomic_write_json, load_safetensors, sha256_file
+from .layers import CompressedLinear, compressed_layers, merge_all, replace_module
+
+FORMAT = "rcc-compressed"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LAYERS_FILE = "layers.safetensors"
+REST_FILE = "rest.safetensors"
+
+#: model classes load_compressed may instantiate from a manifest (nothing else is ever constructed)
+MODEL_CLASSES = {
+    "CLIPModel": ("CLIPModel", "CLIPConfig"),
+    "BlipForConditionalGeneration": ("BlipForConditionalGeneration", "BlipConfig"),
+    "BlipForQuestionAnswering": ("BlipForQuestionAnswering", "BlipConfig"),
+}
+
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+# ------------------------------------------------------------------------------ encodings
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 bytes, 8 entries per byte, row-major, zero-padded."""
+    flat = mask.flatten().to(torch.uint8).cpu()
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _BITS).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    bits = (packed.to(torch.uint8).unsqueeze(1) & _BITS).ne(0).flatten()[:numel]
+    return bits.view(shape)
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int16 if n <= 32767 else torch.int32
+
+
+def sparse_encoding_bytes(m: int, n: int, nnz: int, value_bytes: int) -> dict[str, int]:
+    """Bytes of S under each encoding: ``dense`` values, ``bitmask`` + values, ``csr`` (indices + row counts)."""
+    idx = torch.tensor([], dtype=_index_dtype(n)).element_size()
+    return {
+        "dense": m * n * value_bytes,
+        "bitmask": (m * n + 7) // 8 + nnz * value_bytes,
+        "csr": nnz * (idx + value_bytes) + m * 4,
+    }
+
+
+def choose_encoding(layer: CompressedLinear) -> str | None:
+    """The smallest encoding of the layer's S (``None`` when S is absent)."""
+    if layer.weight is None:
+        return None
+    if layer.mask is None:
+        return "dense"
+    sizes = sparse_encoding_bytes(layer.out_features, layer.in_features, layer.nnz(), layer.weight.element_size())
+    return min(sizes, key=sizes.get)
+
+
+def encode_layer(layer: CompressedLinear) -> dict[str, torch.Tensor]:
+    """The tensors that store one compressed layer (keys without the layer prefix)."""
+    out: dict[str, torch.Tensor] = {}
+    enc = choose_encoding(layer)
+    if enc == "dense":
+        out["dense"] = layer.weight.detach()
+    elif enc is not None:
+        mask = layer.mask.bool()
+        out["values"] = layer.weight.detach()[mask]
+        if enc == "bitmask":
+            out["mask_bits"] = pack_bits(mask)
+        else:
+            cols = mask.nonzero()[:, 1].to(_index_dtype(layer.in_features))
+            out["col_idx"] = cols
+            out["row_nnz"] = mask.sum(1).to(torch.int32)
+    if layer.rank:
+        out["B"], out["A"] = layer.lr_B.detach(), layer.lr_A.detach()
+    for k in ("a_in", "a_out", "bias"):
+        t = getattr(layer, k)
+        if t is not None:
+            out[k] = t.detach()
+    return out
+
+
+def stored_bytes(layer: CompressedLinear) -> int:
+    """Bytes the saved form of a layer holds (exactly what :func:`encode_layer` writes)."""
+    total = 0
+    enc = choose_encoding(layer)
+    if enc is not None:
+        total += sparse_encoding_bytes(layer.out_features, layer.in_features, layer.nnz(),
+                                       layer.weight.element_size())[enc]
+    es = layer._ref.element_size()
+    total += layer.rank * (layer.in_features + layer.out_features) * es
+    for k in ("a_in", "a_out", "bias"):
+        t = getattr(layer, k)
+        if t is not None:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def dense_bytes(layer: CompressedLinear | nn.Linear) -> int:
+    """Bytes of the dense layer it replaces (weight and bias in the layer's dtype)."""
+    ref = layer._ref if isinstance(layer, CompressedLinear) else layer.weight
+    es = ref.element_size()
+    return (layer.in_features * layer.out_features + (layer.out_features if layer.bias is not None else 0)) * es
+
+
+def decode_layer(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> CompressedLinear:
+    """Rebuild a :class:`CompressedLinear` from its stored tensors and manifest entry."""
+    m, n = int(info["out_features"]), int(info["in_features"])
+    dtype = getattr(torch, info["dtype"])
+    enc = info.get("encoding")
+    layer = CompressedLinear(n, m)
+
+    def param(t: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t.to(dtype).clone())
+
+    try:
+        if enc == "dense":
+            layer.weight = param(tensors["dense"].reshape(m, n))
+        elif enc in ("bitmask", "csr"):
+            if enc == "bitmask":
+                mask = unpack_bits(tensors["mask_bits"], (m, n))
+            else:
+                counts = tensors["row_nnz"].long()
+                if counts.numel() != m or int(counts.sum()) != tensors["col_idx"].numel():
+                    raise CheckpointError(f"layer {info.get('name')}: row counts do not match the column indices")
+                rows = torch.repeat_interleave(torch.arange(m), counts)
+                mask = torch.zeros(m, n, dtype=torch.bool)
+                mask[rows, tensors["col_idx"].long()] = True
+            if int(mask.sum()) != tensors["values"].numel():
+                raise CheckpointError(f"layer {info.get('name')}: mask holds {int(mask.sum())} entries, "
+                                      f"values {tensors['values'].numel()}")
+            values = torch.zeros(m, n, dtype=dtype)
+            values[mask] = tensors["values"].to(dtype)
+            layer.weight = nn.Parameter(values)
+            layer.mask = mask
+        if "B" in tensors:
+            layer.lr_B, layer.lr_A = param(tensors["B"]), param(tensors["A"])
+        for k in ("a_in", "a_out", "bias"):
+            if k in tensors:
+                setattr(layer, k, param(tensors[k]))
+    except (KeyError, RuntimeError, IndexError) as exc:
+        raise CheckpointError(f"layer {info.get('name')}: stored tensors do not fit its manifest entry ({exc})") from None
+    return layer
+
+
+# ------------------------------------------------------------------------------ save / load
+def _model_entry(model: nn.Module) -> dict[str, Any]:
+    cls = type(model).__name__
+    cfg = getattr(model, "config", None)
+    if cls in MODEL_CLASSES and cfg is not None:
+        return {"class": cls, "config": cfg.to_dict()}
+    return {"class": None, "config": None}
+
+
+def _prepare_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"{path}: directory is not empty; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def save_compressed(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    config: dict[str, Any] | None = None,
+    records: list[dict[str, Any]] | None = None,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+    encrypt_key: bytes | None = None,
+) -> dict[str, Any]:
+    """Save a (partly) compressed model in the compact format; returns the manifest.
+
+    Accepts a wrapper (its tokenizer and image processor are saved too) or any ``nn.Module``.
+    Every file is written atomically and the manifest last, so a directory without a manifest is
+    an unfinished save and is never mistaken for a whole one.
+    """
+    from ..models.base import ModelWrapper
+
+    wrapper = model if isinstance(model, ModelWrapper) else None
+    inner = wrapper.model if wrapper is not None else model
+    path = Path(path)
+    _prepare_dir(path, overwrite)
+    layers = compressed_layers(inner)
+    layer_tensors: dict[str, torch.Tensor] = {}
+    layer_info: dict[str, Any] = {}
+    for name, layer in layers.items():
+        enc = encode_layer(layer)
+        layer_tensors.update({f"{name}::{k}": v for k, v in enc.items()})
+        layer_info[name] = {
+            "in_features": layer.in_features, "out_features": layer.out_features,
+            "dtype": str(layer._ref.dtype).removeprefix("torch."), "encoding": choose_encoding(layer),
+            "nnz": layer.nnz(), "rank": layer.rank,
+            "scales": [k for k in ("a_in", "a_out") if getattr(layer, k) is not None],
+            "bias": layer.bias is not None, "stored_bytes": stored_bytes(layer), "dense_bytes": dense_bytes(layer),
+            "base": None,
+        }
+        if layer.base is not None:
+            from ..utils.io import sha256_bytes
+
+            layer_info[name]["base"] = {"sha256": sha256_bytes(layer.base.detach().cpu().contiguous().numpy().tobytes())}
+    skip = {f"{name}." for name in layers}
+    rest: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, tensor in inner.state_dict(keep_vars=False).items():
+        if any(key.startswith(p) for p in skip):
+            continue
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident in seen and tensor.numel() > 0:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        rest[key] = tensor
+    files: dict[str, Any] = {}
+    for fname, tensors in ((LAYERS_FILE, layer_tensors), (REST_FILE, rest)):
+        _write_tensors(path / fname, tensors, encrypt_key)
+    if wrapper is not None:
+        wrapper.save_processors(path / "processor")
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")):
+        rel = f.relative_to(path).as_posix()
+        files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": _model_entry(inner),
+        "wrapper": None if wrapper is None else wrapper.model_type,
+        "encrypted": encrypt_key is not None,
+        "config": config,
+        "stages": records or [],
+        "layers": layer_info,
+        "aliases": aliases,
+        "files": files,
+        "stored_bytes": {
+            "layers": sum(v["stored_bytes"] for v in layer_info.values()),
+            "layers_dense": sum(v["dense_bytes"] for v in layer_info.values()),
+            "rest": sum(t.numel() * t.element_size() for t in rest.values()),
+        },
+        **(extra or {}),
+    }
+    atomic_write_json(path / MANIFEST, manifest, mode=0o600 if encrypt_key else None)
+    return manifest
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], key: bytes | None) -> None:
+    if key is None:
+        atomic_save_safetensors(tensors, path)
+        return
+    from ..utils.crypto import encrypt_bytes
+    from ..utils.io import atomic_write_bytes
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    atomic_write_bytes(path, encrypt_bytes(data, key), mode=0o600)
+
+
+def _read_tensors(path: Path, key: bytes | None, encrypted: bool) -> dict[str, torch.Tensor]:
+    if not encrypted:
+        return load_safetensors(path)
+    if key is None:
+        raise CheckpointError(f"{path.parent}: checkpoint is encrypted; give the key (RCC_CHECKPOINT_KEY or a key file)")
+    from ..utils.crypto import decrypt_bytes
+    from safetensors.torch import load
+
+    return load(decrypt_bytes(path.read_bytes(), key, what=str(path)))
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a checkpoint's manifest (format, version, required fields)."""
+    path = Path(path)
+    mfile = path / MANIFEST
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not mfile.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST}; the save did not finish or this is not a compressed checkpoint")
+    try:
+        manifest = json.loads(mfile.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{mfile}: malformed manifest: {exc}") from None
+    return validate_manifest(manifest, str(mfile))
+
+
+def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
+    """Check a parsed manifest's structure; raises :class:`CheckpointError` naming what is wrong."""
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{where}: manifest must be a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not an {FORMAT} manifest (format={manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: unknown format_version {version!r}; this version reads {FORMAT_VERSION}")
+    for key, typ in (("files", dict), ("layers", dict), ("model", dict), ("aliases", dict)):
+        if not isinstance(manifest.get(key), typ):
+            raise CheckpointError(f"{where}: field {key!r} missing or not a {typ.__name__}")
+    for rel, entry in manifest["files"].items():
+        if not isinstance(rel, str) or rel.startswith(("/", "..")) or ".." in Path(rel).parts:
+            raise CheckpointError(f"{where}: illegal file path {rel!r}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise CheckpointError(f"{where}: file entry {rel!r} needs a sha256")
+    for name, info in manifest["layers"].items():
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: layer entry {name!r} must be an object")
+        for k in ("in_features", "out_features"):
+            if not isinstance(info.get(k), int) or info[k] <= 0:
+                raise CheckpointError(f"{where}: layer {name!r}: {k} must be a positive integer")
+        if info.get("dtype") not in ("float32", "float16", "bfloat16", "float64"):
+            raise CheckpointError(f"{where}: layer {name!r}: unsupported dtype {info.get('dtype')!r}")
+        if info.get("encoding") not in (None, "dense", "bitmask", "csr"):
+            raise CheckpointError(f"{where}: layer {name!r}: unknown encoding {info.get('encoding')!r}")
+    return manifest
+
+
+def verify_files(path: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    """Check every file the manifest lists exists with its recorded sha256."""
+    path = Path(path)
+    for rel, entry in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{path}: file {rel} listed in the manifest is missing")
+        if sha256_file(f) != entry["sha256"]:
+            raise CheckpointError(f"{path}: file {rel} is corrupt (sha256 mismatch; truncated or modified)")
+
+
+def _skeleton(manifest: dict[str, Any]) -> nn.Module:
+    entry = manifest["model"]
+    cls_name = entry.get("class")
+    if cls_name not in MODEL_CLASSES or not isinstance(entry.get("config"), dict):
+        raise CheckpointError("checkpoint holds a custom nn.Module; pass model=<an instance of the same architecture>")
+    import transformers
+
+    model_cls, cfg_cls = (getattr(transformers, n) for n in MODEL_CLASSES[cls_name])
+    cfg = cfg_cls.from_dict(entry["config"])
+    return model_cls(cfg)
+
+
+def load_layer_tensors(path: Path, manifest: dict[str, Any], key: bytes | None = None
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+    """Stored tensors grouped by layer name."""
+    flat = _read_tensors(path / LAYERS_FILE, key, bool(manifest.get("encrypted")))
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in flat.items():
+        name, _, part = k.rpartition("::")
+        grouped.setdefault(name, {})[part] = v
+    return grouped
+
+
+def install_layers(model: nn.Module, manifest: dict[str, Any], grouped: dict[str, dict[str, torch.Tensor]],
+                   reference: dict[str, torch.Tensor] | None = None) -> None:
+    """Put the stored compressed layers into ``model`` (replacing Linear or compressed layers)."""
+    for name, info in manifest["layers"].items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"layer {name!r} of the checkpoint does not exist in the model") from None
+        layer = decode_layer(grouped.get(name, {}), {**info, "name": name})
+        if info.get("base") is not None:
+            if reference is None or name not in reference:
+                raise CheckpointError(f"layer {name!r} was compressed as a delta: pass reference_model=...")
+            layer.set_base(reference[name])
+        ref = next(current.parameters(), None)
+        replace_module(model, name, layer.to(ref.device) if ref is not None else layer)
+
+
+def load_compressed(
+    path: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    reference_model: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    key: bytes | None = None,
+    verify: bool = True,
+) -> nn.Module:
+    """Load a compressed checkpoint; returns a wrapper when the checkpoint had processors, else the module.
+
+    ``model`` supplies the architecture for custom modules; HF CLIP/BLIP are rebuilt from the
+    manifest. Every file's sha256 is checked first (``verify``).
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    from ..models.base import ModelWrapper
+
+    wrapper = model if isinstance(model, ModelWrapper) else None
+    inner = wrapper.model if wrapper is not None else (model if model is not None else _skeleton(manifest))
+    reference = None
+    if reference_model is not None:
+        from ..models.registry import unwrap_model
+
+        ref_inner = unwrap_model(reference_model)
+        reference = {n: m.weight.detach() for n, m in ref_inner.named_modules() if isinstance(m, nn.Linear)}
+        reference.update({n: m.inner_weight().detach() for n, m in compressed_layers(ref_inner).items()})
+    install_layers(inner, manifest, load_layer_tensors(path, manifest, key), reference)
+    rest = _read_tensors(path / REST_FILE, key, bool(manifest.get("encrypted")))
+    for alias, original in manifest["aliases"].items():
+        if original in rest:
+            rest[alias] = rest[original]
+    missing, unexpected = inner.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if not any(k.startswith(f"{n}.") for n in manifest["layers"])]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    inner.to(device).eval()
+    if wrapper is not None:
+        return wrapper
+    proc_dir = path / "processor"
+    if manifest.get("wrapper") and proc_dir.is_dir():
+        from ..models.registry import _load_processors, wrap_model
+
+        img, tok = _load_processors(str(proc_dir), manifest["wrapper"])
+        return wrap_model(inner, img, tok, name=str(path))
+    return inner
+
+
+def export_dense(model: nn.Module, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Write a plain Hugging Face model directory (compressed layers merged back to dense Linear).
+
+    The result loads with ``CLIPModel.from_pretrained`` / ``BlipForConditionalGeneration.from_pretrained``
+    without this package.
+    """
+    import copy
+
+    from ..models.base import ModelWrapper
+
+    wrapper = model if isinstance(model, ModelWrapper) else None
+    inner = wrapper.model if wrapper is not None else model
+    if not hasattr(inner, "save_pretrained"):
+        raise CheckpointError(f"export_dense needs a Hugging Face model, got {type(inner).__name__}")
+    path = Path(path)
+    _prepare_dir(path, overwrite)
+    dense = merge_all(copy.deepcopy(inner))
+    dense.save_pretrained(path, safe_serialization=True)
+    if wrapper is not None:
+        wrapper.save_processors(path)
+    return path

@@ -1,0 +1,365 @@
+"""Typed configuration: pydantic models, YAML ``inherit``/``override``, and ``--set`` overrides.
+
+A configuration is a YAML mapping with the sections ``experiment``, ``model``, ``dataset``,
+``calibration``, ``compression``, ``training`` and ``evaluation``. Any mapping may carry
+``inherit: path`` (or a list of paths, relative to the file; chains allowed, cycles refused) and
+``override: {...}`` (deep-merged last). When an inherited file has the section's own key at its
+top (``compression:`` inherited from inside ``compression:``) that section is taken. Every key
+not known to the schema is refused; every error is one line naming the file, the key path, the
+bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, create_model
+
+from .errors import ConfigError
+from .utils.schema import StrictModel
+
+KeyPath = tuple[str | int, ...]
+
+
+# ----------------------------------------------------------------------------------- sections
+class ExperimentSection(StrictModel):
+    """Name, seed and where runs go."""
+
+    name: str = "rcc"
+    seed: int = 0
+    deterministic: bool = False
+    output_dir: str = "runs"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+class ModelSection(StrictModel):
+    """Which model to compress: a bundled short name, a local directory or a hub id."""
+
+    name: str = "rcc-clip-world"
+    type: Literal["clip", "blip", "blip_vqa"] | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class DatasetSection(StrictModel):
+    """Dataset names or paths for the train, validation and test splits."""
+
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+    root: str | None = None
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+    skip_bad: bool = False
+
+
+class CalibrationSection(StrictModel):
+    """Calibration batches for the stages and the validation gate.
+
+    ``source`` is ``synthetic`` (random inputs shaped for the model; no data needed), or a
+    dataset name or path the data layer understands. ``holdout_batches`` of them are kept apart
+    for the gate.
+    """
+
+    source: str = "synthetic"
+    num_batches: int = Field(8, ge=1)
+    batch_size: int = Field(16, ge=1)
+    holdout_batches: int = Field(2, ge=0)
+    preserve_source: str | None = None
+
+
+class TrainingSection(StrictModel):
+    """Recovery fine-tuning and distillation hyper-parameters."""
+
+    batch_size: int = Field(256, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    num_epochs: int = Field(20, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accumulation: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    temperature: float = Field(2.0, gt=0)
+
+
+class EvaluationSection(StrictModel):
+    """Which benchmarks and metrics to run after compression."""
+
+    metrics: list[str] = Field(default_factory=lambda: ["accuracy", "retrieval", "efficiency"])
+    benchmarks: list[str] = Field(default_factory=lambda: ["zero_shot", "retrieval"])
+    datasets: list[str] = Field(default_factory=list)
+    batch_size: int = Field(64, ge=1)
+    bootstrap_samples: int = Field(1000, ge=0)
+
+
+def _compression_section() -> type[StrictModel]:
+    from .compression.cascade import CascadeConfig
+    from .compression.registry import STAGES
+
+    fields: dict[str, Any] = {
+        name: (cfg_cls, Field(default_factory=cfg_cls)) for name, (cfg_cls, _) in STAGES.items()
+    }
+    fields["cascade"] = (CascadeConfig, Field(default_factory=CascadeConfig))
+    return create_model("CompressionSection", __base__=StrictModel, **fields)
+
+
+CompressionSection = _compression_section()
+
+
+class RCCConfig(StrictModel):
+    """The whole configuration of a run."""
+
+    experiment: ExperimentSection = Field(default_factory=ExperimentSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    dataset: DatasetSection = Field(default_factory=DatasetSection)
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    compression: CompressionSection = Field(default_factory=CompressionSection)  # type: ignore[valid-type]
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+
+
+# ------------------------------------------------------------------------------ YAML loading
+_DIRECTIVES = ("inherit", "override")
+
+
+def _fmt_path(path: KeyPath) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<root>"
+
+
+def _read_yaml(path: Path, origin: str | None) -> Any:
+    where = f" (inherited from {origin})" if origin else ""
+    if not path.exists():
+        raise ConfigError(f"config error: {path}: file not found{where}")
+    if path.is_dir():
+        raise ConfigError(f"config error: {path}: is a directory, expected a YAML file{where}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config error: {path}: cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config error: {path}:{line} YAML syntax error: {problem}") from None
+    if data is None:
+        raise ConfigError(f"config error: {path}: file is empty, expected a mapping of sections")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(dst: dict, dprov: dict, src: Mapping, sprov: Mapping, prefix: KeyPath) -> None:
+    """Deep-merge ``src`` into ``dst`` (in place); provenance follows the winning values."""
+    for key, value in src.items():
+        path = (*prefix, key)
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], dprov, value, sprov, path)
+            continue
+        for p in [p for p in dprov if p[: len(path)] == path]:
+            del dprov[p]
+        dst[key] = copy.deepcopy(value)
+        for p, f in sprov.items():
+            if p[: len(path)] == path:
+                dprov[p] = f
+
+
+class _Loader:
+    def __init__(self) -> None:
+        self.cache: dict[Path, tuple[dict, dict]] = {}
+
+    def load_file(self, path: Path, stack: tuple[Path, ...], origin: str | None = None) -> tuple[dict, dict]:
+        path = path.resolve()
+        if path in stack:
+            chain = " -> ".join(p.name for p in (*stack, path))
+            raise ConfigError(f"config error: {stack[-1]}: inherit: cycle {chain}; remove one of these inherits")
+        if path in self.cache:
+            return copy.deepcopy(self.cache[path][0]), dict(self.cache[path][1])
+        raw = _read_yaml(path, origin)
+        data, prov = self.resolve(raw, path, (), (*stack, path))
+        self.cache[path] = (copy.deepcopy(data), dict(prov))
+        return data, prov
+
+    def resolve(self, node: dict, file: Path, kp: KeyPath, stack: tuple[Path, ...]) -> tuple[dict, dict]:
+        out: dict = {}
+        prov: dict[KeyPath, str] = {}
+        if "inherit" in node:
+            parents = node["inherit"]
+            parents = [parents] if isinstance(parents, str) else parents
+            if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+                raise ConfigError(
+                    f"config error: {file}: {_fmt_path((*kp, 'inherit'))}: expected a path or a list of paths, "
+                    f"got {node['inherit']!r}"
+                )
+            for rel in parents:
+                target = (file.parent / os.path.expanduser(rel)).resolve()
+                doc, dprov = self.load_file(target, stack, origin=f"{file}: {_fmt_path((*kp, 'inherit'))}")
+                if kp and isinstance(doc.get(kp[-1]), dict):
+                    sub = doc[kp[-1]]
+                    sprov = {(*kp, *p[1:]): f for p, f in dprov.items() if p[:1] == (kp[-1],)}
+                else:
+                    sub, sprov = doc, {(*kp, *p): f for p, f in dprov.items()}
+                _merge(out, prov, sub, sprov, kp)
+        for key, value in node.items():
+            if key in _DIRECTIVES:
+                continue
+            if not isinstance(key, str):
+                raise ConfigError(f"config error: {file}: {_fmt_path(kp)}: keys must be strings, got {key!r}")
+            path = (*kp, key)
+            if isinstance(value, dict):
+                sub, sprov = self.resolve(value, file, path, stack)
+                _merge(out, prov, {key: sub}, sprov, kp)
+            else:
+                _merge(out, prov, {key: value}, {path: str(file)}, kp)
+        if "override" in node:
+            ov = node["override"]
+            if not isinstance(ov, dict):
+                raise ConfigError(
+                    f"config error: {file}: {_fmt_path((*kp, 'override'))}: expected a mapping, got {ov!r}"
+                )
+            sub, sprov = self.resolve(ov, file, kp, stack)
+            _merge(out, prov, sub, sprov, kp)
+        return out, prov
+
+
+def parse_set(item: str) -> tuple[KeyPath, Any]:
+    """Parse one ``key.path=value`` override; the value is read as YAML (typed)."""
+    if "=" not in item:
+        raise ConfigError(f"config error: --set {item!r}: expected KEY.PATH=VALUE")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"config error: --set {item!r}: empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return tuple(key.split(".")), value
+
+
+def _apply_set(data: dict, prov: dict, path: KeyPath, value: Any) -> None:
+    node = data
+    for i, p in enumerate(path[:-1]):
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            if nxt is not None:
+                raise ConfigError(f"config error: --set: {_fmt_path(path[: i + 1])} is not a mapping ({nxt!r})")
+            nxt = node[p] = {}
+        node = nxt
+    _merge(node, prov, {path[-1]: value}, {path: "--set"}, path[:-1])
+
+
+def _model_at(path: KeyPath) -> type[BaseModel] | None:
+    model: Any = RCCConfig
+    for p in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(p))
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+_EXPECTED = {
+    "float_parsing": "expected a number", "float_type": "expected a number",
+    "int_parsing": "expected an integer", "int_type": "expected an integer", "int_from_float": "expected an integer",
+    "bool_parsing": "expected true or false", "bool_type": "expected true or false",
+    "string_type": "expected a string", "list_type": "expected a list", "dict_type": "expected a mapping",
+    "model_type": "expected a mapping", "model_attributes_type": "expected a mapping",
+}
+
+
+def _error_line(err: Mapping[str, Any], prov: Mapping[KeyPath, str], default_file: str) -> str:
+    loc: KeyPath = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function"))))
+    file = default_file
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in prov:
+            file = prov[loc[:n]]
+            break
+    etype, value = err["type"], err.get("input")
+    where = f"config error: {file}: {_fmt_path(loc)}:"
+    if etype == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "?"
+        return f"{where} unknown key {loc[-1]!r}; allowed keys: {allowed}"
+    if etype == "literal_error":
+        return f"{where} got {value!r}; allowed: {err.get('ctx', {}).get('expected', '?')}"
+    if etype in _EXPECTED:
+        field_model = _model_at(loc[:-1])
+        ann = ""
+        if field_model is not None and str(loc[-1]) in field_model.model_fields:
+            ann = f" ({_type_name(field_model.model_fields[str(loc[-1])].annotation)})"
+        return f"{where} {_EXPECTED[etype]}{ann}, got {value!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where} {msg}; got {value!r}"
+
+
+def _type_name(ann: Any) -> str:
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
+def validate_config(data: Mapping[str, Any], prov: Mapping[KeyPath, str] | None = None, source: str = "<dict>") -> RCCConfig:
+    """Validate a plain mapping into :class:`RCCConfig`, raising a one-line :class:`ConfigError`."""
+    try:
+        return RCCConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        errors = exc.errors()
+        line = _error_line(errors[0], prov or {}, source)
+        if len(errors) > 1:
+            line += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+        raise ConfigError(line) from None
+
+
+def validate_stage_config(name: str, data: Mapping[str, Any], source: str = "<dict>") -> Any:
+    """Validate one stage's keys (as under ``compression.<name>``) with the same one-line errors."""
+    from .compression.registry import STAGES
+
+    cfg_cls = STAGES[name][0]
+    try:
+        return cfg_cls.model_validate(dict(data))
+    except ValidationError as exc:
+        err = dict(exc.errors()[0])
+        err["loc"] = ("compression", name, *err["loc"])
+        raise ConfigError(_error_line(err, {}, source)) from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+    data: Mapping[str, Any] | None = None,
+) -> RCCConfig:
+    """Load, resolve and validate a configuration.
+
+    ``path`` is a YAML file (``None``: defaults only); ``data`` an optional mapping merged on top
+    (as if it were a file); ``overrides`` are ``key.path=value`` strings applied last.
+    """
+    merged: dict = {}
+    prov: dict[KeyPath, str] = {}
+    source = "<defaults>"
+    loader = _Loader()
+    if path is not None:
+        source = str(Path(path))
+        merged, prov = loader.load_file(Path(path), ())
+    if data is not None:
+        sub, sprov = loader.resolve(dict(data), Path.cwd() / "<dict>", (), ())
+        _merge(merged, prov, sub, {k: "<dict>" for k in sprov}, ())
+    for item in overrides:
+        key, value = parse_set(item)
+        _apply_set(merged, prov, key, value)
+    return validate_config(merged, prov, source)
+
+
+def dump_config(cfg: RCCConfig) -> dict[str, Any]:
+    """The fully resolved configuration as plain JSON/YAML-able data."""
+    return cfg.model_dump(mode="json")

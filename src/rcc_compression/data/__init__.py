@@ -1,0 +1,1 @@
+"""Data: datasets in the common on-disk formats, transforms, the generated reference world."""

@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot, retrieval, captioning, VQA and efficiency metrics."""

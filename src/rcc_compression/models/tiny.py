@@ -1,0 +1,115 @@
+"""Tiny CLIP and BLIP models built in code, with a word-level tokenizer, for tests and dry runs.
+
+They are randomly initialised (seeded) and need no download. ``tiny-clip``, ``tiny-blip`` and
+``tiny-blip-vqa`` resolve here through :func:`rcc_compression.models.get_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[DEC]")
+PAD, UNK, BOS, EOS, DEC = range(5)
+
+_WORDS = (
+    "a an the of photo picture image small big large tiny red green blue yellow purple orange white black "
+    "gray pink brown circle square triangle star cross ring heart diamond one two three four left right "
+    "above below and with on in is there what colour color shape next to top bottom some many object "
+    "objects scene background noisy striped plain it this that are how"
+).split()
+
+
+def build_word_tokenizer(words: Iterable[str] = _WORDS, max_length: int = 16, template: str = "clip") -> Any:
+    """A fast word-level tokenizer (``transformers.PreTrainedTokenizerFast``) over ``words``.
+
+    ``template="clip"`` wraps texts as ``[BOS] ... [EOS]``; ``"blip"`` the same, with ``[DEC]``
+    available as BLIP's decoder start token.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for w in words:
+        vocab.setdefault(w.lower(), len(vocab))
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", BOS), ("[EOS]", EOS)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]",
+        model_max_length=max_length,
+    )
+    if template == "blip":
+        fast.add_special_tokens({"additional_special_tokens": ["[DEC]"]})
+        fast.sep_token = "[EOS]"
+        fast.cls_token = "[BOS]"
+    return fast
+
+
+def tiny_clip_config(vocab_size: int, hidden: int = 32, layers: int = 2, image_size: int = 32, patch: int = 8) -> Any:
+    """A ``CLIPConfig`` with small sizes (defaults: width 32, 2 layers, 32x32 images)."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=2, max_position_embeddings=16, pad_token_id=PAD, bos_token_id=BOS,
+            eos_token_id=EOS,
+        ),
+        vision_config=dict(
+            image_size=image_size, patch_size=patch, hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=2,
+        ),
+        projection_dim=hidden // 2,
+    )
+
+
+def tiny_blip_config(vocab_size: int, hidden: int = 32, layers: int = 2, image_size: int = 32, patch: int = 8) -> Any:
+    """A ``BlipConfig`` with small sizes whose special token ids fit the word tokenizer."""
+    from transformers import BlipConfig
+
+    return BlipConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=2, max_position_embeddings=32, encoder_hidden_size=hidden,
+            pad_token_id=PAD, bos_token_id=DEC, sep_token_id=EOS, eos_token_id=EOS,
+        ),
+        vision_config=dict(
+            image_size=image_size, patch_size=patch, hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=2,
+        ),
+        projection_dim=hidden,
+    )
+
+
+def build_tiny(kind: str, seed: int = 0) -> Any:
+    """Build ``tiny-clip``, ``tiny-blip`` or ``tiny-blip-vqa`` as a wrapper, seeded."""
+    from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering, CLIPModel
+
+    from .blip import BLIPWrapper
+    from .clip import CLIPWrapper
+
+    torch.manual_seed(seed)
+    if kind == "tiny-clip":
+        from transformers import CLIPImageProcessor
+
+        tok = build_word_tokenizer(max_length=16)
+        model = CLIPModel(tiny_clip_config(len(tok)))
+        proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        return CLIPWrapper(model.eval(), proc, tok, name=kind)
+    from transformers import BlipImageProcessor
+
+    tok = build_word_tokenizer(max_length=32, template="blip")
+    cfg = tiny_blip_config(len(tok))
+    cls = BlipForQuestionAnswering if kind == "tiny-blip-vqa" else BlipForConditionalGeneration
+    proc = BlipImageProcessor(size={"height": 32, "width": 32})
+    return BLIPWrapper(cls(cfg).eval(), proc, tok, name=kind)
+
+
+TINY_MODELS = ("tiny-clip", "tiny-blip", "tiny-blip-vqa")

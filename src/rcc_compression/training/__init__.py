@@ -1,0 +1,1 @@
+"""Training and distillation for recovery after compression."""

@@ -1,0 +1,1 @@
+"""Shared utilities: atomic I/O and hashing, seeding, run records, logging."""

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny CLIP/BLIP built in code, no network, deterministic seeds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_clip():
+    """A fresh tiny CLIP wrapper (random weights, seeded)."""
+    from rcc_compression.models import get_model
+
+    return get_model("tiny-clip")
+
+
+@pytest.fixture
+def tiny_blip():
+    """A fresh tiny BLIP captioning wrapper (random weights, seeded)."""
+    from rcc_compression.models import get_model
+
+    return get_model("tiny-blip")
+
+
+@pytest.fixture
+def tiny_blip_vqa():
+    """A fresh tiny BLIP VQA wrapper (random weights, seeded)."""
+    from rcc_compression.models import get_model
+
+    return get_model("tiny-blip-vqa")
