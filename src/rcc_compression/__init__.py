@@ -16,8 +16,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "compress_model": "rcc_compression.api",
-    "evaluate_model": "rcc_compression.api",
+    "compress_model": "rcc_compression.compression.api",
+    "evaluate_model": "rcc_compression.evaluation.suite",
     "CompressionPipeline": "rcc_compression.compression.cascade",
     "CascadePipeline": "rcc_compression.compression.cascade",
     "save_compressed": "rcc_compression.compression.storage",

@@ -62,6 +62,76 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None, verbose: Verbose 
     typer.echo(yaml.safe_dump(dump_config(cfg), sort_keys=False), nl=False)
 
 
+@app.command()
+def compress(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,  # noqa: UP007
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory.")] = None,  # noqa: UP007
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run directory.")] = None,  # noqa: UP007
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip quality and efficiency evaluation.")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Compress a model through the configured cascade and print dense vs compressed."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .config import dump_config, load_config
+    from .jobs import prepare_run_dir, run_compress, summary_rows
+    from .utils.logging import setup_logging
+    from .utils.runs import RunRecord, new_run_dir
+
+    sets = list(set_ or [])
+    if model is not None:
+        sets.append(f"model.name={model}")
+    if seed is not None:
+        sets.append(f"experiment.seed={seed}")
+    if resume is not None:
+        if config is not None or sets:
+            raise typer.BadParameter("--resume takes the run's own config; drop --config/--set/--model/--seed")
+        cfg_file = resume / "config.yaml"
+        if not cfg_file.is_file():
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"{resume}: not a run directory (no config.yaml)")
+        cfg = load_config(cfg_file)
+        run_dir = resume
+    else:
+        cfg = load_config(config, sets)
+        run_dir = prepare_run_dir(output, overwrite, False) if output else new_run_dir(
+            cfg.experiment.output_dir, cfg.experiment.name)
+    setup_logging(_verbosity(verbose, quiet), run_dir)
+    console = Console(stderr=True, quiet=quiet)
+    with RunRecord(run_dir, dump_config(cfg), cfg.experiment.seed) as record, Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as bar:
+        steps = bar.add_task("cascade steps", total=None)
+        layers = bar.add_task("layers", total=None)
+
+        def on_layer(what: str, done: int, total: int) -> None:
+            bar.update(layers, description=what[:60], completed=done, total=total)
+
+        def on_step(rec: dict) -> None:
+            bar.update(steps, advance=1, description=f"step {rec['step'] + 1}: {rec['stage']} round {rec['round']}")
+
+        results = run_compress(cfg, run_dir, resume=resume is not None, progress=on_layer, step_callback=on_step,
+                               evaluate=not no_eval)
+        record.update(results={"stopped_early": results["stopped_early"], "gate": results["gate"],
+                               "quality": results["quality"]})
+    table = Table(title=f"{cfg.model.name}: dense vs compressed ({' -> '.join(results['stages'])})")
+    for col, just in (("metric", "left"), ("dense", "right"), ("compressed", "right"), ("compressed/dense", "right")):
+        table.add_column(col, justify=just)
+    for row in summary_rows(results):
+        table.add_row(*row)
+    Console().print(table)
+    typer.echo(f"run directory: {run_dir}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI in-process; returns the exit status (2 on bad input)."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -207,8 +207,8 @@ class AlphaEditStage(Stage):
                 h.remove()
         for n, m in layers.items():
             info: dict[str, Any] = {
-                "a_in_range": [float(m.a_in.min()), float(m.a_in.max())],
-                "a_out_range": [float(m.a_out.min()), float(m.a_out.max())],
+                "a_in_range": [float(m.a_in.detach().min()), float(m.a_in.detach().max())],
+                "a_out_range": [float(m.a_out.detach().min()), float(m.a_out.detach().max())],
             }
             if importance:
                 info["importance_in_mean"] = float(importance[n][0].mean())

@@ -98,6 +98,7 @@ class CascadePipeline:
         seed: int = 0,
         device: str | torch.device | None = None,
         progress_callback: Callable[[str, int, int], None] | None = None,
+        step_callback: Callable[[dict[str, Any]], None] | None = None,
         run_config: dict[str, Any] | None = None,
         num_synthetic_batches: int = 6,
     ) -> None:
@@ -124,6 +125,7 @@ class CascadePipeline:
         self.seed = seed
         self.device = torch.device(device) if device is not None else None
         self.progress_callback = progress_callback
+        self.step_callback = step_callback
         self.run_config = run_config
         self.num_synthetic_batches = num_synthetic_batches
         self.records: list[dict[str, Any]] = []
@@ -205,6 +207,11 @@ class CascadePipeline:
         )
         self._model = inner
         return inner, wrapper
+
+    @property
+    def dense_model(self) -> nn.Module | None:
+        """The frozen dense copy of the model taken before compression (the teacher)."""
+        return self._ctx.dense_model if self._ctx is not None else None
 
     # ------------------------------------------------------------------ the gate
     def _score(self, model: nn.Module) -> float:
@@ -303,73 +310,81 @@ class CascadePipeline:
 
     # ------------------------------------------------------------------ run
     def run(self, model: nn.Module, resume: bool = False) -> nn.Module:
-        """Compress ``model`` in place through every step; returns it (the wrapper, if given one)."""
+        """Compress ``model`` in place through every step; returns it (the wrapper, if given one).
+
+        With ``resume=True`` and a run directory holding a checkpoint, continue from it.
+        """
+        if not resume and self.run_dir is not None and (self.run_dir / PROGRESS_FILE).exists():
+            raise CheckpointError(f"{self.run_dir}: holds an earlier run; resume it (--resume) or use a new directory")
         inner, wrapper = self._prepare(model)
         ctx = self._ctx
         steps = self.steps()
         start = self._resume_state() if resume else 0
-        if not resume and self.run_dir is not None and (self.run_dir / PROGRESS_FILE).exists():
-            raise CheckpointError(f"{self.run_dir}: holds an earlier run; resume it (--resume) or use a new directory")
         last_pass = self._snapshot()
-        since_ckpt = 0
+        since_ckpt, saved_current, last_step = 0, start > 0, start - 1
         for idx in range(start, len(steps)):
             k, j = steps[idx]
             stage = self.stages[j]
             ctx.step, ctx.progress = idx, k / self.rounds
-            t0 = time.perf_counter()
-            error = None
-            try:
-                stage.compress(inner, ctx)
-            except CompressionError:
-                raise
-            except (RuntimeError, torch.linalg.LinAlgError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            score, retention, finite = (float("nan"), 0.0, False) if error else self._retention(inner)
-            passed = finite and retention >= self.cascade.validation_threshold
-            stats = stage.get_statistics()
-            record = {
-                "step": idx, "round": k, "stage": stage.name,
-                "targets": stage.target_description(ctx.progress, ctx.schedule),
-                "achieved": compression_summary(inner),
-                "metric": score, "retention": retention, "threshold": self.cascade.validation_threshold,
-                "passed": passed, "seconds": round(time.perf_counter() - t0, 4),
-                "summary": {k2: v for k2, v in stats.items() if k2 != "layers"},
-            }
-            if error:
-                record["error"] = error
-            elif not finite:
-                record["error"] = "non-finite weights or outputs"
-            self.records.append(record)
-            if not passed:
+            record = self._run_step(stage, idx, k)
+            last_step = idx
+            if self.step_callback is not None:
+                self.step_callback(record)
+            if not record["passed"]:
                 self._restore(last_pass)
-                self.stopped_early = True
+                self.stopped_early, saved_current = True, False
                 record["rolled_back"] = True
                 log.warning("step %d (%s, round %d) failed the gate (retention %.4f < %.4f%s); rolled back and stopped",
-                            idx, stage.name, k, retention, self.cascade.validation_threshold,
+                            idx, stage.name, k, record["retention"], self.cascade.validation_threshold,
                             f"; {record['error']}" if "error" in record else "")
                 break
-            self.stage_results[stage.name] = stats
+            self.stage_results[stage.name] = stage.get_statistics()
             last_pass = self._snapshot()
             self._snapshots[stage.name] = last_pass
             log.info("step %d/%d %s round %d: retention %.4f, layer compression %.4f", idx + 1, len(steps),
-                     stage.name, k, retention, record["achieved"]["compression_rate"])
+                     stage.name, k, record["retention"], record["achieved"]["compression_rate"])
             since_ckpt += 1
+            saved_current = False
             if self.run_dir is not None and self.cascade.checkpoint_frequency and (
-                since_ckpt >= self.cascade.checkpoint_frequency or idx == len(steps) - 1
+                since_ckpt >= self.cascade.checkpoint_frequency
             ):
                 self._write_checkpoint(idx)
-                since_ckpt = 0
+                since_ckpt, saved_current = 0, True
         if self.run_dir is not None:
-            progress_file = self.run_dir / PROGRESS_FILE
-            data = json.loads(progress_file.read_text()) if progress_file.exists() else {
-                "format": "rcc-cascade-progress", "format_version": 1}
-            if self.stopped_early or not data.get("checkpoint"):
-                self._write_checkpoint(len(steps) - 1 if not self.stopped_early else idx)
-                data = json.loads(progress_file.read_text())
+            if not saved_current:
+                self._write_checkpoint(max(last_step, 0))
+            data = json.loads((self.run_dir / PROGRESS_FILE).read_text())
             data.update(done=True, stopped_early=self.stopped_early, records=self.records,
                         stage_results=self.stage_results)
-            atomic_write_json(progress_file, data)
+            atomic_write_json(self.run_dir / PROGRESS_FILE, data)
         return wrapper if wrapper is not None else inner
+
+    def _run_step(self, stage: Stage, idx: int, k: int) -> dict[str, Any]:
+        """Apply one stage once, gate it, and record what happened."""
+        ctx, inner = self._ctx, self._model
+        t0 = time.perf_counter()
+        error = None
+        try:
+            stage.compress(inner, ctx)
+        except (RuntimeError, torch.linalg.LinAlgError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        score, retention, finite = (float("nan"), 0.0, False) if error else self._retention(inner)
+        passed = finite and retention >= self.cascade.validation_threshold
+        stats = stage.get_statistics()
+        record: dict[str, Any] = {
+            "step": idx, "round": k, "stage": stage.name,
+            "targets": stage.target_description(ctx.progress, ctx.schedule),
+            "achieved": compression_summary(inner),
+            "metric": score, "retention": retention, "threshold": self.cascade.validation_threshold,
+            "passed": passed, "seconds": round(time.perf_counter() - t0, 4),
+            "summary": {key: v for key, v in stats.items() if key != "layers"},
+        }
+        if error:
+            record["error"] = error
+        elif not finite:
+            record["error"] = "non-finite weights or outputs"
+        self.records.append(record)
+        return record
 
     compress = run
 

@@ -73,6 +73,11 @@ def wanda_scores(weight: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
     return weight.abs() * col_norm.to(weight)[None, :]
 
 
+def keep_count(numel: int, rate: float) -> int:
+    """Entries kept when ``rate`` of ``numel`` are pruned."""
+    return numel - round(numel * rate)
+
+
 def topk_mask(scores: torch.Tensor, rate: float, scope: str = "layer", allowed: torch.Tensor | None = None
               ) -> torch.Tensor:
     """Keep the highest scores so that ``rate`` of all entries are pruned (per layer or per row).
@@ -84,12 +89,12 @@ def topk_mask(scores: torch.Tensor, rate: float, scope: str = "layer", allowed: 
         s = s.masked_fill(~allowed, float("-inf"))
     mask = torch.zeros_like(s, dtype=torch.bool)
     if scope == "row":
-        keep = s.shape[1] - round(s.shape[1] * rate)
+        keep = keep_count(s.shape[1], rate)
         if keep > 0:
             idx = s.topk(keep, dim=1).indices
             mask.scatter_(1, idx, True)
     elif scope == "layer":
-        keep = s.numel() - round(s.numel() * rate)
+        keep = keep_count(s.numel(), rate)
         if keep > 0:
             idx = s.flatten().topk(keep).indices
             mask.view(-1)[idx] = True

@@ -63,6 +63,11 @@ def factorisable(rank: int, m: int, n: int) -> bool:
     return 0 < rank and rank * (m + n) < m * n
 
 
+def budget_rank(m: int, n: int, budget: float) -> int:
+    """Largest rank whose factors use at most ``budget`` of the dense parameters (at least 1)."""
+    return int(min(max(1, math.floor(budget * m * n / (m + n) + 1e-9)), min(m, n)))
+
+
 def rank_for(
     energy: torch.Tensor,
     m: int,
@@ -92,7 +97,7 @@ def rank_for(
             hit = torch.nonzero(frac >= energy_threshold - 1e-12)
             cands.append(int(hit[0]) + 1 if hit.numel() else len(e))
     if param_budget is not None:
-        cands.append(max(1, math.floor(param_budget * m * n / (m + n))))
+        cands.append(budget_rank(m, n, param_budget))
     if not cands:
         return full
     r = min(cands) if rule == "min" else max(cands)
@@ -194,6 +199,9 @@ class NulluStage(Stage):
     def targets_at(self, progress: float, schedule: str) -> dict[str, float | None]:
         """rank_reduction, energy_threshold and param_budget reached at ``progress``."""
         c, f = self.config, schedule_fraction(progress, schedule)
+        if f >= 1.0:
+            return {"rank_reduction": c.rank_reduction, "energy_threshold": c.energy_threshold,
+                    "param_budget": c.param_budget}
         return {
             "rank_reduction": None if c.rank_reduction is None else c.rank_reduction * f,
             "energy_threshold": None if c.energy_threshold is None else 1.0 - (1.0 - c.energy_threshold) * f,
@@ -310,7 +318,7 @@ class NulluStage(Stage):
         m, n = shape
         full = min(m, n)
         if tg["param_budget"] is not None:
-            return max(1, math.floor(tg["param_budget"] * m * n / (m + n)))
+            return budget_rank(m, n, tg["param_budget"])
         if tg["rank_reduction"] is not None:
             return max(1, round(full * (1 - tg["rank_reduction"])))
         return full

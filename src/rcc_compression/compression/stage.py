@@ -290,7 +290,7 @@ def kd_finetune(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss)
+                total += float(loss.detach())
             mean = total / len(ctx.batches)
             first = mean if first != first else first
             last = mean

@@ -1,0 +1,152 @@
+"""``compress_model``: the one-call API (design document section 11.1)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CompressionError
+from ..utils.logging import get_logger
+from .cascade import CascadePipeline, compression_summary
+from .planner import LayerShape, plan_rate, split_error
+from .registry import STAGES
+from .stage import select_layers
+
+log = get_logger("api")
+
+LOWRANK_SHARES = (0.2, 0.35, 0.5)
+
+
+def _resolve_config(config: Any) -> Any:
+    from ..config import RCCConfig, load_config
+
+    if config is None:
+        return load_config(None)
+    if isinstance(config, RCCConfig):
+        return config.model_copy(deep=True)
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    if isinstance(config, Mapping):
+        return load_config(None, data=dict(config))
+    raise CompressionError(f"config must be a path, a mapping or an RCCConfig, got {type(config).__name__}")
+
+
+def compress_model(
+    model: str | os.PathLike[str] | nn.Module = "rcc-clip-world",
+    compression_rate: float | None = 0.5,
+    method: str = "cascade",
+    calibration_data: Iterable[Mapping[str, Any]] | None = None,
+    config: Any = None,
+    *,
+    scope: str = "layers",
+    lowrank_share: float | None = None,
+    metric_fn: Callable[[nn.Module], float] | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    seed: int | None = None,
+    device: str | torch.device | None = None,
+    progress_callback: Callable[[str, int, int], None] | None = None,
+) -> nn.Module:
+    """Compress a model to ``compression_rate`` and return it, with ``.compression_stats`` attached.
+
+    ``model`` is a bundled name, a local directory, a hub id, a wrapper, or any ``nn.Module``.
+    ``method`` is ``cascade`` (the stages of ``config.compression.cascade.stages``) or one stage
+    name. With a rate, per-stage targets are planned so the stored bytes of the compressed layers
+    (``scope="layers"``) or of the whole model (``scope="model"``) land on it; a rate that cannot
+    be reached raises :class:`CompressionError` saying why, and a run the gate stops early reports
+    the rate it did reach and the step that failed.
+    """
+    from ..models.registry import get_model, unwrap_model
+
+    cfg = _resolve_config(config)
+    seed = cfg.experiment.seed if seed is None else seed
+    if method != "cascade" and method not in STAGES:
+        raise CompressionError(f"unknown method {method!r}; allowed: cascade, {', '.join(STAGES)}")
+    wrapper_or_module = model if isinstance(model, nn.Module) else get_model(model, cfg.model.type, cfg.model.dtype)
+    inner = unwrap_model(wrapper_or_module)
+    section = cfg.compression
+    stages = list(section.cascade.stages) if method == "cascade" else [method]
+    section.cascade.stages = stages
+    plan: dict[str, Any] | None = None
+    if compression_rate is not None:
+        plan = _plan(inner, section, stages, compression_rate, scope, lowrank_share, calibration_data)
+        if "pruning_rate" in plan:
+            section.dare.pruning_rate = plan["pruning_rate"]
+            section.dare.nm = None
+        if "param_budget" in plan:
+            section.nullu.param_budget = plan["param_budget"]
+            section.nullu.rank_reduction = None
+            section.nullu.energy_threshold = None
+            section.nullu.mode = "lowrank"
+    pipe = CascadePipeline(section, calibration_data=calibration_data, metric_fn=metric_fn, run_dir=run_dir,
+                           seed=seed, device=device, progress_callback=progress_callback,
+                           run_config=cfg.model_dump(mode="json"))
+    out = pipe.run(wrapper_or_module)
+    summary = compression_summary(inner)
+    stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results()}
+    if plan is not None:
+        achieved = _achieved_rate(inner, scope)
+        stats["achieved_rate"] = achieved
+        if abs(achieved - compression_rate) > 0.01:
+            failed = next((r for r in pipe.records if not r.get("passed", True)), None)
+            why = (f"the validation gate stopped step {failed['step']} ({failed['stage']}, round {failed['round']}) at "
+                   f"retention {failed['retention']:.4f} < {failed['threshold']}" if failed else
+                   "the stages' targets did not translate exactly into stored bytes")
+            stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
+            log.warning(stats["rate_note"])
+    out.compression_stats = stats
+    return out
+
+
+def _achieved_rate(inner: nn.Module, scope: str) -> float:
+    s = compression_summary(inner)
+    if scope != "model":
+        return s["compression_rate"]
+    from .layers import compressed_layers
+
+    names = tuple(f"{n}." for n in compressed_layers(inner))
+    rest = sum(t.numel() * t.element_size() for k, t in inner.state_dict().items() if not k.startswith(names))
+    return 1.0 - (s["stored_bytes"] + rest) / (s["dense_bytes"] + rest)
+
+
+def _plan(
+    inner: nn.Module, section: Any, stages: list[str], rate: float, scope: str, lowrank_share: float | None,
+    calibration_data: Iterable[Mapping[str, Any]] | None,
+) -> dict[str, Any]:
+    sparse = "dare" in stages
+    lowrank = "nullu" in stages and section.nullu.mode == "lowrank"
+    kind = "cascade" if sparse and lowrank else "dare" if sparse else "nullu" if lowrank else None
+    if kind is None:
+        raise CompressionError(f"stages {stages} do not shrink the model (need dare and/or nullu) for a rate")
+    target_cfgs = [getattr(section, s) for s in stages if s in ("dare", "nullu")]
+    names: list[str] = []
+    for c in target_cfgs:
+        names += [n for n in select_layers(inner, c.targets, c.ignore) if n not in names]
+    if not names:
+        raise CompressionError("no Linear layer matches the stages' targets")
+    mods = [inner.get_submodule(n) for n in names]
+    weights = [m.weight if isinstance(m, nn.Linear) else m.effective_weight() for m in mods]
+    shapes = [LayerShape(w.shape[0], w.shape[1], w.element_size(), m.bias is not None) for w, m in zip(weights, mods)]
+    scales = "alphaedit" in stages and section.alphaedit.mode == "scaling"
+    skip = tuple(f"{n}." for n in names)
+    rest = sum(t.numel() * t.element_size() for k, t in inner.state_dict().items() if not k.startswith(skip))
+    if kind != "cascade":
+        return plan_rate(shapes, rate, kind, scales=scales, rest_bytes=rest, scope=scope)
+    shares = [lowrank_share] if lowrank_share is not None else list(LOWRANK_SHARES)
+    order = [s for s in stages if s in ("dare", "nullu")]
+    best: dict[str, Any] | None = None
+    for share in shares:
+        try:
+            p = plan_rate(shapes, rate, "cascade", share, scales, rest, scope)
+        except CompressionError:
+            continue
+        p["split_error"] = split_error([w.detach() for w in weights], p, order) if len(shares) > 1 else None
+        if best is None or (p["split_error"] or 0) < (best["split_error"] or 0):
+            best = p
+    if best is None:
+        return plan_rate(shapes, rate, "cascade", shares[0], scales, rest, scope)  # raises, saying why
+    best["shares_tried"] = shares
+    return best

@@ -1,0 +1,176 @@
+"""Choose stage settings that reach a requested compression rate.
+
+``compression_rate = 1 - stored_bytes / dense_bytes`` (of the compressed layers, or of the whole
+model). The byte model is exactly what the saved format holds (see ``storage``): S as a bitmask
+or CSR plus values, low-rank factors, scales and bias, so the plan lands on the rate the saved
+checkpoint measures. For the cascade, the byte budget is split between the sparse and the
+low-rank part; the split is chosen by the reconstruction error it leaves on the model's own
+weights (whitened by calibration statistics when given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import CompressionError
+from .dare import keep_count, magnitude_scores, topk_mask
+from .nullu import budget_rank, svd
+from .storage import sparse_encoding_bytes
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the byte model needs to know about one target layer."""
+
+    out_features: int
+    in_features: int
+    element_size: int
+    has_bias: bool
+
+    @property
+    def dense_bytes(self) -> int:
+        return (self.out_features * self.in_features + (self.out_features if self.has_bias else 0)) * self.element_size
+
+
+def layer_bytes(
+    shape: LayerShape, pruning_rate: float | None, param_budget: float | None, scales: bool, bias: bool = True
+) -> int:
+    """Stored bytes of one layer: S at ``pruning_rate`` (None: no S), factors at ``param_budget`` (None: none)."""
+    m, n, es = shape.out_features, shape.in_features, shape.element_size
+    total = m * es if (bias and shape.has_bias) else 0
+    if scales:
+        total += (m + n) * es
+    if pruning_rate is not None:
+        nnz = keep_count(m * n, pruning_rate)
+        enc = sparse_encoding_bytes(m, n, nnz, es)
+        total += enc["dense"] if nnz == m * n else min(enc["bitmask"], enc["csr"])
+    if param_budget is not None:
+        total += budget_rank(m, n, param_budget) * (m + n) * es
+    return total
+
+
+def _bisect(f: Any, target: float, lo: float, hi: float, increasing: bool, iters: int = 60) -> float:
+    """The bound of ``[lo, hi]`` nearest the crossing at which ``f <= target`` (never over budget)."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if (f(mid) <= target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    return lo if increasing else hi
+
+
+def plan_rate(
+    shapes: Sequence[LayerShape],
+    rate: float,
+    method: str,
+    lowrank_share: float = 0.5,
+    scales: bool = False,
+    rest_bytes: int = 0,
+    scope: str = "layers",
+) -> dict[str, Any]:
+    """Settings (``pruning_rate``, ``param_budget``) whose stored bytes hit ``rate``.
+
+    ``method`` is ``dare`` (sparse only), ``nullu`` (low rank only) or ``cascade`` (both, with
+    ``lowrank_share`` of the variable bytes going to the factors). Raises :class:`CompressionError`
+    with the reason when the rate cannot be reached.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise CompressionError(f"compression_rate must be in [0, 1), got {rate}")
+    dense = sum(s.dense_bytes for s in shapes)
+    if scope == "model":
+        budget = (1.0 - rate) * (dense + rest_bytes) - rest_bytes
+        if budget <= 0:
+            raise CompressionError(
+                f"a model-wide rate of {rate:.4f} is out of reach: the parts left dense (embeddings, norms, heads: "
+                f"{rest_bytes / 2**20:.2f} MiB) already exceed {(1 - rate) * 100:.2f} % of the model "
+                f"({(dense + rest_bytes) / 2**20:.2f} MiB); compress more layers (targets) or ask for scope='layers'"
+            )
+    else:
+        budget = (1.0 - rate) * dense
+    fixed = sum(layer_bytes(s, None, None, scales) for s in shapes)
+    variable = budget - fixed
+    if variable <= 0:
+        raise CompressionError(
+            f"rate {rate:.4f} is out of reach: biases{' and scales' if scales else ''} alone take "
+            f"{fixed / max(dense, 1) * 100:.2f} % of the dense layers"
+        )
+
+    def sparse_bytes(p: float) -> float:
+        return sum(layer_bytes(s, p, None, False, bias=False) for s in shapes)
+
+    def lowrank_bytes(b: float) -> float:
+        return sum(layer_bytes(s, None, b, False, bias=False) for s in shapes)
+
+    if method not in ("dare", "nullu", "cascade"):
+        raise CompressionError(f"cannot plan a rate for method {method!r}; allowed: cascade, dare, nullu")
+    p_max, b_min = 1.0 - 1e-9, 1e-9
+    floor = {"dare": sparse_bytes(p_max), "nullu": lowrank_bytes(b_min),
+             "cascade": sparse_bytes(p_max) + lowrank_bytes(b_min)}[method]
+    if floor > variable:
+        total = dense + (rest_bytes if scope == "model" else 0)
+        best = 1.0 - (fixed + floor + (rest_bytes if scope == "model" else 0)) / total
+        raise CompressionError(
+            f"rate {rate:.4f} is out of reach for {method} on this model: the highest it can store is {best:.4f} "
+            f"(biases{', scales' if scales else ''}, sparse row counts and rank-1 factors are the floor)"
+        )
+    out: dict[str, Any] = {"method": method, "requested_rate": rate, "scope": scope}
+    if method == "dare":
+        out["pruning_rate"] = _bisect(sparse_bytes, variable, 0.0, p_max, increasing=False)
+        stored = fixed + sparse_bytes(out["pruning_rate"])
+    elif method == "nullu":
+        out["param_budget"] = _bisect(lowrank_bytes, variable, b_min, 1.0, increasing=True)
+        stored = fixed + lowrank_bytes(out["param_budget"])
+    else:
+        lr_target = max(lowrank_share * variable, lowrank_bytes(b_min))
+        out["param_budget"] = _bisect(lowrank_bytes, lr_target, b_min, 1.0, increasing=True)
+        rest = variable - lowrank_bytes(out["param_budget"])
+        out["pruning_rate"] = _bisect(sparse_bytes, rest, 0.0, p_max, increasing=False)
+        out["lowrank_share"] = lowrank_share
+        stored = fixed + lowrank_bytes(out["param_budget"]) + sparse_bytes(out["pruning_rate"])
+    total_dense = dense + (rest_bytes if scope == "model" else 0)
+    out["predicted_rate"] = 1.0 - (stored + (rest_bytes if scope == "model" else 0)) / total_dense
+    return out
+
+
+@torch.no_grad()
+def split_error(
+    weights: Sequence[torch.Tensor],
+    plan: dict[str, Any],
+    order: Sequence[str],
+    col_norms: Sequence[torch.Tensor | None] | None = None,
+) -> float:
+    """Relative reconstruction error ``sum ||(W - S - BA) D||^2 / sum ||W D||^2`` a cascade plan leaves.
+
+    One pass of each stage in ``order`` (sparse then low rank, or the reverse); ``D`` is the
+    diagonal of calibration input norms when given (a cheap stand-in for the full whitening).
+    """
+    num = den = 0.0
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault(tuple(w.shape), []).append(i)
+    for idx in groups.values():
+        W = torch.stack([weights[i].float() for i in idx])
+        D = torch.stack([
+            (col_norms[i].float() if col_norms and col_norms[i] is not None else torch.ones(W.shape[2])) for i in idx
+        ])
+        Wd = W * D[:, None, :]
+        m, n = W.shape[1:]
+        r = budget_rank(m, n, plan["param_budget"])
+        S = torch.zeros_like(Wd)
+        LR = torch.zeros_like(Wd)
+        for stage in order:
+            if stage == "dare":
+                target = Wd - LR
+                mask = torch.stack([topk_mask(magnitude_scores(t), plan["pruning_rate"], "layer") for t in target])
+                S = target * mask
+            elif stage == "nullu":
+                U, sv, Vh = svd(Wd - S)
+                LR = (U[:, :, :r] * sv[:, None, :r]) @ Vh[:, :r, :]
+        num += float((Wd - S - LR).pow(2).sum())
+        den += float(Wd.pow(2).sum())
+    return num / den if den > 0 else 0.0

@@ -1,0 +1,254 @@
+"""Efficiency metrics (design document section 3.5): parameters, bytes, FLOPs, latency, memory.
+
+Counts distinguish what a compressed model *stores* from the dense model it replaces, and FLOPs
+come in three labelled kinds: ``dense`` (the uncompressed model, ``FlopCounterMode``),
+``executed`` (what the compressed model's kernels really run: S as a dense matmul) and
+``sparsity_aware`` (counting only non-zeros of S and the low-rank products; reachable only with
+sparse kernels). Latency is the median of timed runs after warm-up, reported next to the
+theoretical savings, because pruned is not the same as faster.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compression.calibration import to_device
+from ..compression.layers import CompressedLinear, compressed_layers
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    from ..models.registry import unwrap_model
+
+    return unwrap_model(model)
+
+
+def parameter_report(model: nn.Module) -> dict[str, int]:
+    """Parameter counts: ``dense_equivalent`` (as if uncompressed), ``stored`` (numbers saved), ``nonzero``."""
+    from ..compression.storage import stored_bytes
+
+    inner = _inner(model)
+    layers = compressed_layers(inner)
+    prefixes = tuple(f"{n}." for n in layers)
+    rest = sum(p.numel() for k, p in inner.state_dict().items() if not k.startswith(prefixes) and p.is_floating_point())
+    dense_eq = rest + sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+                          for m in layers.values())
+    stored = rest + sum(
+        m.nnz() + m.rank * (m.in_features + m.out_features)
+        + sum(t.numel() for t in (m.a_in, m.a_out, m.bias) if t is not None)
+        for m in layers.values()
+    )
+    nonzero = rest + sum(int((m.effective_weight() != 0).sum()) for m in layers.values())
+    return {"dense_equivalent": dense_eq, "stored": stored, "nonzero_effective": nonzero,
+            "compressed_layers": len(layers), "stored_bytes_layers": sum(stored_bytes(m) for m in layers.values())}
+
+
+def storage_report(model: nn.Module) -> dict[str, Any]:
+    """Stored vs dense bytes and ``compression_rate = 1 - stored/dense`` for the layers and the whole model."""
+    from ..compression.storage import dense_bytes, stored_bytes
+
+    inner = _inner(model)
+    layers = compressed_layers(inner)
+    prefixes = tuple(f"{n}." for n in layers)
+    rest = sum(t.numel() * t.element_size() for k, t in inner.state_dict().items() if not k.startswith(prefixes))
+    d_layers = sum(dense_bytes(m) for m in layers.values())
+    s_layers = sum(stored_bytes(m) for m in layers.values())
+    return {
+        "dense_bytes_layers": d_layers,
+        "stored_bytes_layers": s_layers,
+        "rest_bytes": rest,
+        "dense_bytes_model": d_layers + rest,
+        "stored_bytes_model": s_layers + rest,
+        "compression_rate_layers": 1.0 - s_layers / d_layers if d_layers else 0.0,
+        "compression_rate_model": 1.0 - (s_layers + rest) / (d_layers + rest) if d_layers + rest else 0.0,
+    }
+
+
+def measured_storage(path: str | Path) -> dict[str, int]:
+    """Bytes on disk of a saved compressed checkpoint (tensor files and everything)."""
+    path = Path(path)
+    files = {p.relative_to(path).as_posix(): p.stat().st_size for p in path.rglob("*") if p.is_file()}
+    return {"layers_file": files.get("layers.safetensors", 0), "rest_file": files.get("rest.safetensors", 0),
+            "total": sum(files.values())}
+
+
+def _layer_flops(layer: CompressedLinear, tokens: int) -> tuple[int, int, int]:
+    """(dense, executed, sparsity-aware) multiply-add FLOPs (2 per MAC) of one layer for ``tokens`` rows."""
+    m, n, r = layer.out_features, layer.in_features, layer.rank
+    dense = 2 * tokens * m * n
+    s_exec = 2 * tokens * m * n if (layer.weight is not None or layer.base is not None) else 0
+    lr = 2 * tokens * r * (m + n)
+    nnz = layer.nnz() + (m * n if layer.base is not None else 0)
+    return dense, s_exec + lr, 2 * tokens * nnz + lr
+
+
+@torch.no_grad()
+def flops_report(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, int]:
+    """FLOPs of one forward pass on ``batch``: dense, executed and sparsity-aware (labelled)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inner = _inner(model)
+    device = next(inner.parameters()).device
+    layers = compressed_layers(inner)
+    tokens: dict[str, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: tokens.__setitem__(
+        n, tokens.get(n, 0) + args[0].numel() // args[0].shape[-1])) for n, m in layers.items()]
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            inner(**to_device(batch, device))
+    finally:
+        for h in hooks:
+            h.remove()
+    executed_total = int(counter.get_total_flops())
+    d = e = s = 0
+    for n, m in layers.items():
+        ld, le, ls = _layer_flops(m, tokens.get(n, 0))
+        d, e, s = d + ld, e + le, s + ls
+    base = executed_total - e
+    return {"dense_flops": base + d, "executed_flops": executed_total, "sparsity_aware_flops": base + s}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_latency(fn: Callable[[], Any], warmup: int = 2, iters: int = 10, device: torch.device | None = None
+                    ) -> dict[str, float]:
+    """Median, min and p90 wall time (ms) of ``fn`` after ``warmup`` calls."""
+    device = device or torch.device("cpu")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times), "min_ms": times[0],
+            "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))], "iters": iters}
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | None = None, interval: float = 0.001) -> dict[str, int]:
+    """Peak memory while ``fn`` runs: max allocated on CUDA, peak process RSS (sampled) on CPU."""
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_bytes": int(peak), "increase_bytes": int(peak - base), "kind": "cuda_max_allocated"}
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(interval)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    peak[0] = max(peak[0], proc.memory_info().rss)
+    return {"peak_bytes": int(peak[0]), "increase_bytes": int(peak[0] - base), "kind": "cpu_rss_sampled"}
+
+
+def resize_batch(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
+    """The batch with its leading dimension repeated or cut to ``size``."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            reps = -(-size // v.shape[0])
+            out[k] = v.repeat(reps, *([1] * (v.dim() - 1)))[:size]
+        else:
+            out[k] = v
+    return out
+
+
+@torch.no_grad()
+def profile_model(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    batch_sizes: Sequence[int] = (1, 8),
+    warmup: int = 2,
+    iters: int = 10,
+) -> dict[str, Any]:
+    """Complete efficiency profile: parameters, bytes, FLOPs, latency and peak memory per batch size."""
+    inner = _inner(model)
+    device = next(inner.parameters()).device
+    was_training = inner.training
+    inner.eval()
+    try:
+        report: dict[str, Any] = {"parameters": parameter_report(inner), "storage": storage_report(inner),
+                                  "device": str(device), "per_batch_size": {}}
+        for bs in batch_sizes:
+            b = to_device(resize_batch(batch, bs), device)
+            entry = {"flops": flops_report(inner, b)}
+            entry["latency"] = measure_latency(lambda b=b: inner(**b), warmup, iters, device)
+            entry["memory"] = peak_memory(lambda b=b: inner(**b), device)
+            report["per_batch_size"][str(bs)] = entry
+    finally:
+        inner.train(was_training)
+    return report
+
+
+def benchmark_2to4(out_features: int, in_features: int, tokens: int, device: torch.device | str = "cuda",
+                   iters: int = 50) -> dict[str, float]:
+    """Latency of a 2:4-sparse fp16 linear (``to_sparse_semi_structured``) vs dense on ``device``."""
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise RuntimeError("2:4 semi-structured kernels need a CUDA device")
+    from torch.sparse import to_sparse_semi_structured
+
+    from ..compression.dare import nm_mask
+
+    w = torch.randn(out_features, in_features, device=device, dtype=torch.float16)
+    w = w * nm_mask(w.abs(), 2, 4).to(w.dtype)
+    x = torch.randn(tokens, in_features, device=device, dtype=torch.float16)
+    ws = to_sparse_semi_structured(w)
+    dense = measure_latency(lambda: F.linear(x, w), 5, iters, device)["median_ms"]
+    sparse = measure_latency(lambda: F.linear(x, ws), 5, iters, device)["median_ms"]
+    return {"dense_ms": dense, "sparse_2to4_ms": sparse, "speedup": dense / sparse}
+
+
+def accelerate_2to4(model: nn.Module, tokens: int = 4096) -> dict[str, bool]:
+    """Enable 2:4 kernels on the compressed layers whose shape measures faster sparse than dense.
+
+    Does nothing off CUDA. Returns, per layer, whether acceleration is on.
+    """
+    inner = _inner(model)
+    out: dict[str, bool] = {}
+    cache: dict[tuple[int, int], bool] = {}
+    for name, layer in compressed_layers(inner).items():
+        if layer.weight is None or not layer.weight.is_cuda or layer.mask is None:
+            out[name] = False
+            continue
+        key = (layer.out_features, layer.in_features)
+        if key not in cache:
+            try:
+                cache[key] = benchmark_2to4(*key, tokens=tokens, device=layer.weight.device)["speedup"] > 1.0
+            except RuntimeError:
+                cache[key] = False
+        out[name] = cache[key] and layer.accelerate_2to4()
+    return out

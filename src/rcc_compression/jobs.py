@@ -1,0 +1,193 @@
+"""The main job: config -> model -> calibration -> cascade -> storage -> evaluation -> report.
+
+``run_compress`` is what ``rcc compress`` (and ``make demo``) runs; the CLI only parses
+arguments and draws progress bars.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import RCCConfig, dump_config
+from .errors import CheckpointError, DataError
+from .utils.io import atomic_write_json, atomic_write_text
+from .utils.logging import get_logger
+
+log = get_logger("jobs")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def calibration_batches(wrapper: nn.Module, cfg: RCCConfig, source: str | None = None) -> list[dict[str, Any]]:
+    """Calibration batches (fit + holdout) for the model from the configured source."""
+    cal = cfg.calibration
+    total = cal.num_batches + cal.holdout_batches
+    src = source or cal.source
+    try:
+        from .data.calibration import build_calibration_batches
+    except ImportError:
+        build_calibration_batches = None
+    if build_calibration_batches is not None:
+        return build_calibration_batches(wrapper, src, total, cal.batch_size, cfg.experiment.seed)
+    if src != "synthetic":
+        raise DataError(f"calibration source {src!r} needs the data package; use calibration.source=synthetic")
+    g = torch.Generator().manual_seed(cfg.experiment.seed + 12345)
+    return [wrapper.synthetic_batch(cal.batch_size, g) for _ in range(total)]
+
+
+def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> dict[str, float]:
+    """Task metrics of the configured benchmarks (flat name -> value); empty when none are configured."""
+    if not cfg.evaluation.benchmarks:
+        return {}
+    try:
+        from .evaluation.suite import evaluate_model
+    except ImportError:
+        return {}
+    res = evaluate_model(wrapper, benchmarks=cfg.evaluation.benchmarks, datasets=cfg.evaluation.datasets,
+                         batch_size=cfg.evaluation.batch_size, bootstrap_samples=0, seed=cfg.experiment.seed)
+    return flatten_metrics(res)
+
+
+def flatten_metrics(res: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested result as ``a/b/c`` -> value (confidence intervals dropped)."""
+    out: dict[str, float] = {}
+    if isinstance(res, dict):
+        for k, v in res.items():
+            if k in ("ci", "ci_low", "ci_high", "n", "samples"):
+                continue
+            out.update(flatten_metrics(v, f"{prefix}/{k}" if prefix else str(k)))
+    elif isinstance(res, (int, float)) and not isinstance(res, bool):
+        out[prefix] = float(res)
+    return out
+
+
+def efficiency(model: nn.Module, batch: dict[str, Any], iters: int = 10) -> dict[str, Any]:
+    """Parameters, bytes, FLOPs, latency and memory at batch sizes 1 and 8."""
+    from .evaluation.efficiency import profile_model
+
+    return profile_model(model, batch, batch_sizes=(1, 8), warmup=2, iters=iters)
+
+
+def run_compress(
+    cfg: RCCConfig,
+    run_dir: Path,
+    resume: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+    step_callback: Callable[[dict[str, Any]], None] | None = None,
+    evaluate: bool = True,
+) -> dict[str, Any]:
+    """Compress ``cfg.model`` with ``cfg.compression`` into ``run_dir``; returns the results dict."""
+    from .compression.cascade import CascadePipeline
+    from .compression.storage import save_compressed
+    from .evaluation.efficiency import measured_storage
+    from .models.registry import get_model
+    from .utils.seeding import seed_everything
+
+    seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
+    device = resolve_device(cfg.experiment.device)
+    wrapper = get_model(cfg.model.name, cfg.model.type, cfg.model.dtype, seed=cfg.experiment.seed)
+    wrapper.to(device)
+    batches = calibration_batches(wrapper, cfg, cfg.calibration.source)
+    n_hold = cfg.calibration.holdout_batches
+    fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, batches)
+    preserve = calibration_batches(wrapper, cfg, cfg.calibration.preserve_source) if (
+        cfg.calibration.preserve_source) else None
+    dense_quality = quality_metrics(wrapper, cfg) if evaluate else {}
+    dense_eff = efficiency(wrapper, holdout[0]) if evaluate else {}
+    pipe = CascadePipeline(
+        cfg.compression, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
+        seed=cfg.experiment.seed, device=device, progress_callback=progress, step_callback=step_callback,
+        run_config=dump_config(cfg),
+    )
+    pipe.run(wrapper, resume=resume)
+    out_dir = run_dir / "compressed"
+    manifest = save_compressed(wrapper, out_dir, config=dump_config(cfg), records=pipe.records, overwrite=True)
+    comp_quality = quality_metrics(wrapper, cfg) if evaluate else {}
+    comp_eff = efficiency(wrapper, holdout[0]) if evaluate else {}
+    results = {
+        "model": cfg.model.name,
+        "stages": cfg.compression.cascade.stages,
+        "stopped_early": pipe.stopped_early,
+        "records": pipe.records,
+        "quality": {"dense": dense_quality, "compressed": comp_quality},
+        "efficiency": {"dense": dense_eff, "compressed": comp_eff},
+        "stored_bytes_measured": measured_storage(out_dir),
+        "stored_bytes_reported": manifest["stored_bytes"],
+        "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
+                 "threshold": cfg.compression.cascade.validation_threshold},
+    }
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_text(run_dir / "results.md", results_table_markdown(results))
+    if evaluate:
+        from .visualization.plots import plot_rate_curve
+
+        plot_rate_curve(pipe.records, run_dir / "rate_curve.png", dense_quality, comp_quality,
+                        title=f"{cfg.model.name}: quality vs compression rate")
+    return results
+
+
+def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, dense, compressed, compressed/dense) rows for the final table."""
+    rows: list[tuple[str, str, str, str]] = []
+    qd, qc = results["quality"]["dense"], results["quality"]["compressed"]
+    for name in qd:
+        if name in qc:
+            d, c = qd[name], qc[name]
+            rows.append((name, f"{d:.4f}", f"{c:.4f}", f"{c / d:.3f}" if d else "-"))
+    gate = results["gate"]["retention"]
+    if gate is not None:
+        rows.append(("output agreement (gate)", "1.0000", f"{gate:.4f}", f"{gate:.3f}"))
+    ed, ec = results["efficiency"]["dense"], results["efficiency"]["compressed"]
+    if ed and ec:
+        pd_, pc = ed["parameters"], ec["parameters"]
+        rows.append(("parameters (stored)", f"{pd_['stored']:,}", f"{pc['stored']:,}",
+                     f"{pc['stored'] / pd_['stored']:.3f}"))
+        sd, sc = ed["storage"], ec["storage"]
+        rows.append(("stored MB (model)", f"{sd['stored_bytes_model'] / 1e6:.3f}",
+                     f"{sc['stored_bytes_model'] / 1e6:.3f}", f"{sc['stored_bytes_model'] / sd['stored_bytes_model']:.3f}"))
+        rows.append(("compression rate (layers)", "0.0000", f"{sc['compression_rate_layers']:.4f}", "-"))
+        rows.append(("compression rate (model)", "0.0000", f"{sc['compression_rate_model']:.4f}", "-"))
+        for bs in ed["per_batch_size"]:
+            ld = ed["per_batch_size"][bs]["latency"]["median_ms"]
+            lc = ec["per_batch_size"][bs]["latency"]["median_ms"]
+            rows.append((f"CPU latency bs={bs} (ms, median)" if ed["device"] == "cpu" else
+                         f"latency bs={bs} (ms, median)", f"{ld:.2f}", f"{lc:.2f}", f"{lc / ld:.3f}"))
+            fd = ed["per_batch_size"][bs]["flops"]["dense_flops"]
+            fs = ec["per_batch_size"][bs]["flops"]["sparsity_aware_flops"]
+            rows.append((f"GFLOPs bs={bs} (sparsity-aware)", f"{fd / 1e9:.4f}", f"{fs / 1e9:.4f}", f"{fs / fd:.3f}"))
+    return rows
+
+
+def results_table_markdown(results: dict[str, Any]) -> str:
+    """The final table as markdown."""
+    lines = [f"# {results['model']}: dense vs compressed ({' -> '.join(results['stages'])})", "",
+             "| metric | dense | compressed | compressed/dense |", "|---|---:|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(results)]
+    if results.get("stopped_early"):
+        failed = next((r for r in results["records"] if not r.get("passed", True)), None)
+        if failed:
+            lines += ["", f"The validation gate stopped step {failed['step']} ({failed['stage']}, round "
+                          f"{failed['round']}) at retention {failed['retention']:.4f}; the model was rolled back "
+                          "to the last passing step."]
+    return "\n".join(lines) + "\n"
+
+
+def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:
+    """Create the run directory; a non-empty one needs ``overwrite`` (or ``resume``)."""
+    if path.exists() and any(path.iterdir()) and not resume:
+        if not overwrite:
+            raise CheckpointError(f"{path}: directory is not empty; pass --overwrite to replace it or --resume")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
