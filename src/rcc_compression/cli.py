@@ -132,6 +132,34 @@ def compress(
     typer.echo(f"run directory: {run_dir}")
 
 
+@app.command()
+def train(
+    source: Annotated[Path, typer.Option("--from", "-f", help="Compressed run directory (or checkpoint) to recover.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory.")] = None,  # noqa: UP007
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoints/last.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Recovery fine-tuning: distil a compressed model from its dense model; save a new compressed checkpoint.
+
+    Without --config the compressed run's own config is used. Runs data-parallel under torchrun.
+    """
+    from .config import load_config
+    from .training.recovery import resolve_source, train_job
+
+    sets = list(set_ or []) + ([f"experiment.seed={seed}"] if seed is not None else [])
+    cfg = load_config(config, sets) if config is not None else load_config(None, sets, data=resolve_source(source)[1])
+    run_dir, results = train_job(cfg, source, output, resume, overwrite, _verbosity(verbose, quiet), not quiet)
+    for key in ("val_loss", "val_agreement"):
+        if key in results["before"]:
+            typer.echo(f"{key}: {results['before'][key]:.5f} -> {results['after'][key]:.5f}")
+    typer.echo(f"run directory: {run_dir}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI in-process; returns the exit status (2 on bad input)."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -86,6 +86,18 @@ class TrainingSection(StrictModel):
     grad_accumulation: int = Field(1, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     temperature: float = Field(2.0, gt=0)
+    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / peak lr of the cosine and linear schedules")
+    kd_weight: float = Field(1.0, ge=0, description="logit KD (CLIP: both directions of the similarity matrix)")
+    feature_weight: float = Field(1.0, ge=0, description="feature matching (embeddings, last hidden states)")
+    attention_weight: float = Field(0.0, ge=0, description="attention transfer (needs eager attention)")
+    task_weight: float = Field(0.0, ge=0, description="the model's own loss (CLIP contrastive, BLIP captioning)")
+    trainable: Literal["compressed", "all"] = "compressed"
+    dropout: bool = Field(False, description="train with dropout (whole model in training mode)")
+    gradient_checkpointing: bool = False
+    teacher_cache: str | None = Field(None, description="directory for cached teacher outputs")
+    checkpoint_every_steps: int = Field(0, ge=0, description="0: checkpoint at epoch ends only")
+    early_stopping_patience: int | None = Field(None, ge=1)
 
 
 class EvaluationSection(StrictModel):

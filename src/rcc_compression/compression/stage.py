@@ -256,51 +256,17 @@ class Stage(ABC):
 def kd_finetune(
     model: nn.Module, ctx: CompressionContext, params: Sequence[nn.Parameter], epochs: int, lr: float, salt: int = 0
 ) -> dict[str, float]:
-    """Minimal distillation: fit ``params`` so the model's outputs match the dense teacher's.
+    """Distillation: fit ``params`` so the model's outputs match the dense teacher's (:mod:`..training`).
 
-    Loss: mean relative squared error over the shared floating outputs. Only ``params`` move;
-    compressed layers run in training mode so pruned entries keep zero gradient. Batch order is
-    drawn from ``ctx.generator`` so a resumed run repeats it exactly.
+    Loss: CLIP, contrastive KD on the image-text logits plus feature matching of the embeddings
+    and last hidden states; BLIP, KD on the caption decoder's logits plus image features; any
+    other module, the relative error of its outputs. Only ``params`` move; compressed layers run
+    in training mode so pruned entries keep zero gradient. Batch order is drawn from
+    ``ctx.generator`` so a resumed run repeats it exactly.
     """
-    from .calibration import relative_output_error, to_device
-
     if epochs <= 0 or not params or not ctx.batches:
         return {}
-    teacher = ctx.teacher_outputs()
-    trainable = {id(p) for p in params}
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
-    comp = [m for m in model.modules() if isinstance(m, CompressedLinear)]
-    was_training = model.training
-    model.eval()
-    for m in comp:
-        m.train(True)
-    opt = torch.optim.Adam(list(params), lr=lr)
-    gen = ctx.generator(salt)
-    first = last = float("nan")
-    try:
-        for _epoch in range(epochs):
-            total = 0.0
-            for i in torch.randperm(len(ctx.batches), generator=gen).tolist():
-                from .calibration import flatten_outputs
+    from ..training.recovery import finetune_on_batches
 
-                out = flatten_outputs(model(**to_device(ctx.batches[i], ctx.device)))
-                loss = relative_output_error(out, teacher[i])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
-            mean = total / len(ctx.batches)
-            first = mean if first != first else first
-            last = mean
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
-        for m in comp:
-            m.train(was_training)
-            if m.weight is not None and m.mask is not None:
-                with torch.no_grad():
-                    m.weight.mul_(m.mask)
-    return {"kd_loss_first_epoch": first, "kd_loss_last_epoch": last}
+    return finetune_on_batches(model, params, ctx.batches, ctx.teacher_outputs(), epochs, lr, ctx.generator(salt),
+                               ctx.device)
