@@ -138,24 +138,31 @@ def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int)
     return U[:, :r] * root[None, :], root[:, None] * Vh[:r]
 
 
-def whitening(gram: torch.Tensor, damping: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, L^-1)`` with ``L L^T = X^T X + lambda I``; Cholesky, or a symmetric root when it fails.
+def whitening(gram: torch.Tensor, damping: float = 1e-2, method: str = "cholesky"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, L^-1)`` with ``L L^T = X^T X + lambda I``, ``lambda = damping * mean(diag(X^T X))``.
 
-    ``lambda = damping * mean(diag(X^T X))`` keeps directions the inputs never occupy invertible.
+    ``cholesky`` (SVD-LLM) falls back to the symmetric root when the factorisation fails.
+    Any such ``L`` gives the same optimal output error; the ``symmetric`` root also keeps the
+    factors' row space inside the span the inputs occupy, so directions they never visit are
+    visibly dropped.
     """
     g = gram.double()
     n = g.shape[0]
     lam = damping * float(g.diagonal().mean().clamp_min(1e-12))
     h = g + lam * torch.eye(n, dtype=g.dtype, device=g.device)
-    L, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0:
-        eye = torch.eye(n, dtype=g.dtype, device=g.device)
-        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-        return L.to(gram.dtype), Linv.to(gram.dtype)
+    if method == "cholesky":
+        L, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            eye = torch.eye(n, dtype=g.dtype, device=g.device)
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+            return L.to(gram.dtype), Linv.to(gram.dtype)
+    elif method != "symmetric":
+        raise ValueError(f"unknown whitening {method!r}; allowed: cholesky, symmetric")
     evals, evecs = torch.linalg.eigh(h)
-    evals = evals.clamp_min(lam if lam > 0 else 1e-12)
-    L = evecs * evals.sqrt()[None, :]
-    Linv = (evecs / evals.sqrt()[None, :]).t()
+    evals = evals.clamp_min(max(lam, 1e-300))
+    L = (evecs * evals.sqrt()[None, :]) @ evecs.t()
+    Linv = (evecs / evals.sqrt()[None, :]) @ evecs.t()
     return L.to(gram.dtype), Linv.to(gram.dtype)
 
 
@@ -175,11 +182,24 @@ def warm_subspace_svd(M: torch.Tensor, A_prev: torch.Tensor, iterations: int = 1
     return Qm @ Us, S, Vh
 
 
-def input_energy_kept(A: torch.Tensor, gram: torch.Tensor) -> float:
-    """Share of calibration input energy ``tr(X^T X)`` inside the row space of ``A`` (what B A can see)."""
-    Q = torch.linalg.qr(A.t().to(gram.dtype)).Q
-    total = float(gram.diagonal().sum())
-    return float((Q * (gram @ Q)).sum()) / total if total > 0 else 1.0
+def dropped_input_energy(Vh_r: torch.Tensor, gram: torch.Tensor, right: torch.Tensor | None = None,
+                         right_inv: torch.Tensor | None = None) -> float:
+    """Share of calibration input energy ``tr(X^T X)`` in the subspace the factorisation drops.
+
+    Truncating the SVD of ``W R`` to ``Vh_r`` gives ``B A = W P`` with the input-side projector
+    ``P = R Vh_r^T Vh_r R^-1`` (``R`` = I for plain SVD, the whitening root for activation-aware
+    SVD, ``diag(s)`` for ASVD; P does not depend on which root). The dropped inputs are
+    ``(I - P) x``; directions the calibration inputs never occupy cost nothing.
+    """
+    g = gram.double()
+    V = Vh_r.double()
+    n = g.shape[0]
+    P = V.t() @ V
+    if right is not None:
+        P = right.double() @ P @ right_inv.double()
+    E = torch.eye(n, dtype=g.dtype, device=g.device) - P
+    total = float(g.diagonal().sum())
+    return float(((E @ g) * E).sum()) / total if total > 0 else 0.0
 
 
 def input_null_dim(gram: torch.Tensor, rel_tol: float = 1e-6) -> int:
@@ -237,6 +257,8 @@ class NulluStage(Stage):
         for name, layer in layers.items():
             residual = ctx.target_weight(name, layer) - (layer.sparse_part().float() if layer.mask is not None else 0)
             right = right_inv = None
+            if method in ("activation_aware", "asvd") and residual.device.type == "cpu":
+                residual = residual.double()  # whitening amplifies rounding in rarely visited directions
             if method == "activation_aware":
                 right, right_inv = whitening(stats[name].gram.to(residual), cfg.damping)
             elif method == "asvd":
@@ -298,7 +320,11 @@ class NulluStage(Stage):
                 info.update(rank=r, energy_kept=kept / total if total > 0 else 1.0, warm=bool(w.get("warm")))
                 if stats is not None and stats[name].gram is not None:
                     g = stats[name].gram
-                    info["dropped_input_energy"] = 1.0 - input_energy_kept(A.to(g), g)
+                    target = w["M"] @ w["right_inv"] if w["right_inv"] is not None else w["M"]
+                    resid = (target - B @ A).to(g)
+                    info["output_error"] = float(((resid @ g) * resid).sum()) / max(
+                        float(((target.to(g) @ g) * target.to(g)).sum()), 1e-300)
+                    info["dropped_input_energy"] = dropped_input_energy(Vh[:r], g, w["right"], w["right_inv"])
                     info["input_null_dim"] = input_null_dim(g)
             per_layer[name] = info
             ctx.tick(f"nullu {name}", i + 1, len(work))

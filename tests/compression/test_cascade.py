@@ -1,0 +1,150 @@
+"""The cascade: gate and rollback, checkpoints and resume, ordering, the rate planner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rcc_compression import compress_model
+from rcc_compression.compression.cascade import CascadePipeline
+from rcc_compression.compression.layers import compressed_layers, layer_snapshot
+from rcc_compression.compression.planner import LayerShape, plan_rate
+from rcc_compression.config import load_config
+from rcc_compression.errors import CheckpointError, CompressionError
+
+FAST = {"dare": {"fine_tune_epochs": 0, "iterations": 3, "pruning_rate": 0.7},
+        "nullu": {"rank_reduction": None, "energy_threshold": None, "param_budget": 0.2},
+        "alphaedit": {"num_epochs": 1}}
+
+
+def _section(**cascade):
+    return load_config(None, data={"compression": {**FAST, "cascade": cascade}}).compression
+
+
+def _state(model):
+    return {n: {k: (None if v is None else v.clone()) for k, v in layer_snapshot(m).items()}
+            for n, m in compressed_layers(model).items()}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for n in a:
+        for k in a[n]:
+            x, y = a[n][k], b[n][k]
+            assert (x is None) == (y is None), (n, k)
+            if x is not None:
+                assert torch.equal(x, y), (n, k)
+
+
+def test_failed_gate_rolls_back_and_stops(tiny_clip):
+    states = []
+    pipe = CascadePipeline(_section(validation_threshold=0.9, stages=["dare"]),
+                           step_callback=lambda r: states.append(_state(tiny_clip.model)))
+    pipe.run(tiny_clip)
+    failed = [r for r in pipe.records if not r["passed"]]
+    assert pipe.stopped_early and len(failed) == 1 and pipe.records[-1] is failed[0]
+    assert failed[0]["rolled_back"] and failed[0]["retention"] < 0.9
+    if len(pipe.records) > 1:
+        _same(_state(tiny_clip.model), states[-2])  # back to the last passing step
+    assert pipe.validate_stage("dare")  # the restored model passes again
+
+
+def test_rollback_to_stage_and_metric_fn(tiny_clip):
+    calls = []
+
+    def metric(model):
+        calls.append(1)
+        return float(torch.nn.functional.cosine_similarity(  # noqa: E501
+            model(**batch).image_embeds, dense_out, dim=-1).mean())
+
+    batch = tiny_clip.synthetic_batch(4, torch.Generator().manual_seed(0))
+    dense_out = tiny_clip(**batch).image_embeds.detach()
+    pipe = CascadePipeline(_section(validation_threshold=0.0, stages=["dare", "nullu"], rounds=1), metric_fn=metric)
+    pipe.run(tiny_clip)
+    assert calls and pipe.records[0]["metric"] == pytest.approx(pipe.records[0]["retention"], rel=1e-5)
+    after_dare = pipe._snapshots["dare"]
+    pipe.rollback_to_stage("dare")
+    _same(_state(tiny_clip.model), after_dare)
+    with pytest.raises(CompressionError):
+        pipe.rollback_to_stage("alphaedit")
+
+
+def test_interrupted_run_resumes_to_same_result(tiny_clip, tmp_path):
+    from rcc_compression.models import get_model
+
+    section = _section(validation_threshold=0.0, rounds=2)
+    ref_model = get_model("tiny-clip")
+    CascadePipeline(section, run_dir=tmp_path / "full", seed=3).run(ref_model)
+    reference = _state(ref_model.model)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_4(rec):
+        if rec["step"] == 3:
+            raise Stop
+
+    model = get_model("tiny-clip")
+    with pytest.raises(Stop):
+        CascadePipeline(section, run_dir=tmp_path / "run", seed=3, step_callback=stop_at_step_4).run(model)
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress["next_step"] == 3 and not progress["done"]
+    with pytest.raises(CheckpointError, match="earlier run"):
+        CascadePipeline(section, run_dir=tmp_path / "run", seed=3).run(get_model("tiny-clip"))
+    fresh = get_model("tiny-clip")
+    pipe = CascadePipeline(section, run_dir=tmp_path / "run", seed=3)
+    pipe.run(fresh, resume=True)
+    _same(_state(fresh.model), reference)
+    assert [r["step"] for r in pipe.records] == list(range(6))
+    assert json.loads((tmp_path / "run" / "progress.json").read_text())["done"]
+
+
+def test_nullu_first_keeps_largest_residual_entries(mlp, mlp_batches):
+    section = load_config(None, data={"compression": {
+        "dare": {"pruning_rate": 0.8, "iterations": 1, "fine_tune_epochs": 0, "targets": ["^fc"]},
+        "nullu": {"param_budget": 0.2, "rank_reduction": None, "energy_threshold": None, "targets": ["^fc"]},
+        "cascade": {"stages": ["nullu", "dare"], "validation_threshold": 0.0}}}).compression
+    w = mlp.fc1.weight.detach().clone()
+    CascadePipeline(section, calibration_data=mlp_batches).run(mlp)
+    layer = compressed_layers(mlp)["fc1"]
+    residual = w - layer.low_rank_part().detach()
+    kept = layer.mask
+    assert torch.equal(layer.weight.detach()[kept], residual[kept])
+    assert residual[kept].abs().min() >= residual[~kept].abs().max()
+    # sparse + low rank is closer to W than the low-rank part alone
+    assert (w - layer.inner_weight().detach()).norm() < residual.norm()
+
+
+def test_plan_rate_hits_target_on_vit_b32_shapes():
+    shapes = []
+    for _ in range(12):
+        shapes += [LayerShape(768, 768, 2, True)] * 4 + [LayerShape(3072, 768, 2, True), LayerShape(768, 3072, 2, True)]
+    for method in ("dare", "nullu", "cascade"):
+        for rate in (0.5, 0.75, 0.9):
+            plan = plan_rate(shapes, rate, method, lowrank_share=0.3, scales=True)
+            assert abs(plan["predicted_rate"] - rate) < 0.01, (method, rate, plan)
+    with pytest.raises(CompressionError, match="out of reach"):
+        plan_rate(shapes, 0.999, "nullu")
+    with pytest.raises(CompressionError, match="already exceed"):
+        plan_rate(shapes, 0.99, "dare", rest_bytes=10**9, scope="model")
+
+
+@pytest.mark.parametrize("method", ["dare", "cascade"])
+def test_compress_model_reaches_rate_within_one_percent(method):
+    model = compress_model("tiny-clip", compression_rate=0.6, method=method,
+                           config={"compression": {**FAST, "cascade": {"validation_threshold": 0.0}}})
+    stats = model.compression_stats
+    assert abs(stats["achieved_rate"] - 0.6) <= 0.01
+    from rcc_compression.evaluation.efficiency import storage_report
+
+    assert storage_report(model)["compression_rate_layers"] == pytest.approx(stats["achieved_rate"])
+
+
+def test_compress_model_says_why_when_gate_stops_it():
+    model = compress_model("tiny-clip", compression_rate=0.9, method="dare",
+                           config={"compression": {**FAST, "cascade": {"validation_threshold": 0.99}}})
+    assert "validation gate stopped" in model.compression_stats["rate_note"]
+    with pytest.raises(CompressionError, match="unknown method"):
+        compress_model("tiny-clip", method="prune")

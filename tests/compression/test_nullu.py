@@ -1,0 +1,204 @@
+"""Stage nullu: rank selection, SVD variants, null space of the inputs, HalluSpace projection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rcc_compression.compression.layers import CompressedLinear, compressed_layers
+from rcc_compression.compression.nullu import (
+    balanced_factors,
+    budget_rank,
+    factorisable,
+    hallu_project_layer,
+    dropped_input_energy,
+    rank_for,
+    svd,
+    warm_subspace_svd,
+    whitening,
+)
+
+
+def _with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64)).Q
+    return U @ torch.diag(s.double()) @ V.t()
+
+
+def test_full_rank_reconstructs_exactly():
+    w = torch.randn(20, 30, dtype=torch.float64)
+    B, A = balanced_factors(*svd(w), 20)
+    torch.testing.assert_close(B @ A, w, rtol=1e-10, atol=1e-10)
+    gram = (lambda x: x.t() @ x)(torch.randn(100, 30, dtype=torch.float64))
+    for method in ("cholesky", "symmetric"):
+        L, Linv = whitening(gram, 1e-3, method)
+        torch.testing.assert_close(L @ L.t(), gram + 1e-3 * gram.diagonal().mean() * torch.eye(30, dtype=gram.dtype))
+        B, A = balanced_factors(*svd(w @ L), 20)
+        torch.testing.assert_close(B @ (A @ Linv), w, rtol=1e-8, atol=1e-8)
+    # a singular second moment with no damping: Cholesky fails, the fallback still whitens
+    rank_def = torch.zeros(30, 30, dtype=torch.float64)
+    rank_def[:5, :5] = torch.eye(5, dtype=torch.float64)
+    L, Linv = whitening(rank_def, 0.0)
+    assert torch.isfinite(Linv).all() and torch.allclose(L @ L.t(), rank_def, atol=1e-6)
+
+
+def test_energy_threshold_picks_known_rank():
+    s = torch.tensor([10.0, 8.0, 6.0] + [1e-3] * 17)
+    w = _with_spectrum(40, 30, s)
+    sv = torch.linalg.svdvals(w)
+    assert rank_for(sv.pow(2), 40, 30, energy_threshold=0.999) == 3
+    assert rank_for(sv.pow(2), 40, 30, energy_threshold=0.49) == 1  # 100 of 200 at r=1
+    assert rank_for(sv.pow(2), 40, 30, energy_threshold=0.8) == 2  # 164 of 200 at r=2
+    assert rank_for(sv.pow(2), 40, 30, rank_reduction=0.5) == 15
+    assert rank_for(sv.pow(2), 40, 30, rank_reduction=0.5, energy_threshold=0.999, rule="min") == 3
+    assert rank_for(sv.pow(2), 40, 30, rank_reduction=0.5, energy_threshold=0.999, rule="max") == 15
+    assert budget_rank(40, 30, 0.25) == 4 and factorisable(4, 40, 30) and not factorisable(18, 40, 30)
+
+
+def test_activation_aware_beats_plain_svd_on_anisotropic_inputs():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 48, generator=g, dtype=torch.float64)
+    scale = torch.logspace(0, -3, 48, dtype=torch.float64)
+    x = torch.randn(2000, 48, generator=g, dtype=torch.float64) * scale
+    gram = x.t() @ x
+    r = 8
+    B, A = balanced_factors(*svd(w), r)
+    err_plain = ((w - B @ A) @ x.t()).norm()
+    L, Linv = whitening(gram, 1e-6)
+    U, S, Vh = svd(w @ L)
+    B2, A2 = balanced_factors(U, S, Vh, r)
+    err_aa = ((w - B2 @ A2 @ Linv) @ x.t()).norm()
+    assert err_aa < 0.5 * err_plain
+    # each dropped singular value of W L is the output error it causes
+    torch.testing.assert_close(err_aa.pow(2), S[r:].pow(2).sum(), rtol=1e-3, atol=0)
+
+
+def test_input_null_space_is_dropped_at_no_cost(mlp):
+    """Inputs that occupy only k directions: activation-aware rank k reproduces the outputs exactly."""
+    from rcc_compression.compression.cascade import CascadePipeline
+    from rcc_compression.config import load_config
+
+    g = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(24, 6, generator=g)).Q
+    batches = [{"x": torch.randn(64, 6, generator=g) @ basis.t()} for _ in range(5)]
+    x = batches[0]["x"]
+    w = mlp.fc1.weight.detach().clone()
+    cfg = load_config(None, data={"compression": {
+        "nullu": {"param_budget": 6 * (48 + 24) / (48 * 24) + 1e-6, "rank_reduction": None, "energy_threshold": None,
+                  "decomposition_method": "activation_aware", "damping": 1e-8, "targets": ["^fc1$"]},
+        "cascade": {"stages": ["nullu"], "validation_threshold": 0.0}}}).compression
+    pipe = CascadePipeline(cfg, calibration_data=batches, holdout_data=batches[:1])
+    pipe.run(mlp)
+    layer = compressed_layers(mlp)["fc1"]
+    assert layer.rank == 6 and layer.weight is None
+    torch.testing.assert_close(layer(x), x @ w.t() + layer.bias, rtol=1e-4, atol=1e-4)
+    info = pipe.stage_results["nullu"]["layers"]["fc1"]
+    assert info["dropped_input_energy"] < 1e-6 and info["output_error"] < 1e-8
+    assert info["input_null_dim"] == 18
+
+
+def test_randomized_and_warm_start_close_to_exact():
+    s = torch.logspace(1, -2, 40)
+    w = _with_spectrum(60, 40, s).float()
+    U, S, Vh = svd(w)
+    r = 10
+    exact = (w - (U[:, :r] * S[:r]) @ Vh[:r]).norm()
+    Ur, Sr, Vr = torch.svd_lowrank(w, q=r + 8, niter=2)
+    rand = (w - (Ur[:, :r] * Sr[:r]) @ Vr[:, :r].t()).norm()
+    assert rand <= 1.05 * exact
+    # warm start from the exact subspace of a slightly different matrix
+    w2 = w + 1e-3 * torch.randn_like(w)
+    Uw, Sw, Vhw = warm_subspace_svd(w2, Vh[:r] * S[:r, None], iterations=1)
+    U2, S2, Vh2 = svd(w2)
+    torch.testing.assert_close(Sw[:r], S2[:r], rtol=1e-3, atol=1e-4)
+
+
+def test_dropped_input_energy_plain_and_whitened():
+    gram = torch.diag(torch.tensor([4.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    assert dropped_input_energy(torch.eye(4)[:1], gram) == pytest.approx(0.2)
+    assert dropped_input_energy(torch.eye(4)[:2], gram) == pytest.approx(0.0)
+    # the oblique projector does not depend on the whitening root chosen
+    g = torch.randn(50, 6, dtype=torch.float64)
+    gram = g.t() @ g
+    w = torch.randn(5, 6, dtype=torch.float64)
+    vals = []
+    for method in ("cholesky", "symmetric"):
+        L, Linv = whitening(gram, 1e-3, method)
+        vals.append(dropped_input_energy(svd(w @ L)[2][:3], gram, L, Linv))
+    assert vals[0] == pytest.approx(vals[1], rel=1e-8)
+
+
+def test_not_factorised_where_it_does_not_save(mlp, mlp_batches):
+    from rcc_compression.compression.cascade import CascadePipeline
+    from rcc_compression.config import load_config
+
+    x = mlp_batches[0]["x"]
+    expected = mlp(x)
+    cfg = load_config(None, data={"compression": {
+        "nullu": {"rank_reduction": 0.1, "energy_threshold": None, "targets": ["^fc"]},
+        "cascade": {"stages": ["nullu"], "validation_threshold": 0.0}}}).compression
+    pipe = CascadePipeline(cfg, calibration_data=mlp_batches)
+    pipe.run(mlp)
+    assert all(v["rank"] == 0 and "skipped" in v for v in pipe.stage_results["nullu"]["layers"].values())
+    assert torch.equal(mlp(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "compressed"])
+def test_hallu_projection_removes_output_component(kind):
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(20, 12)
+    V = torch.linalg.qr(torch.randn(12, 2, generator=g)).Q
+    layer: nn.Module = lin
+    if kind == "compressed":
+        layer = CompressedLinear.from_linear(lin)
+        layer.set_sparse(lin.weight.detach(), torch.rand(12, 20, generator=g) > 0.5)
+        layer.set_low_rank(torch.randn(12, 3, generator=g), torch.randn(3, 20, generator=g))
+        layer.set_scales(torch.rand(20, generator=g) + 0.5, torch.rand(12, generator=g) + 0.5)
+        mask_before = layer.mask.clone()
+    x = torch.randn(9, 20, generator=g)
+    before = layer(x).detach()
+    info = hallu_project_layer(layer, V)
+    after = layer(x).detach()
+    assert (after @ V).abs().max() < 1e-4
+    torch.testing.assert_close(after, before - (before @ V) @ V.t(), rtol=1e-4, atol=1e-4)
+    assert info["removed_weight_share"] > 0
+    if kind == "compressed":
+        assert torch.equal(layer.mask, mask_before) and layer.rank == 5
+
+
+def test_hallu_space_mode_on_tiny_clip(tiny_clip, tmp_path):
+    from rcc_compression.compression.cascade import CascadePipeline
+    from rcc_compression.config import load_config
+
+    pairs = [{"truthful": f"a {c} circle", "hallucinated": f"a {c} circle and a star"}
+             for c in ("red", "green", "blue", "yellow", "purple", "orange")]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(json.dumps(p) for p in pairs))
+    cfg = load_config(None, data={"compression": {
+        "nullu": {"mode": "hallu_space", "pairs_file": str(f), "top_k": 2, "layers": [1]},
+        "cascade": {"stages": ["nullu"], "validation_threshold": 0.0}}}).compression
+    pipe = CascadePipeline(cfg)
+    pipe.run(tiny_clip)
+    stats = pipe.stage_results["nullu"]
+    assert list(stats["layers"]) == ["text_model.encoder.layers.1.mlp.fc2"]
+    # the edited layer's weight has no component left along the recomputed HalluSpace
+    from rcc_compression.compression.nullu import _text_adapter
+
+    class Ctx:
+        tokenizer = tiny_clip.tokenizer
+
+    adapter = _text_adapter(tiny_clip.model)
+    # HalluSpace directions of layer 1 are computed from hidden states before the edit; recompute from the dense copy
+    dense = pipe.dense_model
+    adapter_dense = _text_adapter(dense)
+    t = adapter_dense.hidden_states(Ctx, [p["truthful"] for p in pairs], pairs)[1]
+    b = adapter_dense.hidden_states(Ctx, [p["hallucinated"] for p in pairs], pairs)[1]
+    V = torch.linalg.svd(((t - b) / 2), full_matrices=False).Vh[:2].t()
+    w = tiny_clip.model.get_submodule("text_model.encoder.layers.1.mlp.fc2")
+    W = w.effective_weight() if isinstance(w, CompressedLinear) else w.weight
+    assert (V.t().float() @ W.detach()).abs().max() < 1e-5
+    assert adapter.num_layers == 2
