@@ -1,0 +1,70 @@
+"""The CLI called in-process through ``main(argv)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rcc_compression.cli import app, main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXP = str(ROOT / "config" / "experiments" / "clip_dare_cascade.yaml")
+TINY = ["--model", "tiny-clip", "--set", "calibration.source=synthetic", "--set", "calibration.num_batches=3",
+        "--set", "calibration.batch_size=4", "--set", "compression.dare.iterations=2",
+        "--set", "compression.dare.fine_tune_epochs=1", "--set", "compression.alphaedit.num_epochs=1",
+        "--set", "compression.cascade.validation_threshold=0.0", "--set", "evaluation.benchmarks=[]", "-q"]
+
+
+def test_help_lists_only_registered_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    for name in names:
+        assert name in out
+    assert "compress" in names
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("compression.dare.pruning_rate=abc", r"compression.dare.pruning_rate: expected a number (float), got 'abc'"),
+    ("compression.dare.pruning_ratez=0.3", "unknown key 'pruning_ratez'; allowed keys: targets, ignore, pruning_rate"),
+])
+def test_compress_bad_config_exits_2_with_one_line(capsys, setting, expected):
+    assert main(["compress", "--config", EXP, "--set", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err
+
+
+def test_inherit_cycle_exits_2(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("inherit: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
+    assert main(["compress", "--config", str(tmp_path / "a.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cycle a.yaml -> b.yaml -> a.yaml" in err
+
+
+def test_compress_end_to_end_and_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["compress", *TINY, "--output", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "dense vs compressed" in out and "compression rate (layers)" in out
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "ok" and record["seed"] == 0 and record["packages"]["torch"]
+    assert record["config"]["model"]["name"] == "tiny-clip" and "commit" in record["git"]
+    assert (run / "config.yaml").is_file() and (run / "run.log").is_file() and (run / "rate_curve.png").is_file()
+    manifest = json.loads((run / "compressed" / "manifest.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    assert manifest["stored_bytes"]["layers"] == results["stored_bytes_reported"]["layers"]
+    # a finished run resumes to itself; a second plain run refuses the non-empty directory
+    assert main(["compress", "--resume", str(run), "-q"]) == 0
+    assert main(["compress", *TINY, "--output", str(run)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "rcc_compression", "info"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "rcc-compression" in proc.stdout
