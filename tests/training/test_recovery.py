@@ -1,0 +1,129 @@
+"""Recovery: distillation closes the gap to the teacher; the engine's fine-tuning; ``rcc train``."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rcc_compression.cli import main
+from rcc_compression.compression.calibration import flatten_outputs, output_agreement, run_outputs
+from rcc_compression.compression.cascade import CascadePipeline
+from rcc_compression.compression.layers import compressed_layers
+from rcc_compression.compression.storage import load_compressed, save_compressed
+from rcc_compression.config import TrainingSection, dump_config, load_config
+from rcc_compression.training.losses import DistillationLoss, clip_contrastive_kd, model_family
+from rcc_compression.training.recovery import trainable_parameters
+from rcc_compression.training.teacher import Teacher
+from rcc_compression.training.trainer import CompressionTrainer, DistillationObjective
+
+
+def _compress(wrapper, batches, holdout, rate: float = 0.7, fine_tune_epochs: int = 0):
+    cfg = {"cascade": {"stages": ["dare"], "validation_threshold": 0.0},
+           "dare": {"pruning_rate": rate, "iterations": 1, "fine_tune_epochs": fine_tune_epochs,
+                    "fine_tune_lr": 1e-3}}
+    pipe = CascadePipeline(cfg, calibration_data=batches, holdout_data=holdout)
+    pipe.run(wrapper)
+    return pipe
+
+
+def _gap(student, teacher, holdout) -> tuple[float, float]:
+    """(similarity KL at T=1 in both directions, 1 - output agreement) on held-out batches."""
+    s_out, t_out = run_outputs(student, holdout), run_outputs(teacher, holdout)
+    kl = sum(float(clip_contrastive_kd(s["logits_per_image"], t["logits_per_image"], 1.0))
+             for s, t in zip(s_out, t_out, strict=True)) / len(holdout)
+    return kl, 1.0 - output_agreement(s_out, t_out)
+
+
+def test_a_short_kd_run_closes_the_gap(tiny_clip, make_batches) -> None:
+    teacher = copy.deepcopy(tiny_clip.model)
+    data = make_batches(tiny_clip, 8, 16, 1)
+    holdout = make_batches(tiny_clip, 2, 16, 2)
+    _compress(tiny_clip, data, holdout)
+    student = tiny_clip.model
+    kl0, dis0 = _gap(student, teacher, holdout)
+    objective = DistillationObjective(DistillationLoss(model_family(student), temperature=2.0), Teacher(teacher))
+    cfg = TrainingSection(learning_rate=1e-3, scheduler="cosine", warmup_steps=4)
+    params = trainable_parameters(student, "compressed")
+    with CompressionTrainer(student, objective, cfg, train_data=data, params=params, num_epochs=8) as trainer:
+        trainer.fit()
+    kl1, dis1 = _gap(student, teacher, holdout)
+    print(f"\nheld-out gap, 70% pruned tiny-clip, 64 steps: similarity KL {kl0:.4f} -> {kl1:.4f} "
+          f"({1 - kl1 / kl0:.0%} closed); 1 - agreement {dis0:.4f} -> {dis1:.4f} ({1 - dis1 / dis0:.0%} closed)")
+    assert kl1 < 0.5 * kl0
+    assert dis1 < 0.75 * dis0
+    for m in compressed_layers(student).values():
+        assert (m.weight[~m.mask] == 0).all()
+
+
+def test_engine_fine_tuning_is_deterministic_and_learns(make_batches) -> None:
+    from rcc_compression.models import get_model
+
+    results = []
+    for _ in range(2):
+        wrapper = get_model("tiny-blip")
+        data = make_batches(wrapper, 3, 4, 0)
+        pipe = _compress(wrapper, data, data[:1], rate=0.5, fine_tune_epochs=3)
+        stats = pipe.get_stage_results()["stages"]["dare"]
+        results.append((stats, [p.detach().clone() for p in wrapper.model.parameters()]))
+    (s1, w1), (s2, w2) = results
+    assert s1["kd_loss_last_epoch"] < s1["kd_loss_first_epoch"]
+    assert s1["kd_loss_first_epoch"] == s2["kd_loss_first_epoch"]
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2, strict=True))
+
+
+def test_blip_recovery_objective_uses_logit_kd(tiny_blip, make_batches) -> None:
+    batch = make_batches(tiny_blip, 1, 2, 0)[0]
+    teacher = Teacher(copy.deepcopy(tiny_blip.model))
+    loss = DistillationLoss(model_family(tiny_blip.model))
+    total, terms = DistillationObjective(loss, teacher)(tiny_blip.model, batch)
+    assert set(terms) == {"kd", "feature"} and terms["kd"] == pytest.approx(0.0, abs=1e-6)
+    out = flatten_outputs(tiny_blip.model(**batch))
+    assert "logits" in out and total.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _compressed_run(tmp_path: Path, wrapper, make_batches) -> Path:
+    run = tmp_path / "run"
+    data = make_batches(wrapper, 3, 8, 0)
+    _compress(wrapper, data, data[:1], rate=0.6)
+    cfg = load_config(None, ["model.name=tiny-clip", "experiment.seed=0"])
+    save_compressed(wrapper, run / "compressed", config=dump_config(cfg), records=[{"stage": "dare"}])
+    (run / "config.yaml").write_text(yaml.safe_dump(dump_config(cfg)))
+    return run
+
+
+def test_rcc_train_recovers_a_compressed_run_and_resumes(tmp_path: Path, tiny_clip, make_batches) -> None:
+    run = _compressed_run(tmp_path, tiny_clip, make_batches)
+    out = tmp_path / "recovered"
+    sets = ["--set", "training.batch_size=8", "--set", "training.learning_rate=0.002", "--set",
+            "calibration.num_batches=4", "--set", "calibration.batch_size=8", "--set", "calibration.holdout_batches=1"]
+    assert main(["train", "--from", str(run), "--output", str(out), "-q", *sets,
+                 "--set", "training.num_epochs=2"]) == 0
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["teacher"] == "tiny-clip" and results["steps"] == 8 and results["epochs"] == 2
+    assert results["after"]["val_loss"] < results["before"]["val_loss"]
+    assert results["after"]["val_agreement"] > results["before"]["val_agreement"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "ok" and record["config"]["training"]["num_epochs"] == 2 and "git" in record
+    recovered = load_compressed(out / "compressed")
+    manifest = json.loads((out / "compressed" / "manifest.json").read_text())
+    assert [s["stage"] for s in manifest["stages"]] == ["dare", "train"]
+    for m in compressed_layers(recovered.model).values():
+        assert (m.weight[~m.mask] == 0).all()
+
+    # one more epoch from the checkpoint: the first two are not repeated
+    assert main(["train", "--from", str(run), "--output", str(out), "-q", "--resume", *sets,
+                 "--set", "training.num_epochs=3"]) == 0
+    resumed = json.loads((out / "train_results.json").read_text())
+    assert resumed["steps"] == 12 and [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"][:2] == results["history"]
+
+
+def test_rcc_train_bad_source_is_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--from", str(tmp_path / "nothing"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "compressed" in err and "\n" not in err

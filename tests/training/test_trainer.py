@@ -1,0 +1,191 @@
+"""The trainer: accumulation, masks, exact resume, checkpoint files, callbacks, the teacher cache."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcc_compression.compression.layers import CompressedLinear
+from rcc_compression.config import TrainingSection
+from rcc_compression.errors import CheckpointError
+from rcc_compression.models import get_model
+from rcc_compression.training.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from rcc_compression.training.distributed import BatchesDataset, DistInfo, make_loader
+from rcc_compression.training.losses import DistillationLoss, LossWeights
+from rcc_compression.training.teacher import Teacher
+from rcc_compression.training.trainer import CompressionTrainer, DistillationObjective
+
+FEATURES = LossWeights(kd=0.0, feature=1.0)  # per-sample terms only: split batches train like whole ones
+
+
+def _split(batch: dict, parts: int) -> list[dict]:
+    return [{k: v.chunk(parts)[i] for k, v in batch.items()} for i in range(parts)]
+
+
+def test_accumulation_equals_the_large_batch(tiny_clip, make_batches, prune) -> None:
+    big = make_batches(tiny_clip, 2, 8, 0)
+    teacher = copy.deepcopy(tiny_clip.model)  # the Teacher freezes it; students are pruned from the original
+    finals = []
+    for data, accum in ((big, 1), ([m for b in big for m in _split(b, 4)], 4)):
+        student = prune(tiny_clip.model)
+        objective = DistillationObjective(DistillationLoss("clip", FEATURES), Teacher(teacher))
+        cfg = TrainingSection(grad_accumulation=accum, grad_clip=0.05, learning_rate=0.5, optimizer="sgd",
+                              scheduler="constant")  # SGD: updates linear in the gradient, so tolerances stay tight
+        in_order = list(range(len(data)))
+        trainer = CompressionTrainer(student, objective, cfg, train_data=data, order=lambda e, o=in_order: o,
+                                     num_epochs=2)
+        state = trainer.fit()
+        finals.append(([p.detach().clone() for p in student.parameters()], [s["loss"] for s in state.steps],
+                       [s["grad_norm"] for s in state.steps]))
+    (w1, l1, g1), (w2, l2, g2) = finals
+    assert len(l1) == len(l2) == 4
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    assert g1 == pytest.approx(g2, rel=1e-4) and min(g1) > 0.05  # clipping was active, on the whole batch
+    for a, b in zip(w1, w2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_masks_hold_and_only_given_params_move(tiny_clip, make_batches, prune) -> None:
+    teacher = tiny_clip.model
+    student = prune(teacher)
+    layers = {n: m for n, m in student.named_modules() if isinstance(m, CompressedLinear)}
+    params = [m.weight for m in layers.values()]
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    objective = DistillationObjective(DistillationLoss("clip"), Teacher(teacher))
+    cfg = TrainingSection(learning_rate=1e-2, weight_decay=0.1, optimizer="sgd")
+    with CompressionTrainer(student, objective, cfg, train_data=make_batches(tiny_clip, 3, 4, 1), params=params,
+                            num_epochs=2) as trainer:
+        trainer.fit()
+    for name, p in student.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (name.endswith(".weight") and name[: -len(".weight")] in layers), name
+        assert p.requires_grad == flags[name]
+    for m in layers.values():
+        assert (m.weight[~m.mask] == 0).all() and m.mask.float().mean() == pytest.approx(0.4, abs=0.01)
+    assert not student.training
+
+
+class _Kill(Exception):
+    pass
+
+
+class _KillAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, logs) -> None:
+        if trainer.state.step == self.step:
+            raise _Kill
+
+
+def _resume_setup(ckpt_dir: Path | None, callbacks=()):
+    """A run with everything that has state: dropout, DataLoader, accumulation, warm-up, clipping, projection."""
+    teacher = get_model("tiny-clip").model
+    student = get_model("tiny-clip", seed=3).model
+    for m in student.modules():
+        if type(m).__name__ == "CLIPAttention":
+            m.dropout = 0.2
+    data = [get_model("tiny-clip").synthetic_batch(12, torch.Generator().manual_seed(i)) for i in range(2)]
+    loader = make_loader(BatchesDataset(data), 4, DistInfo(), seed=7)
+    loss = DistillationLoss("clip", LossWeights(kd=1.0, feature=0.5), 2.0, projections={"image_embeds": (16, 16)})
+    objective = DistillationObjective(loss, Teacher(teacher))
+    cfg = TrainingSection(dropout=True, grad_accumulation=2, warmup_steps=2, learning_rate=3e-3, weight_decay=0.01)
+    cbs = [LearningRateMonitor(), *callbacks]
+    if ckpt_dir is not None:
+        cbs.append(ModelCheckpoint(ckpt_dir, every_steps=2))
+    return CompressionTrainer(student, objective, cfg, train_data=loader, val_data=data[:1], num_epochs=3,
+                              callbacks=cbs, seed=7)
+
+
+def _snapshot(trainer: CompressionTrainer) -> dict:
+    return {"params": [p.detach().clone() for p in trainer.model.parameters()],
+            "proj": trainer.objective.loss.proj["image_embeds"].weight.detach().clone(),
+            "steps": trainer.state.steps, "history": trainer.state.history,
+            "lrs": trainer.callbacks.callbacks[0].history}
+
+
+def test_kill_and_resume_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    full = _resume_setup(None)
+    full.fit()
+    want = _snapshot(full)
+    assert len(want["steps"]) == 9  # 3 epochs x 6 micro-batches / accumulation 2
+
+    killed = _resume_setup(tmp_path, [_KillAt(5)])
+    with pytest.raises(_Kill):
+        killed.fit()
+    state = json.loads((tmp_path / "last" / "trainer_state.json").read_text())["state"]
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (4, 1, 2)  # mid-epoch checkpoint
+
+    resumed = _resume_setup(tmp_path / "again")
+    torch.manual_seed(999)  # a new process: another RNG state until the checkpoint restores it
+    resumed.load_checkpoint(tmp_path / "last")
+    resumed.fit()
+    got = _snapshot(resumed)
+    for a, b in zip(want["params"], got["params"], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(want["proj"], got["proj"])
+    assert got["steps"] == want["steps"] and got["history"] == want["history"] and got["lrs"] == want["lrs"]
+
+    # the RNG state matters (dropout is on): resuming without it gives another run
+    careless = _resume_setup(None)
+    careless.load_checkpoint(tmp_path / "last")
+    careless._pending_rng = None
+    torch.manual_seed(999)
+    careless.fit()
+    assert not all(torch.equal(a, b) for a, b in zip(want["params"], careless.model.parameters(), strict=True))
+
+
+def test_checkpoint_files_and_corruption(tmp_path: Path, tiny_clip, make_batches, prune) -> None:
+    teacher = tiny_clip.model
+    trainer = CompressionTrainer(prune(teacher), DistillationObjective(DistillationLoss("clip"), Teacher(teacher)),
+                                 TrainingSection(), train_data=make_batches(tiny_clip, 2, 4, 0), num_epochs=1)
+    trainer.fit()
+    trainer.save_checkpoint(tmp_path / "ck")
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["model.safetensors", "objective.safetensors", "optimizer.safetensors", "rng.safetensors",
+                     "trainer_state.json"]
+    assert not list(tmp_path.glob(".ck*"))  # no temporary left behind
+    trainer.save_checkpoint(tmp_path / "ck")  # replacing an existing checkpoint works
+    blob = bytearray((tmp_path / "ck" / "optimizer.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (tmp_path / "ck" / "optimizer.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        trainer.load_checkpoint(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="trainer_state"):
+        trainer.load_checkpoint(tmp_path)
+
+
+def test_early_stopping_on_a_rising_metric(tiny_clip, make_batches) -> None:
+    values = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.3])
+    trainer = CompressionTrainer(
+        tiny_clip.model, DistillationObjective(DistillationLoss("clip"), Teacher(copy.deepcopy(tiny_clip.model))),
+        TrainingSection(), train_data=make_batches(tiny_clip, 1, 4, 0), num_epochs=6,
+        metric_fn=lambda m: {"val_loss": next(values)}, callbacks=[EarlyStopping("val_loss", patience=2)])
+    state = trainer.fit()
+    assert state.should_stop and state.epoch == 4  # best at epoch 2, no better at 3 and 4
+    assert [h["val_loss"] for h in state.history] == [1.0, 0.5, 0.6, 0.7]
+
+
+def test_teacher_cache_saves_forward_passes(tmp_path: Path, tiny_clip, make_batches) -> None:
+    data = make_batches(tiny_clip, 2, 6, 0)
+    teacher_model = copy.deepcopy(tiny_clip.model)
+    cache = Teacher(teacher_model, cache_dir=tmp_path)
+    loader = make_loader(BatchesDataset(data), 6, DistInfo(), shuffle=False)
+    trainer = CompressionTrainer(tiny_clip.model, DistillationObjective(DistillationLoss("clip"), cache),
+                                 TrainingSection(), train_data=loader, num_epochs=3)
+    trainer.fit()
+    assert (cache.forward_calls, cache.cache_hits) == (2, 4)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2
+    fresh = Teacher(teacher_model).compute(data[0])
+    cached = cache(data[0])
+    assert cached.keys() == fresh.keys() and all(torch.equal(cached[k], fresh[k]) for k in fresh)
+    with torch.no_grad():
+        next(teacher_model.parameters()).add_(1.0)
+    changed = Teacher(teacher_model, cache_dir=tmp_path)
+    changed(data[0])
+    assert (changed.forward_calls, changed.cache_hits) == (1, 0)  # a changed teacher never reads stale outputs
