@@ -189,17 +189,20 @@ def dropped_input_energy(Vh_r: torch.Tensor, gram: torch.Tensor, right: torch.Te
     Truncating the SVD of ``W R`` to ``Vh_r`` gives ``B A = W P`` with the input-side projector
     ``P = R Vh_r^T Vh_r R^-1`` (``R`` = I for plain SVD, the whitening root for activation-aware
     SVD, ``diag(s)`` for ASVD; P does not depend on which root). The dropped inputs are
-    ``(I - P) x``; directions the calibration inputs never occupy cost nothing.
+    ``(I - P) x``; directions the calibration inputs never occupy cost nothing. Computed as
+    ``tr(G) - 2 tr(P G) + tr(P G P^T)`` through the rank-r factors of P, in O(r n^2).
     """
     g = gram.double()
     V = Vh_r.double()
-    n = g.shape[0]
-    P = V.t() @ V
-    if right is not None:
-        P = right.double() @ P @ right_inv.double()
-    E = torch.eye(n, dtype=g.dtype, device=g.device) - P
+    X = V.t() if right is None else right.double() @ V.t()  # n x r
+    Y = V if right_inv is None else V @ right_inv.double()  # r x n, P = X Y
+    YG = Y @ g
     total = float(g.diagonal().sum())
-    return float(((E @ g) * E).sum()) / total if total > 0 else 0.0
+    if total <= 0:
+        return 0.0
+    kept_cross = float((YG * X.t()).sum())  # tr(P G)
+    kept_sq = float(((YG @ Y.t()) * (X.t() @ X)).sum())  # tr(P G P^T)
+    return max(0.0, (total - 2 * kept_cross + kept_sq) / total)
 
 
 def input_null_dim(gram: torch.Tensor, rel_tol: float = 1e-6) -> int:
@@ -318,14 +321,8 @@ class NulluStage(Stage):
                     layer.set_sparse(None)
                 kept = float(S[:r].pow(2).sum())
                 info.update(rank=r, energy_kept=kept / total if total > 0 else 1.0, warm=bool(w.get("warm")))
-                if stats is not None and stats[name].gram is not None:
-                    g = stats[name].gram
-                    target = w["M"] @ w["right_inv"] if w["right_inv"] is not None else w["M"]
-                    resid = (target - B @ A).to(g)
-                    info["output_error"] = float(((resid @ g) * resid).sum()) / max(
-                        float(((target.to(g) @ g) * target.to(g)).sum()), 1e-300)
-                    info["dropped_input_energy"] = dropped_input_energy(Vh[:r], g, w["right"], w["right_inv"])
-                    info["input_null_dim"] = input_null_dim(g)
+                if ctx.progress >= 1.0 and stats is not None and stats[name].gram is not None:
+                    info.update(self._subspace_report(name, w, B, A, Vh[:r], stats[name].gram, ctx))
             per_layer[name] = info
             ctx.tick(f"nullu {name}", i + 1, len(work))
         dense = sum(layers[n].in_features * layers[n].out_features for n in layers)
@@ -339,6 +336,25 @@ class NulluStage(Stage):
             "layers": per_layer,
         }
         return model
+
+    def _subspace_report(self, name: str, w: dict[str, Any], B: torch.Tensor, A: torch.Tensor, Vh_r: torch.Tensor,
+                         gram: torch.Tensor, ctx: CompressionContext) -> dict[str, Any]:
+        """Final-round report: output error on calibration inputs, dropped input energy, input null space."""
+        g = gram.double()
+        target = (w["M"] @ w["right_inv"] if w["right_inv"] is not None else w["M"]).to(g)
+        Bd, Ad = B.to(g), A.to(g)
+        AG = Ad @ g
+        t_g_t = float(((target @ g) * target).sum())
+        cross = float(((Bd.t() @ target) * AG).sum())  # tr(B A G T^T)
+        lr_sq = float(((AG @ Ad.t()) * (Bd.t() @ Bd)).sum())  # tr(B A G A^T B^T)
+        cache = ctx.cache.setdefault("input_null_dim", {})
+        if name not in cache:
+            cache[name] = input_null_dim(g)
+        return {
+            "output_error": max(0.0, t_g_t - 2 * cross + lr_sq) / max(t_g_t, 1e-300),
+            "dropped_input_energy": dropped_input_energy(Vh_r, g, w["right"], w["right_inv"]),
+            "input_null_dim": cache[name],
+        }
 
     def _rank_guess(self, shape: tuple[int, ...], tg: dict[str, float | None]) -> int:
         m, n = shape

@@ -1,0 +1,136 @@
+"""Cascade speed on a randomly initialised CLIP ViT-B/32-shaped model.
+
+Prints, measured in one run on the device in use:
+
+1. the default cascade (dare -> nullu -> alphaedit, design-document defaults, no fine-tuning)
+   against the sum of ``torch.linalg.svd`` over the same weights (target ratio <= 1.5 on an
+   H100/H200);
+2. image-encoder throughput of the model compressed 2x (``compress_model(compression_rate=0.5,
+   method="nullu")``: low rank is what dense kernels can turn into speed) against dense, in fp16
+   on CUDA (target >= 1.5x) and fp32 on the CPU;
+3. a 2:4 semi-structured sparse linear against dense (CUDA only).
+
+Usage: python benchmarks/cascade_speed.py [--device cuda|cpu] [--rounds N] [--batch 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from rcc_compression.compression.cascade import CascadePipeline
+from rcc_compression.compression.layers import compressed_layers
+from rcc_compression.config import load_config
+from rcc_compression.evaluation.efficiency import benchmark_2to4, measure_latency
+from rcc_compression.models.clip import CLIPWrapper
+
+
+def vit_b32(device: torch.device, dtype: torch.dtype) -> CLIPWrapper:
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=32),
+        projection_dim=512,
+    )
+    torch.manual_seed(0)
+    return CLIPWrapper(CLIPModel(cfg).to(device, dtype).eval())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def svd_baseline(model: torch.nn.Module, names: list[str], device: torch.device) -> float:
+    weights = [model.get_submodule(n).weight.detach().float() for n in names]
+    torch.linalg.svd(weights[0], full_matrices=False)  # library warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for w in weights:
+        torch.linalg.svd(w, full_matrices=False)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rounds", type=int, default=None, help="cascade rounds (default: dare.iterations = 10)")
+    ap.add_argument("--batch", type=int, default=256 if torch.cuda.is_available() else 16)
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    out: dict = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    # 1. cascade vs SVD sum
+    model = vit_b32(device, torch.float32)
+    sets = ["compression.dare.fine_tune_epochs=0", "compression.alphaedit.num_epochs=0",
+            "compression.cascade.validation_threshold=0.0"]
+    if args.rounds:
+        sets.append(f"compression.cascade.rounds={args.rounds}")
+    section = load_config(None, sets).compression
+    pipe = CascadePipeline(section, seed=0, device=device, num_synthetic_batches=3)
+    names = [n for n in pipe.stages[0].layer_names(model.model)]
+    svd_s = svd_baseline(model.model, names, device)
+    sync(device)
+    t0 = time.perf_counter()
+    pipe.run(model)
+    sync(device)
+    cascade_s = time.perf_counter() - t0
+    per_stage: dict[str, float] = {}
+    for r in pipe.records:
+        per_stage[r["stage"]] = per_stage.get(r["stage"], 0.0) + r["seconds"]
+    out["cascade"] = {"layers": len(names), "rounds": pipe.rounds, "cascade_s": cascade_s, "svd_sum_s": svd_s,
+                      "ratio": cascade_s / svd_s, "per_stage_s": per_stage,
+                      "final_layer_compression": pipe.records[-1]["achieved"]["compression_rate"]}
+    print(f"[1] default cascade ({pipe.rounds} rounds, {len(names)} layers): {cascade_s:.2f} s; "
+          f"sum of torch.linalg.svd: {svd_s:.2f} s; ratio {cascade_s / svd_s:.2f} (target <= 1.5 on H100/H200)")
+    print("    per stage (s): " + ", ".join(f"{k} {v:.2f}" for k, v in per_stage.items()))
+    del model, pipe
+
+    # 2. compressed (2x, low rank) vs dense image-encoder throughput
+    from rcc_compression import compress_model
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dense = vit_b32(device, torch.float32)
+    comp = compress_model(copy.deepcopy(dense), compression_rate=0.5, method="nullu",
+                          config={"compression": {"cascade": {"validation_threshold": 0.0}},
+                                  "experiment": {"seed": 0}})
+    rate = comp.compression_stats["achieved_rate"]
+    pixels = torch.randn(args.batch, 3, 224, 224, device=device, dtype=dtype)
+    dense.model.to(dtype)
+    comp.model.to(dtype)
+    iters = 20 if device.type == "cuda" else 5
+    with torch.inference_mode():
+        td = measure_latency(lambda: dense.model.vision_model(pixel_values=pixels), 3, iters, device)["median_ms"]
+        tc = measure_latency(lambda: comp.model.vision_model(pixel_values=pixels), 3, iters, device)["median_ms"]
+    out["throughput"] = {"dtype": str(dtype), "batch": args.batch, "layer_compression_rate": rate,
+                         "dense_img_s": args.batch / td * 1e3, "compressed_img_s": args.batch / tc * 1e3,
+                         "speedup": td / tc, "ranks": sorted({m.rank for m in compressed_layers(comp.model).values()})}
+    print(f"[2] image encoder, {dtype}, batch {args.batch}, layers compressed {1 / (1 - rate):.2f}x (rate {rate:.3f}): "
+          f"dense {args.batch / td * 1e3:.0f} img/s, compressed {args.batch / tc * 1e3:.0f} img/s, "
+          f"speedup {td / tc:.2f}x (target >= 1.5x on GPU in fp16)")
+
+    # 3. 2:4 vs dense
+    if device.type == "cuda":
+        res = benchmark_2to4(3072, 768, 12800, device)
+        out["sparse_2to4"] = res
+        print(f"[3] 2:4 linear 3072x768, 12800 tokens, fp16: dense {res['dense_ms']:.3f} ms, "
+              f"2:4 {res['sparse_2to4_ms']:.3f} ms, speedup {res['speedup']:.2f}x")
+    else:
+        out["sparse_2to4"] = "not measured: 2:4 kernels need CUDA"
+        print("[3] 2:4 vs dense: not measured (2:4 semi-structured kernels need CUDA)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
