@@ -167,3 +167,26 @@ def test_merge_all_replaces_every_compressed_layer(tiny_clip):
     merge_all(model.model)
     assert compressed_layers(model.model) == {}
     torch.testing.assert_close(model(**batch).image_embeds, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_stats_stream_and_share_identical_inputs(tiny_clip):
+    from rcc_compression.compression.calibration import collect_layer_stats
+
+    names = ["vision_model.encoder.layers.0.self_attn.q_proj", "vision_model.encoder.layers.0.self_attn.k_proj",
+             "vision_model.encoder.layers.0.mlp.fc1"]
+    g = torch.Generator().manual_seed(0)
+    batches = [tiny_clip.synthetic_batch(2, g) for _ in range(3)]
+    stats = collect_layer_stats(tiny_clip.model, names, batches, gram=True)
+    assert stats[names[0]] is stats[names[1]]  # q and k read the same tensor
+    seen = []
+    h = tiny_clip.model.get_submodule(names[2]).register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]).double()))
+    for b in batches:
+        tiny_clip.model(**b)
+    h.remove()
+    x = torch.cat(seen)
+    st = stats[names[2]]
+    assert st.count == x.shape[0]
+    torch.testing.assert_close(st.gram, x.t() @ x)
+    torch.testing.assert_close(st.col_norm, x.norm(dim=0))
+    torch.testing.assert_close(st.mean_abs, x.abs().mean(0))

@@ -9,6 +9,7 @@ whatever the number of batches.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,17 +61,27 @@ def collect_layer_stats(
 ) -> dict[str, LayerStats]:
     """Stream the inputs of ``layer_names`` over ``batches`` into :class:`LayerStats`.
 
-    Sums accumulate in float64 on the CPU and float32 on accelerators.
+    Sums accumulate in float64 on the CPU and float32 on accelerators. Layers that read the same
+    input tensor (CLIP's q/k/v projections) share one set of statistics.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     acc_dtype = torch.float64 if device.type == "cpu" else torch.float32
     stats: dict[str, LayerStats] = {}
+    seen: dict[tuple[int, tuple[int, ...]], tuple[LayerStats, Any]] = {}  # inputs counted in this batch
     handles = []
 
     def make_hook(name: str):
         def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(acc_dtype)
+            x_in = args[0]
+            key = (x_in.data_ptr(), tuple(x_in.shape))
+            entry = seen.get(key)
+            # a weak reference tells a sibling reading the very same tensor from a new tensor at a reused address
+            shared = entry[0] if entry is not None and entry[1]() is x_in else None
             st = stats.get(name)
+            if shared is not None and (st is None or st is shared):
+                stats[name] = shared  # same input as a sibling (q/k/v): one set of statistics
+                return
+            x = x_in.detach().reshape(-1, x_in.shape[-1]).to(acc_dtype)
             if st is None:
                 n = x.shape[1]
                 st = stats[name] = LayerStats(
@@ -81,6 +92,7 @@ def collect_layer_stats(
             st.sum_abs += x.abs().sum(0)
             if st.gram is not None:
                 st.gram.addmm_(x.t(), x)
+            seen[key] = (st, weakref.ref(x_in))
 
         return hook
 
@@ -90,6 +102,7 @@ def collect_layer_stats(
     model.eval()
     try:
         for batch in batches:
+            seen.clear()
             model(**to_device(batch, device))
     finally:
         for h in handles:
