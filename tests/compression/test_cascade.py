@@ -56,7 +56,7 @@ def test_rollback_to_stage_and_metric_fn(tiny_clip):
 
     def metric(model):
         calls.append(1)
-        return float(torch.nn.functional.cosine_similarity(  # noqa: E501
+        return float(torch.nn.functional.cosine_similarity(
             model(**batch).image_embeds, dense_out, dim=-1).mean())
 
     batch = tiny_clip.synthetic_batch(4, torch.Generator().manual_seed(0))

@@ -214,6 +214,7 @@ class CascadePipeline:
         return self._ctx.dense_model if self._ctx is not None else None
 
     # ------------------------------------------------------------------ the gate
+    @torch.no_grad()
     def _score(self, model: nn.Module) -> float:
         if self.metric_fn is not None:
             return float(self.metric_fn(model))
@@ -231,7 +232,8 @@ class CascadePipeline:
             retention = score
         else:
             if self._dense_score is None:
-                self._dense_score = float(self.metric_fn(self._ctx.dense_model))
+                with torch.no_grad():
+                    self._dense_score = float(self.metric_fn(self._ctx.dense_model))
             retention = score / self._dense_score if self._dense_score else 0.0
         if retention != retention:  # NaN outputs
             return score, 0.0, False
