@@ -105,6 +105,7 @@ def test_rcc_train_recovers_a_compressed_run_and_resumes(tmp_path: Path, tiny_cl
                  "--set", "training.num_epochs=2"]) == 0
     results = json.loads((out / "train_results.json").read_text())
     assert results["teacher"] == "tiny-clip" and results["steps"] == 8 and results["epochs"] == 2
+    assert results["kept"] == "last"
     assert results["after"]["val_loss"] < results["before"]["val_loss"]
     assert results["after"]["val_agreement"] > results["before"]["val_agreement"]
     record = json.loads((out / "run.json").read_text())
@@ -121,6 +122,21 @@ def test_rcc_train_recovers_a_compressed_run_and_resumes(tmp_path: Path, tiny_cl
     resumed = json.loads((out / "train_results.json").read_text())
     assert resumed["steps"] == 12 and [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"][:2] == results["history"]
+
+
+def test_rcc_train_never_returns_a_worse_model(tmp_path: Path, tiny_clip, make_batches) -> None:
+    run = _compressed_run(tmp_path, tiny_clip, make_batches)
+    out = tmp_path / "diverged"
+    assert main(["train", "--from", str(run), "--output", str(out), "-q", "--set", "training.learning_rate=5.0",
+                 "--set", "training.grad_clip=null", "--set", "training.optimizer=sgd", "--set",
+                 "training.num_epochs=2", "--set", "training.batch_size=8", "--set", "calibration.num_batches=3",
+                 "--set", "calibration.batch_size=8", "--set", "calibration.holdout_batches=1"]) == 0
+    results = json.loads((out / "train_results.json").read_text())
+    assert all(not h["val_loss"] < results["before"]["val_loss"] for h in results["history"])  # it diverged
+    assert results["kept"] == "input" and results["after"]["val_loss"] == results["before"]["val_loss"]
+    source = load_compressed(run / "compressed").model.state_dict()
+    kept = load_compressed(out / "compressed").model.state_dict()
+    assert all(torch.equal(source[k], kept[k]) for k in source)
 
 
 def test_rcc_train_bad_source_is_one_line(tmp_path: Path, capsys) -> None:

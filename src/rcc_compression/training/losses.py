@@ -71,11 +71,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
                            ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Mean over samples of ``||s_i - t_i||^2 / ||t_i||^2`` (every dim after the first is the feature)."""
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """Mean over samples of ``||s_i - t_i||^2 / max(||t_i||^2, floor * d)`` (all dims after the first: ``d``).
+
+    The floor (an RMS of 1e-3 per element) keeps the ratio finite for features that are (nearly)
+    zero; real features lie far above it, so there the loss is the plain relative error.
+    """
     s = _wide(student).reshape(student.shape[0], -1)
     t = _wide(teacher).to(s.dtype).reshape(teacher.shape[0], -1)
-    return ((s - t).pow(2).sum(1) / t.pow(2).sum(1).clamp_min(eps)).mean()
+    return ((s - t).pow(2).sum(1) / t.pow(2).sum(1).clamp_min(floor * t.shape[1])).mean()
 
 
 def attention_kl(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

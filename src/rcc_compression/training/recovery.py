@@ -8,6 +8,7 @@ dense model it came from and saves the result as a new compressed checkpoint.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,8 @@ def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = 
             return {}
         return {"val_agreement": output_agreement(run_outputs(model, holdout, device), teacher_holdout)}
 
-    ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", every_steps=tcfg.checkpoint_every_steps)
+    ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", every_steps=tcfg.checkpoint_every_steps,
+                              monitor="val_loss" if holdout else None)
     callbacks: list[Callback] = [LearningRateMonitor(), LoggingCallback(every_steps=50), ckpt_cb]
     if tcfg.early_stopping_patience:
         callbacks.insert(0, EarlyStopping("val_loss", tcfg.early_stopping_patience))
@@ -169,22 +171,38 @@ def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = 
     trainer = CompressionTrainer(student, objective, tcfg, train_data=train_loader, val_data=val_loader,
                                  params=trainable_parameters(student, tcfg.trainable), callbacks=callbacks,
                                  seed=cfg.experiment.seed, device=device, dist=dist, metric_fn=agreement)
+    initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
     before = trainer.validate()
     if resume and (ckpt_cb.last / "trainer_state.json").is_file():
         trainer.load_checkpoint(ckpt_cb.last)
         log.info("resuming from %s at epoch %d, step %d", ckpt_cb.last, trainer.state.epoch, trainer.state.step)
     state = trainer.fit()
+    history, steps, stopped = list(state.history), state.step, state.should_stop
     after = trainer.validate()
+    kept = "last"
+    # keep the best of the input and every epoch, by validation loss (NaN counts as worst)
+    best = ckpt_cb.best if ckpt_cb.best is not None else inf
+    last = after.get("val_loss", inf) if after.get("val_loss") == after.get("val_loss") else inf
+    if holdout and before["val_loss"] <= min(last, best):
+        student.load_state_dict(initial)
+        kept = "input"
+    elif holdout and best < last:
+        trainer.load_checkpoint(ckpt_cb.directory / "best")
+        kept = f"epoch {trainer.state.epoch}"
+    if kept != "last":
+        after = trainer.validate()
+        log.warning("validation loss was lowest at the %s; keeping that model", kept)
     trainer.close()
     results = {
         "source": str(ckpt), "teacher": run_cfg.model.name, "family": family, "world_size": dist.world_size,
-        "steps": state.step, "epochs": state.epoch, "stopped_early": state.should_stop,
-        "before": before, "after": after, "history": state.history,
+        "steps": steps, "epochs": len(history), "stopped_early": stopped, "kept": kept,
+        "before": before, "after": after, "history": history,
         "teacher_cache": {"hits": teacher_fn.cache_hits, "forward_calls": teacher_fn.forward_calls},
     }
     if dist.is_main:
         records = list(read_manifest(ckpt).get("stages") or [])
-        records.append({"stage": "train", "steps": state.step, "epochs": state.epoch, "before": before, "after": after})
+        records.append({"stage": "train", "steps": steps, "epochs": len(history), "kept": kept, "before": before,
+                        "after": after})
         save_compressed(student_w, run_dir / "compressed", config=dump_config(cfg), records=records, overwrite=True)
         atomic_write_json(run_dir / "train_results.json", results)
     return results

@@ -3,9 +3,10 @@
 The teacher never trains: its parameters do not require gradients and it runs in eval mode under
 ``torch.no_grad``. Its flattened outputs (plus CLIP's ``logit_scale``, which distillation across
 ranks needs) come from, in order: outputs precomputed for indexed batches, the on-disk cache, or
-a forward pass. Cache entries are safetensors files named by a hash of the teacher's weights,
-the forward options and the batch's contents, so a changed teacher or batch never reads a stale
-entry.
+a forward pass. The cache holds one safetensors file per *sample*, named by a hash of the
+teacher's weights, the forward options and the sample's inputs, so reshuffled batches still hit
+it, and a changed teacher or sample never reads a stale entry. CLIP's image-text similarity
+matrices depend on the whole batch; they are rebuilt from the cached embeddings.
 """
 
 from __future__ import annotations
@@ -115,11 +116,57 @@ class Teacher:
             return self.precomputed[index]
         if self.cache_dir is None:
             return self.compute(batch)
-        key = hashlib.blake2b((self.fingerprint + batch_fingerprint(batch)).encode(), digest_size=20).hexdigest()
-        path = self.cache_dir / key[:2] / f"{key}.safetensors"
-        if path.is_file():
+        n = _batch_size(batch)
+        prefix = self.fingerprint
+        paths = []
+        for i in range(n):
+            key = hashlib.blake2b((prefix + batch_fingerprint(_row(batch, i, n))).encode(), digest_size=20).hexdigest()
+            paths.append(self.cache_dir / key[:2] / f"{key}.safetensors")
+        if all(p.is_file() for p in paths):
             self.cache_hits += 1
-            return load_safetensors(path, self.device)
+            return _assemble([load_safetensors(p, self.device) for p in paths])
         out = self.compute(batch)
-        atomic_save_safetensors(out, path, metadata={"teacher": self.fingerprint})
+        for i, path in enumerate(paths):
+            if not path.is_file():
+                atomic_save_safetensors(_split(out, i, n), path)
         return out
+
+
+#: outputs that couple the samples of a batch (CLIP's similarity matrices): not cached, rebuilt on reading
+_CROSS = ("logits_per_image", "logits_per_text")
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"batch tensors disagree on the batch size: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _row(batch: Mapping[str, Any], i: int, n: int) -> dict[str, Any]:
+    return {k: v[i] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+            for k, v in batch.items()}
+
+
+def _split(out: Mapping[str, torch.Tensor], i: int, n: int) -> dict[str, torch.Tensor]:
+    """Sample ``i``'s outputs (``s:`` keys) and the batch-wide ones (``g:``, e.g. ``logit_scale``)."""
+    parts: dict[str, torch.Tensor] = {}
+    for key, value in out.items():
+        if key in _CROSS:
+            continue
+        if value.dim() > 0 and value.shape[0] == n:
+            parts[f"s:{key}"] = value[i:i + 1]
+        else:
+            parts[f"g:{key}"] = value
+    return parts
+
+
+def _assemble(samples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key in samples[0]:
+        kind, name = key.split(":", 1)
+        out[name] = torch.cat([s[key] for s in samples]) if kind == "s" else samples[0][key]
+    if {"image_embeds", "text_embeds", "logit_scale"} <= out.keys():
+        per_image = out["logit_scale"].reshape(()) * out["image_embeds"] @ out["text_embeds"].t()
+        out["logits_per_image"], out["logits_per_text"] = per_image, per_image.t()
+    return out
