@@ -1,0 +1,119 @@
+"""Calibration batches for compression: keyword arguments for ``wrapper.model(**batch)``.
+
+Sources: ``synthetic`` (random inputs shaped for the model), ``world`` (reference-world scenes
+generated in memory from the seed; no files), or a dataset path/spec any loader here understands.
+CLIP and BLIP captioning batches hold ``pixel_values``, ``input_ids`` and ``attention_mask``; BLIP
+VQA batches also ``labels`` (the answer tokens).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+from .datasets import ArrayDataset, MultimodalDataset, Record, open_dataset
+from .loaders import Collator, build_loader, model_inputs
+from .transforms import transform_for
+
+
+def _kind(wrapper: Any) -> str:
+    mtype = getattr(wrapper, "model_type", "")
+    if mtype == "blip" and getattr(wrapper, "is_vqa", False):
+        return "blip_vqa"
+    if mtype in ("clip", "blip"):
+        return mtype
+    raise DataError(f"calibration data needs a CLIP or BLIP wrapper, got {type(wrapper).__name__}")
+
+
+def _world_dataset(wrapper: Any, count: int, seed: int, kind: str) -> ArrayDataset:
+    from .world import SEEN_PAIRS, questions_for, scene_rng, world_scenes
+
+    images, records = [], []
+    for item in world_scenes(seed, "train", count):
+        images.append(item.image)
+        rec = Record(image=len(records), image_id=str(item.index), captions=item.captions)
+        if kind == "blip_vqa":
+            q, answers, _ = random.Random(seed * 1_000_003 + item.index).choice(
+                questions_for(item.scene, scene_rng(seed, "vqa", "train", item.index), SEEN_PAIRS))
+            rec = Record(image=len(records), image_id=str(item.index), question=q, answers=answers)
+        records.append(rec)
+    return ArrayDataset(images, records, transform=transform_for(wrapper), source=f"world(seed={seed})",
+                        task="vqa" if kind == "blip_vqa" else "captions")
+
+
+def _classification_as_captions(ds: MultimodalDataset) -> MultimodalDataset:
+    """Give class-folder records a caption ``a photo of a {class}.`` so CLIP/BLIP get text."""
+    names = ds.classnames or []
+    for rec in ds.records:
+        if not rec.captions and rec.label is not None and rec.label < len(names):
+            rec.captions = [f"a photo of a {names[rec.label]}."]
+    return ds
+
+
+def _open_source(source: str, wrapper: Any, kind: str, skip_bad: bool) -> MultimodalDataset:
+    task = "vqa" if kind == "blip_vqa" else None
+    errors = []
+    for split in ("train", "val", "test"):
+        try:
+            ds = open_dataset(source, split=split, task=task, transform=transform_for(wrapper), skip_bad=skip_bad)
+        except DataError as exc:
+            errors.append(str(exc))
+            if "no such split" in str(exc) or "has no" in str(exc) or "no usable items" in str(exc):
+                continue
+            raise
+        if kind == "blip_vqa" and ds.task != "vqa":
+            raise DataError(f"{source}: a BLIP VQA model calibrates on question/answer data (VQA json), "
+                            f"got a {ds.format_name} dataset")
+        return _classification_as_captions(ds)
+    raise DataError(errors[0])
+
+
+def build_calibration_batches(
+    wrapper: Any,
+    source: str,
+    num_batches: int,
+    batch_size: int,
+    seed: int,
+    skip_bad: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """``num_batches`` batches of ``batch_size`` for ``wrapper.model(**batch)``, deterministic per seed.
+
+    ``source``: ``synthetic``, ``world``, or a dataset spec (path, ``hf:NAME``, ``world:PART``,
+    known name). Items are drawn without replacement when the dataset is large enough, with
+    replacement otherwise. Bad items raise a ``DataError`` naming the file unless ``skip_bad``.
+    """
+    if num_batches < 1 or batch_size < 1:
+        raise ValueError(f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}")
+    kind = _kind(wrapper)
+    if source == "synthetic":
+        gen = torch.Generator().manual_seed(seed)
+        return [wrapper.synthetic_batch(batch_size, generator=gen) for _ in range(num_batches)]
+    if getattr(wrapper, "tokenizer", None) is None:
+        raise DataError(f"calibration source {source!r} needs text, but the model has no tokenizer; use 'synthetic'")
+    total = num_batches * batch_size
+    ds = _world_dataset(wrapper, total, seed, kind) if source == "world" else _open_source(source, wrapper, kind, skip_bad)
+    gen = torch.Generator().manual_seed(seed)
+    if len(ds) >= total:
+        order = torch.randperm(len(ds), generator=gen)[:total]
+    else:
+        order = torch.randint(0, len(ds), (total,), generator=gen)
+    subset = torch.utils.data.Subset(ds, order.tolist())
+    collate = Collator(
+        tokenizer=wrapper.tokenizer, max_length=wrapper.max_text_length, caption="random", mean=ds.transform.mean,
+        std=ds.transform.std, skip_bad=skip_bad, answers_as_labels=kind == "blip_vqa", seed=seed,
+    )
+    loader = build_loader(subset, batch_size, shuffle=False, collate_fn=collate, seed=seed, skip_bad=skip_bad)
+    keys = ("pixel_values", "input_ids", "attention_mask", "labels") if kind == "blip_vqa" else (
+        "pixel_values", "input_ids", "attention_mask")
+    batches = []
+    for batch in loader:
+        inputs = model_inputs(batch, keys)
+        if kind == "blip_vqa" and "labels" not in inputs:
+            raise DataError(f"{source}: VQA calibration needs answers (an annotations file)")
+        batches.append(inputs)
+    if not batches:
+        raise DataError(f"{source}: every calibration item was unreadable ({loader.skipped} skipped)")
+    return batches

@@ -1,0 +1,261 @@
+"""The evaluation suite: run selected benchmarks on selected datasets, write one JSON and a table.
+
+``evaluate_model(model, benchmarks=[...], datasets=[...])`` (design document section 11.2) runs
+every benchmark on every dataset it applies to and returns a nested dict::
+
+    {"model": ..., "results": {benchmark: {dataset: {"metrics": {name: {value, ci_low, ci_high, n,
+     samples}}, ...}}}, "skipped": [{benchmark, dataset, reason}], "notes": [...], ...}
+
+Dataset specs are paths, ``hf:NAME``, known names under the data root, or ``world`` (the
+reference world at the default seed, expanded per benchmark: the three classification tasks for
+``zero_shot``, the captions for ``retrieval`` and ``captioning``, the questions for ``vqa``). A
+benchmark that does not fit the model (zero-shot with a BLIP) or the dataset (VQA on ImageNet) is
+listed under ``skipped`` with the reason rather than failing the run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES
+from ..errors import DataError, RCCError
+from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.logging import get_logger
+
+log = get_logger("evaluation")
+
+BENCHMARKS = ("zero_shot", "retrieval", "captioning", "vqa", "efficiency")
+_TASK = {"zero_shot": "classification", "retrieval": "captions", "captioning": "captions", "vqa": "vqa"}
+_WORLD_PARTS = {"zero_shot": ("shape", "colour", "colour_shape"), "retrieval": ("captions",),
+                "captioning": ("captions",), "vqa": ("vqa",)}
+
+
+def _model_fits(benchmark: str, wrapper: Any) -> str | None:
+    """Why ``benchmark`` cannot run on this model, or ``None`` when it can."""
+    mtype = getattr(wrapper, "model_type", "")
+    vqa = bool(getattr(wrapper, "is_vqa", False))
+    if benchmark in ("zero_shot", "retrieval") and mtype != "clip":
+        return f"{benchmark} needs a CLIP model (this is {mtype or type(wrapper).__name__})"
+    if benchmark == "captioning" and (mtype != "blip" or vqa):
+        return "captioning needs a BLIP captioning model"
+    if benchmark == "vqa" and not vqa:
+        return "vqa needs a BLIP question-answering model"
+    return None
+
+
+def expand_datasets(benchmark: str, datasets: Sequence[str]) -> list[str]:
+    """Dataset specs for one benchmark: ``world`` becomes the world parts the benchmark uses."""
+    out: list[str] = []
+    for spec in datasets:
+        text = str(spec)
+        is_world_dir = Path(os.path.expanduser(text)).joinpath("world.json").is_file()
+        if text == "world" or is_world_dir:
+            base = "world" if text == "world" else text
+            sep = ":" if text == "world" else "#"
+            out += [f"{base}{sep}{part}" for part in _WORLD_PARTS.get(benchmark, ())]
+        else:
+            out.append(text)
+    return out
+
+
+def _open(spec: str, benchmark: str, split: str, wrapper: Any, skip_bad: bool, root: str | None,
+          world_seed: int | None) -> Any:
+    from ..data.datasets import open_dataset, open_world
+    from ..data.transforms import transform_for
+    from ..data.world import DEFAULT_SEED, ensure_world
+
+    transform = transform_for(wrapper)
+    if spec.startswith("world:"):
+        seed = DEFAULT_SEED if world_seed is None else world_seed
+        return open_world(ensure_world(seed, splits=(split,)), spec.split(":", 1)[1], split, transform, skip_bad)
+    if "#" in spec and Path(spec.split("#", 1)[0]).joinpath("world.json").is_file():
+        path, part = spec.split("#", 1)
+        return open_world(path, part, split, transform, skip_bad)
+    return open_dataset(spec, split=split, task=_TASK[benchmark], transform=transform, skip_bad=skip_bad, root=root)
+
+
+def _dataset_fits(benchmark: str, ds: Any) -> str | None:
+    want = _TASK[benchmark]
+    if ds.task != want:
+        return f"{benchmark} needs a {want} dataset; {ds.source} is {ds.task} ({ds.format_name})"
+    return None
+
+
+def _efficiency(wrapper: Any, seed: int) -> dict[str, Any]:
+    try:
+        from .efficiency import profile_model
+    except ImportError as exc:
+        raise DataError(f"efficiency profiling is not available in this build ({exc})") from None
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    batch = wrapper.synthetic_batch(8, generator=gen)
+    return {"profile": profile_model(wrapper, batch, batch_sizes=(1, 8), warmup=2, iters=10)}
+
+
+def evaluate_model(
+    model: Any,
+    benchmarks: Sequence[str] = ("zero_shot", "retrieval"),
+    datasets: Sequence[str] = ("world",),
+    *,
+    split: str = "test",
+    batch_size: int = 64,
+    bootstrap_samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    templates: str | Sequence[str] | None = None,
+    max_items: int | None = None,
+    num_beams: int = 3,
+    max_length: int = 30,
+    skip_bad: bool = False,
+    root: str | None = None,
+    world_seed: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run ``benchmarks`` on ``datasets`` for ``model`` (a wrapper, ``nn.Module``, name or path).
+
+    ``bootstrap_samples`` resamples per metric (0: point estimates only); ``max_items`` evaluates a
+    seeded random subset of each dataset; ``templates`` overrides each dataset's prompt set;
+    ``world_seed`` picks the reference world (default: the seed the bundled models were trained on).
+    """
+    from ..models.registry import get_model
+    from .captioning import evaluate_captioning
+    from .common import subset
+    from .retrieval import evaluate_retrieval
+    from .vqa import evaluate_vqa
+    from .zero_shot import evaluate_zero_shot
+
+    unknown = [b for b in benchmarks if b not in BENCHMARKS]
+    if unknown:
+        raise DataError(f"unknown benchmark(s) {unknown}; available: {', '.join(BENCHMARKS)}")
+    wrapper = get_model(model) if not hasattr(model, "model_type") else model
+    datasets = list(datasets) or ["world"]
+    was_training = wrapper.training
+    wrapper.eval()
+    started = time.perf_counter()
+    out: dict[str, Any] = {
+        "model": getattr(wrapper, "name", "") or type(wrapper).__name__,
+        "model_type": "blip_vqa" if getattr(wrapper, "is_vqa", False) else getattr(wrapper, "model_type", ""),
+        "split": split, "seed": seed, "bootstrap_samples": bootstrap_samples, "ci_level": DEFAULT_LEVEL,
+        "datasets": datasets, "results": {}, "skipped": [], "notes": [],
+    }
+    try:
+        for bench in benchmarks:
+            reason = _model_fits(bench, wrapper)
+            if reason:
+                out["skipped"].append({"benchmark": bench, "dataset": "*", "reason": reason})
+                continue
+            if bench == "efficiency":
+                t0 = time.perf_counter()
+                try:
+                    res = _efficiency(wrapper, seed)
+                except DataError as exc:
+                    out["skipped"].append({"benchmark": bench, "dataset": "-", "reason": str(exc)})
+                    continue
+                res["seconds"] = round(time.perf_counter() - t0, 3)
+                out["results"].setdefault(bench, {})["synthetic"] = res
+                continue
+            for spec in expand_datasets(bench, datasets):
+                t0 = time.perf_counter()
+                ds = _open(spec, bench, split, wrapper, skip_bad, root, world_seed)
+                reason = _dataset_fits(bench, ds)
+                if reason:
+                    out["skipped"].append({"benchmark": bench, "dataset": spec, "reason": reason})
+                    continue
+                ds = subset(ds, max_items, seed)
+                common = {"samples": bootstrap_samples, "seed": seed, "progress": progress}
+                if bench == "zero_shot":
+                    res = evaluate_zero_shot(wrapper, ds, templates, batch_size, **common)
+                elif bench == "retrieval":
+                    res = evaluate_retrieval(wrapper, ds, batch_size, **common)
+                elif bench == "captioning":
+                    res = evaluate_captioning(wrapper, ds, batch_size, num_beams, max_length, **common)
+                else:
+                    res = evaluate_vqa(wrapper, ds, batch_size, **common)
+                res["source"] = ds.source
+                if ds.skipped:
+                    res["skipped_items"] = dict(ds.skipped)
+                res["seconds"] = round(time.perf_counter() - t0, 3)
+                out["results"].setdefault(bench, {})[spec] = res
+                log.info("%s on %s: %s", bench, spec, _headline(bench, res))
+    finally:
+        wrapper.train(was_training)
+    out["seconds"] = round(time.perf_counter() - started, 3)
+    return out
+
+
+_HEADLINE = {"zero_shot": "top1", "retrieval": "i2t_R@1", "captioning": "CIDEr", "vqa": "accuracy"}
+
+
+def _headline(bench: str, res: dict[str, Any]) -> str:
+    key = _HEADLINE.get(bench)
+    m = res.get("metrics", {}).get(key) if key else None
+    return f"{key} {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]" if m else "done"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """A markdown table of every metric with its confidence interval (one row per metric)."""
+    level = int(round(100 * results.get("ci_level", DEFAULT_LEVEL)))
+    lines = [f"# Evaluation: {results.get('model', '')}", "",
+             f"split `{results.get('split', '')}`, {results.get('bootstrap_samples', 0)} bootstrap resamples, "
+             f"{level} % confidence intervals", "",
+             f"| benchmark | dataset | metric | value | {level} % CI | n |", "|---|---|---|---:|---|---:|"]
+    for bench, per_ds in results.get("results", {}).items():
+        for ds, res in per_ds.items():
+            if bench == "efficiency":
+                prof = res.get("profile", {})
+                params = prof.get("parameters", {})
+                for key in ("dense_equivalent", "stored"):
+                    if key in params:
+                        lines.append(f"| {bench} | {ds} | parameters ({key}) | {params[key]:,} | - | - |")
+                for bs, entry in prof.get("per_batch_size", {}).items():
+                    lat = entry.get("latency", {})
+                    if "median_ms" in lat:
+                        lines.append(f"| {bench} | {ds} | latency ms (batch {bs}, median) | {lat['median_ms']:.2f} | "
+                                     f"{lat.get('min_ms', 0):.2f}-{lat.get('p90_ms', 0):.2f} (min-p90) | "
+                                     f"{lat.get('iters', '')} |")
+                continue
+            groups = [("", res.get("metrics", {}))]
+            groups += [(f" ({k.split('_', 1)[1]})", v) for k, v in res.items() if k.startswith("metrics_")]
+            for suffix, metrics in groups:
+                for name, m in metrics.items():
+                    if isinstance(m, dict) and "value" in m:
+                        lines.append(f"| {bench} | {ds} | {name}{suffix} | {m['value']:.4f} | "
+                                     f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}] | {m['n']} |")
+                    elif isinstance(m, (int, float)):
+                        lines.append(f"| {bench} | {ds} | {name}{suffix} | {m:.4f} | - | - |")
+    if results.get("skipped"):
+        lines += ["", "Skipped:", ""] + [f"- {s['benchmark']} on {s['dataset']}: {s['reason']}" for s in results["skipped"]]
+    notes = sorted({n for per_ds in results.get("results", {}).values() for r in per_ds.values() for n in r.get("notes", [])})
+    if notes or results.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in [*results.get("notes", []), *notes]]
+    return "\n".join(lines) + "\n"
+
+
+def run_suite(
+    model: Any,
+    out_dir: str | os.PathLike[str],
+    benchmarks: Sequence[str] = ("zero_shot", "retrieval"),
+    datasets: Sequence[str] = ("world",),
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Evaluate and write ``results.json``, ``results.md`` and the run record into ``out_dir``."""
+    from ..utils.runs import RunRecord
+
+    record_cfg = {"benchmarks": list(benchmarks), "datasets": list(datasets), "seed": seed,
+                  "model": model if isinstance(model, str) else getattr(model, "name", type(model).__name__),
+                  **{k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None), list, tuple))}}
+    with RunRecord(out_dir, config or record_cfg, seed) as run:
+        try:
+            results = evaluate_model(model, benchmarks, datasets, seed=seed, **kwargs)
+        except RCCError:
+            raise
+        atomic_write_json(Path(out_dir) / "results.json", results)
+        atomic_write_text(Path(out_dir) / "results.md", results_table(results))
+        run.update(results_file="results.json", table_file="results.md", seconds=results["seconds"])
+    return results

@@ -1,0 +1,437 @@
+"""Training recipes of the bundled reference models: a tiny CLIP and a tiny BLIP on the world.
+
+``rcc world train-reference --kind clip|blip --out DIR`` trains on the world's train split (read
+through the Karpathy-json loader and the tensor cache), within a wall-clock budget on a CPU, then
+records its quality on a freshly generated test split in ``DIR/reference.json``:
+
+* CLIP: symmetric InfoNCE with a learnable temperature, a random one of each image's five captions
+  per step, plus one *attribute-swap* hard negative per image when the scene allows one (the same
+  scene described with colours exchanged between objects, or one attribute changed): only text
+  that binds each colour to its own shape tells the positive from it, which is what zero-shot on
+  unseen colour-shape pairs needs. Negatives use only pairs seen in training.
+* BLIP: the captioning language-model loss of ``BlipForConditionalGeneration`` on a random caption
+  per image; decoder inputs start with ``[DEC]``, as generation does.
+
+Both use AdamW with linear warm-up and cosine decay, light augmentation (random resized crop at
+scale 0.85-1, brightness/contrast; never hue or flips, which would falsify colours and relations).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+from ..utils.logging import get_logger
+
+log = get_logger("reference")
+
+IMAGE_SIZE = 64
+
+
+@dataclass
+class ReferenceRecipe:
+    """Sizes and optimisation settings of one reference model (defaults: the shipped CLIP)."""
+
+    kind: str = "clip"
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    hidden: int = 128
+    vision_layers: int = 4
+    text_layers: int = 3
+    heads: int = 4
+    patch: int = 16
+    mlp_ratio: int = 4
+    hard_negatives: bool = True
+    time_budget_s: float = 1200.0
+    eval_every: int = 250
+    threads: int = 0
+
+
+def default_recipe(kind: str, seed: int = 0) -> ReferenceRecipe:
+    """The recipe the shipped model of ``kind`` was trained with."""
+    if kind == "clip":
+        return ReferenceRecipe(kind="clip", seed=seed)
+    if kind == "blip":
+        return ReferenceRecipe(kind="blip", seed=seed, steps=3000, batch_size=128, lr=1e-3, hidden=128,
+                               vision_layers=4, text_layers=3, patch=8, hard_negatives=False)
+    raise DataError(f"--kind must be clip or blip, got {kind!r}")
+
+
+# ------------------------------------------------------------------------------- model builders
+def build_clip(recipe: ReferenceRecipe, tokenizer: Any) -> Any:
+    """A randomly initialised ``CLIPWrapper`` of the recipe's sizes over the world tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from ..data.transforms import CLIP_MEAN, CLIP_STD
+    from .clip import CLIPWrapper
+
+    h = recipe.hidden
+    vocab = tokenizer.get_vocab()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=recipe.mlp_ratio * h,
+                         num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.heads,
+                         max_position_embeddings=tokenizer.model_max_length, pad_token_id=vocab["[PAD]"],
+                         bos_token_id=vocab["[BOS]"], eos_token_id=vocab["[EOS]"]),
+        vision_config=dict(image_size=IMAGE_SIZE, patch_size=recipe.patch, hidden_size=h,
+                           intermediate_size=recipe.mlp_ratio * h, num_hidden_layers=recipe.vision_layers,
+                           num_attention_heads=recipe.heads),
+        projection_dim=h,
+    )
+    torch.manual_seed(recipe.seed)
+    model = CLIPModel(cfg)
+    proc = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return CLIPWrapper(model, proc, tokenizer, name="rcc-clip-world")
+
+
+def build_blip(recipe: ReferenceRecipe, tokenizer: Any) -> Any:
+    """A randomly initialised captioning ``BLIPWrapper`` of the recipe's sizes over the world tokenizer."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
+
+    from ..data.transforms import CLIP_MEAN, CLIP_STD
+    from .blip import BLIPWrapper
+
+    h = recipe.hidden
+    vocab = tokenizer.get_vocab()
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=recipe.mlp_ratio * h,
+                         num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.heads,
+                         max_position_embeddings=tokenizer.model_max_length, encoder_hidden_size=h,
+                         pad_token_id=vocab["[PAD]"], bos_token_id=vocab["[DEC]"], sep_token_id=vocab["[EOS]"],
+                         eos_token_id=vocab["[EOS]"]),
+        vision_config=dict(image_size=IMAGE_SIZE, patch_size=recipe.patch, hidden_size=h,
+                           intermediate_size=recipe.mlp_ratio * h, num_hidden_layers=recipe.vision_layers,
+                           num_attention_heads=recipe.heads),
+        projection_dim=h,
+    )
+    torch.manual_seed(recipe.seed)
+    model = BlipForConditionalGeneration(cfg)
+    proc = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=list(CLIP_MEAN),
+                              image_std=list(CLIP_STD))
+    return BLIPWrapper(model, proc, tokenizer, name="rcc-blip-world")
+
+
+# ------------------------------------------------------------------------------------- data
+@dataclass
+class TrainSplit:
+    """The world's train split in memory: uint8 pixels, captions and scene descriptions per image."""
+
+    pixels: torch.Tensor
+    captions: list[list[str]]
+    scenes: list[dict[str, Any]]
+
+
+def load_train_split(world_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> TrainSplit:
+    """Read the train split through the Karpathy loader, caching its pixels as safetensors shards."""
+    from ..data.datasets import open_world
+    from ..data.transforms import ImageTransform
+
+    transform = ImageTransform(size=IMAGE_SIZE, crop=IMAGE_SIZE)
+    ds = open_world(world_dir, "captions", "train", transform)
+    ds.cache_data(cache_dir or Path(world_dir) / ".cache")
+    pixels = torch.stack([ds.pixels(i) for i in range(len(ds))])
+    return TrainSplit(pixels, [r.captions for r in ds.records], [r.meta.get("scene", {}) for r in ds.records])
+
+
+def swap_negative(scene: dict[str, Any], rng: random.Random, allowed: set[tuple[str, str]]) -> str | None:
+    """A caption of the scene with colours exchanged between two objects, or one attribute changed.
+
+    Only ``allowed`` (colour, shape) pairs appear, so a training negative never names a held-out
+    pair. ``None`` when no such variant exists.
+    """
+    from ..data.world import COLOURS, SHAPES, caption_from_objects
+
+    objs = [(o["colour"], o["shape"], float(o["x"])) for o in scene.get("objects", [])]
+    if not objs:
+        return None
+    candidates: list[list[tuple[str, str, float]]] = []
+    for i in range(len(objs)):
+        for j in range(i + 1, len(objs)):
+            a, b = objs[i], objs[j]
+            if a[0] != b[0] and a[1] != b[1] and (b[0], a[1]) in allowed and (a[0], b[1]) in allowed:
+                swapped = list(objs)
+                swapped[i], swapped[j] = (b[0], a[1], a[2]), (a[0], b[1], b[2])
+                candidates.append(swapped)
+    if not candidates or rng.random() < 0.3:
+        k = rng.randrange(len(objs))
+        c, s, x = objs[k]
+        for _ in range(10):
+            new = (rng.choice(list(COLOURS)), s) if rng.random() < 0.5 else (c, rng.choice(SHAPES))
+            if new != (c, s) and new in allowed:
+                changed = list(objs)
+                changed[k] = (new[0], new[1], x)
+                candidates.append(changed)
+                break
+    if not candidates:
+        return None
+    return caption_from_objects(rng.choice(candidates))
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE on normalised embeddings; ``negatives`` are extra texts for the image side only."""
+    candidates = text if negatives is None or negatives.numel() == 0 else torch.cat([text, negatives])
+    target = torch.arange(image.shape[0], device=image.device)
+    i2t = scale * image @ candidates.t()
+    t2i = scale * text @ image.t()
+    return (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
+
+
+def _schedule(step: int, recipe: ReferenceRecipe) -> float:
+    warm = min(1.0, (step + 1) / max(recipe.warmup, 1))
+    return warm * 0.5 * (1 + math.cos(math.pi * min(step, recipe.steps) / max(recipe.steps, 1)))
+
+
+# ----------------------------------------------------------------------------------- training
+@torch.no_grad()
+def _quick_zero_shot(wrapper: Any, pixels: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
+                     unseen: torch.Tensor) -> tuple[float, float]:
+    """(top-1, unseen top-1) on a small in-memory colour+shape set, for training logs."""
+    from ..data.transforms import normalize
+    from ..data.world import WORLD_TEMPLATES
+    from ..evaluation.zero_shot import classifier_weights
+
+    wrapper.eval()
+    weights = classifier_weights(wrapper, classnames, WORLD_TEMPLATES)
+    emb = torch.cat([wrapper.encode_image(normalize(pixels[i : i + 256])) for i in range(0, len(pixels), 256)])
+    ok = ((emb @ weights.t()).argmax(1) == labels).float()
+    wrapper.train()
+    return float(ok.mean()), float(ok[unseen].mean()) if unseen.any() else float("nan")
+
+
+def _val_probe(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    from ..data.world import ALL_PAIRS, HELD_OUT_PAIRS, classification_scenes, render_scene
+
+    scenes = list(classification_scenes(seed, "val", 4))
+    pixels = torch.from_numpy(__import__("numpy").stack([render_scene(s) for _, s in scenes])).permute(0, 3, 1, 2)
+    pairs = [s.pairs()[0] for _, s in scenes]
+    labels = torch.tensor([ALL_PAIRS.index(p) for p in pairs])
+    unseen = torch.tensor([p in HELD_OUT_PAIRS for p in pairs])
+    return pixels, labels, [f"{c} {s}" for c, s in ALL_PAIRS], unseen
+
+
+def train_clip(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Train the reference CLIP; returns the wrapper and a log of the run."""
+    from ..data.transforms import TrainAugment
+    from ..data.world import SEEN_PAIRS, build_world_tokenizer
+
+    tok = build_world_tokenizer("clip")
+    wrapper = build_clip(recipe, tok)
+    wrapper.train()
+    model = wrapper.model
+    allowed = set(SEEN_PAIRS)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, recipe))
+    augment = TrainAugment(scale=(0.85, 1.0), ratio=(0.9, 1.1), brightness=0.1, contrast=0.1)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    probe = _val_probe(recipe.seed)
+    history: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    n = data.pixels.shape[0]
+    step = 0
+    for step in _steps(recipe, progress, "training CLIP"):
+        idx = torch.randint(0, n, (recipe.batch_size,), generator=gen)
+        pixels = augment(data.pixels[idx], gen)
+        texts = [rng.choice(data.captions[i]) for i in idx.tolist()]
+        negs = [swap_negative(data.scenes[i], rng, allowed) for i in idx.tolist()] if recipe.hard_negatives else []
+        negs = [t for t in negs if t]
+        enc = tok(texts + negs, padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
+        img = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
+        txt = F.normalize(model.text_projection(model.text_model(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100.0)
+        loss = contrastive_loss(img, txt[: len(texts)], txt[len(texts):], scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        elapsed = time.perf_counter() - start
+        if step % recipe.eval_every == 0 or step == recipe.steps - 1:
+            top1, unseen = _quick_zero_shot(wrapper, *probe)
+            history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(float(loss), 4),
+                            "val_top1": round(top1, 4), "val_top1_unseen": round(unseen, 4)})
+            log.info("step %d (%.0fs): loss %.3f, val top-1 %.3f, unseen %.3f", step, elapsed, float(loss), top1, unseen)
+        if elapsed > recipe.time_budget_s:
+            log.warning("time budget of %.0f s reached at step %d of %d", recipe.time_budget_s, step + 1, recipe.steps)
+            break
+    wrapper.eval()
+    return wrapper, {"steps_done": step + 1, "seconds": round(time.perf_counter() - start, 1), "history": history}
+
+
+def train_blip(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Train the reference BLIP captioner; returns the wrapper and a log of the run."""
+    from ..data.transforms import TrainAugment
+    from ..data.world import build_world_tokenizer
+
+    tok = build_world_tokenizer("blip")
+    wrapper = build_blip(recipe, tok)
+    wrapper.train()
+    model = wrapper.model
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, recipe))
+    augment = TrainAugment(scale=(0.85, 1.0), ratio=(0.9, 1.1), brightness=0.1, contrast=0.1)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    history: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    n = data.pixels.shape[0]
+    step = 0
+    for step in _steps(recipe, progress, "training BLIP"):
+        idx = torch.randint(0, n, (recipe.batch_size,), generator=gen)
+        pixels = augment(data.pixels[idx], gen)
+        texts = [rng.choice(data.captions[i]) for i in idx.tolist()]
+        enc = tok(texts, padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(pixel_values=pixels, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                     labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        elapsed = time.perf_counter() - start
+        if step % recipe.eval_every == 0 or step == recipe.steps - 1:
+            history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(float(loss), 4)})
+            log.info("step %d (%.0fs): loss %.3f", step, elapsed, float(loss))
+        if elapsed > recipe.time_budget_s:
+            log.warning("time budget of %.0f s reached at step %d of %d", recipe.time_budget_s, step + 1, recipe.steps)
+            break
+    wrapper.eval()
+    return wrapper, {"steps_done": step + 1, "seconds": round(time.perf_counter() - start, 1), "history": history}
+
+
+def _steps(recipe: ReferenceRecipe, progress: bool, what: str) -> Any:
+    from ..evaluation.common import progress_iter
+
+    return progress_iter(range(recipe.steps), recipe.steps, what, progress)
+
+
+# ---------------------------------------------------------------------------- figures, saving
+def measure_figures(wrapper: Any, kind: str, spec: Any, bootstrap_samples: int = 1000) -> dict[str, Any]:
+    """Evaluate on a test split generated afresh from ``spec`` (a ``WorldSpec``); keys read ``world:PART``."""
+    import tempfile
+
+    from ..data.world import generate_world
+    from ..evaluation.suite import evaluate_model
+
+    benches = ["zero_shot", "retrieval"] if kind == "clip" else ["captioning"]
+    with tempfile.TemporaryDirectory(prefix="rcc-world-test-") as tmp:
+        spec.splits = ("test",)
+        spec.parts = ("captions", "classification") if kind == "clip" else ("captions",)
+        generate_world(tmp, spec)
+        results = evaluate_model(wrapper, benches, [tmp], bootstrap_samples=bootstrap_samples, seed=spec.seed)
+    results["datasets"] = ["world"]
+    results["world_seed"] = spec.seed
+    for bench, per_ds in results["results"].items():
+        results["results"][bench] = {k.replace(f"{tmp}#", "world:"): v for k, v in per_ds.items()}
+        for v in results["results"][bench].values():
+            v["source"] = str(v.get("source", "")).replace(tmp, "<world test split>")
+    return results
+
+
+def headline_figures(results: dict[str, Any]) -> dict[str, float]:
+    """The few numbers quoted for a reference model (value only; CIs stay in reference.json)."""
+    out: dict[str, float] = {}
+    res = results["results"]
+    for task in ("colour_shape", "shape", "colour"):
+        r = res.get("zero_shot", {}).get(f"world:{task}")
+        if r:
+            out[f"zero_shot_{task}_top1"] = r["metrics"]["top1"]["value"]
+            if task == "colour_shape":
+                out["zero_shot_colour_shape_top1_unseen"] = r["metrics_unseen"]["top1"]["value"]
+                out["zero_shot_colour_shape_top1_seen"] = r["metrics_seen"]["top1"]["value"]
+    r = res.get("retrieval", {}).get("world:captions")
+    if r:
+        for key in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5"):
+            out[f"retrieval_{key}"] = r["metrics"][key]["value"]
+    r = res.get("captioning", {}).get("world:captions")
+    if r:
+        for key in ("CIDEr", "BLEU-4", "BLEU-1", "ROUGE-L", "METEOR"):
+            if key in r["metrics"]:
+                out[f"captioning_{key}"] = r["metrics"][key]["value"]
+    return out
+
+
+def save_reference(wrapper: Any, out: str | os.PathLike[str], record: dict[str, Any]) -> Path:
+    """Write the model (safetensors), tokenizer, image processor and ``reference.json`` into ``out``."""
+    from ..utils.io import atomic_write_json
+
+    path = Path(out)
+    wrapper.save_pretrained(path)
+    atomic_write_json(path / "reference.json", record)
+    return path
+
+
+def train_reference(
+    kind: str,
+    out: str | os.PathLike[str],
+    world_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    time_budget_s: float = 1200.0,
+    steps: int | None = None,
+    progress: bool = False,
+    recipe: ReferenceRecipe | None = None,
+    bootstrap_samples: int = 1000,
+    test_spec: Any = None,
+) -> dict[str, Any]:
+    """Train a reference model on the world (generated at ``seed`` unless given), save it, return its record.
+
+    The figures are measured on the world's test split at default sizes (``test_spec`` overrides
+    them), generated afresh from the world's seed, so anyone can reproduce them.
+    """
+    import tempfile
+
+    from ..data.world import WORLD_VERSION, WorldSpec, generate_world, load_world_info
+    from ..utils.runs import RunRecord
+    from ..utils.seeding import seed_everything
+
+    recipe = recipe or default_recipe(kind, seed)
+    recipe.time_budget_s = time_budget_s
+    if steps is not None:
+        recipe.steps = steps
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    seed_everything(recipe.seed)
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="rcc-world-") as tmp:
+        if world_dir is None:
+            world_dir = Path(tmp) / "world"
+            generate_world(world_dir, WorldSpec(seed=seed, splits=("train",), parts=("captions",)))
+        info = load_world_info(world_dir)
+        with RunRecord(out / "training_run", {"recipe": asdict(recipe), "world": str(world_dir)}, recipe.seed) as run:
+            data = load_train_split(world_dir, Path(tmp) / "cache")
+            log.info("train split: %d images, %d captions", len(data.captions), sum(map(len, data.captions)))
+            trainer = train_clip if kind == "clip" else train_blip
+            wrapper, train_log = trainer(recipe, data, progress)
+            spec = test_spec or WorldSpec(seed=int(info["seed"]))
+            spec.seed = int(info["seed"])
+            results = measure_figures(wrapper, kind, spec, bootstrap_samples)
+            record = {
+                "model": wrapper.name,
+                "kind": kind,
+                "figures": headline_figures(results),
+                "world": {"version": WORLD_VERSION, "seed": spec.seed, "train_split": "train",
+                          "train_images": len(data.captions), "test_split": "test",
+                          "test_sizes": {"test": spec.test, "cls_test_per_class": spec.cls_test_per_class}},
+                "evaluation": results,
+                "training": {"recipe": asdict(recipe), **train_log},
+                "parameters": sum(p.numel() for p in wrapper.model.parameters()),
+            }
+            run.update(figures=record["figures"], training=train_log)
+            save_reference(wrapper, out, record)
+    return record
