@@ -99,8 +99,25 @@ def all_reduce_grads(params: Sequence[nn.Parameter], info: DistInfo) -> None:
             p.grad /= info.world_size
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward sums every rank's gradient of this rank's slice."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = (dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rows[0]:ctx.rows[1]]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0; the local part keeps its gradient.
+    """Concatenate ``x`` (same shape on every rank) from every rank along dim 0; the local part keeps its gradient.
 
     The backward pass sums the gradients every rank computes for this rank's slice, so a loss
     that each rank evaluates on the gathered batch, with DDP's gradient averaging on top, trains
@@ -108,19 +125,21 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     """DDP around ``model`` when distributed (masks and other buffers are identical: not re-broadcast)."""
     if not info.enabled:
         return model
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=ids, **no_sync)
 
 
 class BatchesDataset(Dataset):

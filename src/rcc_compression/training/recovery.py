@@ -209,8 +209,12 @@ def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = 
 
 
 def train_job(cfg: RCCConfig, source: str | Path, output: Path | None = None, resume: bool = False,
-              overwrite: bool = False, verbosity: int = 0, progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """``rcc train``: run directory, logging and run record (rank 0), :func:`run_train`, process group."""
+              overwrite: bool = False, verbosity: int = 0, progress: bool = True
+              ) -> tuple[Path, dict[str, Any] | None]:
+    """``rcc train``: run directory, logging and run record (rank 0), :func:`run_train`, process group.
+
+    Returns the run directory and the results (``None`` on ranks other than 0).
+    """
     import contextlib
 
     from ..jobs import prepare_run_dir
@@ -236,4 +240,4 @@ def train_job(cfg: RCCConfig, source: str | Path, output: Path | None = None, re
                                                                 "after", "stopped_early", "world_size")})
     finally:
         cleanup()
-    return run_dir, results
+    return run_dir, results if dist.is_main else None
