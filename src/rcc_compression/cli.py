@@ -6,10 +6,11 @@ with status 2. ``main(argv)`` runs the app in-process, which is how the tests ca
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -160,6 +161,125 @@ def train(
         if key in results["before"]:
             typer.echo(f"{key}: {results['before'][key]:.5f} -> {results['after'][key]:.5f}")
     typer.echo(f"run directory: {run_dir}")
+
+
+world_app = typer.Typer(help="The reference world: generate it; train the bundled reference models on it.",
+                        no_args_is_help=True)
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("generate")
+def world_generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the world into.")],
+    seed: Annotated[int, typer.Option("--seed", help="World seed (the bundled models use 0).")] = 0,
+    splits: Annotated[str, typer.Option("--splits", help="Comma-separated splits to write.")] = "train,val,test",
+    train: Annotated[Optional[int], typer.Option("--train", help="Caption scenes in train.")] = None,  # noqa: UP007
+    val: Annotated[Optional[int], typer.Option("--val", help="Caption scenes in val.")] = None,  # noqa: UP007
+    test: Annotated[Optional[int], typer.Option("--test", help="Caption scenes in test.")] = None,  # noqa: UP007
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Write the reference world: captions (Karpathy json), class folders, VQA questions."""
+    from .data.world import WorldSpec, generate_world
+    from .utils.logging import setup_logging
+
+    setup_logging(_verbosity(verbose, quiet))
+    spec = WorldSpec(seed=seed, splits=tuple(s.strip() for s in splits.split(",") if s.strip()))
+    for name, value in (("train", train), ("val", val), ("test", test)):
+        if value is not None:
+            setattr(spec, name, value)
+    with _progress(quiet) as report:
+        info = generate_world(out, spec, progress=report)
+    typer.echo(f"world v{info['version']} seed {seed} written to {out} (splits: {', '.join(spec.splits)}; "
+               f"{len(info['held_out_pairs'])} colour-shape pairs held out of training)")
+
+
+@world_app.command("train-reference")
+def world_train_reference(
+    kind: Annotated[str, typer.Option("--kind", help="clip or blip.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write (Hugging Face layout).")],
+    world: Annotated[Optional[Path], typer.Option("--world", help="A generated world (default: generate one).")] = None,  # noqa: UP007
+    seed: Annotated[int, typer.Option("--seed", help="World and training seed.")] = 0,
+    minutes: Annotated[float, typer.Option("--minutes", help="Wall-clock budget for training.")] = 20.0,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimiser steps (default: the recipe's).")] = None,  # noqa: UP007
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Train the tiny reference CLIP or BLIP on the world's train split and record its test figures."""
+    from .models.reference_training import train_reference
+    from .utils.logging import setup_logging
+
+    setup_logging(_verbosity(verbose, quiet), out)
+    record = train_reference(kind, out, world_dir=world, seed=seed, time_budget_s=minutes * 60, steps=steps,
+                             progress=not quiet)
+    for name, value in record["figures"].items():
+        typer.echo(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    typer.echo(f"model written to {out}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,  # noqa: UP007
+    benchmark: Annotated[Optional[list[str]], typer.Option("--benchmark", "-b", help="zero_shot, retrieval, captioning, vqa, efficiency (repeatable).")] = None,  # noqa: UP007,E501
+    dataset: Annotated[Optional[list[str]], typer.Option("--dataset", "-d", help="world, a path, hf:NAME or a known name (repeatable).")] = None,  # noqa: UP007,E501
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory for results.json/.md.")] = None,  # noqa: UP007
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Dataset split.")] = "test",
+    bootstrap: Annotated[Optional[int], typer.Option("--bootstrap", help="Bootstrap resamples per metric.")] = None,  # noqa: UP007
+    max_items: Annotated[Optional[int], typer.Option("--max-items", help="Evaluate a seeded subset.")] = None,  # noqa: UP007
+    templates: Annotated[Optional[str], typer.Option("--templates", help="Prompt template set for zero-shot.")] = None,  # noqa: UP007
+    world_seed: Annotated[Optional[int], typer.Option("--world-seed", help="Seed of the reference world.")] = None,  # noqa: UP007
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip (and count) unreadable items.")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Evaluate a model: every metric with a bootstrap 95 % CI, into results.json and results.md."""
+    from .config import dump_config, load_config
+    from .evaluation.suite import run_suite
+    from .utils.logging import setup_logging
+    from .utils.runs import new_run_dir
+
+    sets = list(set_ or [])
+    if model is not None:
+        sets.append(f"model.name={model}")
+    if seed is not None:
+        sets.append(f"experiment.seed={seed}")
+    cfg = load_config(config, sets)
+    ev = cfg.evaluation
+    run_dir = output or new_run_dir(cfg.experiment.output_dir, "evaluate")
+    setup_logging(_verbosity(verbose, quiet), run_dir)
+    results = run_suite(
+        cfg.model.name, run_dir, benchmarks=benchmark or ev.benchmarks, datasets=dataset or ev.datasets or ["world"],
+        seed=cfg.experiment.seed, config=dump_config(cfg), split=split, batch_size=ev.batch_size,
+        bootstrap_samples=ev.bootstrap_samples if bootstrap is None else bootstrap, max_items=max_items,
+        templates=templates, world_seed=world_seed, skip_bad=skip_bad or cfg.dataset.skip_bad,
+        root=cfg.dataset.root, progress=not quiet,
+    )
+    if not quiet:
+        from .evaluation.suite import results_table
+
+        typer.echo(results_table(results), nl=False)
+    typer.echo(f"run directory: {run_dir}")
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar fed by ``report(stage, done, total)`` callbacks."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True, quiet=quiet), transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
