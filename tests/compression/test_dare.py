@@ -154,3 +154,13 @@ def test_zero_rate_leaves_clip_unchanged(tiny_clip):
     assert torch.equal(got.text_embeds, expected.text_embeds)
     assert all(not isinstance(m, nn.Linear) or "projection" in n or "embed" in n
                for n, m in out.model.named_modules() if isinstance(m, nn.Linear) and "encoder" in n)
+
+
+def test_topk_mask_exact_count_with_ties():
+    s = torch.tensor([[1.0, 2.0, 2.0, 2.0, 3.0, 0.5]])
+    m = topk_mask(s, 0.5, "row")
+    assert int(m.sum()) == 3 and m[0, 4] and m[0, 1] and m[0, 2] and not m[0, 3]
+    big = torch.randn(300, 700).round(decimals=1)  # many ties
+    for rate in (0.1, 0.5, 0.93):
+        assert int(topk_mask(big, rate, "layer").sum()) == keep_count(big.numel(), rate)
+        assert torch.all(topk_mask(big, rate, "row").sum(1) == keep_count(700, rate))

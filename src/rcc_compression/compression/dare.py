@@ -78,6 +78,20 @@ def keep_count(numel: int, rate: float) -> int:
     return numel - round(numel * rate)
 
 
+def _top_per_row(s: torch.Tensor, keep: int) -> torch.Tensor:
+    """Exactly ``keep`` highest entries of each row (ties broken by position), in O(n) by ``kthvalue``."""
+    cols = s.shape[1]
+    if keep <= 0:
+        return torch.zeros_like(s, dtype=torch.bool)
+    if keep >= cols:
+        return torch.ones_like(s, dtype=torch.bool)
+    thr = s.kthvalue(cols - keep + 1, dim=1, keepdim=True).values
+    above = s > thr
+    ties = s == thr
+    need = keep - above.sum(1, keepdim=True)
+    return above | (ties & (ties.cumsum(1) <= need))
+
+
 def topk_mask(scores: torch.Tensor, rate: float, scope: str = "layer", allowed: torch.Tensor | None = None
               ) -> torch.Tensor:
     """Keep the highest scores so that ``rate`` of all entries are pruned (per layer or per row).
@@ -87,17 +101,10 @@ def topk_mask(scores: torch.Tensor, rate: float, scope: str = "layer", allowed: 
     s = scores.float()
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    mask = torch.zeros_like(s, dtype=torch.bool)
     if scope == "row":
-        keep = keep_count(s.shape[1], rate)
-        if keep > 0:
-            idx = s.topk(keep, dim=1).indices
-            mask.scatter_(1, idx, True)
+        mask = _top_per_row(s, keep_count(s.shape[1], rate))
     elif scope == "layer":
-        keep = keep_count(s.numel(), rate)
-        if keep > 0:
-            idx = s.flatten().topk(keep).indices
-            mask.view(-1)[idx] = True
+        mask = _top_per_row(s.reshape(1, -1), keep_count(s.numel(), rate)).view_as(s)
     else:
         raise ValueError(f"unknown scope {scope!r}; allowed: layer, row")
     if allowed is not None:

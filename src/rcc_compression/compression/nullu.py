@@ -192,10 +192,10 @@ def dropped_input_energy(Vh_r: torch.Tensor, gram: torch.Tensor, right: torch.Te
     ``(I - P) x``; directions the calibration inputs never occupy cost nothing. Computed as
     ``tr(G) - 2 tr(P G) + tr(P G P^T)`` through the rank-r factors of P, in O(r n^2).
     """
-    g = gram.double()
-    V = Vh_r.double()
-    X = V.t() if right is None else right.double() @ V.t()  # n x r
-    Y = V if right_inv is None else V @ right_inv.double()  # r x n, P = X Y
+    g = gram.to(Vh_r.dtype if Vh_r.dtype == torch.float64 else torch.float32)
+    V = Vh_r.to(g.dtype)
+    X = V.t() if right is None else right.to(g.dtype) @ V.t()  # n x r
+    Y = V if right_inv is None else V @ right_inv.to(g.dtype)  # r x n, P = X Y
     YG = Y @ g
     total = float(g.diagonal().sum())
     if total <= 0:
@@ -205,9 +205,9 @@ def dropped_input_energy(Vh_r: torch.Tensor, gram: torch.Tensor, right: torch.Te
     return max(0.0, (total - 2 * kept_cross + kept_sq) / total)
 
 
-def input_null_dim(gram: torch.Tensor, rel_tol: float = 1e-6) -> int:
+def input_null_dim(gram: torch.Tensor, rel_tol: float = 1e-5) -> int:
     """Number of input directions calibration data never occupies (eigenvalues below ``rel_tol * max``)."""
-    evals = torch.linalg.eigvalsh(gram.double())
+    evals = torch.linalg.eigvalsh(gram.float())
     return int((evals <= rel_tol * evals.max().clamp_min(1e-300)).sum())
 
 
@@ -271,12 +271,25 @@ class NulluStage(Stage):
             work[name] = {"layer": layer, "M": M, "right": right, "right_inv": right_inv,
                           "keep_sparse": layer.mask is not None}
 
-        # 2. decompositions, batched over layers of one shape
+        # 2. decompositions, batched over layers of one shape; only layers that will be factorised
+        #    get singular vectors (the spectrum alone decides the others)
+        def decide(w: dict[str, Any], energy: torch.Tensor, total: float | None = None) -> bool:
+            m, n = w["layer"].out_features, w["layer"].in_features
+            w["rank"] = rank_for(energy, m, n, tg["rank_reduction"], tg["energy_threshold"], tg["param_budget"],
+                                 cfg.rank_rule, total_energy=total)
+            return factorisable(w["rank"], m, n)
+
         groups: dict[tuple[int, int], list[str]] = {}
         for name, w in work.items():
             groups.setdefault(tuple(w["M"].shape), []).append(name)
         for names in groups.values():
-            fresh = [n for n in names if not (cfg.warm_start and work[n]["layer"].rank > 0)]
+            warm = [n for n in names if cfg.warm_start and work[n]["layer"].rank > 0]
+            fresh = [n for n in names if n not in warm]
+            if tg["energy_threshold"] is None:
+                fresh = [n for n in fresh if decide(work[n], torch.empty(0))]
+            elif fresh and method != "randomized":
+                sv = torch.linalg.svdvals(torch.stack([work[n]["M"] for n in fresh]))
+                fresh = [n for i, n in enumerate(fresh) if decide(work[n], sv[i].pow(2))]
             if fresh and method == "randomized":
                 for n in fresh:
                     w = work[n]
@@ -287,27 +300,29 @@ class NulluStage(Stage):
                 U, S, Vh = svd(torch.stack([work[n]["M"] for n in fresh]))
                 for i, n in enumerate(fresh):
                     work[n]["usv"] = (U[i], S[i], Vh[i])
-            for n in names:
-                if n in fresh:
-                    continue
+            for n in warm:
                 w = work[n]
-                prev_A = w["layer"].lr_A.detach().float()
+                prev_A = w["layer"].lr_A.detach().to(w["M"].dtype)
                 if w["right"] is not None:
                     prev_A = prev_A @ w["right"]
-                w["usv"] = warm_subspace_svd(w["M"], prev_A, cfg.power_iterations)
+                w["usv"] = warm_subspace_svd(w["M"], prev_A, iterations=1)
                 w["warm"] = True
 
         # 3. rank selection, factors, report
         per_layer: dict[str, Any] = {}
         for i, (name, w) in enumerate(work.items()):
-            layer, (U, S, Vh) = w["layer"], w["usv"]
+            layer = w["layer"]
             m, n = layer.out_features, layer.in_features
             total = float(w["M"].pow(2).sum())
-            r = rank_for(S.pow(2), m, n, tg["rank_reduction"], tg["energy_threshold"], tg["param_budget"],
-                         cfg.rank_rule, total_energy=total)
-            r = min(r, S.numel())
+            if "usv" in w:
+                U, S, Vh = w["usv"]
+                r = rank_for(S.pow(2), m, n, tg["rank_reduction"], tg["energy_threshold"], tg["param_budget"],
+                             cfg.rank_rule, total_energy=total)
+                r = min(r, S.numel())
+            else:
+                r = w["rank"]
             info: dict[str, Any] = {"rank": 0, "full_rank": min(m, n), "candidate_rank": r}
-            if not factorisable(r, m, n):
+            if "usv" not in w or not factorisable(r, m, n):
                 info["skipped"] = f"r (m + n) >= m n for r={r}"
                 if not w["keep_sparse"] and layer.weight is None and layer.rank > 0:
                     layer.set_low_rank(None, None)
@@ -340,7 +355,7 @@ class NulluStage(Stage):
     def _subspace_report(self, name: str, w: dict[str, Any], B: torch.Tensor, A: torch.Tensor, Vh_r: torch.Tensor,
                          gram: torch.Tensor, ctx: CompressionContext) -> dict[str, Any]:
         """Final-round report: output error on calibration inputs, dropped input energy, input null space."""
-        g = gram.double()
+        g = gram.float()  # a report: single precision is plenty and several times faster
         target = (w["M"] @ w["right_inv"] if w["right_inv"] is not None else w["M"]).to(g)
         Bd, Ad = B.to(g), A.to(g)
         AG = Ad @ g
