@@ -73,6 +73,12 @@ def compress(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip quality and efficiency evaluation.")] = False,
+    encrypt: Annotated[bool, typer.Option(
+        "--encrypt", help="Encrypt the checkpoints (AES-256-GCM); the key comes from RCC_CHECKPOINT_KEY or --key-file.",
+    )] = False,
+    key_file: Annotated[Optional[Path], typer.Option(  # noqa: UP007
+        "--key-file", help="File with the 32-byte key (64 hex digits, base64 or raw bytes); implies --encrypt.",
+    )] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -82,7 +88,7 @@ def compress(
     from rich.table import Table
 
     from .config import dump_config, load_config
-    from .jobs import prepare_run_dir, run_compress, summary_rows
+    from .jobs import checkpoint_key, prepare_run_dir, run_compress, summary_rows
     from .utils.logging import setup_logging
     from .utils.runs import RunRecord, new_run_dir
 
@@ -100,9 +106,11 @@ def compress(
 
             raise CheckpointError(f"{resume}: not a run directory (no config.yaml)")
         cfg = load_config(cfg_file)
+        key = checkpoint_key(encrypt, key_file, resume)
         run_dir = resume
     else:
         cfg = load_config(config, sets)
+        key = checkpoint_key(encrypt, key_file)
         run_dir = prepare_run_dir(output, overwrite, False) if output else new_run_dir(
             cfg.experiment.output_dir, cfg.experiment.name)
     setup_logging(_verbosity(verbose, quiet), run_dir)
@@ -111,6 +119,8 @@ def compress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
     ) as bar:
+        if key is not None:
+            record.update(encrypted=True)
         steps = bar.add_task("cascade steps", total=None)
         layers = bar.add_task("layers", total=None)
 
@@ -121,7 +131,7 @@ def compress(
             bar.update(steps, advance=1, description=f"step {rec['step'] + 1}: {rec['stage']} round {rec['round']}")
 
         results = run_compress(cfg, run_dir, resume=resume is not None, progress=on_layer, step_callback=on_step,
-                               evaluate=not no_eval)
+                               evaluate=not no_eval, encrypt_key=key)
         record.update(results={"stopped_early": results["stopped_early"], "gate": results["gate"],
                                "quality": results["quality"]})
     table = Table(title=f"{cfg.model.name}: dense vs compressed ({' -> '.join(results['stages'])})")

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import RCCConfig, dump_config
 from .errors import CheckpointError, DataError
-from .utils.io import atomic_write_json, atomic_write_text
+from .utils.io import atomic_write_json, atomic_write_text, directory_lock
 from .utils.logging import get_logger
 
 log = get_logger("jobs")
@@ -79,6 +79,35 @@ def efficiency(model: nn.Module, batch: dict[str, Any], iters: int = 10) -> dict
     return profile_model(model, batch, batch_sizes=(1, 8), warmup=2, iters=iters)
 
 
+def checkpoint_key(encrypt: bool = False, key_file: str | Path | None = None, resume_dir: Path | None = None
+                   ) -> bytes | None:
+    """The key that encrypts a run's checkpoints, or ``None`` for a run without encryption.
+
+    A new run is encrypted when asked (``--encrypt`` or ``--key-file``). A resumed run keeps what it
+    was: an encrypted run needs its key again, so that nothing it writes later is in the clear. The
+    key comes from ``key_file`` or the ``RCC_CHECKPOINT_KEY`` environment variable.
+    """
+    from .utils.crypto import KEY_ENV, load_key
+
+    was_encrypted = False
+    if resume_dir is not None:
+        import json
+
+        for name in ("run.json", "progress.json"):
+            try:
+                was_encrypted |= json.loads((resume_dir / name).read_text(encoding="utf-8")).get("encrypted") is True
+            except (OSError, ValueError, AttributeError):
+                continue
+    if not (encrypt or key_file is not None or was_encrypted):
+        return None
+    key = load_key(key_file)
+    if key is None:
+        why = "this run's checkpoints are encrypted" if was_encrypted else "--encrypt"
+        raise CheckpointError(f"{why}: no key given; set {KEY_ENV} (64 hex digits or base64 of 32 bytes) "
+                              "or pass --key-file")
+    return key
+
+
 def run_compress(
     cfg: RCCConfig,
     run_dir: Path,
@@ -86,8 +115,26 @@ def run_compress(
     progress: Callable[[str, int, int], None] | None = None,
     step_callback: Callable[[dict[str, Any]], None] | None = None,
     evaluate: bool = True,
+    encrypt_key: bytes | None = None,
 ) -> dict[str, Any]:
-    """Compress ``cfg.model`` with ``cfg.compression`` into ``run_dir``; returns the results dict."""
+    """Compress ``cfg.model`` with ``cfg.compression`` into ``run_dir``; returns the results dict.
+
+    The run directory is locked for the whole job; with ``encrypt_key`` every checkpoint (the
+    cascade's and ``compressed/``) is encrypted.
+    """
+    with directory_lock(run_dir):
+        return _run_compress(cfg, run_dir, resume, progress, step_callback, evaluate, encrypt_key)
+
+
+def _run_compress(
+    cfg: RCCConfig,
+    run_dir: Path,
+    resume: bool,
+    progress: Callable[[str, int, int], None] | None,
+    step_callback: Callable[[dict[str, Any]], None] | None,
+    evaluate: bool,
+    encrypt_key: bytes | None,
+) -> dict[str, Any]:
     from .compression.cascade import CascadePipeline
     from .compression.storage import save_compressed
     from .evaluation.efficiency import measured_storage
@@ -108,11 +155,12 @@ def run_compress(
     pipe = CascadePipeline(
         cfg.compression, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
         seed=cfg.experiment.seed, device=device, progress_callback=progress, step_callback=step_callback,
-        run_config=dump_config(cfg),
+        run_config=dump_config(cfg), encrypt_key=encrypt_key,
     )
     pipe.run(wrapper, resume=resume)
     out_dir = run_dir / "compressed"
-    manifest = save_compressed(wrapper, out_dir, config=dump_config(cfg), records=pipe.records, overwrite=True)
+    manifest = save_compressed(wrapper, out_dir, config=dump_config(cfg), records=pipe.records, overwrite=True,
+                               encrypt_key=encrypt_key)
     comp_quality = quality_metrics(wrapper, cfg) if evaluate else {}
     comp_eff = efficiency(wrapper, holdout[0]) if evaluate else {}
     results = {

@@ -8,6 +8,11 @@ held-out calibration batches, so no labels are needed; or a task metric callable
 and stops: the result is the most compressed model that meets the floor, with a record of every
 step. With a run directory, a checkpoint is written every ``checkpoint_frequency`` passing steps
 and an interrupted run resumes from it to the same result.
+
+Crash safety rests on ordering: a checkpoint directory appears whole (``save_compressed``), then
+``progress.json`` is replaced atomically to point at it, and only then are older checkpoints
+deleted. A process killed at any moment leaves ``progress.json`` naming a complete checkpoint (or
+no ``progress.json``: start again), and resuming removes what the killed writes left behind.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import CheckpointError, CompressionError
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, directory_lock, remove_stale_temp_files
 from ..utils.logging import get_logger
 from ..utils.schema import StrictModel
 from .calibration import output_agreement, run_outputs
@@ -101,6 +106,7 @@ class CascadePipeline:
         step_callback: Callable[[dict[str, Any]], None] | None = None,
         run_config: dict[str, Any] | None = None,
         num_synthetic_batches: int = 6,
+        encrypt_key: bytes | None = None,
     ) -> None:
         from ..config import CompressionSection
 
@@ -128,6 +134,8 @@ class CascadePipeline:
         self.step_callback = step_callback
         self.run_config = run_config
         self.num_synthetic_batches = num_synthetic_batches
+        self.encrypt_key = encrypt_key
+        self._checkpoint: str | None = None
         self.records: list[dict[str, Any]] = []
         self.stage_results: dict[str, dict[str, Any]] = {}
         self._snapshots: dict[str, dict[str, dict[str, Any]]] = {}
@@ -271,37 +279,81 @@ class CascadePipeline:
                 "stopped_early": self.stopped_early, "rounds": self.rounds}
 
     # ------------------------------------------------------------------ checkpoints
-    def _write_checkpoint(self, step: int) -> None:
+    def _write_checkpoint(self, step: int, done: bool = False) -> None:
+        """Save the model as ``checkpoints/step-NNNNN``, point ``progress.json`` at it, drop older ones."""
         from .storage import save_compressed
 
         assert self.run_dir is not None
         ckpt_root = self.run_dir / "checkpoints"
         target = ckpt_root / f"step-{step:05d}"
-        save_compressed(self._model, target, config=self.run_config, records=self.records, overwrite=True)
-        atomic_write_json(self.run_dir / PROGRESS_FILE, {
-            "format": "rcc-cascade-progress", "format_version": 1, "next_step": step + 1,
-            "checkpoint": target.relative_to(self.run_dir).as_posix(), "records": self.records,
-            "stage_results": self.stage_results, "done": False,
-        })
+        try:
+            save_compressed(self._model, target, config=self.run_config, records=self.records, overwrite=True,
+                            encrypt_key=self.encrypt_key)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}. {self._where_to_resume()}") from exc.__cause__
+        self._checkpoint = target.relative_to(self.run_dir).as_posix()
+        self._write_progress(step + 1, done)
         for old in ckpt_root.iterdir():
             if old.is_dir() and old != target:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def _resume_state(self) -> int:
-        from .storage import install_layers, load_layer_tensors, read_manifest, verify_files
-
-        if self.run_dir is None or not (self.run_dir / PROGRESS_FILE).is_file():
-            return 0
+    def _write_progress(self, next_step: int, done: bool) -> None:
+        assert self.run_dir is not None and self._checkpoint is not None
         try:
-            progress = json.loads((self.run_dir / PROGRESS_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{self.run_dir / PROGRESS_FILE}: malformed: {exc}") from None
-        if progress.get("format") != "rcc-cascade-progress":
-            raise CheckpointError(f"{self.run_dir / PROGRESS_FILE}: not a cascade progress file")
+            atomic_write_json(self.run_dir / PROGRESS_FILE, {
+                "format": "rcc-cascade-progress", "format_version": 1, "next_step": next_step,
+                "checkpoint": self._checkpoint, "records": self.records, "stage_results": self.stage_results,
+                "done": done, "stopped_early": self.stopped_early, "encrypted": self.encrypt_key is not None,
+            })
+        except OSError as exc:
+            raise CheckpointError(f"{self.run_dir / PROGRESS_FILE}: could not write: {exc.strerror or exc}. "
+                                  f"{self._where_to_resume()}") from exc
+
+    def _where_to_resume(self) -> str:
+        if self._checkpoint is None:
+            return "No checkpoint of this run was completed"
+        return (f"The last complete checkpoint, {self.run_dir / self._checkpoint}, is intact: "
+                f"free space and continue with rcc compress --resume {self.run_dir}")
+
+    def _read_progress(self) -> dict[str, Any] | None:
+        assert self.run_dir is not None
+        pfile = self.run_dir / PROGRESS_FILE
+        if not pfile.is_file():
+            return None
+        try:
+            progress = json.loads(pfile.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise CheckpointError(f"{pfile}: malformed: {str(exc)[:200]}") from None
+        if not isinstance(progress, dict) or progress.get("format") != "rcc-cascade-progress":
+            raise CheckpointError(f"{pfile}: not a cascade progress file")
+        ok = (isinstance(progress.get("next_step"), int) and isinstance(progress.get("checkpoint"), str)
+              and isinstance(progress.get("records", []), list) and isinstance(progress.get("stage_results", {}), dict))
+        if not ok or progress.get("format_version") != 1:
+            raise CheckpointError(f"{pfile}: unknown format_version {progress.get('format_version')!r} or missing "
+                                  "fields (next_step, checkpoint)")
+        return progress
+
+    def _resume_state(self) -> int:
+        from .storage import install_layers, install_rest, load_layer_tensors, read_manifest, verify_files
+
+        if self.run_dir is None:
+            return 0
+        removed = remove_stale_temp_files(self.run_dir)
+        if removed:
+            log.info("removed %d leftovers of interrupted writes: %s", len(removed),
+                     ", ".join(p.relative_to(self.run_dir).as_posix() for p in removed[:5]))
+        progress = self._read_progress()
+        if progress is None:
+            return 0
         ckpt = self.run_dir / progress["checkpoint"]
+        if self.run_dir.resolve() not in ckpt.resolve().parents:
+            raise CheckpointError(f"{self.run_dir / PROGRESS_FILE}: checkpoint {progress['checkpoint']!r} lies "
+                                  "outside the run directory")
         manifest = read_manifest(ckpt)
         verify_files(ckpt, manifest)
-        install_layers(self._model, manifest, load_layer_tensors(ckpt, manifest), self._ctx.reference)
+        install_layers(self._model, manifest, load_layer_tensors(ckpt, manifest, self.encrypt_key), self._ctx.reference)
+        install_rest(ckpt, manifest, self._model, self.encrypt_key)
+        self._checkpoint = progress["checkpoint"]
         self.records = list(progress.get("records", []))
         self.stage_results = dict(progress.get("stage_results", {}))
         log.info("resuming from %s (step %d of %d)", ckpt, progress["next_step"], len(self.steps()))
@@ -316,8 +368,15 @@ class CascadePipeline:
 
         With ``resume=True`` and a run directory holding a checkpoint, continue from it.
         """
-        if not resume and self.run_dir is not None and (self.run_dir / PROGRESS_FILE).exists():
-            raise CheckpointError(f"{self.run_dir}: holds an earlier run; resume it (--resume) or use a new directory")
+        if self.run_dir is None:
+            return self._run(model, resume)
+        with directory_lock(self.run_dir):
+            if not resume and (self.run_dir / PROGRESS_FILE).exists():
+                raise CheckpointError(f"{self.run_dir}: holds an earlier run; resume it (--resume) or use a new "
+                                      "directory")
+            return self._run(model, resume)
+
+    def _run(self, model: nn.Module, resume: bool) -> nn.Module:
         inner, wrapper = self._prepare(model)
         ctx = self._ctx
         steps = self.steps()
@@ -353,12 +412,10 @@ class CascadePipeline:
                 self._write_checkpoint(idx)
                 since_ckpt, saved_current = 0, True
         if self.run_dir is not None:
-            if not saved_current:
-                self._write_checkpoint(max(last_step, 0))
-            data = json.loads((self.run_dir / PROGRESS_FILE).read_text())
-            data.update(done=True, stopped_early=self.stopped_early, records=self.records,
-                        stage_results=self.stage_results)
-            atomic_write_json(self.run_dir / PROGRESS_FILE, data)
+            if saved_current:
+                self._write_progress(len(steps), done=True)
+            else:
+                self._write_checkpoint(max(last_step, 0), done=True)
         return wrapper if wrapper is not None else inner
 
     def _run_step(self, stage: Stage, idx: int, k: int) -> dict[str, Any]:

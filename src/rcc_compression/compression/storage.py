@@ -10,7 +10,11 @@ A compressed checkpoint is a directory holding
 - ``manifest.json`` (written last): format version, model class and config, resolved config,
   per-layer structure, stage records, and the sha256 and size of every file.
 
-Loading verifies every hash before reading a tensor and never unpickles.
+A save is built in a staging directory next to the target and renamed into place whole, so the
+target holds either the previous checkpoint or the complete new one, never a mix; a failed write
+(a full disk) leaves it as it was. Loading verifies every size and hash before reading a tensor and
+never unpickles. With a key, both tensor files are AES-256-GCM encrypted (``utils.crypto``) and
+written with mode 0600; the manifest stays readable and records the key's public id.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import reprlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..utils.io import atomic_save_safetensors, atomic_write_json, load_safetensors, sha256_file
+from ..utils.io import atomic_dir, atomic_save_safetensors, atomic_write_json, load_safetensors, sha256_file
 from .layers import CompressedLinear, compressed_layers, merge_all, replace_module
 
 FORMAT = "rcc-compressed"
@@ -43,6 +48,14 @@ MODEL_CLASSES = {
 }
 
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for error messages (a manifest field may hold anything)."""
+    return _REPR.repr(value)
 
 
 # ------------------------------------------------------------------------------ encodings
@@ -184,12 +197,16 @@ def _model_entry(model: nn.Module) -> dict[str, Any]:
     return {"class": None, "config": None}
 
 
-def _prepare_dir(path: Path, overwrite: bool) -> None:
+def _check_target(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise CheckpointError(f"{path}: directory is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+def _prepare_dir(path: Path, overwrite: bool) -> None:
+    _check_target(path, overwrite)
     if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"{path}: directory is not empty; pass overwrite=True (--overwrite) to replace it")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
 
@@ -214,7 +231,8 @@ def save_compressed(
     wrapper = model if isinstance(model, ModelWrapper) else None
     inner = wrapper.model if wrapper is not None else model
     path = Path(path)
-    _prepare_dir(path, overwrite)
+    _check_target(path, overwrite)
+    replacing = path.is_dir() and any(path.iterdir())
     layers = compressed_layers(inner)
     layer_tensors: dict[str, torch.Tensor] = {}
     layer_info: dict[str, Any] = {}
@@ -246,34 +264,43 @@ def save_compressed(
             continue
         seen[ident] = key
         rest[key] = tensor
-    files: dict[str, Any] = {}
-    for fname, tensors in ((LAYERS_FILE, layer_tensors), (REST_FILE, rest)):
-        _write_tensors(path / fname, tensors, encrypt_key)
-    if wrapper is not None:
-        wrapper.save_processors(path / "processor")
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")):
-        rel = f.relative_to(path).as_posix()
-        files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": _model_entry(inner),
-        "wrapper": None if wrapper is None else wrapper.model_type,
-        "encrypted": encrypt_key is not None,
-        "config": config,
-        "stages": records or [],
-        "layers": layer_info,
-        "aliases": aliases,
-        "files": files,
-        "stored_bytes": {
-            "layers": sum(v["stored_bytes"] for v in layer_info.values()),
-            "layers_dense": sum(v["dense_bytes"] for v in layer_info.values()),
-            "rest": sum(t.numel() * t.element_size() for t in rest.values()),
-        },
-        **(extra or {}),
-    }
-    atomic_write_json(path / MANIFEST, manifest, mode=0o600 if encrypt_key else None)
+    try:
+        with atomic_dir(path, mode=0o700 if encrypt_key is not None else None) as stage:
+            for fname, tensors in ((LAYERS_FILE, layer_tensors), (REST_FILE, rest)):
+                _write_tensors(stage / fname, tensors, encrypt_key)
+            if wrapper is not None:
+                wrapper.save_processors(stage / "processor")
+            files: dict[str, Any] = {}
+            for f in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != MANIFEST
+                            and not p.name.startswith(".")):
+                files[f.relative_to(stage).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "model": _model_entry(inner),
+                "wrapper": None if wrapper is None else wrapper.model_type,
+                "encrypted": encrypt_key is not None,
+                "config": config,
+                "stages": records or [],
+                "layers": layer_info,
+                "aliases": aliases,
+                "files": files,
+                "stored_bytes": {
+                    "layers": sum(v["stored_bytes"] for v in layer_info.values()),
+                    "layers_dense": sum(v["dense_bytes"] for v in layer_info.values()),
+                    "rest": sum(t.numel() * t.element_size() for t in rest.values()),
+                },
+                **(extra or {}),
+            }
+            if encrypt_key is not None:
+                from ..utils.crypto import key_id
+
+                manifest["key_id"] = key_id(encrypt_key)
+            atomic_write_json(stage / MANIFEST, manifest, mode=0o600 if encrypt_key else None)
+    except OSError as exc:
+        kept = "the checkpoint already there is unchanged" if replacing else "nothing was saved"
+        raise CheckpointError(f"{path}: could not write the checkpoint: {exc.strerror or exc}; {kept}") from exc
     return manifest
 
 
@@ -289,15 +316,31 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], key: bytes | No
     atomic_write_bytes(path, encrypt_bytes(data, key), mode=0o600)
 
 
-def _read_tensors(path: Path, key: bytes | None, encrypted: bool) -> dict[str, torch.Tensor]:
-    if not encrypted:
-        return load_safetensors(path)
-    if key is None:
-        raise CheckpointError(f"{path.parent}: checkpoint is encrypted; give the key (RCC_CHECKPOINT_KEY or a key file)")
-    from ..utils.crypto import decrypt_bytes
-    from safetensors.torch import load
+def _read_tensors(path: Path, key: bytes | None, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
 
-    return load(decrypt_bytes(path.read_bytes(), key, what=str(path)))
+    from ..utils.crypto import MAGIC, decrypt_bytes, key_id
+
+    try:
+        if not manifest.get("encrypted"):
+            with open(path, "rb") as fh:
+                if fh.read(len(MAGIC)) == MAGIC:
+                    raise CheckpointError(f"{path}: file is encrypted but the manifest says it is not")
+            return load_safetensors(path)
+        if key is None:
+            raise CheckpointError(f"{path.parent}: checkpoint is encrypted; give the key "
+                                  "(RCC_CHECKPOINT_KEY or a key file)")
+        stored_id = manifest.get("key_id")
+        if isinstance(stored_id, str) and stored_id != key_id(key):
+            raise CheckpointError(f"{path.parent}: wrong key: the checkpoint was encrypted with key id {stored_id}, "
+                                  f"the given key has id {key_id(key)}")
+        from safetensors.torch import load
+
+        return load(decrypt_bytes(path.read_bytes(), key, what=str(path)))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -309,9 +352,15 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not mfile.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST}; the save did not finish or this is not a compressed checkpoint")
     try:
-        manifest = json.loads(mfile.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{mfile}: malformed manifest: {exc}") from None
+        manifest = json.loads(mfile.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{mfile}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{mfile}: malformed manifest: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise CheckpointError(f"{mfile}: malformed manifest: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and integers too long to convert
+        raise CheckpointError(f"{mfile}: malformed manifest: {str(exc)[:200]}") from None
     return validate_manifest(manifest, str(mfile))
 
 
@@ -320,28 +369,35 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{where}: manifest must be a JSON object")
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: not an {FORMAT} manifest (format={manifest.get('format')!r})")
+        raise CheckpointError(f"{where}: not an {FORMAT} manifest (format={_short(manifest.get('format'))})")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{where}: unknown format_version {version!r}; this version reads {FORMAT_VERSION}")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise CheckpointError(f"{where}: unknown format_version {_short(version)}; this version reads {FORMAT_VERSION}")
+    if not isinstance(manifest.get("encrypted", False), bool):
+        raise CheckpointError(f"{where}: field 'encrypted' must be true or false")
     for key, typ in (("files", dict), ("layers", dict), ("model", dict), ("aliases", dict)):
         if not isinstance(manifest.get(key), typ):
             raise CheckpointError(f"{where}: field {key!r} missing or not a {typ.__name__}")
     for rel, entry in manifest["files"].items():
-        if not isinstance(rel, str) or rel.startswith(("/", "..")) or ".." in Path(rel).parts:
-            raise CheckpointError(f"{where}: illegal file path {rel!r}")
+        if (not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\x00" in rel or "\\" in rel
+                or any(part in ("", ".", "..") for part in rel.split("/"))):
+            raise CheckpointError(f"{where}: illegal file path {_short(rel)}")
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            raise CheckpointError(f"{where}: file entry {rel!r} needs a sha256")
+            raise CheckpointError(f"{where}: file entry {_short(rel)} needs a sha256")
+        size = entry.get("bytes")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise CheckpointError(f"{where}: file entry {_short(rel)}: bytes must be a non-negative integer")
     for name, info in manifest["layers"].items():
         if not isinstance(info, dict):
-            raise CheckpointError(f"{where}: layer entry {name!r} must be an object")
+            raise CheckpointError(f"{where}: layer entry {_short(name)} must be an object")
         for k in ("in_features", "out_features"):
-            if not isinstance(info.get(k), int) or info[k] <= 0:
-                raise CheckpointError(f"{where}: layer {name!r}: {k} must be a positive integer")
+            v = info.get(k)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise CheckpointError(f"{where}: layer {_short(name)}: {k} must be a positive integer")
         if info.get("dtype") not in ("float32", "float16", "bfloat16", "float64"):
-            raise CheckpointError(f"{where}: layer {name!r}: unsupported dtype {info.get('dtype')!r}")
+            raise CheckpointError(f"{where}: layer {_short(name)}: unsupported dtype {_short(info.get('dtype'))}")
         if info.get("encoding") not in (None, "dense", "bitmask", "csr"):
-            raise CheckpointError(f"{where}: layer {name!r}: unknown encoding {info.get('encoding')!r}")
+            raise CheckpointError(f"{where}: layer {_short(name)}: unknown encoding {_short(info.get('encoding'))}")
     return manifest
 
 
@@ -352,6 +408,10 @@ def verify_files(path: str | os.PathLike[str], manifest: dict[str, Any]) -> None
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"{path}: file {rel} listed in the manifest is missing")
+        size, recorded = f.stat().st_size, entry.get("bytes")
+        if isinstance(recorded, int) and size != recorded:
+            raise CheckpointError(f"{path}: file {rel} is {'truncated' if size < recorded else 'longer than saved'} "
+                                  f"({size} bytes, the manifest records {recorded})")
         if sha256_file(f) != entry["sha256"]:
             raise CheckpointError(f"{path}: file {rel} is corrupt (sha256 mismatch; truncated or modified)")
 
@@ -371,7 +431,7 @@ def _skeleton(manifest: dict[str, Any]) -> nn.Module:
 def load_layer_tensors(path: Path, manifest: dict[str, Any], key: bytes | None = None
                        ) -> dict[str, dict[str, torch.Tensor]]:
     """Stored tensors grouped by layer name."""
-    flat = _read_tensors(path / LAYERS_FILE, key, bool(manifest.get("encrypted")))
+    flat = _read_tensors(path / LAYERS_FILE, key, manifest)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in flat.items():
         name, _, part = k.rpartition("::")
@@ -394,6 +454,22 @@ def install_layers(model: nn.Module, manifest: dict[str, Any], grouped: dict[str
             layer.set_base(reference[name])
         ref = next(current.parameters(), None)
         replace_module(model, name, layer.to(ref.device) if ref is not None else layer)
+
+
+def install_rest(path: Path, manifest: dict[str, Any], model: nn.Module, key: bytes | None = None) -> None:
+    """Load ``rest.safetensors`` (every parameter and buffer outside the compressed layers) into ``model``."""
+    rest = _read_tensors(path / REST_FILE, key, manifest)
+    for alias, original in manifest["aliases"].items():
+        if original in rest:
+            rest[alias] = rest[original]
+    try:
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: state does not fit the model: {str(exc).splitlines()[-1].strip()[:300]}"
+                              ) from None
+    missing = [k for k in missing if not any(k.startswith(f"{n}.") for n in manifest["layers"])]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def load_compressed(
@@ -425,14 +501,7 @@ def load_compressed(
         reference = {n: m.weight.detach() for n, m in ref_inner.named_modules() if isinstance(m, nn.Linear)}
         reference.update({n: m.inner_weight().detach() for n, m in compressed_layers(ref_inner).items()})
     install_layers(inner, manifest, load_layer_tensors(path, manifest, key), reference)
-    rest = _read_tensors(path / REST_FILE, key, bool(manifest.get("encrypted")))
-    for alias, original in manifest["aliases"].items():
-        if original in rest:
-            rest[alias] = rest[original]
-    missing, unexpected = inner.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if not any(k.startswith(f"{n}.") for n in manifest["layers"])]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    install_rest(path, manifest, inner, key)
     inner.to(device).eval()
     if wrapper is not None:
         return wrapper

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 from pathlib import Path
 
@@ -44,14 +45,41 @@ def parse_key(text: str) -> bytes:
 
 
 def load_key(key_file: str | os.PathLike[str] | None = None) -> bytes | None:
-    """The key from ``key_file`` if given, else from ``RCC_CHECKPOINT_KEY``, else ``None``."""
+    """The key from ``key_file`` if given, else from ``RCC_CHECKPOINT_KEY``, else ``None``.
+
+    A key file holds 64 hex digits, base64 text, or exactly 32 raw bytes.
+    """
     if key_file is not None:
         path = Path(key_file)
         if not path.is_file():
             raise CheckpointError(f"{path}: key file not found")
-        return parse_key(path.read_text())
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read key file: {exc.strerror or exc}") from None
+        if len(raw) == 32:
+            return raw
+        try:
+            return parse_key(raw.decode("ascii"))
+        except (UnicodeDecodeError, CheckpointError) as exc:
+            raise CheckpointError(f"{path}: {exc if isinstance(exc, CheckpointError) else 'not a key file'}"
+                                  ) from None
     env = os.environ.get(KEY_ENV)
-    return parse_key(env) if env else None
+    if not env:
+        return None
+    try:
+        return parse_key(env)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{KEY_ENV}: {exc}") from None
+
+
+def key_id(key: bytes) -> str:
+    """A short public fingerprint of a key (16 hex digits), stored in the manifest.
+
+    It lets a load with the wrong key say so plainly instead of failing authentication; it is a
+    hash of the key under a fixed label, so it reveals nothing usable about the key.
+    """
+    return hashlib.sha256(b"rcc-checkpoint-key-id\x00" + key).hexdigest()[:16]
 
 
 def generate_key() -> bytes:

@@ -2,7 +2,8 @@
 
 Every file rcc-compression writes goes to a temporary name in the same directory, is flushed to
 disk, and is then renamed over the target, so a crash never leaves a half-written file under the
-final name. Nothing here unpickles.
+final name. Files get the permissions ``open()`` would give them (``0o666`` less the umask) unless
+a mode is asked for (encrypted checkpoints ask for ``0o600``). Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,6 +22,19 @@ from typing import Any
 import torch
 
 _CHUNK = 1 << 20
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode a new file (``0o666``) or directory (``0o777``) gets under the process umask."""
+    umask = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    if umask is None:  # no procfs: read the umask by setting it (and back)
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -43,8 +59,8 @@ def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterat
     tmp = Path(tmp_name)
     try:
         yield tmp
-        if mode is not None:
-            os.chmod(tmp, mode)
+        # mkstemp creates 0o600; give the file the permissions a plain open() would have
+        os.chmod(tmp, mode if mode is not None else default_mode())
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
@@ -120,5 +136,128 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def safe_torch_load(path: str | os.PathLike[str]) -> Any:
-    """``torch.load`` restricted to tensors and plain containers (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """``torch.load`` restricted to tensors and plain containers (``weights_only=True``).
+
+    A file that needs anything else to unpickle (classes, functions: a pickle that would run code)
+    is refused with :class:`~rcc_compression.errors.CheckpointError` before any of it runs.
+    """
+    import pickle
+
+    from ..errors import CheckpointError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused: not a plain tensor file ({first[:200]})") from None
+
+
+# ------------------------------------------------------------------ whole directories
+_STALE_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+_STALE_DIR = re.compile(r"^\..+\.(partial|old)-[A-Za-z0-9_]{8}$")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[Path]:
+    """Yield an empty staging directory next to ``path``; on success it replaces ``path`` whole.
+
+    The staging directory (``.NAME.partial-XXXXXXXX``) is renamed into place only after the body
+    finished, so ``path`` holds either the old directory or the complete new one; an error removes
+    the staging directory and leaves ``path`` untouched. An existing ``path`` is moved aside and
+    deleted after the rename (the caller decides whether replacing it is allowed).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        os.chmod(staging, mode if mode is not None else default_mode(directory=True))
+        yield staging
+        if target.exists() or target.is_symlink():
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, aside)  # aside is an empty directory: rename may replace it
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(aside, target)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete what interrupted atomic writes left under ``directory``; returns what was removed.
+
+    These are ``.NAME.XXXXXXXX.tmp`` files (:func:`atomic_path`) and ``.NAME.partial-*`` /
+    ``.NAME.old-*`` directories (:func:`atomic_dir`). Only call it while no other process writes
+    there (a run holds :func:`directory_lock`).
+    """
+    removed: list[Path] = []
+    root = Path(directory)
+    if not root.is_dir():
+        return removed
+    for here, dirs, files in os.walk(root):
+        for d in list(dirs):
+            if _STALE_DIR.match(d):
+                shutil.rmtree(Path(here) / d, ignore_errors=True)
+                removed.append(Path(here) / d)
+                dirs.remove(d)
+        for f in files:
+            if _STALE_FILE.match(f):
+                with contextlib.suppress(FileNotFoundError):
+                    (Path(here) / f).unlink()
+                removed.append(Path(here) / f)
+    return sorted(removed)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (file ``.lock``) for the body, or raise at once.
+
+    Two processes writing one run directory would interleave checkpoints; the second one gets a
+    :class:`~rcc_compression.errors.CheckpointError`. The kernel drops the lock when the process
+    dies, so a killed run never leaves its directory locked.
+    """
+    from ..errors import CheckpointError
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    ident = root.resolve()
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        fcntl = None
+    if fcntl is None or ident in _HELD_LOCKS:  # re-entrant within this process
+        _HELD_LOCKS[ident] = _HELD_LOCKS.get(ident, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[ident] -= 1
+            if not _HELD_LOCKS[ident]:
+                del _HELD_LOCKS[ident]
+        return
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise CheckpointError(f"{root}: in use by another rcc process (pid {holder}); wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD_LOCKS[ident] = 1
+        try:
+            yield
+        finally:
+            del _HELD_LOCKS[ident]
+    finally:
+        os.close(fd)
+
+
+_HELD_LOCKS: dict[Path, int] = {}
