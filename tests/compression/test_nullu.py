@@ -202,3 +202,11 @@ def test_hallu_space_mode_on_tiny_clip(tiny_clip, tmp_path):
     W = w.effective_weight() if isinstance(w, CompressedLinear) else w.weight
     assert (V.t().float() @ W.detach()).abs().max() < 1e-5
     assert adapter.num_layers == 2
+
+
+def test_spectral_energy_matches_singular_values():
+    from rcc_compression.compression.nullu import spectral_energy
+
+    for shape in ((3, 20, 30), (2, 30, 20)):
+        w = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(spectral_energy(w), torch.linalg.svdvals(w).pow(2))

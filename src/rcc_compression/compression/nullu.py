@@ -132,6 +132,16 @@ def svd(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return torch.linalg.svd(matrices, full_matrices=False)
 
 
+def spectral_energy(matrices: torch.Tensor) -> torch.Tensor:
+    """Squared singular values (descending) from the eigenvalues of the smaller Gram matrix.
+
+    Several times cheaper than ``svdvals`` and exact enough to pick a rank by energy.
+    """
+    m, n = matrices.shape[-2:]
+    gram = matrices @ matrices.transpose(-1, -2) if m <= n else matrices.transpose(-1, -2) @ matrices
+    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
+
+
 def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) Vh_r`` (equal norms, better conditioned for training)."""
     root = S[:r].sqrt()
@@ -168,18 +178,16 @@ def whitening(gram: torch.Tensor, damping: float = 1e-2, method: str = "cholesky
 
 def warm_subspace_svd(M: torch.Tensor, A_prev: torch.Tensor, iterations: int = 1
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Approximate top SVD of ``M`` by block power iteration started from ``A_prev``'s row space.
+    """Approximate top SVD of ``M`` by subspace iteration started from ``A_prev``'s row space.
 
     Returns ``U, S, Vh`` with ``q = A_prev.shape[0]`` components; exact when ``M``'s top-q
     subspace is ``A_prev``'s, and otherwise improving with each iteration.
     """
-    Qn = torch.linalg.qr(A_prev.t().to(M.dtype)).Q
+    Q = torch.linalg.qr(M @ A_prev.t().to(M.dtype)).Q
     for _ in range(max(iterations, 0)):
-        Qm = torch.linalg.qr(M @ Qn).Q
-        Qn = torch.linalg.qr(M.t() @ Qm).Q
-    Qm = torch.linalg.qr(M @ Qn).Q
-    Us, S, Vh = torch.linalg.svd(Qm.t() @ M, full_matrices=False)
-    return Qm @ Us, S, Vh
+        Q = torch.linalg.qr(M @ (M.t() @ Q)).Q
+    Us, S, Vh = torch.linalg.svd(Q.t() @ M, full_matrices=False)
+    return Q @ Us, S, Vh
 
 
 def dropped_input_energy(Vh_r: torch.Tensor, gram: torch.Tensor, right: torch.Tensor | None = None,
@@ -288,8 +296,8 @@ class NulluStage(Stage):
             if tg["energy_threshold"] is None:
                 fresh = [n for n in fresh if decide(work[n], torch.empty(0))]
             elif fresh and method != "randomized":
-                sv = torch.linalg.svdvals(torch.stack([work[n]["M"] for n in fresh]))
-                fresh = [n for i, n in enumerate(fresh) if decide(work[n], sv[i].pow(2))]
+                energies = spectral_energy(torch.stack([work[n]["M"] for n in fresh]))
+                fresh = [n for i, n in enumerate(fresh) if decide(work[n], energies[i])]
             if fresh and method == "randomized":
                 for n in fresh:
                     w = work[n]
