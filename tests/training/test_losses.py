@@ -11,6 +11,7 @@ from rcc_compression.compression.calibration import flatten_outputs
 from rcc_compression.models import get_model
 from rcc_compression.training.losses import (
     DistillationLoss,
+    FeatureMatchingLoss,
     LossWeights,
     attention_kl,
     attention_transfer,
@@ -141,7 +142,7 @@ def test_distillation_loss_weights_and_projection() -> None:
     loss = DistillationLoss("clip", LossWeights(kd=0.5, feature=2.0, task=0.25), temperature=2.0,
                             feature_keys=["image_embeds"], projections={"image_embeds": (3, 6)})
     total, terms = loss(student, teacher)
-    proj = loss.proj["image_embeds"]
+    proj = loss.features.proj["image_embeds"]
     assert set(terms) == {"kd", "feature", "task"}
     assert terms["kd"] == pytest.approx(clip_contrastive_kd(student["logits_per_image"],
                                                             teacher["logits_per_image"], 2.0).item(), rel=1e-6)
@@ -190,3 +191,12 @@ def test_blip_kd_ignores_padding(tiny_blip, make_batches) -> None:
     assert loss(noisy, out, batch)[1]["kd"] == pytest.approx(0.0, abs=1e-6)
     noisy["logits"][:, 0] += 1.0 + torch.arange(noisy["logits"].shape[-1]) * 0.01
     assert loss(noisy, out, batch)[1]["kd"] > 1e-5
+
+
+def test_feature_matching_over_every_shared_output() -> None:
+    t = {"a": torch.tensor([[0.0, 2.0]]), "b": torch.tensor([[1.0, 1.0, 1.0]]), "only_teacher": torch.ones(1, 2),
+         "text_model_output.attentions.0": torch.full((1, 1, 1, 2), 0.5)}
+    s = {"a": torch.tensor([[1.0, 0.0]]), "b": torch.tensor([[1.0, 1.0, 4.0]]), "odd": torch.ones(1, 2),
+         "text_model_output.attentions.0": torch.full((1, 1, 1, 2), 0.5)}
+    assert FeatureMatchingLoss()(s, t).item() == pytest.approx((5 / 4 + 9 / 3) / 2, abs=1e-6)
+    assert FeatureMatchingLoss(["b"])(s, t).item() == pytest.approx(3.0, abs=1e-6)

@@ -104,7 +104,7 @@ def _resume_setup(ckpt_dir: Path | None, callbacks=()):
 
 def _snapshot(trainer: CompressionTrainer) -> dict:
     return {"params": [p.detach().clone() for p in trainer.model.parameters()],
-            "proj": trainer.objective.loss.proj["image_embeds"].weight.detach().clone(),
+            "proj": trainer.objective.loss.features.proj["image_embeds"].weight.detach().clone(),
             "steps": trainer.state.steps, "history": trainer.state.history,
             "lrs": trainer.callbacks.callbacks[0].history}
 

@@ -165,34 +165,22 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
-class DistillationLoss(nn.Module):
-    """Weighted sum of the KD, feature, attention and task terms for one model family.
+class FeatureMatchingLoss(nn.Module):
+    """Mean :func:`feature_loss` over named features, through learned projections where widths differ (FitNets).
 
-    ``forward(student, teacher, batch)`` takes flattened outputs (``calibration.flatten_outputs``)
-    of the student and the frozen teacher and returns ``(total, {term: value})``. Features whose
-    widths differ go through learned projections (``projections``: key -> (student width, teacher
-    width)), the only parameters this module holds. ``gather`` (CLIP) is a function that
-    concatenates a tensor across data-parallel ranks, keeping the gradient of the local part.
-    Other families fall back to the relative error of every output they share.
+    ``keys``: the flattened-output names to match (``None``: every output both sides share with
+    the same shape, attentions aside); ``projections``: name -> (student width, teacher width),
+    a bias-free linear map trained with the student.
     """
 
-    def __init__(self, family: str = "generic", weights: LossWeights | None = None, temperature: float = 1.0,
-                 feature_keys: Sequence[str] | None = None, projections: Mapping[str, tuple[int, int]] | None = None,
-                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None, label_smoothing: float = 0.0) -> None:
+    def __init__(self, keys: Sequence[str] | None = None,
+                 projections: Mapping[str, tuple[int, int]] | None = None) -> None:
         super().__init__()
-        if family not in ("clip", "blip", "generic"):
-            raise ValueError(f"unknown model family {family!r}; allowed: clip, blip, generic")
-        self.family = family
-        self.weights = weights or LossWeights()
-        self.temperature = temperature
-        self.feature_keys = tuple(feature_keys) if feature_keys is not None else FEATURE_KEYS.get(family)
+        self.keys = tuple(keys) if keys is not None else None
         self.proj = nn.ModuleDict({_key(k): nn.Linear(s, t, bias=False) for k, (s, t) in (projections or {}).items()})
-        self.gather = gather
-        self.label_smoothing = label_smoothing
 
-    def features(self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Mean :func:`feature_loss` over the feature keys both outputs hold (projected where widths differ)."""
-        keys = self.feature_keys if self.feature_keys is not None else [
+    def forward(self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        keys = self.keys if self.keys is not None else [
             k for k, t in teacher.items()
             if k in student and not _ATTN.match(k) and k != "logit_scale"
             and (student[k].shape == t.shape or _key(k) in self.proj)
@@ -211,6 +199,32 @@ class DistillationLoss(nn.Module):
         if not terms:
             raise ValueError("no feature shared by student and teacher outputs")
         return torch.stack(terms).mean()
+
+
+class DistillationLoss(nn.Module):
+    """Weighted sum of the KD, feature, attention and task terms for one model family.
+
+    ``forward(student, teacher, batch)`` takes flattened outputs (``calibration.flatten_outputs``)
+    of the student and the frozen teacher and returns ``(total, {term: value})``. The feature
+    term is a :class:`FeatureMatchingLoss` over ``feature_keys`` (default: per family) whose
+    ``projections`` are this module's only parameters. ``gather`` (CLIP) is a function that
+    concatenates a tensor across data-parallel ranks, keeping the gradient of the local part.
+    Other families fall back to the relative error of every output they share.
+    """
+
+    def __init__(self, family: str = "generic", weights: LossWeights | None = None, temperature: float = 1.0,
+                 feature_keys: Sequence[str] | None = None, projections: Mapping[str, tuple[int, int]] | None = None,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if family not in ("clip", "blip", "generic"):
+            raise ValueError(f"unknown model family {family!r}; allowed: clip, blip, generic")
+        self.family = family
+        self.weights = weights or LossWeights()
+        self.temperature = temperature
+        self.features = FeatureMatchingLoss(feature_keys if feature_keys is not None else FEATURE_KEYS.get(family),
+                                            projections)
+        self.gather = gather
+        self.label_smoothing = label_smoothing
 
     def _clip_logits(self, out: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.gather is None or "logit_scale" not in out:
