@@ -62,7 +62,7 @@ class CompressedLinear(nn.Module):
         if mask is not None:
             mask = mask.to(device=values.device, dtype=torch.bool)
             values = values * mask
-        self.weight = nn.Parameter(values.detach().clone().to(self._ref.dtype))
+        self.weight = nn.Parameter(_dense_copy(values, self._ref.dtype))
         self.mask = mask
 
     def set_low_rank(self, B: torch.Tensor | None, A: torch.Tensor | None) -> None:
@@ -71,18 +71,18 @@ class CompressedLinear(nn.Module):
             self.lr_B = self.lr_A = None
             return
         dtype = self._ref.dtype
-        self.lr_B = nn.Parameter(B.detach().clone().to(dtype))
-        self.lr_A = nn.Parameter(A.detach().clone().to(dtype))
+        self.lr_B = nn.Parameter(_dense_copy(B, dtype))
+        self.lr_A = nn.Parameter(_dense_copy(A, dtype))
 
     def set_scales(self, a_in: torch.Tensor | None, a_out: torch.Tensor | None) -> None:
         """Set the per-channel scales (``None`` removes one)."""
         dtype = self._ref.dtype
-        self.a_in = None if a_in is None else nn.Parameter(a_in.detach().clone().to(dtype))
-        self.a_out = None if a_out is None else nn.Parameter(a_out.detach().clone().to(dtype))
+        self.a_in = None if a_in is None else nn.Parameter(_dense_copy(a_in, dtype))
+        self.a_out = None if a_out is None else nn.Parameter(_dense_copy(a_out, dtype))
 
     def set_base(self, base: torch.Tensor | None) -> None:
         """Set the frozen reference weight (delta compression)."""
-        self.base = None if base is None else base.detach().clone().to(self._ref.dtype)
+        self.base = None if base is None else _dense_copy(base, self._ref.dtype)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -189,6 +189,12 @@ class CompressedLinear(nn.Module):
         if self.base is not None:
             parts.append("base")
         return ", ".join(parts)
+
+
+def _dense_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A detached, row-major copy: the same layout as a reloaded checkpoint, so results do not
+    depend on whether a tensor came from a decomposition or from disk."""
+    return t.detach().to(dtype).clone(memory_format=torch.contiguous_format)
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
