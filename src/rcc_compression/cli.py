@@ -89,6 +89,7 @@ def compress(
 
     from .config import dump_config, load_config
     from .jobs import checkpoint_key, prepare_run_dir, run_compress, summary_rows
+    from .utils.io import directory_lock
     from .utils.logging import setup_logging
     from .utils.runs import RunRecord, new_run_dir
 
@@ -113,9 +114,11 @@ def compress(
         key = checkpoint_key(encrypt, key_file)
         run_dir = prepare_run_dir(output, overwrite, False) if output else new_run_dir(
             cfg.experiment.output_dir, cfg.experiment.name)
+    run_lock = contextlib.ExitStack()  # held before anything is written: one process per run directory
+    run_lock.enter_context(directory_lock(run_dir))
     setup_logging(_verbosity(verbose, quiet), run_dir)
     console = Console(stderr=True, quiet=quiet)
-    with RunRecord(run_dir, dump_config(cfg), cfg.experiment.seed) as record, Progress(
+    with run_lock, RunRecord(run_dir, dump_config(cfg), cfg.experiment.seed) as record, Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
     ) as bar:
