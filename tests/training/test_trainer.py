@@ -195,3 +195,16 @@ def test_teacher_cache_saves_forward_passes(tmp_path: Path, tiny_clip, make_batc
     changed = Teacher(teacher_model, cache_dir=tmp_path)
     changed(data[0])
     assert (changed.forward_calls, changed.cache_hits) == (1, 0)  # a changed teacher never reads stale outputs
+
+
+def test_task_objective_trains_clip_on_its_own_loss(tiny_clip, make_batches) -> None:
+    from rcc_compression.training.trainer import TaskObjective
+
+    data = make_batches(tiny_clip, 2, 8, 0)
+    objective = TaskObjective("clip")
+    loss, terms = objective(tiny_clip.model, data[0])
+    assert loss.item() == pytest.approx(tiny_clip.model(**data[0], return_loss=True).loss.item(), rel=1e-5)
+    trainer = CompressionTrainer(tiny_clip.model, objective, TrainingSection(learning_rate=3e-3), train_data=data,
+                                 num_epochs=8)
+    history = trainer.fit().history
+    assert history[-1]["train_task"] < 0.5 * history[0]["train_task"]

@@ -13,6 +13,7 @@ from typing import Any
 
 _EXPORTS = {
     "CompressionTrainer": "trainer", "TrainingState": "trainer", "DistillationObjective": "trainer",
+    "TaskObjective": "trainer",
     "DistillationLoss": "losses", "LossWeights": "losses", "Teacher": "teacher",
     "CallbackHandler": "callbacks", "EarlyStopping": "callbacks", "ModelCheckpoint": "callbacks",
     "LoggingCallback": "callbacks", "LearningRateMonitor": "callbacks", "run_train": "recovery",

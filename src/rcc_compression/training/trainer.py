@@ -46,7 +46,7 @@ from ..utils.logging import get_logger
 from ..utils.seeding import get_rng_state, set_rng_state
 from .callbacks import Callback, CallbackHandler
 from .distributed import DistInfo, all_reduce_grads, all_reduce_mean, barrier, current, wrap_model
-from .losses import DistillationLoss
+from .losses import DistillationLoss, LossWeights
 from .optim import Precision, build_optimizer, build_scheduler, checkpointing_modules, enable_activation_checkpointing
 from .teacher import Teacher, model_extras
 
@@ -82,6 +82,27 @@ class DistillationObjective(nn.Module):
         student.update(model_extras(getattr(model, "module", model)))
         teacher = self.teacher(batch, index)
         return self.loss(student, teacher, batch, task_loss=getattr(out, "loss", None))
+
+
+class TaskObjective(nn.Module):
+    """The model's own loss, no teacher (training from scratch or plain fine-tuning).
+
+    CLIP: symmetric contrastive cross-entropy (across ranks with ``gather``); BLIP captioning:
+    next-token cross-entropy; any other model: the ``loss`` its forward returns.
+    """
+
+    def __init__(self, family: str, label_smoothing: float = 0.0,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.loss = DistillationLoss(family, LossWeights(kd=0.0, feature=0.0, task=1.0), gather=gather,
+                                     label_smoothing=label_smoothing)
+
+    def forward(self, model: nn.Module, batch: Batch, index: int | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(**batch)
+        flat = flatten_outputs(out)
+        flat.update(model_extras(getattr(model, "module", model)))
+        return self.loss(flat, {}, batch, task_loss=getattr(out, "loss", None))
 
 
 @dataclass
