@@ -362,7 +362,7 @@ class NulluStage(Stage):
 
     def _subspace_report(self, name: str, w: dict[str, Any], B: torch.Tensor, A: torch.Tensor, Vh_r: torch.Tensor,
                          gram: torch.Tensor, ctx: CompressionContext) -> dict[str, Any]:
-        """Final-round report: output error on calibration inputs, dropped input energy, input null space."""
+        """Final-round report: relative output error on calibration inputs and the input energy dropped."""
         g = gram.float()  # a report: single precision is plenty and several times faster
         target = (w["M"] @ w["right_inv"] if w["right_inv"] is not None else w["M"]).to(g)
         Bd, Ad = B.to(g), A.to(g)
@@ -370,13 +370,9 @@ class NulluStage(Stage):
         t_g_t = float(((target @ g) * target).sum())
         cross = float(((Bd.t() @ target) * AG).sum())  # tr(B A G T^T)
         lr_sq = float(((AG @ Ad.t()) * (Bd.t() @ Bd)).sum())  # tr(B A G A^T B^T)
-        cache = ctx.cache.setdefault("input_null_dim", {})
-        if name not in cache:
-            cache[name] = input_null_dim(g)
         return {
             "output_error": max(0.0, t_g_t - 2 * cross + lr_sq) / max(t_g_t, 1e-300),
             "dropped_input_energy": dropped_input_energy(Vh_r, g, w["right"], w["right_inv"]),
-            "input_null_dim": cache[name],
         }
 
     def _rank_guess(self, shape: tuple[int, ...], tg: dict[str, float | None]) -> int:

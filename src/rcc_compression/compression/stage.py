@@ -102,7 +102,6 @@ class CompressionContext:
     progress_callback: Callable[[str, int, int], None] | None = None
     tokenizer: Any = None
     image_loader: Callable[[list[Any]], torch.Tensor] | None = None
-    cache: dict[str, Any] = field(default_factory=dict)
     _stats: dict[str, LayerStats] = field(default_factory=dict)
     _stats_gram: bool = False
     _preserve_stats: dict[str, LayerStats] | None = None
