@@ -316,3 +316,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(exc.exit_code)
         raise
     return 0
+
+
+def _alias(command: str) -> int:
+    return main([command, *sys.argv[1:]])
+
+
+def compress_main() -> int:
+    """``rcc-compress``: the design document's alias of ``rcc compress``."""
+    return _alias("compress")
+
+
+def evaluate_main() -> int:
+    """``rcc-evaluate``: alias of ``rcc evaluate``."""
+    return _alias("evaluate")
+
+
+def train_main() -> int:
+    """``rcc-train``: alias of ``rcc train``."""
+    return _alias("train")
