@@ -56,8 +56,9 @@ class ImageTransform:
             if self.resize_exact:
                 new = (self.size, self.size)
             else:
-                scale = self.size / min(w, h)
-                new = (max(1, round(w * scale)), max(1, round(h * scale)))
+                short, long = (w, h) if w <= h else (h, w)
+                new_long = int(self.size * long / short)  # truncation, as Hugging Face processors do
+                new = (self.size, new_long) if w <= h else (new_long, self.size)
             if new != (w, h):
                 img = img.resize(new, resample=Image.Resampling(_RESAMPLE[self.resample]))
         arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -101,7 +102,7 @@ def center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
         ph, pw = max(size - h, 0), max(size - w, 0)
         pixels = torch.nn.functional.pad(pixels, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
         h, w = pixels.shape[-2:]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = (h - size) // 2, (w - size) // 2
     return pixels[..., top : top + size, left : left + size]
 
 

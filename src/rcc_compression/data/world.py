@@ -409,8 +409,18 @@ def canonical_caption(scene: Scene) -> str:
     return caption_from_objects([(o.colour, o.shape, o.x) for o in scene.objects])
 
 
+def _the(obj: WorldObject, rng: np.random.Generator) -> str:
+    """``the red circle`` (with synonyms)."""
+    return f"the {_pick(rng, COLOUR_WORDS[obj.colour])} {_pick(rng, SHAPE_WORDS[obj.shape])}"
+
+
 def describe(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
-    """``n`` distinct captions: one canonical (left to right), the rest varied in words and order."""
+    """``n`` distinct captions: one canonical (left to right), the rest varied in words and order.
+
+    Single objects are also described as ``one red circle`` and partially (``one circle``,
+    ``one red object``): the world's prompt templates are built from these forms, so zero-shot
+    prompts are sentences of the training language, never its held-out pairs.
+    """
     objs = sorted(scene.objects, key=lambda o: o.x)
     captions = [canonical_caption(scene)]
     bg = scene.background
@@ -425,13 +435,19 @@ def describe(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
         counted = _counted(order, rng)
         options: list[str] = [_join(nps), f"{prefix} {_join(nps)}", f"{_join(nps)} on {_article(bgw)} {bgw} background"]
         if k == 1:
-            options += [f"{nps[0]} {position_phrase(order[0], scene.size)}", "one " + _np(order[0], rng).split(" ", 1)[1],
-                        f"{prefix} {nps[0]} on {_article(bgw)} {bgw} background"]
+            o = order[0]
+            one = f"one {_pick(rng, COLOUR_WORDS[o.colour])} {_pick(rng, SHAPE_WORDS[o.shape])}"
+            partial = str(rng.choice([f"one {_pick(rng, SHAPE_WORDS[o.shape])}",
+                                      f"one {_pick(rng, COLOUR_WORDS[o.colour])} {rng.choice(['object', 'shape'])}"]))
+            options += [f"{nps[0]} {position_phrase(o, scene.size)}", f"{_the(o, rng)} is {position_phrase(o, scene.size)}",
+                        f"{prefix} {one}", one, f"{prefix} {partial}", f"{prefix} {nps[0]} on {_article(bgw)} {bgw} background"]
         else:
             count = NUMBER_WORDS[k]
             noun = str(rng.choice(["objects", "shapes"]))
-            options += [f"{count} {noun}: {_join(nps)}", f"{nps[0]} {relation(order[0], order[1])} {nps[1]}"
-                        + (f", and {nps[2]}" if k == 3 else "")]
+            rel = relation(order[0], order[1])
+            options += [f"{count} {noun}: {_join(nps)}",
+                        f"{nps[0]} {rel} {nps[1]}" + (f", and {nps[2]}" if k == 3 else ""),
+                        f"{_the(order[0], rng)} is {rel} {_the(order[1], rng)}"]
             if counted is not None:
                 there = "there are" if prefix == "there is" and not counted.startswith(("a ", "an ")) else prefix
                 options += [counted, f"{there} {counted}"]
@@ -480,12 +496,12 @@ def questions_for(
 
 # ------------------------------------------------------------------------------- vocabulary
 WORLD_TEMPLATES = (
-    "a photo of the {}.", "a picture of the {}.", "an image of the {}.", "the {}.",
-    "a drawing of the {}.", "a rendering of the {}.", "a photo of one {}.", "there is one {}.",
+    "a photo of one {}.", "a picture of one {}.", "an image of one {}.", "there is one {}.",
+    "a drawing of one {}.", "a rendering of one {}.", "one {}.",
 )
 WORLD_COLOUR_TEMPLATES = (
-    "a photo of a {} object.", "a picture of a {} shape.", "an image of something {}.", "a {} object.",
-    "a drawing of a {} shape.", "there is a {} object.",
+    "a photo of one {} object.", "a picture of one {} shape.", "an image of one {} object.", "there is one {} shape.",
+    "one {} object.", "one {} shape.",
 )
 
 
