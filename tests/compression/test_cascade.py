@@ -148,3 +148,12 @@ def test_compress_model_says_why_when_gate_stops_it():
     assert "validation gate stopped" in model.compression_stats["rate_note"]
     with pytest.raises(CompressionError, match="unknown method"):
         compress_model("tiny-clip", method="prune")
+
+
+def test_gate_agreement_uses_primary_outputs():
+    from rcc_compression.compression.calibration import output_agreement
+
+    t = {"image_embeds": torch.ones(3, 4), "text_embeds": torch.ones(3, 4), "hidden": torch.ones(3, 4)}
+    s = {"image_embeds": torch.ones(3, 4), "text_embeds": -torch.ones(3, 4), "hidden": torch.zeros(3, 4)}
+    assert output_agreement([s], [t]) == pytest.approx(0.0)  # mean of +1 and -1; hidden states ignored
+    assert output_agreement([{"out": torch.ones(2, 3)}], [{"out": torch.ones(2, 3)}]) == pytest.approx(1.0)

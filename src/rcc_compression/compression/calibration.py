@@ -147,16 +147,24 @@ def run_outputs(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: 
         model.train(was_training)
 
 
+#: outputs the gate compares when a model has them (CLIP's embeddings, a decoder's logits);
+#: hidden states are means to these ends, not what a user of the model sees
+PRIMARY_OUTPUTS = ("image_embeds", "text_embeds", "logits")
+
+
 def output_agreement(student: Sequence[Mapping[str, torch.Tensor]], teacher: Sequence[Mapping[str, torch.Tensor]]
                      ) -> float:
     """Mean per-sample cosine similarity between compressed and dense outputs (1.0 = identical).
 
-    Every floating output both share counts equally; each sample is a row of the output's first
+    Compares the model's primary outputs (:data:`PRIMARY_OUTPUTS`) when it has them, else every
+    floating output both share, each counting equally; each sample is a row of the output's first
     dimension. This is the validation gate's label-free default metric.
     """
     scores = []
     for s_out, t_out in zip(student, teacher, strict=True):
-        for key, t in t_out.items():
+        primary = [k for k in PRIMARY_OUTPUTS if k in t_out]
+        for key in primary or list(t_out):
+            t = t_out[key]
             s = s_out.get(key)
             if s is None or s.shape != t.shape:
                 continue

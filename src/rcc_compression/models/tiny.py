@@ -83,6 +83,7 @@ def tiny_blip_config(vocab_size: int, hidden: int = 32, layers: int = 2, image_s
         vision_config=dict(
             image_size=image_size, patch_size=patch, hidden_size=hidden, intermediate_size=2 * hidden,
             num_hidden_layers=layers, num_attention_heads=2,
+            initializer_range=0.02,  # BLIP's vision default (1e-10) leaves an untrained tower at ~0
         ),
         projection_dim=hidden,
     )
