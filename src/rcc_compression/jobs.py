@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import RCCConfig, dump_config
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError
 from .utils.io import atomic_write_json, atomic_write_text, directory_lock
 from .utils.logging import get_logger
 
@@ -34,42 +34,35 @@ def calibration_batches(wrapper: nn.Module, cfg: RCCConfig, source: str | None =
     cal = cfg.calibration
     total = cal.num_batches + cal.holdout_batches
     src = source or cal.source
-    try:
-        from .data.calibration import build_calibration_batches
-    except ImportError:
-        build_calibration_batches = None
-    if build_calibration_batches is not None:
-        return build_calibration_batches(wrapper, src, total, cal.batch_size, cfg.experiment.seed)
-    if src != "synthetic":
-        raise DataError(f"calibration source {src!r} needs the data package; use calibration.source=synthetic")
-    g = torch.Generator().manual_seed(cfg.experiment.seed + 12345)
-    return [wrapper.synthetic_batch(cal.batch_size, g) for _ in range(total)]
+    from .data.calibration import build_calibration_batches
+
+    return build_calibration_batches(wrapper, src, total, cal.batch_size, cfg.experiment.seed)
+
+
+HEADLINE_METRICS = ("top1", "top5", "mean_per_class_recall", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy")
+
+
+def headline_metrics(result: dict[str, Any], names: tuple[str, ...] = HEADLINE_METRICS) -> dict[str, float]:
+    """``{"<benchmark> <dataset> <metric>": value}`` for the headline metrics of an ``evaluate_model`` result."""
+    out: dict[str, float] = {}
+    for bench, per_dataset in result.get("results", {}).items():
+        for spec, res in per_dataset.items():
+            for name in names:
+                m = res.get("metrics", {}).get(name)
+                if isinstance(m, dict) and "value" in m:
+                    out[f"{bench} {spec} {name}"] = float(m["value"])
+    return out
 
 
 def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> dict[str, float]:
-    """Task metrics of the configured benchmarks (flat name -> value); empty when none are configured."""
+    """Headline task metrics of the configured benchmarks; empty when none are configured."""
     if not cfg.evaluation.benchmarks:
         return {}
-    try:
-        from .evaluation.suite import evaluate_model
-    except ImportError:
-        return {}
+    from .evaluation.suite import evaluate_model
+
     res = evaluate_model(wrapper, benchmarks=cfg.evaluation.benchmarks, datasets=cfg.evaluation.datasets,
                          batch_size=cfg.evaluation.batch_size, bootstrap_samples=0, seed=cfg.experiment.seed)
-    return flatten_metrics(res)
-
-
-def flatten_metrics(res: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested result as ``a/b/c`` -> value (confidence intervals dropped)."""
-    out: dict[str, float] = {}
-    if isinstance(res, dict):
-        for k, v in res.items():
-            if k in ("ci", "ci_low", "ci_high", "n", "samples"):
-                continue
-            out.update(flatten_metrics(v, f"{prefix}/{k}" if prefix else str(k)))
-    elif isinstance(res, (int, float)) and not isinstance(res, bool):
-        out[prefix] = float(res)
-    return out
+    return headline_metrics(res)
 
 
 def efficiency(model: nn.Module, batch: dict[str, Any], iters: int = 10) -> dict[str, Any]:
