@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import reprlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -138,6 +139,30 @@ class RCCConfig(StrictModel):
 
 # ------------------------------------------------------------------------------ YAML loading
 _DIRECTIVES = ("inherit", "override")
+#: deeper mappings than this are refused (a YAML alias can make a mapping contain itself)
+MAX_DEPTH = 32
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 4, 4, 4, 4
+
+
+def _short(value: Any) -> str:
+    """A bounded one-line repr of a bad value (YAML aliases can make values huge or self-containing)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _why(exc: Exception) -> str:
+    """The reason of an OS or value error without the (possibly huge) file name it carries."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return _show(" ".join(text.split()))
+
+
+def _show(path: Any) -> str:
+    """A path or key path for a one-line message: as is when printable and short, else a bounded repr."""
+    text = str(path)
+    return text if text.isprintable() and len(text) <= 300 else _short(text)
 
 
 def _fmt_path(path: KeyPath) -> str:
@@ -148,26 +173,40 @@ def _fmt_path(path: KeyPath) -> str:
 
 
 def _read_yaml(path: Path, origin: str | None) -> Any:
-    where = f" (inherited from {origin})" if origin else ""
-    if not path.exists():
-        raise ConfigError(f"config error: {path}: file not found{where}")
-    if path.is_dir():
-        raise ConfigError(f"config error: {path}: is a directory, expected a YAML file{where}")
+    where = f" (inherited from {_show(origin)})" if origin else ""
+    name = _show(path)
+    try:
+        exists, is_dir, is_file = path.exists(), path.is_dir(), path.is_file()
+    except (OSError, ValueError) as exc:  # a name too long, an embedded NUL
+        raise ConfigError(f"config error: {name}: cannot use this path: {_why(exc)}{where}") from None
+    if not exists:
+        raise ConfigError(f"config error: {name}: file not found{where}")
+    if is_dir:
+        raise ConfigError(f"config error: {name}: is a directory, expected a YAML file{where}")
+    if not is_file:
+        raise ConfigError(f"config error: {name}: not a regular file, expected a YAML file{where}")
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config error: {path}: cannot read: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config error: {name}: cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(f"config error: {name}: cannot read: {_why(exc)}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"config error: {path}:{line} YAML syntax error: {problem}") from None
+        raise ConfigError(f"config error: {name}:{line} YAML syntax error: {' '.join(problem.split())}") from None
+    except RecursionError:
+        raise ConfigError(f"config error: {name}: YAML nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer too long to convert
+        raise ConfigError(f"config error: {name}: YAML value error: {' '.join(str(exc).split())[:200]}") from None
     if data is None:
-        raise ConfigError(f"config error: {path}: file is empty, expected a mapping of sections")
+        raise ConfigError(f"config error: {name}: file is empty, expected a mapping of sections")
     if not isinstance(data, dict):
-        raise ConfigError(f"config error: {path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config error: {name}: top level must be a mapping, got {type(data).__name__}")
     return data
 
 
@@ -191,10 +230,13 @@ class _Loader:
         self.cache: dict[Path, tuple[dict, dict]] = {}
 
     def load_file(self, path: Path, stack: tuple[Path, ...], origin: str | None = None) -> tuple[dict, dict]:
-        path = path.resolve()
+        try:
+            path = path.resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # NUL in the name, a symlink loop
+            raise ConfigError(f"config error: {_show(path)}: cannot use this path: {_why(exc)}") from None
         if path in stack:
-            chain = " -> ".join(p.name for p in (*stack, path))
-            raise ConfigError(f"config error: {stack[-1]}: inherit: cycle {chain}; remove one of these inherits")
+            chain = " -> ".join(_show(p.name) for p in (*stack, path))
+            raise ConfigError(f"config error: {_show(stack[-1])}: inherit: cycle {chain}; remove one of these inherits")
         if path in self.cache:
             return copy.deepcopy(self.cache[path][0]), dict(self.cache[path][1])
         raw = _read_yaml(path, origin)
@@ -205,16 +247,23 @@ class _Loader:
     def resolve(self, node: dict, file: Path, kp: KeyPath, stack: tuple[Path, ...]) -> tuple[dict, dict]:
         out: dict = {}
         prov: dict[KeyPath, str] = {}
+        if len(kp) > MAX_DEPTH:
+            raise ConfigError(f"config error: {_show(file)}: {_show(_fmt_path(kp[:4]))}...: nested too deeply "
+                              f"(more than {MAX_DEPTH} levels; does a YAML alias refer to itself?)")
         if "inherit" in node:
             parents = node["inherit"]
             parents = [parents] if isinstance(parents, str) else parents
             if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
                 raise ConfigError(
-                    f"config error: {file}: {_fmt_path((*kp, 'inherit'))}: expected a path or a list of paths, "
-                    f"got {node['inherit']!r}"
+                    f"config error: {_show(file)}: {_fmt_path((*kp, 'inherit'))}: expected a path or a list of paths, "
+                    f"got {_short(node['inherit'])}"
                 )
             for rel in parents:
-                target = (file.parent / os.path.expanduser(rel)).resolve()
+                try:
+                    target = (file.parent / os.path.expanduser(rel)).resolve()
+                except (OSError, ValueError, RuntimeError) as exc:
+                    raise ConfigError(f"config error: {_show(file)}: {_fmt_path((*kp, 'inherit'))}: cannot use path "
+                                      f"{_short(rel)}: {_why(exc)}") from None
                 doc, dprov = self.load_file(target, stack, origin=f"{file}: {_fmt_path((*kp, 'inherit'))}")
                 if kp and isinstance(doc.get(kp[-1]), dict):
                     sub = doc[kp[-1]]
@@ -226,7 +275,7 @@ class _Loader:
             if key in _DIRECTIVES:
                 continue
             if not isinstance(key, str):
-                raise ConfigError(f"config error: {file}: {_fmt_path(kp)}: keys must be strings, got {key!r}")
+                raise ConfigError(f"config error: {_show(file)}: {_fmt_path(kp)}: keys must be strings, got {_short(key)}")
             path = (*kp, key)
             if isinstance(value, dict):
                 sub, sprov = self.resolve(value, file, path, stack)
@@ -237,7 +286,7 @@ class _Loader:
             ov = node["override"]
             if not isinstance(ov, dict):
                 raise ConfigError(
-                    f"config error: {file}: {_fmt_path((*kp, 'override'))}: expected a mapping, got {ov!r}"
+                    f"config error: {_show(file)}: {_fmt_path((*kp, 'override'))}: expected a mapping, got {_short(ov)}"
                 )
             sub, sprov = self.resolve(ov, file, kp, stack)
             _merge(out, prov, sub, sprov, kp)
@@ -247,15 +296,17 @@ class _Loader:
 def parse_set(item: str) -> tuple[KeyPath, Any]:
     """Parse one ``key.path=value`` override; the value is read as YAML (typed)."""
     if "=" not in item:
-        raise ConfigError(f"config error: --set {item!r}: expected KEY.PATH=VALUE")
+        raise ConfigError(f"config error: --set {_short(item)}: expected KEY.PATH=VALUE")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"config error: --set {item!r}: empty key path")
+        raise ConfigError(f"config error: --set {_short(item)}: empty key path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
         value = raw
+    except RecursionError:
+        raise ConfigError(f"config error: --set {_short(item)}: value nested too deeply") from None
     return tuple(key.split(".")), value
 
 
@@ -265,7 +316,7 @@ def _apply_set(data: dict, prov: dict, path: KeyPath, value: Any) -> None:
         nxt = node.get(p)
         if not isinstance(nxt, dict):
             if nxt is not None:
-                raise ConfigError(f"config error: --set: {_fmt_path(path[: i + 1])} is not a mapping ({nxt!r})")
+                raise ConfigError(f"config error: --set: {_fmt_path(path[: i + 1])} is not a mapping ({_short(nxt)})")
             nxt = node[p] = {}
         node = nxt
     _merge(node, prov, {path[-1]: value}, {path: "--set"}, path[:-1])
@@ -292,29 +343,37 @@ _EXPECTED = {
 }
 
 
+def _is_tag(p: Any) -> bool:
+    """Whether a pydantic error location entry names a union member (``list[str]``, ``function-after[...]``)."""
+    return isinstance(p, str) and ("[" in p or p.startswith("function"))
+
+
 def _error_line(err: Mapping[str, Any], prov: Mapping[KeyPath, str], default_file: str) -> str:
-    loc: KeyPath = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function"))))
+    raw: KeyPath = tuple(err["loc"])
+    loc: KeyPath = tuple(p for p in raw if not _is_tag(p))
+    if err["type"] == "extra_forbidden" and raw:  # the refused key is the user's, whatever it looks like
+        loc = (*tuple(p for p in raw[:-1] if not _is_tag(p)), raw[-1])
     file = default_file
     for n in range(len(loc), 0, -1):
         if loc[:n] in prov:
             file = prov[loc[:n]]
             break
     etype, value = err["type"], err.get("input")
-    where = f"config error: {file}: {_fmt_path(loc)}:"
+    where = f"config error: {_show(file)}: {_show(_fmt_path(loc))}:"
     if etype == "extra_forbidden":
         parent = _model_at(loc[:-1])
         allowed = ", ".join(parent.model_fields) if parent else "?"
-        return f"{where} unknown key {loc[-1]!r}; allowed keys: {allowed}"
+        return f"{where} unknown key {_short(loc[-1])}; allowed keys: {allowed}"
     if etype == "literal_error":
-        return f"{where} got {value!r}; allowed: {err.get('ctx', {}).get('expected', '?')}"
+        return f"{where} got {_short(value)}; allowed: {err.get('ctx', {}).get('expected', '?')}"
     if etype in _EXPECTED:
         field_model = _model_at(loc[:-1])
         ann = ""
         if field_model is not None and str(loc[-1]) in field_model.model_fields:
             ann = f" ({_type_name(field_model.model_fields[str(loc[-1])].annotation)})"
-        return f"{where} {_EXPECTED[etype]}{ann}, got {value!r}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{where} {msg}; got {value!r}"
+        return f"{where} {_EXPECTED[etype]}{ann}, got {_short(value)}"
+    msg = " ".join(err["msg"].removeprefix("Value error, ").split())
+    return f"{where} {msg}; got {_short(value)}"
 
 
 def _type_name(ann: Any) -> str:

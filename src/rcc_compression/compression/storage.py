@@ -51,11 +51,13 @@ _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 4, 4, 4, 4
 
 
 def _short(value: Any) -> str:
     """A bounded repr for error messages (a manifest field may hold anything)."""
-    return _REPR.repr(value)
+    text = _REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 # ------------------------------------------------------------------------------ encodings
