@@ -1,8 +1,10 @@
 """Optional encryption at rest (AES-256-GCM, ``cryptography``) for saved checkpoints.
 
-The key is 32 bytes, read from ``RCC_CHECKPOINT_KEY`` (hex or base64) or a key file; files are
-``MAGIC | nonce (12 bytes) | ciphertext+tag``. A wrong key or a modified file fails
-authentication and raises :class:`~rcc_compression.errors.CheckpointError`.
+The key is 32 bytes, read from ``RCC_CHECKPOINT_KEY`` (hex or base64) or a key file (hex, base64
+or the raw bytes); files are ``MAGIC | nonce (12 bytes) | ciphertext+tag``, with a fresh random
+nonce per file. A wrong key or a modified file fails authentication and raises
+:class:`~rcc_compression.errors.CheckpointError`; a manifest records :func:`key_id` so that a
+wrong key is named as such before any decryption is tried.
 """
 
 from __future__ import annotations
@@ -57,13 +59,18 @@ def load_key(key_file: str | os.PathLike[str] | None = None) -> bytes | None:
             raw = path.read_bytes()
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read key file: {exc.strerror or exc}") from None
-        if len(raw) == 32:
-            return raw
         try:
-            return parse_key(raw.decode("ascii"))
-        except (UnicodeDecodeError, CheckpointError) as exc:
-            raise CheckpointError(f"{path}: {exc if isinstance(exc, CheckpointError) else 'not a key file'}"
-                                  ) from None
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or not text.strip().isprintable():
+            if len(raw) == 32:  # raw key bytes (random bytes are almost never all printable text)
+                return raw
+            raise CheckpointError(f"{path}: not a key file (64 hex digits, base64 text, or 32 raw bytes)")
+        try:
+            return parse_key(text)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
     env = os.environ.get(KEY_ENV)
     if not env:
         return None
