@@ -5,18 +5,29 @@ hooks accumulate, per target layer, the count of input vectors, the per-channel 
 and of absolute values (for wanda and asvd) and, when asked, the input second moment ``X^T X``
 (for activation-aware SVD and AlphaEdit). Memory is bounded by one ``n x n`` matrix per layer,
 whatever the number of batches.
+
+A batch that does not fit in accelerator memory (``torch.cuda.OutOfMemoryError``) is halved along
+its first dimension, with a warning, and the smaller size is kept for the batches that follow
+(:class:`BatchHalver`); statistics and outputs are the same as from whole batches up to float
+rounding.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..utils.logging import get_logger
+
+log = get_logger("calibration")
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,6 +60,107 @@ class LayerStats:
 def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
     """Move every tensor of a batch to ``device``."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------ out of memory: halve the batch
+def batch_rows(batch: Mapping[str, Any]) -> int | None:
+    """Rows of a batch: the largest first dimension among its tensors (``None`` without tensors)."""
+    sizes = [v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return max(sizes) if sizes else None
+
+
+def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
+    """Split every tensor of a batch along dim 0 into ``parts`` nearly equal pieces (other values shared)."""
+    pieces: list[dict[str, Any]] = [{} for _ in range(parts)]
+    for key, value in batch.items():
+        chunks = (torch.tensor_split(value, parts, dim=0) if isinstance(value, torch.Tensor) and value.dim() > 0
+                  else [value] * parts)
+        for piece, chunk in zip(pieces, chunks, strict=True):
+            piece[key] = chunk
+    return [p for p in pieces if batch_rows(p) != 0]
+
+
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class BatchHalver:
+    """Run work batch by batch, halving any batch that raises ``torch.cuda.OutOfMemoryError``.
+
+    The size that fits is remembered (``limit``), so later batches are split before they are run;
+    every halving logs one warning naming ``what``. A batch of one row that still does not fit
+    re-raises the error.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.limit: int | None = None
+
+    def pieces(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """``batch`` split so that no piece has more than ``limit`` rows."""
+        rows = batch_rows(batch)
+        if self.limit is None or rows is None or rows <= self.limit:
+            return [dict(batch)]
+        return split_batch(batch, math.ceil(rows / self.limit))
+
+    def shrink(self, rows: int | None) -> bool:
+        """Record that ``rows`` did not fit; ``False`` when it cannot be halved (one row, or no tensors)."""
+        if rows is None or rows <= 1:
+            return False
+        half = (rows + 1) // 2
+        if self.limit is None or half < self.limit:
+            log.warning("CUDA out of memory on a batch of %d in %s; halving the batch to %d", rows, self.what, half)
+            self.limit = half
+        _release_cached_memory()
+        return True
+
+    def run(self, fn: Callable[[dict[str, Any]], T], batch: Mapping[str, Any]) -> list[T]:
+        """``fn`` on each piece of ``batch`` (in order), halving pieces that run out of memory."""
+        todo, done = self.pieces(batch), []
+        while todo:
+            piece = todo.pop(0)
+            rows = batch_rows(piece)
+            try:
+                done.append(fn(piece))
+                continue
+            except torch.cuda.OutOfMemoryError:
+                if not self.shrink(rows):
+                    raise
+            # retried outside the handler, so the failed attempt's activations are already freed;
+            # the pieces still waiting are cut to the new limit too
+            todo = [q for p in (piece, *todo) for q in self.pieces(p)]
+        return done
+
+
+#: outputs relating every sample of a batch to every other (CLIP's similarity matrices): a split
+#: batch's pieces cannot simply be concatenated, so they are recomputed from the merged embeddings
+CROSS_SAMPLE_OUTPUTS = ("logits_per_image", "logits_per_text")
+
+
+def merge_outputs(pieces: Sequence[Mapping[str, torch.Tensor]], model: nn.Module | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The outputs of a whole batch from the flattened outputs of its pieces (in order).
+
+    Per-sample outputs are concatenated along dim 0. CLIP's similarity matrices are rebuilt from
+    the merged ``image_embeds``/``text_embeds`` and the model's ``logit_scale``; other outputs that
+    cannot be assembled (shapes differing beyond dim 0) are left out.
+    """
+    if len(pieces) == 1:
+        return dict(pieces[0])
+    merged: dict[str, torch.Tensor] = {}
+    for key in pieces[0]:
+        if key.rsplit(".", 1)[-1] in CROSS_SAMPLE_OUTPUTS:
+            continue
+        parts = [p.get(key) for p in pieces]
+        if any(t is None or t.shape[1:] != parts[0].shape[1:] for t in parts):
+            continue
+        merged[key] = torch.cat(parts, dim=0)
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, torch.Tensor) and "image_embeds" in merged and "text_embeds" in merged:
+        logits_per_text = merged["text_embeds"] @ merged["image_embeds"].t() * scale.exp().to(merged["text_embeds"])
+        merged["logits_per_text"], merged["logits_per_image"] = logits_per_text, logits_per_text.t()
+    return merged
 
 
 @torch.no_grad()
@@ -100,10 +212,24 @@ def collect_layer_stats(
         handles.append(model.get_submodule(name).register_forward_pre_hook(make_hook(name)))
     was_training = model.training
     model.eval()
+    batches = list(batches)
+    halver = BatchHalver("calibration statistics")
     try:
-        for batch in batches:
-            seen.clear()
-            model(**to_device(batch, device))
+        while True:
+            # hooks of the layers before the one that ran out of memory have counted part of the
+            # batch, so a halving starts the pass again from empty statistics
+            stats.clear()
+            rows = None
+            try:
+                for batch in batches:
+                    for piece in halver.pieces(batch):
+                        rows = batch_rows(piece)
+                        seen.clear()
+                        model(**to_device(piece, device))
+                break
+            except torch.cuda.OutOfMemoryError:
+                if not halver.shrink(rows):
+                    raise
     finally:
         for h in handles:
             h.remove()
@@ -141,8 +267,13 @@ def run_outputs(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
+    halver = BatchHalver("model outputs")
+
+    def outputs(piece: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in flatten_outputs(model(**to_device(piece, device))).items()}
+
     try:
-        return [{k: v.detach() for k, v in flatten_outputs(model(**to_device(b, device))).items()} for b in batches]
+        return [merge_outputs(halver.run(outputs, b), model) for b in batches]
     finally:
         model.train(was_training)
 
