@@ -36,7 +36,8 @@ def calibration_batches(wrapper: nn.Module, cfg: RCCConfig, source: str | None =
     src = source or cal.source
     from .data.calibration import build_calibration_batches
 
-    return build_calibration_batches(wrapper, src, total, cal.batch_size, cfg.experiment.seed)
+    return build_calibration_batches(wrapper, src, total, cal.batch_size, cfg.experiment.seed,
+                                     skip_bad=cfg.dataset.skip_bad)
 
 
 HEADLINE_METRICS = ("top1", "top5", "mean_per_class_recall", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy")
@@ -218,9 +219,9 @@ def results_table_markdown(results: dict[str, Any]) -> str:
     if results.get("stopped_early"):
         failed = next((r for r in results["records"] if not r.get("passed", True)), None)
         if failed:
+            why = failed.get("error") or f"retention {failed['retention']:.4f}"
             lines += ["", f"The validation gate stopped step {failed['step']} ({failed['stage']}, round "
-                          f"{failed['round']}) at retention {failed['retention']:.4f}; the model was rolled back "
-                          "to the last passing step."]
+                          f"{failed['round']}) at {why}; the model was rolled back to the last passing step."]
     return "\n".join(lines) + "\n"
 
 

@@ -395,9 +395,10 @@ class CascadePipeline:
                 self._restore(last_pass)
                 self.stopped_early, saved_current = True, False
                 record["rolled_back"] = True
-                log.warning("step %d (%s, round %d) failed the gate (retention %.4f < %.4f%s); rolled back and stopped",
-                            idx, stage.name, k, record["retention"], self.cascade.validation_threshold,
-                            f"; {record['error']}" if "error" in record else "")
+                why = record.get("error") or (f"retention {record['retention']:.4f} < "
+                                              f"{self.cascade.validation_threshold:.4f}")
+                log.warning("step %d (%s, round %d) failed the gate (%s); rolled back to the last passing step and "
+                            "stopped", idx, stage.name, k, why)
                 break
             self.stage_results[stage.name] = stage.get_statistics()
             last_pass = self._snapshot()
