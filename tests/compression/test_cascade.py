@@ -131,10 +131,11 @@ def test_plan_rate_hits_target_on_vit_b32_shapes():
         plan_rate(shapes, 0.99, "dare", rest_bytes=10**9, scope="model")
 
 
-@pytest.mark.parametrize("method", ["dare", "cascade"])
-def test_compress_model_reaches_rate_within_one_percent(method):
+@pytest.mark.parametrize("method,scorer", [("dare", "magnitude"), ("dare", "wanda"), ("cascade", "magnitude")])
+def test_compress_model_reaches_rate_within_one_percent(method, scorer):
+    dare = {**FAST["dare"], "scorer": scorer}
     model = compress_model("tiny-clip", compression_rate=0.6, method=method,
-                           config={"compression": {**FAST, "cascade": {"validation_threshold": 0.0}}})
+                           config={"compression": {**FAST, "dare": dare, "cascade": {"validation_threshold": 0.0}}})
     stats = model.compression_stats
     assert abs(stats["achieved_rate"] - 0.6) <= 0.01
     from rcc_compression.evaluation.efficiency import storage_report

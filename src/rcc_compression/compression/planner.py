@@ -37,15 +37,19 @@ class LayerShape:
 
 
 def layer_bytes(
-    shape: LayerShape, pruning_rate: float | None, param_budget: float | None, scales: bool, bias: bool = True
+    shape: LayerShape, pruning_rate: float | None, param_budget: float | None, scales: bool, bias: bool = True,
+    scope: str = "layer",
 ) -> int:
-    """Stored bytes of one layer: S at ``pruning_rate`` (None: no S), factors at ``param_budget`` (None: none)."""
+    """Stored bytes of one layer: S at ``pruning_rate`` (None: no S), factors at ``param_budget`` (None: none).
+
+    ``scope`` is how the pruning stage ranks (``layer`` or ``row``), which decides the rounding.
+    """
     m, n, es = shape.out_features, shape.in_features, shape.element_size
     total = m * es if (bias and shape.has_bias) else 0
     if scales:
         total += (m + n) * es
     if pruning_rate is not None:
-        nnz = keep_count(m * n, pruning_rate)
+        nnz = m * keep_count(n, pruning_rate) if scope == "row" else keep_count(m * n, pruning_rate)
         enc = sparse_encoding_bytes(m, n, nnz, es)
         total += enc["dense"] if nnz == m * n else min(enc["bitmask"], enc["csr"])
     if param_budget is not None:
@@ -72,11 +76,13 @@ def plan_rate(
     scales: bool = False,
     rest_bytes: int = 0,
     scope: str = "layers",
+    prune_scope: str = "layer",
 ) -> dict[str, Any]:
     """Settings (``pruning_rate``, ``param_budget``) whose stored bytes hit ``rate``.
 
     ``method`` is ``dare`` (sparse only), ``nullu`` (low rank only) or ``cascade`` (both, with
-    ``lowrank_share`` of the variable bytes going to the factors). Raises :class:`CompressionError`
+    ``lowrank_share`` of the variable bytes going to the factors); ``prune_scope`` is the pruning
+    stage's ranking scope (``layer`` or ``row``). Raises :class:`CompressionError`
     with the reason when the rate cannot be reached.
     """
     if not 0.0 <= rate < 1.0:
@@ -101,7 +107,7 @@ def plan_rate(
         )
 
     def sparse_bytes(p: float) -> float:
-        return sum(layer_bytes(s, p, None, False, bias=False) for s in shapes)
+        return sum(layer_bytes(s, p, None, False, bias=False, scope=prune_scope) for s in shapes)
 
     def lowrank_bytes(b: float) -> float:
         return sum(layer_bytes(s, None, b, False, bias=False) for s in shapes)
