@@ -177,6 +177,14 @@ def test_data_corrupt_image(tmp_path, capsys):
     assert main(["compress", *FAST, "--set", f"calibration.source={src}", "--set", "dataset.skip_bad=true",
                  "--output", str(run)]) == 0
     assert json.loads((run / "run.json").read_text())["status"] == "ok"
+    # the batches come out smaller by the draws of the unreadable image
+    from rcc_compression.data.calibration import build_calibration_batches
+    from rcc_compression.models import get_model
+
+    batches = build_calibration_batches(get_model("tiny-clip"), str(src), 4, 4, 0, skip_bad=True)
+    draws = torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(0))
+    assert int((draws == 2).sum()) > 0
+    assert sum(b["pixel_values"].shape[0] for b in batches) == 16 - int((draws == 2).sum())
 
 
 def test_data_empty_caption(tmp_path, capsys):
