@@ -275,7 +275,8 @@ class _Loader:
             if key in _DIRECTIVES:
                 continue
             if not isinstance(key, str):
-                raise ConfigError(f"config error: {_show(file)}: {_fmt_path(kp)}: keys must be strings, got {_short(key)}")
+                raise ConfigError(f"config error: {_show(file)}: {_fmt_path(kp)}: keys must be strings, "
+                                  f"got {_short(key)}")
             path = (*kp, key)
             if isinstance(value, dict):
                 sub, sprov = self.resolve(value, file, path, stack)

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import MLP, assert_same_state, compressed_mlp, fresh_mlp, make_batches, mlp_section, model_state
+from reliability_helpers import (
+    MLP,
+    assert_same_state,
+    compressed_mlp,
+    fresh_mlp,
+    make_batches,
+    mlp_section,
+    model_state,
+)
 
 from rcc_compression.cli import main
 from rcc_compression.compression.cascade import CascadePipeline

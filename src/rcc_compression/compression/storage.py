@@ -310,9 +310,10 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], key: bytes | No
     if key is None:
         atomic_save_safetensors(tensors, path)
         return
+    from safetensors.torch import save
+
     from ..utils.crypto import encrypt_bytes
     from ..utils.io import atomic_write_bytes
-    from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     atomic_write_bytes(path, encrypt_bytes(data, key), mode=0o600)
@@ -358,7 +359,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as exc:
         raise CheckpointError(f"{mfile}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{mfile}: malformed manifest: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise CheckpointError(f"{mfile}: malformed manifest: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                              ) from None
     except RecursionError:
         raise CheckpointError(f"{mfile}: malformed manifest: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, and integers too long to convert
@@ -471,7 +473,8 @@ def install_rest(path: Path, manifest: dict[str, Any], model: nn.Module, key: by
                               ) from None
     missing = [k for k in missing if not any(k.startswith(f"{n}.") for n in manifest["layers"])]
     if missing or unexpected:
-        raise CheckpointError(f"{path}: state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(f"{path}: state does not match the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
 
 
 def load_compressed(

@@ -248,7 +248,8 @@ def directory_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise CheckpointError(f"{root}: in use by another rcc process (pid {holder}); wait for it to finish") from None
+            raise CheckpointError(f"{root}: in use by another rcc process (pid {holder}); wait for it to finish"
+                                  ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         _HELD_LOCKS[ident] = 1
