@@ -63,7 +63,7 @@ def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> dict[str, float]:
 
     res = evaluate_model(wrapper, benchmarks=cfg.evaluation.benchmarks, datasets=cfg.evaluation.datasets,
                          batch_size=cfg.evaluation.batch_size, bootstrap_samples=0, seed=cfg.experiment.seed)
-    return headline_metrics(res)
+    return headline_metrics(res, ("top1", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy"))
 
 
 def efficiency(model: nn.Module, batch: dict[str, Any], iters: int = 10) -> dict[str, Any]:
@@ -156,6 +156,13 @@ def _run_compress(
     manifest = save_compressed(wrapper, out_dir, config=dump_config(cfg), records=pipe.records, overwrite=True,
                                encrypt_key=encrypt_key)
     comp_quality = quality_metrics(wrapper, cfg) if evaluate else {}
+    kernels: dict[str, int] = {}
+    if evaluate:
+        from collections import Counter
+
+        from .evaluation.efficiency import optimize_execution
+
+        kernels = dict(Counter(optimize_execution(wrapper, holdout[0]).values()))
     comp_eff = efficiency(wrapper, holdout[0]) if evaluate else {}
     results = {
         "model": cfg.model.name,
@@ -164,6 +171,7 @@ def _run_compress(
         "records": pipe.records,
         "quality": {"dense": dense_quality, "compressed": comp_quality},
         "efficiency": {"dense": dense_eff, "compressed": comp_eff},
+        "execution_kernels": kernels,
         "stored_bytes_measured": measured_storage(out_dir),
         "stored_bytes_reported": manifest["stored_bytes"],
         "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
@@ -208,6 +216,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             fd = ed["per_batch_size"][bs]["flops"]["dense_flops"]
             fs = ec["per_batch_size"][bs]["flops"]["sparsity_aware_flops"]
             rows.append((f"GFLOPs bs={bs} (sparsity-aware)", f"{fd / 1e9:.4f}", f"{fs / 1e9:.4f}", f"{fs / fd:.3f}"))
+    kernels = results.get("execution_kernels")
+    if kernels:
+        rows.append(("inference kernels (compressed layers)", "dense", ", ".join(f"{k} {v}" for k, v in
+                                                                                sorted(kernels.items())), "-"))
     return rows
 
 

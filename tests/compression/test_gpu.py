@@ -42,14 +42,25 @@ def test_2to4_acceleration_only_where_faster():
 
     from rcc_compression.compression.dare import nm_mask
     from rcc_compression.compression.layers import CompressedLinear
-    from rcc_compression.evaluation.efficiency import accelerate_2to4
+    from rcc_compression.evaluation.efficiency import optimize_execution
 
     lin = nn.Linear(768, 3072).cuda().half()
     layer = CompressedLinear.from_linear(lin)
     layer.set_sparse(lin.weight.detach(), nm_mask(lin.weight.detach().abs(), 2, 4))
-    model = nn.Sequential(layer).eval()
+    assert layer.set_execution("semi_structured")
     x = torch.randn(512, 768, device="cuda", dtype=torch.half)
-    expected = model(x)
-    on = accelerate_2to4(model, tokens=4096)
-    torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
-    assert set(on) == {"0"}
+    layer.eval()
+    fast = layer(x)
+    layer.set_execution("factored")
+    torch.testing.assert_close(fast, layer(x), rtol=1e-2, atol=1e-2)
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = layer
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    chosen = optimize_execution(Wrap(), {"x": x})
+    assert chosen["lin"] in ("factored", "merged", "semi_structured")

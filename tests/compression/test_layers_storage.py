@@ -190,3 +190,25 @@ def test_calibration_stats_stream_and_share_identical_inputs(tiny_clip):
     torch.testing.assert_close(st.gram, x.t() @ x)
     torch.testing.assert_close(st.col_norm, x.norm(dim=0))
     torch.testing.assert_close(st.mean_abs, x.abs().mean(0))
+
+
+@pytest.mark.parametrize("mode", ["factored", "merged", "csr"])
+def test_execution_modes_compute_the_same(mode):
+    layer = _full_layer(24, 40, seed=5).eval()
+    x = torch.randn(2, 7, 40)
+    expected = layer(x)
+    assert layer.set_execution(mode) and layer.execution == mode
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.train()
+    assert layer.execution == "factored"  # training drops the inference kernel
+
+
+def test_optimize_execution_keeps_outputs(tiny_clip):
+    from rcc_compression.evaluation.efficiency import optimize_execution
+
+    model = _compress_some(tiny_clip, rate=0.95)
+    batch = model.synthetic_batch(2, torch.Generator().manual_seed(6))
+    expected = model(**batch).logits_per_image
+    chosen = optimize_execution(model, batch, iters=2)
+    assert set(chosen) == set(compressed_layers(model.model)) and set(chosen.values()) <= {"factored", "merged", "csr"}
+    torch.testing.assert_close(model(**batch).logits_per_image, expected, rtol=1e-4, atol=1e-4)

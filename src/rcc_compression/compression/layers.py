@@ -8,9 +8,14 @@ back into a plain ``nn.Linear``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+EXECUTION_MODES = ("factored", "merged", "csr", "semi_structured")
 
 
 class CompressedLinear(nn.Module):
@@ -33,7 +38,7 @@ class CompressedLinear(nn.Module):
         self.bias: nn.Parameter | None = None
         self.register_buffer("mask", None)
         self.register_buffer("base", None)
-        self._accelerated: torch.Tensor | None = None
+        self._fast: tuple[str, torch.Tensor] | None = None  # an inference kernel chosen by set_execution
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -54,7 +59,7 @@ class CompressedLinear(nn.Module):
 
     def set_sparse(self, values: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
         """Set S (pruned entries are zeroed here, so the invariant ``weight == weight * mask`` holds)."""
-        self._accelerated = None
+        self._fast = None
         if values is None:
             self.weight = None
             self.mask = None
@@ -128,15 +133,19 @@ class CompressedLinear(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast if not self.training else None
+        if fast is not None and fast[0] == "merged":
+            return F.linear(x, fast[1], self.bias)
         if self.a_in is not None:
             x = x * self.a_in
         y = None
-        if self.weight is not None:
-            if self._accelerated is not None and not self.training:
-                y = F.linear(x, self._accelerated)
-            else:
-                w = self.weight * self.mask if (self.mask is not None and self.training) else self.weight
-                y = F.linear(x, w if self.base is None else w + self.base)
+        if fast is not None and fast[0] == "csr":
+            y = torch.sparse.mm(fast[1], x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], -1)
+        elif fast is not None and fast[0] == "semi_structured":
+            y = F.linear(x, fast[1])
+        elif self.weight is not None:
+            w = self.weight * self.mask if (self.mask is not None and self.training) else self.weight
+            y = F.linear(x, w if self.base is None else w + self.base)
         elif self.base is not None:
             y = F.linear(x, self.base)
         if self.lr_A is not None:
@@ -150,6 +159,50 @@ class CompressedLinear(nn.Module):
             y = y + self.bias
         return y
 
+    def train(self, mode: bool = True) -> CompressedLinear:
+        if mode:
+            self._fast = None  # weights are about to move: the inference kernel would go stale
+        return super().train(mode)
+
+    @torch.no_grad()
+    def set_execution(self, mode: str) -> bool:
+        """Choose how eval-mode forward runs; the stored form is unchanged. Returns whether it applies.
+
+        ``factored`` (S as a dense matmul, then B A, then scales), ``merged`` (one dense matmul with
+        the effective weight: the dense speed, more memory), ``csr`` (S as a CSR sparse matmul, CPU)
+        or ``semi_structured`` (S with 2:4 kernels, CUDA). Pick by measurement:
+        :func:`rcc_compression.evaluation.efficiency.optimize_execution`.
+        """
+        self._fast = None
+        if mode == "factored":
+            return True
+        if mode == "merged":
+            self._fast = ("merged", self.effective_weight().contiguous())
+            return True
+        if self.weight is None or self.mask is None or self.base is not None:
+            return False
+        if mode == "csr" and not self.weight.is_cuda:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                self._fast = ("csr", self.weight.detach().to_sparse_csr())
+            return True
+        if mode == "semi_structured" and self.weight.is_cuda:
+            try:
+                from torch.sparse import to_sparse_semi_structured
+
+                self._fast = ("semi_structured", to_sparse_semi_structured(self.weight.detach()))
+            except (RuntimeError, ValueError, ImportError):
+                return False
+            return True
+        if mode not in ("csr", "semi_structured"):
+            raise ValueError(f"unknown execution mode {mode!r}; allowed: {', '.join(EXECUTION_MODES)}")
+        return False
+
+    @property
+    def execution(self) -> str:
+        """The eval-mode kernel in use (``factored`` unless :meth:`set_execution` chose another)."""
+        return "factored" if self._fast is None else self._fast[0]
+
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function."""
@@ -159,23 +212,6 @@ class CompressedLinear(nn.Module):
         if self.bias is not None:
             lin.bias.copy_(self.bias)
         return lin
-
-    def accelerate_2to4(self) -> bool:
-        """Use a semi-structured (2:4) sparse kernel for S if the mask is 2:4 and it runs on CUDA.
-
-        Returns whether acceleration was enabled; callers should keep it only where it measures
-        faster (see :func:`rcc_compression.evaluation.efficiency.benchmark_2to4`).
-        """
-        if self.weight is None or self.mask is None or not self.weight.is_cuda or self.base is not None:
-            return False
-        try:
-            from torch.sparse import to_sparse_semi_structured
-
-            self._accelerated = to_sparse_semi_structured(self.weight.detach().to(torch.float16))
-        except (RuntimeError, ValueError, ImportError):
-            self._accelerated = None
-            return False
-        return True
 
     def extra_repr(self) -> str:
         parts = [f"in={self.in_features}", f"out={self.out_features}"]
@@ -227,7 +263,7 @@ def layer_snapshot(layer: CompressedLinear) -> dict[str, torch.Tensor | None]:
 
 def restore_layer(layer: CompressedLinear, snap: dict[str, torch.Tensor | None]) -> None:
     """Restore a layer to a :func:`layer_snapshot` (parts absent in the snapshot are removed)."""
-    layer._accelerated = None
+    layer._fast = None
     for k in ("weight", "lr_A", "lr_B", "a_in", "a_out", "bias"):
         t = snap.get(k)
         setattr(layer, k, None if t is None else nn.Parameter(t.clone()))

@@ -232,23 +232,56 @@ def benchmark_2to4(out_features: int, in_features: int, tokens: int, device: tor
     return {"dense_ms": dense, "sparse_2to4_ms": sparse, "speedup": dense / sparse}
 
 
-def accelerate_2to4(model: nn.Module, tokens: int = 4096) -> dict[str, bool]:
-    """Enable 2:4 kernels on the compressed layers whose shape measures faster sparse than dense.
+@torch.no_grad()
+def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 10,
+                       modes: Sequence[str] | None = None) -> dict[str, str]:
+    """Give every compressed layer its fastest eval kernel, measured on its real input shape.
 
-    Does nothing off CUDA. Returns, per layer, whether acceleration is on.
+    Candidates: ``factored`` and ``merged`` everywhere, ``csr`` for sparse layers on the CPU,
+    ``semi_structured`` for 2:4 layers on CUDA (kept only where it measures faster, as 2:4 is
+    fragile on Hopper). A candidate whose output differs from the factored one beyond rounding is
+    discarded. The stored (saved) form does not change. Returns ``{layer: mode}``.
     """
     inner = _inner(model)
-    out: dict[str, bool] = {}
-    cache: dict[tuple[int, int], bool] = {}
-    for name, layer in compressed_layers(inner).items():
-        if layer.weight is None or not layer.weight.is_cuda or layer.mask is None:
-            out[name] = False
-            continue
-        key = (layer.out_features, layer.in_features)
-        if key not in cache:
+    device = next(inner.parameters()).device
+    layers = compressed_layers(inner)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def remember(name: str):
+        def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+            shapes.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(remember(n)) for n, m in layers.items()]
+    was_training = inner.training
+    inner.eval()
+    try:
+        inner(**to_device(batch, device))
+    finally:
+        for h in hooks:
+            h.remove()
+    chosen: dict[str, str] = {}
+    for name, layer in layers.items():
+        x = torch.randn(shapes[name], device=device, dtype=layer._ref.dtype)
+        layer.set_execution("factored")
+        reference = layer(x)
+        best, best_ms = "factored", measure_latency(lambda: layer(x), 2, iters, device)["median_ms"]
+        candidates = modes or ["merged", "csr" if device.type == "cpu" else "semi_structured"]
+        for mode in candidates:
+            if mode == "factored" or not layer.set_execution(mode):
+                continue
             try:
-                cache[key] = benchmark_2to4(*key, tokens=tokens, device=layer.weight.device)["speedup"] > 1.0
+                out = layer(x)
             except RuntimeError:
-                cache[key] = False
-        out[name] = cache[key] and layer.accelerate_2to4()
-    return out
+                continue
+            tol = 1e-2 if layer._ref.dtype in (torch.float16, torch.bfloat16) else 1e-4
+            if not torch.allclose(out, reference, rtol=tol, atol=tol * float(reference.abs().max().clamp_min(1))):
+                continue
+            ms = measure_latency(lambda: layer(x), 2, iters, device)["median_ms"]
+            if ms < best_ms:
+                best, best_ms = mode, ms
+        layer.set_execution(best)
+        chosen[name] = best
+    inner.train(was_training)  # training mode drops the kernels again
+    return chosen
