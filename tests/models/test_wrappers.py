@@ -79,3 +79,26 @@ def test_registry_errors(tmp_path):
         wrap_model(torch.nn.Linear(2, 2))
     with pytest.raises(ModelLoadError, match="not blip"):
         get_model("tiny-clip", type="blip")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_corrupt_or_hostile_weights_are_one_line_errors(tiny_clip, tmp_path):
+    import os
+    import pickle
+
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    weights = tmp_path / "clip" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="cannot load the CLIPModel weights"):
+        get_model(str(tmp_path / "clip"))
+    weights.unlink()
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "clip" / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ModelLoadError, match="cannot load the CLIPModel weights"):
+        get_model(str(tmp_path / "clip"))
+    assert not marker.exists()

@@ -23,7 +23,6 @@ import datetime as _dt
 import json
 import os
 import reprlib
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -204,13 +203,6 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{path}: exists and is not a directory")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise CheckpointError(f"{path}: directory is not empty; pass overwrite=True (--overwrite) to replace it")
-
-
-def _prepare_dir(path: Path, overwrite: bool) -> None:
-    _check_target(path, overwrite)
-    if path.exists() and any(path.iterdir()):
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
 
 
 def save_compressed(
@@ -534,9 +526,10 @@ def export_dense(model: nn.Module, path: str | os.PathLike[str], overwrite: bool
     if not hasattr(inner, "save_pretrained"):
         raise CheckpointError(f"export_dense needs a Hugging Face model, got {type(inner).__name__}")
     path = Path(path)
-    _prepare_dir(path, overwrite)
+    _check_target(path, overwrite)
     dense = merge_all(copy.deepcopy(inner))
-    dense.save_pretrained(path, safe_serialization=True)
-    if wrapper is not None:
-        wrapper.save_processors(path)
+    with atomic_dir(path) as staging:  # the old directory stays until the new one is whole
+        dense.save_pretrained(staging, safe_serialization=True)
+        if wrapper is not None:
+            wrapper.save_processors(staging)
     return path

@@ -118,3 +118,18 @@ class ModelWrapper(nn.Module):
         if self.image_processor is not None:
             self.image_processor.save_pretrained(path)
 
+
+def image_processor_class(kind: str) -> Any:
+    """``CLIPImageProcessor`` or ``BlipImageProcessor``; their PIL versions when torchvision is absent.
+
+    transformers 5 falls back to the PIL versions itself, with a warning on every load; asking
+    for them directly keeps stderr clean. Older transformers have only the plain classes.
+    """
+    import importlib.util
+
+    import transformers
+
+    name = {"clip": "CLIPImageProcessor", "blip": "BlipImageProcessor"}[kind]
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, name + "Pil"):
+        return getattr(transformers, name + "Pil")
+    return getattr(transformers, name)

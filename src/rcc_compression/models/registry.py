@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ModelLoadError
-from .base import ModelWrapper
+from .base import ModelWrapper, image_processor_class
 from .tiny import TINY_MODELS, build_tiny
 
 #: bundled reference models: short name -> directory inside the package (filled by models/reference)
@@ -90,11 +90,7 @@ def _load_processors(path: str, model_type: str) -> tuple[Any, Any]:
     except (OSError, ValueError, KeyError, TypeError):
         tok = None
     try:
-        if model_type == "clip":
-            from transformers import CLIPImageProcessor as Proc
-        else:
-            from transformers import BlipImageProcessor as Proc
-        img = Proc.from_pretrained(path)
+        img = image_processor_class("clip" if model_type == "clip" else "blip").from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError):
         img = None
     return img, tok
@@ -109,11 +105,23 @@ def _from_directory(path: Path, model_type: str | None, dtype: str, name: str) -
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{cfg_file}: malformed JSON: {exc}") from None
     mtype = model_type or detect_model_type(cfg)
-    import torch
-
-    model = _model_class(mtype).from_pretrained(str(path), dtype=getattr(torch, _DTYPES[dtype]))
+    model = _load_weights(_model_class(mtype), str(path), dtype)
     img, tok = _load_processors(str(path), mtype)
     return wrap_model(model.eval(), img, tok, name)
+
+
+def _load_weights(cls: Any, where: str, dtype: str) -> Any:
+    """``cls.from_pretrained`` with every failure (missing or corrupt weights, a refused pickle) as one line."""
+    import pickle
+
+    import torch
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(where, dtype=getattr(torch, _DTYPES[dtype]))
+    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{where}: cannot load the {cls.__name__} weights: {first[:300]}") from None
 
 
 def _from_hub(model_id: str, model_type: str | None, dtype: str) -> ModelWrapper:
@@ -132,9 +140,7 @@ def _from_hub(model_id: str, model_type: str | None, dtype: str) -> ModelWrapper
             f"[{type(exc).__name__}]"
         ) from None
     mtype = model_type or detect_model_type(cfg)
-    import torch
-
-    model = _model_class(mtype).from_pretrained(model_id, dtype=getattr(torch, _DTYPES[dtype]))
+    model = _load_weights(_model_class(mtype), model_id, dtype)
     img, tok = _load_processors(model_id, mtype)
     return wrap_model(model.eval(), img, tok, model_id)
 

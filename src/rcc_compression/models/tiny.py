@@ -93,23 +93,20 @@ def build_tiny(kind: str, seed: int = 0) -> Any:
     """Build ``tiny-clip``, ``tiny-blip`` or ``tiny-blip-vqa`` as a wrapper, seeded."""
     from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering, CLIPModel
 
+    from .base import image_processor_class
     from .blip import BLIPWrapper
     from .clip import CLIPWrapper
 
     torch.manual_seed(seed)
     if kind == "tiny-clip":
-        from transformers import CLIPImageProcessor
-
         tok = build_word_tokenizer(max_length=16)
         model = CLIPModel(tiny_clip_config(len(tok)))
-        proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        proc = image_processor_class("clip")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
         return CLIPWrapper(model.eval(), proc, tok, name=kind)
-    from transformers import BlipImageProcessor
-
     tok = build_word_tokenizer(max_length=32, template="blip")
     cfg = tiny_blip_config(len(tok))
     cls = BlipForQuestionAnswering if kind == "tiny-blip-vqa" else BlipForConditionalGeneration
-    proc = BlipImageProcessor(size={"height": 32, "width": 32})
+    proc = image_processor_class("blip")(size={"height": 32, "width": 32})
     return BLIPWrapper(cls(cfg).eval(), proc, tok, name=kind)
 
 
