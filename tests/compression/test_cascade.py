@@ -158,3 +158,23 @@ def test_gate_agreement_uses_primary_outputs():
     s = {"image_embeds": torch.ones(3, 4), "text_embeds": -torch.ones(3, 4), "hidden": torch.zeros(3, 4)}
     assert output_agreement([s], [t]) == pytest.approx(0.0)  # mean of +1 and -1; hidden states ignored
     assert output_agreement([{"out": torch.ones(2, 3)}], [{"out": torch.ones(2, 3)}]) == pytest.approx(1.0)
+
+
+def test_compress_model_accepts_any_module_and_the_design_documents_pipeline_api(mlp, mlp_batches):
+    from rcc_compression import CompressionPipeline
+
+    x = mlp_batches[0]["x"]
+    model = compress_model(mlp, compression_rate=0.5, method="cascade", calibration_data=mlp_batches,
+                           config={"compression": {**FAST, "cascade": {"validation_threshold": 0.0}}})
+    assert set(compressed_layers(model)) == {"fc1", "fc2"}  # the head is left alone by default
+    assert abs(model.compression_stats["achieved_rate"] - 0.5) <= 0.01
+    assert torch.isfinite(model(x)).all()
+    pipe = CompressionPipeline()
+    pipe.add_stage("dare", config={"pruning_rate": 0.9, "iterations": 1, "fine_tune_epochs": 0})
+    pipe.add_stage("nullu", config={"rank_reduction": 0.5})
+    pipe.add_stage("alphaedit", config={"num_epochs": 1})
+    other = type(model)()  # a fresh, dense MLP
+    out = CompressionPipeline(calibration_data=mlp_batches).add_stage(
+        "dare", {"pruning_rate": 0.5, "iterations": 1, "fine_tune_epochs": 0}).compress(other)
+    assert compressed_layers(out)["fc1"].nnz() == round(0.5 * 24 * 48)
+    assert [s.name for s in pipe.stages] == ["dare", "nullu", "alphaedit"] and pipe.rounds == 1
