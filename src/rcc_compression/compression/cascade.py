@@ -187,11 +187,11 @@ class CascadePipeline:
         dense: dict[str, torch.Tensor] = {}
         for name in names:
             mod = inner.get_submodule(name)
+            teacher_mod = dense_model.get_submodule(name)
+            # the teacher's frozen weights are the targets: no second copy of the dense model
+            dense[name] = teacher_mod.weight if isinstance(teacher_mod, nn.Linear) else teacher_mod.effective_weight()
             if isinstance(mod, nn.Linear):
-                dense[name] = mod.weight.detach().clone()
                 replace_module(inner, name, CompressedLinear.from_linear(mod))
-            else:
-                dense[name] = mod.effective_weight().detach().clone()
         batches = self.calibration
         if batches is None:
             batches = _synthetic_batches(inner, wrapper, self.num_synthetic_batches, self.seed)
