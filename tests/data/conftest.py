@@ -44,8 +44,14 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 def karpathy_entry(i: int, split: str, captions: list[str], filepath: str | None = None) -> dict:
-    entry = {"filename": f"img{i}.png", "imgid": i, "split": split,
-             "sentences": [{"raw": c, "tokens": c.split(), "imgid": i, "sentid": 10 * i + j} for j, c in enumerate(captions)]}
+    entry = {
+        "filename": f"img{i}.png",
+        "imgid": i,
+        "split": split,
+        "sentences": [
+            {"raw": c, "tokens": c.split(), "imgid": i, "sentid": 10 * i + j} for j, c in enumerate(captions)
+        ],
+    }
     if filepath is not None:
         entry["filepath"] = filepath
         entry["cocoid"] = 1000 + i
@@ -83,7 +89,11 @@ def cc_tsv(tmp_path: Path) -> Path:
     root = tmp_path / "cc"
     for i in range(3):
         write_png(root / "images" / f"{i}.png", 70 + i)
-    rows = ["a red bus\timages/0.png", "a bus that is red\timages/0.png", "two cats\timages/1.png",
-            "a tree\timages/2.png"]
+    rows = [
+        "a red bus\timages/0.png",
+        "a bus that is red\timages/0.png",
+        "two cats\timages/1.png",
+        "a tree\timages/2.png",
+    ]
     (root / "train.tsv").write_text("\n".join(rows) + "\n")
     return root / "train.tsv"

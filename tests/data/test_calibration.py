@@ -11,8 +11,11 @@ from rcc_compression.data.calibration import build_calibration_batches
 from rcc_compression.errors import DataError
 from rcc_compression.models import get_model
 
-KEYS = {"clip": {"pixel_values", "input_ids", "attention_mask"}, "blip": {"pixel_values", "input_ids", "attention_mask"},
-        "blip_vqa": {"pixel_values", "input_ids", "attention_mask", "labels"}}
+KEYS = {
+    "clip": {"pixel_values", "input_ids", "attention_mask"},
+    "blip": {"pixel_values", "input_ids", "attention_mask"},
+    "blip_vqa": {"pixel_values", "input_ids", "attention_mask", "labels"},
+}
 
 
 @pytest.mark.parametrize("name,kind", [("tiny-clip", "clip"), ("tiny-blip", "blip"), ("tiny-blip-vqa", "blip_vqa")])
@@ -38,7 +41,7 @@ def test_deterministic_per_seed(tiny_world: Path) -> None:
         a = build_calibration_batches(wrapper, source, 2, 4, seed=5)
         b = build_calibration_batches(wrapper, source, 2, 4, seed=5)
         c = build_calibration_batches(wrapper, source, 2, 4, seed=6)
-        assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+        assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
         assert not torch.equal(a[0]["pixel_values"], c[0]["pixel_values"])
 
 

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from rcc_compression.data.datasets import (
-    ConceptualCaptionsDataset, Flickr30kDataset, HFDataset, ImageFolderDataset, KarpathyCaptionsDataset, VQADataset,
-    open_dataset, open_world,
+    ConceptualCaptionsDataset,
+    Flickr30kDataset,
+    HFDataset,
+    ImageFolderDataset,
+    KarpathyCaptionsDataset,
+    VQADataset,
+    open_dataset,
+    open_world,
 )
 from rcc_compression.data.loaders import Collator, build_loader
 from rcc_compression.data.transforms import ImageTransform
@@ -76,16 +82,19 @@ def test_hf_dataset_saved_to_disk(tmp_path: Path) -> None:
     from PIL import Image
 
     imgs = [Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)) for i in range(3)]
-    caps = datasets.Dataset.from_dict({"image": imgs, "caption": [["a", "b"], ["c"], ["d e"]]},
-                                      features=datasets.Features({"image": datasets.Image(),
-                                                                  "caption": datasets.Sequence(datasets.Value("string"))}))
+    caps = datasets.Dataset.from_dict(
+        {"image": imgs, "caption": [["a", "b"], ["c"], ["d e"]]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))}),
+    )
     datasets.DatasetDict({"test": caps}).save_to_disk(str(tmp_path / "caps"))
     ds = open_dataset(tmp_path / "caps", split="test", transform=SMALL)
     assert isinstance(ds, HFDataset) and ds.task == "captions"
     assert [r.captions for r in ds.records] == [["a", "b"], ["c"], ["d e"]]
     assert int(ds[2]["pixel_values"][0, 0, 0]) == 80
-    labelled = datasets.Dataset.from_dict({"image": imgs, "label": [1, 0, 1]}, features=datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])}))
+    labelled = datasets.Dataset.from_dict(
+        {"image": imgs, "label": [1, 0, 1]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])}),
+    )
     labelled.save_to_disk(str(tmp_path / "cls"))
     ds = HFDataset(tmp_path / "cls", transform=SMALL)
     assert ds.task == "classification" and ds.classnames == ["cat", "dog"] and ds.labels == [1, 0, 1]
@@ -144,7 +153,9 @@ def test_empty_caption_names_the_file_or_is_counted(flickr_dir: Path, cc_tsv: Pa
     data = json.loads(path.read_text())
     data["images"][1]["sentences"][1]["raw"] = "   "
     path.write_text(json.dumps(data))
-    with pytest.raises(DataError, match=r"dataset_flickr30k\.json: images\[1\] \(img1\.png\): sentence 1 is an empty caption"):
+    with pytest.raises(
+        DataError, match=r"dataset_flickr30k\.json: images\[1\] \(img1\.png\): sentence 1 is an empty caption"
+    ):
         Flickr30kDataset(path, "test")
     ds = Flickr30kDataset(path, "test", skip_bad=True)
     assert ds.skipped == {"empty caption": 1} and ds.records[0].captions == ["a dog 1", "the dog 1"]
@@ -178,8 +189,13 @@ def test_unreadable_image_surfaces_in_the_main_process(image_folder: Path, worke
     loader = build_loader(ds, batch_size=2, num_workers=workers)
     batches = list(loader)
     assert loader.skipped == 1 and sum(len(b["image_id"]) for b in batches) == 5
-    assert sorted(i for b in batches for i in b["image_id"]) == ["n0001/0.png", "n0001/1.png", "n0002/0.png",
-                                                               "n0003/0.png", "n0003/1.png"]
+    assert sorted(i for b in batches for i in b["image_id"]) == [
+        "n0001/0.png",
+        "n0001/1.png",
+        "n0002/0.png",
+        "n0003/0.png",
+        "n0003/1.png",
+    ]
 
 
 def test_unknown_formats_are_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

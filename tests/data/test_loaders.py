@@ -27,7 +27,7 @@ def test_collator_tokenises_first_or_random_caption(tiny_world: Path) -> None:
     assert set(model_inputs(batch)) == {"pixel_values", "input_ids", "attention_mask"}
     r1 = Collator(tokenizer=tok, caption="random", seed=3)(samples)["text"]
     r2 = Collator(tokenizer=tok, caption="random", seed=3)(samples)["text"]
-    assert r1 == r2 and all(t in s["captions"] for t, s in zip(r1, samples))
+    assert r1 == r2 and all(t in s["captions"] for t, s in zip(r1, samples, strict=True))
 
 
 def test_vqa_answers_become_labels(tiny_world: Path) -> None:

@@ -8,7 +8,15 @@ import torch
 from PIL import Image
 
 from rcc_compression.data.transforms import (
-    CLIP_MEAN, CLIP_STD, ImageTransform, TrainAugment, center_crop, clean_caption, normalize, transform_for, truncate_words,
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageTransform,
+    TrainAugment,
+    center_crop,
+    clean_caption,
+    normalize,
+    transform_for,
+    truncate_words,
 )
 
 
@@ -37,8 +45,13 @@ def test_normalisation_and_crop_by_hand() -> None:
 
 def test_fingerprint_changes_with_every_parameter() -> None:
     base = ImageTransform(64, 64)
-    prints = {base.fingerprint(), ImageTransform(64, 56).fingerprint(), ImageTransform(64, 64, resample="bilinear").fingerprint(),
-              ImageTransform(64, 64, mean=(0.5, 0.5, 0.5)).fingerprint(), ImageTransform(64, 64, resize_exact=True).fingerprint()}
+    prints = {
+        base.fingerprint(),
+        ImageTransform(64, 56).fingerprint(),
+        ImageTransform(64, 64, resample="bilinear").fingerprint(),
+        ImageTransform(64, 64, mean=(0.5, 0.5, 0.5)).fingerprint(),
+        ImageTransform(64, 64, resize_exact=True).fingerprint(),
+    }
     assert len(prints) == 5 and base.fingerprint() == ImageTransform(64, 64).fingerprint()
 
 

@@ -51,12 +51,16 @@ def test_train_split_never_shows_a_held_out_pair(tiny_world: Path) -> None:
     assert Counter(c for c, _ in held) == Counter({c: 2 for c in W.COLOURS})
     assert Counter(s for _, s in held) == Counter({s: 2 for s in W.SHAPES})
     data = json.loads((tiny_world / "captions" / "dataset_world.json").read_text())
-    train_pairs = {(o["colour"], o["shape"]) for e in data["images"] if e["split"] == "train" for o in e["scene"]["objects"]}
+    train_pairs = {
+        (o["colour"], o["shape"]) for e in data["images"] if e["split"] == "train" for o in e["scene"]["objects"]
+    }
     assert train_pairs and not train_pairs & held
     # nor in text: no train caption or question names a held-out pair
     names = [f"{c} {s}" for c, s in held] + [f"{c} {W.plural(s)}" for c, s in held]
     train_text = [s["raw"] for e in data["images"] if e["split"] == "train" for s in e["sentences"]]
-    train_text += [q["question"] for q in json.loads((tiny_world / "vqa" / "questions_train.json").read_text())["questions"]]
+    train_text += [
+        q["question"] for q in json.loads((tiny_world / "vqa" / "questions_train.json").read_text())["questions"]
+    ]
     assert not [t for t in train_text if any(n in t for n in names)]
     # the colour+shape class folders: train has only seen pairs, test has every pair, the held-out ones included
     cs = tiny_world / "classification" / "colour_shape"
@@ -90,8 +94,23 @@ def test_canonical_caption_names_every_object_left_to_right() -> None:
 def test_captions_vary_in_words_and_order() -> None:
     caps = [c for item in W.world_scenes(0, "train", 200) for c in item.captions]
     words = Counter(w for c in caps for w in c.replace(".", "").replace(",", "").replace(":", "").split())
-    for w in ("violet", "disc", "plus", "rhombus", "little", "big", "above", "below", "left", "right", "two",
-              "striped", "checkered", "photo", "that"):
+    for w in (
+        "violet",
+        "disc",
+        "plus",
+        "rhombus",
+        "little",
+        "big",
+        "above",
+        "below",
+        "left",
+        "right",
+        "two",
+        "striped",
+        "checkered",
+        "photo",
+        "that",
+    ):
         assert words[w] > 0, w
     assert any(c.startswith("a pair of") or c.startswith("two ") for c in caps)
 
@@ -101,7 +120,8 @@ def test_every_world_text_tokenises_without_unknown_words(tiny_world: Path) -> N
     unk = tok.unk_token_id
     texts = [c for item in W.world_scenes(1, "test", 150) for c in item.captions]
     texts += [t.format(c) for t in W.WORLD_TEMPLATES for c, s in [("red", "circle")]] + [
-        t.format("red") for t in W.WORLD_COLOUR_TEMPLATES]
+        t.format("red") for t in W.WORLD_COLOUR_TEMPLATES
+    ]
     for name in ("train", "test"):
         qs = json.loads((tiny_world / "vqa" / f"questions_{name}.json").read_text())["questions"]
         anns = json.loads((tiny_world / "vqa" / f"annotations_{name}.json").read_text())["annotations"]

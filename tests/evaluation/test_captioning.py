@@ -49,7 +49,8 @@ def test_bleu_agrees_with_torchmetrics_and_by_hand() -> None:
         assert out["metrics"][f"BLEU-{n}"]["value"] == pytest.approx(tm, abs=1e-6)
     # by hand, one pair: hypothesis "a blue square" against "a small yellow square" / "one yellow box" / ...
     one = caption_metrics({"4": GTS["4"]}, {"4": RES["4"]}, samples=0, meteor=False, use_java=False)["metrics"]
-    # unigrams: a, blue, square -> a and square match: 2/3; closest reference length 3 ("one yellow box"): no brevity penalty
+    # unigrams: a, blue, square -> a and square match: 2/3;
+    # closest reference length 3 ("one yellow box"): no brevity penalty
     assert one["BLEU-1"]["value"] == pytest.approx(2 / 3, abs=1e-9)
     # bigrams: "a blue", "blue square" -> none match: BLEU-2 is (tiny) zero
     assert one["BLEU-2"]["value"] < 1e-6

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from rcc_compression.evaluation.retrieval import recall_at_k, retrieval_metrics, retrieval_ranks
 from rcc_compression.evaluation.vqa import normalize_answer, vqa_accuracy, vqa_metrics
 from rcc_compression.evaluation.zero_shot import (
-    classifier_weights, get_templates, per_class_recall, template_sets, topk_correct, zero_shot_metrics,
+    classifier_weights,
+    get_templates,
+    per_class_recall,
+    template_sets,
+    topk_correct,
+    zero_shot_metrics,
 )
 
 
@@ -51,7 +56,9 @@ def test_templates_shipped() -> None:
     assert imagenet[0] == "a bad photo of a {}." and imagenet[-1] == "a tattoo of the {}."
     from rcc_compression.data.world import WORLD_COLOUR_TEMPLATES, WORLD_TEMPLATES
 
-    assert get_templates("world") == list(WORLD_TEMPLATES) and get_templates("world_colour") == list(WORLD_COLOUR_TEMPLATES)
+    assert get_templates("world") == list(WORLD_TEMPLATES) and get_templates("world_colour") == list(
+        WORLD_COLOUR_TEMPLATES
+    )
     assert get_templates(None, "imagenet") == imagenet and {"simple", "world"} <= set(template_sets())
     from rcc_compression.errors import DataError
 
@@ -73,8 +80,7 @@ def test_classifier_weights_are_renormalised_template_means(tiny_clip) -> None:
 # -------------------------------------------------------------------------------- retrieval
 def test_retrieval_ranks_by_hand() -> None:
     # 2 images, 4 captions: captions 0, 1 of image 0; captions 2, 3 of image 1
-    sim = torch.tensor([[0.1, 0.9, 0.95, 0.2],
-                        [0.3, 0.0, 0.5, 0.4]])
+    sim = torch.tensor([[0.1, 0.9, 0.95, 0.2], [0.3, 0.0, 0.5, 0.4]])
     owner = torch.tensor([0, 0, 1, 1])
     i2t, t2i = retrieval_ranks(sim, owner)
     assert i2t.tolist() == [1, 0]  # image 0: best own caption 0.9, one text (0.95) above; image 1: 0.5 is top
@@ -96,10 +102,12 @@ def test_retrieval_equals_torchmetrics_hit_rate() -> None:
     m = retrieval_metrics(sim, owner, samples=100)
     for k in (1, 5, 10):
         target = owner[None, :] == torch.arange(n_img)[:, None]
-        i2t = RetrievalHitRate(top_k=k)(sim.flatten(), target.flatten(),
-                                         indexes=torch.arange(n_img).repeat_interleave(n_img * per))
-        t2i = RetrievalHitRate(top_k=k)(sim.t().flatten(), target.t().flatten(),
-                                         indexes=torch.arange(n_img * per).repeat_interleave(n_img))
+        i2t = RetrievalHitRate(top_k=k)(
+            sim.flatten(), target.flatten(), indexes=torch.arange(n_img).repeat_interleave(n_img * per)
+        )
+        t2i = RetrievalHitRate(top_k=k)(
+            sim.t().flatten(), target.t().flatten(), indexes=torch.arange(n_img * per).repeat_interleave(n_img)
+        )
         assert m[f"i2t_R@{k}"]["value"] == pytest.approx(i2t.item(), abs=1e-6)
         assert m[f"t2i_R@{k}"]["value"] == pytest.approx(t2i.item(), abs=1e-6)
         assert m[f"i2t_R@{k}"]["ci_low"] <= m[f"i2t_R@{k}"]["value"] <= m[f"i2t_R@{k}"]["ci_high"]
@@ -130,8 +138,9 @@ def test_vqa_answer_normalisation() -> None:
 
 
 def test_vqa_metrics_by_answer_type() -> None:
-    m = vqa_metrics(["red", "2", "no"], [["red"] * 10, ["2"] * 10, ["yes"] * 10], ["other", "number", "yes/no"],
-                    samples=100)
+    m = vqa_metrics(
+        ["red", "2", "no"], [["red"] * 10, ["2"] * 10, ["yes"] * 10], ["other", "number", "yes/no"], samples=100
+    )
     assert m["accuracy"]["value"] == pytest.approx(2 / 3)
     assert m["accuracy_other"]["value"] == 1.0 and m["accuracy_yes_no"]["value"] == 0.0
     assert np.isclose(m["accuracy_number"]["value"], 1.0)

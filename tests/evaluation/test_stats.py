@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from rcc_compression.analysis.stats import (
-    bleu_statistic, bootstrap_ci, class_recall_statistic, mean_statistic, paired_difference_ci, ratio_statistic,
+    bleu_statistic,
+    bootstrap_ci,
+    class_recall_statistic,
+    mean_statistic,
+    paired_difference_ci,
+    ratio_statistic,
     resample_counts,
 )
 

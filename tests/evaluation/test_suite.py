@@ -58,7 +58,9 @@ def test_blip_captioning_and_vqa(world: Path, tiny_blip, tiny_blip_vqa) -> None:
 
 
 def test_wrong_dataset_kind_is_skipped_with_reason(world: Path, tiny_clip) -> None:
-    res = evaluate_model(tiny_clip, ["zero_shot"], [str(world / "captions" / "dataset_world.json")], bootstrap_samples=0)
+    res = evaluate_model(
+        tiny_clip, ["zero_shot"], [str(world / "captions" / "dataset_world.json")], bootstrap_samples=0
+    )
     assert res["results"] == {} and "needs a classification dataset" in res["skipped"][0]["reason"]
 
 

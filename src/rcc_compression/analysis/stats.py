@@ -121,7 +121,9 @@ def class_recall_statistic(labels: np.ndarray, num_classes: int) -> Callable[[np
     return stat
 
 
-def bleu_statistic(max_n: int = 4, eps_tiny: float = 1e-15, eps_small: float = 1e-9) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def bleu_statistic(
+    max_n: int = 4, eps_tiny: float = 1e-15, eps_small: float = 1e-9
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Corpus BLEU-``max_n`` (pycocoevalcap's formula, closest reference length) for resamples.
 
     ``values`` is ``N x (2 + 2 * max_n)``: hypothesis length, closest reference length, then the

@@ -26,7 +26,9 @@ def cache_key(dataset: Any) -> str:
     return f"{dataset.get_transform().fingerprint()}-{dataset.fingerprint()}"
 
 
-def build_cache(dataset: Any, cache_dir: str | os.PathLike[str], shard_size: int = 2048, progress: bool = False) -> Path:
+def build_cache(
+    dataset: Any, cache_dir: str | os.PathLike[str], shard_size: int = 2048, progress: bool = False
+) -> Path:
     """Write (or reuse) the cache of ``dataset``'s images and return its directory.
 
     An image that cannot be decoded is a ``DataError`` naming it, unless the dataset skips bad
@@ -68,20 +70,33 @@ def build_cache(dataset: Any, cache_dir: str | os.PathLike[str], shard_size: int
             tensors.append(t)
         if shape is None:
             shape = [3, 1, 1]
-        stacked = torch.stack([t if t is not None and list(t.shape) == shape else torch.zeros(shape, dtype=torch.uint8)
-                               for t in tensors])
-        for k, t in zip(chunk, tensors):
+        stacked = torch.stack(
+            [t if t is not None and list(t.shape) == shape else torch.zeros(shape, dtype=torch.uint8) for t in tensors]
+        )
+        for k, t in zip(chunk, tensors, strict=True):
             if t is not None and list(t.shape) != shape and k not in bad:
-                raise DataError(f"{k}: preprocessed to {list(t.shape)}, other images to {shape}; "
-                                "the transform must crop to a fixed size to be cached")
+                raise DataError(
+                    f"{k}: preprocessed to {list(t.shape)}, other images to {shape}; "
+                    "the transform must crop to a fixed size to be cached"
+                )
         name = f"shard_{s:05d}.safetensors"
         atomic_save_safetensors({"pixels": stacked}, path / name)
         shards.append(name)
-    atomic_write_json(path / "manifest.json", {
-        "version": CACHE_VERSION, "transform": dataset.get_transform().__dict__, "dataset": dataset.fingerprint(),
-        "source": dataset.source, "count": len(keys), "shard_size": shard_size, "shape": shape,
-        "shards": shards, "keys": keys, "bad": bad,
-    })
+    atomic_write_json(
+        path / "manifest.json",
+        {
+            "version": CACHE_VERSION,
+            "transform": dataset.get_transform().__dict__,
+            "dataset": dataset.fingerprint(),
+            "source": dataset.source,
+            "count": len(keys),
+            "shard_size": shard_size,
+            "shape": shape,
+            "shards": shards,
+            "keys": keys,
+            "bad": bad,
+        },
+    )
     return path
 
 

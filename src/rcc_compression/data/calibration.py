@@ -94,7 +94,11 @@ def build_calibration_batches(
     if getattr(wrapper, "tokenizer", None) is None:
         raise DataError(f"calibration source {source!r} needs text, but the model has no tokenizer; use 'synthetic'")
     total = num_batches * batch_size
-    ds = _world_dataset(wrapper, total, seed, kind) if source == "world" else _open_source(source, wrapper, kind, skip_bad)
+    ds = (
+        _world_dataset(wrapper, total, seed, kind)
+        if source == "world"
+        else _open_source(source, wrapper, kind, skip_bad)
+    )
     gen = torch.Generator().manual_seed(seed)
     if len(ds) >= total:
         order = torch.randperm(len(ds), generator=gen)[:total]
@@ -102,12 +106,21 @@ def build_calibration_batches(
         order = torch.randint(0, len(ds), (total,), generator=gen)
     subset = torch.utils.data.Subset(ds, order.tolist())
     collate = Collator(
-        tokenizer=wrapper.tokenizer, max_length=wrapper.max_text_length, caption="random", mean=ds.transform.mean,
-        std=ds.transform.std, skip_bad=skip_bad, answers_as_labels=kind == "blip_vqa", seed=seed,
+        tokenizer=wrapper.tokenizer,
+        max_length=wrapper.max_text_length,
+        caption="random",
+        mean=ds.transform.mean,
+        std=ds.transform.std,
+        skip_bad=skip_bad,
+        answers_as_labels=kind == "blip_vqa",
+        seed=seed,
     )
     loader = build_loader(subset, batch_size, shuffle=False, collate_fn=collate, seed=seed, skip_bad=skip_bad)
-    keys = ("pixel_values", "input_ids", "attention_mask", "labels") if kind == "blip_vqa" else (
-        "pixel_values", "input_ids", "attention_mask")
+    keys = (
+        ("pixel_values", "input_ids", "attention_mask", "labels")
+        if kind == "blip_vqa"
+        else ("pixel_values", "input_ids", "attention_mask")
+    )
     batches = []
     for batch in loader:
         inputs = model_inputs(batch, keys)

@@ -348,7 +348,8 @@ class KarpathyCaptionsDataset(MultimodalDataset):
                     raise DataError(f"{path}: images[{n}].sentences[{k}]: expected 'raw' text or a 'tokens' list")
                 text = clean_caption(raw)
                 if not text:
-                    self._bad(f"{path}: images[{n}] ({entry['filename']}): sentence {k} is an empty caption", "empty caption")
+                    where = f"{path}: images[{n}] ({entry['filename']})"
+                    self._bad(f"{where}: sentence {k} is an empty caption", "empty caption")
                     continue
                 caps.append(text)
             if not caps:
@@ -375,8 +376,13 @@ class Flickr30kDataset(KarpathyCaptionsDataset):
 
     format_name = "flickr30k"
 
-    def __init__(self, json_path: str | os.PathLike[str], split: str = "test",
-                 image_root: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        json_path: str | os.PathLike[str],
+        split: str = "test",
+        image_root: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         path = Path(json_path)
         if image_root is None and (path.parent / "flickr30k-images").is_dir():
             image_root = path.parent / "flickr30k-images"
@@ -427,7 +433,9 @@ class ConceptualCaptionsDataset(MultimodalDataset):
         grouped: dict[str, list[str]] = {}
         for lineno, row in rows:
             if len(row) != 2:
-                raise DataError(f"{path}:{lineno}: expected 2 tab-separated columns (caption, image path), got {len(row)}")
+                raise DataError(
+                    f"{path}:{lineno}: expected 2 tab-separated columns (caption, image path), got {len(row)}"
+                )
             text = clean_caption(row[cap_col])
             rel = row[img_col].strip()
             if not rel:
@@ -483,8 +491,9 @@ class VQADataset(MultimodalDataset):
                     answers[int(ann["question_id"])] = [str(a["answer"]) for a in ann["answers"]]
                     answer_types[int(ann["question_id"])] = str(ann.get("answer_type", ""))
                 except (KeyError, TypeError, ValueError):
-                    raise DataError(f"{apath}: annotations[{n}]: expected 'question_id' and an 'answers' list "
-                                    "of {'answer': ...}") from None
+                    raise DataError(
+                        f"{apath}: annotations[{n}]: expected 'question_id' and an 'answers' list of {{'answer': ...}}"
+                    ) from None
         root = Path(image_root) if image_root is not None else qpath.parent.parent
         records = []
         for n, q in enumerate(qdata["questions"]):
@@ -504,8 +513,16 @@ class VQADataset(MultimodalDataset):
             if annotations_json is not None and not ans:
                 self._bad(f"{annotations_json}: no answers for question {qid}", "no answers")
                 continue
-            records.append(Record(image=str(img), image_id=str(q["image_id"]), question=text, answers=ans,
-                                  question_id=qid, meta={"answer_type": answer_types.get(qid, "")}))
+            records.append(
+                Record(
+                    image=str(img),
+                    image_id=str(q["image_id"]),
+                    question=text,
+                    answers=ans,
+                    question_id=qid,
+                    meta={"answer_type": answer_types.get(qid, "")},
+                )
+            )
         super().__init__(records, transform, skip_bad, str(qpath))
 
 
@@ -597,7 +614,8 @@ def _open_hf(name_or_path: str, split: str) -> Any:
         raise DataError(f"{name_or_path}: not a saved Hugging Face dataset: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - hub and cache failures come in many types
         raise DataError(
-            f"{name_or_path}: cannot load the Hugging Face dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"{name_or_path}: cannot load the Hugging Face dataset "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "without network only datasets saved with save_to_disk() or already cached can be read"
         ) from None
     if isinstance(obj, datasets.DatasetDict):
@@ -615,8 +633,14 @@ class ArrayDataset(MultimodalDataset):
 
     format_name = "memory"
 
-    def __init__(self, images: Sequence[Any], records: Sequence[Record], transform: ImageTransform | None = None,
-                 task: str = "captions", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        images: Sequence[Any],
+        records: Sequence[Record],
+        transform: ImageTransform | None = None,
+        task: str = "captions",
+        **kwargs: Any,
+    ) -> None:
         if len(images) != len(records):
             raise DataError(f"{len(images)} images for {len(records)} records")
         self._images = list(images)
@@ -633,8 +657,13 @@ class ArrayDataset(MultimodalDataset):
 # ------------------------------------------------------------------------------- resolution
 #: names of well-known datasets, looked up as directories under the data root
 KNOWN_DATASETS = {
-    "imagenet": "imagenet", "mscoco": "coco", "coco": "coco", "flickr30k": "flickr30k",
-    "cc3m": "conceptual_captions", "conceptual_captions": "conceptual_captions", "vqav2": "vqav2",
+    "imagenet": "imagenet",
+    "mscoco": "coco",
+    "coco": "coco",
+    "flickr30k": "flickr30k",
+    "cc3m": "conceptual_captions",
+    "conceptual_captions": "conceptual_captions",
+    "vqav2": "vqav2",
 }
 WORLD_PARTS = ("captions", "vqa", "shape", "colour", "colour_shape")
 
@@ -658,24 +687,33 @@ def open_world(
     root = Path(world_dir)
     info = load_world_info(root)
     if split not in info.get("spec", {}).get("splits", ()):
-        raise DataError(f"{root}: this world has no {split!r} split (generated: "
-                        f"{', '.join(info.get('spec', {}).get('splits', ()))}); regenerate it with that split")
+        raise DataError(
+            f"{root}: this world has no {split!r} split (generated: "
+            f"{', '.join(info.get('spec', {}).get('splits', ()))}); regenerate it with that split"
+        )
     if part in ("captions", "vqa") and not info.get(part):
         raise DataError(f"{root}: this world was generated without its {part} part")
     if part == "captions":
-        return KarpathyCaptionsDataset(root / info["captions"], split, image_root=root, transform=transform,
-                                       skip_bad=skip_bad)
+        return KarpathyCaptionsDataset(
+            root / info["captions"], split, image_root=root, transform=transform, skip_bad=skip_bad
+        )
     if part == "vqa":
         files = info["vqa"][split]
-        return VQADataset(root / files["questions"], root / files["annotations"], image_root=root,
-                          transform=transform, skip_bad=skip_bad)
+        return VQADataset(
+            root / files["questions"],
+            root / files["annotations"],
+            image_root=root,
+            transform=transform,
+            skip_bad=skip_bad,
+        )
     if part in info.get("tasks", {}):
         return ImageFolderDataset(root / info["tasks"][part], split, transform=transform, skip_bad=skip_bad)
     raise DataError(f"{root}: unknown world part {part!r}; parts: {', '.join(WORLD_PARTS)}")
 
 
-def _detect(path: Path, split: str, task: str | None, transform: ImageTransform | None, skip_bad: bool,
-            root: Path | None = None) -> MultimodalDataset:
+def _detect(
+    path: Path, split: str, task: str | None, transform: ImageTransform | None, skip_bad: bool, root: Path | None = None
+) -> MultimodalDataset:
     kw = {"transform": transform, "skip_bad": skip_bad}
     if path.is_file():
         if path.suffix == ".tsv":
@@ -684,7 +722,13 @@ def _detect(path: Path, split: str, task: str | None, transform: ImageTransform 
             data = read_json(path)
             if isinstance(data, dict) and "images" in data:
                 name = str(data.get("dataset", "")).lower()
-                cls = Flickr30kDataset if "flickr" in name else COCOCaptionsDataset if name == "coco" else KarpathyCaptionsDataset
+                cls = (
+                    Flickr30kDataset
+                    if "flickr" in name
+                    else COCOCaptionsDataset
+                    if name == "coco"
+                    else KarpathyCaptionsDataset
+                )
                 return cls(path, split, **kw)
             if isinstance(data, dict) and "questions" in data:
                 ann = _vqa_annotations_for(path)
@@ -694,7 +738,11 @@ def _detect(path: Path, split: str, task: str | None, transform: ImageTransform 
     if not path.is_dir():
         raise DataError(f"{path}: no such file or directory")
     if (path / "world.json").is_file():
-        part = task if task in WORLD_PARTS else {"classification": "colour_shape", "vqa": "vqa"}.get(task or "", "captions")
+        part = (
+            task
+            if task in WORLD_PARTS
+            else {"classification": "colour_shape", "vqa": "vqa"}.get(task or "", "captions")
+        )
         return open_world(path, part, split, **kw)
     if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
         return HFDataset(path, split, **kw)
@@ -710,10 +758,13 @@ def _detect(path: Path, split: str, task: str | None, transform: ImageTransform 
         if qs:
             return _detect(qs[0], split, "vqa", transform, skip_bad, root=path)
     if task in (None, "classification"):
-        cn = next((c for c in ("classnames.txt", "classnames.json", "LOC_synset_mapping.txt") if (path / c).is_file()), None)
+        cn = next(
+            (c for c in ("classnames.txt", "classnames.json", "LOC_synset_mapping.txt") if (path / c).is_file()), None
+        )
         if (path / split).is_dir() or cn:
-            return ImageFolderDataset(path, split if (path / split).is_dir() else None,
-                                      classnames_file=path / cn if cn else None, **kw)
+            return ImageFolderDataset(
+                path, split if (path / split).is_dir() else None, classnames_file=path / cn if cn else None, **kw
+            )
     raise DataError(
         f"{path}: cannot tell the dataset format{f' for task {task}' if task else ''}: expected world.json, a saved "
         "Hugging Face dataset, dataset_*.json (Karpathy captions), a .tsv (Conceptual Captions), "
@@ -723,7 +774,10 @@ def _detect(path: Path, split: str, task: str | None, transform: ImageTransform 
 
 def _vqa_annotations_for(questions: Path) -> Path | None:
     name = questions.name
-    cands = [name.replace("questions", "annotations"), name.replace("OpenEnded_", "").replace("_questions", "_annotations")]
+    cands = [
+        name.replace("questions", "annotations"),
+        name.replace("OpenEnded_", "").replace("_questions", "_annotations"),
+    ]
     for cand in cands:
         p = questions.with_name(cand)
         if p != questions and p.is_file():
@@ -762,8 +816,10 @@ def open_dataset(
     if key in KNOWN_DATASETS and not Path(text).exists():
         base = data_root(root)
         if base is None:
-            raise DataError(f"dataset {text!r}: set dataset.root or $RCC_DATA_ROOT to the directory that holds "
-                            f"{KNOWN_DATASETS[key]}/ (this machine downloads nothing)")
+            raise DataError(
+                f"dataset {text!r}: set dataset.root or $RCC_DATA_ROOT to the directory that holds "
+                f"{KNOWN_DATASETS[key]}/ (this machine downloads nothing)"
+            )
         path = base / KNOWN_DATASETS[key]
         if not path.exists():
             raise DataError(f"dataset {text!r}: {path} does not exist")

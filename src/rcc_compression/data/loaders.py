@@ -68,13 +68,18 @@ class Collator:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         errors = [s["error"] for s in samples if s.get("error")]
         good = [s for s in samples if not s.get("error")]
-        batch: dict[str, Any] = {"errors": [] if self.skip_bad else errors, "skipped": len(errors) if self.skip_bad else 0}
+        batch: dict[str, Any] = {
+            "errors": [] if self.skip_bad else errors,
+            "skipped": len(errors) if self.skip_bad else 0,
+        }
         if errors and not self.skip_bad:
             return batch
         if not good:
             return batch
         pixels = torch.stack([s["pixel_values"] for s in good])
-        batch["pixel_values"] = self.augment(pixels) if self.augment is not None else normalize(pixels, self.mean, self.std)
+        batch["pixel_values"] = (
+            self.augment(pixels) if self.augment is not None else normalize(pixels, self.mean, self.std)
+        )
         batch["index"] = torch.tensor([s["index"] for s in good])
         batch["image_id"] = [s["image_id"] for s in good]
         if good[0].get("label") is not None:
@@ -92,7 +97,9 @@ class Collator:
         elif good[0].get("captions"):
             batch["captions"] = [s["captions"] for s in good]
             if self.caption != "none":
-                texts = [self._rng.choice(s["captions"]) if self.caption == "random" else s["captions"][0] for s in good]
+                texts = [
+                    self._rng.choice(s["captions"]) if self.caption == "random" else s["captions"][0] for s in good
+                ]
                 batch["text"] = texts
                 if self.tokenizer is not None:
                     batch.update(self._tokenize(texts))
@@ -177,9 +184,16 @@ def build_loader(
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-        num_workers=num_workers, collate_fn=collate_fn, drop_last=drop_last, generator=generator,
-        worker_init_fn=_seed_worker if num_workers else None, persistent_workers=num_workers > 0,
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        drop_last=drop_last,
+        generator=generator,
+        worker_init_fn=_seed_worker if num_workers else None,
+        persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
     return SafeLoader(loader, skip_bad=skip)
@@ -205,13 +219,26 @@ def create_dataloaders(
         spec = getattr(dataset_cfg, split, None)
         if not spec:
             continue
-        ds = open_dataset(spec, split=split, transform=transform, skip_bad=dataset_cfg.skip_bad,
-                          root=getattr(dataset_cfg, "root", None))
+        ds = open_dataset(
+            spec,
+            split=split,
+            transform=transform,
+            skip_bad=dataset_cfg.skip_bad,
+            root=getattr(dataset_cfg, "root", None),
+        )
         if cache_dir is not None:
             ds.cache_data(cache_dir)
         train = split == "train"
-        collate = ds.get_collate_fn(tokenizer, caption="random" if train else "first",
-                                    augment=augment if train else None)
-        out[split] = build_loader(ds, dataset_cfg.batch_size, shuffle=train, num_workers=dataset_cfg.num_workers,
-                                  collate_fn=collate, seed=seed, drop_last=train)
+        collate = ds.get_collate_fn(
+            tokenizer, caption="random" if train else "first", augment=augment if train else None
+        )
+        out[split] = build_loader(
+            ds,
+            dataset_cfg.batch_size,
+            shuffle=train,
+            num_workers=dataset_cfg.num_workers,
+            collate_fn=collate,
+            seed=seed,
+            drop_last=train,
+        )
     return out

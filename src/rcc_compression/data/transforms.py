@@ -106,7 +106,9 @@ def center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
     return pixels[..., top : top + size, left : left + size]
 
 
-def normalize(pixels: torch.Tensor, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
+def normalize(
+    pixels: torch.Tensor, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
+) -> torch.Tensor:
     """``(pixels / 255 - mean) / std`` per channel (channel axis -3)."""
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
@@ -136,8 +138,9 @@ def transform_for(wrapper_or_processor: Any) -> ImageTransform:
     else:
         resize, exact = int(size.get("height", 224)), True
     crop = int(crop_cfg.get("height", resize)) if do_crop else None
-    return ImageTransform(size=resize if do_resize else None, crop=crop, mean=mean, std=std, resample=resample,
-                          resize_exact=exact)
+    return ImageTransform(
+        size=resize if do_resize else None, crop=crop, mean=mean, std=std, resample=resample, resize_exact=exact
+    )
 
 
 @dataclass

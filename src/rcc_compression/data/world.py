@@ -55,7 +55,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (245, 130, 200),
     "white": (242, 242, 242),
 }
-SIZES: dict[str, float] = {"small": 7.0, "large": 12.0}  # radius in pixels at 64x64
+SIZES: dict[str, float] = {"small": 9.0, "large": 15.0}  # radius in pixels at 64x64
+#: object centres lie on this pixel grid (the reference models' patch size): position varies over
+#: 5 to 7 places per axis, and a shape looks the same wherever it is, so a tiny ViT learns it fast
+POSITION_GRID = 8
 BACKGROUNDS = ("plain", "striped", "checkered", "gradient", "mottled")
 
 # the first word is the canonical one (class names, VQA answers); the rest are synonyms in captions
@@ -138,7 +141,7 @@ class WorldSpec:
     """How much of the world to generate. Counts are scenes (captions, VQA) or images per class."""
 
     seed: int = 0
-    train: int = 10000
+    train: int = 20000
     val: int = 500
     test: int = 1000
     cls_train_per_class: int = 40
@@ -182,14 +185,24 @@ def _object_rgb(colour: str, rng: np.random.Generator) -> tuple[int, int, int]:
 
 
 def _place(
-    rng: np.random.Generator, radii: Sequence[float], size: int, tries: int = 200
+    rng: np.random.Generator, radii: Sequence[float], size: int, tries: int = 200, grid: int = 0
 ) -> list[tuple[float, float]] | None:
-    """Centres for circles of ``radii`` inside the canvas without overlap (rejection sampling)."""
+    """Centres for circles of ``radii`` inside the canvas without overlap (rejection sampling).
+
+    With ``grid`` > 0 the centres lie on multiples of ``grid`` pixels.
+    """
     centres: list[tuple[float, float]] = []
     for r in radii:
+        lo, hi = r + 1, size - r - 1
+        if grid:
+            lo, hi = grid * np.ceil(lo / grid), grid * np.floor(hi / grid)
+            if hi < lo:
+                return None
         for _ in range(tries):
-            x, y = rng.uniform(r + 1, size - r - 1, 2)
-            if all((x - cx) ** 2 + (y - cy) ** 2 >= (r + cr + 2) ** 2 for (cx, cy), cr in zip(centres, radii)):
+            x, y = rng.uniform(lo, hi, 2)
+            if grid:
+                x, y = grid * np.round(x / grid), grid * np.round(y / grid)
+            if all((x - cx) ** 2 + (y - cy) ** 2 >= (r + cr + 2) ** 2 for (cx, cy), cr in zip(centres, radii, strict=False)):
                 centres.append((float(x), float(y)))
                 break
         else:
@@ -204,7 +217,7 @@ def sample_scene(
     size: int = IMAGE_SIZE,
 ) -> Scene:
     """A random scene whose objects use only ``pairs``; one to three objects unless ``n_objects``."""
-    n = int(n_objects) if n_objects is not None else int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
+    n = int(n_objects) if n_objects is not None else int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
     chosen = [pairs[int(i)] for i in rng.integers(0, len(pairs), n)]
     if n >= 2 and rng.uniform() < 0.2:  # same pair twice, so counts ("two red circles") occur
         chosen[1] = chosen[0]
@@ -212,20 +225,34 @@ def sample_scene(
     while True:
         sizes = [str(rng.choice(list(SIZES))) for _ in range(n)]
         radii = [SIZES[s] * scale * rng.uniform(0.9, 1.1) for s in sizes]
-        centres = _place(rng, radii, size)
+        centres = _place(rng, radii, size, grid=int(round(POSITION_GRID * scale)))
         if centres is not None:
             break
     objects = []
-    for (colour, shape), sz, r, (x, y) in zip(chosen, sizes, radii, centres):
+    for (colour, shape), sz, r, (x, y) in zip(chosen, sizes, radii, centres, strict=True):
         tilt = rng.uniform(-0.25, 0.25) if shape in ("triangle", "star", "heart", "cross") else 0.0
         objects.append(
-            WorldObject(shape, colour, sz, x, y, float(r), float(tilt), _object_rgb(colour, rng), float(rng.uniform(-0.12, 0.12)))
+            WorldObject(
+                shape,
+                colour,
+                sz,
+                x,
+                y,
+                float(r),
+                float(tilt),
+                _object_rgb(colour, rng),
+                float(rng.uniform(-0.12, 0.12)),
+            )
         )
     background = str(rng.choice(BACKGROUNDS))
     bg_params = tuple(float(v) for v in rng.uniform(0, 1, 6))
     return Scene(
-        objects=tuple(objects), background=background, bg_colours=(_muted_rgb(rng), _muted_rgb(rng)),
-        bg_params=bg_params, noise_sigma=float(rng.uniform(3, 12)), noise_seed=int(rng.integers(0, 2**31 - 1)),
+        objects=tuple(objects),
+        background=background,
+        bg_colours=(_muted_rgb(rng), _muted_rgb(rng)),
+        bg_params=bg_params,
+        noise_sigma=float(rng.uniform(3, 12)),
+        noise_seed=int(rng.integers(0, 2**31 - 1)),
         size=size,
     )
 
@@ -236,7 +263,7 @@ def _polygon_mask(u: np.ndarray, v: np.ndarray, poly: np.ndarray) -> np.ndarray:
     inside = np.zeros(u.shape, dtype=bool)
     x0, y0 = poly[:, 0], poly[:, 1]
     x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    for ax, ay, bx, by in zip(x0, y0, x1, y1):  # loop over edges; every pixel at once
+    for ax, ay, bx, by in zip(x0, y0, x1, y1, strict=True):  # loop over edges; every pixel at once
         crosses = (ay > v) != (by > v)
         with np.errstate(divide="ignore", invalid="ignore"):
             xint = ax + (v - ay) * (bx - ax) / (by - ay)
@@ -437,17 +464,31 @@ def describe(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
         if k == 1:
             o = order[0]
             one = f"one {_pick(rng, COLOUR_WORDS[o.colour])} {_pick(rng, SHAPE_WORDS[o.shape])}"
-            partial = str(rng.choice([f"one {_pick(rng, SHAPE_WORDS[o.shape])}",
-                                      f"one {_pick(rng, COLOUR_WORDS[o.colour])} {rng.choice(['object', 'shape'])}"]))
-            options += [f"{nps[0]} {position_phrase(o, scene.size)}", f"{_the(o, rng)} is {position_phrase(o, scene.size)}",
-                        f"{prefix} {one}", one, f"{prefix} {partial}", f"{prefix} {nps[0]} on {_article(bgw)} {bgw} background"]
+            partial = str(
+                rng.choice(
+                    [
+                        f"one {_pick(rng, SHAPE_WORDS[o.shape])}",
+                        f"one {_pick(rng, COLOUR_WORDS[o.colour])} {rng.choice(['object', 'shape'])}",
+                    ]
+                )
+            )
+            options += [
+                f"{nps[0]} {position_phrase(o, scene.size)}",
+                f"{_the(o, rng)} is {position_phrase(o, scene.size)}",
+                f"{prefix} {one}",
+                one,
+                f"{prefix} {partial}",
+                f"{prefix} {nps[0]} on {_article(bgw)} {bgw} background",
+            ]
         else:
             count = NUMBER_WORDS[k]
             noun = str(rng.choice(["objects", "shapes"]))
             rel = relation(order[0], order[1])
-            options += [f"{count} {noun}: {_join(nps)}",
-                        f"{nps[0]} {rel} {nps[1]}" + (f", and {nps[2]}" if k == 3 else ""),
-                        f"{_the(order[0], rng)} is {rel} {_the(order[1], rng)}"]
+            options += [
+                f"{count} {noun}: {_join(nps)}",
+                f"{nps[0]} {rel} {nps[1]}" + (f", and {nps[2]}" if k == 3 else ""),
+                f"{_the(order[0], rng)} is {rel} {_the(order[1], rng)}",
+            ]
             if counted is not None:
                 there = "there are" if prefix == "there is" and not counted.startswith(("a ", "an ")) else prefix
                 options += [counted, f"{there} {counted}"]
@@ -496,12 +537,21 @@ def questions_for(
 
 # ------------------------------------------------------------------------------- vocabulary
 WORLD_TEMPLATES = (
-    "a photo of one {}.", "a picture of one {}.", "an image of one {}.", "there is one {}.",
-    "a drawing of one {}.", "a rendering of one {}.", "one {}.",
+    "a photo of one {}.",
+    "a picture of one {}.",
+    "an image of one {}.",
+    "there is one {}.",
+    "a drawing of one {}.",
+    "a rendering of one {}.",
+    "one {}.",
 )
 WORLD_COLOUR_TEMPLATES = (
-    "a photo of one {} object.", "a picture of one {} shape.", "an image of one {} object.", "there is one {} shape.",
-    "one {} object.", "one {} shape.",
+    "a photo of one {} object.",
+    "a picture of one {} shape.",
+    "an image of one {} object.",
+    "there is one {} shape.",
+    "one {} object.",
+    "one {} shape.",
 )
 
 
@@ -553,7 +603,11 @@ def build_world_tokenizer(kind: str = "clip", max_length: int = 40) -> Any:
         single=f"{start} $A [EOS]", special_tokens=[(start, vocab[start]), ("[EOS]", vocab["[EOS]"])]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token=start, eos_token="[EOS]",
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token=start,
+        eos_token="[EOS]",
         model_max_length=max_length,
     )
     if kind == "blip":
@@ -573,7 +627,9 @@ class WorldItem:
     scene: Scene
 
 
-def world_scenes(seed: int, split: str, count: int, start: int = 0, image_size: int = IMAGE_SIZE) -> Iterator[WorldItem]:
+def world_scenes(
+    seed: int, split: str, count: int, start: int = 0, image_size: int = IMAGE_SIZE
+) -> Iterator[WorldItem]:
     """Caption scenes ``start .. start+count-1`` of a split, exactly as :func:`generate_world` writes them."""
     if split not in SPLITS:
         raise DataError(f"world split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -584,7 +640,9 @@ def world_scenes(seed: int, split: str, count: int, start: int = 0, image_size: 
         yield WorldItem(i, render_scene(scene), describe(scene, rng), scene)
 
 
-def classification_scenes(seed: int, split: str, per_class: int, image_size: int = IMAGE_SIZE) -> Iterator[tuple[int, Scene]]:
+def classification_scenes(
+    seed: int, split: str, per_class: int, image_size: int = IMAGE_SIZE
+) -> Iterator[tuple[int, Scene]]:
     """Single-object scenes, ``per_class`` for every colour-shape pair the split allows (pair-major order)."""
     pairs = split_pairs(split)
     for pi, pair in enumerate(pairs):
@@ -666,16 +724,25 @@ def generate_world(
             name = f"{item.index:06d}.png"
             (img_dir / name).write_bytes(_png_bytes(item.image))
             img_id = len(karpathy)
-            karpathy.append({
-                "filepath": f"images/{split}", "filename": name, "imgid": img_id, "split": split,
-                "sentids": list(range(sent_id, sent_id + len(item.captions))),
-                "sentences": [
-                    {"raw": c, "tokens": c.rstrip(".").replace(",", "").replace(":", "").split(),
-                     "imgid": img_id, "sentid": sent_id + j}
-                    for j, c in enumerate(item.captions)
-                ],
-                "scene": item.scene.to_json(),
-            })
+            karpathy.append(
+                {
+                    "filepath": f"images/{split}",
+                    "filename": name,
+                    "imgid": img_id,
+                    "split": split,
+                    "sentids": list(range(sent_id, sent_id + len(item.captions))),
+                    "sentences": [
+                        {
+                            "raw": c,
+                            "tokens": c.rstrip(".").replace(",", "").replace(":", "").split(),
+                            "imgid": img_id,
+                            "sentid": sent_id + j,
+                        }
+                        for j, c in enumerate(item.captions)
+                    ],
+                    "scene": item.scene.to_json(),
+                }
+            )
             sent_id += len(item.captions)
             vqa_scenes[split].append((img_id, item.scene, f"images/{split}/{name}"))
             if item.index % 250 == 0 or item.index == total - 1:
@@ -692,8 +759,8 @@ def generate_world(
         "version": WORLD_VERSION,
         "seed": spec.seed,
         "image_size": spec.image_size,
-        "spec": {k: v for k, v in asdict(spec).items() if k != "extra"} | {"splits": list(spec.splits),
-                                                                          "parts": list(spec.parts)},
+        "spec": {k: v for k, v in asdict(spec).items() if k != "extra"}
+        | {"splits": list(spec.splits), "parts": list(spec.parts)},
         "shapes": list(SHAPES),
         "colours": list(COLOURS),
         "sizes": list(SIZES),
@@ -701,8 +768,11 @@ def generate_world(
         "held_out_pairs": [f"{c} {s}" for c, s in HELD_OUT_PAIRS],
         "tasks": {t: f"classification/{t}" for t in TASKS} if "classification" in spec.parts else {},
         "captions": "captions/dataset_world.json" if "captions" in spec.parts else None,
-        "vqa": {s: {"questions": f"vqa/questions_{s}.json", "annotations": f"vqa/annotations_{s}.json"}
-                for s in spec.splits} if "vqa" in spec.parts else {},
+        "vqa": {
+            s: {"questions": f"vqa/questions_{s}.json", "annotations": f"vqa/annotations_{s}.json"} for s in spec.splits
+        }
+        if "vqa" in spec.parts
+        else {},
     } | spec.extra
     atomic_write_json(root / "world.json", record)
     return record
@@ -719,17 +789,33 @@ def _write_vqa(root: Path, spec: WorldSpec, scenes: dict[str, list[tuple[int, Sc
             q, answers, atype = cands[int(rng.integers(0, len(cands)))]
             qid = i
             questions.append({"image_id": img_id, "question": q, "question_id": qid, "image": rel})
-            annotations.append({
-                "question_id": qid, "image_id": img_id, "question_type": " ".join(q.split()[:2]),
-                "answer_type": atype, "multiple_choice_answer": Counter(answers).most_common(1)[0][0],
-                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(answers)],
-            })
+            annotations.append(
+                {
+                    "question_id": qid,
+                    "image_id": img_id,
+                    "question_type": " ".join(q.split()[:2]),
+                    "answer_type": atype,
+                    "multiple_choice_answer": Counter(answers).most_common(1)[0][0],
+                    "answers": [
+                        {"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(answers)
+                    ],
+                }
+            )
         info = {"description": "rcc reference world VQA", "version": WORLD_VERSION, "seed": spec.seed}
-        atomic_write_json(root / "vqa" / f"questions_{split}.json",
-                          {"info": info, "task_type": "Open-Ended", "data_type": "world", "data_subtype": split,
-                           "questions": questions})
-        atomic_write_json(root / "vqa" / f"annotations_{split}.json",
-                          {"info": info, "data_type": "world", "data_subtype": split, "annotations": annotations})
+        atomic_write_json(
+            root / "vqa" / f"questions_{split}.json",
+            {
+                "info": info,
+                "task_type": "Open-Ended",
+                "data_type": "world",
+                "data_subtype": split,
+                "questions": questions,
+            },
+        )
+        atomic_write_json(
+            root / "vqa" / f"annotations_{split}.json",
+            {"info": info, "data_type": "world", "data_subtype": split, "annotations": annotations},
+        )
 
 
 def _write_classification(root: Path, spec: WorldSpec, report: Callable[[str, int, int], None]) -> None:
@@ -739,8 +825,14 @@ def _write_classification(root: Path, spec: WorldSpec, report: Callable[[str, in
         tdir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(tdir / "classnames.txt", "".join(f"{f}\t{n}\n" for f, n in task_classes(task)))
         templates = "world_colour" if task == "colour" else "world"
-        atomic_write_json(tdir / "dataset.json", {"name": f"world-{task}", "templates": templates,
-                                                  "held_out_pairs": [f"{c} {s}" for c, s in HELD_OUT_PAIRS]})
+        atomic_write_json(
+            tdir / "dataset.json",
+            {
+                "name": f"world-{task}",
+                "templates": templates,
+                "held_out_pairs": [f"{c} {s}" for c, s in HELD_OUT_PAIRS],
+            },
+        )
     for split in spec.splits:
         per_class = spec.count("classification", split)
         total = per_class * len(split_pairs(split))
@@ -768,8 +860,10 @@ def load_world_info(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     file = Path(path) / "world.json"
     if not file.is_file():
-        raise DataError(f"{file}: not found; generate the world with `rcc world generate --out {path}` "
-                        "(a directory without world.json is an interrupted generation)")
+        raise DataError(
+            f"{file}: not found; generate the world with `rcc world generate --out {path}` "
+            "(a directory without world.json is an interrupted generation)"
+        )
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -785,7 +879,9 @@ def default_cache_dir() -> Path:
 
 
 def ensure_world(
-    seed: int = DEFAULT_SEED, splits: Sequence[str] = ("test",), cache_dir: str | os.PathLike[str] | None = None,
+    seed: int = DEFAULT_SEED,
+    splits: Sequence[str] = ("test",),
+    cache_dir: str | os.PathLike[str] | None = None,
     spec: WorldSpec | None = None,
 ) -> Path:
     """A generated world with ``splits`` at default sizes, made once and then reused from the cache."""

@@ -54,7 +54,9 @@ def tokenize(captions: Mapping[Any, Sequence[str]], use_java: bool | None = None
     return simple_tokenize(captions), "simple"
 
 
-def bleu_item_stats(gts: Mapping[Any, Sequence[str]], res: Mapping[Any, Sequence[str]], n: int = 4) -> tuple[list[float], np.ndarray]:
+def bleu_item_stats(
+    gts: Mapping[Any, Sequence[str]], res: Mapping[Any, Sequence[str]], n: int = 4
+) -> tuple[list[float], np.ndarray]:
     """pycocoevalcap corpus BLEU-1..n and the per-image statistics (``N x (2 + 2n)``) behind them.
 
     Columns: hypothesis length, closest reference length, clipped matches n=1..N, hypothesis
@@ -105,8 +107,9 @@ def caption_metrics(
     bleu_scores, bleu_rows = bleu_item_stats(gts_tok, res_tok, 4)
     for n in range(1, 5):
         cols = [0, 1, *range(2, 2 + n), *range(6, 6 + n)]
-        metrics[f"BLEU-{n}"] = bootstrap_ci(bleu_rows[:, cols], bleu_statistic(n), samples=samples, seed=seed,
-                                            point=bleu_scores[n - 1]).to_dict()
+        metrics[f"BLEU-{n}"] = bootstrap_ci(
+            bleu_rows[:, cols], bleu_statistic(n), samples=samples, seed=seed, point=bleu_scores[n - 1]
+        ).to_dict()
     rouge, rouge_items = Rouge().compute_score(gts_tok, res_tok)
     metrics["ROUGE-L"] = bootstrap_ci(np.asarray(rouge_items), samples=samples, seed=seed, point=rouge).to_dict()
     cider, cider_items = Cider().compute_score(gts_tok, res_tok)
@@ -124,8 +127,11 @@ def caption_metrics(
             del scorer
         metrics["METEOR"] = bootstrap_ci(np.asarray(items), samples=samples, seed=seed, point=score).to_dict()
     else:
-        notes.append("METEOR not computed: Java was not found on the PATH" if not java_available()
-                     else "METEOR not computed (disabled)")
+        notes.append(
+            "METEOR not computed: Java was not found on the PATH"
+            if not java_available()
+            else "METEOR not computed (disabled)"
+        )
     notes.append(SPICE_NOTE)
     if tokenizer != "ptb":
         notes.append("captions tokenised in Python (no Java for the PTB tokenizer); scores may differ slightly")
@@ -133,14 +139,16 @@ def caption_metrics(
 
 
 @torch.no_grad()
-def generate_captions(wrapper: Any, dataset: Any, batch_size: int = 32, num_beams: int = 3, max_length: int = 30,
-                      progress: bool = False) -> dict[str, str]:
+def generate_captions(
+    wrapper: Any, dataset: Any, batch_size: int = 32, num_beams: int = 3, max_length: int = 30, progress: bool = False
+) -> dict[str, str]:
     """Image id -> generated caption for every image of a captions dataset."""
     out: dict[str, str] = {}
     for batch in image_batches(dataset, batch_size, progress, "captioning"):
-        caps = wrapper.generate_caption(batch["pixel_values"].to(wrapper.device, wrapper.dtype), num_beams=num_beams,
-                                        max_length=max_length)
-        for i, cap in zip(batch["index"].tolist(), caps):
+        caps = wrapper.generate_caption(
+            batch["pixel_values"].to(wrapper.device, wrapper.dtype), num_beams=num_beams, max_length=max_length
+        )
+        for i, cap in zip(batch["index"].tolist(), caps, strict=True):
             out[str(i)] = cap
     return out
 
@@ -166,8 +174,10 @@ def evaluate_captioning(
     preds = generate_captions(wrapper, dataset, batch_size, num_beams, max_length, progress)
     gts = {k: dataset.records[int(k)].captions for k in preds}
     result = caption_metrics(gts, {k: [v] for k, v in preds.items()}, samples=samples, seed=seed, meteor=meteor)
-    result["examples"] = [{"image_id": dataset.records[int(k)].image_id, "prediction": preds[k],
-                           "references": gts[k][:3]} for k in list(preds)[:examples]]
+    result["examples"] = [
+        {"image_id": dataset.records[int(k)].image_id, "prediction": preds[k], "references": gts[k][:3]}
+        for k in list(preds)[:examples]
+    ]
     result["decoding"] = {"num_beams": num_beams, "max_length": max_length}
     empty = sum(1 for v in preds.values() if not v.strip())
     if empty:

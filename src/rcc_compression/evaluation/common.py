@@ -28,22 +28,28 @@ def progress_iter(items: Iterable[T], total: int | None, description: str, enabl
             bar.advance(task)
 
 
-def image_batches(dataset: Any, batch_size: int, progress: bool = False, what: str = "images") -> Iterator[dict[str, Any]]:
+def image_batches(
+    dataset: Any, batch_size: int, progress: bool = False, what: str = "images"
+) -> Iterator[dict[str, Any]]:
     """Normalised image batches of a dataset, in order (bad items raise or are counted, as the dataset says)."""
-    collate = Collator(caption="none", mean=dataset.transform.mean, std=dataset.transform.std,
-                       skip_bad=dataset.skip_bad)
+    collate = Collator(
+        caption="none", mean=dataset.transform.mean, std=dataset.transform.std, skip_bad=dataset.skip_bad
+    )
     loader = build_loader(dataset, batch_size, shuffle=False, collate_fn=collate)
     yield from progress_iter(loader, len(loader), what, progress)
     dataset.skipped["unreadable image"] += loader.skipped
 
 
 @torch.no_grad()
-def embed_images(wrapper: Any, dataset: Any, batch_size: int, progress: bool = False,
-                 what: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
+def embed_images(
+    wrapper: Any, dataset: Any, batch_size: int, progress: bool = False, what: str = "images"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised image embeddings N x D, dataset indices N) for a CLIP wrapper."""
     embs, idx = [], []
     for batch in image_batches(dataset, batch_size, progress, what):
-        embs.append(wrapper.encode_image(batch["pixel_values"].to(wrapper.device, wrapper.dtype), normalize=True).float())
+        embs.append(
+            wrapper.encode_image(batch["pixel_values"].to(wrapper.device, wrapper.dtype), normalize=True).float()
+        )
         idx.append(batch["index"])
     return torch.cat(embs), torch.cat(idx)
 

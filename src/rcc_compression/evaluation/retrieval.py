@@ -21,7 +21,9 @@ from .common import embed_images, progress_iter
 KS = (1, 5, 10)
 
 
-def retrieval_ranks(similarity: torch.Tensor, text_to_image: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_ranks(
+    similarity: torch.Tensor, text_to_image: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(best rank of a right caption per image, rank of the right image per caption), 0-based.
 
     ``similarity`` is images x texts; ``text_to_image[t]`` is the image index of caption ``t``.
@@ -49,8 +51,11 @@ def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = KS) -> dict[int, np.nda
 
 
 def retrieval_metrics(
-    similarity: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = KS,
-    samples: int = DEFAULT_SAMPLES, seed: int = 0,
+    similarity: torch.Tensor,
+    text_to_image: torch.Tensor,
+    ks: Sequence[int] = KS,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """``i2t_R@k`` and ``t2i_R@k`` with bootstrap CIs over queries, plus their mean (``mean_R@k``)."""
     i2t, t2i = retrieval_ranks(similarity, text_to_image)
@@ -86,8 +91,10 @@ def evaluate_retrieval(
     if not texts:
         raise DataError(f"{dataset.source}: no captions to retrieve")
     chunks = range(0, len(texts), 256)
-    parts = [wrapper.encode_text(texts[s : s + 256], normalize=True).float()
-             for s in progress_iter(chunks, len(chunks), "retrieval texts", progress)]
+    parts = [
+        wrapper.encode_text(texts[s : s + 256], normalize=True).float()
+        for s in progress_iter(chunks, len(chunks), "retrieval texts", progress)
+    ]
     text_emb = torch.cat(parts)
     sim = images @ text_emb.t()
     return {

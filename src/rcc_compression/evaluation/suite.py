@@ -228,8 +228,11 @@ def results_table(results: dict[str, Any]) -> str:
                     elif isinstance(m, (int, float)):
                         lines.append(f"| {bench} | {ds} | {name}{suffix} | {m:.4f} | - | - |")
     if results.get("skipped"):
-        lines += ["", "Skipped:", ""] + [f"- {s['benchmark']} on {s['dataset']}: {s['reason']}" for s in results["skipped"]]
-    notes = sorted({n for per_ds in results.get("results", {}).values() for r in per_ds.values() for n in r.get("notes", [])})
+        lines += ["", "Skipped:", ""]
+        lines += [f"- {s['benchmark']} on {s['dataset']}: {s['reason']}" for s in results["skipped"]]
+    notes = sorted(
+        {n for per_ds in results.get("results", {}).values() for r in per_ds.values() for n in r.get("notes", [])}
+    )
     if notes or results.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in [*results.get("notes", []), *notes]]
     return "\n".join(lines) + "\n"
@@ -247,9 +250,13 @@ def run_suite(
     """Evaluate and write ``results.json``, ``results.md`` and the run record into ``out_dir``."""
     from ..utils.runs import RunRecord
 
-    record_cfg = {"benchmarks": list(benchmarks), "datasets": list(datasets), "seed": seed,
-                  "model": model if isinstance(model, str) else getattr(model, "name", type(model).__name__),
-                  **{k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None), list, tuple))}}
+    record_cfg = {
+        "benchmarks": list(benchmarks),
+        "datasets": list(datasets),
+        "seed": seed,
+        "model": model if isinstance(model, str) else getattr(model, "name", type(model).__name__),
+        **{k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None), list, tuple))},
+    }
     with RunRecord(out_dir, config or record_cfg, seed) as run:
         try:
             results = evaluate_model(model, benchmarks, datasets, seed=seed, **kwargs)

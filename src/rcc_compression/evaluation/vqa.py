@@ -105,7 +105,7 @@ def vqa_metrics(
     """Overall soft accuracy (and per answer type) with bootstrap CIs over questions."""
     if len(predictions) != len(answers):
         raise DataError(f"{len(predictions)} predictions for {len(answers)} questions")
-    acc = np.array([vqa_accuracy(p, a, official) for p, a in zip(predictions, answers)])
+    acc = np.array([vqa_accuracy(p, a, official) for p, a in zip(predictions, answers, strict=True)])
     metrics: dict[str, Any] = {"accuracy": bootstrap_ci(acc, samples=samples, seed=seed).to_dict()}
     if answer_types is not None:
         groups: dict[str, list[int]] = defaultdict(list)
@@ -145,6 +145,6 @@ def evaluate_vqa(
         "metrics": vqa_metrics(preds, answers, types if any(types) else None, samples, seed),
         "questions": len(preds),
         "examples": [{"question": dataset.records[i].question, "prediction": p, "answers": sorted(set(a))}
-                     for i, p, a in list(zip(index, preds, answers))[:examples]],
+                     for i, p, a in list(zip(index, preds, answers, strict=True))[:examples]],
     }
     return result

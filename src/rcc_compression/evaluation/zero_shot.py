@@ -54,10 +54,14 @@ def get_templates(name_or_list: str | Sequence[str] | None, dataset: str | None 
 
 
 @torch.no_grad()
-def classifier_weights(wrapper: Any, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+def classifier_weights(
+    wrapper: Any, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256
+) -> torch.Tensor:
     """Class text embeddings (C x D): mean of normalised template embeddings, normalised again."""
     prompts = [t.format(c) for c in classnames for t in templates]
-    parts = [wrapper.encode_text(prompts[i : i + batch_size], normalize=True) for i in range(0, len(prompts), batch_size)]
+    parts = [
+        wrapper.encode_text(prompts[i : i + batch_size], normalize=True) for i in range(0, len(prompts), batch_size)
+    ]
     emb = torch.cat(parts).float().view(len(classnames), len(templates), -1)
     return F.normalize(emb.mean(dim=1), dim=-1)
 

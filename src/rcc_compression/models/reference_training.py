@@ -8,12 +8,16 @@ records its quality on a freshly generated test split in ``DIR/reference.json``:
   per step, plus one *attribute-swap* hard negative per image when the scene allows one (the same
   scene described with colours exchanged between objects, or one attribute changed): only text
   that binds each colour to its own shape tells the positive from it, which is what zero-shot on
-  unseen colour-shape pairs needs. Negatives use only pairs seen in training.
+  unseen colour-shape pairs needs. Negatives use only pairs seen in training. Half of each batch
+  is single-object scenes in groups of one colour (so shape, not colour, separates them), and
+  some single-object images are shown in grey with a colour-free caption (shape features that
+  transfer to colours the shape was never seen in).
 * BLIP: the captioning language-model loss of ``BlipForConditionalGeneration`` on a random caption
   per image; decoder inputs start with ``[DEC]``, as generation does.
 
-Both use AdamW with linear warm-up and cosine decay, light augmentation (random resized crop at
-scale 0.85-1, brightness/contrast; never hue or flips, which would falsify colours and relations).
+Both use AdamW with linear warm-up and cosine decay, and brightness/contrast augmentation only:
+no hue changes or flips (they would falsify colours and relations) and no crops (objects sit on
+the patch grid).
 """
 
 from __future__ import annotations
@@ -45,17 +49,22 @@ class ReferenceRecipe:
     kind: str = "clip"
     seed: int = 0
     steps: int = 3000
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.1
-    hidden: int = 128
+    hidden: int = 64
     vision_layers: int = 4
-    text_layers: int = 3
+    text_layers: int = 2
     heads: int = 4
-    patch: int = 16
+    patch: int = 8
     mlp_ratio: int = 4
     hard_negatives: bool = True
+    #: share of each batch drawn as single-object scenes in groups of one colour (forces shape discrimination)
+    grouped_fraction: float = 0.5
+    groups: int = 8
+    #: chance that a single-object image is shown in grey with a colour-free caption ("one circle.")
+    grey_fraction: float = 0.3
     time_budget_s: float = 1200.0
     eval_every: int = 250
     threads: int = 0
@@ -66,8 +75,9 @@ def default_recipe(kind: str, seed: int = 0) -> ReferenceRecipe:
     if kind == "clip":
         return ReferenceRecipe(kind="clip", seed=seed)
     if kind == "blip":
-        return ReferenceRecipe(kind="blip", seed=seed, steps=3000, batch_size=128, lr=1e-3, hidden=128,
-                               vision_layers=4, text_layers=3, patch=8, hard_negatives=False)
+        return ReferenceRecipe(kind="blip", seed=seed, steps=2500, batch_size=96, lr=1e-3, hidden=96,
+                               vision_layers=4, text_layers=2, patch=8, hard_negatives=False, grouped_fraction=0.0,
+                               grey_fraction=0.0)
     raise DataError(f"--kind must be clip or blip, got {kind!r}")
 
 
@@ -181,7 +191,56 @@ def swap_negative(scene: dict[str, Any], rng: random.Random, allowed: set[tuple[
     return caption_from_objects(rng.choice(candidates))
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+class BatchSampler:
+    """Training batches of image indices: uniform, or partly colour-grouped single-object scenes.
+
+    With ``grouped_fraction`` > 0, that share of a batch is ``groups`` groups of single-object
+    scenes of one colour each; inside a group only the shape tells captions apart, which gives
+    shape the gradient signal that random batches (told apart by colours and counts) lack.
+    """
+
+    def __init__(self, scenes: Sequence[dict[str, Any]], batch_size: int, grouped_fraction: float, groups: int,
+                 seed: int) -> None:
+        self.n = len(scenes)
+        self.batch_size = batch_size
+        self.rng = random.Random(seed)
+        self.by_colour: dict[str, list[int]] = {}
+        for i, sc in enumerate(scenes):
+            objs = sc.get("objects", [])
+            if len(objs) == 1:
+                self.by_colour.setdefault(objs[0]["colour"], []).append(i)
+        usable = [c for c, idx in self.by_colour.items() if len(idx) >= 2]
+        self.groups = min(groups, len(usable))
+        self.per_group = int(batch_size * grouped_fraction) // max(self.groups, 1) if self.groups else 0
+
+    def __call__(self) -> torch.Tensor:
+        idx: list[int] = []
+        if self.per_group:
+            colours = [c for c in sorted(self.by_colour) if len(self.by_colour[c]) >= self.per_group]
+            for c in self.rng.sample(colours, min(self.groups, len(colours))):
+                idx += self.rng.sample(self.by_colour[c], self.per_group)
+        idx += [self.rng.randrange(self.n) for _ in range(self.batch_size - len(idx))]
+        return torch.tensor(idx)
+
+
+def encode_texts_bucketed(model: Any, tokenizer: Any, texts: Sequence[str], bucket: int = 64) -> torch.Tensor:
+    """Normalised text embeddings, encoding length-sorted chunks so little compute goes to padding."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    parts = []
+    for start in range(0, len(order), bucket):
+        chunk = [texts[i] for i in order[start : start + bucket]]
+        limit = tokenizer.model_max_length
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        pooled = model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+        parts.append(model.text_projection(pooled))
+    emb = torch.cat(parts)
+    inverse = torch.argsort(torch.tensor(order))
+    return F.normalize(emb[inverse], dim=-1)
+
+
+def contrastive_loss(
+    image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor | None, scale: torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE on normalised embeddings; ``negatives`` are extra texts for the image side only."""
     candidates = text if negatives is None or negatives.numel() == 0 else torch.cat([text, negatives])
     target = torch.arange(image.shape[0], device=image.device)
@@ -190,15 +249,74 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.T
     return (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
 
 
-def _schedule(step: int, recipe: ReferenceRecipe) -> float:
-    warm = min(1.0, (step + 1) / max(recipe.warmup, 1))
-    return warm * 0.5 * (1 + math.cos(math.pi * min(step, recipe.steps) / max(recipe.steps, 1)))
+class Schedule:
+    """Linear warm-up and cosine decay over a horizon that fits the time budget.
+
+    After ``probe`` steps the seconds per step are measured and the horizon becomes the smaller
+    of ``steps`` and what the remaining budget allows, so the learning rate is annealed when the
+    time runs out (a slow, shared machine trains fewer steps rather than stopping mid-schedule).
+    The horizon is recorded; ``--steps N`` with an ample budget reproduces a run exactly.
+    """
+
+    def __init__(self, recipe: ReferenceRecipe, probe: int = 30) -> None:
+        self.recipe = recipe
+        self.horizon = recipe.steps
+        self.probe = probe
+        self.start = time.perf_counter()
+
+    def observe(self, step: int) -> None:
+        """Fix the horizon from the measured speed (once, at the probe step)."""
+        if step + 1 == self.probe and self.horizon > self.probe:
+            per_step = (time.perf_counter() - self.start) / self.probe
+            affordable = int(0.95 * self.recipe.time_budget_s / max(per_step, 1e-9))
+            self.horizon = max(self.probe + 1, min(self.recipe.steps, affordable))
+            if self.horizon < self.recipe.steps:
+                log.info(
+                    "%.2f s/step: training %d of %d steps within the %.0f s budget",
+                    per_step,
+                    self.horizon,
+                    self.recipe.steps,
+                    self.recipe.time_budget_s,
+                )
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(self.recipe.warmup, 1))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, self.horizon) / max(self.horizon, 1)))
+
+    def done(self, step: int) -> bool:
+        return step + 1 >= self.horizon or time.perf_counter() - self.start > self.recipe.time_budget_s
+
+
+def grey_views(
+    pixels: torch.Tensor,
+    texts: list[str],
+    scenes: Sequence[dict[str, Any]],
+    idx: torch.Tensor,
+    fraction: float,
+    rng: random.Random,
+) -> None:
+    """In place: show some single-object images in grey, captioned by shape only.
+
+    Without colour the caption can only be matched by shape, so the image encoder learns shape
+    features that do not depend on the colour they were seen in, which is what recognising a
+    held-out colour-shape pair needs. No colour is named, so no held-out pair is shown or named.
+    """
+    from ..data.world import PREFIXES, SHAPE_WORDS
+
+    for j, i in enumerate(idx.tolist()):
+        objs = scenes[i].get("objects", [])
+        if len(objs) == 1 and rng.random() < fraction:
+            grey = 0.299 * pixels[j, 0].float() + 0.587 * pixels[j, 1].float() + 0.114 * pixels[j, 2].float()
+            pixels[j] = grey.round().clamp(0, 255).to(torch.uint8).expand(3, -1, -1)
+            shape = rng.choice(SHAPE_WORDS[objs[0]["shape"]])
+            texts[j] = rng.choice([f"one {shape}.", f"{rng.choice(PREFIXES)} one {shape}."])
 
 
 # ----------------------------------------------------------------------------------- training
 @torch.no_grad()
-def _quick_zero_shot(wrapper: Any, pixels: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
-                     unseen: torch.Tensor) -> tuple[float, float]:
+def _quick_zero_shot(
+    wrapper: Any, pixels: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str], unseen: torch.Tensor
+) -> tuple[float, float]:
     """(top-1, unseen top-1) on a small in-memory colour+shape set, for training logs."""
     from ..data.transforms import normalize
     from ..data.world import WORLD_TEMPLATES
@@ -234,43 +352,65 @@ def train_clip(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = False
     model = wrapper.model
     allowed = set(SEEN_PAIRS)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, recipe))
-    augment = TrainAugment(scale=(0.85, 1.0), ratio=(0.9, 1.1), brightness=0.1, contrast=0.1)
+    schedule = Schedule(recipe)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    augment = TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.1, contrast=0.1)
     gen = torch.Generator().manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
+    sampler = BatchSampler(data.scenes, recipe.batch_size, recipe.grouped_fraction, recipe.groups, recipe.seed)
     probe = _val_probe(recipe.seed)
     history: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    n = data.pixels.shape[0]
+    start = schedule.start = time.perf_counter()
     step = 0
     for step in _steps(recipe, progress, "training CLIP"):
-        idx = torch.randint(0, n, (recipe.batch_size,), generator=gen)
-        pixels = augment(data.pixels[idx], gen)
+        idx = sampler()
+        raw = data.pixels[idx].clone()
         texts = [rng.choice(data.captions[i]) for i in idx.tolist()]
+        if recipe.grey_fraction > 0:
+            grey_views(raw, texts, data.scenes, idx, recipe.grey_fraction, rng)
+        pixels = augment(raw, gen)
         negs = [swap_negative(data.scenes[i], rng, allowed) for i in idx.tolist()] if recipe.hard_negatives else []
         negs = [t for t in negs if t]
-        enc = tok(texts + negs, padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
         img = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
-        txt = F.normalize(model.text_projection(model.text_model(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output), dim=-1)
+        txt = encode_texts_bucketed(model, tok, texts + negs)
         scale = model.logit_scale.exp().clamp(max=100.0)
-        loss = contrastive_loss(img, txt[: len(texts)], txt[len(texts):], scale)
+        loss = contrastive_loss(img, txt[: len(texts)], txt[len(texts) :], scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         elapsed = time.perf_counter() - start
-        if step % recipe.eval_every == 0 or step == recipe.steps - 1:
+        schedule.observe(step)
+        finished = schedule.done(step)
+        if step % recipe.eval_every == 0 or finished:
             top1, unseen = _quick_zero_shot(wrapper, *probe)
-            history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(float(loss), 4),
-                            "val_top1": round(top1, 4), "val_top1_unseen": round(unseen, 4)})
-            log.info("step %d (%.0fs): loss %.3f, val top-1 %.3f, unseen %.3f", step, elapsed, float(loss), top1, unseen)
-        if elapsed > recipe.time_budget_s:
-            log.warning("time budget of %.0f s reached at step %d of %d", recipe.time_budget_s, step + 1, recipe.steps)
+            history.append(
+                {
+                    "step": step,
+                    "seconds": round(elapsed, 1),
+                    "loss": round(float(loss.detach()), 4),
+                    "val_top1": round(top1, 4),
+                    "val_top1_unseen": round(unseen, 4),
+                }
+            )
+            log.info(
+                "step %d (%.0fs): loss %.3f, val top-1 %.3f, unseen %.3f",
+                step,
+                elapsed,
+                float(loss.detach()),
+                top1,
+                unseen,
+            )
+        if finished:
             break
     wrapper.eval()
-    return wrapper, {"steps_done": step + 1, "seconds": round(time.perf_counter() - start, 1), "history": history}
+    return wrapper, {
+        "steps_done": step + 1,
+        "planned_steps": schedule.horizon,
+        "seconds": round(time.perf_counter() - start, 1),
+        "history": history,
+    }
 
 
 def train_blip(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -283,36 +423,44 @@ def train_blip(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = False
     wrapper.train()
     model = wrapper.model
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, recipe))
-    augment = TrainAugment(scale=(0.85, 1.0), ratio=(0.9, 1.1), brightness=0.1, contrast=0.1)
+    schedule = Schedule(recipe)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    augment = TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.1, contrast=0.1)
     gen = torch.Generator().manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
+    sampler = BatchSampler(data.scenes, recipe.batch_size, recipe.grouped_fraction, recipe.groups, recipe.seed)
     history: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    n = data.pixels.shape[0]
+    start = schedule.start = time.perf_counter()
     step = 0
     for step in _steps(recipe, progress, "training BLIP"):
-        idx = torch.randint(0, n, (recipe.batch_size,), generator=gen)
+        idx = sampler()
         pixels = augment(data.pixels[idx], gen)
         texts = [rng.choice(data.captions[i]) for i in idx.tolist()]
         enc = tok(texts, padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(pixel_values=pixels, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                     labels=labels).loss
+        loss = model(
+            pixel_values=pixels, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels
+        ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         elapsed = time.perf_counter() - start
-        if step % recipe.eval_every == 0 or step == recipe.steps - 1:
-            history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(float(loss), 4)})
-            log.info("step %d (%.0fs): loss %.3f", step, elapsed, float(loss))
-        if elapsed > recipe.time_budget_s:
-            log.warning("time budget of %.0f s reached at step %d of %d", recipe.time_budget_s, step + 1, recipe.steps)
+        schedule.observe(step)
+        finished = schedule.done(step)
+        if step % recipe.eval_every == 0 or finished:
+            history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(float(loss.detach()), 4)})
+            log.info("step %d (%.0fs): loss %.3f", step, elapsed, float(loss.detach()))
+        if finished:
             break
     wrapper.eval()
-    return wrapper, {"steps_done": step + 1, "seconds": round(time.perf_counter() - start, 1), "history": history}
+    return wrapper, {
+        "steps_done": step + 1,
+        "planned_steps": schedule.horizon,
+        "seconds": round(time.perf_counter() - start, 1),
+        "history": history,
+    }
 
 
 def _steps(recipe: ReferenceRecipe, progress: bool, what: str) -> Any:
@@ -409,11 +557,13 @@ def train_reference(
     seed_everything(recipe.seed)
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="rcc-world-") as tmp:
+        generated = world_dir is None
         if world_dir is None:
             world_dir = Path(tmp) / "world"
             generate_world(world_dir, WorldSpec(seed=seed, splits=("train",), parts=("captions",)))
         info = load_world_info(world_dir)
-        with RunRecord(out / "training_run", {"recipe": asdict(recipe), "world": str(world_dir)}, recipe.seed) as run:
+        where = f"generated in a temporary directory (seed {seed}, train split)" if generated else str(world_dir)
+        with RunRecord(out / "training_run", {"recipe": asdict(recipe), "world": where}, recipe.seed) as run:
             data = load_train_split(world_dir, Path(tmp) / "cache")
             log.info("train split: %d images, %d captions", len(data.captions), sum(map(len, data.captions)))
             trainer = train_clip if kind == "clip" else train_blip
@@ -425,9 +575,14 @@ def train_reference(
                 "model": wrapper.name,
                 "kind": kind,
                 "figures": headline_figures(results),
-                "world": {"version": WORLD_VERSION, "seed": spec.seed, "train_split": "train",
-                          "train_images": len(data.captions), "test_split": "test",
-                          "test_sizes": {"test": spec.test, "cls_test_per_class": spec.cls_test_per_class}},
+                "world": {
+                    "version": WORLD_VERSION,
+                    "seed": spec.seed,
+                    "train_split": "train",
+                    "train_images": len(data.captions),
+                    "test_split": "test",
+                    "test_sizes": {"test": spec.test, "cls_test_per_class": spec.cls_test_per_class},
+                },
                 "evaluation": results,
                 "training": {"recipe": asdict(recipe), **train_log},
                 "parameters": sum(p.numel() for p in wrapper.model.parameters()),

@@ -1,0 +1,118 @@
+"""The bundled reference models: loadable by name, small, and reproducing their recorded figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcc_compression.data.datasets import open_world
+from rcc_compression.data.transforms import transform_for
+from rcc_compression.data.world import WORLD_VERSION, WorldSpec, generate_world
+from rcc_compression.evaluation.zero_shot import evaluate_zero_shot
+from rcc_compression.models import get_model
+from rcc_compression.models.registry import BUNDLED
+
+MAX_BYTES = 15 * 1024 * 1024
+
+
+def _record(name: str) -> dict:
+    return json.loads((BUNDLED[name] / "reference.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "name,cls", [("rcc-clip-world", "CLIPModel"), ("rcc-blip-world", "BlipForConditionalGeneration")]
+)
+def test_bundled_models_load_by_name_and_are_small(name: str, cls: str) -> None:
+    assert name in BUNDLED
+    path = BUNDLED[name]
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "reference.json"):
+        assert (path / f).is_file(), f
+    assert (path / "model.safetensors").stat().st_size <= MAX_BYTES
+    wrapper = get_model(name)
+    assert type(wrapper.model).__name__ == cls and wrapper.name == name
+    assert wrapper.tokenizer is not None and wrapper.image_processor is not None
+    rec = _record(name)
+    assert rec["world"]["version"] == WORLD_VERSION and rec["world"]["train_split"] == "train"
+    assert rec["parameters"] == sum(p.numel() for p in wrapper.model.parameters())
+
+
+def test_bundled_clip_reproduces_its_recorded_zero_shot_accuracy(tmp_path: Path) -> None:
+    rec = _record("rcc-clip-world")
+    world = rec["world"]
+    generate_world(
+        tmp_path,
+        WorldSpec(
+            seed=world["seed"],
+            splits=("test",),
+            parts=("classification",),
+            cls_test_per_class=world["test_sizes"]["cls_test_per_class"],
+        ),
+    )
+    wrapper = get_model("rcc-clip-world")
+    ds = open_world(tmp_path, "colour_shape", "test", transform_for(wrapper))
+    res = evaluate_zero_shot(wrapper, ds, samples=0)
+    recorded = rec["figures"]["zero_shot_colour_shape_top1"]
+    assert abs(res["metrics"]["top1"]["value"] - recorded) <= 0.01
+    assert abs(res["metrics_unseen"]["top1"]["value"] - rec["figures"]["zero_shot_colour_shape_top1_unseen"]) <= 0.01
+    assert recorded >= 0.85  # the target the reference CLIP was trained for
+
+
+def test_bundled_blip_describes_world_scenes() -> None:
+    from rcc_compression.data.world import world_scenes
+
+    wrapper = get_model("rcc-blip-world")
+    items = [it for it in world_scenes(0, "test", 60) if len(it.scene.objects) == 1][:16]
+    pixels = torch.stack([transform_for(wrapper)(it.image) for it in items])
+    caps = wrapper.generate_caption(pixels, num_beams=3, max_length=30)
+    right_colour = sum(it.scene.objects[0].colour in c for it, c in zip(items, caps, strict=True))
+    assert right_colour >= 0.75 * len(items), list(zip(caps, [it.captions[0] for it in items], strict=True))
+    assert _record("rcc-blip-world")["figures"]["captioning_CIDEr"] > 0.5
+
+
+@pytest.mark.slow
+def test_bundled_blip_reproduces_its_recorded_cider() -> None:
+    from rcc_compression.models.reference_training import measure_figures
+
+    rec = _record("rcc-blip-world")
+    wrapper = get_model("rcc-blip-world")
+    spec = WorldSpec(seed=rec["world"]["seed"], test=rec["world"]["test_sizes"]["test"])
+    res = measure_figures(wrapper, "blip", spec, bootstrap_samples=0)
+    cider = res["results"]["captioning"]["world:captions"]["metrics"]["CIDEr"]["value"]
+    assert abs(cider - rec["figures"]["captioning_CIDEr"]) <= 0.01
+
+
+def test_training_recipe_runs_end_to_end(tmp_path: Path) -> None:
+    from rcc_compression.models.reference_training import ReferenceRecipe, train_reference
+
+    world = tmp_path / "world"
+    generate_world(world, WorldSpec(seed=1, splits=("train",), parts=("captions",), train=40))
+    recipe = ReferenceRecipe(
+        kind="clip",
+        seed=1,
+        steps=3,
+        batch_size=16,
+        hidden=32,
+        vision_layers=1,
+        text_layers=1,
+        heads=2,
+        eval_every=2,
+        groups=2,
+    )
+    rec = train_reference(
+        "clip",
+        tmp_path / "model",
+        world_dir=world,
+        recipe=recipe,
+        bootstrap_samples=0,
+        test_spec=WorldSpec(seed=1, test=8, cls_test_per_class=1),
+    )
+    assert rec["training"]["steps_done"] == 3 and rec["world"]["seed"] == 1
+    assert set(rec["figures"]) >= {"zero_shot_colour_shape_top1", "retrieval_i2t_R@1"}
+    wrapper = get_model(str(tmp_path / "model"))
+    assert type(wrapper.model).__name__ == "CLIPModel" and wrapper.model.config.text_config.hidden_size == 32
+    saved = json.loads((tmp_path / "model" / "reference.json").read_text())
+    assert saved["figures"] == rec["figures"]
+    assert json.loads((tmp_path / "model" / "training_run" / "run.json").read_text())["status"] == "ok"
