@@ -68,3 +68,16 @@ def test_python_dash_m_entry_point():
 
     proc = subprocess.run([sys.executable, "-m", "rcc_compression", "info"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "rcc-compression" in proc.stdout
+
+
+def test_compress_to_a_target_rate(tmp_path):
+    run = tmp_path / "rate"
+    assert main(["compress", *TINY, "--set", "compression.cascade.target_rate=0.6", "--output", str(run)]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["plan"]["requested_rate"] == 0.6
+    achieved = results["efficiency"]["compressed"]["storage"]["compression_rate_layers"]
+    assert abs(achieved - 0.6) <= 0.01
+    manifest = json.loads((run / "compressed" / "manifest.json").read_text())
+    assert manifest["config"]["compression"]["dare"]["pruning_rate"] == results["plan"]["pruning_rate"]
+    lat = results["efficiency"]["dense"]["per_batch_size"]["1"]["latency"]
+    assert lat["iters"] == 30 and lat["median_ms"] > 0  # dense and compressed timed in alternation

@@ -66,13 +66,6 @@ def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> dict[str, float]:
     return headline_metrics(res, ("top1", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy"))
 
 
-def efficiency(model: nn.Module, batch: dict[str, Any], iters: int = 10) -> dict[str, Any]:
-    """Parameters, bytes, FLOPs, latency and memory at batch sizes 1 and 8."""
-    from .evaluation.efficiency import profile_model
-
-    return profile_model(model, batch, batch_sizes=(1, 8), warmup=2, iters=iters)
-
-
 def checkpoint_key(encrypt: bool = False, key_file: str | Path | None = None, resume_dir: Path | None = None
                    ) -> bytes | None:
     """The key that encrypts a run's checkpoints, or ``None`` for a run without encryption.
@@ -131,7 +124,7 @@ def _run_compress(
 ) -> dict[str, Any]:
     from .compression.cascade import CascadePipeline
     from .compression.storage import save_compressed
-    from .evaluation.efficiency import measured_storage
+    from .evaluation.efficiency import compare_efficiency, measured_storage
     from .models.registry import get_model
     from .utils.seeding import seed_everything
 
@@ -144,16 +137,24 @@ def _run_compress(
     fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, batches)
     preserve = calibration_batches(wrapper, cfg, cfg.calibration.preserve_source) if (
         cfg.calibration.preserve_source) else None
+    section, plan = cfg.compression, None
+    if section.cascade.target_rate is not None:
+        from .compression.api import apply_rate
+
+        section = section.model_copy(deep=True)
+        plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope)
+        log.info("planned for rate %.4f: %s", section.cascade.target_rate,
+                 {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share")})
+    resolved = dump_config(cfg) | {"compression": section.model_dump(mode="json")}
     dense_quality = quality_metrics(wrapper, cfg) if evaluate else {}
-    dense_eff = efficiency(wrapper, holdout[0]) if evaluate else {}
     pipe = CascadePipeline(
-        cfg.compression, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
+        section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
         seed=cfg.experiment.seed, device=device, progress_callback=progress, step_callback=step_callback,
-        run_config=dump_config(cfg), encrypt_key=encrypt_key,
+        run_config=resolved, encrypt_key=encrypt_key,
     )
     pipe.run(wrapper, resume=resume)
     out_dir = run_dir / "compressed"
-    manifest = save_compressed(wrapper, out_dir, config=dump_config(cfg), records=pipe.records, overwrite=True,
+    manifest = save_compressed(wrapper, out_dir, config=resolved, records=pipe.records, overwrite=True,
                                encrypt_key=encrypt_key)
     comp_quality = quality_metrics(wrapper, cfg) if evaluate else {}
     kernels: dict[str, int] = {}
@@ -163,14 +164,15 @@ def _run_compress(
         from .evaluation.efficiency import optimize_execution
 
         kernels = dict(Counter(optimize_execution(wrapper, holdout[0]).values()))
-    comp_eff = efficiency(wrapper, holdout[0]) if evaluate else {}
+    effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, holdout[0]) if evaluate else {}
     results = {
         "model": cfg.model.name,
         "stages": cfg.compression.cascade.stages,
         "stopped_early": pipe.stopped_early,
         "records": pipe.records,
         "quality": {"dense": dense_quality, "compressed": comp_quality},
-        "efficiency": {"dense": dense_eff, "compressed": comp_eff},
+        "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
+        "plan": plan,
         "execution_kernels": kernels,
         "stored_bytes_measured": measured_storage(out_dir),
         "stored_bytes_reported": manifest["stored_bytes"],

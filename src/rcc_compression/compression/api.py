@@ -71,16 +71,10 @@ def compress_model(
     stages = list(section.cascade.stages) if method == "cascade" else [method]
     section.cascade.stages = stages
     plan: dict[str, Any] | None = None
+    if compression_rate is None and section.cascade.target_rate is not None:
+        compression_rate, scope = section.cascade.target_rate, section.cascade.rate_scope
     if compression_rate is not None:
-        plan = _plan(inner, section, stages, compression_rate, scope, lowrank_share, calibration_data)
-        if "pruning_rate" in plan:
-            section.dare.pruning_rate = plan["pruning_rate"]
-            section.dare.nm = None
-        if "param_budget" in plan:
-            section.nullu.param_budget = plan["param_budget"]
-            section.nullu.rank_reduction = None
-            section.nullu.energy_threshold = None
-            section.nullu.mode = "lowrank"
+        plan = apply_rate(inner, section, compression_rate, scope, lowrank_share)
     pipe = CascadePipeline(section, calibration_data=calibration_data, metric_fn=metric_fn, run_dir=run_dir,
                            seed=seed, device=device, progress_callback=progress_callback,
                            run_config=cfg.model_dump(mode="json"))
@@ -101,6 +95,30 @@ def compress_model(
     return out
 
 
+def apply_rate(inner: nn.Module, section: Any, rate: float, scope: str = "layers",
+               lowrank_share: float | None = None) -> dict[str, Any]:
+    """Plan per-stage targets for ``rate`` and write them into ``section`` (in place); returns the plan.
+
+    ``dare.pruning_rate`` and ``nullu.param_budget`` take the planned values (the other rank
+    criteria are cleared so the budget decides); a rate out of reach raises :class:`CompressionError`.
+    """
+    plan = _plan(inner, section, list(section.cascade.stages), rate, scope, lowrank_share)
+    if "pruning_rate" in plan:
+        section.dare.pruning_rate = plan["pruning_rate"]
+        section.dare.nm = None
+    if "param_budget" in plan:
+        section.nullu.param_budget = plan["param_budget"]
+        section.nullu.rank_reduction = None
+        section.nullu.energy_threshold = None
+        section.nullu.mode = "lowrank"
+    return plan
+
+
+def achieved_rate(inner: nn.Module, scope: str) -> float:
+    """The compression rate the model stores now, of its compressed layers or of the whole model."""
+    return _achieved_rate(inner, scope)
+
+
 def _achieved_rate(inner: nn.Module, scope: str) -> float:
     s = compression_summary(inner)
     if scope != "model":
@@ -114,7 +132,6 @@ def _achieved_rate(inner: nn.Module, scope: str) -> float:
 
 def _plan(
     inner: nn.Module, section: Any, stages: list[str], rate: float, scope: str, lowrank_share: float | None,
-    calibration_data: Iterable[Mapping[str, Any]] | None,
 ) -> dict[str, Any]:
     sparse = "dare" in stages
     lowrank = "nullu" in stages and section.nullu.mode == "lowrank"

@@ -50,6 +50,9 @@ class CascadeConfig(StrictModel):
     validation_threshold: float = Field(0.95, ge=0.0, le=1.0)
     rounds: int | None = Field(None, ge=1, description="None: dare.iterations when dare runs, else 1")
     schedule: Literal["linear", "cubic"] | None = Field(None, description="None: dare.pruning_schedule")
+    target_rate: float | None = Field(
+        None, ge=0.0, lt=1.0, description="plan dare/nullu targets to reach this 1 - stored/dense bytes")
+    rate_scope: Literal["layers", "model"] = "layers"
 
     @field_validator("stages")
     @classmethod

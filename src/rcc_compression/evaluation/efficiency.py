@@ -285,3 +285,47 @@ def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 
         chosen[name] = best
     inner.train(was_training)  # training mode drops the kernels again
     return chosen
+
+
+@torch.no_grad()
+def compare_efficiency(
+    models: Mapping[str, nn.Module],
+    batch: Mapping[str, Any],
+    batch_sizes: Sequence[int] = (1, 8),
+    warmup: int = 2,
+    iters: int = 10,
+    rounds: int = 3,
+) -> dict[str, dict[str, Any]]:
+    """:func:`profile_model` for several models, with their latencies measured interleaved.
+
+    Timing the models in alternation (``rounds`` times, median of the round medians) keeps a busy
+    or throttling machine from favouring whichever model happened to run first.
+    """
+    reports = {}
+    for name, model in models.items():
+        inner = _inner(model)
+        inner.eval()
+        device = next(inner.parameters()).device
+        rep: dict[str, Any] = {"parameters": parameter_report(inner), "storage": storage_report(inner),
+                               "device": str(device), "per_batch_size": {}}
+        for bs in batch_sizes:
+            b = to_device(resize_batch(batch, bs), device)
+            rep["per_batch_size"][str(bs)] = {"flops": flops_report(inner, b),
+                                              "memory": peak_memory(lambda b=b, m=inner: m(**b), device)}
+        reports[name] = rep
+    for bs in batch_sizes:
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, model in models.items():
+                inner = _inner(model)
+                device = next(inner.parameters()).device
+                b = to_device(resize_batch(batch, bs), device)
+                runs[name].append(measure_latency(lambda b=b, m=inner: m(**b), warmup, iters, device))
+        for name, lat in runs.items():
+            reports[name]["per_batch_size"][str(bs)]["latency"] = {
+                "median_ms": statistics.median(r["median_ms"] for r in lat),
+                "min_ms": min(r["min_ms"] for r in lat),
+                "p90_ms": statistics.median(r["p90_ms"] for r in lat),
+                "iters": iters * rounds,
+            }
+    return reports
