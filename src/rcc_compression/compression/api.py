@@ -18,7 +18,7 @@ from .stage import select_layers
 
 log = get_logger("api")
 
-LOWRANK_SHARES = (0.2, 0.35, 0.5)
+LOWRANK_SHARES = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
 
 
 def _resolve_config(config: Any) -> Any:
@@ -63,6 +63,7 @@ def compress_model(
 
     cfg = _resolve_config(config)
     seed = cfg.experiment.seed if seed is None else seed
+    calibration_data = list(calibration_data) if calibration_data is not None else None
     if method != "cascade" and method not in STAGES:
         raise CompressionError(f"unknown method {method!r}; allowed: cascade, {', '.join(STAGES)}")
     wrapper_or_module = model if isinstance(model, nn.Module) else get_model(model, cfg.model.type, cfg.model.dtype)
@@ -74,7 +75,7 @@ def compress_model(
     if compression_rate is None and section.cascade.target_rate is not None:
         compression_rate, scope = section.cascade.target_rate, section.cascade.rate_scope
     if compression_rate is not None:
-        plan = apply_rate(inner, section, compression_rate, scope, lowrank_share)
+        plan = apply_rate(inner, section, compression_rate, scope, lowrank_share, calibration_data)
     pipe = CascadePipeline(section, calibration_data=calibration_data, metric_fn=metric_fn, run_dir=run_dir,
                            seed=seed, device=device, progress_callback=progress_callback,
                            run_config=cfg.model_dump(mode="json"))
@@ -96,13 +97,16 @@ def compress_model(
 
 
 def apply_rate(inner: nn.Module, section: Any, rate: float, scope: str = "layers",
-               lowrank_share: float | None = None) -> dict[str, Any]:
+               lowrank_share: float | None = None,
+               calibration_data: Iterable[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Plan per-stage targets for ``rate`` and write them into ``section`` (in place); returns the plan.
 
     ``dare.pruning_rate`` and ``nullu.param_budget`` take the planned values (the other rank
     criteria are cleared so the budget decides); a rate out of reach raises :class:`CompressionError`.
+    For the cascade, the split between sparse and low-rank bytes is the one whose output error on
+    ``calibration_data`` (or, without data, whose weight error) is smallest.
     """
-    plan = _plan(inner, section, list(section.cascade.stages), rate, scope, lowrank_share)
+    plan = _plan(inner, section, list(section.cascade.stages), rate, scope, lowrank_share, calibration_data)
     if "pruning_rate" in plan:
         section.dare.pruning_rate = plan["pruning_rate"]
         section.dare.nm = None
@@ -132,6 +136,7 @@ def _achieved_rate(inner: nn.Module, scope: str) -> float:
 
 def _plan(
     inner: nn.Module, section: Any, stages: list[str], rate: float, scope: str, lowrank_share: float | None,
+    calibration_data: Iterable[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     sparse = "dare" in stages
     lowrank = "nullu" in stages and section.nullu.mode == "lowrank"
@@ -155,13 +160,21 @@ def _plan(
         return plan_rate(shapes, rate, kind, scales=scales, rest_bytes=rest, scope=scope, prune_scope=prune_scope)
     shares = [lowrank_share] if lowrank_share is not None else list(LOWRANK_SHARES)
     order = [s for s in stages if s in ("dare", "nullu")]
+    grams = None
+    if calibration_data is not None and len(shares) > 1:
+        from .calibration import collect_layer_stats
+
+        stats = collect_layer_stats(inner, names, list(calibration_data), gram=True)
+        grams = [stats[n].gram for n in names]
     best: dict[str, Any] | None = None
     for share in shares:
         try:
             p = plan_rate(shapes, rate, "cascade", share, scales, rest, scope, prune_scope)
         except CompressionError:
             continue
-        p["split_error"] = split_error([w.detach() for w in weights], p, order) if len(shares) > 1 else None
+        p["split_error"] = split_error(
+            [w.detach() for w in weights], p, order, grams, section.dare.scorer, prune_scope,
+            section.nullu.decomposition_method, section.nullu.damping) if len(shares) > 1 else None
         if best is None or (p["split_error"] or 0) < (best["split_error"] or 0):
             best = p
     if best is None:

@@ -148,35 +148,58 @@ def split_error(
     weights: Sequence[torch.Tensor],
     plan: dict[str, Any],
     order: Sequence[str],
-    col_norms: Sequence[torch.Tensor | None] | None = None,
+    grams: Sequence[torch.Tensor | None] | None = None,
+    scorer: str = "magnitude",
+    prune_scope: str = "layer",
+    method: str = "svd",
+    damping: float = 1e-2,
 ) -> float:
-    """Relative reconstruction error ``sum ||(W - S - BA) D||^2 / sum ||W D||^2`` a cascade plan leaves.
+    """Relative output error ``sum tr(R G R^T) / sum tr(W G W^T)`` a cascade plan leaves, ``R = W - S - B A``.
 
-    One pass of each stage in ``order`` (sparse then low rank, or the reverse); ``D`` is the
-    diagonal of calibration input norms when given (a cheap stand-in for the full whitening).
+    One pass of each stage in ``order`` (sparse then low rank, or the reverse), scored the way the
+    stages will run: wanda or magnitude masks, activation-aware or plain SVD. ``G`` is each layer's
+    calibration input second moment; without it the error is the plain Frobenius one.
     """
+    from .dare import wanda_scores
+    from .nullu import whitening
+
     num = den = 0.0
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, w in enumerate(weights):
         groups.setdefault(tuple(w.shape), []).append(i)
     for idx in groups.values():
-        W = torch.stack([weights[i].float() for i in idx])
-        D = torch.stack([
-            (col_norms[i].float() if col_norms and col_norms[i] is not None else torch.ones(W.shape[2])) for i in idx
-        ])
-        Wd = W * D[:, None, :]
+        W = torch.stack([weights[i].double() for i in idx])
+        G = None
+        if grams is not None and all(grams[i] is not None for i in idx):
+            G = torch.stack([grams[i].double() for i in idx])
         m, n = W.shape[1:]
         r = budget_rank(m, n, plan["param_budget"])
-        S = torch.zeros_like(Wd)
-        LR = torch.zeros_like(Wd)
+        S = torch.zeros_like(W)
+        LR = torch.zeros_like(W)
         for stage in order:
             if stage == "dare":
-                target = Wd - LR
-                mask = torch.stack([topk_mask(magnitude_scores(t), plan["pruning_rate"], "layer") for t in target])
-                S = target * mask
+                target = W - LR
+                masks = []
+                for j, t in enumerate(target):
+                    score = (wanda_scores(t, G[j].diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and G is not None)
+                             else magnitude_scores(t))
+                    masks.append(topk_mask(score, plan["pruning_rate"], prune_scope))
+                S = target * torch.stack(masks)
             elif stage == "nullu":
-                U, sv, Vh = svd(Wd - S)
-                LR = (U[:, :, :r] * sv[:, None, :r]) @ Vh[:, :r, :]
-        num += float((Wd - S - LR).pow(2).sum())
-        den += float(Wd.pow(2).sum())
+                if method == "activation_aware" and G is not None:
+                    roots = [whitening(g, damping) for g in G]
+                    Lw = torch.stack([a for a, _ in roots])
+                    Li = torch.stack([b for _, b in roots])
+                    U, sv, Vh = svd((W - S) @ Lw)
+                    LR = ((U[:, :, :r] * sv[:, None, :r]) @ Vh[:, :r, :]) @ Li
+                else:
+                    U, sv, Vh = svd(W - S)
+                    LR = (U[:, :, :r] * sv[:, None, :r]) @ Vh[:, :r, :]
+        R = W - S - LR
+        if G is None:
+            num += float(R.pow(2).sum())
+            den += float(W.pow(2).sum())
+        else:
+            num += float(((R @ G) * R).sum())
+            den += float(((W @ G) * W).sum())
     return num / den if den > 0 else 0.0
