@@ -167,7 +167,7 @@ def test_compress_model_accepts_any_module_and_the_design_documents_pipeline_api
     model = compress_model(mlp, compression_rate=0.5, method="cascade", calibration_data=mlp_batches,
                            config={"compression": {**FAST, "cascade": {"validation_threshold": 0.0}}})
     assert set(compressed_layers(model)) == {"fc1", "fc2"}  # the head is left alone by default
-    assert abs(model.compression_stats["achieved_rate"] - 0.5) <= 0.01
+    assert abs(model.compression_stats["achieved_rate"] - 0.5) <= 0.02  # one rank is 3 % of this toy
     assert torch.isfinite(model(x)).all()
     pipe = CompressionPipeline()
     pipe.add_stage("dare", config={"pruning_rate": 0.9, "iterations": 1, "fine_tune_epochs": 0})

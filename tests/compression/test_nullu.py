@@ -12,9 +12,9 @@ from rcc_compression.compression.layers import CompressedLinear, compressed_laye
 from rcc_compression.compression.nullu import (
     balanced_factors,
     budget_rank,
+    dropped_input_energy,
     factorisable,
     hallu_project_layer,
-    dropped_input_energy,
     rank_for,
     svd,
     warm_subspace_svd,
@@ -213,3 +213,24 @@ def test_spectral_energy_matches_singular_values():
     for shape in ((3, 20, 30), (2, 30, 20)):
         w = torch.randn(*shape, dtype=torch.float64)
         torch.testing.assert_close(spectral_energy(w), torch.linalg.svdvals(w).pow(2))
+
+
+def test_allocate_ranks_global_greedy():
+    from rcc_compression.compression.nullu import allocate_ranks
+
+    # layer 0 has all its energy in one direction, layer 1 spread evenly: the budget goes where it removes most
+    e0 = torch.tensor([100.0, 1e-3, 1e-3, 1e-3])
+    e1 = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    ranks = allocate_ranks([e0, e1], [(8, 8), (8, 8)], budget_params=3 * 16)
+    assert ranks == [1, 2]
+    assert allocate_ranks([e0, e1], [(8, 8), (8, 8)], budget_params=1e9) == [3, 3]  # capped where factors save
+    assert allocate_ranks([e0], [(8, 8)], budget_params=10) == [0]
+
+
+def test_global_budget_hits_rate_exactly_on_tiny_clip():
+    from rcc_compression import compress_model
+
+    for rate in (0.5, 0.75, 0.9):
+        model = compress_model("tiny-clip", compression_rate=rate, method="nullu",
+                               config={"compression": {"cascade": {"validation_threshold": 0.0}}})
+        assert abs(model.compression_stats["achieved_rate"] - rate) <= 0.01, rate

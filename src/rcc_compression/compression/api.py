@@ -156,8 +156,10 @@ def _plan(
     skip = tuple(f"{n}." for n in names)
     rest = sum(t.numel() * t.element_size() for k, t in inner.state_dict().items() if not k.startswith(skip))
     prune_scope = section.dare.resolved_scope() if sparse else "layer"
+    alloc = section.nullu.budget_allocation if lowrank else "layer"
     if kind != "cascade":
-        return plan_rate(shapes, rate, kind, scales=scales, rest_bytes=rest, scope=scope, prune_scope=prune_scope)
+        return plan_rate(shapes, rate, kind, scales=scales, rest_bytes=rest, scope=scope, prune_scope=prune_scope,
+                         rank_allocation=alloc)
     shares = [lowrank_share] if lowrank_share is not None else list(LOWRANK_SHARES)
     order = [s for s in stages if s in ("dare", "nullu")]
     grams = None
@@ -169,15 +171,15 @@ def _plan(
     best: dict[str, Any] | None = None
     for share in shares:
         try:
-            p = plan_rate(shapes, rate, "cascade", share, scales, rest, scope, prune_scope)
+            p = plan_rate(shapes, rate, "cascade", share, scales, rest, scope, prune_scope, alloc)
         except CompressionError:
             continue
         p["split_error"] = split_error(
             [w.detach() for w in weights], p, order, grams, section.dare.scorer, prune_scope,
-            section.nullu.decomposition_method, section.nullu.damping) if len(shares) > 1 else None
+            section.nullu.decomposition_method, section.nullu.damping, alloc) if len(shares) > 1 else None
         if best is None or (p["split_error"] or 0) < (best["split_error"] or 0):
             best = p
     if best is None:
-        return plan_rate(shapes, rate, "cascade", shares[0], scales, rest, scope, prune_scope)  # raises, saying why
+        return plan_rate(shapes, rate, "cascade", shares[0], scales, rest, scope, prune_scope, alloc)  # raises
     best["shares_tried"] = shares
     return best

@@ -45,6 +45,8 @@ class NulluConfig(StageConfig):
     rank_reduction: float | None = Field(0.5, ge=0.0, lt=1.0, description="share of the full rank removed")
     energy_threshold: float | None = Field(0.95, gt=0.0, le=1.0, description="share of spectral energy kept")
     param_budget: float | None = Field(None, gt=0.0, le=1.0, description="factor parameters / dense parameters")
+    budget_allocation: Literal["global", "layer"] = Field(
+        "global", description="param_budget over all target layers (ranks where they remove most error) or per layer")
     rank_rule: Literal["min", "max"] = "min"
     decomposition_method: Literal["svd", "randomized", "activation_aware", "asvd"] = "svd"
     oversample: int = Field(8, ge=0)
@@ -66,6 +68,39 @@ def factorisable(rank: int, m: int, n: int) -> bool:
 def budget_rank(m: int, n: int, budget: float) -> int:
     """Largest rank whose factors use at most ``budget`` of the dense parameters (at least 1)."""
     return int(min(max(1, math.floor(budget * m * n / (m + n) + 1e-9)), min(m, n)))
+
+
+def allocate_ranks(energies: list[torch.Tensor], shapes: list[tuple[int, int]], budget_params: float) -> list[int]:
+    """Ranks for several layers sharing one parameter budget (greedy, globally optimal order).
+
+    Each singular direction is worth its share of its layer's energy (the relative output error it
+    removes) per parameter it costs (``m + n``); directions are taken best first until the budget
+    is spent. A layer never gets a rank at which factors would not save (``r (m + n) >= m n``).
+    """
+    vals, owners, costs = [], [], []
+    for i, (e, (m, n)) in enumerate(zip(energies, shapes, strict=True)):
+        cap = min(len(e), (m * n - 1) // (m + n))
+        total = float(e.sum())
+        if cap <= 0 or total <= 0:
+            continue
+        vals.append(e[:cap].double() / total / (m + n))
+        owners.append(torch.full((cap,), i, dtype=torch.long))
+        costs.append(torch.full((cap,), m + n, dtype=torch.float64))
+    if not vals:
+        return [0] * len(energies)
+    order = torch.argsort(torch.cat(vals), descending=True, stable=True)
+    owner = torch.cat(owners)[order]
+    cost = torch.cat(costs)[order]
+    spent = torch.cumsum(cost, 0)
+    n_prefix = int((spent <= budget_params + 1e-9).sum())
+    ranks = torch.bincount(owner[:n_prefix], minlength=len(energies)).tolist()
+    left = budget_params - (float(spent[n_prefix - 1]) if n_prefix else 0.0)
+    # then what still fits, best first (a layer whose next direction does not fit is done: all cost the same)
+    for i, c in zip(owner[n_prefix:].tolist(), cost[n_prefix:].tolist(), strict=True):
+        if c <= left + 1e-9:
+            ranks[i] += 1
+            left -= c
+    return ranks
 
 
 def rank_for(
@@ -290,10 +325,24 @@ class NulluStage(Stage):
         groups: dict[tuple[int, int], list[str]] = {}
         for name, w in work.items():
             groups.setdefault(tuple(w["M"].shape), []).append(name)
+        global_budget = (cfg.budget_allocation == "global" and tg["param_budget"] is not None
+                         and tg["rank_reduction"] is None and tg["energy_threshold"] is None)
+        if global_budget:
+            energy: dict[str, torch.Tensor] = {}
+            for names in groups.values():
+                e = spectral_energy(torch.stack([work[n]["M"] for n in names]))
+                energy.update({n: e[i] for i, n in enumerate(names)})
+            order = list(work)
+            shapes = [(work[n]["layer"].out_features, work[n]["layer"].in_features) for n in order]
+            budget = tg["param_budget"] * sum(m * n for m, n in shapes)
+            for n, r in zip(order, allocate_ranks([energy[n] for n in order], shapes, budget), strict=True):
+                work[n]["rank"], work[n]["fixed_rank"] = r, True
         for names in groups.values():
-            warm = [n for n in names if cfg.warm_start and work[n]["layer"].rank > 0]
+            warm = [n for n in names if cfg.warm_start and 0 < work[n].get("rank", 1) <= work[n]["layer"].rank]
             fresh = [n for n in names if n not in warm]
-            if tg["energy_threshold"] is None:
+            if global_budget:
+                fresh = [n for n in fresh if work[n]["rank"] > 0]
+            elif tg["energy_threshold"] is None:
                 fresh = [n for n in fresh if decide(work[n], torch.empty(0))]
             elif fresh and method != "randomized":
                 energies = spectral_energy(torch.stack([work[n]["M"] for n in fresh]))
@@ -324,13 +373,20 @@ class NulluStage(Stage):
             total = float(w["M"].pow(2).sum())
             if "usv" in w:
                 U, S, Vh = w["usv"]
-                r = rank_for(S.pow(2), m, n, tg["rank_reduction"], tg["energy_threshold"], tg["param_budget"],
-                             cfg.rank_rule, total_energy=total)
+                r = w["rank"] if w.get("fixed_rank") else rank_for(
+                    S.pow(2), m, n, tg["rank_reduction"], tg["energy_threshold"], tg["param_budget"], cfg.rank_rule,
+                    total_energy=total)
                 r = min(r, S.numel())
             else:
                 r = w["rank"]
             info: dict[str, Any] = {"rank": 0, "full_rank": min(m, n), "candidate_rank": r}
-            if "usv" not in w or not factorisable(r, m, n):
+            if w.get("fixed_rank") and r == 0:
+                # the shared budget is better spent elsewhere: no low-rank part (only S, or only the bias)
+                info["dropped"] = "no rank under the global budget"
+                layer.set_low_rank(None, None)
+                if not w["keep_sparse"]:
+                    layer.set_sparse(None)
+            elif "usv" not in w or not factorisable(r, m, n):
                 info["skipped"] = f"r (m + n) >= m n for r={r}"
                 if not w["keep_sparse"] and layer.weight is None and layer.rank > 0:
                     layer.set_low_rank(None, None)

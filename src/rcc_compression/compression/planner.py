@@ -77,12 +77,14 @@ def plan_rate(
     rest_bytes: int = 0,
     scope: str = "layers",
     prune_scope: str = "layer",
+    rank_allocation: str = "layer",
 ) -> dict[str, Any]:
     """Settings (``pruning_rate``, ``param_budget``) whose stored bytes hit ``rate``.
 
     ``method`` is ``dare`` (sparse only), ``nullu`` (low rank only) or ``cascade`` (both, with
     ``lowrank_share`` of the variable bytes going to the factors); ``prune_scope`` is the pruning
-    stage's ranking scope (``layer`` or ``row``). Raises :class:`CompressionError`
+    stage's ranking scope (``layer`` or ``row``); ``rank_allocation`` is ``nullu.budget_allocation``.
+    Raises :class:`CompressionError`
     with the reason when the rate cannot be reached.
     """
     if not 0.0 <= rate < 1.0:
@@ -110,6 +112,8 @@ def plan_rate(
         return sum(layer_bytes(s, p, None, False, bias=False, scope=prune_scope) for s in shapes)
 
     def lowrank_bytes(b: float) -> float:
+        if rank_allocation == "global":  # ranks share b * sum(m n) parameters, filled to within one rank
+            return b * sum(s.out_features * s.in_features * s.element_size for s in shapes)
         return sum(layer_bytes(s, None, b, False, bias=False) for s in shapes)
 
     if method not in ("dare", "nullu", "cascade"):
@@ -153,53 +157,58 @@ def split_error(
     prune_scope: str = "layer",
     method: str = "svd",
     damping: float = 1e-2,
+    rank_allocation: str = "layer",
 ) -> float:
     """Relative output error ``sum tr(R G R^T) / sum tr(W G W^T)`` a cascade plan leaves, ``R = W - S - B A``.
 
     One pass of each stage in ``order`` (sparse then low rank, or the reverse), scored the way the
-    stages will run: wanda or magnitude masks, activation-aware or plain SVD. ``G`` is each layer's
-    calibration input second moment; without it the error is the plain Frobenius one.
+    stages will run: wanda or magnitude masks, activation-aware or plain SVD, ranks per layer or
+    allocated globally. ``G`` is each layer's calibration input second moment; without it the
+    error is the plain Frobenius one.
     """
     from .dare import wanda_scores
-    from .nullu import whitening
+    from .nullu import allocate_ranks, spectral_energy, whitening
 
-    num = den = 0.0
+    W = [w.double() for w in weights]
+    G = [g.double() for g in grams] if grams is not None and all(g is not None for g in grams) else None
+    S = [torch.zeros_like(w) for w in W]
+    LR = [torch.zeros_like(w) for w in W]
+    roots = [whitening(g, damping) for g in G] if (G is not None and method == "activation_aware") else None
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i, w in enumerate(weights):
+    for i, w in enumerate(W):
         groups.setdefault(tuple(w.shape), []).append(i)
-    for idx in groups.values():
-        W = torch.stack([weights[i].double() for i in idx])
-        G = None
-        if grams is not None and all(grams[i] is not None for i in idx):
-            G = torch.stack([grams[i].double() for i in idx])
-        m, n = W.shape[1:]
-        r = budget_rank(m, n, plan["param_budget"])
-        S = torch.zeros_like(W)
-        LR = torch.zeros_like(W)
-        for stage in order:
-            if stage == "dare":
-                target = W - LR
-                masks = []
-                for j, t in enumerate(target):
-                    score = (wanda_scores(t, G[j].diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and G is not None)
-                             else magnitude_scores(t))
-                    masks.append(topk_mask(score, plan["pruning_rate"], prune_scope))
-                S = target * torch.stack(masks)
-            elif stage == "nullu":
-                if method == "activation_aware" and G is not None:
-                    roots = [whitening(g, damping) for g in G]
-                    Lw = torch.stack([a for a, _ in roots])
-                    Li = torch.stack([b for _, b in roots])
-                    U, sv, Vh = svd((W - S) @ Lw)
-                    LR = ((U[:, :, :r] * sv[:, None, :r]) @ Vh[:, :r, :]) @ Li
-                else:
-                    U, sv, Vh = svd(W - S)
-                    LR = (U[:, :, :r] * sv[:, None, :r]) @ Vh[:, :r, :]
-        R = W - S - LR
+    for stage in order:
+        if stage == "dare":
+            for i, w in enumerate(W):
+                t = w - LR[i]
+                score = (wanda_scores(t, G[i].diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and G is not None)
+                         else magnitude_scores(t))
+                S[i] = t * topk_mask(score, plan["pruning_rate"], prune_scope)
+        elif stage == "nullu":
+            M = [(W[i] - S[i]) @ roots[i][0] if roots else W[i] - S[i] for i in range(len(W))]
+            if rank_allocation == "global":
+                energy: list[torch.Tensor] = [torch.empty(0)] * len(W)
+                for idx in groups.values():
+                    e = spectral_energy(torch.stack([M[i] for i in idx]))
+                    for j, i in enumerate(idx):
+                        energy[i] = e[j]
+                shapes = [tuple(w.shape) for w in W]
+                ranks = allocate_ranks(energy, shapes, plan["param_budget"] * sum(m * n for m, n in shapes))
+            else:
+                ranks = [budget_rank(*w.shape, plan["param_budget"]) for w in W]
+            for idx in groups.values():
+                U, sv, Vh = svd(torch.stack([M[i] for i in idx]))
+                for j, i in enumerate(idx):
+                    r = ranks[i]
+                    lr = (U[j, :, :r] * sv[j, :r]) @ Vh[j, :r, :]
+                    LR[i] = lr @ roots[i][1] if roots else lr
+    num = den = 0.0
+    for i, w in enumerate(W):
+        R = w - S[i] - LR[i]
         if G is None:
             num += float(R.pow(2).sum())
-            den += float(W.pow(2).sum())
+            den += float(w.pow(2).sum())
         else:
-            num += float(((R @ G) * R).sum())
-            den += float(((W @ G) * W).sum())
+            num += float(((R @ G[i]) * R).sum())
+            den += float(((w @ G[i]) * w).sum())
     return num / den if den > 0 else 0.0
