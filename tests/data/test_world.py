@@ -210,3 +210,16 @@ def test_bad_requests_name_the_problem(tmp_path: Path) -> None:
         W.load_world_info(tmp_path / "nothing")
     with pytest.raises(DataError, match="captions"):
         W.generate_world(tmp_path / "x", W.WorldSpec(parts=("vqa",)))
+
+
+def test_ensure_world_generates_once_and_reuses(tmp_path: Path) -> None:
+    def spec() -> W.WorldSpec:
+        return W.WorldSpec(test=4, cls_test_per_class=1, vqa_test=4)
+
+    first = W.ensure_world(0, ("test",), tmp_path, spec=spec())
+    stamp = (first / "world.json").stat().st_mtime_ns
+    again = W.ensure_world(0, ("test",), tmp_path, spec=spec())
+    assert again == first and (again / "world.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "worlds").iterdir()] == [first.name]  # no temporary leftovers
+    assert W.load_world_info(first)["spec"]["splits"] == ["test"]
+    assert W.ensure_world(1, ("test",), tmp_path, spec=spec()) != first

@@ -89,6 +89,7 @@ def test_retrieval_ranks_by_hand() -> None:
     assert hits[1].tolist() == [False, True] and hits[2].tolist() == [True, True]
     m = retrieval_metrics(sim, owner, ks=(1,), samples=0)
     assert m["i2t_R@1"]["value"] == 0.5 and m["t2i_R@1"]["value"] == 0.5
+    assert m["i2t_median_rank"]["value"] == 1.0 and m["t2i_median_rank"]["value"] == 1.0  # lower medians, 1-based
 
 
 def test_retrieval_equals_torchmetrics_hit_rate() -> None:

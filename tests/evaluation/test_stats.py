@@ -10,6 +10,7 @@ from rcc_compression.analysis.stats import (
     bootstrap_ci,
     class_recall_statistic,
     mean_statistic,
+    median_statistic,
     paired_difference_ci,
     ratio_statistic,
     resample_counts,
@@ -42,6 +43,10 @@ def test_constant_values_and_no_resampling_give_zero_width() -> None:
     est = bootstrap_ci(np.array([0.0, 1.0]), samples=0)
     assert (est.value, est.low, est.high, est.samples) == (0.5, 0.5, 0.5, 0)
     assert bootstrap_ci(np.array([0.0, 1.0]), samples=10, point=0.7).value == 0.7
+    x = np.random.default_rng(3).uniform(size=200)
+    plain = bootstrap_ci(x, samples=300, seed=1)
+    moved = bootstrap_ci(x, samples=300, seed=1, point=plain.value + 0.1, recentre=True)
+    assert moved.low == pytest.approx(plain.low + 0.1) and moved.high == pytest.approx(plain.high + 0.1)
     with pytest.raises(ValueError):
         bootstrap_ci(np.array([]))
 
@@ -50,6 +55,8 @@ def test_statistics_by_hand() -> None:
     counts = np.array([[1.0, 1, 1, 1], [2, 0, 2, 0], [0, 0, 0, 4]])
     vals = np.array([1.0, 0, 1, 0])
     assert mean_statistic(counts, vals).tolist() == [0.5, 1.0, 0.0]
+    ranks = np.array([5.0, 1, 3, 2])
+    assert median_statistic(counts, ranks).tolist() == [2.0, 3.0, 2.0]  # lower medians of {1,2,3,5}, {5,5,3,3}, {2x4}
     pairs = np.array([[1.0, 2], [3, 4], [0, 4], [2, 2]])
     assert ratio_statistic(counts, pairs).tolist() == pytest.approx([6 / 12, 2 / 12, 8 / 8])
     # mean per-class recall: labels [0, 0, 1, 2], right [1, 0, 1, 0] -> recalls 0.5, 1, 0 -> 0.5

@@ -9,7 +9,7 @@ import pytest
 
 from rcc_compression.cli import main
 from rcc_compression.data.world import WorldSpec, generate_world
-from rcc_compression.evaluation.suite import evaluate_model, expand_datasets, results_table, run_suite
+from rcc_compression.evaluation.suite import evaluate_model, expand_datasets, flat_metrics, results_table, run_suite
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,10 @@ def test_clip_benchmarks_on_the_world(world: Path, tiny_clip) -> None:
                                "reason": "captioning needs a BLIP captioning model"}]
     ests = _all_estimates(res)
     assert len(ests) > 20 and all(e["ci_low"] <= e["value"] <= e["ci_high"] and e["samples"] == 50 for e in ests)
+    flat = flat_metrics(res)
+    assert flat[f"zero_shot/{world}#colour_shape/top1"] == cs["metrics"]["top1"]["value"]
+    assert flat[f"zero_shot/{world}#colour_shape/top1/unseen"] == cs["metrics_unseen"]["top1"]["value"]
+    assert len(flat) == len(ests) and all(isinstance(v, float) for v in flat.values())
     table = results_table(res)
     assert "| zero_shot |" in table and "top1 (unseen)" in table and "captioning needs a BLIP" in table
 

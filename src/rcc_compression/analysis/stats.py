@@ -70,13 +70,17 @@ def bootstrap_ci(
     seed: int = 0,
     strata: np.ndarray | None = None,
     point: float | None = None,
+    recentre: bool = False,
 ) -> Estimate:
     """Point estimate and percentile bootstrap CI of ``statistic`` over per-item ``values``.
 
     ``statistic(counts, values)`` receives the ``B x N`` resample counts and the values (``N`` or
     ``N x k``) and returns ``B`` statistics; the default is the weighted mean. The point estimate is
     the statistic on the data itself (counts of one), or ``point`` when given (e.g. a corpus score
-    computed by a reference implementation). ``samples=0`` returns a zero-width interval.
+    computed by a reference implementation). ``recentre=True`` shifts the interval by
+    ``point - statistic(data)``: for a ``point`` that is not the statistic itself (METEOR's corpus
+    score vs the mean of its segment scores) the spread is kept and centred on the point.
+    ``samples=0`` returns a zero-width interval.
     """
     values = np.asarray(values, dtype=np.float64)
     n = values.shape[0]
@@ -88,6 +92,8 @@ def bootstrap_ci(
     if samples <= 0:
         return Estimate(value, value, value, level, n, 0)
     boot = stat(resample_counts(n, samples, seed, strata), values)
+    if recentre:
+        boot = boot + (value - own)
     lo, hi = percentile_interval(boot, level)
     return Estimate(value, min(lo, value), max(hi, value), level, n, samples)
 
@@ -95,6 +101,14 @@ def bootstrap_ci(
 def mean_statistic(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Weighted mean of per-item values for every resample."""
     return counts @ values / counts.sum(axis=1)
+
+
+def median_statistic(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Weighted (lower) median of per-item values for every resample."""
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(counts[:, order], axis=1)
+    half = counts.sum(axis=1, keepdims=True) / 2.0
+    return values[order][np.argmax(cum >= half, axis=1)]
 
 
 def ratio_statistic(counts: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -140,9 +140,12 @@ class SafeLoader:
             self.loader.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
+        it = iter(self.loader)
+        for batch in it:
             errors = batch.pop("errors", [])
             if errors:
+                # stop the workers now: the raised error's traceback would keep them alive until collected
+                getattr(it, "_shutdown_workers", lambda: None)()
                 more = f" (and {len(errors) - 1} more bad items in this batch)" if len(errors) > 1 else ""
                 raise DataError(f"{errors[0]}{more}; pass skip_bad=True / --skip-bad to skip unreadable images")
             self.skipped += int(batch.pop("skipped", 0))
@@ -170,8 +173,12 @@ def build_loader(
     seed: int = 0,
     drop_last: bool = False,
     skip_bad: bool | None = None,
+    persistent_workers: bool = False,
 ) -> SafeLoader:
-    """A seeded loader; sharded by ``DistributedSampler`` when ``torch.distributed`` is initialised."""
+    """A seeded loader; sharded by ``DistributedSampler`` when ``torch.distributed`` is initialised.
+
+    ``persistent_workers`` keeps worker processes between epochs (multi-epoch training).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     skip = bool(getattr(dataset, "skip_bad", False)) if skip_bad is None else skip_bad
@@ -193,7 +200,7 @@ def build_loader(
         drop_last=drop_last,
         generator=generator,
         worker_init_fn=_seed_worker if num_workers else None,
-        persistent_workers=num_workers > 0,
+        persistent_workers=persistent_workers and num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
     return SafeLoader(loader, skip_bad=skip)
@@ -240,5 +247,6 @@ def create_dataloaders(
             collate_fn=collate,
             seed=seed,
             drop_last=train,
+            persistent_workers=train,
         )
     return out

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import DataError
+
 #: OpenAI CLIP normalisation (also BLIP's)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -123,7 +125,8 @@ def transform_for(wrapper_or_processor: Any) -> ImageTransform:
     """
     proc = getattr(wrapper_or_processor, "image_processor", wrapper_or_processor)
     if proc is None:
-        raise ValueError("the model has no image processor; give an ImageTransform explicitly")
+        raise DataError("the model has no image processor (a bare nn.Module?): load it with get_model(), or "
+                        "give an ImageTransform explicitly")
     size = dict(getattr(proc, "size", None) or {})
     mean = tuple(float(v) for v in (getattr(proc, "image_mean", None) or CLIP_MEAN))
     std = tuple(float(v) for v in (getattr(proc, "image_std", None) or CLIP_STD))

@@ -202,7 +202,8 @@ def _place(
             x, y = rng.uniform(lo, hi, 2)
             if grid:
                 x, y = grid * np.round(x / grid), grid * np.round(y / grid)
-            if all((x - cx) ** 2 + (y - cy) ** 2 >= (r + cr + 2) ** 2 for (cx, cy), cr in zip(centres, radii, strict=False)):
+            placed = zip(centres, radii[: len(centres)], strict=True)
+            if all((x - cx) ** 2 + (y - cy) ** 2 >= (r + cr + 2) ** 2 for (cx, cy), cr in placed):
                 centres.append((float(x), float(y)))
                 break
         else:
@@ -586,7 +587,7 @@ def build_world_tokenizer(kind: str = "clip", max_length: int = 40) -> Any:
     ``kind="clip"`` wraps texts as ``[BOS] ... [EOS]``; ``"blip"`` as ``[DEC] ... [EOS]``, so the
     training inputs start with the decoder start token that BLIP's ``generate`` begins with.
     """
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
@@ -598,6 +599,7 @@ def build_world_tokenizer(kind: str = "clip", max_length: int = 40) -> Any:
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # "circle ." -> "circle."
     start = "[BOS]" if kind == "clip" else "[DEC]"
     tok.post_processor = processors.TemplateProcessing(
         single=f"{start} $A [EOS]", special_tokens=[(start, vocab[start]), ("[EOS]", vocab["[EOS]"])]
@@ -894,5 +896,15 @@ def ensure_world(
     key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = Path(cache_dir or default_cache_dir()) / "worlds" / f"v{WORLD_VERSION}-seed{seed}-{key}"
     if not (path / "world.json").is_file():
-        generate_world(path, spec)
+        # generate beside the target and rename, so concurrent callers never see half a world
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate_world(tmp, spec)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process finished first (or a stale partial directory is in the way)
+            if not (path / "world.json").is_file():
+                shutil.rmtree(path, ignore_errors=True)
+                os.replace(tmp, path)
+            shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -5,9 +5,11 @@ tokenizer that lower-cases and drops the same punctuation is used and the result
 runs only with Java (it is reported as not computed otherwise, with the reason). SPICE is not
 computed: it downloads Stanford CoreNLP models on first use, which needs network.
 
-Confidence intervals resample images. CIDEr-D, ROUGE-L and METEOR resample per-image scores (for
-CIDEr the document frequencies stay those of the whole test set, as in the point estimate); BLEU
-is recomputed as a corpus score from per-image n-gram statistics, so its CI is exact.
+Confidence intervals resample images. CIDEr-D and ROUGE-L resample per-image scores (for CIDEr the
+document frequencies stay those of the whole test set, as in the point estimate); BLEU is
+recomputed as a corpus score from per-image n-gram statistics; METEOR's corpus score is not the
+mean of its segment scores, so its interval is the spread of resampled segment means, centred on
+the corpus score.
 """
 
 from __future__ import annotations
@@ -125,7 +127,10 @@ def caption_metrics(
             score, items = scorer.compute_score(gts_tok, res_tok)
         finally:
             del scorer
-        metrics["METEOR"] = bootstrap_ci(np.asarray(items), samples=samples, seed=seed, point=score).to_dict()
+        # the corpus METEOR is not the mean of segment scores: keep their spread, centred on the corpus score
+        metrics["METEOR"] = bootstrap_ci(
+            np.asarray(items), samples=samples, seed=seed, point=score, recentre=True
+        ).to_dict()
     else:
         notes.append(
             "METEOR not computed: Java was not found on the PATH"

@@ -37,7 +37,8 @@ def image_batches(
     )
     loader = build_loader(dataset, batch_size, shuffle=False, collate_fn=collate)
     yield from progress_iter(loader, len(loader), what, progress)
-    dataset.skipped["unreadable image"] += loader.skipped
+    if loader.skipped:
+        dataset.skipped["unreadable image"] += loader.skipped
 
 
 @torch.no_grad()

@@ -176,14 +176,33 @@ def evaluate_model(
                 else:
                     res = evaluate_vqa(wrapper, ds, batch_size, **common)
                 res["source"] = ds.source
-                if ds.skipped:
-                    res["skipped_items"] = dict(ds.skipped)
+                if sum(ds.skipped.values()):
+                    res["skipped_items"] = {k: v for k, v in ds.skipped.items() if v}
                 res["seconds"] = round(time.perf_counter() - t0, 3)
                 out["results"].setdefault(bench, {})[spec] = res
                 log.info("%s on %s: %s", bench, spec, _headline(bench, res))
     finally:
         wrapper.train(was_training)
     out["seconds"] = round(time.perf_counter() - started, 3)
+    return out
+
+
+def flat_metrics(results: dict[str, Any], with_ci: bool = False) -> dict[str, Any]:
+    """Every metric as ``benchmark/dataset/metric[/subset]`` -> value (or the estimate dict).
+
+    Bookkeeping numbers (item counts, seconds, seeds) are left out, so this is what a dense vs
+    compressed table should compare.
+    """
+    out: dict[str, Any] = {}
+    for bench, per_ds in results.get("results", {}).items():
+        for ds, res in per_ds.items():
+            for key, metrics in res.items():
+                if not key.startswith("metrics") or not isinstance(metrics, dict):
+                    continue
+                suffix = "" if key == "metrics" else "/" + key.split("_", 1)[1]
+                for name, m in metrics.items():
+                    if isinstance(m, dict) and "value" in m:
+                        out[f"{bench}/{ds}/{name}{suffix}"] = m if with_ci else m["value"]
     return out
 
 

@@ -133,8 +133,8 @@ def evaluate_zero_shot(
         "items": int(labels.numel()),
     }
     held_out = set((getattr(dataset, "meta", {}) or {}).get("held_out_pairs", []))
-    if held_out:
-        unseen_cls = torch.tensor([name in held_out for name in dataset.classnames])
+    unseen_cls = torch.tensor([name in held_out for name in dataset.classnames])
+    if held_out and unseen_cls.any():
         mask = unseen_cls[labels]
         for name, sel in (("seen", ~mask), ("unseen", mask)):
             if sel.any():

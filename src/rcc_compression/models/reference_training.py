@@ -22,6 +22,7 @@ the patch grid).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -67,6 +68,7 @@ class ReferenceRecipe:
     grey_fraction: float = 0.3
     time_budget_s: float = 1200.0
     eval_every: int = 250
+    #: CPU threads; 0 picks the cores the machine's load leaves free
     threads: int = 0
 
 
@@ -252,32 +254,35 @@ def contrastive_loss(
 class Schedule:
     """Linear warm-up and cosine decay over a horizon that fits the time budget.
 
-    After ``probe`` steps the seconds per step are measured and the horizon becomes the smaller
-    of ``steps`` and what the remaining budget allows, so the learning rate is annealed when the
-    time runs out (a slow, shared machine trains fewer steps rather than stopping mid-schedule).
-    The horizon is recorded; ``--steps N`` with an ample budget reproduces a run exactly.
+    From step ``probe`` on, every ``every`` steps, the recent seconds per step are measured and the
+    horizon shrinks (never grows) to what the remaining budget allows, so the learning rate is
+    annealed when the time runs out: a slow or shared machine trains fewer steps rather than
+    stopping mid-schedule. The horizon is recorded; ``--steps N`` with an ample budget reproduces a
+    run exactly.
     """
 
-    def __init__(self, recipe: ReferenceRecipe, probe: int = 30) -> None:
+    def __init__(self, recipe: ReferenceRecipe, probe: int = 30, every: int = 50) -> None:
         self.recipe = recipe
         self.horizon = recipe.steps
         self.probe = probe
+        self.every = every
         self.start = time.perf_counter()
+        self._mark = (0, self.start)
 
     def observe(self, step: int) -> None:
-        """Fix the horizon from the measured speed (once, at the probe step)."""
-        if step + 1 == self.probe and self.horizon > self.probe:
-            per_step = (time.perf_counter() - self.start) / self.probe
-            affordable = int(0.95 * self.recipe.time_budget_s / max(per_step, 1e-9))
-            self.horizon = max(self.probe + 1, min(self.recipe.steps, affordable))
-            if self.horizon < self.recipe.steps:
-                log.info(
-                    "%.2f s/step: training %d of %d steps within the %.0f s budget",
-                    per_step,
-                    self.horizon,
-                    self.recipe.steps,
-                    self.recipe.time_budget_s,
-                )
+        """Shrink the horizon when the recent speed cannot finish it within the budget."""
+        done = step + 1
+        if done < self.probe or (done - self.probe) % self.every:
+            return
+        now = time.perf_counter()
+        per_step = (now - self._mark[1]) / max(done - self._mark[0], 1)
+        self._mark = (done, now)
+        remaining = self.recipe.time_budget_s - (now - self.start)
+        affordable = done + int(0.95 * max(remaining, 0.0) / max(per_step, 1e-9))
+        if affordable < self.horizon:
+            self.horizon = max(done + 1, affordable)
+            log.info("%.2f s/step: the schedule now ends at step %d (budget %.0f s)", per_step, self.horizon,
+                     self.recipe.time_budget_s)
 
     def __call__(self, step: int) -> float:
         warm = min(1.0, (step + 1) / max(self.recipe.warmup, 1))
@@ -525,6 +530,42 @@ def save_reference(wrapper: Any, out: str | os.PathLike[str], record: dict[str, 
     return path
 
 
+def remeasure_reference(model_dir: str | os.PathLike[str], bootstrap_samples: int = 1000) -> dict[str, Any]:
+    """Re-evaluate a saved reference model on its recorded world and rewrite its figures.
+
+    For when the evaluation code changes: the weights and the training record stay as they are.
+    """
+    from ..data.world import WorldSpec
+    from ..utils.io import atomic_write_json
+    from .registry import get_model
+
+    path = Path(model_dir)
+    record = json.loads((path / "reference.json").read_text())
+    world = record["world"]
+    spec = WorldSpec(seed=int(world["seed"]), test=int(world["test_sizes"]["test"]),
+                     cls_test_per_class=int(world["test_sizes"]["cls_test_per_class"]))
+    wrapper = get_model(str(path))
+    wrapper.name = record["model"]
+    results = measure_figures(wrapper, record["kind"], spec, bootstrap_samples)
+    record["evaluation"], record["figures"] = results, headline_figures(results)
+    atomic_write_json(path / "reference.json", record)
+    return record
+
+
+def _free_cores() -> int:
+    """CPU threads to train with: the cores other processes leave idle (at least one).
+
+    Oversubscribed OpenMP threads wait on each other at every barrier, so on a shared machine
+    fewer threads train faster than all of them.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
 def train_reference(
     kind: str,
     out: str | os.PathLike[str],
@@ -552,8 +593,7 @@ def train_reference(
     recipe.time_budget_s = time_budget_s
     if steps is not None:
         recipe.steps = steps
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
+    torch.set_num_threads(recipe.threads or _free_cores())
     seed_everything(recipe.seed)
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="rcc-world-") as tmp:
@@ -568,6 +608,7 @@ def train_reference(
             log.info("train split: %d images, %d captions", len(data.captions), sum(map(len, data.captions)))
             trainer = train_clip if kind == "clip" else train_blip
             wrapper, train_log = trainer(recipe, data, progress)
+            train_log["threads"] = torch.get_num_threads()
             spec = test_spec or WorldSpec(seed=int(info["seed"]))
             spec.seed = int(info["seed"])
             results = measure_figures(wrapper, kind, spec, bootstrap_samples)
