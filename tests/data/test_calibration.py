@@ -67,3 +67,14 @@ def test_bad_sources(tmp_path: Path) -> None:
         build_calibration_batches(wrapper, str(bad), 1, 2, 0)
     with pytest.raises(ValueError):
         build_calibration_batches(wrapper, "synthetic", 0, 2, 0)
+
+
+def test_calibration_from_every_caption_format(coco_dir: Path, flickr_dir: Path, cc_tsv: Path, image_folder: Path) -> None:
+    wrapper = get_model("tiny-clip")
+    for source in (coco_dir, flickr_dir / "dataset_flickr30k.json", cc_tsv, image_folder):
+        (batch,) = build_calibration_batches(wrapper, str(source), 1, 3, seed=0)
+        assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["input_ids"].shape[0] == 3
+        assert (batch["input_ids"][:, 0] == wrapper.tokenizer.bos_token_id).all()
+    (batch,) = build_calibration_batches(wrapper, str(image_folder), 1, 2, seed=0)
+    texts = wrapper.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert all(t.startswith("a photo of a") for t in texts)  # class folders calibrate with "a photo of a {class}."
