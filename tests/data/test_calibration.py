@@ -69,7 +69,9 @@ def test_bad_sources(tmp_path: Path) -> None:
         build_calibration_batches(wrapper, "synthetic", 0, 2, 0)
 
 
-def test_calibration_from_every_caption_format(coco_dir: Path, flickr_dir: Path, cc_tsv: Path, image_folder: Path) -> None:
+def test_calibration_from_every_caption_format(
+    coco_dir: Path, flickr_dir: Path, cc_tsv: Path, image_folder: Path
+) -> None:
     wrapper = get_model("tiny-clip")
     for source in (coco_dir, flickr_dir / "dataset_flickr30k.json", cc_tsv, image_folder):
         (batch,) = build_calibration_batches(wrapper, str(source), 1, 3, seed=0)
