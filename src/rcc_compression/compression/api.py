@@ -107,6 +107,12 @@ def apply_rate(inner: nn.Module, section: Any, rate: float, scope: str = "layers
     ``calibration_data`` (or, without data, whose weight error) is smallest.
     """
     plan = _plan(inner, section, list(section.cascade.stages), rate, scope, lowrank_share, calibration_data)
+    if plan.get("drop_stage"):
+        section.cascade.stages = [s for s in section.cascade.stages if s != plan["drop_stage"]]
+        log.info("rate %.4f: %s alone leaves less output error than any split; %s is left out",
+                 rate, "dare" if plan["drop_stage"] == "nullu" else "nullu", plan["drop_stage"])
+        plan = {k: v for k, v in plan.items() if not (k == "pruning_rate" and plan["drop_stage"] == "dare")
+                and not (k == "param_budget" and plan["drop_stage"] == "nullu")}
     if "pruning_rate" in plan:
         section.dare.pruning_rate = plan["pruning_rate"]
         section.dare.nm = None
@@ -168,15 +174,24 @@ def _plan(
 
         stats = collect_layer_stats(inner, names, list(calibration_data), gram=True)
         grams = [stats[n].gram for n in names]
+    search = len(shares) > 1
+    candidates: list[tuple[Any, str, list[str]]] = [(share, "cascade", order) for share in shares]
+    if search:  # the single stages compete too: a split is only kept where it beats both
+        candidates += [(None, "dare", ["dare"]), (None, "nullu", ["nullu"])]
     best: dict[str, Any] | None = None
-    for share in shares:
+    for share, kind_c, order_c in candidates:
         try:
-            p = plan_rate(shapes, rate, "cascade", share, scales, rest, scope, prune_scope, alloc)
+            p = plan_rate(shapes, rate, kind_c, share if share is not None else 0.5, scales, rest, scope,
+                          prune_scope, alloc)
         except CompressionError:
             continue
+        if kind_c != "cascade":
+            p.setdefault("pruning_rate", 1.0)
+            p.setdefault("param_budget", 0.0)
+            p["drop_stage"] = "nullu" if kind_c == "dare" else "dare"
         p["split_error"] = split_error(
-            [w.detach() for w in weights], p, order, grams, section.dare.scorer, prune_scope,
-            section.nullu.decomposition_method, section.nullu.damping, alloc) if len(shares) > 1 else None
+            [w.detach() for w in weights], p, order_c, grams, section.dare.scorer, prune_scope,
+            section.nullu.decomposition_method, section.nullu.damping, alloc) if search else None
         if best is None or (p["split_error"] or 0) < (best["split_error"] or 0):
             best = p
     if best is None:
