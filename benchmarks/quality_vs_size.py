@@ -95,7 +95,7 @@ def main() -> None:
         first = next((k for k in base if "colour_shape top1" in k or k.endswith("CIDEr")), next(iter(base)))
         for ratio in ratios:
             target = TARGETS.get(int(ratio))
-            best_single = max((rows.get(f"{ratio:g}x {s}", {}).get("retention", {}).get(first, 0.0) for s in SINGLE))
+            best_single = max(rows.get(f"{ratio:g}x {s}", {}).get("retention", {}).get(first, 0.0) for s in SINGLE)
             casc = max(rows.get(f"{ratio:g}x {c}", {}).get("retention", {}).get(first, 0.0)
                        for c in ("cascade", "cascade+alphaedit"))
             verdict = f"{ratio:g}x: best cascade {casc * 100:.1f}% vs best single {best_single * 100:.1f}% of {first}"

@@ -101,6 +101,11 @@ class BLIPWrapper(ModelWrapper):
             return self.model(
                 input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, labels=labels.to(self.device)
             ).loss
+        # generate() starts decoding from the decoder's BOS ([DEC]); the loss must see the same first token
+        bos = self.model.config.text_config.bos_token_id
+        if bos is not None:
+            input_ids = input_ids.clone()
+            input_ids[:, 0] = bos
         if labels is None:
             labels = input_ids.masked_fill(attention_mask == 0, -100) if attention_mask is not None else input_ids
         return self.model(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
