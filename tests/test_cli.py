@@ -66,7 +66,8 @@ def test_python_dash_m_entry_point():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "rcc_compression", "info"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "rcc_compression", "info"], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0 and "rcc-compression" in proc.stdout
 
 

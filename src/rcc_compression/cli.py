@@ -10,7 +10,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -27,9 +27,9 @@ app = typer.Typer(
 
 Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Experiment YAML file.")]  # noqa: UP007
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML file.")]  # noqa: UP007
 SetOpt = Annotated[
-    Optional[list[str]],  # noqa: UP007
+    list[str] | None,  # noqa: UP007
     typer.Option("--set", "-s", help="Override a config key: --set compression.dare.pruning_rate=0.95"),
 ]
 
@@ -67,16 +67,16 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None, verbose: Verbose 
 def compress(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,  # noqa: UP007
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory.")] = None,  # noqa: UP007
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run directory.")] = None,  # noqa: UP007
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,  # noqa: UP007
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,  # noqa: UP007
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run directory.")] = None,  # noqa: UP007
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
+    seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip quality and efficiency evaluation.")] = False,
     encrypt: Annotated[bool, typer.Option(
         "--encrypt", help="Encrypt the checkpoints (AES-256-GCM); the key comes from RCC_CHECKPOINT_KEY or --key-file.",
     )] = False,
-    key_file: Annotated[Optional[Path], typer.Option(  # noqa: UP007
+    key_file: Annotated[Path | None, typer.Option(  # noqa: UP007
         "--key-file", help="File with the 32-byte key (64 hex digits, base64 or raw bytes); implies --encrypt.",
     )] = None,
     verbose: Verbose = 0,
@@ -151,10 +151,10 @@ def train(
     source: Annotated[Path, typer.Option("--from", "-f", help="Compressed run directory (or checkpoint) to recover.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory.")] = None,  # noqa: UP007
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,  # noqa: UP007
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoints/last.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
+    seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -186,9 +186,9 @@ def world_generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the world into.")],
     seed: Annotated[int, typer.Option("--seed", help="World seed (the bundled models use 0).")] = 0,
     splits: Annotated[str, typer.Option("--splits", help="Comma-separated splits to write.")] = "train,val,test",
-    train: Annotated[Optional[int], typer.Option("--train", help="Caption scenes in train.")] = None,  # noqa: UP007
-    val: Annotated[Optional[int], typer.Option("--val", help="Caption scenes in val.")] = None,  # noqa: UP007
-    test: Annotated[Optional[int], typer.Option("--test", help="Caption scenes in test.")] = None,  # noqa: UP007
+    train: Annotated[int | None, typer.Option("--train", help="Caption scenes in train.")] = None,  # noqa: UP007
+    val: Annotated[int | None, typer.Option("--val", help="Caption scenes in val.")] = None,  # noqa: UP007
+    test: Annotated[int | None, typer.Option("--test", help="Caption scenes in test.")] = None,  # noqa: UP007
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -211,10 +211,10 @@ def world_generate(
 def world_train_reference(
     kind: Annotated[str, typer.Option("--kind", help="clip or blip.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write (Hugging Face layout).")],
-    world: Annotated[Optional[Path], typer.Option("--world", help="A generated world (default: generate one).")] = None,  # noqa: UP007
+    world: Annotated[Path | None, typer.Option("--world", help="A generated world (default: generate one).")] = None,  # noqa: UP007
     seed: Annotated[int, typer.Option("--seed", help="World and training seed.")] = 0,
     minutes: Annotated[float, typer.Option("--minutes", help="Wall-clock budget for training.")] = 20.0,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimiser steps (default: the recipe's).")] = None,  # noqa: UP007
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimiser steps (default: the recipe's).")] = None,  # noqa: UP007
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -232,19 +232,19 @@ def world_train_reference(
 
 @app.command()
 def evaluate(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,  # noqa: UP007
-    benchmark: Annotated[Optional[list[str]], typer.Option("--benchmark", "-b", help="zero_shot, retrieval, captioning, vqa, efficiency (repeatable).")] = None,  # noqa: UP007,E501
-    dataset: Annotated[Optional[list[str]], typer.Option("--dataset", "-d", help="world, a path, hf:NAME or a known name (repeatable).")] = None,  # noqa: UP007,E501
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory for results.json/.md.")] = None,  # noqa: UP007
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,  # noqa: UP007
+    benchmark: Annotated[list[str] | None, typer.Option("--benchmark", "-b", help="zero_shot, retrieval, captioning, vqa, efficiency (repeatable).")] = None,  # noqa: UP007,E501
+    dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="world, a path, hf:NAME or a known name (repeatable).")] = None,  # noqa: UP007,E501
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory for results.json/.md.")] = None,  # noqa: UP007
     config: ConfigOpt = None,
     set_: SetOpt = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split.")] = "test",
-    bootstrap: Annotated[Optional[int], typer.Option("--bootstrap", help="Bootstrap resamples per metric.")] = None,  # noqa: UP007
-    max_items: Annotated[Optional[int], typer.Option("--max-items", help="Evaluate a seeded subset.")] = None,  # noqa: UP007
-    templates: Annotated[Optional[str], typer.Option("--templates", help="Prompt template set for zero-shot.")] = None,  # noqa: UP007
-    world_seed: Annotated[Optional[int], typer.Option("--world-seed", help="Seed of the reference world.")] = None,  # noqa: UP007
+    bootstrap: Annotated[int | None, typer.Option("--bootstrap", help="Bootstrap resamples per metric.")] = None,  # noqa: UP007
+    max_items: Annotated[int | None, typer.Option("--max-items", help="Evaluate a seeded subset.")] = None,  # noqa: UP007
+    templates: Annotated[str | None, typer.Option("--templates", help="Prompt template set for zero-shot.")] = None,  # noqa: UP007
+    world_seed: Annotated[int | None, typer.Option("--world-seed", help="Seed of the reference world.")] = None,  # noqa: UP007
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip (and count) unreadable items.")] = False,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
+    seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:

@@ -381,7 +381,9 @@ def _type_name(ann: Any) -> str:
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 
-def validate_config(data: Mapping[str, Any], prov: Mapping[KeyPath, str] | None = None, source: str = "<dict>") -> RCCConfig:
+def validate_config(
+    data: Mapping[str, Any], prov: Mapping[KeyPath, str] | None = None, source: str = "<dict>"
+) -> RCCConfig:
     """Validate a plain mapping into :class:`RCCConfig`, raising a one-line :class:`ConfigError`."""
     try:
         return RCCConfig.model_validate(dict(data))

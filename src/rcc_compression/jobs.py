@@ -208,7 +208,8 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      f"{pc['stored'] / pd_['stored']:.3f}"))
         sd, sc = ed["storage"], ec["storage"]
         rows.append(("stored MB (model)", f"{sd['stored_bytes_model'] / 1e6:.3f}",
-                     f"{sc['stored_bytes_model'] / 1e6:.3f}", f"{sc['stored_bytes_model'] / sd['stored_bytes_model']:.3f}"))
+                     f"{sc['stored_bytes_model'] / 1e6:.3f}",
+                     f"{sc['stored_bytes_model'] / sd['stored_bytes_model']:.3f}"))
         rows.append(("compression rate (layers)", "0.0000", f"{sc['compression_rate_layers']:.4f}", "-"))
         rows.append(("compression rate (model)", "0.0000", f"{sc['compression_rate_model']:.4f}", "-"))
         for bs in ed["per_batch_size"]:

@@ -128,7 +128,7 @@ def test_dare_iterations_shrink_masks_monotonically(mlp, mlp_batches):
     pipe.run(mlp)
     rates = [r["summary"]["achieved_rate"] for r in pipe.records]
     assert rates == pytest.approx([0.2, 0.4, 0.6, 0.8], abs=1e-3)
-    for a, b in zip(masks, masks[1:]):
+    for a, b in zip(masks, masks[1:], strict=False):
         assert not torch.any(b & ~a)
 
 

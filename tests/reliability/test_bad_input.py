@@ -93,7 +93,8 @@ def test_config_missing_file(tmp_path, capsys):
 def test_model_unreachable_hub_id(tmp_path, capsys):
     assert main(["compress", *FAST, "--model", "no-such-org/no-such-model", "--output", str(tmp_path / "r")]) == 2
     assert _error_line(capsys) == (
-        "error: cannot load 'no-such-org/no-such-model': it is not a bundled name (none), not a tiny test model "
+        "error: cannot load 'no-such-org/no-such-model': it is not a bundled name (rcc-blip-world, rcc-clip-world), "
+        "not a tiny test model "
         "(tiny-clip, tiny-blip, tiny-blip-vqa), not a local directory, and the Hugging Face hub could not be reached "
         "(this machine may have no network). Download it where there is network (huggingface-cli download "
         "no-such-org/no-such-model --local-dir DIR) and pass the local directory instead. [OSError]")

@@ -157,7 +157,8 @@ def _plan(
         raise CompressionError("no Linear layer matches the stages' targets")
     mods = [inner.get_submodule(n) for n in names]
     weights = [m.weight if isinstance(m, nn.Linear) else m.effective_weight() for m in mods]
-    shapes = [LayerShape(w.shape[0], w.shape[1], w.element_size(), m.bias is not None) for w, m in zip(weights, mods)]
+    shapes = [LayerShape(w.shape[0], w.shape[1], w.element_size(), m.bias is not None)
+              for w, m in zip(weights, mods, strict=True)]
     scales = "alphaedit" in stages and section.alphaedit.mode == "scaling"
     skip = tuple(f"{n}." for n in names)
     rest = sum(t.numel() * t.element_size() for k, t in inner.state_dict().items() if not k.startswith(skip))

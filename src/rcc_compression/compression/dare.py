@@ -191,10 +191,12 @@ class DareStage(Stage):
         nm = cfg.nm_pair()
         if cfg.scorer == "random":
             step_drop = max(0.0, 1.0 - target_keep / prev_keep)
-            mask = bernoulli_mask(current.shape, step_drop, ctx.generator(zlib.crc32(name.encode())), allowed).to(current.device)
+            gen = ctx.generator(zlib.crc32(name.encode()))
+            mask = bernoulli_mask(current.shape, step_drop, gen, allowed).to(current.device)
             keep_prob = 1.0 - step_drop
         else:
-            scores = magnitude_scores(current) if cfg.scorer == "magnitude" else wanda_scores(current, stats[name].col_norm)
+            scores = (magnitude_scores(current) if cfg.scorer == "magnitude"
+                      else wanda_scores(current, stats[name].col_norm))
             if nm is not None:
                 mask = nm_mask(scores, nm[0], nm[1], allowed)
             else:

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 EXECUTION_MODES = ("factored", "merged", "csr", "semi_structured")
 
 
@@ -207,7 +206,8 @@ class CompressedLinear(nn.Module):
     def merge(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function."""
         ref = self._ref
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=ref.device, dtype=ref.dtype)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=ref.device,
+                        dtype=ref.dtype)
         lin.weight.copy_(self.effective_weight())
         if self.bias is not None:
             lin.bias.copy_(self.bias)

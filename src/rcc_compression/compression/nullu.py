@@ -474,7 +474,8 @@ def load_caption_pairs(path: str | Path) -> list[dict[str, str]]:
         raise CompressionError(f"{path}: pairs file not found")
     text = path.read_text(encoding="utf-8").strip()
     try:
-        items = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+        lines = [line for line in text.splitlines() if line.strip()]
+        items = json.loads(text) if text.startswith("[") else [json.loads(line) for line in lines]
     except json.JSONDecodeError as exc:
         raise CompressionError(f"{path}: malformed JSON: {exc}") from None
     out = []

@@ -185,7 +185,8 @@ def decode_layer(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Comp
             if k in tensors:
                 setattr(layer, k, param(tensors[k]))
     except (KeyError, RuntimeError, IndexError) as exc:
-        raise CheckpointError(f"layer {info.get('name')}: stored tensors do not fit its manifest entry ({exc})") from None
+        raise CheckpointError(
+            f"layer {info.get('name')}: stored tensors do not fit its manifest entry ({exc})") from None
     return layer
 
 
@@ -244,7 +245,8 @@ def save_compressed(
         if layer.base is not None:
             from ..utils.io import sha256_bytes
 
-            layer_info[name]["base"] = {"sha256": sha256_bytes(layer.base.detach().cpu().contiguous().numpy().tobytes())}
+            base_bytes = layer.base.detach().cpu().contiguous().numpy().tobytes()
+            layer_info[name]["base"] = {"sha256": sha256_bytes(base_bytes)}
     skip = {f"{name}." for name in layers}
     rest: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}

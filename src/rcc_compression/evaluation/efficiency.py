@@ -266,7 +266,7 @@ def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 
         x = torch.randn(shapes[name], device=device, dtype=layer._ref.dtype)
         layer.set_execution("factored")
         reference = layer(x)
-        best, best_ms = "factored", measure_latency(lambda: layer(x), 2, iters, device)["median_ms"]
+        best, best_ms = "factored", measure_latency(lambda layer=layer, x=x: layer(x), 2, iters, device)["median_ms"]
         candidates = modes or ["merged", "csr" if device.type == "cpu" else "semi_structured"]
         for mode in candidates:
             if mode == "factored" or not layer.set_execution(mode):
@@ -278,7 +278,7 @@ def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 
             tol = 1e-2 if layer._ref.dtype in (torch.float16, torch.bfloat16) else 1e-4
             if not torch.allclose(out, reference, rtol=tol, atol=tol * float(reference.abs().max().clamp_min(1))):
                 continue
-            ms = measure_latency(lambda: layer(x), 2, iters, device)["median_ms"]
+            ms = measure_latency(lambda layer=layer, x=x: layer(x), 2, iters, device)["median_ms"]
             if ms < best_ms:
                 best, best_ms = mode, ms
         layer.set_execution(best)

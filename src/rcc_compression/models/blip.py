@@ -9,7 +9,8 @@ import torch
 from .base import ModelWrapper
 
 _VISION = r"^vision_model\.encoder\.layers\.\d+\.(self_attn\.(qkv|projection)|mlp\.fc[12])$"
-_BERT = r"\.encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|crossattention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)$"
+_BERT = (r"\.encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)"
+         r"|crossattention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)$")
 
 
 class BLIPWrapper(ModelWrapper):

@@ -25,7 +25,8 @@ def _aesgcm(key: bytes):  # noqa: ANN202 - cryptography type
     try:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     except ImportError:  # pragma: no cover - optional dependency
-        raise CheckpointError("encryption needs the 'cryptography' package: pip install rcc-compression[crypto]") from None
+        raise CheckpointError(
+            "encryption needs the 'cryptography' package: pip install rcc-compression[crypto]") from None
     if len(key) != 32:
         raise CheckpointError(f"encryption key must be 32 bytes (AES-256), got {len(key)}")
     return AESGCM(key)

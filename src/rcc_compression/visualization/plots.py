@@ -31,7 +31,7 @@ def plot_rate_curve(
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for stage in dict.fromkeys(r["stage"] for r in steps):
         pts = [(r["achieved"]["compression_rate"], r["retention"]) for r in steps if r["stage"] == stage]
-        ax.plot(*zip(*pts), marker="o", linestyle="-", label=f"gate retention after {stage}")
+        ax.plot(*zip(*pts, strict=True), marker="o", linestyle="-", label=f"gate retention after {stage}")
     failed = [r for r in steps if not r.get("passed", True)]
     if failed:
         ax.scatter([r["achieved"]["compression_rate"] for r in failed], [r["retention"] for r in failed],
