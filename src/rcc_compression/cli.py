@@ -142,7 +142,7 @@ def compress(
         table.add_column(col, justify=just)
     for row in summary_rows(results):
         table.add_row(*row)
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
     typer.echo(f"run directory: {run_dir}")
 
 

@@ -283,6 +283,21 @@ def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 
                 best, best_ms = mode, ms
         layer.set_execution(best)
         chosen[name] = best
+    # layers timed alone can mislead (caches, dispatch): keep the per-layer choice only if the whole
+    # model runs faster with it than with every layer merged (the dense speed)
+    if any(mode != "merged" for mode in chosen.values()):
+        b = to_device(batch, device)
+        merged_all = {n: "merged" for n in layers}
+        times: dict[str, list[float]] = {"chosen": [], "merged": []}
+        for _ in range(3):
+            for label, plan in (("chosen", chosen), ("merged", merged_all)):
+                for n, m in layers.items():
+                    m.set_execution(plan[n])
+                times[label].append(measure_latency(lambda: inner(**b), 1, iters, device)["median_ms"])
+        if statistics.median(times["merged"]) <= statistics.median(times["chosen"]):
+            chosen = merged_all
+        for n, m in layers.items():
+            m.set_execution(chosen[n])
     inner.train(was_training)  # training mode drops the kernels again
     return chosen
 
