@@ -64,9 +64,9 @@ def test_layer_statistics_survive_out_of_memory(warnings_seen):
     for name, ref in reference.items():
         got = stats[name]
         assert got.count == ref.count == 24
-        for field in ("sum_sq", "sum_abs", "gram"):
-            # the layers' inputs are float32 products of differently sized matmuls: equal to rounding
-            torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-6, atol=1e-6)
+        for field, tol in (("sum_sq", 1e-6), ("sum_abs", 1e-6), ("gram", 1e-5)):
+            # float32 products of differently sized matmuls (and a float32 gram): equal to rounding
+            torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=tol, atol=tol)
 
 
 def test_outputs_survive_out_of_memory(warnings_seen):

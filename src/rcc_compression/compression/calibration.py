@@ -173,8 +173,9 @@ def collect_layer_stats(
 ) -> dict[str, LayerStats]:
     """Stream the inputs of ``layer_names`` over ``batches`` into :class:`LayerStats`.
 
-    Sums accumulate in float64 on the CPU and float32 on accelerators. Layers that read the same
-    input tensor (CLIP's q/k/v projections) share one set of statistics.
+    Per-channel sums accumulate in float64 on the CPU (float32 on accelerators); the ``n x n``
+    second moment in float32, where it costs an ``n^2`` matrix product per token batch. Layers
+    that read the same input tensor (CLIP's q/k/v projections) share one set of statistics.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     acc_dtype = torch.float64 if device.type == "cpu" else torch.float32
@@ -197,13 +198,14 @@ def collect_layer_stats(
             if st is None:
                 n = x.shape[1]
                 st = stats[name] = LayerStats(
-                    0, x.new_zeros(n), x.new_zeros(n), x.new_zeros(n, n) if gram else None
+                    0, x.new_zeros(n), x.new_zeros(n), x.new_zeros(n, n, dtype=torch.float32) if gram else None
                 )
             st.count += x.shape[0]
             st.sum_sq += (x * x).sum(0)
             st.sum_abs += x.abs().sum(0)
             if st.gram is not None:
-                st.gram.addmm_(x.t(), x)
+                xf = x.float()
+                st.gram.addmm_(xf.t(), xf)
             seen[key] = (st, weakref.ref(x_in))
 
         return hook
