@@ -26,20 +26,13 @@ from rcc_compression.compression.cascade import CascadePipeline
 from rcc_compression.compression.layers import compressed_layers
 from rcc_compression.config import load_config
 from rcc_compression.evaluation.efficiency import benchmark_2to4, measure_latency
+from rcc_compression.models import get_model
 from rcc_compression.models.clip import CLIPWrapper
 
 
 def vit_b32(device: torch.device, dtype: torch.dtype) -> CLIPWrapper:
-    from transformers import CLIPConfig, CLIPModel
-
-    cfg = CLIPConfig(
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=32),
-        projection_dim=512,
-    )
-    torch.manual_seed(0)
-    return CLIPWrapper(CLIPModel(cfg).to(device, dtype).eval())
+    """A randomly initialised CLIP with ViT-B/32's shapes (``random-clip-vit-b32``), seeded."""
+    return get_model("random-clip-vit-b32").to(device, dtype)
 
 
 def sync(device: torch.device) -> None:

@@ -37,19 +37,8 @@ from rcc_compression.training.trainer import CompressionTrainer, DistillationObj
 
 
 def vit_b32(device: torch.device) -> Any:
-    """A randomly initialised CLIP with ViT-B/32's shapes (224 px, patch 32, 12+12 layers)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from rcc_compression.models.clip import CLIPWrapper
-
-    cfg = CLIPConfig(
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=32),
-        projection_dim=512,
-    )
-    torch.manual_seed(0)
-    return CLIPWrapper(CLIPModel(cfg).to(device).eval(), name="vit-b32-random")
+    """A randomly initialised CLIP with ViT-B/32's shapes (``random-clip-vit-b32``)."""
+    return get_model("random-clip-vit-b32").to(device)
 
 
 def pruned(wrapper: Any, batch: dict[str, torch.Tensor], device: torch.device) -> nn.Module:

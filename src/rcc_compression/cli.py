@@ -27,15 +27,25 @@ app = typer.Typer(
 
 Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML file.")]  # noqa: UP007
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML file.")]
 SetOpt = Annotated[
-    list[str] | None,  # noqa: UP007
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a config key: --set compression.dare.pruning_rate=0.95"),
 ]
 
 
 def _verbosity(verbose: int, quiet: bool) -> int:
     return -1 if quiet else verbose
+
+
+def _overrides(sets: list[str] | None, model: str | None, seed: int | None) -> list[str]:
+    """``--set`` items plus the ``--model``/``--seed`` shortcuts (which win, being last)."""
+    out = list(sets or [])
+    if model is not None:
+        out.append(f"model.name={model}")
+    if seed is not None:
+        out.append(f"experiment.seed={seed}")
+    return out
 
 
 @app.command()
@@ -67,16 +77,16 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None, verbose: Verbose 
 def compress(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,  # noqa: UP007
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,  # noqa: UP007
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run directory.")] = None,  # noqa: UP007
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run directory.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
-    seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
+    seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip quality and efficiency evaluation.")] = False,
     encrypt: Annotated[bool, typer.Option(
         "--encrypt", help="Encrypt the checkpoints (AES-256-GCM); the key comes from RCC_CHECKPOINT_KEY or --key-file.",
     )] = False,
-    key_file: Annotated[Path | None, typer.Option(  # noqa: UP007
+    key_file: Annotated[Path | None, typer.Option(
         "--key-file", help="File with the 32-byte key (64 hex digits, base64 or raw bytes); implies --encrypt.",
     )] = None,
     verbose: Verbose = 0,
@@ -93,11 +103,7 @@ def compress(
     from .utils.logging import setup_logging
     from .utils.runs import RunRecord, new_run_dir
 
-    sets = list(set_ or [])
-    if model is not None:
-        sets.append(f"model.name={model}")
-    if seed is not None:
-        sets.append(f"experiment.seed={seed}")
+    sets = _overrides(set_, model, seed)
     if resume is not None:
         if config is not None or sets:
             raise typer.BadParameter("--resume takes the run's own config; drop --config/--set/--model/--seed")
@@ -151,10 +157,10 @@ def train(
     source: Annotated[Path, typer.Option("--from", "-f", help="Compressed run directory (or checkpoint) to recover.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,  # noqa: UP007
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoints/last.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
-    seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
+    seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -165,7 +171,7 @@ def train(
     from .config import load_config
     from .training.recovery import resolve_source, train_job
 
-    sets = list(set_ or []) + ([f"experiment.seed={seed}"] if seed is not None else [])
+    sets = _overrides(set_, None, seed)
     cfg = load_config(config, sets) if config is not None else load_config(None, sets, data=resolve_source(source)[1])
     run_dir, results = train_job(cfg, source, output, resume, overwrite, _verbosity(verbose, quiet), not quiet)
     if results is None:  # not rank 0 of a torchrun group
@@ -186,9 +192,9 @@ def world_generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the world into.")],
     seed: Annotated[int, typer.Option("--seed", help="World seed (the bundled models use 0).")] = 0,
     splits: Annotated[str, typer.Option("--splits", help="Comma-separated splits to write.")] = "train,val,test",
-    train: Annotated[int | None, typer.Option("--train", help="Caption scenes in train.")] = None,  # noqa: UP007
-    val: Annotated[int | None, typer.Option("--val", help="Caption scenes in val.")] = None,  # noqa: UP007
-    test: Annotated[int | None, typer.Option("--test", help="Caption scenes in test.")] = None,  # noqa: UP007
+    train: Annotated[int | None, typer.Option("--train", help="Caption scenes in train.")] = None,
+    val: Annotated[int | None, typer.Option("--val", help="Caption scenes in val.")] = None,
+    test: Annotated[int | None, typer.Option("--test", help="Caption scenes in test.")] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -211,10 +217,10 @@ def world_generate(
 def world_train_reference(
     kind: Annotated[str, typer.Option("--kind", help="clip or blip.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write (Hugging Face layout).")],
-    world: Annotated[Path | None, typer.Option("--world", help="A generated world (default: generate one).")] = None,  # noqa: UP007
+    world: Annotated[Path | None, typer.Option("--world", help="A generated world (default: generate one).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="World and training seed.")] = 0,
     minutes: Annotated[float, typer.Option("--minutes", help="Wall-clock budget for training.")] = 20.0,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimiser steps (default: the recipe's).")] = None,  # noqa: UP007
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimiser steps (default: the recipe's).")] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -232,19 +238,19 @@ def world_train_reference(
 
 @app.command()
 def evaluate(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,  # noqa: UP007
-    benchmark: Annotated[list[str] | None, typer.Option("--benchmark", "-b", help="zero_shot, retrieval, captioning, vqa, efficiency (repeatable).")] = None,  # noqa: UP007,E501
-    dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="world, a path, hf:NAME or a known name (repeatable).")] = None,  # noqa: UP007,E501
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory for results.json/.md.")] = None,  # noqa: UP007
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,
+    benchmark: Annotated[list[str] | None, typer.Option("--benchmark", "-b", help="zero_shot, retrieval, captioning, vqa, efficiency (repeatable).")] = None,  # noqa: E501
+    dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="world, a path, hf:NAME or a known name (repeatable).")] = None,  # noqa: E501
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory for results.json/.md.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split.")] = "test",
-    bootstrap: Annotated[int | None, typer.Option("--bootstrap", help="Bootstrap resamples per metric.")] = None,  # noqa: UP007
-    max_items: Annotated[int | None, typer.Option("--max-items", help="Evaluate a seeded subset.")] = None,  # noqa: UP007
-    templates: Annotated[str | None, typer.Option("--templates", help="Prompt template set for zero-shot.")] = None,  # noqa: UP007
-    world_seed: Annotated[int | None, typer.Option("--world-seed", help="Seed of the reference world.")] = None,  # noqa: UP007
+    bootstrap: Annotated[int | None, typer.Option("--bootstrap", help="Bootstrap resamples per metric.")] = None,
+    max_items: Annotated[int | None, typer.Option("--max-items", help="Evaluate a seeded subset.")] = None,
+    templates: Annotated[str | None, typer.Option("--templates", help="Prompt template set for zero-shot.")] = None,
+    world_seed: Annotated[int | None, typer.Option("--world-seed", help="Seed of the reference world.")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip (and count) unreadable items.")] = False,
-    seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,  # noqa: UP007
+    seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -254,11 +260,7 @@ def evaluate(
     from .utils.logging import setup_logging
     from .utils.runs import new_run_dir
 
-    sets = list(set_ or [])
-    if model is not None:
-        sets.append(f"model.name={model}")
-    if seed is not None:
-        sets.append(f"experiment.seed={seed}")
+    sets = _overrides(set_, model, seed)
     cfg = load_config(config, sets)
     ev = cfg.evaluation
     run_dir = output or new_run_dir(cfg.experiment.output_dir, "evaluate")

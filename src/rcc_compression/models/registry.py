@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from .base import ModelWrapper, image_processor_class
-from .tiny import TINY_MODELS, build_tiny
+from .tiny import RANDOM_MODELS, TINY_MODELS, build_tiny
 
 #: bundled reference models: short name -> directory inside the package (filled by models/reference)
 BUNDLED: dict[str, Path] = {}
@@ -160,7 +160,7 @@ def get_model(
     if dtype not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
     key = str(name_or_path)
-    if key in TINY_MODELS:
+    if key in TINY_MODELS or key in RANDOM_MODELS:
         wrapper = build_tiny(key, seed=seed)
         if type is not None and wrapper.model_type != type.split("_")[0]:
             raise ModelLoadError(f"{key} is a {wrapper.model_type} model, not {type}")

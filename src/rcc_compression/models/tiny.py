@@ -89,8 +89,20 @@ def tiny_blip_config(vocab_size: int, hidden: int = 32, layers: int = 2, image_s
     )
 
 
+def vit_b32_config() -> Any:
+    """A ``CLIPConfig`` with OpenAI ViT-B/32's shapes (224 px, patch 32, 12 + 12 layers, widths 768 / 512)."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=32),
+        projection_dim=512,
+    )
+
+
 def build_tiny(kind: str, seed: int = 0) -> Any:
-    """Build ``tiny-clip``, ``tiny-blip`` or ``tiny-blip-vqa`` as a wrapper, seeded."""
+    """Build ``tiny-clip``, ``tiny-blip``, ``tiny-blip-vqa`` or ``random-clip-vit-b32`` as a wrapper, seeded."""
     from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering, CLIPModel
 
     from .base import image_processor_class
@@ -98,6 +110,8 @@ def build_tiny(kind: str, seed: int = 0) -> Any:
     from .clip import CLIPWrapper
 
     torch.manual_seed(seed)
+    if kind == "random-clip-vit-b32":  # full-size shapes, random weights: for speed and memory benchmarks
+        return CLIPWrapper(CLIPModel(vit_b32_config()).eval(), name=kind)
     if kind == "tiny-clip":
         tok = build_word_tokenizer(max_length=16)
         model = CLIPModel(tiny_clip_config(len(tok)))
@@ -111,3 +125,4 @@ def build_tiny(kind: str, seed: int = 0) -> Any:
 
 
 TINY_MODELS = ("tiny-clip", "tiny-blip", "tiny-blip-vqa")
+RANDOM_MODELS = ("random-clip-vit-b32",)
