@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from ..utils.logging import get_logger
+from .base import image_processor_class
 
 log = get_logger("reference")
 
@@ -86,7 +87,7 @@ def default_recipe(kind: str, seed: int = 0) -> ReferenceRecipe:
 # ------------------------------------------------------------------------------- model builders
 def build_clip(recipe: ReferenceRecipe, tokenizer: Any) -> Any:
     """A randomly initialised ``CLIPWrapper`` of the recipe's sizes over the world tokenizer."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPModel
 
     from ..data.transforms import CLIP_MEAN, CLIP_STD
     from .clip import CLIPWrapper
@@ -105,14 +106,15 @@ def build_clip(recipe: ReferenceRecipe, tokenizer: Any) -> Any:
     )
     torch.manual_seed(recipe.seed)
     model = CLIPModel(cfg)
-    proc = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    proc = image_processor_class("clip")(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     return CLIPWrapper(model, proc, tokenizer, name="rcc-clip-world")
 
 
 def build_blip(recipe: ReferenceRecipe, tokenizer: Any) -> Any:
     """A randomly initialised captioning ``BLIPWrapper`` of the recipe's sizes over the world tokenizer."""
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
+    from transformers import BlipConfig, BlipForConditionalGeneration
 
     from ..data.transforms import CLIP_MEAN, CLIP_STD
     from .blip import BLIPWrapper
@@ -132,8 +134,8 @@ def build_blip(recipe: ReferenceRecipe, tokenizer: Any) -> Any:
     )
     torch.manual_seed(recipe.seed)
     model = BlipForConditionalGeneration(cfg)
-    proc = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=list(CLIP_MEAN),
-                              image_std=list(CLIP_STD))
+    proc = image_processor_class("blip")(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     return BLIPWrapper(model, proc, tokenizer, name="rcc-blip-world")
 
 
