@@ -4,10 +4,9 @@ A step is what ``rcc train`` does per batch: teacher forward (or a read of its c
 student forward and backward, contrastive KD plus feature loss, clipping, AdamW. Prints,
 measured in one run:
 
-1. CPU, the bundled reference CLIP (``rcc-clip-world`` on world batches; ``tiny-clip`` on
-   synthetic batches until it is bundled), 50 % magnitude-pruned: fp32 with the teacher
-   computed, bf16 autocast, and fp32 with the teacher's outputs read from the disk cache,
-   with their ratios to the first;
+1. CPU, the bundled reference CLIP (``rcc-clip-world``) on world batches, 50 % magnitude-pruned:
+   fp32 with the teacher computed, bf16 autocast, and fp32 with the teacher's outputs read from
+   the disk cache, with their ratios to the first;
 2. CUDA (skipped without a GPU): a randomly initialised ViT-B/32-shaped CLIP, 50 % pruned,
    fp32 against bf16 autocast.
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from rcc_compression.compression.cascade import CascadePipeline
 from rcc_compression.config import TrainingSection
-from rcc_compression.models.registry import BUNDLED, get_model
+from rcc_compression.models.registry import get_model
 from rcc_compression.training.losses import DistillationLoss, model_family
 from rcc_compression.training.recovery import trainable_parameters
 from rcc_compression.training.teacher import Teacher
@@ -77,8 +76,9 @@ def throughput(student: nn.Module, teacher: nn.Module, batches: list[dict[str, t
     return epochs * sum(b["pixel_values"].shape[0] for b in batches) / elapsed
 
 
-def data_for(wrapper: Any, reference: bool, n: int, size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    if reference:
+def data_for(wrapper: Any, world: bool, n: int, size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of ``size``: from the reference world, or synthetic (models without a world tokenizer)."""
+    if world:
         from rcc_compression.data.calibration import build_calibration_batches
 
         batches = build_calibration_batches(wrapper, "world", n, size, 0)
@@ -101,15 +101,14 @@ def main() -> None:
     out: dict[str, Any] = {"torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
 
     cpu = torch.device("cpu")
-    reference = "rcc-clip-world" in BUNDLED
-    name = "rcc-clip-world" if reference else "tiny-clip"
+    name = "rcc-clip-world"
     wrapper = get_model(name)
-    batches = data_for(wrapper, reference, args.steps, args.cpu_batch, cpu)
+    batches = data_for(wrapper, True, args.steps, args.cpu_batch, cpu)
     student = pruned(wrapper, batches[0], cpu)
     fp32 = throughput(student, wrapper.model, batches, cpu)
     bf16 = throughput(student, wrapper.model, batches, cpu, precision="bf16")
     cached = throughput(student, wrapper.model, batches, cpu, cache=True)
-    out["cpu"] = {"model": name, "data": "world" if reference else "synthetic", "batch": args.cpu_batch,
+    out["cpu"] = {"model": name, "data": "world", "batch": args.cpu_batch,
                   "samples_per_s": {"fp32": fp32, "bf16": bf16, "fp32_cached_teacher": cached},
                   "ratio_to_fp32": {"bf16": bf16 / fp32, "fp32_cached_teacher": cached / fp32}}
     print(f"CPU ({torch.get_num_threads()} threads), {name}, 50% pruned, batch {args.cpu_batch}:")

@@ -82,3 +82,14 @@ def test_compress_to_a_target_rate(tmp_path):
     assert manifest["config"]["compression"]["dare"]["pruning_rate"] == results["plan"]["pruning_rate"]
     lat = results["efficiency"]["dense"]["per_batch_size"]["1"]["latency"]
     assert lat["iters"] == 30 and lat["median_ms"] > 0  # dense and compressed timed in alternation
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], "exactly one of --from"),
+    (["--reference", "vit"], "allowed: clip, blip"),
+    (["--reference", "clip"], "--output"),
+])
+def test_train_needs_one_source(tmp_path, capsys, args, expected):
+    out = ["--output", str(tmp_path / "m")] if args and args[-1] == "vit" else []
+    assert main(["train", *args, *out]) == 2
+    assert expected in capsys.readouterr().err

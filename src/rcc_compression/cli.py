@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .errors import RCCError
+from .errors import ConfigError, RCCError
 
 app = typer.Typer(
     name="rcc",
@@ -154,10 +154,11 @@ def compress(
 
 @app.command()
 def train(
-    source: Annotated[Path, typer.Option("--from", "-f", help="Compressed run directory (or checkpoint) to recover.")],
+    source: Annotated[Path | None, typer.Option("--from", "-f", help="Compressed run directory (or checkpoint) to recover.")] = None,  # noqa: E501
+    reference: Annotated[str | None, typer.Option("--reference", help="Train a reference model instead: clip or blip.")] = None,  # noqa: E501
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory (--reference: model directory).")] = None,  # noqa: E501
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoints/last.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
     seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,
@@ -167,10 +168,19 @@ def train(
     """Recovery fine-tuning: distil a compressed model from its dense model; save a new compressed checkpoint.
 
     Without --config the compressed run's own config is used. Runs data-parallel under torchrun.
-    """
+
+    With --reference clip|blip it trains a bundled-style reference model on the world instead, as `rcc world train-reference` does (that command also takes the world, time budget and steps).
+    """  # noqa: E501
     from .config import load_config
     from .training.recovery import resolve_source, train_job
 
+    if (source is None) == (reference is None):
+        raise ConfigError("rcc train: give exactly one of --from RUN_DIR (recovery) or --reference clip|blip")
+    if reference is not None:
+        if output is None:
+            raise ConfigError("rcc train --reference: --output DIR (the model directory to write) is required")
+        _train_reference(reference, output, None, seed or 0, 20.0, None, verbose, quiet)
+        return
     sets = _overrides(set_, None, seed)
     cfg = load_config(config, sets) if config is not None else load_config(None, sets, data=resolve_source(source)[1])
     run_dir, results = train_job(cfg, source, output, resume, overwrite, _verbosity(verbose, quiet), not quiet)
@@ -180,6 +190,21 @@ def train(
         if key in results["before"]:
             typer.echo(f"{key}: {results['before'][key]:.5f} -> {results['after'][key]:.5f}")
     typer.echo(f"run directory: {run_dir}")
+
+
+def _train_reference(kind: str, out: Path, world: Path | None, seed: int, minutes: float, steps: int | None,
+                     verbose: int, quiet: bool) -> None:
+    from .models.reference_training import train_reference
+    from .utils.logging import setup_logging
+
+    if kind not in ("clip", "blip"):
+        raise ConfigError(f"reference kind: got {kind!r}; allowed: clip, blip")
+    setup_logging(_verbosity(verbose, quiet), out)
+    record = train_reference(kind, out, world_dir=world, seed=seed, time_budget_s=minutes * 60, steps=steps,
+                             progress=not quiet)
+    for name, value in record["figures"].items():
+        typer.echo(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    typer.echo(f"model written to {out}")
 
 
 world_app = typer.Typer(help="The reference world: generate it; train the bundled reference models on it.",
@@ -225,15 +250,7 @@ def world_train_reference(
     quiet: Quiet = False,
 ) -> None:
     """Train the tiny reference CLIP or BLIP on the world's train split and record its test figures."""
-    from .models.reference_training import train_reference
-    from .utils.logging import setup_logging
-
-    setup_logging(_verbosity(verbose, quiet), out)
-    record = train_reference(kind, out, world_dir=world, seed=seed, time_budget_s=minutes * 60, steps=steps,
-                             progress=not quiet)
-    for name, value in record["figures"].items():
-        typer.echo(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-    typer.echo(f"model written to {out}")
+    _train_reference(kind, out, world, seed, minutes, steps, verbose, quiet)
 
 
 @app.command()
@@ -277,6 +294,11 @@ def evaluate(
 
         typer.echo(results_table(results), nl=False)
     typer.echo(f"run directory: {run_dir}")
+    if not results.get("results"):
+        from .errors import EvaluationError
+
+        reasons = "; ".join(f"{s['benchmark']} on {s['dataset']}: {s['reason']}" for s in results.get("skipped", []))
+        raise EvaluationError(f"no benchmark ran ({reasons or 'nothing selected'}); see {run_dir / 'results.md'}")
 
 
 @contextlib.contextmanager

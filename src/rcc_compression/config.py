@@ -16,10 +16,10 @@ import os
 import reprlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
 from .errors import ConfigError
 from .utils.schema import StrictModel
@@ -88,6 +88,8 @@ class TrainingSection(StrictModel):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     temperature: float = Field(2.0, gt=0)
     momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW moment decay rates")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / peak lr of the cosine and linear schedules")
     kd_weight: float = Field(1.0, ge=0, description="logit KD (CLIP: both directions of the similarity matrix)")
     feature_weight: float = Field(1.0, ge=0, description="feature matching (embeddings, last hidden states)")
@@ -99,6 +101,13 @@ class TrainingSection(StrictModel):
     teacher_cache: str | None = Field(None, description="directory for cached teacher outputs")
     checkpoint_every_steps: int = Field(0, ge=0, description="0: checkpoint at epoch ends only")
     early_stopping_patience: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> TrainingSection:
+        if not (self.kd_weight or self.feature_weight or self.attention_weight or self.task_weight):
+            raise ValueError("every loss weight (kd_weight, feature_weight, attention_weight, task_weight) is 0: "
+                             "at least one must be > 0")
+        return self
 
 
 class EvaluationSection(StrictModel):

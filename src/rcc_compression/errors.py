@@ -29,3 +29,7 @@ class CheckpointError(RCCError):
 
 class CompressionError(RCCError):
     """A compression request cannot be met (unreachable rate, no target layers, non-finite result)."""
+
+
+class EvaluationError(RCCError):
+    """An evaluation produced no result (every benchmark was skipped) or cannot run on this model."""

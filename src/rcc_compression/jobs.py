@@ -151,7 +151,7 @@ def _run_compress(
     pipe = CascadePipeline(
         section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
         seed=cfg.experiment.seed, device=device, progress_callback=progress, step_callback=step_callback,
-        run_config=resolved, encrypt_key=encrypt_key,
+        run_config=resolved, encrypt_key=encrypt_key, training=cfg.training,
     )
     pipe.run(wrapper, resume=resume)
     out_dir = run_dir / "compressed"

@@ -119,3 +119,25 @@ def test_scaling_mode_lowers_distillation_loss_and_keeps_structure(tiny_clip):
         assert torch.equal(layer.mask, masks[name])
         moved = (layer.a_out.detach() != 1).sum().item()
         assert 0 < moved <= round(0.5 * layer.out_features)  # only the important half learns
+
+
+def test_stage_distillation_follows_the_run_training_section(tiny_clip, monkeypatch):
+    """The run's ``training`` section (optimiser, losses) drives stage distillation; epochs and lr are the stage's."""
+    import copy
+
+    from rcc_compression.training import recovery
+
+    full = load_config(None, data={
+        "compression": {"dare": {"pruning_rate": 0.6, "iterations": 1, "fine_tune_epochs": 0},
+                        "alphaedit": {"num_epochs": 2, "learning_rate": 0.01},
+                        "cascade": {"stages": ["dare", "alphaedit"], "validation_threshold": 0.0}},
+        "training": {"optimizer": "sgd", "kd_weight": 0.0, "feature_weight": 1.0}})
+    seen, real = [], recovery.finetune_on_batches
+    monkeypatch.setattr(recovery, "finetune_on_batches", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    results = []
+    for training in (full.training, None):
+        pipe = CascadePipeline(full.compression, training=training)
+        pipe.run(copy.deepcopy(tiny_clip))
+        results.append(pipe.stage_results["alphaedit"]["kd_loss_last_epoch"])
+    assert seen == [full.training, None]
+    assert results[0] != results[1]  # SGD on features only is another run than the default AdamW on KD + features

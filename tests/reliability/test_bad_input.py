@@ -49,6 +49,9 @@ CONFIG_ROWS = {
     "unknown stage": ("compression:\n  cascade:\n    stages: [dare, quantize]\n",
                       "compression.cascade.stages: unknown stage 'quantize'; allowed: dare, nullu, alphaedit; "
                       "got ['dare', 'quantize']"),
+    "no loss to train": ("training:\n  kd_weight: 0\n  feature_weight: 0\n",
+                         "training: every loss weight (kd_weight, feature_weight, attention_weight, task_weight) is "
+                         "0: at least one must be > 0; got {'feature_weight': 0, 'kd_weight': 0}"),
     "empty file": ("", "file is empty, expected a mapping of sections"),
     "YAML syntax error": ("compression:\n  dare: {pruning_rate: 0.5\n",
                           "line 3, column 1: YAML syntax error: expected ',' or '}', but got '<stream end>'"),
@@ -112,7 +115,9 @@ def test_model_type_that_does_not_match_the_model(tmp_path, capsys):
 
 def test_model_of_the_wrong_type_for_a_benchmark(tmp_path, capsys):
     out = tmp_path / "ev"
-    assert main(["evaluate", "--model", "tiny-clip", "--benchmark", "captioning", "--output", str(out), "-q"]) == 0
+    assert main(["evaluate", "--model", "tiny-clip", "--benchmark", "captioning", "--output", str(out), "-q"]) == 2
+    assert _error_line(capsys) == ("error: no benchmark ran (captioning on *: captioning needs a BLIP captioning "
+                                   f"model); see {out / 'results.md'}")
     results = json.loads((out / "results.json").read_text())
     assert results["results"] == {}
     assert results["skipped"] == [{"benchmark": "captioning", "dataset": "*",

@@ -208,3 +208,32 @@ def test_task_objective_trains_clip_on_its_own_loss(tiny_clip, make_batches) -> 
                                  num_epochs=8)
     history = trainer.fit().history
     assert history[-1]["train_task"] < 0.5 * history[0]["train_task"]
+
+
+def test_custom_schedule_and_a_mid_epoch_stop(tiny_clip, make_batches) -> None:
+    """A scheduler factory replaces the config's schedule; a callback's stop ends the epoch after that step."""
+
+    class StopAt(Callback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_step_end(self, trainer, logs) -> None:
+            self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
+            trainer.state.should_stop = trainer.state.step == 3
+
+    stop = StopAt()
+    cfg = TrainingSection(learning_rate=0.1, optimizer="sgd", betas=(0.8, 0.9))
+    trainer = CompressionTrainer(
+        tiny_clip.model, DistillationObjective(DistillationLoss("clip"), Teacher(copy.deepcopy(tiny_clip.model))),
+        cfg, train_data=make_batches(tiny_clip, 6, 4, 0), num_epochs=2, callbacks=[stop],
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1)))
+    state = trainer.fit()
+    assert state.step == 3 and len(state.steps) == 3 and state.epoch == 1  # 3 of 6 batches, then stopped
+    assert stop.lrs == pytest.approx([0.1 / 2, 0.1 / 3, 0.1 / 4])
+
+
+def test_adamw_betas_come_from_the_config(tiny_clip, make_batches) -> None:
+    trainer = CompressionTrainer(
+        tiny_clip.model, DistillationObjective(DistillationLoss("clip"), Teacher(copy.deepcopy(tiny_clip.model))),
+        TrainingSection(betas=(0.9, 0.98)), train_data=make_batches(tiny_clip, 1, 4, 0))
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.98)

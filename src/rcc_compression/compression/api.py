@@ -78,7 +78,7 @@ def compress_model(
         plan = apply_rate(inner, section, compression_rate, scope, lowrank_share, calibration_data)
     pipe = CascadePipeline(section, calibration_data=calibration_data, metric_fn=metric_fn, run_dir=run_dir,
                            seed=seed, device=device, progress_callback=progress_callback,
-                           run_config=cfg.model_dump(mode="json"))
+                           run_config=cfg.model_dump(mode="json"), training=cfg.training)
     out = pipe.run(wrapper_or_module)
     summary = compression_summary(inner)
     stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results()}

@@ -110,6 +110,7 @@ class CascadePipeline:
         run_config: dict[str, Any] | None = None,
         num_synthetic_batches: int = 6,
         encrypt_key: bytes | None = None,
+        training: Any = None,
     ) -> None:
         from ..config import CompressionSection
 
@@ -120,6 +121,7 @@ class CascadePipeline:
         else:
             section = config
         self.section = section
+        self.training = training
         self.cascade = section.cascade if section is not None else CascadeConfig(stages=["dare"])
         self.stages: list[Stage] = []
         if section is not None:
@@ -212,7 +214,7 @@ class CascadePipeline:
         self._ctx = CompressionContext(
             model=inner, dense=dense, dense_model=dense_model, batches=list(batches), holdout=list(holdout),
             preserve=self.preserve, reference=reference, seed=self.seed, schedule=self.schedule, device=device,
-            progress_callback=self.progress_callback,
+            progress_callback=self.progress_callback, training=self.training,
             tokenizer=getattr(wrapper, "tokenizer", None),
             image_loader=(lambda imgs, w=wrapper: _load_images(w, imgs)) if wrapper is not None else None,
         )

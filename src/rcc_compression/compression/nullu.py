@@ -54,6 +54,8 @@ class NulluConfig(StageConfig):
     damping: float = Field(1e-2, ge=0.0, description="activation_aware: ridge as a share of mean input energy")
     asvd_alpha: float = Field(0.5, ge=0.0)
     warm_start: bool = True
+    refit: Literal["none", "sequential"] = Field(
+        "none", description="sequential: refit the factors in execution order on the compressed model's own inputs")
     pairs_file: str | None = None
     top_k: int = Field(4, ge=1)
     layers: list[int] | None = None
@@ -404,6 +406,15 @@ class NulluStage(Stage):
                     info.update(self._subspace_report(name, w, B, A, Vh[:r], stats[name].gram, ctx))
             per_layer[name] = info
             ctx.tick(f"nullu {name}", i + 1, len(work))
+        refit: dict[str, dict[str, float]] = {}
+        if cfg.refit == "sequential" and ctx.progress >= 1.0 and ctx.dense_model is not None and ctx.batches:
+            from .refit import sequential_refit
+
+            refit = sequential_refit(model, ctx.dense_model, ctx.dense, layers, ctx.batches, ctx.device, cfg.damping,
+                                     ctx.progress_callback)
+            for name, errors in refit.items():
+                per_layer[name].update(refit_error_before=errors["error_before"],
+                                       refit_error_after=errors["error_after"])
         dense = sum(layers[n].in_features * layers[n].out_features for n in layers)
         factor = sum(layers[n].rank * (layers[n].in_features + layers[n].out_features) for n in layers)
         self.statistics = {
@@ -412,6 +423,9 @@ class NulluStage(Stage):
             "factorised_layers": sum(1 for v in per_layer.values() if v["rank"] > 0),
             "layers_total": len(per_layer),
             "factor_params_share": factor / max(dense, 1),
+            **({"refit_mean_error": {
+                "before": sum(e["error_before"] for e in refit.values()) / len(refit),
+                "after": sum(e["error_after"] for e in refit.values()) / len(refit)}} if refit else {}),
             "layers": per_layer,
         }
         return model

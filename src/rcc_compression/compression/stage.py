@@ -100,6 +100,8 @@ class CompressionContext:
     schedule: str = "linear"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress_callback: Callable[[str, int, int], None] | None = None
+    #: the run's ``training`` section (a ``TrainingSection``): losses, optimiser, schedule of stage distillation
+    training: Any = None
     tokenizer: Any = None
     image_loader: Callable[[list[Any]], torch.Tensor] | None = None
     _stats: dict[str, LayerStats] = field(default_factory=dict)
@@ -260,7 +262,8 @@ def kd_finetune(
 
     Loss: CLIP, contrastive KD on the image-text logits plus feature matching of the embeddings
     and last hidden states; BLIP, KD on the caption decoder's logits plus image features; any
-    other module, the relative error of its outputs. Only ``params`` move; compressed layers run
+    other module, the relative error of its outputs, weighted, scheduled and optimised as the run's
+    ``training`` section says (``epochs`` and ``lr`` come from the stage). Only ``params`` move; compressed layers run
     in training mode so pruned entries keep zero gradient. Batch order is drawn from
     ``ctx.generator`` so a resumed run repeats it exactly.
     """
@@ -269,4 +272,4 @@ def kd_finetune(
     from ..training.recovery import finetune_on_batches
 
     return finetune_on_batches(model, params, ctx.batches, ctx.teacher_outputs(), epochs, lr, ctx.generator(salt),
-                               ctx.device)
+                               ctx.device, ctx.training)

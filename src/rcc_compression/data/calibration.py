@@ -14,9 +14,12 @@ from typing import Any
 import torch
 
 from ..errors import DataError
+from ..utils.logging import get_logger
 from .datasets import ArrayDataset, MultimodalDataset, Record, open_dataset
 from .loaders import Collator, build_loader, model_inputs
 from .transforms import transform_for
+
+log = get_logger("data")
 
 
 def _kind(wrapper: Any) -> str:
@@ -129,4 +132,7 @@ def build_calibration_batches(
         batches.append(inputs)
     if not batches:
         raise DataError(f"{source}: every calibration item was unreadable ({loader.skipped} skipped)")
+    skipped = loader.skipped + sum(getattr(ds, "skipped", {}).values())
+    if skipped:
+        log.warning("calibration: %d unreadable item(s) of %s skipped (--skip-bad)", skipped, source)
     return batches

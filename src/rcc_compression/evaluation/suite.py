@@ -249,6 +249,11 @@ def results_table(results: dict[str, Any]) -> str:
     if results.get("skipped"):
         lines += ["", "Skipped:", ""]
         lines += [f"- {s['benchmark']} on {s['dataset']}: {s['reason']}" for s in results["skipped"]]
+    bad = [(b, d, r["skipped_items"]) for b, per_ds in results.get("results", {}).items()
+           for d, r in per_ds.items() if r.get("skipped_items")]
+    if bad:
+        lines += ["", "Unreadable items skipped (--skip-bad):", ""]
+        lines += [f"- {b} on {d}: " + ", ".join(f"{n} {k}" for k, n in counts.items()) for b, d, counts in bad]
     notes = sorted(
         {n for per_ds in results.get("results", {}).values() for r in per_ds.values() for n in r.get("notes", [])}
     )

@@ -28,14 +28,16 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import DataError
+from ..training.callbacks import Callback
 from ..utils.logging import get_logger
 from .base import image_processor_class
 
@@ -348,132 +350,142 @@ def _val_probe(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.
     return pixels, labels, [f"{c} {s}" for c, s in ALL_PAIRS], unseen
 
 
-def train_clip(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Train the reference CLIP; returns the wrapper and a log of the run."""
-    from ..data.transforms import TrainAugment
-    from ..data.world import SEEN_PAIRS, build_world_tokenizer
+class _Batches(Sequence[dict[str, Any]]):
+    """The recipe's training batches, drawn lazily in order: item ``i`` is the ``i``-th step's batch.
 
-    tok = build_world_tokenizer("clip")
-    wrapper = build_clip(recipe, tok)
-    wrapper.train()
-    model = wrapper.model
-    allowed = set(SEEN_PAIRS)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
-    schedule = Schedule(recipe)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    augment = TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.1, contrast=0.1)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
-    sampler = BatchSampler(data.scenes, recipe.batch_size, recipe.grouped_fraction, recipe.groups, recipe.seed)
-    probe = _val_probe(recipe.seed)
-    history: list[dict[str, Any]] = []
-    start = schedule.start = time.perf_counter()
-    step = 0
-    for step in _steps(recipe, progress, "training CLIP"):
-        idx = sampler()
-        raw = data.pixels[idx].clone()
-        texts = [rng.choice(data.captions[i]) for i in idx.tolist()]
-        if recipe.grey_fraction > 0:
-            grey_views(raw, texts, data.scenes, idx, recipe.grey_fraction, rng)
-        pixels = augment(raw, gen)
-        negs = [swap_negative(data.scenes[i], rng, allowed) for i in idx.tolist()] if recipe.hard_negatives else []
-        negs = [t for t in negs if t]
-        img = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
-        txt = encode_texts_bucketed(model, tok, texts + negs)
+    Every random draw (batch indices, caption choice, grey views, augmentation, hard negatives)
+    comes from generators seeded by the recipe, in a fixed order, so a run is a function of its
+    seed. The trainer asks for each index once, in order.
+    """
+
+    def __init__(self, recipe: ReferenceRecipe, data: TrainSplit, tokenizer: Any) -> None:
+        from ..data.transforms import TrainAugment
+        from ..data.world import SEEN_PAIRS
+
+        self.recipe, self.data, self.tokenizer = recipe, data, tokenizer
+        self.allowed = set(SEEN_PAIRS)
+        self.augment = TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.1, contrast=0.1)
+        self.gen = torch.Generator().manual_seed(recipe.seed)
+        self.rng = random.Random(recipe.seed)
+        self.sampler = BatchSampler(data.scenes, recipe.batch_size, recipe.grouped_fraction, recipe.groups,
+                                    recipe.seed)
+
+    def __len__(self) -> int:
+        return self.recipe.steps
+
+    def __getitem__(self, i: Any) -> dict[str, Any]:
+        r, d, rng = self.recipe, self.data, self.rng
+        idx = self.sampler()
+        if r.kind == "clip":
+            raw = d.pixels[idx].clone()
+            texts = [rng.choice(d.captions[i]) for i in idx.tolist()]
+            if r.grey_fraction > 0:
+                grey_views(raw, texts, d.scenes, idx, r.grey_fraction, rng)
+            pixels = self.augment(raw, self.gen)
+            negs = [swap_negative(d.scenes[i], rng, self.allowed) for i in idx.tolist()] if r.hard_negatives else []
+            return {"pixel_values": pixels, "texts": texts, "negatives": [t for t in negs if t]}
+        pixels = self.augment(d.pixels[idx], self.gen)
+        texts = [rng.choice(d.captions[i]) for i in idx.tolist()]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.tokenizer.model_max_length,
+                             return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return {"pixel_values": pixels, "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": labels}
+
+
+class ReferenceObjective(nn.Module):
+    """The recipe's loss for :class:`~..training.trainer.CompressionTrainer`.
+
+    CLIP: symmetric InfoNCE with the batch's attribute-swap hard negatives as extra texts for the
+    image side. BLIP: the captioning language-model loss of ``BlipForConditionalGeneration``.
+    """
+
+    def __init__(self, kind: str, tokenizer: Any) -> None:
+        super().__init__()
+        self.kind, self.tokenizer = kind, tokenizer
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], index: int | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.kind == "blip":
+            return model(**batch).loss, {}
+        texts, negs = batch["texts"], batch["negatives"]
+        img = F.normalize(model.visual_projection(model.vision_model(pixel_values=batch["pixel_values"]).pooler_output),
+                          dim=-1)
+        txt = encode_texts_bucketed(model, self.tokenizer, texts + negs)
         scale = model.logit_scale.exp().clamp(max=100.0)
-        loss = contrastive_loss(img, txt[: len(texts)], txt[len(texts) :], scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        elapsed = time.perf_counter() - start
-        schedule.observe(step)
-        finished = schedule.done(step)
-        if step % recipe.eval_every == 0 or finished:
-            top1, unseen = _quick_zero_shot(wrapper, *probe)
-            history.append(
-                {
-                    "step": step,
-                    "seconds": round(elapsed, 1),
-                    "loss": round(float(loss.detach()), 4),
-                    "val_top1": round(top1, 4),
-                    "val_top1_unseen": round(unseen, 4),
-                }
-            )
-            log.info(
-                "step %d (%.0fs): loss %.3f, val top-1 %.3f, unseen %.3f",
-                step,
-                elapsed,
-                float(loss.detach()),
-                top1,
-                unseen,
-            )
-        if finished:
-            break
+        return contrastive_loss(img, txt[: len(texts)], txt[len(texts) :], scale), {}
+
+
+class _Budget(Callback):
+    """Fits the schedule to the wall-clock budget, logs probe accuracy, and ends the run in time."""
+
+    def __init__(self, recipe: ReferenceRecipe, schedule: Schedule, wrapper: Any) -> None:
+        self.recipe, self.schedule, self.wrapper = recipe, schedule, wrapper
+        self.probe = _val_probe(recipe.seed) if recipe.kind == "clip" else None
+        self.history: list[dict[str, Any]] = []
+
+    def on_train_begin(self, trainer: Any) -> None:
+        self.schedule.start = time.perf_counter()
+
+    def on_step_end(self, trainer: Any, logs: dict[str, float]) -> None:
+        step = trainer.state.step - 1
+        elapsed = time.perf_counter() - self.schedule.start
+        self.schedule.observe(step)
+        finished = self.schedule.done(step)
+        if step % self.recipe.eval_every == 0 or finished:
+            entry: dict[str, Any] = {"step": step, "seconds": round(elapsed, 1), "loss": round(logs["loss"], 4)}
+            if self.probe is not None:
+                top1, unseen = _quick_zero_shot(self.wrapper, *self.probe)
+                entry.update(val_top1=round(top1, 4), val_top1_unseen=round(unseen, 4))
+            self.history.append(entry)
+            log.info("step %d (%.0fs): %s", step, elapsed,
+                     ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if k not in ("step", "seconds")))
+        trainer.state.should_stop = finished
+
+
+def train_model(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Train the reference model of ``recipe.kind`` with :class:`~..training.trainer.CompressionTrainer`.
+
+    One epoch of ``recipe.steps`` lazily drawn batches, AdamW (betas 0.9/0.98) with gradient
+    clipping at 1, and the time-budget :class:`Schedule`; returns the wrapper and a log of the run.
+    """
+    from ..config import TrainingSection
+    from ..data.world import build_world_tokenizer
+    from ..training.callbacks import ProgressBar
+    from ..training.distributed import DistInfo
+    from ..training.trainer import CompressionTrainer
+
+    tok = build_world_tokenizer(recipe.kind)
+    wrapper = (build_clip if recipe.kind == "clip" else build_blip)(recipe, tok)
+    wrapper.train()
+    cfg = TrainingSection(batch_size=recipe.batch_size, learning_rate=recipe.lr, num_epochs=1, optimizer="adamw",
+                          weight_decay=recipe.weight_decay, betas=(0.9, 0.98), grad_clip=1.0, dropout=True,
+                          kd_weight=0.0, feature_weight=0.0, task_weight=1.0)
+    schedule = Schedule(recipe)
+    budget = _Budget(recipe, schedule, wrapper)
+    callbacks: list[Callback] = [budget] + ([ProgressBar(f"training {recipe.kind.upper()}")] if progress else [])
+    with CompressionTrainer(wrapper.model, ReferenceObjective(recipe.kind, tok), cfg,
+                            train_data=_Batches(recipe, data, tok), order=lambda epoch: range(recipe.steps),
+                            callbacks=callbacks, seed=recipe.seed, dist=DistInfo(),
+                            scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)) as trainer:
+        state = trainer.fit()
     wrapper.eval()
     return wrapper, {
-        "steps_done": step + 1,
+        "steps_done": state.step,
         "planned_steps": schedule.horizon,
-        "seconds": round(time.perf_counter() - start, 1),
-        "history": history,
+        "seconds": round(time.perf_counter() - schedule.start, 1),
+        "history": budget.history,
     }
+
+
+def train_clip(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Train the reference CLIP (see :func:`train_model`)."""
+    return train_model(replace(recipe, kind="clip"), data, progress)
 
 
 def train_blip(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Train the reference BLIP captioner; returns the wrapper and a log of the run."""
-    from ..data.transforms import TrainAugment
-    from ..data.world import build_world_tokenizer
-
-    tok = build_world_tokenizer("blip")
-    wrapper = build_blip(recipe, tok)
-    wrapper.train()
-    model = wrapper.model
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
-    schedule = Schedule(recipe)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    augment = TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.1, contrast=0.1)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
-    sampler = BatchSampler(data.scenes, recipe.batch_size, recipe.grouped_fraction, recipe.groups, recipe.seed)
-    history: list[dict[str, Any]] = []
-    start = schedule.start = time.perf_counter()
-    step = 0
-    for step in _steps(recipe, progress, "training BLIP"):
-        idx = sampler()
-        pixels = augment(data.pixels[idx], gen)
-        texts = [rng.choice(data.captions[i]) for i in idx.tolist()]
-        enc = tok(texts, padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(
-            pixel_values=pixels, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels
-        ).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        elapsed = time.perf_counter() - start
-        schedule.observe(step)
-        finished = schedule.done(step)
-        if step % recipe.eval_every == 0 or finished:
-            history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(float(loss.detach()), 4)})
-            log.info("step %d (%.0fs): loss %.3f", step, elapsed, float(loss.detach()))
-        if finished:
-            break
-    wrapper.eval()
-    return wrapper, {
-        "steps_done": step + 1,
-        "planned_steps": schedule.horizon,
-        "seconds": round(time.perf_counter() - start, 1),
-        "history": history,
-    }
-
-
-def _steps(recipe: ReferenceRecipe, progress: bool, what: str) -> Any:
-    from ..evaluation.common import progress_iter
-
-    return progress_iter(range(recipe.steps), recipe.steps, what, progress)
+    """Train the reference BLIP captioner (see :func:`train_model`)."""
+    return train_model(replace(recipe, kind="blip"), data, progress)
 
 
 # ---------------------------------------------------------------------------- figures, saving

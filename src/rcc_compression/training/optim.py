@@ -19,13 +19,14 @@ from ..errors import ConfigError
 
 
 def build_optimizer(params: Iterable[nn.Parameter], name: str = "adamw", lr: float = 1e-4,
-                    weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
-    """``adamw`` (decoupled weight decay) or ``sgd`` (with momentum)."""
+                    weight_decay: float = 0.0, momentum: float = 0.9,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """``adamw`` (decoupled weight decay, ``betas``) or ``sgd`` (with momentum)."""
     params = list(params)
     if not params:
         raise ConfigError("training: no trainable parameters")
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ConfigError(f"training.optimizer: got {name!r}; allowed: adamw, sgd")

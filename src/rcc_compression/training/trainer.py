@@ -143,6 +143,9 @@ class CompressionTrainer:
     ``train_data`` is a sequence of batch dicts (visited in ``order(epoch)``, default a seeded
     permutation) or a ``DataLoader`` (its sampler's ``set_epoch`` is called). ``val_data`` the
     same, for :meth:`validate`; ``metric_fn(model) -> {name: value}`` adds metrics there.
+    ``scheduler(optimizer)`` replaces the config's learning-rate schedule (the reference recipes
+    use one that fits a wall-clock budget). A callback that sets ``state.should_stop`` in
+    ``on_step_end`` ends the run after that step.
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class CompressionTrainer:
         device: torch.device | str | None = None,
         dist: DistInfo | None = None,
         metric_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
     ) -> None:
         self.config = cfg = config or TrainingSection()
         self.dist = dist or current()
@@ -187,10 +191,11 @@ class CompressionTrainer:
         self.net = wrap_model(model, self.dist, self.device)
         self.precision = Precision(cfg.precision, self.device)
         self.optimizer = build_optimizer(self.params + self.extra_params, cfg.optimizer, cfg.learning_rate,
-                                         cfg.weight_decay, cfg.momentum)
+                                         cfg.weight_decay, cfg.momentum, tuple(cfg.betas))
         self.total_steps = self.num_epochs * self.steps_per_epoch
-        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, self.total_steps, cfg.warmup_steps,
-                                         cfg.min_lr_ratio)
+        self.scheduler = (scheduler(self.optimizer) if scheduler is not None else
+                          build_scheduler(self.optimizer, cfg.scheduler, self.total_steps, cfg.warmup_steps,
+                                          cfg.min_lr_ratio))
         self.state = TrainingState()
         self.callbacks = CallbackHandler(callbacks)
         self._pending_rng: dict[str, torch.Tensor] | None = None
@@ -279,6 +284,8 @@ class CompressionTrainer:
                 st.epoch_sums[k] = st.epoch_sums.get(k, 0.0) + v
             st.epoch_steps += 1
             self.callbacks.fire("on_step_end", self, logs)
+            if st.should_stop:  # a callback ended the run mid-epoch (a time budget, a target reached)
+                break
         means = {k: v / max(st.epoch_steps, 1) for k, v in st.epoch_sums.items()}
         st.epoch += 1
         st.batch_in_epoch, st.epoch_sums, st.epoch_steps = 0, {}, 0
