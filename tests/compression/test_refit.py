@@ -70,6 +70,8 @@ def test_execution_groups_put_qkv_together(tiny_clip):
     assert sorted(n for g in groups for n in g) == sorted(names)
     qkv = [g for g in groups if any(n.endswith("q_proj") for n in g)]
     assert qkv and all(sorted(n.rsplit(".", 1)[1] for n in g) == ["k_proj", "q_proj", "v_proj"] for g in qkv)
+    # every other layer reads its own input, even where a new input tensor reuses a freed one's memory
+    assert all(len(g) == 1 for g in groups if g not in qkv) and len(groups) == len(names) - 2 * len(qkv)
     first = groups[0][0]
     assert "vision_model.encoder.layers.0" in first or "text_model.encoder.layers.0" in first
 

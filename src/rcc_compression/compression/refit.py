@@ -73,13 +73,22 @@ def layer_output_error(weight: torch.Tensor, effective: torch.Tensor, c_xx: torc
 # ------------------------------------------------------------------------------ orchestration
 def execution_groups(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any],
                      device: torch.device) -> list[list[str]]:
-    """``names`` in the order a forward pass first calls them, consecutive readers of one input grouped."""
-    calls: list[tuple[str, tuple[int, tuple[int, ...]]]] = []
+    """``names`` in the order a forward pass first calls them, consecutive readers of one input grouped.
+
+    Readers of one input are told by tensor identity, with the previous input held alive so that a
+    new tensor cannot take its address.
+    """
+    calls: list[str] = []
+    same: list[bool] = []
+    last: list[torch.Tensor] = []
     handles = []
     for name in names:
         def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            if all(n != name for n, _ in calls):
-                calls.append((name, (args[0].data_ptr(), tuple(args[0].shape))))
+            if name in calls:
+                return
+            same.append(bool(last) and args[0] is last[0])
+            calls.append(name)
+            last[:] = [args[0]]
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -88,13 +97,11 @@ def execution_groups(model: nn.Module, names: Sequence[str], batch: Mapping[str,
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    last_key = None
-    for name, key in calls:
-        if groups and key == last_key:
+    for name, shared in zip(calls, same, strict=True):
+        if shared:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_key = key
     return groups
 
 
