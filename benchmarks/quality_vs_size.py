@@ -4,7 +4,8 @@ For the bundled reference CLIP and BLIP, at each size ratio (dense bytes / store
 compressed layers) it compresses a fresh copy with: magnitude pruning alone, wanda alone, SVD
 alone, activation-aware SVD alone, activation-aware SVD with the sequential refit, the cascade in
 its default order (dare(wanda) -> nullu (activation-aware, refit), budget split planned by
-``compress_model``), and the same cascade followed by the closed-form alphaedit recovery. No
+``compress_model``), and the same cascade followed by the closed-form alphaedit recovery (fit
+on the compressed model's own inputs). No
 fine-tuning anywhere. It prints retention (compressed metric / dense metric) of zero-shot top-1
 and retrieval R@1 (CLIP) and CIDEr (BLIP), all measured in this one run on the world's test
 split, and checks the targets.
@@ -37,7 +38,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cascade": ("cascade", {"dare": {**NO_FT, "scorer": "wanda"}, "nullu": REFIT,
                             "cascade": {"stages": ["dare", "nullu"]}}),
     "cascade+alphaedit": ("cascade", {"dare": {**NO_FT, "scorer": "wanda"}, "nullu": REFIT,
-                                      "alphaedit": {"mode": "closed_form"},
+                                      "alphaedit": {"mode": "closed_form", "fit_inputs": "sequential"},
                                       "cascade": {"stages": ["dare", "nullu", "alphaedit"]}}),
 }
 SINGLE = ("magnitude", "wanda", "svd", "aa-svd", "aa-svd+refit")

@@ -141,3 +141,37 @@ def test_stage_distillation_follows_the_run_training_section(tiny_clip, monkeypa
         results.append(pipe.stage_results["alphaedit"]["kd_loss_last_epoch"])
     assert seen == [full.training, None]
     assert results[0] != results[1]  # SGD on features only is another run than the default AdamW on KD + features
+
+
+def test_closed_form_on_the_compressed_models_own_inputs(mlp):
+    """``fit_inputs: sequential`` fits each layer on what the compressed model feeds it: lower model error."""
+    import copy
+
+    g = torch.Generator().manual_seed(5)
+    scale = torch.linspace(0.1, 2.0, 24)
+    fit = [{"x": torch.randn(64, 24, generator=g) * scale} for _ in range(6)]
+    held = [{"x": torch.randn(64, 24, generator=g) * scale} for _ in range(3)]
+    dense_out = torch.cat([mlp(**b) for b in held]).detach()
+    errors, stats = {}, {}
+    for fit_inputs in ("dense", "sequential"):
+        cfg = load_config(None, data={"compression": {
+            "dare": {"pruning_rate": 0.7, "iterations": 1, "fine_tune_epochs": 0, "targets": ["^fc"]},
+            "nullu": {"param_budget": 0.1, "rank_reduction": None, "energy_threshold": None, "targets": ["^fc"]},
+            "alphaedit": {"mode": "closed_form", "targets": ["^fc"], "l2": 1e-3, "fit_inputs": fit_inputs},
+            "cascade": {"stages": ["dare", "nullu", "alphaedit"], "validation_threshold": 0.0}}}).compression
+        model = copy.deepcopy(mlp)
+        masks = {}
+        pipe = CascadePipeline(cfg, calibration_data=fit, holdout_data=held[:1], step_callback=lambda r: masks.update(
+            {n: (m.mask.clone(), m.rank) for n, m in compressed_layers(model).items()}) if r["stage"] == "nullu" else None)
+        pipe.run(model)
+        out = torch.cat([model(**b) for b in held]).detach()
+        errors[fit_inputs] = float((out - dense_out).norm() / dense_out.norm())
+        stats[fit_inputs] = pipe.stage_results["alphaedit"]
+        for name, layer in compressed_layers(model).items():
+            assert torch.equal(layer.mask, masks[name][0]) and layer.rank == masks[name][1]  # compression survives
+            assert torch.count_nonzero(layer.weight[~layer.mask]) == 0
+    assert stats["sequential"]["fit_inputs"] == "sequential" and stats["dense"]["fit_inputs"] == "dense"
+    # fc1 sees dense inputs either way: the same update
+    fc1 = stats["sequential"]["layers"]["fc1"], stats["dense"]["layers"]["fc1"]
+    assert abs(fc1[0]["error_after"] - fc1[1]["error_after"]) < 1e-6
+    assert errors["sequential"] < 0.95 * errors["dense"]

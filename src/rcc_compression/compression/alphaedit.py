@@ -12,7 +12,9 @@ of its second moment below ``nullspace_threshold``), ``Delta^T = (P K1 K1^T + l2
 Departures: the fit targets the dense layer's outputs on the dense model's inputs (a layer-wise
 reconstruction), and the update is solved only on the kept entries of each sparse row and into
 the low-rank factor ``B``, so the compression survives; the projector is then taken per row on
-its support, which keeps ``Delta K0 = 0`` exact.
+its support, which keeps ``Delta K0 = 0`` exact. ``fit_inputs: sequential`` fits each layer, in
+execution order, on the inputs the compressed model really feeds it (moments paired with the dense
+model's, :mod:`.refit`), so the update also corrects the error earlier layers pass on.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class AlphaEditConfig(StageConfig):
     nullspace_threshold: float = Field(2e-2, ge=0.0)
     l2: float = Field(10.0, ge=0.0)
     chunk_elements: int = Field(1 << 25, ge=1 << 10, description="memory bound of the batched row solves")
+    fit_inputs: Literal["dense", "sequential"] = Field(
+        "dense", description="closed_form: fit on the dense model's inputs, or layer by layer on the compressed "
+                             "model's own inputs (in execution order)")
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -224,40 +229,60 @@ class AlphaEditStage(Stage):
     def _closed_form(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
         layers = ctx.layers(self.layer_names(model))
-        stats = ctx.stats(gram=True)
         pstats = ctx.preserve_stats()
         per_layer: dict[str, Any] = {}
-        for i, (name, layer) in enumerate(layers.items()):
-            dev = layer._ref.device
-            a_in = layer.a_in.detach().double() if layer.a_in is not None else None
-            C = stats[name].gram.to(dev).double()
-            if a_in is not None:
-                C = a_in[:, None] * C * a_in[None, :]
-            basis = None
-            if pstats is not None:
-                C0 = pstats[name].second_moment.to(dev).double()
-                if a_in is not None:
-                    C0 = a_in[:, None] * C0 * a_in[None, :]
-                basis = preserve_basis(C0, cfg.nullspace_threshold)
-            T = ctx.target_weight(name, layer).double()
-            R = T - layer.sparse_part().double() - layer.low_rank_part().double()
-            before = reconstruction_error(C, R, T)
-            if layer.weight is not None:
-                delta = null_space_ridge(C, R, layer.mask, basis, cfg.l2, cfg.chunk_elements)
-                layer.weight.data.add_(delta.to(layer.weight.dtype))
-                R = R - delta
-            if layer.rank > 0:
-                dB = low_rank_update(C, R, layer.lr_A.detach(), basis, cfg.l2)
-                layer.lr_B.data.add_(dB.to(layer.lr_B.dtype))
-                R = R - dB @ layer.lr_A.detach().double()
-            if not torch.isfinite(R).all():
-                raise CompressionError(f"alphaedit closed_form produced non-finite weights in {name}")
-            per_layer[name] = {
-                "error_before": before,
-                "error_after": reconstruction_error(C, R, T),
-                "preserve_dim": 0 if basis is None else int(basis.shape[1]),
-            }
-            ctx.tick(f"alphaedit {name}", i + 1, len(layers))
-        self.statistics = {"mode": "closed_form", "preserve_set": pstats is not None, "l2": cfg.l2,
+        sequential = cfg.fit_inputs == "sequential" and ctx.dense_model is not None and bool(ctx.batches)
+        if sequential:
+            from .refit import sequential_moments
+
+            unscaled = [n for n, m in layers.items() if m.a_in is None and m.a_out is None]
+            for group, mom in sequential_moments(model, ctx.dense_model, unscaled, ctx.batches, ctx.device):
+                for name in group:
+                    per_layer[name] = self._update_layer(name, layers[name], ctx, pstats, mom)
+                    ctx.tick(f"alphaedit {name}", len(per_layer), len(layers))
+        stats = ctx.stats(gram=True) if len(per_layer) < len(layers) else None
+        for name, layer in layers.items():
+            if name not in per_layer:
+                per_layer[name] = self._update_layer(name, layer, ctx, pstats, stats[name].gram)
+                ctx.tick(f"alphaedit {name}", len(per_layer), len(layers))
+        self.statistics = {"mode": "closed_form", "fit_inputs": "sequential" if sequential else "dense",
+                           "preserve_set": pstats is not None, "l2": cfg.l2,
                            "nullspace_threshold": cfg.nullspace_threshold, "layers": per_layer}
         return model
+
+    def _update_layer(self, name: str, layer: CompressedLinear, ctx: CompressionContext, pstats: Any,
+                      inputs: Any) -> dict[str, Any]:
+        """The closed-form update of one layer, on dense-input moments ``C`` or paired moments (refit)."""
+        cfg = self.config
+        dev = layer._ref.device
+        a_in = layer.a_in.detach().double() if layer.a_in is not None else None
+        T = ctx.target_weight(name, layer).double()
+        E = layer.sparse_part().double() + layer.low_rank_part().double()
+        if isinstance(inputs, torch.Tensor):
+            C = inputs.to(dev).double()
+            if a_in is not None:
+                C = a_in[:, None] * C * a_in[None, :]
+            R = T - E
+        else:  # paired moments: R with R C_yy = W C_xy - (base + E) C_yy; only R C enters the solves
+            C = inputs.c_yy.to(dev).double()
+            base = layer.base.double() if layer.base is not None else torch.zeros_like(T)
+            R = ((T + base) @ inputs.c_xy.to(dev).double() - (base + E) @ C) @ torch.linalg.pinv(C, hermitian=True)
+        basis = None
+        if pstats is not None:
+            C0 = pstats[name].second_moment.to(dev).double()
+            if a_in is not None:
+                C0 = a_in[:, None] * C0 * a_in[None, :]
+            basis = preserve_basis(C0, cfg.nullspace_threshold)
+        before = reconstruction_error(C, R, T)
+        if layer.weight is not None:
+            delta = null_space_ridge(C, R, layer.mask, basis, cfg.l2, cfg.chunk_elements)
+            layer.weight.data.add_(delta.to(layer.weight.dtype))
+            R = R - delta
+        if layer.rank > 0:
+            dB = low_rank_update(C, R, layer.lr_A.detach(), basis, cfg.l2)
+            layer.lr_B.data.add_(dB.to(layer.lr_B.dtype))
+            R = R - dB @ layer.lr_A.detach().double()
+        if not torch.isfinite(R).all():
+            raise CompressionError(f"alphaedit closed_form produced non-finite weights in {name}")
+        return {"error_before": before, "error_after": reconstruction_error(C, R, T),
+                "preserve_dim": 0 if basis is None else int(basis.shape[1])}

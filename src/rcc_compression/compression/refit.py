@@ -24,7 +24,8 @@ the group's input is seen.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -128,6 +129,46 @@ def _input_of(model: nn.Module, name: str, batch: Mapping[str, Any], device: tor
     return x.reshape(-1, x.shape[-1])
 
 
+@dataclass
+class PairedMoments:
+    """Second moments of one input as the dense (``X``) and the compressed (``Y``) model produce it."""
+
+    c_xx: torch.Tensor
+    c_xy: torch.Tensor
+    c_yy: torch.Tensor
+
+
+@torch.no_grad()
+def sequential_moments(
+    model: nn.Module, dense_model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]],
+    device: torch.device,
+) -> Iterator[tuple[list[str], PairedMoments]]:
+    """Yield ``(group, moments)`` for the groups of ``names`` in execution order.
+
+    Each group's moments are taken when the caller asks for them, so a caller that updates a group's
+    layers before asking for the next sees those updates in the later groups' inputs: the
+    sequential order of GPTQ and SparseGPT. Both models are put in eval mode meanwhile.
+    """
+    acc = torch.float64 if device.type == "cpu" else torch.float32
+    was = (model.training, dense_model.training)
+    model.eval()
+    dense_model.eval()
+    try:
+        for group in execution_groups(model, names, batches[0], device):
+            n = model.get_submodule(group[0]).in_features
+            mom = PairedMoments(*(torch.zeros(n, n, dtype=acc, device=device) for _ in range(3)))
+            for batch in batches:
+                x = _input_of(dense_model, group[0], batch, device).to(acc)
+                y = _input_of(model, group[0], batch, device).to(acc)
+                mom.c_xx.addmm_(x.t(), x)
+                mom.c_xy.addmm_(x.t(), y)
+                mom.c_yy.addmm_(y.t(), y)
+            yield group, mom
+    finally:
+        model.train(was[0])
+        dense_model.train(was[1])
+
+
 @torch.no_grad()
 def sequential_refit(
     model: nn.Module,
@@ -145,45 +186,26 @@ def sequential_refit(
     and after (``error_before``, ``error_after``). Layers with scales (``a_in``/``a_out``) or no
     low-rank part are left alone.
     """
-    acc = torch.float64 if device.type == "cpu" else torch.float32
     eligible = [n for n, m in layers.items() if m.rank > 0 and m.a_in is None and m.a_out is None]
     if not eligible or not batches:
         return {}
-    was = (model.training, dense_model.training)
-    model.eval()
-    dense_model.eval()
     report: dict[str, dict[str, float]] = {}
-    try:
-        groups = execution_groups(model, eligible, batches[0], device)
-        for gi, group in enumerate(groups):
-            n = layers[group[0]].in_features
-            c_xx = torch.zeros(n, n, dtype=acc, device=device)
-            c_xy = torch.zeros_like(c_xx)
-            c_yy = torch.zeros_like(c_xx)
-            for batch in batches:
-                x = _input_of(dense_model, group[0], batch, device).to(acc)
-                y = _input_of(model, group[0], batch, device).to(acc)
-                c_xx.addmm_(x.t(), x)
-                c_xy.addmm_(x.t(), y)
-                c_yy.addmm_(y.t(), y)
-            for name in group:
-                layer = layers[name]
-                w = dense_weights[name].to(device, torch.float32)
-                fixed = layer.sparse_part().float() if layer.weight is not None else None
-                if layer.base is not None:
-                    fixed = layer.base.float() if fixed is None else fixed + layer.base.float()
-                before = layer_output_error(w, layer.effective_weight().float(), c_xx, c_xy, c_yy)
-                B, A = refit_low_rank(w, fixed, c_xy, c_yy, layer.rank, damping)
-                old = (layer.lr_B.detach().clone(), layer.lr_A.detach().clone())
-                layer.set_low_rank(B, A)
-                after = layer_output_error(w, layer.effective_weight().float(), c_xx, c_xy, c_yy)
-                if not after <= before:  # damping can cost more than it saves on a well-fitted layer
-                    layer.set_low_rank(*old)
-                    after = before
-                report[name] = {"error_before": before, "error_after": after}
-            if progress is not None:
-                progress("nullu refit", gi + 1, len(groups))
-    finally:
-        model.train(was[0])
-        dense_model.train(was[1])
+    for group, mom in sequential_moments(model, dense_model, eligible, batches, device):
+        for name in group:
+            layer = layers[name]
+            w = dense_weights[name].to(device, torch.float32)
+            fixed = layer.sparse_part().float() if layer.weight is not None else None
+            if layer.base is not None:
+                fixed = layer.base.float() if fixed is None else fixed + layer.base.float()
+            before = layer_output_error(w, layer.effective_weight().float(), mom.c_xx, mom.c_xy, mom.c_yy)
+            B, A = refit_low_rank(w, fixed, mom.c_xy, mom.c_yy, layer.rank, damping)
+            old = (layer.lr_B.detach().clone(), layer.lr_A.detach().clone())
+            layer.set_low_rank(B, A)
+            after = layer_output_error(w, layer.effective_weight().float(), mom.c_xx, mom.c_xy, mom.c_yy)
+            if not after <= before:  # damping can cost more than it saves on a well-fitted layer
+                layer.set_low_rank(*old)
+                after = before
+            report[name] = {"error_before": before, "error_after": after}
+        if progress is not None:
+            progress("nullu refit", len(report), len(eligible))
     return report
