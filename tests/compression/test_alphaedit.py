@@ -161,8 +161,11 @@ def test_closed_form_on_the_compressed_models_own_inputs(mlp):
             "cascade": {"stages": ["dare", "nullu", "alphaedit"], "validation_threshold": 0.0}}}).compression
         model = copy.deepcopy(mlp)
         masks = {}
-        pipe = CascadePipeline(cfg, calibration_data=fit, holdout_data=held[:1], step_callback=lambda r: masks.update(
-            {n: (m.mask.clone(), m.rank) for n, m in compressed_layers(model).items()}) if r["stage"] == "nullu" else None)
+        def remember(rec, model=model, masks=masks):
+            if rec["stage"] == "nullu":
+                masks.update({n: (m.mask.clone(), m.rank) for n, m in compressed_layers(model).items()})
+
+        pipe = CascadePipeline(cfg, calibration_data=fit, holdout_data=held[:1], step_callback=remember)
         pipe.run(model)
         out = torch.cat([model(**b) for b in held]).detach()
         errors[fit_inputs] = float((out - dense_out).norm() / dense_out.norm())
