@@ -15,9 +15,10 @@ records its quality on a freshly generated test split in ``DIR/reference.json``:
 * BLIP: the captioning language-model loss of ``BlipForConditionalGeneration`` on a random caption
   per image; decoder inputs start with ``[DEC]``, as generation does.
 
-Both use AdamW with linear warm-up and cosine decay, and brightness/contrast augmentation only:
-no hue changes or flips (they would falsify colours and relations) and no crops (objects sit on
-the patch grid).
+Both run as steps of :class:`~..training.trainer.CompressionTrainer` (the trainer recovery uses),
+with AdamW, linear warm-up and a cosine decay fitted to the time budget, and brightness/contrast
+augmentation only: no hue changes or flips (they would falsify colours and relations) and no crops
+(objects sit on the patch grid).
 """
 
 from __future__ import annotations
