@@ -212,3 +212,17 @@ def test_optimize_execution_keeps_outputs(tiny_clip):
     chosen = optimize_execution(model, batch, iters=2)
     assert set(chosen) == set(compressed_layers(model.model)) and set(chosen.values()) <= {"factored", "merged", "csr"}
     torch.testing.assert_close(model(**batch).logits_per_image, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_survive_an_evaluation(tiny_clip):
+    """A wrapper's mode follows its model: evaluating (which restores the caller's mode) keeps the kernels."""
+    from rcc_compression import evaluate_model
+    from rcc_compression.evaluation.efficiency import optimize_execution
+
+    model = _compress_some(tiny_clip, rate=0.95)
+    assert not model.training and not model.model.training
+    batch = model.synthetic_batch(2, torch.Generator().manual_seed(6))
+    optimize_execution(model, batch, iters=1, modes=["merged"])
+    evaluate_model(model, benchmarks=["efficiency"], bootstrap_samples=0)
+    assert not model.model.training
+    assert {m.execution for m in compressed_layers(model.model).values()} == {"merged"}

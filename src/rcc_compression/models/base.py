@@ -32,6 +32,9 @@ class ModelWrapper(nn.Module):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.name = name
+        # the wrapper's own flag follows the model's: code that saves ``wrapper.training`` and later
+        # calls ``wrapper.train(saved)`` must not turn an eval-mode model into a training one
+        self.training = model.training
 
     # ------------------------------------------------------------------ generic helpers
     @property
