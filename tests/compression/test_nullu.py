@@ -234,3 +234,19 @@ def test_global_budget_hits_rate_exactly_on_tiny_clip():
         model = compress_model("tiny-clip", compression_rate=rate, method="nullu",
                                config={"compression": {"cascade": {"validation_threshold": 0.0}}})
         assert abs(model.compression_stats["achieved_rate"] - rate) <= 0.01, rate
+
+
+def test_warm_subspace_svd_matches_the_exact_svd_and_survives_rank_deficiency():
+    from rcc_compression.compression.nullu import warm_subspace_svd
+
+    g = torch.Generator().manual_seed(3)
+    U, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    s = torch.cat([torch.linspace(10, 1, 8), torch.zeros(52)]).double()  # rank 8
+    M = (U * s) @ V[:, :60].t()
+    A_prev = torch.randn(12, 200, generator=g, dtype=torch.float64)
+    Uw, Sw, Vhw = warm_subspace_svd(M, A_prev, iterations=2)
+    torch.testing.assert_close(Sw[:8], s[:8], rtol=1e-8, atol=1e-8)
+    assert torch.equal(Sw[8:], torch.zeros(4, dtype=Sw.dtype)) and torch.isfinite(Vhw).all()
+    torch.testing.assert_close((Uw * Sw) @ Vhw, M, rtol=1e-8, atol=1e-8)  # rank 8 <= 12: exact
+    torch.testing.assert_close(Vhw[:8] @ Vhw[:8].t(), torch.eye(8, dtype=M.dtype), rtol=1e-8, atol=1e-8)

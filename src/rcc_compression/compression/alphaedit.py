@@ -185,6 +185,11 @@ class AlphaEditStage(Stage):
     def _scaling(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
         layers = ctx.layers(self.layer_names(model))
+        if cfg.num_epochs == 0 or not ctx.batches:
+            # nothing would train the scales: adding them would only cost bytes and multiplies
+            why = "num_epochs is 0" if ctx.batches else "no calibration data"
+            self.statistics = {"mode": "scaling", "skipped": why, "layers": {}}
+            return model
         for m in layers.values():
             if m.a_in is None or m.a_out is None:
                 ref = m._ref
@@ -192,7 +197,7 @@ class AlphaEditStage(Stage):
                     m.a_in.detach() if m.a_in is not None else torch.ones(m.in_features, device=ref.device),
                     m.a_out.detach() if m.a_out is not None else torch.ones(m.out_features, device=ref.device),
                 )
-        importance = self._importance(model, layers, ctx) if ctx.batches else {}
+        importance = self._importance(model, layers, ctx)
         hooks = []
         per_layer: dict[str, Any] = {}
         if cfg.scale_fraction < 1.0 and importance:

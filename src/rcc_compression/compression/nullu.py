@@ -223,8 +223,16 @@ def warm_subspace_svd(M: torch.Tensor, A_prev: torch.Tensor, iterations: int = 1
     Q = torch.linalg.qr(M @ A_prev.t().to(M.dtype)).Q
     for _ in range(max(iterations, 0)):
         Q = torch.linalg.qr(M @ (M.t() @ Q)).Q
-    Us, S, Vh = torch.linalg.svd(Q.t() @ M, full_matrices=False)
-    return Q @ Us, S, Vh
+    # the q x n projection's SVD from the eigenpairs of its q x q Gram (float64): far cheaper than
+    # an SVD of the q x n matrix when n >> q, and exact for the directions with S > 0
+    B = Q.t() @ M
+    evals, evecs = torch.linalg.eigh((B @ B.t()).double())
+    evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
+    S = evals.sqrt()
+    live = S > 1e-6 * S[:1].clamp_min(torch.finfo(torch.float64).tiny)  # below: lost to rounding in the Gram
+    S = torch.where(live, S, torch.zeros_like(S))
+    Vh = torch.where(live[:, None], (evecs.t() @ B.double()) / torch.where(live, S, 1.0)[:, None], 0.0)
+    return Q @ evecs.to(M.dtype), S.to(M.dtype), Vh.to(M.dtype)
 
 
 def dropped_input_energy(Vh_r: torch.Tensor, gram: torch.Tensor, right: torch.Tensor | None = None,
@@ -347,8 +355,17 @@ class NulluStage(Stage):
             elif tg["energy_threshold"] is None:
                 fresh = [n for n in fresh if decide(work[n], torch.empty(0))]
             elif fresh and method != "randomized":
-                energies = spectral_energy(torch.stack([work[n]["M"] for n in fresh]))
-                fresh = [n for i, n in enumerate(fresh) if decide(work[n], energies[i])]
+                if cfg.rank_rule == "min" and (tg["rank_reduction"] is not None or tg["param_budget"] is not None):
+                    # the other targets cap the rank: a layer they leave unfactorisable needs no spectrum
+                    capped = {n: rank_for(torch.empty(0), *work[n]["M"].shape, tg["rank_reduction"], None,
+                                          tg["param_budget"], "min") for n in fresh}
+                    for n in fresh:
+                        if not factorisable(capped[n], *work[n]["M"].shape):
+                            work[n]["rank"] = capped[n]
+                    fresh = [n for n in fresh if factorisable(capped[n], *work[n]["M"].shape)]
+                if fresh:
+                    energies = spectral_energy(torch.stack([work[n]["M"] for n in fresh]))
+                    fresh = [n for i, n in enumerate(fresh) if decide(work[n], energies[i])]
             if fresh and method == "randomized":
                 for n in fresh:
                     w = work[n]
