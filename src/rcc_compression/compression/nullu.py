@@ -356,14 +356,16 @@ class NulluStage(Stage):
                 fresh = [n for n in fresh if decide(work[n], torch.empty(0))]
             elif fresh and method != "randomized":
                 if cfg.rank_rule == "min" and (tg["rank_reduction"] is not None or tg["param_budget"] is not None):
-                    # the other targets cap the rank: a layer they leave unfactorisable needs no spectrum
+                    # the other targets cap the rank, and a smaller rank saves more: a layer the cap
+                    # leaves unfactorisable stays dense, any other is factorised at a rank its SVD
+                    # decides; neither needs a separate spectrum first
                     capped = {n: rank_for(torch.empty(0), *work[n]["M"].shape, tg["rank_reduction"], None,
                                           tg["param_budget"], "min") for n in fresh}
                     for n in fresh:
                         if not factorisable(capped[n], *work[n]["M"].shape):
                             work[n]["rank"] = capped[n]
                     fresh = [n for n in fresh if factorisable(capped[n], *work[n]["M"].shape)]
-                if fresh:
+                else:
                     energies = spectral_energy(torch.stack([work[n]["M"] for n in fresh]))
                     fresh = [n for i, n in enumerate(fresh) if decide(work[n], energies[i])]
             if fresh and method == "randomized":
@@ -381,7 +383,8 @@ class NulluStage(Stage):
                 prev_A = w["layer"].lr_A.detach().to(w["M"].dtype)
                 if w["right"] is not None:
                     prev_A = prev_A @ w["right"]
-                w["usv"] = warm_subspace_svd(w["M"], prev_A, iterations=1)
+                # intermediate rounds: Rayleigh-Ritz on the previous subspace; the final one refines it
+                w["usv"] = warm_subspace_svd(w["M"], prev_A, iterations=1 if ctx.progress >= 1.0 else 0)
                 w["warm"] = True
 
         # 3. rank selection, factors, report
