@@ -79,7 +79,8 @@ def test_kd_on_the_reference_world_closes_the_gap() -> None:
         trainer.fit()
     kl1, dis1 = _gap(student, teacher, holdout)
     print(f"\nheld-out gap, 60% pruned rcc-clip-world, 32 steps on world batches: similarity KL {kl0:.4f} -> "
-          f"{kl1:.4f} ({1 - kl1 / kl0:.0%} closed); 1 - agreement {dis0:.4f} -> {dis1:.4f} ({1 - dis1 / dis0:.0%} closed)")
+          f"{kl1:.4f} ({1 - kl1 / kl0:.0%} closed); 1 - agreement {dis0:.4f} -> {dis1:.4f} "
+          f"({1 - dis1 / dis0:.0%} closed)")
     assert kl1 < 0.5 * kl0 and dis1 < 0.75 * dis0
 
 
