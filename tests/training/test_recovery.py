@@ -39,24 +39,31 @@ def _gap(student, teacher, holdout) -> tuple[float, float]:
     return kl, 1.0 - output_agreement(s_out, t_out)
 
 
-def test_a_short_kd_run_closes_the_gap(tiny_clip, make_batches) -> None:
-    teacher = copy.deepcopy(tiny_clip.model)
-    data = make_batches(tiny_clip, 8, 16, 1)
-    holdout = make_batches(tiny_clip, 2, 16, 2)
-    _compress(tiny_clip, data, holdout)
-    student = tiny_clip.model
+def _distil_and_measure(wrapper, data, holdout, rate: float, epochs: int, what: str
+                        ) -> tuple[float, float, float, float]:
+    """Prune ``wrapper`` by ``rate``, distil it from its dense copy; the held-out gap before and after."""
+    teacher = copy.deepcopy(wrapper.model)
+    _compress(wrapper, data, holdout, rate=rate)
+    student = wrapper.model
     kl0, dis0 = _gap(student, teacher, holdout)
     objective = DistillationObjective(DistillationLoss(model_family(student), temperature=2.0), Teacher(teacher))
     cfg = TrainingSection(learning_rate=1e-3, scheduler="cosine", warmup_steps=4)
     params = trainable_parameters(student, "compressed")
-    with CompressionTrainer(student, objective, cfg, train_data=data, params=params, num_epochs=8) as trainer:
+    with CompressionTrainer(student, objective, cfg, train_data=data, params=params, num_epochs=epochs) as trainer:
         trainer.fit()
     kl1, dis1 = _gap(student, teacher, holdout)
-    print(f"\nheld-out gap, 70% pruned tiny-clip, 64 steps: similarity KL {kl0:.4f} -> {kl1:.4f} "
-          f"({1 - kl1 / kl0:.0%} closed); 1 - agreement {dis0:.4f} -> {dis1:.4f} ({1 - dis1 / dis0:.0%} closed)")
+    print(f"\nheld-out gap, {rate:.0%} pruned {what}, {epochs * len(data)} steps: similarity KL {kl0:.4f} -> "
+          f"{kl1:.4f} ({1 - kl1 / kl0:.0%} closed); 1 - agreement {dis0:.4f} -> {dis1:.4f} "
+          f"({1 - dis1 / dis0:.0%} closed)")
+    return kl0, kl1, dis0, dis1
+
+
+def test_a_short_kd_run_closes_the_gap(tiny_clip, make_batches) -> None:
+    data, holdout = make_batches(tiny_clip, 8, 16, 1), make_batches(tiny_clip, 2, 16, 2)
+    kl0, kl1, dis0, dis1 = _distil_and_measure(tiny_clip, data, holdout, 0.7, 8, "tiny-clip")
     assert kl1 < 0.5 * kl0
     assert dis1 < 0.75 * dis0
-    for m in compressed_layers(student).values():
+    for m in compressed_layers(tiny_clip.model).values():
         assert (m.weight[~m.mask] == 0).all()
 
 
@@ -66,21 +73,9 @@ def test_kd_on_the_reference_world_closes_the_gap() -> None:
     from rcc_compression.models import get_model
 
     wrapper = get_model("rcc-clip-world")
-    teacher = copy.deepcopy(wrapper.model)
     batches = build_calibration_batches(wrapper, "world", 10, 32, 0)
-    data, holdout = batches[:8], batches[8:]
-    _compress(wrapper, data, holdout, rate=0.6)
-    student = wrapper.model
-    kl0, dis0 = _gap(student, teacher, holdout)
-    objective = DistillationObjective(DistillationLoss("clip", temperature=2.0), Teacher(teacher))
-    cfg = TrainingSection(learning_rate=1e-3, scheduler="cosine", warmup_steps=4)
-    params = trainable_parameters(student, "compressed")
-    with CompressionTrainer(student, objective, cfg, train_data=data, params=params, num_epochs=4) as trainer:
-        trainer.fit()
-    kl1, dis1 = _gap(student, teacher, holdout)
-    print(f"\nheld-out gap, 60% pruned rcc-clip-world, 32 steps on world batches: similarity KL {kl0:.4f} -> "
-          f"{kl1:.4f} ({1 - kl1 / kl0:.0%} closed); 1 - agreement {dis0:.4f} -> {dis1:.4f} "
-          f"({1 - dis1 / dis0:.0%} closed)")
+    kl0, kl1, dis0, dis1 = _distil_and_measure(wrapper, batches[:8], batches[8:], 0.6, 4,
+                                               "rcc-clip-world on world batches")
     assert kl1 < 0.5 * kl0 and dis1 < 0.75 * dis0
 
 
