@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .errors import ConfigError, RCCError
+from .errors import ConfigError, EvaluationError, RCCError
 
 app = typer.Typer(
     name="rcc",
@@ -295,8 +295,6 @@ def evaluate(
         typer.echo(results_table(results), nl=False)
     typer.echo(f"run directory: {run_dir}")
     if not results.get("results"):
-        from .errors import EvaluationError
-
         reasons = "; ".join(f"{s['benchmark']} on {s['dataset']}: {s['reason']}" for s in results.get("skipped", []))
         raise EvaluationError(f"no benchmark ran ({reasons or 'nothing selected'}); see {run_dir / 'results.md'}")
 

@@ -271,7 +271,7 @@ class AlphaEditStage(Stage):
         else:  # paired moments: R with R C_yy = W C_xy - (base + E) C_yy; only R C enters the solves
             C = inputs.c_yy.to(dev).double()
             base = layer.base.double() if layer.base is not None else torch.zeros_like(T)
-            R = ((T + base) @ inputs.c_xy.to(dev).double() - (base + E) @ C) @ torch.linalg.pinv(C, hermitian=True)
+            R = ((T + base) @ inputs.c_xy.to(dev).double() - (base + E) @ C) @ inputs.c_yy_pinv.to(dev)
         basis = None
         if pstats is not None:
             C0 = pstats[name].second_moment.to(dev).double()

@@ -359,12 +359,15 @@ class NulluStage(Stage):
                     # the other targets cap the rank, and a smaller rank saves more: a layer the cap
                     # leaves unfactorisable stays dense, any other is factorised at a rank its SVD
                     # decides; neither needs a separate spectrum first
-                    capped = {n: rank_for(torch.empty(0), *work[n]["M"].shape, tg["rank_reduction"], None,
-                                          tg["param_budget"], "min") for n in fresh}
+                    kept = []
                     for n in fresh:
-                        if not factorisable(capped[n], *work[n]["M"].shape):
-                            work[n]["rank"] = capped[n]
-                    fresh = [n for n in fresh if factorisable(capped[n], *work[n]["M"].shape)]
+                        cap = rank_for(torch.empty(0), *work[n]["M"].shape, tg["rank_reduction"], None,
+                                       tg["param_budget"], "min")
+                        if factorisable(cap, *work[n]["M"].shape):
+                            kept.append(n)
+                        else:
+                            work[n]["rank"] = cap
+                    fresh = kept
                 else:
                     energies = spectral_energy(torch.stack([work[n]["M"] for n in fresh]))
                     fresh = [n for i, n in enumerate(fresh) if decide(work[n], energies[i])]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -136,6 +137,11 @@ class PairedMoments:
     c_xx: torch.Tensor
     c_xy: torch.Tensor
     c_yy: torch.Tensor
+
+    @cached_property
+    def c_yy_pinv(self) -> torch.Tensor:
+        """Pseudo-inverse of ``C_yy`` in float64, once for all layers reading this input."""
+        return torch.linalg.pinv(self.c_yy.double(), hermitian=True)
 
 
 @torch.no_grad()

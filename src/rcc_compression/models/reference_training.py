@@ -29,7 +29,7 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -479,16 +479,6 @@ def train_model(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = Fals
     }
 
 
-def train_clip(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Train the reference CLIP (see :func:`train_model`)."""
-    return train_model(replace(recipe, kind="clip"), data, progress)
-
-
-def train_blip(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Train the reference BLIP captioner (see :func:`train_model`)."""
-    return train_model(replace(recipe, kind="blip"), data, progress)
-
-
 # ---------------------------------------------------------------------------- figures, saving
 def measure_figures(wrapper: Any, kind: str, spec: Any, bootstrap_samples: int = 1000) -> dict[str, Any]:
     """Evaluate on a test split generated afresh from ``spec`` (a ``WorldSpec``); keys read ``world:PART``."""
@@ -605,7 +595,7 @@ def train_reference(
     from ..utils.seeding import seed_everything
 
     recipe = recipe or default_recipe(kind, seed)
-    recipe.time_budget_s = time_budget_s
+    recipe.kind, recipe.time_budget_s = kind, time_budget_s
     if steps is not None:
         recipe.steps = steps
     torch.set_num_threads(recipe.threads or _free_cores())
@@ -621,8 +611,7 @@ def train_reference(
         with RunRecord(out / "training_run", {"recipe": asdict(recipe), "world": where}, recipe.seed) as run:
             data = load_train_split(world_dir, Path(tmp) / "cache")
             log.info("train split: %d images, %d captions", len(data.captions), sum(map(len, data.captions)))
-            trainer = train_clip if kind == "clip" else train_blip
-            wrapper, train_log = trainer(recipe, data, progress)
+            wrapper, train_log = train_model(recipe, data, progress)
             train_log["threads"] = torch.get_num_threads()
             spec = test_spec or WorldSpec(seed=int(info["seed"]))
             spec.seed = int(info["seed"])
