@@ -329,6 +329,34 @@ def serve(
                ServeLimits(request_timeout_s=timeout), max_batch, batch_wait_ms, echo=lambda s: typer.echo(s))
 
 
+@app.command("export")
+def export_cmd(
+    source: Annotated[str, typer.Argument(help="Compressed checkpoint, run directory, model directory or bundled name.")],  # noqa: E501
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx (compression kept) or hf (dense Hugging Face).")] = "onnx",  # noqa: E501
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory to write (default: SOURCE-onnx / SOURCE-hf).")] = None,  # noqa: E501
+    key_file: Annotated[Path | None, typer.Option("--key-file", help="Key of an encrypted checkpoint (else RCC_CHECKPOINT_KEY).")] = None,  # noqa: E501
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the ONNX Runtime check against PyTorch.")] = False,  # noqa: E501
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Export a model: ONNX with low-rank layers as two MatMuls and S in its compact encoding, or dense HF."""
+    from .compression.export import export_model
+    from .utils.crypto import load_key
+    from .utils.logging import setup_logging
+
+    setup_logging(_verbosity(verbose, quiet))
+    out = output or Path(f"{Path(source).name}-{fmt}")
+    s = export_model(source, out, fmt, load_key(key_file), overwrite, not no_verify)
+    for name, rec in s.get("graphs", {}).items():
+        diff = rec.get("max_abs_diff")
+        typer.echo(f"{name}: max |ONNX Runtime - PyTorch| = {diff:.2e}" if diff is not None else f"{name}: not checked")
+    line = f"wrote {s['output']} ({s['bytes']:,} bytes of {'ONNX' if fmt == 'onnx' else 'safetensors'})"
+    if "checkpoint_bytes" in s:
+        line += f"; the compressed checkpoint's tensors: {s['checkpoint_bytes']:,} bytes"
+    typer.echo(line)
+
+
 keys_app = typer.Typer(help="API keys of the model server (the key file stores hashes only).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 

@@ -72,3 +72,38 @@ def load_deployable(source: str | os.PathLike[str], key: bytes | None = None, na
         raise CheckpointError(f"{ckpt}: the checkpoint holds no tokenizer/image processor (saved from a bare "
                               f"module); it cannot take images or text")
     return Deployable(loaded.eval(), label, text, "compressed", manifest)
+
+
+def checkpoint_bytes(ckpt: str | os.PathLike[str]) -> int:
+    """Bytes of a compressed checkpoint's tensor files (what its weights take on disk)."""
+    from .storage import LAYERS_FILE, REST_FILE
+
+    return sum((Path(ckpt) / f).stat().st_size for f in (LAYERS_FILE, REST_FILE))
+
+
+def export_model(source: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str = "onnx",
+                 key: bytes | None = None, overwrite: bool = False, verify: bool = True) -> dict[str, Any]:
+    """Export what ``source`` holds as ONNX (compression kept) or as a dense Hugging Face directory.
+
+    Returns a summary: the output, its bytes, and for ONNX the largest difference to PyTorch and the
+    compressed checkpoint's tensor bytes to compare with.
+    """
+    from .storage import export_dense
+
+    if fmt not in ("onnx", "hf"):
+        raise CheckpointError(f"export format {fmt!r}; allowed: onnx, hf")
+    dep = load_deployable(source, key=key)
+    summary: dict[str, Any] = {"source": str(source), "format": fmt, "output": str(out), "kind": dep.kind}
+    ckpt = checkpoint_dir(source) if dep.kind == "compressed" else None
+    if ckpt is not None:
+        summary["checkpoint_bytes"] = checkpoint_bytes(ckpt)
+    if fmt == "hf":
+        path = export_dense(dep.wrapper, out, overwrite=overwrite)
+        summary["bytes"] = sum(p.stat().st_size for p in Path(path).rglob("*.safetensors"))
+        return summary
+    from .onnx_export import export_onnx
+
+    manifest = export_onnx(dep.wrapper, out, verify=verify, overwrite=overwrite, extra={"source": str(source)})
+    summary["bytes"] = manifest["onnx_bytes"]
+    summary["graphs"] = manifest["graphs"]
+    return summary

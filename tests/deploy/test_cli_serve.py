@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx (dev extra) is not installed")
 
 

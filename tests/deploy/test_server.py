@@ -14,6 +14,7 @@ import torch
 
 from .conftest import compress_quick, decoded, png_b64
 
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx (dev extra) is not installed")
 
 SENTINEL = "rcc-sentinel-7f3a"
