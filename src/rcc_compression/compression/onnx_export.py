@@ -6,7 +6,8 @@ and the sparse part S in the checkpoint's own encoding (kept values plus a bit-p
 CSR column indices and row counts) with a few ops that rebuild S from it (``NonZero``/``ScatterND``).
 Those ops read only initializers, so ONNX Runtime folds them into the dense S once, when the
 session is made; the stored file stays as small as the compressed checkpoint while inference runs
-the same kernels as PyTorch's ``factored`` mode.
+the same kernels as PyTorch's ``factored`` mode. Integer codes (stage ``quant``) are exported as
+the float values they decode to: the sparsity and the rank are kept, the bit width is not.
 
 How: each compressed layer is traced as one placeholder node (``rcc::CompressedLinear``, via an
 ``autograd.Function`` symbolic), which the TorchScript-based exporter leaves alone; the
@@ -150,7 +151,7 @@ def _sparse_transposed(b: _Builder, layer: CompressedLinear, enc: dict[str, torc
                               b.const("stop", np.array([m * n], np.int64))])
         mask = b.op("Cast", [flat], to=TensorProto.BOOL)
     else:  # csr: row of each value from the row counts (+1 at each row start, cumulated), then row * n + col
-        nnz = int(enc["values"].numel())
+        nnz = layer.nnz()
         counts = b.op("Cast", [b.const("row_nnz", _np(enc["row_nnz"]))], to=i64)
         starts = b.op("CumSum", [counts, axis0], exclusive=1)
         marker = b.op("ScatterElements", [b.const("marker0", np.zeros(nnz + 1, np.int64)), starts,
@@ -165,7 +166,9 @@ def _sparse_transposed(b: _Builder, layer: CompressedLinear, enc: dict[str, torc
         mask = b.op("Cast", [hits], to=TensorProto.BOOL)
     order = b.op("Sub", [b.op("CumSum", [b.op("Cast", [mask], to=i64), axis0]), b.const("one_", np.array(1, np.int64))])
     order = b.op("Max", [order, b.const("zero_i", np.array(0, np.int64))])
-    values = b.const("values", _np(enc["values"]).astype(dtype))
+    # quantized kept values (``values_codes``) go in as the floats they decode to
+    kept = enc["values"] if "values" in enc else layer.weight.detach()[layer.mask.bool()]
+    values = b.const("values", _np(kept).astype(dtype))
     dense = b.op("Where", [mask, b.op("Gather", [values, order], axis=0), b.const("zero", np.zeros((), dtype))])
     return b.op("Transpose", [b.op("Reshape", [dense, b.const("shape", np.array([m, n], np.int64))])], perm=[1, 0])
 
