@@ -145,7 +145,8 @@ def _run_compress(
         plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope,
                           calibration_data=fit)
         log.info("planned for rate %.4f: %s", section.cascade.target_rate,
-                 {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share")})
+                 {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share", "stages",
+                                                         "predicted_rate", "predicted_error")})
     resolved = dump_config(cfg) | {"compression": section.model_dump(mode="json")}
     dense_quality = quality_metrics(wrapper, cfg) if evaluate else {}
     pipe = CascadePipeline(

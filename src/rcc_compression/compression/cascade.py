@@ -53,6 +53,9 @@ class CascadeConfig(StrictModel):
     target_rate: float | None = Field(
         None, ge=0.0, lt=1.0, description="plan dare/nullu targets to reach this 1 - stored/dense bytes")
     rate_scope: Literal["layers", "model"] = "layers"
+    planner: Literal["layers", "split"] = Field(
+        "layers", description="for a target rate: layers = per-layer bits x rank x sparsity (adds quant); "
+                              "split = one pruning rate and one low-rank budget for all layers")
 
     @field_validator("stages")
     @classmethod

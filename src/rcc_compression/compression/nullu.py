@@ -58,6 +58,9 @@ class NulluConfig(StageConfig):
     warm_start: bool = True
     refit: Literal["none", "sequential"] = Field(
         "none", description="sequential: refit the factors in execution order on the compressed model's own inputs")
+    layer_ranks: dict[str, int] | None = Field(
+        None, description="rank per layer by module name (a plan): those layers take it whatever the other "
+                          "criteria say, layers not named (or named with 0) are left alone")
     pairs_file: str | None = None
     top_k: int = Field(4, ge=1)
     layers: list[int] | None = None
@@ -314,9 +317,12 @@ class NulluStage(Stage):
     def _low_rank(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
         tg = self.targets_at(ctx.progress, ctx.schedule)
-        if all(v is None for v in tg.values()):
-            raise CompressionError("nullu needs one of rank_reduction, energy_threshold, param_budget")
+        planned = cfg.layer_ranks is not None
+        if all(v is None for v in tg.values()) and not planned:
+            raise CompressionError("nullu needs one of rank_reduction, energy_threshold, param_budget, layer_ranks")
         layers = ctx.layers(self.layer_names(model))
+        if planned:
+            layers = {n: m for n, m in layers.items() if cfg.layer_ranks.get(n, 0) > 0}
         method = cfg.decomposition_method
         need_gram = method == "activation_aware"
         stats = None
@@ -326,7 +332,9 @@ class NulluStage(Stage):
         # 1. the matrix each layer factorises, in the space where its Frobenius error is what we minimise
         work: dict[str, dict[str, Any]] = {}
         for name, layer in layers.items():
-            residual = ctx.target_weight(name, layer) - (layer.sparse_part().float() if layer.mask is not None else 0)
+            # a sparse S, or a dense S already stored as integer codes, stays: the factors fit what it leaves
+            keep = layer.mask is not None or "weight" in layer.quant
+            residual = ctx.target_weight(name, layer) - (layer.sparse_part().float() if keep else 0)
             right = right_inv = None
             if method in ("activation_aware", "asvd") and residual.device.type == "cpu":
                 residual = residual.double()  # whitening amplifies rounding in rarely visited directions
@@ -337,7 +345,7 @@ class NulluStage(Stage):
                 right, right_inv = torch.diag(s), torch.diag(1.0 / s)
             M = residual @ right if right is not None else residual
             work[name] = {"layer": layer, "M": M, "right": right, "right_inv": right_inv,
-                          "keep_sparse": layer.mask is not None}
+                          "keep_sparse": keep}
 
         # 2. decompositions, batched over layers of one shape; only layers that will be factorised
         #    get singular vectors (the spectrum alone decides the others)
@@ -352,7 +360,11 @@ class NulluStage(Stage):
             groups.setdefault(tuple(w["M"].shape), []).append(name)
         global_budget = (cfg.budget_allocation == "global" and tg["param_budget"] is not None
                          and tg["rank_reduction"] is None and tg["energy_threshold"] is None)
-        if global_budget:
+        if planned:
+            for n, w in work.items():
+                w["rank"] = min(int(cfg.layer_ranks[n]), *w["M"].shape)
+                w["fixed_rank"] = w["planned"] = True
+        elif global_budget:
             energy: dict[str, torch.Tensor] = {}
             for names in groups.values():
                 e = spectral_energy(torch.stack([work[n]["M"] for n in names]))
@@ -365,7 +377,7 @@ class NulluStage(Stage):
         for names in groups.values():
             warm = [n for n in names if cfg.warm_start and 0 < work[n].get("rank", 1) <= work[n]["layer"].rank]
             fresh = [n for n in names if n not in warm]
-            if global_budget:
+            if global_budget or planned:
                 fresh = [n for n in fresh if work[n]["rank"] > 0]
             elif tg["energy_threshold"] is None:
                 fresh = [n for n in fresh if decide(work[n], torch.empty(0))]
@@ -427,7 +439,7 @@ class NulluStage(Stage):
                 layer.set_low_rank(None, None)
                 if not w["keep_sparse"]:
                     layer.set_sparse(None)
-            elif "usv" not in w or not factorisable(r, m, n):
+            elif "usv" not in w or not (factorisable(r, m, n) or w.get("planned")):
                 info["skipped"] = f"r (m + n) >= m n for r={r}"
                 if not w["keep_sparse"] and layer.weight is None and layer.rank > 0:
                     layer.set_low_rank(None, None)

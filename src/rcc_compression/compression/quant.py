@@ -69,7 +69,7 @@ class QuantConfig(StageConfig):
     correct_factors: bool = Field(
         True, description="re-solve B on the rounded S and A before rounding B (needs calibration data)")
     layers: dict[str, LayerQuant] | None = Field(
-        None, description="per-layer formats by module name (a plan); layers not named use the keys above")
+        None, description="per-layer formats by module name (a plan): layers not named are left alone")
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -339,10 +339,10 @@ class QuantStage(Stage):
     config: QuantConfig
 
     def layer_format(self, name: str) -> LayerQuant:
-        """The format of layer ``name``: its entry in ``layers``, else the stage's keys."""
+        """The format of layer ``name``: its entry in ``layers`` (float when a plan leaves it out), else the keys."""
         c = self.config
-        if c.layers is not None and name in c.layers:
-            return c.layers[name]
+        if c.layers is not None:
+            return c.layers.get(name, LayerQuant(bits=None))
         return LayerQuant(bits=c.bits, factor_bits=c.factor_bits, group_size=c.group_size, symmetric=c.symmetric)
 
     def target_description(self, progress: float, schedule: str) -> dict[str, Any]:
