@@ -1,10 +1,11 @@
 """Embedding geometry: how compression moves image and text embeddings, in numbers and in 2-D maps.
 
-:func:`collect_embeddings` embeds the images of a labelled dataset and every class's prompts
-(one point per template) with a CLIP wrapper. :func:`project_2d` maps points to the plane with
-t-SNE (scikit-learn) or UMAP (umap-learn); :func:`joint_projection` fits one map on dense and
-compressed points together, so the two panels share coordinates and a shift between them is a
-real shift. The numbers behind the picture, computed in the full embedding space:
+An :class:`EmbeddingSet` holds the images of a labelled dataset and every class's prompts (one
+point per template) as one model embeds them (``rcc analyze`` collects them). :func:`project_2d`
+maps points to the plane with t-SNE (scikit-learn) or UMAP (umap-learn); :func:`joint_projection`
+fits one map on dense and compressed points together, so the two panels share coordinates and a
+shift between them is a real shift. The numbers behind the picture, computed in the full
+embedding space:
 
 - :func:`knn_accuracy`: leave-one-out k-nearest-neighbour class accuracy (cosine);
 - :func:`neighbourhood_overlap`: share of each item's k nearest neighbours that stay neighbours;
@@ -13,12 +14,10 @@ real shift. The numbers behind the picture, computed in the full embedding space
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 Method = Literal["tsne", "umap"]
 
@@ -32,30 +31,6 @@ class EmbeddingSet:
     texts: np.ndarray
     text_labels: np.ndarray
     classnames: list[str]
-
-
-@torch.no_grad()
-def collect_embeddings(wrapper: Any, dataset: Any, templates: Sequence[str] | str | None = None,
-                       batch_size: int = 64) -> EmbeddingSet:
-    """Image embeddings of a class-labelled dataset and one text embedding per (class, template)."""
-    from ..evaluation.common import embed_images
-    from ..evaluation.zero_shot import get_templates
-
-    if not getattr(dataset, "classnames", None):
-        raise ValueError(f"{getattr(dataset, 'source', 'dataset')}: embeddings by class need class names")
-    tpl = get_templates(templates if templates is not None else getattr(dataset, "templates", None))
-    was_training = wrapper.training
-    wrapper.eval()
-    try:
-        images, index = embed_images(wrapper, dataset, batch_size)
-        labels = np.array([dataset.records[i].label for i in index.tolist()], dtype=np.int64)
-        prompts = [t.format(c) for c in dataset.classnames for t in tpl]
-        texts = torch.cat([wrapper.encode_text(prompts[i: i + 256], normalize=True).float()
-                           for i in range(0, len(prompts), 256)])
-    finally:
-        wrapper.train(was_training)
-    text_labels = np.repeat(np.arange(len(dataset.classnames)), len(tpl))
-    return EmbeddingSet(images.cpu().numpy(), labels, texts.cpu().numpy(), text_labels, list(dataset.classnames))
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

@@ -50,8 +50,9 @@ def layer_sensitivity(
     stages: Sequence[str] | None = SHRINKING_STAGES,
     metric_fn: Callable[[nn.Module], float] | None = None,
     seed: int = 0,
-    training: Any = None,
     progress: Callable[[str, int, int], None] | None = None,
+    pipeline: Callable[..., CascadePipeline] = CascadePipeline,
+    **pipeline_kwargs: Any,
 ) -> dict[str, Any]:
     """Compress each of ``layers`` alone with ``section``'s settings; rank them by the metric they cost.
 
@@ -59,7 +60,8 @@ def layer_sensitivity(
     (default: the shrinking ones) narrows the cascade; ``None`` keeps every configured stage.
     Returns ``{"dense_metric", "layers": [ranked rows]}``; each row has the layer, its gate
     retention and drop, the task metric and drop (with ``metric_fn``), the layer's stored and
-    dense bytes and the stages that ran.
+    dense bytes and the stages that ran. ``pipeline`` builds the cascade (a subclass that wires in
+    distillation, for stages that train); ``pipeline_kwargs`` go to it.
     """
     layers = list(layers)
     if not layers:
@@ -69,8 +71,8 @@ def layer_sensitivity(
     for i, name in enumerate(layers):
         sec = single_layer_section(section, name, stages)
         work = copy.deepcopy(model)
-        pipe = CascadePipeline(sec, calibration_data=calibration_data, holdout_data=holdout_data, seed=seed,
-                               training=training)
+        pipe = pipeline(sec, calibration_data=calibration_data, holdout_data=holdout_data, seed=seed,
+                        **pipeline_kwargs)
         pipe.run(work)
         last = next((r for r in reversed(pipe.records) if "retention" in r), None)
         retention = float(last["retention"]) if last is not None else 1.0
