@@ -20,7 +20,7 @@ def test_each_layer_alone_ranked(tiny_clip) -> None:
     before = {k: v.clone() for k, v in tiny_clip.model.state_dict().items()}
     calls = []
     rep = layer_sensitivity(tiny_clip, cfg.compression, layers, batches[:2], batches[2:],
-                            metric_fn=lambda m: float(sum(p.abs().sum() for p in m.parameters())),
+                            metric_fn=lambda m: float(sum(p.detach().abs().sum() for p in m.parameters())),
                             progress=lambda *a: calls.append(a))
     assert [r["rank"] for r in rep["layers"]] == [1, 2, 3]
     assert {r["layer"] for r in rep["layers"]} == set(layers)
