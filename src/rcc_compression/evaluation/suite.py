@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES
+from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES, format_estimate
 from ..errors import DataError, RCCError
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.logging import get_logger
@@ -214,7 +214,7 @@ _HEADLINE = {"zero_shot": "top1", "retrieval": "i2t_R@1", "captioning": "CIDEr",
 def _headline(bench: str, res: dict[str, Any]) -> str:
     key = _HEADLINE.get(bench)
     m = res.get("metrics", {}).get(key) if key else None
-    return f"{key} {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]" if m else "done"
+    return f"{key} {format_estimate(m)}" if m else "done"
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -244,8 +244,8 @@ def results_table(results: dict[str, Any]) -> str:
             for suffix, metrics in groups:
                 for name, m in metrics.items():
                     if isinstance(m, dict) and "value" in m:
-                        lines.append(f"| {bench} | {ds} | {name}{suffix} | {m['value']:.4f} | "
-                                     f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}] | {m['n']} |")
+                        ci = format_estimate(m).partition(" ")[2] or "- (no bootstrap)"
+                        lines.append(f"| {bench} | {ds} | {name}{suffix} | {m['value']:.4f} | {ci} | {m['n']} |")
                     elif isinstance(m, (int, float)):
                         lines.append(f"| {bench} | {ds} | {name}{suffix} | {m:.4f} | - | - |")
     if results.get("skipped"):
