@@ -387,7 +387,7 @@ def _export_graph(spec: dict[str, Any], opset: int) -> Any:
         torch.onnx.export(module, spec["inputs"], buf, input_names=spec["input_names"],
                           output_names=spec["output_names"], dynamic_axes=spec["dynamic_axes"],
                           opset_version=opset, do_constant_folding=True, dynamo=False,
-                          custom_opsets={DOMAIN: 1})
+                          custom_opsets={DOMAIN: 1} if layers else None)
         proto = onnx.load_from_string(buf.getvalue())
         expand_placeholders(proto, layers)
     onnx.checker.check_model(proto)
