@@ -374,7 +374,7 @@ def layer_choices(
                 if lowrank and p == SPARSITIES[-1] and fmt == SPARSE_FORMATS[-1]:
                     with_factors(base, s_hat, [r for r in ranks if r <= full // 8])
     if lowrank:
-        lr_ranks = [r for r in ranks if factorisable(r, m, n) or quant]
+        lr_ranks = [r for r in ranks if factorisable(r, m, n)]  # float factors below dense at every step
         base = Choice(keep_s=False)
         residual_fit = [r for r in lr_ranks if r < full]
         if quant:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES
+from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES, format_estimate
 from ..errors import DataError, RCCError
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.logging import get_logger
@@ -114,12 +114,14 @@ def evaluate_model(
     root: str | None = None,
     world_seed: int | None = None,
     progress: bool = False,
+    per_item: bool = False,
 ) -> dict[str, Any]:
     """Run ``benchmarks`` on ``datasets`` for ``model`` (a wrapper, ``nn.Module``, name or path).
 
     ``bootstrap_samples`` resamples per metric (0: point estimates only); ``max_items`` evaluates a
     seeded random subset of each dataset; ``templates`` overrides each dataset's prompt set;
-    ``world_seed`` picks the reference world (default: the seed the bundled models were trained on).
+    ``world_seed`` picks the reference world (default: the seed the bundled models were trained on);
+    ``per_item`` adds each zero-shot and retrieval result's per-item hits (``per_item``).
     """
     from ..models.registry import get_model
     from .captioning import evaluate_captioning
@@ -168,9 +170,9 @@ def evaluate_model(
                 ds = subset(ds, max_items, seed)
                 common = {"samples": bootstrap_samples, "seed": seed, "progress": progress}
                 if bench == "zero_shot":
-                    res = evaluate_zero_shot(wrapper, ds, templates, batch_size, **common)
+                    res = evaluate_zero_shot(wrapper, ds, templates, batch_size, per_item=per_item, **common)
                 elif bench == "retrieval":
-                    res = evaluate_retrieval(wrapper, ds, batch_size, **common)
+                    res = evaluate_retrieval(wrapper, ds, batch_size, per_item=per_item, **common)
                 elif bench == "captioning":
                     res = evaluate_captioning(wrapper, ds, batch_size, num_beams, max_length, **common)
                 else:
@@ -212,7 +214,7 @@ _HEADLINE = {"zero_shot": "top1", "retrieval": "i2t_R@1", "captioning": "CIDEr",
 def _headline(bench: str, res: dict[str, Any]) -> str:
     key = _HEADLINE.get(bench)
     m = res.get("metrics", {}).get(key) if key else None
-    return f"{key} {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]" if m else "done"
+    return f"{key} {format_estimate(m)}" if m else "done"
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -242,8 +244,8 @@ def results_table(results: dict[str, Any]) -> str:
             for suffix, metrics in groups:
                 for name, m in metrics.items():
                     if isinstance(m, dict) and "value" in m:
-                        lines.append(f"| {bench} | {ds} | {name}{suffix} | {m['value']:.4f} | "
-                                     f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}] | {m['n']} |")
+                        ci = format_estimate(m).partition(" ")[2] or "- (no bootstrap)"
+                        lines.append(f"| {bench} | {ds} | {name}{suffix} | {m['value']:.4f} | {ci} | {m['n']} |")
                     elif isinstance(m, (int, float)):
                         lines.append(f"| {bench} | {ds} | {name}{suffix} | {m:.4f} | - | - |")
     if results.get("skipped"):
