@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .errors import ConfigError, EvaluationError, RCCError
+from .errors import CheckpointError, ConfigError, EvaluationError, RCCError
 
 app = typer.Typer(
     name="rcc",
@@ -98,7 +98,8 @@ def compress(
     from rich.table import Table
 
     from .config import dump_config, load_config
-    from .jobs import checkpoint_key, prepare_run_dir, run_compress, summary_rows
+    from .jobs.common import checkpoint_key, prepare_run_dir
+    from .jobs.compress import run_compress, summary_rows
     from .utils.io import directory_lock
     from .utils.logging import setup_logging
     from .utils.runs import RunRecord, new_run_dir
@@ -109,8 +110,6 @@ def compress(
             raise typer.BadParameter("--resume takes the run's own config; drop --config/--set/--model/--seed")
         cfg_file = resume / "config.yaml"
         if not cfg_file.is_file():
-            from .errors import CheckpointError
-
             raise CheckpointError(f"{resume}: not a run directory (no config.yaml)")
         cfg = load_config(cfg_file)
         key = checkpoint_key(encrypt, key_file, resume)
@@ -172,7 +171,7 @@ def train(
     With --reference clip|blip it trains a bundled-style reference model on the world instead, as `rcc world train-reference` does (that command also takes the world, time budget and steps).
     """  # noqa: E501
     from .config import load_config
-    from .training.recovery import resolve_source, train_job
+    from .jobs.train import resolve_source, train_job
 
     if (source is None) == (reference is None):
         raise ConfigError("rcc train: give exactly one of --from RUN_DIR (recovery) or --reference clip|blip")
@@ -194,7 +193,7 @@ def train(
 
 def _train_reference(kind: str, out: Path, world: Path | None, seed: int, minutes: float, steps: int | None,
                      verbose: int, quiet: bool) -> None:
-    from .models.reference_training import train_reference
+    from .jobs.reference import train_reference
     from .utils.logging import setup_logging
 
     if kind not in ("clip", "blip"):
@@ -273,7 +272,8 @@ def evaluate(
 ) -> None:
     """Evaluate a model: every metric with a bootstrap 95 % CI, into results.json and results.md."""
     from .config import dump_config, load_config
-    from .evaluation.suite import run_suite
+    from .evaluation.suite import results_table
+    from .jobs.evaluate import run_suite
     from .utils.logging import setup_logging
     from .utils.runs import new_run_dir
 
@@ -290,8 +290,6 @@ def evaluate(
         root=cfg.dataset.root, progress=not quiet,
     )
     if not quiet:
-        from .evaluation.suite import results_table
-
         typer.echo(results_table(results), nl=False)
     typer.echo(f"run directory: {run_dir}")
     if not results.get("results"):

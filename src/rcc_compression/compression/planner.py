@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from ..errors import CompressionError
-from .dare import keep_count, magnitude_scores, topk_mask
-from .nullu import budget_rank, svd
+from .dare import keep_count, magnitude_scores, topk_mask, wanda_scores
+from .lowrank import whitening
+from .nullu import allocate_ranks, budget_rank, spectral_energy, svd
 from .storage import sparse_encoding_bytes
 
 
@@ -166,9 +167,6 @@ def split_error(
     allocated globally. ``G`` is each layer's calibration input second moment; without it the
     error is the plain Frobenius one.
     """
-    from .dare import wanda_scores
-    from .nullu import allocate_ranks, spectral_energy, whitening
-
     W = [w.double() for w in weights]
     G = [g.double() for g in grams] if grams is not None and all(g is not None for g in grams) else None
     S = [torch.zeros_like(w) for w in W]

@@ -21,10 +21,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES
-from ..errors import DataError, RCCError
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..data.datasets import open_dataset, open_world
+from ..data.transforms import transform_for
+from ..data.world import DEFAULT_SEED, ensure_world
+from ..errors import DataError
+from ..models.registry import get_model
 from ..utils.logging import get_logger
+from .captioning import evaluate_captioning
+from .common import subset
+from .efficiency import profile_model
+from .retrieval import evaluate_retrieval
+from .vqa import evaluate_vqa
+from .zero_shot import evaluate_zero_shot
 
 log = get_logger("evaluation")
 
@@ -64,10 +75,6 @@ def expand_datasets(benchmark: str, datasets: Sequence[str]) -> list[str]:
 
 def _open(spec: str, benchmark: str, split: str, wrapper: Any, skip_bad: bool, root: str | None,
           world_seed: int | None) -> Any:
-    from ..data.datasets import open_dataset, open_world
-    from ..data.transforms import transform_for
-    from ..data.world import DEFAULT_SEED, ensure_world
-
     transform = transform_for(wrapper)
     if spec.startswith("world:"):
         seed = DEFAULT_SEED if world_seed is None else world_seed
@@ -86,12 +93,6 @@ def _dataset_fits(benchmark: str, ds: Any) -> str | None:
 
 
 def _efficiency(wrapper: Any, seed: int) -> dict[str, Any]:
-    try:
-        from .efficiency import profile_model
-    except ImportError as exc:
-        raise DataError(f"efficiency profiling is not available in this build ({exc})") from None
-    import torch
-
     gen = torch.Generator().manual_seed(seed)
     batch = wrapper.synthetic_batch(8, generator=gen)
     return {"profile": profile_model(wrapper, batch, batch_sizes=(1, 8), warmup=2, iters=10)}
@@ -121,13 +122,6 @@ def evaluate_model(
     seeded random subset of each dataset; ``templates`` overrides each dataset's prompt set;
     ``world_seed`` picks the reference world (default: the seed the bundled models were trained on).
     """
-    from ..models.registry import get_model
-    from .captioning import evaluate_captioning
-    from .common import subset
-    from .retrieval import evaluate_retrieval
-    from .vqa import evaluate_vqa
-    from .zero_shot import evaluate_zero_shot
-
     unknown = [b for b in benchmarks if b not in BENCHMARKS]
     if unknown:
         raise DataError(f"unknown benchmark(s) {unknown}; available: {', '.join(BENCHMARKS)}")
@@ -260,33 +254,3 @@ def results_table(results: dict[str, Any]) -> str:
     if notes or results.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in [*results.get("notes", []), *notes]]
     return "\n".join(lines) + "\n"
-
-
-def run_suite(
-    model: Any,
-    out_dir: str | os.PathLike[str],
-    benchmarks: Sequence[str] = ("zero_shot", "retrieval"),
-    datasets: Sequence[str] = ("world",),
-    seed: int = 0,
-    config: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Evaluate and write ``results.json``, ``results.md`` and the run record into ``out_dir``."""
-    from ..utils.runs import RunRecord
-
-    record_cfg = {
-        "benchmarks": list(benchmarks),
-        "datasets": list(datasets),
-        "seed": seed,
-        "model": model if isinstance(model, str) else getattr(model, "name", type(model).__name__),
-        **{k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None), list, tuple))},
-    }
-    with RunRecord(out_dir, config or record_cfg, seed) as run:
-        try:
-            results = evaluate_model(model, benchmarks, datasets, seed=seed, **kwargs)
-        except RCCError:
-            raise
-        atomic_write_json(Path(out_dir) / "results.json", results)
-        atomic_write_text(Path(out_dir) / "results.md", results_table(results))
-        run.update(results_file="results.json", table_file="results.md", seconds=results["seconds"])
-    return results
