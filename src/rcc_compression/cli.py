@@ -315,8 +315,16 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield report
 
 
+#: Click's base exception, from Typer's public ``BadParameter`` (Typer may ship its own copy of Click)
+_CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI in-process; returns the exit status (2 on bad input)."""
+    """Run the CLI in-process; returns the exit status.
+
+    Bad input (config, model, data: :class:`RCCError`) prints one line; a usage error (unknown
+    option or command, missing or bad argument) prints Click's usage line and message. Both exit 2.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         app(args=args, prog_name="rcc", standalone_mode=False)
@@ -328,14 +336,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return int(exc.exit_code)
-        raise
+    except _CLICK_ERROR as exc:  # usage errors: the usage line and the message, as Click prints them
+        if hasattr(exc, "ctx") and exc.ctx is None:  # raised by the option parser before the context existed
+            exc.ctx = _context_of(args)
+        exc.show()
+        return int(exc.exit_code)
     return 0
+
+
+def _context_of(args: Sequence[str]) -> Any:
+    """A Click context of the (sub)command ``args`` name, for its usage line."""
+    cmd, path = typer.main.get_command(app), ["rcc"]
+    for token in args:
+        sub = getattr(cmd, "commands", {}).get(token)
+        if sub is None:
+            break
+        cmd, path = sub, [*path, token]
+    return cmd.make_context(" ".join(path), [], resilient_parsing=True)
 
 
 def _alias(command: str) -> int:
