@@ -664,6 +664,16 @@ KNOWN_DATASETS = {
     "conceptual_captions": "conceptual_captions",
     "vqav2": "vqav2",
 }
+#: the task of each known name, known before (or without) opening it
+KNOWN_TASKS = {
+    "imagenet": "classification",
+    "mscoco": "captions",
+    "coco": "captions",
+    "flickr30k": "captions",
+    "cc3m": "captions",
+    "conceptual_captions": "captions",
+    "vqav2": "vqa",
+}
 WORLD_PARTS = ("captions", "vqa", "shape", "colour", "colour_shape")
 
 

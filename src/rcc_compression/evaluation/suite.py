@@ -6,11 +6,15 @@ every benchmark on every dataset it applies to and returns a nested dict::
     {"model": ..., "results": {benchmark: {dataset: {"metrics": {name: {value, ci_low, ci_high, n,
      samples}}, ...}}}, "skipped": [{benchmark, dataset, reason}], "notes": [...], ...}
 
-Dataset specs are paths, ``hf:NAME``, known names under the data root, or ``world`` (the
-reference world at the default seed, expanded per benchmark: the three classification tasks for
-``zero_shot``, the captions for ``retrieval`` and ``captioning``, the questions for ``vqa``). A
-benchmark that does not fit the model (zero-shot with a BLIP) or the dataset (VQA on ImageNet) is
-listed under ``skipped`` with the reason rather than failing the run.
+Dataset specs are paths, ``hf:NAME``, known names under the data root (``imagenet``, ``mscoco``,
+...), or ``world`` (the reference world at the default seed, expanded per benchmark: the three
+classification tasks for ``zero_shot``, the captions for ``retrieval`` and ``captioning``, the
+questions for ``vqa``). Every (benchmark, dataset) pair that fits runs; one that does not is listed
+under ``skipped`` with the reason rather than failing the run: a benchmark that does not fit the
+model (zero-shot with a BLIP), a dataset whose task does not fit the benchmark (retrieval on
+ImageNet), or a dataset that cannot be opened on this machine (a known name that is not under the
+data root, a missing path). A skipped pair has no numbers, and no other data (the world) stands in
+for a named dataset.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 import torch
 
 from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES
-from ..data.datasets import open_dataset, open_world
+from ..data.datasets import KNOWN_TASKS, open_dataset, open_world
 from ..data.transforms import transform_for
 from ..data.world import DEFAULT_SEED, ensure_world
 from ..errors import DataError
@@ -92,6 +96,14 @@ def _dataset_fits(benchmark: str, ds: Any) -> str | None:
     return None
 
 
+def _known_task_fits(benchmark: str, spec: str) -> str | None:
+    """Why a known dataset name cannot serve ``benchmark`` (known before opening it), or ``None``."""
+    task, want = KNOWN_TASKS.get(spec.lower()), _TASK[benchmark]
+    if task is not None and task != want and not Path(spec).exists():
+        return f"{benchmark} needs a {want} dataset; {spec} is {task}"
+    return None
+
+
 def _efficiency(wrapper: Any, seed: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     batch = wrapper.synthetic_batch(8, generator=gen)
@@ -118,6 +130,9 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Run ``benchmarks`` on ``datasets`` for ``model`` (a wrapper, ``nn.Module``, name or path).
 
+    Every pair that fits runs; the others are listed under ``skipped`` with the reason (see the
+    module docstring), so the design document's call ``evaluate_model(model, ["zero_shot",
+    "retrieval"], ["imagenet", "mscoco"])`` evaluates what is on this machine and says what is not.
     ``bootstrap_samples`` resamples per metric (0: point estimates only); ``max_items`` evaluates a
     seeded random subset of each dataset; ``templates`` overrides each dataset's prompt set;
     ``world_seed`` picks the reference world (default: the seed the bundled models were trained on).
@@ -154,7 +169,16 @@ def evaluate_model(
                 continue
             for spec in expand_datasets(bench, datasets):
                 t0 = time.perf_counter()
-                ds = _open(spec, bench, split, wrapper, skip_bad, root, world_seed)
+                reason = _known_task_fits(bench, spec)
+                if reason:
+                    out["skipped"].append({"benchmark": bench, "dataset": spec, "reason": reason})
+                    continue
+                try:
+                    ds = _open(spec, bench, split, wrapper, skip_bad, root, world_seed)
+                except DataError as exc:
+                    out["skipped"].append({"benchmark": bench, "dataset": spec, "reason": f"cannot open: {exc}"})
+                    log.warning("%s on %s skipped: cannot open: %s", bench, spec, exc)
+                    continue
                 reason = _dataset_fits(bench, ds)
                 if reason:
                     out["skipped"].append({"benchmark": bench, "dataset": spec, "reason": reason})
