@@ -374,6 +374,34 @@ def keys_add(
     typer.echo(key)
 
 
+@app.command()
+def search(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Search file (YAML: base config, space, objectives).")],
+    trials: Annotated[int | None, typer.Option("--trials", "-n", help="Finished trials the study needs (overrides study.trials).")] = None,  # noqa: E501
+    storage: Annotated[str | None, typer.Option("--storage", help="sqlite:///PATH or postgresql://... (default: OUTPUT/study.db).")] = None,  # noqa: E501
+    study: Annotated[str | None, typer.Option("--study", help="Study name (overrides study.name); workers sharing it share trials.")] = None,  # noqa: E501
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Search directory (trials, reports).")] = None,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Hyper-parameter search with Optuna: run this command on as many machines as you like with one --storage."""
+    from .optimization.search import Search
+    from .optimization.space import load_search_config
+    from .utils.logging import setup_logging
+    from .utils.runs import RunRecord, new_run_dir
+
+    overrides = {k: v for k, v in (("study.trials", trials), ("study.name", study)) if v is not None}
+    spec = load_search_config(config, overrides)
+    out = output or new_run_dir("runs", f"search-{spec.study.name}")
+    setup_logging(_verbosity(verbose, quiet), out)
+    resolved = spec.model_dump(mode="json") | {"config": str(spec.base_path().resolve()) if spec.config else None}
+    with RunRecord(out, resolved, spec.study.seed) as record, _progress(quiet) as report:
+        result = Search(spec, out, storage=storage, progress=report).run()
+        record.update(results={"counts": result["counts"], "best": result["best"] and result["best"]["number"]})
+    typer.echo((out / "summary.md").read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"search directory: {out}")
+
+
 @contextlib.contextmanager
 def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar fed by ``report(stage, done, total)`` callbacks."""

@@ -380,7 +380,7 @@ class CascadePipeline:
         for idx in range(start, len(steps)):
             k, j = steps[idx]
             stage = self.stages[j]
-            ctx.step, ctx.progress = idx, k / self.rounds
+            ctx.step, ctx.progress, ctx.round = idx, k / self.rounds, k
             record = self._run_step(stage, idx, k)
             last_step = idx
             if self.step_callback is not None:

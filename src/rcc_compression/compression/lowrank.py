@@ -11,6 +11,10 @@ def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int)
     return U[:, :r] * root[None, :], root[:, None] * Vh[:r]
 
 
+#: the smallest ridge ``whitening`` adds to a (nearly) singular input moment, as a share of its mean energy
+MIN_DAMPING = 1e-6
+
+
 def whitening(gram: torch.Tensor, damping: float = 1e-2, method: str = "cholesky"
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L, L^-1)`` with ``L L^T = X^T X + lambda I``, ``lambda = damping * mean(diag(X^T X))``.
@@ -18,16 +22,25 @@ def whitening(gram: torch.Tensor, damping: float = 1e-2, method: str = "cholesky
     ``cholesky`` (SVD-LLM) falls back to the symmetric root when the factorisation fails.
     Any such ``L`` gives the same optimal output error; the ``symmetric`` root also keeps the
     factors' row space inside the span the inputs occupy, so directions they never visit are
-    visibly dropped.
+    visibly dropped. Where ``damping`` is below :data:`MIN_DAMPING` and ``X^T X`` is (nearly)
+    singular (fewer calibration tokens than channels; a Cholesky pivot below that share of the
+    mean energy), ``lambda`` is raised to it, as SVD-LLM adds a minimal ridge: the inverse root
+    would otherwise hold non-finite or astronomically large entries.
     """
     g = gram.double()
     n = g.shape[0]
-    lam = damping * float(g.diagonal().mean().clamp_min(1e-12))
-    h = g + lam * torch.eye(n, dtype=g.dtype, device=g.device)
+    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    mean = float(g.diagonal().mean().clamp_min(1e-12))
+    lam = damping * mean
+    h = g + lam * eye
+    if lam < MIN_DAMPING * mean:
+        L, info = torch.linalg.cholesky_ex(h)
+        if int(info) != 0 or float(L.diagonal().pow(2).min()) < MIN_DAMPING * mean:
+            lam = MIN_DAMPING * mean
+            h = g + lam * eye
     if method == "cholesky":
         L, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            eye = torch.eye(n, dtype=g.dtype, device=g.device)
             Linv = torch.linalg.solve_triangular(L, eye, upper=False)
             return L.to(gram.dtype), Linv.to(gram.dtype)
     elif method != "symmetric":

@@ -12,7 +12,8 @@ over: a block power iteration from the previous factors, exact when it converges
 Mode ``hallu_space`` is the published Nullu (Yang et al., CVPR 2025, "HalluSpace Projection";
 ``utils/halluedit.py``): from paired truthful / hallucinated captions, per-layer mean hidden
 states give ``D = (E_true - E_bad) / 2``; the top-k right singular vectors V of D span the
-HalluSpace and the MLP output projection is edited to ``W <- (I - V V^T) W``. Departure: hidden
+HalluSpace and the MLP output projection is edited to ``W <- (I - V V^T) W``, once: in a cascade of
+several rounds the edit is made in the first and later rounds leave it as it is. Departure: hidden
 states are mean-pooled over tokens (the reference uses the last token), and the bias is
 projected too. It edits and does not shrink; on an already compressed layer the edit is folded
 into the low-rank part as ``k`` extra columns so S keeps its structure.
@@ -54,7 +55,8 @@ class NulluConfig(StageConfig):
     decomposition_method: Literal["svd", "randomized", "activation_aware", "asvd"] = "svd"
     oversample: int = Field(8, ge=0)
     power_iterations: int = Field(2, ge=0)
-    damping: float = Field(1e-2, ge=0.0, description="activation_aware: ridge as a share of mean input energy")
+    damping: float = Field(1e-2, ge=0.0, description="activation_aware: ridge as a share of mean input energy "
+                                                         "(raised to 1e-6 where the input moment is singular)")
     asvd_alpha: float = Field(0.5, ge=0.0)
     warm_start: bool = True
     refit: Literal["none", "sequential"] = Field(
@@ -326,17 +328,18 @@ class NulluStage(Stage):
             elif fresh and method != "randomized":
                 if cfg.rank_rule == "min" and (tg["rank_reduction"] is not None or tg["param_budget"] is not None):
                     # the other targets cap the rank, and a smaller rank saves more: a layer the cap
-                    # leaves unfactorisable stays dense, any other is factorised at a rank its SVD
-                    # decides; neither needs a separate spectrum first
-                    kept = []
+                    # leaves factorisable is factorised at a rank its SVD decides (no separate
+                    # spectrum needed); for any other, the energy rank may still be small enough,
+                    # so its spectrum decides
+                    kept, capped = [], []
                     for n in fresh:
                         cap = rank_for(torch.empty(0), *work[n]["M"].shape, tg["rank_reduction"], None,
                                        tg["param_budget"], "min")
-                        if factorisable(cap, *work[n]["M"].shape):
-                            kept.append(n)
-                        else:
-                            work[n]["rank"] = cap
-                    fresh = kept
+                        (kept if factorisable(cap, *work[n]["M"].shape) else capped).append(n)
+                    if capped:
+                        energies = spectral_energy(torch.stack([work[n]["M"] for n in capped]))
+                        kept += [n for i, n in enumerate(capped) if decide(work[n], energies[i])]
+                    fresh = [n for n in names if n in kept]
                 else:
                     energies = spectral_energy(torch.stack([work[n]["M"] for n in fresh]))
                     fresh = [n for i, n in enumerate(fresh) if decide(work[n], energies[i])]
@@ -448,6 +451,13 @@ class NulluStage(Stage):
     @torch.no_grad()
     def _hallu_space(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
+        if ctx.round > 1:
+            # a one-shot edit: repeating it would add top_k more directions each round, recomputed
+            # on the already edited model, and the earlier projections would stop being exact
+            self.statistics = {"mode": "hallu_space", "pairs": self.statistics.get("pairs"), "top_k": cfg.top_k,
+                               "skipped": f"one-shot edit, made in round 1 (now round {ctx.round})",
+                               "layers": self.statistics.get("layers", {})}
+            return model
         if not cfg.pairs_file:
             raise CompressionError("nullu mode 'hallu_space' needs pairs_file (JSON lines of truthful/hallucinated)")
         if ctx.tokenizer is None:

@@ -190,6 +190,12 @@ def stored_bytes(layer: CompressedLinear) -> int:
     return total
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """Hex sha256 of a tensor's raw bytes (row-major; any dtype, bfloat16 included)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return sha256_bytes(flat.view(torch.uint8).numpy().tobytes())
+
+
 def dense_bytes(layer: CompressedLinear | nn.Linear, dtype: torch.dtype | None = None) -> int:
     """Bytes of the dense layer it replaces: weight and bias in the dtype the model was given
     (the layer's own), or in ``dtype`` (``torch.float32`` for the rate against fp32)."""
@@ -329,8 +335,7 @@ def save_compressed(
             "base": None, "quant": quant_spec(layer),
         }
         if layer.base is not None:
-            base_bytes = layer.base.detach().cpu().contiguous().numpy().tobytes()
-            layer_info[name]["base"] = {"sha256": sha256_bytes(base_bytes)}
+            layer_info[name]["base"] = {"sha256": tensor_sha256(layer.base)}
     skip = {f"{name}." for name in layers}
     rest: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -535,10 +540,18 @@ def install_layers(model: nn.Module, manifest: dict[str, Any], grouped: dict[str
         except AttributeError:
             raise CheckpointError(f"layer {name!r} of the checkpoint does not exist in the model") from None
         layer = decode_layer(grouped.get(name, {}), {**info, "name": name})
-        if info.get("base") is not None:
+        base_info = info.get("base")
+        if base_info is not None:
             if reference is None or name not in reference:
                 raise CheckpointError(f"layer {name!r} was compressed as a delta: pass reference_model=...")
             layer.set_base(reference[name])
+            recorded = base_info.get("sha256") if isinstance(base_info, dict) else None
+            if not isinstance(recorded, str):
+                raise CheckpointError(f"layer {name!r}: the manifest records no sha256 of its base weight")
+            if tensor_sha256(layer.base) != recorded:
+                raise CheckpointError(
+                    f"layer {name!r}: the reference model given is not the base this checkpoint was compressed "
+                    f"against (sha256 of its {info.get('dtype')} weight differs); pass the same base model")
         ref = next(current.parameters(), None)
         replace_module(model, name, layer.to(ref.device) if ref is not None else layer)
 
