@@ -30,6 +30,7 @@ from .calibration import flatten_outputs, relative_output_error, to_device
 from .layers import CompressedLinear
 from .refit import sequential_moments
 from .stage import CompressionContext, Stage, StageConfig, kd_finetune
+from .storage import stored_bytes
 
 log = get_logger("alphaedit")
 
@@ -227,13 +228,23 @@ class AlphaEditStage(Stage):
             why = "num_epochs is 0" if ctx.batches else "no calibration data"
             self.statistics = {"mode": "scaling", "skipped": why, "layers": {}}
             return model
-        for m in layers.values():
+        no_room = []
+        for name, m in list(layers.items()):
             if m.a_in is None or m.a_out is None:
                 ref = m._ref
                 m.set_scales(
                     m.a_in.detach() if m.a_in is not None else torch.ones(m.in_features, device=ref.device),
                     m.a_out.detach() if m.a_out is not None else torch.ones(m.out_features, device=ref.device),
                 )
+                cap = ctx.byte_cap(name, for_scales=True)
+                if cap is not None and stored_bytes(m) > cap:  # scales would store more than the last round
+                    m.set_scales(None, None)
+                    no_room.append(name)
+                    del layers[name]
+        if not layers:
+            self.statistics = {"mode": "scaling", "skipped": "no layer has room for scales", "no_room": no_room,
+                               "layers": {}}
+            return model
         importance = self._importance(model, layers, ctx)
         hooks = []
         per_layer: dict[str, Any] = {}
@@ -261,6 +272,8 @@ class AlphaEditStage(Stage):
                 info["importance_in_mean"] = float(importance[n][0].mean())
                 info["importance_out_mean"] = float(importance[n][1].mean())
             per_layer[n] = info
+        if no_room:
+            per_layer.update({n: {"skipped": "scales would store more than the previous round"} for n in no_room})
         self.statistics = {"mode": "scaling", "importance_metric": cfg.importance_metric,
                            "scale_fraction": cfg.scale_fraction, "trainable": cfg.trainable, **kd,
                            "layers": per_layer}

@@ -36,8 +36,10 @@ from ..utils.io import atomic_write_json, directory_lock, remove_stale_temp_file
 from ..utils.logging import get_logger
 from .calibration import output_agreement, run_outputs
 from .layers import CompressedLinear, compressed_layers, layer_snapshot, replace_module, restore_layer
+from .planner import LayerShape
 from .registry import STAGES, CascadeConfig, CompressionSection, build_stage
-from .stage import CompressionContext, Distiller, Stage, select_layers
+from .schedule import joint_schedule
+from .stage import CompressionContext, Distiller, Stage, schedule_fraction, select_layers
 from .storage import (
     dense_bytes,
     install_layers,
@@ -144,6 +146,9 @@ class CascadePipeline:
         self._model: nn.Module | None = None
         self._ctx: CompressionContext | None = None
         self._dense_score: float | None = None
+        self._joint: list[dict[str, float]] | None = None
+        #: (caps, scale reserve) of the current round: what each layer stored when it began
+        self._round_caps: tuple[dict[str, int], dict[str, int]] | None = None
         self.stopped_early = False
 
     # ------------------------------------------------------------------ building
@@ -212,7 +217,56 @@ class CascadePipeline:
             image_loader=(lambda imgs, w=wrapper: _load_images(w, imgs)) if wrapper is not None else None,
         )
         self._model = inner
+        self._joint = self._joint_schedule(inner)
         return inner, wrapper
+
+    def _joint_schedule(self, inner: nn.Module) -> list[dict[str, float]] | None:
+        """Per-round targets of dare and nullu from their joint byte schedule (:mod:`.schedule`), or ``None``.
+
+        It applies where both shrink the same layers toward byte targets known up front: ``dare``
+        by ``pruning_rate`` (no N:M), ``nullu`` in ``lowrank`` mode by ``param_budget`` alone (as
+        ``compress_model`` plans them). Other settings keep each stage's own schedule; the byte
+        caps still hold every step to what the previous round stored.
+        """
+        dare = next((s for s in self.stages if s.name == "dare"), None)
+        nullu = next((s for s in self.stages if s.name == "nullu"), None)
+        if dare is None or nullu is None or self.rounds < 2:
+            return None
+        nc = nullu.config
+        if (dare.config.nm is not None or nc.mode != "lowrank" or nc.param_budget is None
+                or nc.rank_reduction is not None or nc.energy_threshold is not None):
+            return None
+        names = dare.layer_names(inner)
+        if set(names) != set(nullu.layer_names(inner)):
+            return None
+
+        shapes = []
+        for n in names:
+            m = inner.get_submodule(n)
+            shapes.append(LayerShape(m.out_features, m.in_features, m._ref.element_size(), m.bias is not None))
+        fractions = [schedule_fraction(k / self.rounds, self.schedule) for k in range(1, self.rounds + 1)]
+        return joint_schedule(shapes, dare.config.pruning_rate, nc.param_budget, fractions,
+                              dare.config.resolved_scope(), nc.budget_allocation)
+
+    def _round_targets(self, k: int) -> dict[str, dict[str, float]]:
+        if self._joint is None:
+            return {}
+        t = self._joint[k - 1]
+        return {"dare": {"pruning_rate": t["pruning_rate"]}, "nullu": {"param_budget": t["param_budget"]}}
+
+    def _byte_caps(self) -> tuple[dict[str, int], dict[str, int]]:
+        """What each layer stores now (the cap of the round about to start) and the room kept for scales."""
+        layers = compressed_layers(self._model)
+        caps = {n: stored_bytes(m) for n, m in layers.items()}
+        reserve: dict[str, int] = {}
+        for st in self.stages:
+            cfg = st.config
+            if st.name == "alphaedit" and cfg.mode == "scaling" and cfg.num_epochs > 0 and self._ctx.batches:
+                for n in st.layer_names(self._model):
+                    m = layers.get(n)
+                    if m is not None and m.a_in is None and m.a_out is None:
+                        reserve[n] = (m.in_features + m.out_features) * m._ref.element_size()
+        return caps, reserve
 
     @property
     def dense_model(self) -> nn.Module | None:
@@ -300,6 +354,8 @@ class CascadePipeline:
                 "format": "rcc-cascade-progress", "format_version": 1, "next_step": next_step,
                 "checkpoint": self._checkpoint, "records": self.records, "stage_results": self.stage_results,
                 "done": done, "stopped_early": self.stopped_early, "encrypted": self.encrypt_key is not None,
+                "round_caps": None if self._round_caps is None else {"caps": self._round_caps[0],
+                                                                     "scale_reserve": self._round_caps[1]},
             })
         except OSError as exc:
             raise CheckpointError(f"{self.run_dir / PROGRESS_FILE}: could not write: {exc.strerror or exc}. "
@@ -348,6 +404,10 @@ class CascadePipeline:
         install_layers(self._model, manifest, load_layer_tensors(ckpt, manifest, self.encrypt_key), self._ctx.reference)
         install_rest(ckpt, manifest, self._model, self.encrypt_key)
         self._checkpoint = progress["checkpoint"]
+        caps = progress.get("round_caps")
+        if isinstance(caps, dict) and isinstance(caps.get("caps"), dict):
+            self._round_caps = ({str(k): int(v) for k, v in caps["caps"].items()},
+                                {str(k): int(v) for k, v in caps.get("scale_reserve", {}).items()})
         self.records = list(progress.get("records", []))
         self.stage_results = dict(progress.get("stage_results", {}))
         log.info("resuming from %s (step %d of %d)", ckpt, progress["next_step"], len(self.steps()))
@@ -381,6 +441,11 @@ class CascadePipeline:
             k, j = steps[idx]
             stage = self.stages[j]
             ctx.step, ctx.progress, ctx.round = idx, k / self.rounds, k
+            ctx.targets = self._round_targets(k)
+            if j == 0 or not ctx.byte_caps:
+                if j == 0 or self._round_caps is None:
+                    self._round_caps = self._byte_caps()
+                ctx.byte_caps, ctx.scale_reserve = self._round_caps
             record = self._run_step(stage, idx, k)
             last_step = idx
             if self.step_callback is not None:
@@ -429,7 +494,8 @@ class CascadePipeline:
         stats = stage.get_statistics()
         record: dict[str, Any] = {
             "step": idx, "round": k, "stage": stage.name,
-            "targets": stage.target_description(ctx.progress, ctx.schedule),
+            "targets": ({k: round(v, 6) for k, v in ctx.targets[stage.name].items()} if stage.name in ctx.targets
+                        else stage.target_description(ctx.progress, ctx.schedule)),
             "achieved": compression_summary(inner),
             "metric": score, "retention": retention, "threshold": self.cascade.validation_threshold,
             "passed": passed, "seconds": round(time.perf_counter() - t0, 4),

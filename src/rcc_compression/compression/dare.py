@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import CompressionError
 from .stage import CompressionContext, Stage, StageConfig, kd_finetune, schedule_fraction
+from .storage import stored_bytes
 
 
 class DareConfig(StageConfig):
@@ -204,13 +205,33 @@ class DareStage(Stage):
             keep_prob = float(mask.float().mean()) / prev_keep
         values = rescale_values(current, mask, current, cfg.resolved_rescale(), keep_prob)
         layer.set_sparse(values, mask)
-        return {"sparsity": 1.0 - float(mask.float().mean()), "changed": True}
+        info: dict[str, Any] = {"sparsity": 1.0 - float(mask.float().mean()), "changed": True}
+        cap = ctx.byte_cap(name)
+        if cap is not None and nm is None and stored_bytes(layer) > cap:
+            # the round may not store more than the last one: keep fewer entries, the lowest scored go
+            # (for the random scorer, more random ones)
+            if cfg.scorer == "random":
+                scores = torch.rand(current.shape, generator=ctx.generator(zlib.crc32(name.encode()) + 1))
+                scores = scores.to(current.device)
+            m, n = current.shape
+            for _ in range(8):
+                excess = stored_bytes(layer) - cap
+                if excess <= 0:
+                    break
+                keep = max(0, int(mask.sum()) - -(-excess // layer.weight.element_size()))
+                row = cfg.resolved_scope() == "row"
+                capped_rate = 1.0 - ((keep // m) / n if row else keep / (m * n))
+                mask = topk_mask(scores, capped_rate, "row" if row else "layer", mask)
+                keep_prob = float(mask.float().mean()) / prev_keep
+                layer.set_sparse(rescale_values(current, mask, current, cfg.resolved_rescale(), keep_prob), mask)
+            info.update(sparsity=1.0 - float(mask.float().mean()), byte_capped=True)
+        return info
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
         names = self.layer_names(model)
         layers = ctx.layers(names)
-        rate = self.rate_at(ctx.progress, ctx.schedule)
+        rate = ctx.targets.get(self.name, {}).get("pruning_rate", self.rate_at(ctx.progress, ctx.schedule))
         stats = ctx.stats() if cfg.scorer == "wanda" else None
         per_layer: dict[str, Any] = {}
         for i, (name, layer) in enumerate(layers.items()):

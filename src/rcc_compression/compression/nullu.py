@@ -38,6 +38,7 @@ from .layers import CompressedLinear
 from .lowrank import balanced_factors, whitening
 from .refit import sequential_refit
 from .stage import CompressionContext, Stage, StageConfig, schedule_fraction
+from .storage import dense_bytes, stored_bytes
 
 log = get_logger("nullu")
 
@@ -270,6 +271,9 @@ class NulluStage(Stage):
     def _low_rank(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
         tg = self.targets_at(ctx.progress, ctx.schedule)
+        if "param_budget" in ctx.targets.get(self.name, {}):  # the cascade's joint byte schedule
+            tg = {"rank_reduction": None, "energy_threshold": None,
+                  "param_budget": ctx.targets[self.name]["param_budget"]}
         if all(v is None for v in tg.values()):
             raise CompressionError("nullu needs one of rank_reduction, energy_threshold, param_budget")
         layers = ctx.layers(self.layer_names(model))
@@ -385,16 +389,38 @@ class NulluStage(Stage):
                     layer.set_sparse(None)
             elif "usv" not in w or not factorisable(r, m, n):
                 info["skipped"] = f"r (m + n) >= m n for r={r}"
-                if not w["keep_sparse"] and layer.weight is None and layer.rank > 0:
+                cap = ctx.byte_cap(name)
+                dense_fits = cap is None or dense_bytes(layer) <= cap
+                if not w["keep_sparse"] and layer.weight is None and layer.rank > 0 and dense_fits:
                     layer.set_low_rank(None, None)
                     layer.set_sparse(ctx.target_weight(name, layer))
             else:
+                # the parts this step replaces (references, not copies: the setters make new tensors)
+                before = (layer.weight, layer.mask, layer.lr_A, layer.lr_B, dict(layer.quant))
                 B, A = balanced_factors(U, S, Vh, r)
                 if w["right_inv"] is not None:
                     A = A @ w["right_inv"]
                 layer.set_low_rank(B, A)
                 if not w["keep_sparse"]:
                     layer.set_sparse(None)
+                cap = ctx.byte_cap(name)
+                excess = stored_bytes(layer) - cap if cap is not None else 0
+                if excess > 0:
+                    # no step stores more than the previous round: fewer directions (the factors are
+                    # fresh and unquantized, so each costs (m + n) values)
+                    per_rank = (m + n) * layer._ref.element_size()
+                    r = r - -(-excess // per_rank)
+                    info["byte_capped_rank"] = max(r, 0)
+                    if r > 0:
+                        B, A = B[:, :r], A[:r]
+                        layer.set_low_rank(B, A)
+                    else:
+                        layer.weight, layer.mask, layer.lr_A, layer.lr_B, layer.quant = before
+                        layer._fast = None
+                        info["skipped"] = "no factors fit in the bytes the previous round stored"
+                        per_layer[name] = info
+                        ctx.tick(f"nullu {name}", i + 1, len(work))
+                        continue
                 kept = float(S[:r].pow(2).sum())
                 info.update(rank=r, energy_kept=kept / total if total > 0 else 1.0, warm=bool(w.get("warm")))
                 if ctx.progress >= 1.0 and stats is not None and stats[name].gram is not None:
@@ -509,7 +535,8 @@ def hallu_project_layer(layer: nn.Module, V: torch.Tensor) -> dict[str, float]:
     """Edit a layer so its output has no component along the columns of ``V`` (orthonormal, out x k).
 
     Dense layers get ``W <- (I - V V^T) W`` (and the bias projected); compressed layers get the
-    same map as ``k`` extra low-rank columns, so their sparse part keeps its structure.
+    same map as ``k`` extra low-rank columns, so their sparse part keeps its structure (or, where
+    those would store more than the dense layer, the edited weight as a dense S, scales folded in).
     """
     V = V.to(torch.float64)
     if isinstance(layer, nn.Linear):
@@ -535,6 +562,13 @@ def hallu_project_layer(layer: nn.Module, V: torch.Tensor) -> dict[str, float]:
         B = torch.cat([layer.lr_B.double(), B_extra], 1) if layer.rank else B_extra
         A = torch.cat([layer.lr_A.double(), A_extra], 0) if layer.rank else A_extra
         layer.set_low_rank(B, A)
+        if stored_bytes(layer) > dense_bytes(layer):
+            # k more columns would store more than the dense layer: the edited layer as a dense S,
+            # scales folded in
+            edited = eff - V @ (V.t() @ eff)
+            layer.set_low_rank(None, None)
+            layer.set_scales(None, None)
+            layer.set_sparse(edited - (layer.base.double() if layer.base is not None else 0))
     if layer.bias is not None:
         b = layer.bias.double()
         layer.bias.data.copy_((b - V @ (V.t() @ b)).to(layer.bias.dtype))

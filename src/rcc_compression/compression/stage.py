@@ -121,6 +121,14 @@ class CompressionContext:
     distill: Distiller | None = None
     tokenizer: Any = None
     image_loader: Callable[[list[Any]], torch.Tensor] | None = None
+    #: per-stage targets of the current round from the cascade's joint byte schedule (:mod:`.schedule`);
+    #: a stage listed here uses them instead of its own schedule
+    targets: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: per layer, the most bytes a step of this round may leave stored: what the layer stored when
+    #: the round began (dense in the first), so no step ever stores more than the previous round
+    byte_caps: dict[str, int] = field(default_factory=dict)
+    #: per layer, bytes kept free for channel scales a later ``alphaedit`` step will add
+    scale_reserve: dict[str, int] = field(default_factory=dict)
     _stats: dict[str, LayerStats] = field(default_factory=dict)
     _stats_gram: bool = False
     _preserve_stats: dict[str, LayerStats] | None = None
@@ -192,6 +200,17 @@ class CompressionContext:
         if layer.base is not None:
             w = w - layer.base.float()
         return w
+
+    def byte_cap(self, name: str, for_scales: bool = False) -> int | None:
+        """The most bytes a step may leave stored in layer ``name`` (``None``: no cap).
+
+        Parts other than scales stay below the cap by the room reserved for scales (``for_scales``
+        gives the whole cap, for the step that adds them).
+        """
+        cap = self.byte_caps.get(name)
+        if cap is None or for_scales:
+            return cap
+        return cap - self.scale_reserve.get(name, 0)
 
     def tick(self, what: str, done: int, total: int) -> None:
         """Report per-layer progress to the CLI's progress bar, if one is listening."""
