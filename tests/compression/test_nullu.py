@@ -334,3 +334,29 @@ def test_zero_damping_with_fewer_tokens_than_channels_stays_finite():
     assert float((model(x).detach() - dense).norm() / dense.norm()) < 1e-4  # rank 12 spans the 12 tokens
     L, Linv = whitening(torch.zeros(8, 8, dtype=torch.float64), 0.0)
     assert torch.isfinite(Linv).all()
+
+
+def test_warm_started_factors_end_at_the_exact_truncated_svd():
+    """Issue 10, item 16: warm-started rounds ended 1.3 % above the exact truncated SVD of the final residual."""
+    from rcc_compression.compression.cascade import CascadePipeline
+    from rcc_compression.config import load_config
+
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(96, 96, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(128, 96, generator=g)).Q
+    w = (U * torch.logspace(0, -1.5, 96)) @ V.t()
+    model = _Square(w)
+    cfg = load_config(None, data={"compression": {
+        "dare": {"pruning_rate": 0.5, "iterations": 4, "fine_tune_epochs": 0, "targets": ["^fc$"], "ignore": []},
+        "nullu": {"rank_reduction": None, "energy_threshold": None, "param_budget": 0.2, "targets": ["^fc$"],
+                  "ignore": []},
+        "cascade": {"stages": ["dare", "nullu"], "validation_threshold": 0.0}}}).compression
+    pipe = CascadePipeline(cfg)
+    pipe.run(model)
+    layer = compressed_layers(model)["fc"]
+    M = (w - layer.sparse_part().detach()).double()
+    optimum = float(torch.linalg.svdvals(M)[layer.rank:].pow(2).sum())
+    error = float((M - layer.low_rank_part().detach().double()).pow(2).sum())
+    assert error <= optimum * (1 + 1e-4)
+    info = pipe.stage_results["nullu"]["layers"]["fc"]
+    assert info["warm"] and (info["warm_converged"] or info["exact_svd"])

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..utils.logging import get_logger
 from .calibration import flatten_outputs, relative_output_error, to_device
@@ -245,8 +246,11 @@ class AlphaEditStage(Stage):
             self.statistics = {"mode": "scaling", "skipped": "no layer has room for scales", "no_room": no_room,
                                "layers": {}}
             return model
-        importance = self._importance(model, layers, ctx)
-        hooks = []
+        # importance only decides which channels learn: with every channel learning it would cost a
+        # backward pass for nothing
+        importance = self._importance(model, layers, ctx) if cfg.scale_fraction < 1.0 else {}
+        hooks: list[Any] = []
+        held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         per_layer: dict[str, Any] = {}
         if cfg.scale_fraction < 1.0 and importance:
             for n, m in layers.items():
@@ -255,6 +259,16 @@ class AlphaEditStage(Stage):
                     sel = torch.zeros(imp.numel(), dtype=param.dtype, device=param.device)
                     sel[imp.topk(k).indices.to(param.device)] = 1
                     hooks.append(param.register_hook(lambda g, s=sel: g * s))
+                    held.append((param, sel.bool(), param.detach().clone()))
+
+            def hold(_opt: Any, _args: Any, _kwargs: Any) -> None:
+                # a zero gradient does not stop weight decay (or momentum) moving a channel: the
+                # channels without a learnable scale are put back after every optimiser step
+                with torch.no_grad():
+                    for param, sel, value in held:
+                        param.copy_(torch.where(sel, param, value))
+
+            hooks.append(register_optimizer_step_post_hook(hold))
         params: list[nn.Parameter] = [p for m in layers.values() for p in (m.a_in, m.a_out)]
         if cfg.trainable == "scales_and_values":
             params += [p for m in layers.values() for p in (m.weight, m.lr_A, m.lr_B) if p is not None]
@@ -274,7 +288,9 @@ class AlphaEditStage(Stage):
             per_layer[n] = info
         if no_room:
             per_layer.update({n: {"skipped": "scales would store more than the previous round"} for n in no_room})
-        self.statistics = {"mode": "scaling", "importance_metric": cfg.importance_metric,
+        self.statistics = {"mode": "scaling",
+                           "importance_metric": cfg.importance_metric if importance else
+                           "not computed: scale_fraction 1 gives every channel a learnable scale",
                            "scale_fraction": cfg.scale_fraction, "trainable": cfg.trainable, **kd,
                            "layers": per_layer}
         return model

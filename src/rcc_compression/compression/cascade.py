@@ -36,7 +36,9 @@ from ..utils.io import atomic_write_json, directory_lock, remove_stale_temp_file
 from ..utils.logging import get_logger
 from .calibration import output_agreement, run_outputs
 from .layers import CompressedLinear, compressed_layers, layer_snapshot, replace_module, restore_layer
+from .planner import LayerShape
 from .registry import STAGES, CascadeConfig, CompressionSection, build_stage
+from .schedule import joint_schedule
 from .stage import CompressionContext, Distiller, Stage, schedule_fraction, select_layers
 from .storage import (
     dense_bytes,
@@ -237,8 +239,6 @@ class CascadePipeline:
         names = dare.layer_names(inner)
         if set(names) != set(nullu.layer_names(inner)):
             return None
-        from .planner import LayerShape
-        from .schedule import joint_schedule
 
         shapes = []
         for n in names:
@@ -256,8 +256,6 @@ class CascadePipeline:
 
     def _byte_caps(self) -> tuple[dict[str, int], dict[str, int]]:
         """What each layer stores now (the cap of the round about to start) and the room kept for scales."""
-        from .storage import stored_bytes
-
         layers = compressed_layers(self._model)
         caps = {n: stored_bytes(m) for n, m in layers.items()}
         reserve: dict[str, int] = {}

@@ -7,7 +7,10 @@ Default (design document): replace the layer's weight, or the residual left by `
 dropped singular value equals the output error it causes) or ``asvd`` (Yuan et al. 2023: input
 channels scaled by ``mean|x|^alpha``). A layer is only factorised where ``r (m + n) < m n``.
 Later rounds of the cascade refine the previous subspace (``warm_start``) instead of starting
-over: a block power iteration from the previous factors, exact when it converges.
+over: a block power iteration from the previous factors. In the final round it iterates until an
+iteration gains less than ``WARM_TOL`` of the energy still left out; a layer that does not get
+there within ``WARM_MAX_ITERATIONS`` (a small spectral gap) is decomposed exactly instead, and the
+statistics say which (``warm_converged``, ``exact_svd``).
 
 Mode ``hallu_space`` is the published Nullu (Yang et al., CVPR 2025, "HalluSpace Projection";
 ``utils/halluedit.py``): from paired truthful / hallucinated captions, per-layer mean hidden
@@ -185,16 +188,44 @@ def spectral_energy(matrices: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 
-def warm_subspace_svd(M: torch.Tensor, A_prev: torch.Tensor, iterations: int = 1
+#: final round of warm-started factors: subspace iterations until one gains less than WARM_TOL of the
+#: energy still left out; a layer not there after WARM_MAX_ITERATIONS gets the exact SVD instead
+WARM_TOL = 1e-5
+WARM_MAX_ITERATIONS = 8
+
+
+def warm_subspace_svd(M: torch.Tensor, A_prev: torch.Tensor, iterations: int = 1, tol: float | None = None,
+                      max_iterations: int = 30, info: dict[str, Any] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Approximate top SVD of ``M`` by subspace iteration started from ``A_prev``'s row space.
 
     Returns ``U, S, Vh`` with ``q = A_prev.shape[0]`` components; exact when ``M``'s top-q
-    subspace is ``A_prev``'s, and otherwise improving with each iteration.
+    subspace is ``A_prev``'s, and otherwise improving with each iteration. With ``tol`` it
+    iterates (at most ``max_iterations`` times) until an iteration adds less captured energy
+    ``||Q^T M||^2`` than ``tol`` times the energy still left out, i.e. until the truncation error
+    is within about that share of the exact truncated SVD's; ``info`` receives ``iterations`` and
+    ``converged``.
     """
     Q = torch.linalg.qr(M @ A_prev.t().to(M.dtype)).Q
-    for _ in range(max(iterations, 0)):
-        Q = torch.linalg.qr(M @ (M.t() @ Q)).Q
+    done, converged = 0, tol is None
+    if tol is None:
+        for _ in range(max(iterations, 0)):
+            Q = torch.linalg.qr(M @ (M.t() @ Q)).Q
+        done = max(iterations, 0)
+    else:
+        total = float(M.double().pow(2).sum())
+        captured = float((Q.t() @ M).double().pow(2).sum())
+        while done < max_iterations:
+            Q = torch.linalg.qr(M @ (M.t() @ Q)).Q
+            done += 1
+            new = float((Q.t() @ M).double().pow(2).sum())
+            gain, left = new - captured, total - new
+            captured = new
+            if gain <= tol * max(left, 1e-12 * total):
+                converged = True
+                break
+    if info is not None:
+        info.update(iterations=done, converged=converged)
     # the q x n projection's SVD from the eigenpairs of its q x q Gram (float64): far cheaper than
     # an SVD of the q x n matrix when n >> q, and exact for the directions with S > 0
     B = Q.t() @ M
@@ -362,9 +393,17 @@ class NulluStage(Stage):
                 prev_A = w["layer"].lr_A.detach().to(w["M"].dtype)
                 if w["right"] is not None:
                     prev_A = prev_A @ w["right"]
-                # intermediate rounds: Rayleigh-Ritz on the previous subspace; the final one refines it
-                w["usv"] = warm_subspace_svd(w["M"], prev_A, iterations=1 if ctx.progress >= 1.0 else 0)
+                # intermediate rounds: Rayleigh-Ritz on the previous subspace; the final one iterates
+                # until its error is within WARM_TOL of the exact truncated SVD's
+                w["warm_info"] = {}
+                final = ctx.progress >= 1.0
+                w["usv"] = warm_subspace_svd(w["M"], prev_A, iterations=0, tol=WARM_TOL if final else None,
+                                             max_iterations=WARM_MAX_ITERATIONS, info=w["warm_info"])
                 w["warm"] = True
+                if final and not w["warm_info"]["converged"]:  # slow to converge (a small spectral gap): exact
+                    U, S, Vh = svd(w["M"])
+                    w["usv"] = (U, S, Vh)
+                    w["warm_info"]["exact_svd"] = True
 
         # 3. rank selection, factors, report
         per_layer: dict[str, Any] = {}
@@ -423,6 +462,10 @@ class NulluStage(Stage):
                         continue
                 kept = float(S[:r].pow(2).sum())
                 info.update(rank=r, energy_kept=kept / total if total > 0 else 1.0, warm=bool(w.get("warm")))
+                if w.get("warm") and ctx.progress >= 1.0:
+                    wi = w["warm_info"]
+                    info.update(warm_iterations=wi["iterations"], warm_converged=wi["converged"],
+                                exact_svd=bool(wi.get("exact_svd")))
                 if ctx.progress >= 1.0 and stats is not None and stats[name].gram is not None:
                     info.update(self._subspace_report(name, w, B, A, Vh[:r], stats[name].gram, ctx))
             per_layer[name] = info

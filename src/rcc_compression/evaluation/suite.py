@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES
+from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES, format_estimate
 from ..data.datasets import KNOWN_TASKS, open_dataset, open_world
 from ..data.transforms import transform_for
 from ..data.world import DEFAULT_SEED, ensure_world
@@ -232,7 +232,7 @@ _HEADLINE = {"zero_shot": "top1", "retrieval": "i2t_R@1", "captioning": "CIDEr",
 def _headline(bench: str, res: dict[str, Any]) -> str:
     key = _HEADLINE.get(bench)
     m = res.get("metrics", {}).get(key) if key else None
-    return f"{key} {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]" if m else "done"
+    return f"{key} {format_estimate(m)}" if m else "done"
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -262,8 +262,8 @@ def results_table(results: dict[str, Any]) -> str:
             for suffix, metrics in groups:
                 for name, m in metrics.items():
                     if isinstance(m, dict) and "value" in m:
-                        lines.append(f"| {bench} | {ds} | {name}{suffix} | {m['value']:.4f} | "
-                                     f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}] | {m['n']} |")
+                        ci = format_estimate(m).partition(" ")[2] or "- (no bootstrap)"
+                        lines.append(f"| {bench} | {ds} | {name}{suffix} | {m['value']:.4f} | {ci} | {m['n']} |")
                     elif isinstance(m, (int, float)):
                         lines.append(f"| {bench} | {ds} | {name}{suffix} | {m:.4f} | - | - |")
     if results.get("skipped"):
