@@ -128,3 +128,15 @@ def test_low_rank_fits_what_the_rounded_s_leaves():
                 assert layer.rank == 8 and set(layer.quant) == {"weight", "lr_A", "lr_B"}
         errors[ranks is None] = float((model(x).detach() - dense_out).pow(2).sum() / dense_out.pow(2).sum())
     assert errors[False] < 0.7 * errors[True]
+
+
+def test_compress_model_reports_progress_of_planning_and_stages(capsys):
+    from rcc_compression import compress_model
+
+    model, batches = _mlp_and_batches()
+    seen: list[str] = []
+    compress_model(model, 0.8, "quant", calibration_data=batches, progress=False,
+                   progress_callback=lambda what, done, total: seen.append(what.split(" ")[0]),
+                   config={"compression": {"cascade": {"validation_threshold": 0.0}}})
+    assert "plan" in seen and "quant" in seen
+    assert capsys.readouterr().err == ""  # progress=False draws nothing

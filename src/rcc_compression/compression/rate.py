@@ -31,7 +31,8 @@ LOWRANK_SHARES = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
 
 def apply_rate(inner: nn.Module, section: Any, rate: float, scope: str = "layers",
                lowrank_share: float | None = None,
-               calibration_data: Iterable[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+               calibration_data: Iterable[Mapping[str, Any]] | None = None,
+               progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Plan per-stage targets for ``rate`` and write them into ``section`` (in place); returns the plan.
 
     ``dare.pruning_rate`` and ``nullu.param_budget`` take the planned values (the other rank
@@ -45,7 +46,7 @@ def apply_rate(inner: nn.Module, section: Any, rate: float, scope: str = "layers
     shrinking = [s for s in stages if s in ("dare", "nullu", "quant")]
     split = lowrank_share is not None or section.cascade.lowrank_share is not None  # a fixed byte split asked for
     if "quant" in stages or (section.cascade.planner == "layers" and len(shrinking) > 1 and not split):
-        return apply_layer_plan(inner, section, rate, scope, calibration_data)
+        return apply_layer_plan(inner, section, rate, scope, calibration_data, progress)
     plan = _plan(inner, section, stages, rate, scope, lowrank_share, calibration_data)
     if plan.get("drop_stage"):
         section.cascade.stages = [s for s in section.cascade.stages if s != plan["drop_stage"]]

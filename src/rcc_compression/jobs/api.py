@@ -25,6 +25,7 @@ from ..models.registry import get_model, unwrap_model
 from ..training.recovery import finetune_on_batches
 from ..training.settings import TrainingSection
 from ..utils.logging import get_logger
+from ..utils.progress import interactive, progress_bar
 
 log = get_logger("api")
 
@@ -80,6 +81,7 @@ def compress_model(
     seed: int | None = None,
     device: str | torch.device | None = None,
     progress_callback: Callable[[str, int, int], None] | None = None,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Compress a model to ``compression_rate`` and return it, with ``.compression_stats`` attached.
 
@@ -88,7 +90,9 @@ def compress_model(
     name. With a rate, per-stage targets are planned so the stored bytes of the compressed layers
     (``scope="layers"``) or of the whole model (``scope="model"``) land on it; a rate that cannot
     be reached raises :class:`CompressionError` saying why, and a run the gate stops early reports
-    the rate it did reach and the step that failed.
+    the rate it did reach and the step that failed. ``progress`` shows progress bars (planning,
+    each stage over its layers, the cascade's steps) on standard error; ``None``: when it is a
+    terminal.
     """
     cfg = _resolve_config(config)
     seed = cfg.experiment.seed if seed is None else seed
@@ -103,13 +107,22 @@ def compress_model(
     plan: dict[str, Any] | None = None
     if compression_rate is None and section.cascade.target_rate is not None:
         compression_rate, scope = section.cascade.target_rate, section.cascade.rate_scope
-    if compression_rate is not None:
-        share = lowrank_share if lowrank_share is not None else section.cascade.lowrank_share
-        plan = apply_rate(inner, section, compression_rate, scope, share, calibration_data)
-    pipe = CompressionPipeline(section, calibration_data=calibration_data, metric_fn=metric_fn, run_dir=run_dir,
-                               seed=seed, device=device, progress_callback=progress_callback,
-                               run_config=cfg.model_dump(mode="json"), training=cfg.training)
-    out = pipe.run(wrapper_or_module)
+    with progress_bar(interactive() if progress is None else progress, by_first_word=True) as bar:
+
+        def report(what: str, done: int, total: int) -> None:
+            bar(what, done, total)
+            if progress_callback is not None:
+                progress_callback(what, done, total)
+
+        if compression_rate is not None:
+            share = lowrank_share if lowrank_share is not None else section.cascade.lowrank_share
+            plan = apply_rate(inner, section, compression_rate, scope, share, calibration_data, progress=report)
+        pipe = CompressionPipeline(section, calibration_data=calibration_data, metric_fn=metric_fn, run_dir=run_dir,
+                                   seed=seed, device=device, progress_callback=report,
+                                   step_callback=lambda r: bar(f"steps: {r['stage']} round {r['round']}",
+                                                               r["step"] + 1, len(pipe.steps())),
+                                   run_config=cfg.model_dump(mode="json"), training=cfg.training)
+        out = pipe.run(wrapper_or_module)
     summary = compression_summary(inner)
     stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results()}
     if plan is not None:
