@@ -1,7 +1,7 @@
 """Typed configuration: pydantic models, YAML ``inherit``/``override``, and ``--set`` overrides.
 
 A configuration is a YAML mapping with the sections ``experiment``, ``model``, ``dataset``,
-``calibration``, ``compression``, ``training`` and ``evaluation``. Any mapping may carry
+``calibration``, ``compression``, ``training``, ``evaluation`` and ``tracking``. Any mapping may carry
 ``inherit: path`` (or a list of paths, relative to the file; chains allowed, cycles refused) and
 ``override: {...}`` (deep-merged last). When an inherited file has the section's own key at its
 top (``compression:`` inherited from inside ``compression:``) that section is taken. Every key
@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, model_vali
 
 from .errors import ConfigError
 from .utils.schema import StrictModel
+from .utils.tracking import TrackingConfig
 
 KeyPath = tuple[str | int, ...]
 
@@ -144,6 +145,7 @@ class RCCConfig(StrictModel):
     compression: CompressionSection = Field(default_factory=CompressionSection)  # type: ignore[valid-type]
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 # ------------------------------------------------------------------------------ YAML loading

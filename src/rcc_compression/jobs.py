@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import RCCConfig, dump_config
 from .errors import CheckpointError
+from .run_observer import cascade_logger, chain, finish_compress_tracking, start_tracker
 from .utils.io import atomic_write_json, atomic_write_text, directory_lock
 from .utils.logging import get_logger
 
@@ -55,15 +56,31 @@ def headline_metrics(result: dict[str, Any], names: tuple[str, ...] = HEADLINE_M
     return out
 
 
-def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> dict[str, float]:
-    """Headline task metrics of the configured benchmarks; empty when none are configured."""
+QUALITY_METRICS = ("top1", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy")
+
+
+def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Headline task metrics of the configured benchmarks and their bootstrap CIs (``[low, high]``).
+
+    Both are empty when no benchmark is configured; the CIs are empty with ``bootstrap_samples: 0``.
+    """
     if not cfg.evaluation.benchmarks:
-        return {}
+        return {}, {}
     from .evaluation.suite import evaluate_model
 
+    samples = cfg.evaluation.bootstrap_samples
     res = evaluate_model(wrapper, benchmarks=cfg.evaluation.benchmarks, datasets=cfg.evaluation.datasets,
-                         batch_size=cfg.evaluation.batch_size, bootstrap_samples=0, seed=cfg.experiment.seed)
-    return headline_metrics(res, ("top1", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy"))
+                         batch_size=cfg.evaluation.batch_size, bootstrap_samples=samples, seed=cfg.experiment.seed)
+    values = headline_metrics(res, QUALITY_METRICS)
+    cis: dict[str, list[float]] = {}
+    if samples:
+        for bench, per_dataset in res.get("results", {}).items():
+            for spec, r in per_dataset.items():
+                for name in QUALITY_METRICS:
+                    m = r.get("metrics", {}).get(name)
+                    if isinstance(m, dict) and "ci_low" in m:
+                        cis[f"{bench} {spec} {name}"] = [float(m["ci_low"]), float(m["ci_high"])]
+    return values, cis
 
 
 def checkpoint_key(encrypt: bool = False, key_file: str | Path | None = None, resume_dir: Path | None = None
@@ -147,47 +164,54 @@ def _run_compress(
         log.info("planned for rate %.4f: %s", section.cascade.target_rate,
                  {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share")})
     resolved = dump_config(cfg) | {"compression": section.model_dump(mode="json")}
-    dense_quality = quality_metrics(wrapper, cfg) if evaluate else {}
-    pipe = CascadePipeline(
-        section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
-        seed=cfg.experiment.seed, device=device, progress_callback=progress, step_callback=step_callback,
-        run_config=resolved, encrypt_key=encrypt_key, training=cfg.training,
-    )
-    pipe.run(wrapper, resume=resume)
-    out_dir = run_dir / "compressed"
-    manifest = save_compressed(wrapper, out_dir, config=resolved, records=pipe.records, overwrite=True,
-                               encrypt_key=encrypt_key)
-    comp_quality = quality_metrics(wrapper, cfg) if evaluate else {}
-    kernels: dict[str, int] = {}
-    if evaluate:
-        from collections import Counter
+    with start_tracker(cfg, run_dir, resolved) as tracker:
+        tracker.log_event("phase", phase="dense evaluation")
+        dense_quality, dense_ci = quality_metrics(wrapper, cfg) if evaluate else ({}, {})
+        tracker.log_event("phase", phase="cascade")
+        pipe = CascadePipeline(
+            section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
+            seed=cfg.experiment.seed, device=device, progress_callback=progress,
+            step_callback=chain(step_callback, cascade_logger(tracker)),
+            run_config=resolved, encrypt_key=encrypt_key, training=cfg.training,
+        )
+        pipe.run(wrapper, resume=resume)
+        tracker.log_event("phase", phase="evaluation")
+        out_dir = run_dir / "compressed"
+        manifest = save_compressed(wrapper, out_dir, config=resolved, records=pipe.records, overwrite=True,
+                                   encrypt_key=encrypt_key)
+        comp_quality, comp_ci = quality_metrics(wrapper, cfg) if evaluate else ({}, {})
+        kernels: dict[str, int] = {}
+        if evaluate:
+            from collections import Counter
 
-        from .evaluation.efficiency import optimize_execution
+            from .evaluation.efficiency import optimize_execution
 
-        kernels = dict(Counter(optimize_execution(wrapper, holdout[0]).values()))
-    effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, holdout[0]) if evaluate else {}
-    results = {
-        "model": cfg.model.name,
-        "stages": section.cascade.stages,
-        "stopped_early": pipe.stopped_early,
-        "records": pipe.records,
-        "quality": {"dense": dense_quality, "compressed": comp_quality},
-        "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
-        "plan": plan,
-        "execution_kernels": kernels,
-        "stored_bytes_measured": measured_storage(out_dir),
-        "stored_bytes_reported": manifest["stored_bytes"],
-        "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
-                 "threshold": cfg.compression.cascade.validation_threshold},
-    }
-    atomic_write_json(run_dir / "results.json", results)
-    atomic_write_text(run_dir / "results.md", results_table_markdown(results))
-    if evaluate:
-        from .visualization.plots import plot_rate_curve
+            kernels = dict(Counter(optimize_execution(wrapper, holdout[0]).values()))
+        effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, holdout[0]) if evaluate else {}
+        results = {
+            "model": cfg.model.name,
+            "stages": section.cascade.stages,
+            "stopped_early": pipe.stopped_early,
+            "records": pipe.records,
+            "quality": {"dense": dense_quality, "compressed": comp_quality},
+            "quality_ci": {"dense": dense_ci, "compressed": comp_ci},
+            "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
+            "plan": plan,
+            "execution_kernels": kernels,
+            "stored_bytes_measured": measured_storage(out_dir),
+            "stored_bytes_reported": manifest["stored_bytes"],
+            "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
+                     "threshold": cfg.compression.cascade.validation_threshold},
+        }
+        atomic_write_json(run_dir / "results.json", results)
+        atomic_write_text(run_dir / "results.md", results_table_markdown(results))
+        if evaluate:
+            from .visualization.plots import plot_rate_curve
 
-        plot_rate_curve(pipe.records, run_dir / "rate_curve.png", dense_quality, comp_quality,
-                        title=f"{cfg.model.name}: quality vs compression rate")
-    return results
+            plot_rate_curve(pipe.records, run_dir / "rate_curve.png", dense_quality, comp_quality,
+                            title=f"{cfg.model.name}: quality vs compression rate")
+        finish_compress_tracking(tracker, cfg, run_dir, results, pipe, wrapper, holdout[0] if holdout else None)
+        return results
 
 
 _METRIC_NAMES = {"top1": "top-1", "i2t_R@1": "R@1 image->text", "t2i_R@1": "R@1 text->image"}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..utils.logging import get_logger
+from ..utils.tracking import ExperimentTracker
 
 if TYPE_CHECKING:
     from .trainer import CompressionTrainer
@@ -202,6 +203,32 @@ class ProgressBar(Callback):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class TrackingCallback(Callback):
+    """Send every optimiser step's logs (series ``train``) and every validation (``val``) to a tracker (main rank).
+
+    Steps continue across trainers that share a tracker (a cascade distils once per round), so
+    the ``train`` series of a run is one axis of optimiser steps.
+    """
+
+    main_only = True
+
+    def __init__(self, tracker: ExperimentTracker, series: str = "train", val_series: str = "val") -> None:
+        self.tracker, self.series, self.val_series = tracker, series, val_series
+        self._offset = 0
+
+    def on_train_begin(self, trainer: CompressionTrainer) -> None:
+        # a fresh trainer continues after the points already logged; a resumed one keeps its step numbers
+        self._offset = max(0, self.tracker.next_step(self.series) - trainer.state.step)
+
+    def on_step_end(self, trainer: CompressionTrainer, logs: dict[str, float]) -> None:
+        values = {**logs, "epoch": trainer.state.epoch}
+        values.setdefault("lr", float(trainer.optimizer.param_groups[0]["lr"]))
+        self.tracker.log_metrics(values, self._offset + trainer.state.step - 1, self.series)
+
+    def on_validation_end(self, trainer: CompressionTrainer, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics({**metrics, "step": self._offset + trainer.state.step}, series=self.val_series)
 
 
 def _fmt(logs: dict[str, float]) -> str:
