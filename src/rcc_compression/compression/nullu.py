@@ -12,7 +12,8 @@ over: a block power iteration from the previous factors, exact when it converges
 Mode ``hallu_space`` is the published Nullu (Yang et al., CVPR 2025, "HalluSpace Projection";
 ``utils/halluedit.py``): from paired truthful / hallucinated captions, per-layer mean hidden
 states give ``D = (E_true - E_bad) / 2``; the top-k right singular vectors V of D span the
-HalluSpace and the MLP output projection is edited to ``W <- (I - V V^T) W``. Departure: hidden
+HalluSpace and the MLP output projection is edited to ``W <- (I - V V^T) W``, once: in a cascade of
+several rounds the edit is made in the first and later rounds leave it as it is. Departure: hidden
 states are mean-pooled over tokens (the reference uses the last token), and the bias is
 projected too. It edits and does not shrink; on an already compressed layer the edit is folded
 into the low-rank part as ``k`` extra columns so S keeps its structure.
@@ -51,7 +52,8 @@ class NulluConfig(StageConfig):
     decomposition_method: Literal["svd", "randomized", "activation_aware", "asvd"] = "svd"
     oversample: int = Field(8, ge=0)
     power_iterations: int = Field(2, ge=0)
-    damping: float = Field(1e-2, ge=0.0, description="activation_aware: ridge as a share of mean input energy")
+    damping: float = Field(1e-2, ge=0.0, description="activation_aware: ridge as a share of mean input energy "
+                                                         "(raised to 1e-6 where the input moment is singular)")
     asvd_alpha: float = Field(0.5, ge=0.0)
     warm_start: bool = True
     refit: Literal["none", "sequential"] = Field(
@@ -185,6 +187,10 @@ def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int)
     return U[:, :r] * root[None, :], root[:, None] * Vh[:r]
 
 
+#: the smallest ridge ``whitening`` adds to a (nearly) singular input moment, as a share of its mean energy
+MIN_DAMPING = 1e-6
+
+
 def whitening(gram: torch.Tensor, damping: float = 1e-2, method: str = "cholesky"
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L, L^-1)`` with ``L L^T = X^T X + lambda I``, ``lambda = damping * mean(diag(X^T X))``.
@@ -192,16 +198,25 @@ def whitening(gram: torch.Tensor, damping: float = 1e-2, method: str = "cholesky
     ``cholesky`` (SVD-LLM) falls back to the symmetric root when the factorisation fails.
     Any such ``L`` gives the same optimal output error; the ``symmetric`` root also keeps the
     factors' row space inside the span the inputs occupy, so directions they never visit are
-    visibly dropped.
+    visibly dropped. Where ``damping`` is below :data:`MIN_DAMPING` and ``X^T X`` is (nearly)
+    singular (fewer calibration tokens than channels; a Cholesky pivot below that share of the
+    mean energy), ``lambda`` is raised to it, as SVD-LLM adds a minimal ridge: the inverse root
+    would otherwise hold non-finite or astronomically large entries.
     """
     g = gram.double()
     n = g.shape[0]
-    lam = damping * float(g.diagonal().mean().clamp_min(1e-12))
-    h = g + lam * torch.eye(n, dtype=g.dtype, device=g.device)
+    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    mean = float(g.diagonal().mean().clamp_min(1e-12))
+    lam = damping * mean
+    h = g + lam * eye
+    if lam < MIN_DAMPING * mean:
+        L, info = torch.linalg.cholesky_ex(h)
+        if int(info) != 0 or float(L.diagonal().pow(2).min()) < MIN_DAMPING * mean:
+            lam = MIN_DAMPING * mean
+            h = g + lam * eye
     if method == "cholesky":
         L, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            eye = torch.eye(n, dtype=g.dtype, device=g.device)
             Linv = torch.linalg.solve_triangular(L, eye, upper=False)
             return L.to(gram.dtype), Linv.to(gram.dtype)
     elif method != "symmetric":
@@ -357,17 +372,18 @@ class NulluStage(Stage):
             elif fresh and method != "randomized":
                 if cfg.rank_rule == "min" and (tg["rank_reduction"] is not None or tg["param_budget"] is not None):
                     # the other targets cap the rank, and a smaller rank saves more: a layer the cap
-                    # leaves unfactorisable stays dense, any other is factorised at a rank its SVD
-                    # decides; neither needs a separate spectrum first
-                    kept = []
+                    # leaves factorisable is factorised at a rank its SVD decides (no separate
+                    # spectrum needed); for any other, the energy rank may still be small enough,
+                    # so its spectrum decides
+                    kept, capped = [], []
                     for n in fresh:
                         cap = rank_for(torch.empty(0), *work[n]["M"].shape, tg["rank_reduction"], None,
                                        tg["param_budget"], "min")
-                        if factorisable(cap, *work[n]["M"].shape):
-                            kept.append(n)
-                        else:
-                            work[n]["rank"] = cap
-                    fresh = kept
+                        (kept if factorisable(cap, *work[n]["M"].shape) else capped).append(n)
+                    if capped:
+                        energies = spectral_energy(torch.stack([work[n]["M"] for n in capped]))
+                        kept += [n for i, n in enumerate(capped) if decide(work[n], energies[i])]
+                    fresh = [n for n in names if n in kept]
                 else:
                     energies = spectral_energy(torch.stack([work[n]["M"] for n in fresh]))
                     fresh = [n for i, n in enumerate(fresh) if decide(work[n], energies[i])]
@@ -481,6 +497,13 @@ class NulluStage(Stage):
     @torch.no_grad()
     def _hallu_space(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
+        if ctx.round > 1:
+            # a one-shot edit: repeating it would add top_k more directions each round, recomputed
+            # on the already edited model, and the earlier projections would stop being exact
+            self.statistics = {"mode": "hallu_space", "pairs": self.statistics.get("pairs"), "top_k": cfg.top_k,
+                               "skipped": f"one-shot edit, made in round 1 (now round {ctx.round})",
+                               "layers": self.statistics.get("layers", {})}
+            return model
         if not cfg.pairs_file:
             raise CompressionError("nullu mode 'hallu_space' needs pairs_file (JSON lines of truthful/hallucinated)")
         if ctx.tokenizer is None:

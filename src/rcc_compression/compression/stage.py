@@ -96,6 +96,8 @@ class CompressionContext:
     reference: dict[str, torch.Tensor] | None = None
     seed: int = 0
     step: int = 0
+    #: the cascade round (1-based) the current step belongs to
+    round: int = 1
     progress: float = 1.0
     schedule: str = "linear"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

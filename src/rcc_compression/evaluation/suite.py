@@ -114,12 +114,14 @@ def evaluate_model(
     root: str | None = None,
     world_seed: int | None = None,
     progress: bool = False,
+    per_item: bool = False,
 ) -> dict[str, Any]:
     """Run ``benchmarks`` on ``datasets`` for ``model`` (a wrapper, ``nn.Module``, name or path).
 
     ``bootstrap_samples`` resamples per metric (0: point estimates only); ``max_items`` evaluates a
     seeded random subset of each dataset; ``templates`` overrides each dataset's prompt set;
-    ``world_seed`` picks the reference world (default: the seed the bundled models were trained on).
+    ``world_seed`` picks the reference world (default: the seed the bundled models were trained on);
+    ``per_item`` adds each zero-shot and retrieval result's per-item hits (``per_item``).
     """
     from ..models.registry import get_model
     from .captioning import evaluate_captioning
@@ -168,9 +170,9 @@ def evaluate_model(
                 ds = subset(ds, max_items, seed)
                 common = {"samples": bootstrap_samples, "seed": seed, "progress": progress}
                 if bench == "zero_shot":
-                    res = evaluate_zero_shot(wrapper, ds, templates, batch_size, **common)
+                    res = evaluate_zero_shot(wrapper, ds, templates, batch_size, per_item=per_item, **common)
                 elif bench == "retrieval":
-                    res = evaluate_retrieval(wrapper, ds, batch_size, **common)
+                    res = evaluate_retrieval(wrapper, ds, batch_size, per_item=per_item, **common)
                 elif bench == "captioning":
                     res = evaluate_captioning(wrapper, ds, batch_size, num_beams, max_length, **common)
                 else:
