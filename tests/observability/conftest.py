@@ -8,6 +8,7 @@ every kind of number a report shows.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -82,3 +83,22 @@ def second_run(runs_root: Path, image_folder: Path, small_run: Path) -> Path:
                  "--set", "tracking.figures=false", "--output", str(run)])
     assert code == 0
     return run
+
+
+@pytest.fixture
+def search_dir(tmp_path: Path) -> Path:
+    """A search's output as ``rcc search`` writes it: four feasible trials, two of them on the front."""
+    root = tmp_path / "searches" / "study"
+    root.mkdir(parents=True)
+    trials = [{"number": i, "state": "COMPLETE", "feasible": True, "base_config": i == 0,
+               "metrics": {"retention": r, "stored_bytes": b}}
+              for i, (r, b) in enumerate([(0.99, 900.0), (0.97, 500.0), (0.90, 600.0), (0.95, 400.0)])]
+    trials.append({"number": 4, "state": "FAIL", "feasible": False, "metrics": {}})
+    front = [{"number": i, "retention": trials[i]["metrics"]["retention"],
+              "stored_bytes": trials[i]["metrics"]["stored_bytes"], "params": {}} for i in (0, 1, 3)]
+    report = {"study": "s", "objectives": ["retention"], "directions": ["maximize"], "best": trials[0],
+              "base": trials[0], "pareto": {"objectives": ["retention", "stored_bytes"],
+                                            "directions": ["maximize", "minimize"], "trials": front}}
+    (root / "trials.json").write_text(json.dumps(trials))
+    (root / "search_results.json").write_text(json.dumps(report))
+    return root

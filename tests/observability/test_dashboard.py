@@ -105,3 +105,10 @@ def test_filter_rows_keeps_missing_values_last():
     assert [r["run"] for r in filter_rows(rows, sort_by="x", descending=True)] == ["b", "c", "a"]
     assert [r["run"] for r in filter_rows(rows, text="dare")] == ["c"]
     assert [r["run"] for r in filter_rows(rows, statuses=["failed"])] == ["b"]
+
+
+def test_search_page_draws_a_studys_pareto_front(search_dir, monkeypatch):
+    monkeypatch.setenv(RUNS_ENV, str(search_dir.parent))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    at.sidebar.radio(key="page").set_value("Search studies").run()
+    assert not at.exception and len(at.get("image")) == 1 and not at.info

@@ -116,3 +116,14 @@ def test_save_figure_is_atomic_and_complete(tmp_path, fmt):
     fig.subplots().plot([0, 1], [1, 0])
     (path,) = save_figure(fig, tmp_path / "f", [fmt])
     assert path.name == f"f.{fmt}" and path.stat().st_size > 100 and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_pareto_front_of_a_search(search_dir):
+    run = load_run(search_dir)
+    assert run.kind == "study"
+    figs = draw_run_figures(run)
+    assert set(figs) == {"pareto"}
+    ax = figs["pareto"].axes[0]
+    front_line = next(ln for ln in ax.get_lines() if ln.get_label() == "Pareto front")
+    assert list(front_line.get_xdata()) == [400.0, 500.0, 900.0] and list(front_line.get_ydata()) == [0.95, 0.97, 0.99]
+    assert ax.get_xlabel() == "stored_bytes" and ax.get_ylabel() == "retention"

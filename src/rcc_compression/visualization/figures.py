@@ -30,6 +30,7 @@ from .compression_plots import (
 )
 from .model_plots import attention_figure
 from .records import RunRecords
+from .search import search_pareto_figure
 from .training_plots import training_curves_figure
 
 FORMATS = ("png", "svg")
@@ -61,6 +62,8 @@ FIGURES: dict[str, FigureSpec] = {spec.name: spec for spec in (
                description="CLS attention of the dense and compressed vision encoders on one image"),
     FigureSpec("training", "Training curves", training_curves_figure,
                description="distillation loss and learning rate per optimiser step, validation per epoch"),
+    FigureSpec("pareto", "Search: Pareto front", search_pareto_figure,
+               description="every feasible trial of a search, its Pareto front, the best and the base config"),
     FigureSpec("rate_quality_runs", "Quality against compression rate, across runs", rate_quality_figure,
                scope="runs", description="one point per run with its CI"),
 )}

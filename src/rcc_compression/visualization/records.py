@@ -2,9 +2,9 @@
 
 :func:`load_run` reads what a run wrote (``run.json``, ``config.yaml``, ``results.json``,
 ``progress.json``, ``metrics.jsonl``, ``compressed/manifest.json``, ``figures/views.*``,
-``train_results.json``, a search study's ``study.json``) into a :class:`RunRecords`; nothing here ever
-writes. Files that are missing, half-written or malformed read as absent, so a running or crashed
-run can always be shown.
+``train_results.json``, a search's ``search_results.json`` and ``trials.json``) into a
+:class:`RunRecords`; nothing here ever writes. Files that are missing, half-written or malformed
+read as absent, so a running or crashed run can always be shown.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import yaml
 from ..utils.tracking import METRICS_FILE, read_metrics_file, series_points
 
 #: files whose presence makes a directory a run directory
-RUN_MARKERS = ("run.json", "results.json", "progress.json")
+RUN_MARKERS = ("run.json", "results.json", "progress.json", "search_results.json")
 VIEWS_DIR = "figures"
 
 
@@ -97,10 +97,16 @@ class RunRecords:
         return data if isinstance(data, dict) else None
 
     @cached_property
-    def study(self) -> dict[str, Any] | None:
-        """A search study's record (``study.json``), when this run is one."""
-        data = read_json(self.path / "study.json")
+    def search(self) -> dict[str, Any] | None:
+        """A search's report (``search_results.json``: objectives, counts, best, Pareto front), when this is one."""
+        data = read_json(self.path / "search_results.json")
         return data if isinstance(data, dict) else None
+
+    @cached_property
+    def trials(self) -> list[dict[str, Any]] | None:
+        """A search's trials (``trials.json``)."""
+        data = read_json(self.path / "trials.json")
+        return data if isinstance(data, list) else None
 
     def metric_lines(self) -> list[dict[str, Any]]:
         """The lines of ``metrics.jsonl`` (read afresh: a running job appends to it)."""
@@ -129,7 +135,7 @@ class RunRecords:
     @property
     def kind(self) -> str:
         """``compress``, ``train``, ``evaluate``, ``study`` or ``run``."""
-        if self.study is not None:
+        if self.search is not None:
             return "study"
         if self.train_results is not None:
             return "train"
@@ -143,7 +149,7 @@ class RunRecords:
     @property
     def model(self) -> str:
         res = self.results or {}
-        return str(res.get("model") or self.config.get("model", {}).get("name") or "")
+        return str(res.get("model") or (self.config.get("model") or {}).get("name") or "")
 
     @property
     def status(self) -> str:

@@ -25,8 +25,8 @@ PAGES = ("Run", "Compare runs", "Search studies")
 def _stamp(path: Path) -> float:
     """A number that changes whenever the run writes anything the page shows."""
     total = 0.0
-    for name in ("run.json", "results.json", "progress.json", "metrics.jsonl", "train_results.json", "study.json",
-                 "compressed/manifest.json", "figures/views.json"):
+    for name in ("run.json", "results.json", "progress.json", "metrics.jsonl", "train_results.json",
+                 "search_results.json", "trials.json", "compressed/manifest.json", "figures/views.json"):
         try:
             total += (path / name).stat().st_mtime_ns / 1e9
         except OSError:
@@ -240,7 +240,7 @@ def _search_page(runs: list[RunRecords]) -> None:
                 shown += 1
     if not shown:
         st.info("Nothing to draw for this study.")
-    st.json(run.study or {}, expanded=False)
+    st.json(run.search or {}, expanded=False)
 
 
 def render(runs_dir: str, refresh: float = 2.0) -> None:
