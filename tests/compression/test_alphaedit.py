@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rcc_compression import CascadePipeline
 from rcc_compression.compression.alphaedit import low_rank_update, null_space_ridge, preserve_basis
-from rcc_compression.compression.cascade import CascadePipeline
 from rcc_compression.compression.layers import compressed_layers
 from rcc_compression.config import load_config
 
@@ -126,18 +126,19 @@ def test_stage_distillation_follows_the_run_training_section(tiny_clip, monkeypa
     """The run's ``training`` section (optimiser, losses) drives stage distillation; epochs and lr are the stage's."""
     import copy
 
-    from rcc_compression.training import recovery
+    from rcc_compression import CompressionPipeline
+    from rcc_compression.jobs import api
 
     full = load_config(None, data={
         "compression": {"dare": {"pruning_rate": 0.6, "iterations": 1, "fine_tune_epochs": 0},
                         "alphaedit": {"num_epochs": 2, "learning_rate": 0.01},
                         "cascade": {"stages": ["dare", "alphaedit"], "validation_threshold": 0.0}},
         "training": {"optimizer": "sgd", "kd_weight": 0.0, "feature_weight": 1.0}})
-    seen, real = [], recovery.finetune_on_batches
-    monkeypatch.setattr(recovery, "finetune_on_batches", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    seen, real = [], api.finetune_on_batches
+    monkeypatch.setattr(api, "finetune_on_batches", lambda *a, **k: seen.append(k["config"]) or real(*a, **k))
     results = []
     for training in (full.training, None):
-        pipe = CascadePipeline(full.compression, training=training)
+        pipe = CompressionPipeline(full.compression, training=training)
         pipe.run(copy.deepcopy(tiny_clip))
         results.append(pipe.stage_results["alphaedit"]["kd_loss_last_epoch"])
     assert seen == [full.training, None]
@@ -241,3 +242,29 @@ def test_closed_form_never_keeps_an_update_that_raises_the_error(mlp, mlp_batche
         assert torch.equal(layer.weight, snap[name])
         assert "rejected" in stats["layers"][name]
         assert stats["layers"][name]["error_after"] == stats["layers"][name]["error_before"]
+
+
+def test_channels_without_a_learnable_scale_do_not_move_under_weight_decay(tiny_clip, monkeypatch):
+    """Issue 10, item 16: scale_fraction < 1 masked the gradient but weight decay still moved the other channels;
+    at scale_fraction 1 no backward pass is spent on importance that would change nothing."""
+    import copy
+
+    from rcc_compression.compression.alphaedit import AlphaEditStage
+
+    full = load_config(None, data={
+        "compression": {"dare": {"pruning_rate": 0.6, "iterations": 1, "fine_tune_epochs": 0},
+                        "alphaedit": {"num_epochs": 2, "learning_rate": 0.01, "scale_fraction": 0.5},
+                        "cascade": {"stages": ["dare", "alphaedit"], "validation_threshold": 0.0}},
+        "training": {"weight_decay": 0.5}})
+    model = copy.deepcopy(tiny_clip)
+    CascadePipeline(full.compression, training=full.training).run(model)
+    for layer in compressed_layers(model.model).values():
+        for scale in (layer.a_in, layer.a_out):
+            moved = int((scale.detach() != 1).sum())
+            assert 0 < moved <= round(0.5 * scale.numel())
+    calls = []
+    monkeypatch.setattr(AlphaEditStage, "_importance", lambda self, *a: calls.append(1) or {})
+    full.compression.alphaedit.scale_fraction = 1.0
+    pipe = CascadePipeline(full.compression, training=full.training)
+    pipe.run(tiny_clip)
+    assert not calls and pipe.stage_results["alphaedit"]["importance_metric"].startswith("not computed")

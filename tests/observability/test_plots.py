@@ -17,7 +17,7 @@ from rcc_compression.visualization.model_plots import cls_maps, rollout
 from rcc_compression.visualization.records import load_run
 
 RUN_FIGURES = {name for name, spec in FIGURES.items() if spec.scope == "run"}
-EXPECTED = {"rate_quality", "cascade_trace", "layer_heatmap", "spectra", "weights", "attention"}
+EXPECTED = {"rate_quality", "cascade_trace", "layer_heatmap", "spectra", "weights", "attention", "training"}
 
 
 def test_the_job_writes_every_figure_as_png_and_svg(small_run):

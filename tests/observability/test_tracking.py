@@ -11,7 +11,7 @@ import yaml
 
 from rcc_compression.config import load_config
 from rcc_compression.errors import ConfigError
-from rcc_compression.run_observer import results_metrics, step_metrics
+from rcc_compression.jobs.tracking import results_metrics, step_metrics
 from rcc_compression.utils.tracking import (
     Backend,
     ExperimentTracker,
@@ -144,11 +144,17 @@ def test_tensorboard_events_hold_what_results_json_says(small_run):
     assert scalars["system/peak_rss_mb"] and all(v > 0 for v in scalars["system/peak_rss_mb"].values())
 
 
-def test_file_log_holds_results_exactly(small_run):
+def test_file_log_holds_results_exactly_and_training_steps(small_run):
     results = json.loads((small_run / "results.json").read_text())
     lines = read_metrics_file(small_run)
     for series, values in results_metrics(results).items():
         assert series_points(lines, series) == {0: values}
+    train = series_points(lines, "train")
+    assert train and list(train) == list(range(len(train)))  # one axis across every distillation of the cascade
+    assert all(math.isfinite(v["loss"]) and v["lr"] > 0 for v in train.values())
+    marks = [e for e in lines if e.get("event") == "cascade_step"]
+    assert [m["train_step"] for m in marks] == sorted(m["train_step"] for m in marks)
+    assert marks[-1]["train_step"] == len(train)
     phases = [e["phase"] for e in lines if e.get("event") == "phase"]
     assert phases[:3] == ["dense evaluation", "cascade", "evaluation"]
     assert lines[-1] == {**lines[-1], "event": "end", "status": "ok"}

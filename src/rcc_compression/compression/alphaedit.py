@@ -24,11 +24,14 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..utils.logging import get_logger
 from .calibration import flatten_outputs, relative_output_error, to_device
 from .layers import CompressedLinear
+from .refit import sequential_moments
 from .stage import CompressionContext, Stage, StageConfig, kd_finetune
+from .storage import stored_bytes
 
 log = get_logger("alphaedit")
 
@@ -226,15 +229,28 @@ class AlphaEditStage(Stage):
             why = "num_epochs is 0" if ctx.batches else "no calibration data"
             self.statistics = {"mode": "scaling", "skipped": why, "layers": {}}
             return model
-        for m in layers.values():
+        no_room = []
+        for name, m in list(layers.items()):
             if m.a_in is None or m.a_out is None:
                 ref = m._ref
                 m.set_scales(
                     m.a_in.detach() if m.a_in is not None else torch.ones(m.in_features, device=ref.device),
                     m.a_out.detach() if m.a_out is not None else torch.ones(m.out_features, device=ref.device),
                 )
-        importance = self._importance(model, layers, ctx)
-        hooks = []
+                cap = ctx.byte_cap(name, for_scales=True)
+                if cap is not None and stored_bytes(m) > cap:  # scales would store more than the last round
+                    m.set_scales(None, None)
+                    no_room.append(name)
+                    del layers[name]
+        if not layers:
+            self.statistics = {"mode": "scaling", "skipped": "no layer has room for scales", "no_room": no_room,
+                               "layers": {}}
+            return model
+        # importance only decides which channels learn: with every channel learning it would cost a
+        # backward pass for nothing
+        importance = self._importance(model, layers, ctx) if cfg.scale_fraction < 1.0 else {}
+        hooks: list[Any] = []
+        held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         per_layer: dict[str, Any] = {}
         if cfg.scale_fraction < 1.0 and importance:
             for n, m in layers.items():
@@ -243,6 +259,16 @@ class AlphaEditStage(Stage):
                     sel = torch.zeros(imp.numel(), dtype=param.dtype, device=param.device)
                     sel[imp.topk(k).indices.to(param.device)] = 1
                     hooks.append(param.register_hook(lambda g, s=sel: g * s))
+                    held.append((param, sel.bool(), param.detach().clone()))
+
+            def hold(_opt: Any, _args: Any, _kwargs: Any) -> None:
+                # a zero gradient does not stop weight decay (or momentum) moving a channel: the
+                # channels without a learnable scale are put back after every optimiser step
+                with torch.no_grad():
+                    for param, sel, value in held:
+                        param.copy_(torch.where(sel, param, value))
+
+            hooks.append(register_optimizer_step_post_hook(hold))
         params: list[nn.Parameter] = [p for m in layers.values() for p in (m.a_in, m.a_out)]
         if cfg.trainable == "scales_and_values":
             params += [p for m in layers.values() for p in (m.weight, m.lr_A, m.lr_B) if p is not None]
@@ -260,7 +286,11 @@ class AlphaEditStage(Stage):
                 info["importance_in_mean"] = float(importance[n][0].mean())
                 info["importance_out_mean"] = float(importance[n][1].mean())
             per_layer[n] = info
-        self.statistics = {"mode": "scaling", "importance_metric": cfg.importance_metric,
+        if no_room:
+            per_layer.update({n: {"skipped": "scales would store more than the previous round"} for n in no_room})
+        self.statistics = {"mode": "scaling",
+                           "importance_metric": cfg.importance_metric if importance else
+                           "not computed: scale_fraction 1 gives every channel a learnable scale",
                            "scale_fraction": cfg.scale_fraction, "trainable": cfg.trainable, **kd,
                            "layers": per_layer}
         return model
@@ -274,8 +304,6 @@ class AlphaEditStage(Stage):
         per_layer: dict[str, Any] = {}
         sequential = cfg.fit_inputs == "sequential" and ctx.dense_model is not None and bool(ctx.batches)
         if sequential:
-            from .refit import sequential_moments
-
             unscaled = [n for n, m in layers.items() if m.a_in is None and m.a_out is None]
             for group, mom in sequential_moments(model, ctx.dense_model, unscaled, ctx.batches, ctx.device):
                 for name in group:

@@ -14,13 +14,13 @@ from typing import Any
 
 from torch import nn
 
-from .analysis.snapshots import record_model_views
-from .config import RCCConfig
-from .models.base import ModelWrapper
-from .utils.logging import get_logger
-from .utils.tracking import ExperimentTracker, metric_key
-from .visualization.figures import write_run_figures
-from .visualization.records import load_run
+from ..analysis.snapshots import record_model_views
+from ..config import RCCConfig
+from ..models.base import ModelWrapper
+from ..utils.logging import get_logger
+from ..utils.tracking import ExperimentTracker, metric_key
+from ..visualization.figures import write_run_figures
+from ..visualization.records import load_run
 
 log = get_logger("jobs")
 
