@@ -151,7 +151,7 @@ def test_file_log_holds_results_exactly_and_training_steps(small_run):
         assert series_points(lines, series) == {0: values}
     train = series_points(lines, "train")
     assert train and list(train) == list(range(len(train)))  # one axis across every distillation of the cascade
-    assert all(math.isfinite(v["loss"]) and v["lr"] > 0 for v in train.values())
+    assert all(math.isfinite(v["loss"]) and v["lr"] >= 0 for v in train.values()) and train[0]["lr"] > 0
     marks = [e for e in lines if e.get("event") == "cascade_step"]
     assert [m["train_step"] for m in marks] == sorted(m["train_step"] for m in marks)
     assert marks[-1]["train_step"] == len(train)

@@ -217,14 +217,17 @@ class TrackingCallback(Callback):
     def __init__(self, tracker: ExperimentTracker, series: str = "train", val_series: str = "val") -> None:
         self.tracker, self.series, self.val_series = tracker, series, val_series
         self._offset = 0
+        self._lr = 0.0
 
     def on_train_begin(self, trainer: CompressionTrainer) -> None:
         # a fresh trainer continues after the points already logged; a resumed one keeps its step numbers
         self._offset = max(0, self.tracker.next_step(self.series) - trainer.state.step)
+        self._lr = float(trainer.optimizer.param_groups[0]["lr"])
 
     def on_step_end(self, trainer: CompressionTrainer, logs: dict[str, float]) -> None:
-        values = {**logs, "epoch": trainer.state.epoch}
-        values.setdefault("lr", float(trainer.optimizer.param_groups[0]["lr"]))
+        # the schedule has already moved on: log the learning rate this step was taken with
+        values = {**logs, "epoch": trainer.state.epoch, "lr": self._lr}
+        self._lr = float(trainer.optimizer.param_groups[0]["lr"])
         self.tracker.log_metrics(values, self._offset + trainer.state.step - 1, self.series)
 
     def on_validation_end(self, trainer: CompressionTrainer, metrics: dict[str, float]) -> None:
