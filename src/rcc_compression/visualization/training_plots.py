@@ -20,11 +20,15 @@ def training_curves_figure(run: RunRecords) -> Figure | None:
     history = (run.train_results or {}).get("history", [])
     if not train and not history:
         return None
-    fig = Figure(figsize=(8, 3.6))
-    ax, ax_val = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    has_val = bool(val) or bool(history and any(k.startswith("val_") for k in history[0]))
+    fig = Figure(figsize=(8, 3.6) if has_val else (6, 3.6))
+    if has_val:
+        ax, ax_val = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    else:
+        ax, ax_val = fig.subplots(), None
     if train:
         steps = np.array(list(train))
-        keys = [k for k in dict.fromkeys(k for v in train.values() for k in v) if k not in ("lr", "grad_norm")]
+        keys = [k for k in dict.fromkeys(k for v in train.values() for k in v) if k not in ("lr", "grad_norm", "epoch")]
         for key in keys[:6]:
             ys = np.array([train[s].get(key, np.nan) for s in steps], dtype=float)
             ax.plot(steps, ys, linewidth=1.0, label=key)
@@ -35,13 +39,16 @@ def training_curves_figure(run: RunRecords) -> Figure | None:
                        linestyle=":", label="lr")
             lr_ax.set_ylabel("learning rate", fontsize=7)
             lr_ax.tick_params(labelsize=6)
+        # a compress run marks where each cascade step's distillation ended
+        start = 0
         for line in lines:
-            if line.get("kind") == "event" and line.get("event") == "train_begin" and "step" in line:
-                ax.axvline(line["step"], color="k", linewidth=0.5, alpha=0.3)
-                label = " ".join(str(line[k]) for k in ("stage", "round") if k in line)
-                if label:
-                    ax.text(line["step"], 1.0, label, transform=ax.get_xaxis_transform(), fontsize=5, rotation=90,
-                            va="top", ha="right", alpha=0.6)
+            if line.get("kind") == "event" and line.get("event") == "cascade_step" and "train_step" in line:
+                end = int(line["train_step"])
+                if end > start:
+                    ax.axvline(end - 0.5, color="k", linewidth=0.5, alpha=0.3)
+                    ax.text((start + end - 1) / 2, 1.0, f"{line.get('stage', '')} r{line.get('round', '')}",
+                            transform=ax.get_xaxis_transform(), fontsize=6, ha="center", va="bottom", alpha=0.7)
+                start = end
         ax.set_xlabel("optimiser step")
         ax.set_ylabel("training loss")
         ax.legend(fontsize=6, loc="upper right")
@@ -53,23 +60,22 @@ def training_curves_figure(run: RunRecords) -> Figure | None:
         ax.set_ylabel("training loss (epoch mean)")
         ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
-    if val:
+    ax.tick_params(which="both", labelsize=7)
+    if ax_val is not None and val:
         vsteps = list(val)
         for key in [k for k in dict.fromkeys(k for v in val.values() for k in v)][:5]:
             ax_val.plot(vsteps, [val[s].get(key, np.nan) for s in vsteps], marker="o", linewidth=1, label=key)
         ax_val.set_xlabel("validation")
         ax_val.legend(fontsize=6)
-    elif history and any(k.startswith("val_") for k in history[0]):
+    elif ax_val is not None:
         epochs = [h["epoch"] for h in history]
         for key in [k for k in history[0] if k.startswith("val_")]:
             ax_val.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
         ax_val.set_xlabel("epoch")
         ax_val.legend(fontsize=6)
-    else:
-        ax_val.text(0.5, 0.5, "no validation recorded", ha="center", va="center", fontsize=8,
-                    transform=ax_val.transAxes)
-    ax_val.grid(alpha=0.3)
-    ax_val.tick_params(labelsize=6)
+    if ax_val is not None:
+        ax_val.grid(alpha=0.3)
+        ax_val.tick_params(labelsize=6)
     fig.suptitle(f"{run.model or run.name}: training", fontsize=10)
     fig.tight_layout()
     return fig
