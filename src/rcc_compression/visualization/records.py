@@ -137,7 +137,7 @@ class RunRecords:
         """``compress``, ``train``, ``evaluate``, ``study`` or ``run``."""
         if self.search is not None:
             return "study"
-        if self.train_results is not None:
+        if self.train_results is not None or (self.progress or {}).get("format") == "rcc-train-progress":
             return "train"
         res = self.results or {}
         if "records" in res or (self.path / "progress.json").is_file():

@@ -115,6 +115,16 @@ def _live(run: RunRecords, refresh: float = 0.0) -> None:
     run = load_run(run.path, None)  # fresh read every refresh
     status = run.status
     prog = run.progress or {}
+    if prog.get("format") == "rcc-train-progress":  # a recovery run: optimiser steps
+        cols = st.columns(3)
+        cols[0].metric("status", status)
+        cols[1].metric("training steps", f"{prog.get('step', 0)}/{prog.get('total_steps', '?')}")
+        if isinstance(prog.get("loss"), float):
+            cols[2].metric("loss", f"{prog['loss']:.5g}")
+        if prog.get("total_steps"):
+            st.progress(min(prog.get("step", 0) / prog["total_steps"], 1.0),
+                        text=f"epoch {prog.get('epoch', 0)} of {prog.get('num_epochs', '?')}")
+        return
     records = [r for r in prog.get("records", []) if "achieved" in r]
     total = prog.get("total_steps")
     done = int(prog.get("next_step", len(records)))
