@@ -112,3 +112,19 @@ def test_search_page_draws_a_studys_pareto_front(search_dir, monkeypatch):
     at = AppTest.from_file(str(APP), default_timeout=60).run()
     at.sidebar.radio(key="page").set_value("Search studies").run()
     assert not at.exception and len(at.get("image")) == 1 and not at.info
+
+
+def test_run_page_shows_the_figures_rcc_analyze_wrote(tmp_path, small_run, monkeypatch):
+    import shutil
+
+    from matplotlib.figure import Figure
+
+    run = tmp_path / "analysed"
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("wandb", "tensorboard", "checkpoints"))
+    fig = Figure()
+    fig.subplots().plot([0, 1])
+    (run / "analysis").mkdir()
+    fig.savefig(run / "analysis" / "grassmann.png")
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path))
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception and any(m.value == "**rcc analyze: grassmann**" for m in at.markdown)

@@ -175,6 +175,11 @@ def _run_page(runs: list[RunRecords], refresh: float) -> None:
             st.markdown(f"**{spec.title}**: {spec.description}")
             st.image(png, caption=spec.title)
             shown += 1
+        # figures `rcc analyze` wrote (Grassmann distances, overlaps, sensitivity, embeddings), as they are
+        for png in sorted((run.path / "analysis").glob("*.png")):
+            st.markdown(f"**rcc analyze: {png.stem.replace('_', ' ')}**")
+            st.image(png.read_bytes(), caption=f"analysis/{png.name}")
+            shown += 1
         if not shown:
             st.info("This run has no figures yet.")
     with tab_layers:
