@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ...errors import ConfigError
+
 APP = Path(__file__).with_name("app.py")
 RUNS_ENV = "RCC_DASHBOARD_RUNS"
 
@@ -28,7 +30,5 @@ def launch(runs: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 85
     try:
         import streamlit  # noqa: F401
     except ImportError as exc:
-        from ...errors import ConfigError
-
         raise ConfigError("the dashboard needs streamlit: pip install 'rcc-compression[observe]'") from exc
     return subprocess.call(streamlit_command(runs, host, port, refresh))
