@@ -17,7 +17,7 @@ from ..compression.rate import apply_rate
 from ..compression.storage import save_compressed
 from ..config import RCCConfig, dump_config
 from ..evaluation.efficiency import compare_efficiency, measured_storage, optimize_execution
-from ..evaluation.suite import evaluate_model
+from ..evaluation.suite import HEADLINE_NAMES, evaluate_model
 from ..models.registry import get_model
 from ..utils.io import atomic_write_json, atomic_write_text, directory_lock
 from ..utils.logging import get_logger
@@ -44,12 +44,14 @@ def headline_metrics(result: dict[str, Any], names: tuple[str, ...] = HEADLINE_M
 
 
 def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> dict[str, float]:
-    """Headline task metrics of the configured benchmarks; empty when none are configured."""
-    if not cfg.evaluation.benchmarks:
+    """Headline numbers of the metrics the config measures (``evaluation.metrics``); empty when no benchmark runs."""
+    ev = cfg.evaluation
+    benchmarks = [b for b in ev.benchmarks if b != "efficiency"]  # efficiency is compared dense vs compressed
+    if not benchmarks:
         return {}
-    res = evaluate_model(wrapper, benchmarks=cfg.evaluation.benchmarks, datasets=cfg.evaluation.datasets,
-                         batch_size=cfg.evaluation.batch_size, bootstrap_samples=0, seed=cfg.experiment.seed)
-    return headline_metrics(res, ("top1", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy"))
+    res = evaluate_model(wrapper, benchmarks=benchmarks, datasets=ev.datasets, batch_size=ev.batch_size,
+                         bootstrap_samples=0, seed=cfg.experiment.seed)
+    return headline_metrics(res, tuple(n for m in ev.measures() for n in HEADLINE_NAMES.get(m, ())))
 
 
 def run_compress(
@@ -108,9 +110,10 @@ def _run_compress(
                                encrypt_key=encrypt_key)
     comp_quality = quality_metrics(wrapper, cfg) if evaluate else {}
     kernels: dict[str, int] = {}
-    if evaluate:
+    effs: dict[str, Any] = {}
+    if evaluate and "efficiency" in cfg.evaluation.measures():
         kernels = dict(Counter(optimize_execution(wrapper, holdout[0]).values()))
-    effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, holdout[0]) if evaluate else {}
+        effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, holdout[0])
     results = {
         "model": cfg.model.name,
         "stages": section.cascade.stages,
