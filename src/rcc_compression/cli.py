@@ -407,6 +407,103 @@ def search(
     typer.echo(f"search directory: {out}")
 
 
+def _study(kind: str, config: Path | None, set_: list[str] | None, model: str | None, seeds: int, rate: float | None,
+           variants: Path | None, metric: list[str] | None, split: str, output: Path | None, resume: Path | None,
+           overwrite: bool, verbose: int, quiet: bool) -> None:
+    """Shared body of ``rcc ablate`` and ``rcc order``."""
+    from .config import load_config
+    from .jobs.common import prepare_run_dir
+    from .jobs.studies import StudySpec, load_variants, make_spec, run_study
+    from .utils.logging import setup_logging
+    from .utils.runs import RunRecord, new_run_dir
+
+    if resume is not None:
+        if config is not None or set_ or model or rate is not None or variants is not None:
+            raise typer.BadParameter("--resume takes the study's own specification; drop the other options")
+        spec_file = resume / "study.json"
+        if not spec_file.is_file():
+            raise CheckpointError(f"{resume}: not a study directory (no study.json)")
+        import json
+
+        spec = StudySpec.from_json(json.loads(spec_file.read_text(encoding="utf-8")))
+        run_dir = resume
+    else:
+        sets = _overrides(set_, model, None)
+        if rate is not None:
+            sets.append(f"compression.cascade.target_rate={rate}")
+        cfg = load_config(config, sets)
+        spec = make_spec(kind, cfg, seeds, load_variants(variants) if variants else (), split, metric)
+        run_dir = prepare_run_dir(output, overwrite, False) if output else new_run_dir(
+            cfg.experiment.output_dir, f"{kind}-{cfg.experiment.name}")
+    setup_logging(_verbosity(verbose, quiet), run_dir)
+    with RunRecord(run_dir, spec.base, spec.seeds[0]) as record, _progress(quiet) as report:
+        results = run_study(spec, run_dir, resume=resume is not None, progress=report)
+        record.update(results={"rows": len(results["rows"]), "comparisons": results["comparisons"]})
+    typer.echo((run_dir / "results.md").read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"study directory: {run_dir}")
+
+
+SeedsOpt = Annotated[int, typer.Option("--seeds", help="Seeds per variant (experiment.seed, +1, ...).")]
+RateOpt = Annotated[float | None, typer.Option("--rate", help="Compression rate every variant is planned to "
+                                                                "(sets compression.cascade.target_rate).")]
+VariantsOpt = Annotated[Path | None, typer.Option("--variants", help="YAML of named variants: "
+                                                                      "{variants: {name: {config.key: value}}}.")]
+MetricOpt = Annotated[list[str] | None, typer.Option("--metric", help="Metric key to report (repeatable).")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Evaluation split of the table.")]
+StudyOut = Annotated[Path | None, typer.Option("--output", "-o", help="Study directory.")]
+StudyResume = Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted study directory.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty study directory.")]
+
+
+@app.command()
+def ablate(config: ConfigOpt = None, set_: SetOpt = None,
+           model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,
+           seeds: SeedsOpt = 3, rate: RateOpt = None, variants: VariantsOpt = None, metric: MetricOpt = None,
+           split: SplitOpt = "test", output: StudyOut = None, resume: StudyResume = None,
+           overwrite: OverwriteOpt = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
+    """Every subset of the stages (and named variants) at equal stored bytes over seeds, vs the full cascade."""
+    _study("ablate", config, set_, model, seeds, rate, variants, metric, split, output, resume, overwrite, verbose,
+           quiet)
+
+
+@app.command()
+def order(config: ConfigOpt = None, set_: SetOpt = None,
+          model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,
+          seeds: SeedsOpt = 3, rate: RateOpt = None, variants: VariantsOpt = None, metric: MetricOpt = None,
+          split: SplitOpt = "test", output: StudyOut = None, resume: StudyResume = None,
+          overwrite: OverwriteOpt = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
+    """Every order of the cascade's stages at equal stored bytes over seeds, vs the configured order."""
+    _study("order", config, set_, model, seeds, rate, variants, metric, split, output, resume, overwrite, verbose,
+           quiet)
+
+
+@app.command()
+def analyze(
+    run: Annotated[Path, typer.Argument(help="A finished rcc compress run directory.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Report directory (default RUN/analysis).")] = None,  # noqa: E501
+    part: Annotated[list[str] | None, typer.Option("--part", help="subspace, nullspace, sensitivity, embeddings (repeatable; default all).")] = None,  # noqa: E501
+    against: Annotated[Path | None, typer.Option("--against", help="Another run of the same model: compare their subspaces.")] = None,  # noqa: E501
+    energy: Annotated[float, typer.Option("--energy", help="Spectral energy of the compared dominant subspaces.")] = 0.9,  # noqa: E501
+    embedding: Annotated[list[str] | None, typer.Option("--embedding", help="tsne, umap (repeatable; default both).")] = None,  # noqa: E501
+    max_items: Annotated[int, typer.Option("--max-items", help="Test images in the embedding maps.")] = 512,
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layers for sensitivity (repeatable; default all compressed).")] = None,  # noqa: E501
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo parts already written.")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Subspace, null-space, sensitivity and embedding reports of a compressed run (JSON, CSV, Markdown, figures)."""
+    from .jobs.analyze import METHODS, PARTS, run_analyze
+    from .utils.logging import setup_logging
+
+    out = output or run / "analysis"
+    setup_logging(_verbosity(verbose, quiet), out)
+    with _progress(quiet) as report:
+        run_analyze(run, out, part or PARTS, against, energy, methods=embedding or METHODS, max_items=max_items,
+                    sensitivity_layers=layer, overwrite=overwrite, progress=report)
+    typer.echo((out / "report.md").read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"analysis directory: {out}")
+
+
 @contextlib.contextmanager
 def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar fed by ``report(stage, done, total)`` callbacks."""

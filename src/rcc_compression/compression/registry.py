@@ -39,6 +39,9 @@ class CascadeConfig(StrictModel):
     target_rate: float | None = Field(
         None, ge=0.0, lt=1.0, description="plan dare/nullu targets to reach this 1 - stored/dense bytes")
     rate_scope: Literal["layers", "model"] = "layers"
+    lowrank_share: float | None = Field(
+        None, gt=0.0, lt=1.0, description="with target_rate and both dare and nullu: the share of the variable bytes "
+        "given to the low-rank factors; None: the planner tries several splits (and each stage alone)")
 
     @field_validator("stages")
     @classmethod

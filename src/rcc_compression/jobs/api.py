@@ -104,7 +104,8 @@ def compress_model(
     if compression_rate is None and section.cascade.target_rate is not None:
         compression_rate, scope = section.cascade.target_rate, section.cascade.rate_scope
     if compression_rate is not None:
-        plan = apply_rate(inner, section, compression_rate, scope, lowrank_share, calibration_data)
+        share = lowrank_share if lowrank_share is not None else section.cascade.lowrank_share
+        plan = apply_rate(inner, section, compression_rate, scope, share, calibration_data)
     pipe = CompressionPipeline(section, calibration_data=calibration_data, metric_fn=metric_fn, run_dir=run_dir,
                                seed=seed, device=device, progress_callback=progress_callback,
                                run_config=cfg.model_dump(mode="json"), training=cfg.training)

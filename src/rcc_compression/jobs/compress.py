@@ -94,7 +94,7 @@ def _run_compress(
     if section.cascade.target_rate is not None:
         section = section.model_copy(deep=True)
         plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope,
-                          calibration_data=fit)
+                          section.cascade.lowrank_share, calibration_data=fit)
         log.info("planned for rate %.4f: %s", section.cascade.target_rate,
                  {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share")})
     resolved = dump_config(cfg) | {"compression": section.model_dump(mode="json")}
