@@ -175,6 +175,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "compression.cascade.schedule": ("rcc_compression.compression.cascade",),
     "compression.cascade.target_rate": (_J + "api", _J + "compress"),
     "compression.cascade.rate_scope": (_J + "api", _J + "compress"),
+    "compression.cascade.lowrank_share": (_J + "api", _J + "compress"),
     "training.batch_size": (_J + "train",),
     "training.learning_rate": (_T + "trainer", _T + "recovery"),
     "training.num_epochs": (_T + "trainer", _T + "recovery"),
