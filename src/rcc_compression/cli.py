@@ -7,6 +7,7 @@ with status 2. ``main(argv)`` runs the app in-process, which is how the tests ca
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -278,12 +279,16 @@ def evaluate(
     from .utils.runs import new_run_dir
 
     sets = _overrides(set_, model, seed)
+    if benchmark:  # exactly these benchmarks: they say what is measured
+        sets += [f"evaluation.benchmarks={json.dumps(benchmark)}", "evaluation.metrics=null"]
     cfg = load_config(config, sets)
     ev = cfg.evaluation
+    benchmarks = ev.benchmarks + (["efficiency"] if "efficiency" in (ev.metrics or ()) and
+                                  "efficiency" not in ev.benchmarks else [])
     run_dir = output or new_run_dir(cfg.experiment.output_dir, "evaluate")
     setup_logging(_verbosity(verbose, quiet), run_dir)
     results = run_suite(
-        cfg.model.name, run_dir, benchmarks=benchmark or ev.benchmarks, datasets=dataset or ev.datasets or ["world"],
+        cfg.model.name, run_dir, benchmarks=benchmarks, datasets=dataset or ev.datasets or ["world"],
         seed=cfg.experiment.seed, config=dump_config(cfg), split=split, batch_size=ev.batch_size,
         bootstrap_samples=ev.bootstrap_samples if bootstrap is None else bootstrap, max_items=max_items,
         templates=templates, world_seed=world_seed, skip_bad=skip_bad or cfg.dataset.skip_bad,

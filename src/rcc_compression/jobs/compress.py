@@ -17,7 +17,7 @@ from ..compression.rate import apply_rate
 from ..compression.storage import save_compressed
 from ..config import RCCConfig, dump_config
 from ..evaluation.efficiency import compare_efficiency, measured_storage, optimize_execution
-from ..evaluation.suite import evaluate_model
+from ..evaluation.suite import HEADLINE_NAMES, evaluate_model
 from ..models.registry import get_model
 from ..training.callbacks import TrackingCallback
 from ..utils.io import atomic_write_json, atomic_write_text, directory_lock
@@ -45,25 +45,24 @@ def headline_metrics(result: dict[str, Any], names: tuple[str, ...] = HEADLINE_M
     return out
 
 
-QUALITY_METRICS = ("top1", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy")
-
-
 def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Headline task metrics of the configured benchmarks and their bootstrap CIs (``[low, high]``).
+    """Headline numbers of the metrics the config measures (``evaluation.metrics``) and their bootstrap CIs.
 
-    Both are empty when no benchmark is configured; the CIs are empty with ``bootstrap_samples: 0``.
+    Both are empty when no benchmark runs; the CIs (``[low, high]``) are empty with ``bootstrap_samples: 0``.
     """
-    if not cfg.evaluation.benchmarks:
+    ev = cfg.evaluation
+    benchmarks = [b for b in ev.benchmarks if b != "efficiency"]  # efficiency is compared dense vs compressed
+    if not benchmarks:
         return {}, {}
-    samples = cfg.evaluation.bootstrap_samples
-    res = evaluate_model(wrapper, benchmarks=cfg.evaluation.benchmarks, datasets=cfg.evaluation.datasets,
-                         batch_size=cfg.evaluation.batch_size, bootstrap_samples=samples, seed=cfg.experiment.seed)
-    values = headline_metrics(res, QUALITY_METRICS)
+    names = tuple(n for m in ev.measures() for n in HEADLINE_NAMES.get(m, ()))
+    res = evaluate_model(wrapper, benchmarks=benchmarks, datasets=ev.datasets, batch_size=ev.batch_size,
+                         bootstrap_samples=ev.bootstrap_samples, seed=cfg.experiment.seed)
+    values = headline_metrics(res, names)
     cis: dict[str, list[float]] = {}
-    if samples:
+    if ev.bootstrap_samples:
         for bench, per_dataset in res.get("results", {}).items():
             for spec, r in per_dataset.items():
-                for name in QUALITY_METRICS:
+                for name in names:
                     m = r.get("metrics", {}).get(name)
                     if isinstance(m, dict) and "ci_low" in m:
                         cis[f"{bench} {spec} {name}"] = [float(m["ci_low"]), float(m["ci_high"])]
@@ -132,9 +131,10 @@ def _run_compress(
                                    encrypt_key=encrypt_key)
         comp_quality, comp_ci = quality_metrics(wrapper, cfg) if evaluate else ({}, {})
         kernels: dict[str, int] = {}
-        if evaluate:
+        effs: dict[str, Any] = {}
+        if evaluate and "efficiency" in cfg.evaluation.measures():
             kernels = dict(Counter(optimize_execution(wrapper, holdout[0]).values()))
-        effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, holdout[0]) if evaluate else {}
+            effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, holdout[0])
         results = {
             "model": cfg.model.name,
             "stages": section.cascade.stages,
