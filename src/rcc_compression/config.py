@@ -1,7 +1,7 @@
 """Typed configuration: pydantic models, YAML ``inherit``/``override``, and ``--set`` overrides.
 
 A configuration is a YAML mapping with the sections ``experiment``, ``model``, ``dataset``,
-``calibration``, ``compression``, ``training`` and ``evaluation``; the design document's layout,
+``calibration``, ``compression``, ``training``, ``evaluation`` and ``tracking``; the design document's layout,
 with the other sections inside ``experiment:``, is read the same. Any mapping may carry
 ``inherit: path`` (or a list of paths, relative to the file; chains allowed, cycles refused) and
 ``override: {...}`` (deep-merged last). When an inherited file has the section's own key at its
@@ -26,6 +26,7 @@ from .errors import ConfigError, DataError
 from .evaluation.suite import METRICS, canonical_benchmark, metric_of
 from .training.settings import TrainingSection
 from .utils.schema import KeyPath, StrictModel, error_line, fmt_path, short, show
+from .utils.tracking import TrackingConfig
 
 
 # ----------------------------------------------------------------------------------- sections
@@ -140,6 +141,7 @@ class RCCConfig(StrictModel):
     compression: CompressionSection = Field(default_factory=CompressionSection)  # type: ignore[valid-type]
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 # ------------------------------------------------------------------------------ who reads what
@@ -274,7 +276,7 @@ def _merge(dst: dict, dprov: dict, src: Mapping, sprov: Mapping, prefix: KeyPath
 
 
 #: sections that may also sit inside ``experiment:`` (the design document's layout, section 6.2)
-NESTABLE = ("model", "dataset", "calibration", "compression", "training", "evaluation")
+NESTABLE = ("model", "dataset", "calibration", "compression", "training", "evaluation", "tracking")
 
 
 class _Loader:
