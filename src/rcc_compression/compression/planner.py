@@ -20,7 +20,7 @@ from ..errors import CompressionError
 from .dare import keep_count, magnitude_scores, topk_mask, wanda_scores
 from .lowrank import whitening
 from .nullu import allocate_ranks, budget_rank, factorisable, spectral_energy, svd
-from .quant import corrected_factor, format_bytes, gptq, quantize_nearest
+from .quant import format_bytes, gptq_formats, quantize_nearest
 from .storage import sparse_encoding_bytes
 
 
@@ -292,41 +292,44 @@ def layer_choices(
     that rounding error; its factors are rounded to nearest with ``B`` re-solved on the rounded
     ``A`` (the stage's GPTQ rounding of them only lowers the error further).
     """
-    W = weight.detach().double()
+    W = weight.detach().float()
     m, n = W.shape
-    H = gram.double() if gram is not None else torch.eye(n, dtype=torch.float64, device=W.device)
-    ref = float(((W @ H) * W).sum().clamp_min(1e-300))
+    H = gram.float() if gram is not None else torch.eye(n, device=W.device)
+    ref = float(((W @ H) * W).sum(dtype=torch.float64).clamp_min(1e-300))
 
     def error(approx: torch.Tensor) -> float:
         D = W - approx
-        return max(0.0, float(((D @ H) * D).sum()) / ref)
+        return max(0.0, float(((D @ H) * D).sum(dtype=torch.float64)) / ref)
 
-    def rounded(s: torch.Tensor, fmt: tuple[int, int | None, bool], mask: torch.Tensor | None) -> torch.Tensor:
-        bits, group, sym = fmt
+    def rounded(s: torch.Tensor, fmts: Sequence[tuple[int, int | None, bool]], mask: torch.Tensor | None
+                ) -> list[torch.Tensor]:
         if rounding == "gptq" and gram is not None:
-            q = gptq(s.float(), H.float(), bits, group, sym, mask, damping)
+            parts = gptq_formats(s, H, fmts, mask, damping)
         else:
-            q = quantize_nearest(s.float(), bits, group, sym, mask)
-        return q.dequantize(torch.float64, mask).to(W.device)
+            parts = [quantize_nearest(s, b, g, sym, mask) for b, g, sym in fmts]
+        return [q.dequantize(torch.float32, mask).to(W.device) for q in parts]
 
     out: list[Choice] = []
 
-    def add(c: Choice, approx: torch.Tensor | None) -> None:
-        out.append(Choice(**{**c.__dict__, "nbytes": choice_bytes(shape, c, prune_scope),
-                             "error": 0.0 if approx is None else error(approx)}))
+    def add(c: Choice, approx: torch.Tensor | None, err: float | None = None) -> None:
+        e = err if err is not None else (0.0 if approx is None else error(approx))
+        out.append(Choice(**{**c.__dict__, "nbytes": choice_bytes(shape, c, prune_scope), "error": e}))
 
     root = None
     if lowrank:
-        root = whitening(H, damping)
+        root = whitening(H.double(), damping)
     full = min(m, n)
     ranks = sorted({max(1, round(full * s)) for s in RANK_SHARES})
 
     def with_factors(base: Choice, s_hat: torch.Tensor | None, rank_list: list[int],
                      factor_bits: Sequence[int] = FACTOR_BITS) -> None:
+        """Factors of each rank fitted to what ``s_hat`` leaves; errors from r x r and m x r products only."""
         if not rank_list:
             return
-        residual = W - (s_hat if s_hat is not None else 0)
-        M = residual @ root[0]
+        R = W - s_hat if s_hat is not None else W
+        RH = R @ H
+        e0 = float((RH * R).sum(dtype=torch.float64))
+        M = R.double() @ root[0]
         q = max(rank_list)
         if q + 8 < min(m, n) // 2:  # a few directions of a large matrix: randomized SVD is plenty
             U, sv, V = torch.svd_lowrank(M, q=q + 8, niter=2)
@@ -334,23 +337,29 @@ def layer_choices(
         else:
             U, sv, Vh = torch.linalg.svd(M, full_matrices=False)
         for r in rank_list:
-            B = U[:, :r] * sv[:r]
-            A = Vh[:r] @ root[1]
+            B = (U[:, :r] * sv[:r]).float()
+            A = (Vh[:r] @ root[1]).float()
             for fb in factor_bits:
-                A_q = quantize_nearest(A.float(), fb, base.group_size, base.symmetric).dequantize(torch.float64)
-                B_c = corrected_factor(residual, A_q, H, damping) if gram is not None else B
-                B_q = quantize_nearest(B_c.float(), fb, base.group_size, base.symmetric).dequantize(torch.float64)
-                approx = B_q @ A_q + (s_hat if s_hat is not None else 0)
-                add(Choice(**{**base.__dict__, "rank": r, "factor_bits": fb}), approx)
+                A_q = quantize_nearest(A, fb, base.group_size, base.symmetric).dequantize(torch.float32)
+                AH = A_q @ H
+                HB = (AH @ A_q.t()).double()
+                rhs = (RH @ A_q.t()).double()  # R H A^T
+                if gram is not None:  # B re-solved on the rounded A: least squares with a small ridge
+                    lam = damping * float(HB.diagonal().mean().clamp_min(1e-300))
+                    B_c = torch.linalg.solve(HB + lam * torch.eye(r, dtype=HB.dtype, device=HB.device),
+                                             rhs.t()).t().float()
+                else:
+                    B_c = B
+                B_q = quantize_nearest(B_c, fb, base.group_size, base.symmetric).dequantize(torch.float64)
+                num = e0 - 2 * float((B_q * rhs).sum()) + float(((B_q @ HB) * B_q).sum())
+                add(Choice(**{**base.__dict__, "rank": r, "factor_bits": fb}), None, max(0.0, num) / ref)
 
     add(Choice(), None)  # left as it is
     if quant:
-        cached: dict[tuple[int, int | None, bool], torch.Tensor] = {}
-        for fmt in QUANT_FORMATS:
-            if fmt[1] is not None and fmt[1] >= n:
-                continue
-            cached[fmt] = rounded(W, fmt, None)
-            add(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), cached[fmt])
+        fmts = [f for f in QUANT_FORMATS if f[1] is None or f[1] < n]
+        cached = dict(zip(fmts, rounded(W, fmts, None), strict=True))
+        for fmt, s_hat in cached.items():
+            add(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat)
         if lowrank:
             # a low-rank correction of the rounding error, in steps of doubling rank: small ranks also
             # let the byte budget be filled closely
@@ -364,25 +373,20 @@ def layer_choices(
             mask = topk_mask(score, p, prune_scope)
             S = W * mask
             add(Choice(pruning_rate=p), S)
-            for fmt in SPARSE_FORMATS if (quant and p in SPARSITIES) else ():
-                if fmt[1] is not None and fmt[1] >= n:
-                    continue
-                s_hat = rounded(S, fmt, mask)
+            fmts = [f for f in SPARSE_FORMATS if f[1] is None or f[1] < n] if (quant and p in SPARSITIES) else []
+            for fmt, s_hat in zip(fmts, rounded(S, fmts, mask) if fmts else [], strict=True):
                 base = Choice(pruning_rate=p, bits=fmt[0], group_size=fmt[1], symmetric=fmt[2])
                 add(base, s_hat)
                 if lowrank and p == SPARSITIES[-1] and fmt == SPARSE_FORMATS[-1]:
                     with_factors(base, s_hat, [r for r in ranks if r <= full // 8])
     if lowrank:
-        lr_ranks = [r for r in ranks if factorisable(r, m, n)]  # float factors below dense at every step
-        base = Choice(keep_s=False)
-        residual_fit = [r for r in lr_ranks if r < full]
+        lr_ranks = [r for r in ranks if factorisable(r, m, n) and r < full]  # float factors below dense
         if quant:
-            with_factors(base, None, residual_fit)
+            with_factors(Choice(keep_s=False), None, lr_ranks)
         else:
-            U, sv, Vh = torch.linalg.svd(W @ root[0], full_matrices=False)
-            for r in residual_fit:
-                if factorisable(r, m, n):
-                    add(Choice(keep_s=False, rank=r), (U[:, :r] * sv[:r]) @ Vh[:r] @ root[1])
+            U, sv, Vh = torch.linalg.svd(W.double() @ root[0], full_matrices=False)
+            for r in lr_ranks:
+                add(Choice(keep_s=False, rank=r), ((U[:, :r] * sv[:r]) @ Vh[:r] @ root[1]).float())
     return out
 
 
