@@ -12,7 +12,7 @@ from rcc_compression.cli import main
 from rcc_compression.config import load_config
 from rcc_compression.errors import ConfigError
 from rcc_compression.jobs import studies
-from rcc_compression.jobs.studies import make_spec, order_variants, run_study, subset_variants
+from rcc_compression.jobs.studies import make_spec, order_variants, run_ordering, subset_variants
 
 from .conftest import tiny_config
 
@@ -71,9 +71,9 @@ def test_ablation_end_to_end_and_resume(tiny_world: Path, tmp_path: Path, monkey
 
 def test_order_study_and_bad_requests(tiny_world: Path, tmp_path: Path) -> None:
     cfg_file = tiny_config(tmp_path / "cfg", tiny_world, ["dare", "nullu"])
-    spec = make_spec("order", load_config(cfg_file, ["compression.cascade.lowrank_share=0.5"]), 1)
-    assert [v.name for v in spec.variants] == ["dare > nullu", "nullu > dare"]
-    res = run_study(spec, tmp_path / "order")
+    cfg = load_config(cfg_file, ["compression.cascade.lowrank_share=0.5"])
+    assert [v.name for v in make_spec("order", cfg, 1).variants] == ["dare > nullu", "nullu > dare"]
+    res = run_ordering(cfg, tmp_path / "order", seeds=1)
     assert [r["variant"] for r in res["rows"]] == ["dare > nullu", "nullu > dare"]
     # a fixed byte split keeps both stages in every order (left to itself the planner may drop one)
     assert [r["stages_run"] for r in res["rows"]] == [["dare > nullu"], ["nullu > dare"]]
