@@ -128,8 +128,11 @@ class StudySpec:
 
 
 def make_spec(kind: str, cfg: RCCConfig, seeds: int | Sequence[int], extra: Sequence[Variant] = (),
-              split: str = "test", metrics: Sequence[str] | None = None) -> StudySpec:
-    """A study over ``cfg``: ``ablate`` (stage subsets) or ``order`` (permutations), plus named variants."""
+              split: str = "test", metrics: Sequence[str] | None = None, subsets: bool = True) -> StudySpec:
+    """A study over ``cfg``: ``ablate`` (stage subsets) or ``order`` (permutations), plus named variants.
+
+    ``subsets=False`` (ablate only) compares the named variants with the base config alone.
+    """
     if cfg.compression.cascade.target_rate is None:
         raise ConfigError("config error: compression.cascade.target_rate: a study compares variants at equal stored "
                           "bytes, so it needs a rate (--rate or compression.cascade.target_rate)")
@@ -138,7 +141,7 @@ def make_spec(kind: str, cfg: RCCConfig, seeds: int | Sequence[int], extra: Sequ
                           "retrieval])")
     stages = list(cfg.compression.cascade.stages)
     if kind == "ablate":
-        variants = subset_variants(stages)
+        variants = subset_variants(stages) if subsets else subset_variants(stages)[:1]
     elif kind == "order":
         variants = order_variants(stages)
     else:
