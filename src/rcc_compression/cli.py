@@ -7,6 +7,7 @@ with status 2. ``main(argv)`` runs the app in-process, which is how the tests ca
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -278,12 +279,16 @@ def evaluate(
     from .utils.runs import new_run_dir
 
     sets = _overrides(set_, model, seed)
+    if benchmark:  # exactly these benchmarks: they say what is measured
+        sets += [f"evaluation.benchmarks={json.dumps(benchmark)}", "evaluation.metrics=null"]
     cfg = load_config(config, sets)
     ev = cfg.evaluation
+    benchmarks = ev.benchmarks + (["efficiency"] if "efficiency" in (ev.metrics or ()) and
+                                  "efficiency" not in ev.benchmarks else [])
     run_dir = output or new_run_dir(cfg.experiment.output_dir, "evaluate")
     setup_logging(_verbosity(verbose, quiet), run_dir)
     results = run_suite(
-        cfg.model.name, run_dir, benchmarks=benchmark or ev.benchmarks, datasets=dataset or ev.datasets or ["world"],
+        cfg.model.name, run_dir, benchmarks=benchmarks, datasets=dataset or ev.datasets or ["world"],
         seed=cfg.experiment.seed, config=dump_config(cfg), split=split, batch_size=ev.batch_size,
         bootstrap_samples=ev.bootstrap_samples if bootstrap is None else bootstrap, max_items=max_items,
         templates=templates, world_seed=world_seed, skip_bad=skip_bad or cfg.dataset.skip_bad,
@@ -295,6 +300,48 @@ def evaluate(
     if not results.get("results"):
         reasons = "; ".join(f"{s['benchmark']} on {s['dataset']}: {s['reason']}" for s in results.get("skipped", []))
         raise EvaluationError(f"no benchmark ran ({reasons or 'nothing selected'}); see {run_dir / 'results.md'}")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (compress, evaluate or train runs).")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="md, csv, latex, json or html.")] = "md",
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="Keep metrics containing this text (repeatable).")] = None,  # noqa: E501
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """A comparison table of runs: metrics with 95 % CIs, bytes, rate, latency, as in their results files."""
+    from .utils.io import atomic_write_text
+    from .visualization.records import is_run_dir, load_run
+    from .visualization.report import FORMATS, comparison_rows, render
+
+    if format_ not in FORMATS:
+        raise ConfigError(f"rcc report --format: got {format_!r}; allowed: {', '.join(FORMATS)}")
+    missing = [str(r) for r in runs if not is_run_dir(r)]
+    if missing:
+        raise ConfigError(f"rcc report: not a run directory (no run.json, results.json or progress.json): "
+                          f"{', '.join(missing)}")
+    records = [load_run(r) for r in runs]
+    text = render(comparison_rows(records, metric), format_, records)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(output, text)
+        typer.echo(f"written to {output}")
+
+
+@app.command()
+def dashboard(
+    runs: Annotated[Path, typer.Option("--runs", help="Directory of run directories.")] = Path("runs"),
+    host: Annotated[str, typer.Option("--host", help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 8501,
+    refresh: Annotated[float, typer.Option("--refresh", help="Seconds between refreshes of a running job.")] = 2.0,
+) -> None:
+    """Serve the Streamlit dashboard over the runs in RUNS (it only reads them)."""
+    from .visualization.dashboard import launch
+
+    if not runs.is_dir():
+        raise ConfigError(f"rcc dashboard --runs: {runs} is not a directory")
+    raise typer.Exit(launch(runs, host, port, refresh))
 
 
 @app.command()

@@ -29,6 +29,8 @@ from ..training.callbacks import (
     LoggingCallback,
     ModelCheckpoint,
     ProgressBar,
+    ProgressFile,
+    TrackingCallback,
 )
 from ..training.distributed import (
     BatchesDataset,
@@ -48,6 +50,7 @@ from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger, setup_logging
 from ..utils.runs import RunRecord, new_run_dir
 from ..utils.seeding import seed_everything
+from ..utils.tracking import ExperimentTracker
 from .common import calibration_batches, prepare_run_dir, resolve_device
 
 log = get_logger("training")
@@ -91,10 +94,26 @@ def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = 
     """Fine-tune the compressed model in ``source`` by distillation from its dense model; save into ``run_dir``.
 
     Writes ``run_dir/compressed`` (the recovered model, same format), ``run_dir/checkpoints/last``
-    (trainer state, for ``resume``) and ``run_dir/train_results.json``; returns the results.
-    Works under ``torchrun`` (every rank calls it; rank 0 writes).
+    (trainer state, for ``resume``), ``run_dir/progress.json`` while it trains and
+    ``run_dir/train_results.json``; sends steps, validations and the result to ``cfg.tracking``'s
+    backends (rank 0). Works under ``torchrun`` (every rank calls it; rank 0 writes).
     """
     dist = dist or init_distributed()
+    tracker = (ExperimentTracker(cfg.tracking, run_dir, run_config=dump_config(cfg)) if dist.is_main
+               else ExperimentTracker())
+    with tracker:
+        results = _run_train(cfg, source, run_dir, resume, progress, dist, tracker)
+        for variant in ("before", "after"):
+            tracker.log_metrics(results[variant], 0, f"eval/{variant}")
+        tracker.log_summary({f"{v}/{k}": x for v in ("before", "after") for k, x in results[v].items()})
+        if dist.is_main and cfg.tracking.log_model:
+            tracker.log_artifact(run_dir / "compressed", f"{run_dir.name}-compressed", "model",
+                                 {"source": results["source"], "steps": results["steps"]})
+    return results
+
+
+def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, progress: bool, dist: DistInfo,
+               tracker: ExperimentTracker) -> dict[str, Any]:
     tcfg = cfg.training
     ckpt, run_cfg_raw = resolve_source(source)
     run_cfg = validate_config(run_cfg_raw, source=str(ckpt))
@@ -134,7 +153,8 @@ def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = 
 
     ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", every_steps=tcfg.checkpoint_every_steps,
                               monitor="val_loss" if holdout else None)
-    callbacks: list[Callback] = [LearningRateMonitor(), LoggingCallback(every_steps=50), ckpt_cb]
+    callbacks: list[Callback] = [LearningRateMonitor(), LoggingCallback(every_steps=50), ckpt_cb,
+                                 TrackingCallback(tracker), ProgressFile(run_dir / "progress.json")]
     if tcfg.early_stopping_patience:
         callbacks.insert(0, EarlyStopping("val_loss", tcfg.early_stopping_patience))
     if progress:
