@@ -80,8 +80,8 @@ def test_order_study_and_bad_requests(tiny_world: Path, tmp_path: Path) -> None:
     assert all(r["compression_rate_layers"]["mean"] == pytest.approx(0.5, abs=0.02) for r in res["rows"])
     other = res["rows"][1]["vs_reference"]
     assert set(other) == set(res["metrics"]) and all("wilcoxon" in v for v in other.values())
-    only = make_spec("ablate", cfg, 2, [studies.Variant("layer-ranks", {"compression.nullu.budget_allocation": "layer"})],
-                     subsets=False)
+    named = studies.Variant("layer-ranks", {"compression.nullu.budget_allocation": "layer"})
+    only = make_spec("ablate", cfg, 2, [named], subsets=False)
     assert [v.name for v in only.variants] == ["full", "layer-ranks"] and only.seeds == [0, 1]
     with pytest.raises(ConfigError, match="target_rate"):
         make_spec("ablate", load_config(cfg_file, ["compression.cascade.target_rate=null"]), 1)
