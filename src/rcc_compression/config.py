@@ -207,6 +207,12 @@ READERS: dict[str, tuple[str, ...]] = {
     "evaluation.metrics": (_J + "compress", "rcc_compression.cli"),
     "evaluation.batch_size": (_J + "compress", "rcc_compression.cli"),
     "evaluation.bootstrap_samples": ("rcc_compression.cli",),
+    "tracking.backends": ("rcc_compression.utils.tracking",),
+    "tracking.project": ("rcc_compression.utils.tracking",),
+    "tracking.run_name": ("rcc_compression.utils.tracking",),
+    "tracking.tags": ("rcc_compression.utils.tracking",),
+    "tracking.log_model": (_J + "tracking",),
+    "tracking.figures": (_J + "tracking",),
 }
 
 

@@ -8,17 +8,18 @@ directory, logging, run record and the process group of a ``torchrun`` launch.
 from __future__ import annotations
 
 import contextlib
+import functools
 from math import inf
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from ..compression.calibration import output_agreement, run_outputs
 from ..compression.storage import MANIFEST, load_compressed, read_manifest, save_compressed
-from ..config import RCCConfig, dump_config, validate_config
+from ..config import RCCConfig, dump_config, load_config, validate_config
+from ..data.collate import pad_collate
 from ..errors import CheckpointError, ConfigError
 from ..models.base import ModelWrapper
 from ..models.registry import get_model
@@ -67,8 +68,8 @@ def resolve_source(source: str | Path) -> tuple[Path, dict[str, Any]]:
         raise CheckpointError(f"{source}: neither a compressed checkpoint ({MANIFEST}) nor a run directory holding "
                               f"one in compressed/")
     cfg_file = run_dir / "config.yaml"
-    if cfg_file.is_file():
-        run_cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    if cfg_file.is_file():  # read as any config file: a broken one is one line naming the file and the key
+        run_cfg = dump_config(load_config(cfg_file))
     else:
         run_cfg = read_manifest(ckpt).get("config") or {}
     if not run_cfg.get("model", {}).get("name"):
@@ -129,9 +130,11 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
     n_hold = cfg.calibration.holdout_batches
     fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, [])
     per_rank = tcfg.batch_size // dist.world_size
-    train_loader = make_loader(BatchesDataset(fit), per_rank, dist, seed=cfg.experiment.seed)
+    # rows of calibration batches padded to different lengths batch together, padded again
+    collate = functools.partial(pad_collate, pad_token_id=getattr(teacher_w.tokenizer, "pad_token_id", None) or 0)
+    train_loader = make_loader(BatchesDataset(fit), per_rank, dist, seed=cfg.experiment.seed, collate_fn=collate)
     val_loader = (make_loader(BatchesDataset(holdout), max(1, cfg.calibration.batch_size // dist.world_size), dist,
-                              shuffle=False) if holdout else None)
+                              shuffle=False, collate_fn=collate) if holdout else None)
     forward_kwargs: dict[str, Any] = {}
     if tcfg.attention_weight:
         for m in (student, teacher):
