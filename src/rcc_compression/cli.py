@@ -7,6 +7,7 @@ with status 2. ``main(argv)`` runs the app in-process, which is how the tests ca
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .errors import ConfigError, EvaluationError, RCCError
+from .errors import CheckpointError, ConfigError, EvaluationError, RCCError
 
 app = typer.Typer(
     name="rcc",
@@ -98,7 +99,8 @@ def compress(
     from rich.table import Table
 
     from .config import dump_config, load_config
-    from .jobs import checkpoint_key, prepare_run_dir, run_compress, summary_rows
+    from .jobs.common import checkpoint_key, prepare_run_dir
+    from .jobs.compress import run_compress, summary_rows
     from .utils.io import directory_lock
     from .utils.logging import setup_logging
     from .utils.runs import RunRecord, new_run_dir
@@ -109,8 +111,6 @@ def compress(
             raise typer.BadParameter("--resume takes the run's own config; drop --config/--set/--model/--seed")
         cfg_file = resume / "config.yaml"
         if not cfg_file.is_file():
-            from .errors import CheckpointError
-
             raise CheckpointError(f"{resume}: not a run directory (no config.yaml)")
         cfg = load_config(cfg_file)
         key = checkpoint_key(encrypt, key_file, resume)
@@ -172,7 +172,7 @@ def train(
     With --reference clip|blip it trains a bundled-style reference model on the world instead, as `rcc world train-reference` does (that command also takes the world, time budget and steps).
     """  # noqa: E501
     from .config import load_config
-    from .training.recovery import resolve_source, train_job
+    from .jobs.train import resolve_source, train_job
 
     if (source is None) == (reference is None):
         raise ConfigError("rcc train: give exactly one of --from RUN_DIR (recovery) or --reference clip|blip")
@@ -194,7 +194,7 @@ def train(
 
 def _train_reference(kind: str, out: Path, world: Path | None, seed: int, minutes: float, steps: int | None,
                      verbose: int, quiet: bool) -> None:
-    from .models.reference_training import train_reference
+    from .jobs.reference import train_reference
     from .utils.logging import setup_logging
 
     if kind not in ("clip", "blip"):
@@ -273,25 +273,28 @@ def evaluate(
 ) -> None:
     """Evaluate a model: every metric with a bootstrap 95 % CI, into results.json and results.md."""
     from .config import dump_config, load_config
-    from .evaluation.suite import run_suite
+    from .evaluation.suite import results_table
+    from .jobs.evaluate import run_suite
     from .utils.logging import setup_logging
     from .utils.runs import new_run_dir
 
     sets = _overrides(set_, model, seed)
+    if benchmark:  # exactly these benchmarks: they say what is measured
+        sets += [f"evaluation.benchmarks={json.dumps(benchmark)}", "evaluation.metrics=null"]
     cfg = load_config(config, sets)
     ev = cfg.evaluation
+    benchmarks = ev.benchmarks + (["efficiency"] if "efficiency" in (ev.metrics or ()) and
+                                  "efficiency" not in ev.benchmarks else [])
     run_dir = output or new_run_dir(cfg.experiment.output_dir, "evaluate")
     setup_logging(_verbosity(verbose, quiet), run_dir)
     results = run_suite(
-        cfg.model.name, run_dir, benchmarks=benchmark or ev.benchmarks, datasets=dataset or ev.datasets or ["world"],
+        cfg.model.name, run_dir, benchmarks=benchmarks, datasets=dataset or ev.datasets or ["world"],
         seed=cfg.experiment.seed, config=dump_config(cfg), split=split, batch_size=ev.batch_size,
         bootstrap_samples=ev.bootstrap_samples if bootstrap is None else bootstrap, max_items=max_items,
         templates=templates, world_seed=world_seed, skip_bad=skip_bad or cfg.dataset.skip_bad,
         root=cfg.dataset.root, progress=not quiet,
     )
     if not quiet:
-        from .evaluation.suite import results_table
-
         typer.echo(results_table(results), nl=False)
     typer.echo(f"run directory: {run_dir}")
     if not results.get("results"):
@@ -404,6 +407,103 @@ def search(
     typer.echo(f"search directory: {out}")
 
 
+def _study(kind: str, config: Path | None, set_: list[str] | None, model: str | None, seeds: int, rate: float | None,
+           variants: Path | None, metric: list[str] | None, split: str, output: Path | None, resume: Path | None,
+           overwrite: bool, verbose: int, quiet: bool) -> None:
+    """Shared body of ``rcc ablate`` and ``rcc order``."""
+    from .config import load_config
+    from .jobs.common import prepare_run_dir
+    from .jobs.studies import StudySpec, load_variants, make_spec, run_study
+    from .utils.logging import setup_logging
+    from .utils.runs import RunRecord, new_run_dir
+
+    if resume is not None:
+        if config is not None or set_ or model or rate is not None or variants is not None:
+            raise typer.BadParameter("--resume takes the study's own specification; drop the other options")
+        spec_file = resume / "study.json"
+        if not spec_file.is_file():
+            raise CheckpointError(f"{resume}: not a study directory (no study.json)")
+        import json
+
+        spec = StudySpec.from_json(json.loads(spec_file.read_text(encoding="utf-8")))
+        run_dir = resume
+    else:
+        sets = _overrides(set_, model, None)
+        if rate is not None:
+            sets.append(f"compression.cascade.target_rate={rate}")
+        cfg = load_config(config, sets)
+        spec = make_spec(kind, cfg, seeds, load_variants(variants) if variants else (), split, metric)
+        run_dir = prepare_run_dir(output, overwrite, False) if output else new_run_dir(
+            cfg.experiment.output_dir, f"{kind}-{cfg.experiment.name}")
+    setup_logging(_verbosity(verbose, quiet), run_dir)
+    with RunRecord(run_dir, spec.base, spec.seeds[0]) as record, _progress(quiet) as report:
+        results = run_study(spec, run_dir, resume=resume is not None, progress=report)
+        record.update(results={"rows": len(results["rows"]), "comparisons": results["comparisons"]})
+    typer.echo((run_dir / "results.md").read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"study directory: {run_dir}")
+
+
+SeedsOpt = Annotated[int, typer.Option("--seeds", help="Seeds per variant (experiment.seed, +1, ...).")]
+RateOpt = Annotated[float | None, typer.Option("--rate", help="Compression rate every variant is planned to "
+                                                                "(sets compression.cascade.target_rate).")]
+VariantsOpt = Annotated[Path | None, typer.Option("--variants", help="YAML of named variants: "
+                                                                      "{variants: {name: {config.key: value}}}.")]
+MetricOpt = Annotated[list[str] | None, typer.Option("--metric", help="Metric key to report (repeatable).")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Evaluation split of the table.")]
+StudyOut = Annotated[Path | None, typer.Option("--output", "-o", help="Study directory.")]
+StudyResume = Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted study directory.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty study directory.")]
+
+
+@app.command()
+def ablate(config: ConfigOpt = None, set_: SetOpt = None,
+           model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,
+           seeds: SeedsOpt = 3, rate: RateOpt = None, variants: VariantsOpt = None, metric: MetricOpt = None,
+           split: SplitOpt = "test", output: StudyOut = None, resume: StudyResume = None,
+           overwrite: OverwriteOpt = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
+    """Every subset of the stages (and named variants) at equal stored bytes over seeds, vs the full cascade."""
+    _study("ablate", config, set_, model, seeds, rate, variants, metric, split, output, resume, overwrite, verbose,
+           quiet)
+
+
+@app.command()
+def order(config: ConfigOpt = None, set_: SetOpt = None,
+          model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,
+          seeds: SeedsOpt = 3, rate: RateOpt = None, variants: VariantsOpt = None, metric: MetricOpt = None,
+          split: SplitOpt = "test", output: StudyOut = None, resume: StudyResume = None,
+          overwrite: OverwriteOpt = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
+    """Every order of the cascade's stages at equal stored bytes over seeds, vs the configured order."""
+    _study("order", config, set_, model, seeds, rate, variants, metric, split, output, resume, overwrite, verbose,
+           quiet)
+
+
+@app.command()
+def analyze(
+    run: Annotated[Path, typer.Argument(help="A finished rcc compress run directory.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Report directory (default RUN/analysis).")] = None,  # noqa: E501
+    part: Annotated[list[str] | None, typer.Option("--part", help="subspace, nullspace, sensitivity, embeddings (repeatable; default all).")] = None,  # noqa: E501
+    against: Annotated[Path | None, typer.Option("--against", help="Another run of the same model: compare their subspaces.")] = None,  # noqa: E501
+    energy: Annotated[float, typer.Option("--energy", help="Spectral energy of the compared dominant subspaces.")] = 0.9,  # noqa: E501
+    embedding: Annotated[list[str] | None, typer.Option("--embedding", help="tsne, umap (repeatable; default both).")] = None,  # noqa: E501
+    max_items: Annotated[int, typer.Option("--max-items", help="Test images in the embedding maps.")] = 512,
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layers for sensitivity (repeatable; default all compressed).")] = None,  # noqa: E501
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo parts already written.")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Subspace, null-space, sensitivity and embedding reports of a compressed run (JSON, CSV, Markdown, figures)."""
+    from .jobs.analyze import METHODS, PARTS, run_analyze
+    from .utils.logging import setup_logging
+
+    out = output or run / "analysis"
+    setup_logging(_verbosity(verbose, quiet), out)
+    with _progress(quiet) as report:
+        run_analyze(run, out, part or PARTS, against, energy, methods=embedding or METHODS, max_items=max_items,
+                    sensitivity_layers=layer, overwrite=overwrite, progress=report)
+    typer.echo((out / "report.md").read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"analysis directory: {out}")
+
+
 @contextlib.contextmanager
 def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar fed by ``report(stage, done, total)`` callbacks."""
@@ -422,8 +522,16 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield report
 
 
+#: Click's base exception, from Typer's public ``BadParameter`` (Typer may ship its own copy of Click)
+_CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI in-process; returns the exit status (2 on bad input)."""
+    """Run the CLI in-process; returns the exit status.
+
+    Bad input (config, model, data: :class:`RCCError`) prints one line; a usage error (unknown
+    option or command, missing or bad argument) prints Click's usage line and message. Both exit 2.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         app(args=args, prog_name="rcc", standalone_mode=False)
@@ -435,14 +543,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return int(exc.exit_code)
-        raise
+    except _CLICK_ERROR as exc:  # usage errors: the usage line and the message, as Click prints them
+        if hasattr(exc, "ctx") and exc.ctx is None:  # raised by the option parser before the context existed
+            exc.ctx = _context_of(args)
+        exc.show()
+        return int(exc.exit_code)
     return 0
+
+
+def _context_of(args: Sequence[str]) -> Any:
+    """A Click context of the (sub)command ``args`` name, for its usage line."""
+    cmd, path = typer.main.get_command(app), ["rcc"]
+    for token in args:
+        sub = getattr(cmd, "commands", {}).get(token)
+        if sub is None:
+            break
+        cmd, path = sub, [*path, token]
+    return cmd.make_context(" ".join(path), [], resilient_parsing=True)
 
 
 def _alias(command: str) -> int:

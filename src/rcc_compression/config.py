@@ -1,7 +1,8 @@
 """Typed configuration: pydantic models, YAML ``inherit``/``override``, and ``--set`` overrides.
 
 A configuration is a YAML mapping with the sections ``experiment``, ``model``, ``dataset``,
-``calibration``, ``compression``, ``training`` and ``evaluation``. Any mapping may carry
+``calibration``, ``compression``, ``training`` and ``evaluation``; the design document's layout,
+with the other sections inside ``experiment:``, is read the same. Any mapping may carry
 ``inherit: path`` (or a list of paths, relative to the file; chains allowed, cycles refused) and
 ``override: {...}`` (deep-merged last). When an inherited file has the section's own key at its
 top (``compression:`` inherited from inside ``compression:``) that section is taken. Every key
@@ -13,18 +14,18 @@ from __future__ import annotations
 
 import copy
 import os
-import reprlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from .errors import ConfigError
-from .utils.schema import StrictModel
-
-KeyPath = tuple[str | int, ...]
+from .compression.registry import CompressionSection, validate_stage_config
+from .errors import ConfigError, DataError
+from .evaluation.suite import METRICS, canonical_benchmark, metric_of
+from .training.settings import TrainingSection
+from .utils.schema import KeyPath, StrictModel, error_line, fmt_path, short, show
 
 
 # ----------------------------------------------------------------------------------- sections
@@ -73,65 +74,60 @@ class CalibrationSection(StrictModel):
     preserve_source: str | None = None
 
 
-class TrainingSection(StrictModel):
-    """Recovery fine-tuning and distillation hyper-parameters."""
-
-    batch_size: int = Field(256, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
-    num_epochs: int = Field(20, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    grad_accumulation: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    temperature: float = Field(2.0, gt=0)
-    momentum: float = Field(0.9, ge=0, description="SGD momentum")
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
-        (0.9, 0.999), description="AdamW moment decay rates")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / peak lr of the cosine and linear schedules")
-    kd_weight: float = Field(1.0, ge=0, description="logit KD (CLIP: both directions of the similarity matrix)")
-    feature_weight: float = Field(1.0, ge=0, description="feature matching (embeddings, last hidden states)")
-    attention_weight: float = Field(0.0, ge=0, description="attention transfer (needs eager attention)")
-    task_weight: float = Field(0.0, ge=0, description="the model's own loss (CLIP contrastive, BLIP captioning)")
-    trainable: Literal["compressed", "all"] = "compressed"
-    dropout: bool = Field(False, description="train with dropout (whole model in training mode)")
-    gradient_checkpointing: bool = False
-    teacher_cache: str | None = Field(None, description="directory for cached teacher outputs")
-    checkpoint_every_steps: int = Field(0, ge=0, description="0: checkpoint at epoch ends only")
-    early_stopping_patience: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _some_loss(self) -> TrainingSection:
-        if not (self.kd_weight or self.feature_weight or self.attention_weight or self.task_weight):
-            raise ValueError("every loss weight (kd_weight, feature_weight, attention_weight, task_weight) is 0: "
-                             "at least one must be > 0")
-        return self
-
-
 class EvaluationSection(StrictModel):
-    """Which benchmarks and metrics to run after compression."""
+    """What a run measures: benchmarks on datasets, and the metrics reported.
 
-    metrics: list[str] = Field(default_factory=lambda: ["accuracy", "retrieval", "efficiency"])
+    ``benchmarks`` (``zero_shot``, ``retrieval`` alias ``image_text_retrieval``, ``captioning``,
+    ``vqa``, ``efficiency``) run on ``datasets`` (names as ``rcc evaluate -d``; empty: the world).
+    ``metrics`` names what is measured: ``accuracy`` (zero_shot, vqa), ``retrieval`` (recall@K),
+    ``captioning`` (CIDEr, BLEU, ...) and ``efficiency`` (stored size, latency and FLOPs, dense vs
+    compressed). Left out (``None``), it is what the benchmarks measure, and ``rcc compress`` adds
+    efficiency; given, it must agree with ``benchmarks`` both ways, and ``efficiency`` in it is what
+    makes ``rcc compress`` profile and ``rcc evaluate`` run the efficiency benchmark.
+    """
+
     benchmarks: list[str] = Field(default_factory=lambda: ["zero_shot", "retrieval"])
     datasets: list[str] = Field(default_factory=list)
+    metrics: list[str] | None = Field(None, description="accuracy, retrieval, captioning, efficiency; "
+                                                        "None: what the benchmarks measure")
     batch_size: int = Field(64, ge=1)
     bootstrap_samples: int = Field(1000, ge=0)
 
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks(cls, v: list[str]) -> list[str]:
+        try:
+            return list(dict.fromkeys(canonical_benchmark(b) for b in v))
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
 
-def _compression_section() -> type[StrictModel]:
-    from .compression.cascade import CascadeConfig
-    from .compression.registry import STAGES
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is None:
+            return None
+        bad = [m for m in v if m not in METRICS]
+        if bad:
+            raise ValueError(f"unknown metric {bad[0]!r}; allowed: {', '.join(METRICS)}")
+        benchmarks = info.data.get("benchmarks")
+        if benchmarks is None:  # benchmarks failed validation: that error is reported
+            return v
+        for b in benchmarks:
+            if metric_of(b) not in v:
+                raise ValueError(f"benchmark {b} measures {metric_of(b)}, which evaluation.metrics leaves out: "
+                                 f"add {metric_of(b)} or drop {b} from evaluation.benchmarks")
+        for m in v:
+            if m != "efficiency" and not set(METRICS[m]) & set(benchmarks):
+                raise ValueError(f"metric {m}: no benchmark measures it ({', '.join(METRICS[m])}) in "
+                                 f"evaluation.benchmarks {benchmarks}")
+        return list(dict.fromkeys(v))
 
-    fields: dict[str, Any] = {
-        name: (cfg_cls, Field(default_factory=cfg_cls)) for name, (cfg_cls, _) in STAGES.items()
-    }
-    fields["cascade"] = (CascadeConfig, Field(default_factory=CascadeConfig))
-    return create_model("CompressionSection", __base__=StrictModel, **fields)
-
-
-CompressionSection = _compression_section()
+    def measures(self) -> list[str]:
+        """The metrics this run measures (``metrics``, or the benchmarks' plus efficiency)."""
+        if self.metrics is not None:
+            return list(self.metrics)
+        wanted = {metric_of(b) for b in self.benchmarks} | {"efficiency"}
+        return [m for m in METRICS if m in wanted]
 
 
 class RCCConfig(StrictModel):
@@ -146,44 +142,86 @@ class RCCConfig(StrictModel):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
 
 
+# ------------------------------------------------------------------------------ who reads what
+_J = "rcc_compression.jobs."
+_T = "rcc_compression.training."
+#: every key of the plain sections, the training section and the cascade -> the modules that read it (a
+#: stage's own keys are read by its stage module unless listed here). A key that no job reads is refused, not
+#: listed; ``tests/test_design_config.py`` checks that each listed module reads the key and that no key is
+#: missing, so a section cannot gain a key nobody reads.
+READERS: dict[str, tuple[str, ...]] = {
+    "experiment.name": ("rcc_compression.cli", _J + "train"),
+    "experiment.seed": (_J + "compress", _J + "train", _J + "common"),
+    "experiment.deterministic": (_J + "compress", _J + "train"),
+    "experiment.output_dir": ("rcc_compression.cli", _J + "train"),
+    "experiment.device": (_J + "compress", _J + "train"),
+    "model.name": (_J + "compress", _J + "train", "rcc_compression.cli"),
+    "model.type": (_J + "compress", _J + "train", _J + "api"),
+    "model.dtype": (_J + "compress", _J + "train", _J + "api"),
+    "dataset.train": (_J + "train",),
+    "dataset.root": ("rcc_compression.cli",),
+    "dataset.skip_bad": (_J + "common", "rcc_compression.cli"),
+    "calibration.source": (_J + "compress", _J + "train"),
+    "calibration.num_batches": (_J + "common",),
+    "calibration.batch_size": (_J + "common", _J + "train"),
+    "calibration.holdout_batches": (_J + "common", _J + "compress", _J + "train"),
+    "calibration.preserve_source": (_J + "compress",),
+    "compression.dare.iterations": ("rcc_compression.compression.cascade",),
+    "compression.dare.reference_model": (_J + "train",),
+    "compression.cascade.stages": ("rcc_compression.compression.cascade", _J + "api", _J + "compress"),
+    "compression.cascade.checkpoint_frequency": ("rcc_compression.compression.cascade",),
+    "compression.cascade.validation_threshold": ("rcc_compression.compression.cascade", _J + "compress"),
+    "compression.cascade.rounds": ("rcc_compression.compression.cascade",),
+    "compression.cascade.schedule": ("rcc_compression.compression.cascade",),
+    "compression.cascade.target_rate": (_J + "api", _J + "compress"),
+    "compression.cascade.rate_scope": (_J + "api", _J + "compress"),
+    "training.batch_size": (_J + "train",),
+    "training.learning_rate": (_T + "trainer", _T + "recovery"),
+    "training.num_epochs": (_T + "trainer", _T + "recovery"),
+    "training.optimizer": (_T + "trainer",),
+    "training.weight_decay": (_T + "trainer",),
+    "training.scheduler": (_T + "trainer",),
+    "training.warmup_steps": (_T + "trainer",),
+    "training.grad_clip": (_T + "trainer",),
+    "training.grad_accumulation": (_T + "trainer",),
+    "training.precision": (_T + "trainer",),
+    "training.temperature": (_T + "recovery", _J + "train"),
+    "training.momentum": (_T + "trainer",),
+    "training.betas": (_T + "trainer",),
+    "training.min_lr_ratio": (_T + "trainer",),
+    "training.kd_weight": (_T + "losses",),
+    "training.feature_weight": (_T + "losses",),
+    "training.attention_weight": (_T + "losses", _J + "train"),
+    "training.task_weight": (_T + "losses",),
+    "training.trainable": (_J + "train",),
+    "training.dropout": (_T + "trainer",),
+    "training.gradient_checkpointing": (_T + "trainer",),
+    "training.teacher_cache": (_J + "train",),
+    "training.checkpoint_every_steps": (_J + "train",),
+    "training.early_stopping_patience": (_J + "train",),
+    "evaluation.benchmarks": (_J + "compress", "rcc_compression.cli"),
+    "evaluation.datasets": (_J + "compress", "rcc_compression.cli"),
+    "evaluation.metrics": (_J + "compress", "rcc_compression.cli"),
+    "evaluation.batch_size": (_J + "compress", "rcc_compression.cli"),
+    "evaluation.bootstrap_samples": ("rcc_compression.cli",),
+}
+
+
 # ------------------------------------------------------------------------------ YAML loading
 _DIRECTIVES = ("inherit", "override")
 #: deeper mappings than this are refused (a YAML alias can make a mapping contain itself)
 MAX_DEPTH = 32
 
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 4, 4, 4, 4
-
-
-def _short(value: Any) -> str:
-    """A bounded one-line repr of a bad value (YAML aliases can make values huge or self-containing)."""
-    text = _REPR.repr(value)
-    return text if len(text) <= 160 else text[:157] + "..."
-
 
 def _why(exc: Exception) -> str:
     """The reason of an OS or value error without the (possibly huge) file name it carries."""
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return _show(" ".join(text.split()))
-
-
-def _show(path: Any) -> str:
-    """A path or key path for a one-line message: as is when printable and short, else a bounded repr."""
-    text = str(path)
-    return text if text.isprintable() and len(text) <= 300 else _short(text)
-
-
-def _fmt_path(path: KeyPath) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "<root>"
+    return show(" ".join(text.split()))
 
 
 def _read_yaml(path: Path, origin: str | None) -> Any:
-    where = f" (inherited from {_show(origin)})" if origin else ""
-    name = _show(path)
+    where = f" (inherited from {show(origin)})" if origin else ""
+    name = show(path)
     try:
         exists, is_dir, is_file = path.exists(), path.is_dir(), path.is_file()
     except (OSError, ValueError) as exc:  # a name too long, an embedded NUL
@@ -234,21 +272,51 @@ def _merge(dst: dict, dprov: dict, src: Mapping, sprov: Mapping, prefix: KeyPath
                 dprov[p] = f
 
 
+#: sections that may also sit inside ``experiment:`` (the design document's layout, section 6.2)
+NESTABLE = ("model", "dataset", "calibration", "compression", "training", "evaluation")
+
+
 class _Loader:
     def __init__(self) -> None:
         self.cache: dict[Path, tuple[dict, dict]] = {}
+        #: file -> the sections it nests under ``experiment:`` (to name keys as the file spells them)
+        self.nested: dict[str, set[str]] = {}
+
+    def unnest(self, raw: dict, file: str) -> dict:
+        """The design document's layout (sections inside ``experiment:``) as the flat one.
+
+        A section given both inside ``experiment:`` and at the top of one file is refused.
+        """
+        exp = raw.get("experiment")
+        inner = [k for k in NESTABLE if isinstance(exp, dict) and k in exp]
+        if not inner:
+            return raw
+        twice = [k for k in inner if k in raw]
+        if twice:
+            raise ConfigError(f"config error: {show(file)}: experiment.{twice[0]} and {twice[0]}: the section is given "
+                              f"twice (inside experiment, as in the design document's layout, and at the top level); "
+                              f"keep one")
+        out = {k: v for k, v in raw.items() if k != "experiment"}
+        out["experiment"] = {k: v for k, v in exp.items() if k not in inner}
+        out.update({k: exp[k] for k in inner})
+        self.nested.setdefault(file, set()).update(inner)
+        return out
+
+    def rename(self, path: KeyPath, file: str) -> KeyPath:
+        """``path`` as ``file`` spells it: ``experiment.model.name`` where the file nests the section."""
+        return ("experiment", *path) if path and path[0] in self.nested.get(file, ()) else path
 
     def load_file(self, path: Path, stack: tuple[Path, ...], origin: str | None = None) -> tuple[dict, dict]:
         try:
             path = path.resolve()
         except (OSError, ValueError, RuntimeError) as exc:  # NUL in the name, a symlink loop
-            raise ConfigError(f"config error: {_show(path)}: cannot use this path: {_why(exc)}") from None
+            raise ConfigError(f"config error: {show(path)}: cannot use this path: {_why(exc)}") from None
         if path in stack:
-            chain = " -> ".join(_show(p.name) for p in (*stack, path))
-            raise ConfigError(f"config error: {_show(stack[-1])}: inherit: cycle {chain}; remove one of these inherits")
+            chain = " -> ".join(show(p.name) for p in (*stack, path))
+            raise ConfigError(f"config error: {show(stack[-1])}: inherit: cycle {chain}; remove one of these inherits")
         if path in self.cache:
             return copy.deepcopy(self.cache[path][0]), dict(self.cache[path][1])
-        raw = _read_yaml(path, origin)
+        raw = self.unnest(_read_yaml(path, origin), str(path))
         data, prov = self.resolve(raw, path, (), (*stack, path))
         self.cache[path] = (copy.deepcopy(data), dict(prov))
         return data, prov
@@ -257,23 +325,23 @@ class _Loader:
         out: dict = {}
         prov: dict[KeyPath, str] = {}
         if len(kp) > MAX_DEPTH:
-            raise ConfigError(f"config error: {_show(file)}: {_show(_fmt_path(kp[:4]))}...: nested too deeply "
+            raise ConfigError(f"config error: {show(file)}: {show(fmt_path(kp[:4]))}...: nested too deeply "
                               f"(more than {MAX_DEPTH} levels; does a YAML alias refer to itself?)")
         if "inherit" in node:
             parents = node["inherit"]
             parents = [parents] if isinstance(parents, str) else parents
             if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
                 raise ConfigError(
-                    f"config error: {_show(file)}: {_fmt_path((*kp, 'inherit'))}: expected a path or a list of paths, "
-                    f"got {_short(node['inherit'])}"
+                    f"config error: {show(file)}: {fmt_path((*kp, 'inherit'))}: expected a path or a list of paths, "
+                    f"got {short(node['inherit'])}"
                 )
             for rel in parents:
                 try:
                     target = (file.parent / os.path.expanduser(rel)).resolve()
                 except (OSError, ValueError, RuntimeError) as exc:
-                    raise ConfigError(f"config error: {_show(file)}: {_fmt_path((*kp, 'inherit'))}: cannot use path "
-                                      f"{_short(rel)}: {_why(exc)}") from None
-                doc, dprov = self.load_file(target, stack, origin=f"{file}: {_fmt_path((*kp, 'inherit'))}")
+                    raise ConfigError(f"config error: {show(file)}: {fmt_path((*kp, 'inherit'))}: cannot use path "
+                                      f"{short(rel)}: {_why(exc)}") from None
+                doc, dprov = self.load_file(target, stack, origin=f"{file}: {fmt_path((*kp, 'inherit'))}")
                 if kp and isinstance(doc.get(kp[-1]), dict):
                     sub = doc[kp[-1]]
                     sprov = {(*kp, *p[1:]): f for p, f in dprov.items() if p[:1] == (kp[-1],)}
@@ -284,8 +352,8 @@ class _Loader:
             if key in _DIRECTIVES:
                 continue
             if not isinstance(key, str):
-                raise ConfigError(f"config error: {_show(file)}: {_fmt_path(kp)}: keys must be strings, "
-                                  f"got {_short(key)}")
+                raise ConfigError(f"config error: {show(file)}: {fmt_path(kp)}: keys must be strings, "
+                                  f"got {short(key)}")
             path = (*kp, key)
             if isinstance(value, dict):
                 sub, sprov = self.resolve(value, file, path, stack)
@@ -296,7 +364,7 @@ class _Loader:
             ov = node["override"]
             if not isinstance(ov, dict):
                 raise ConfigError(
-                    f"config error: {_show(file)}: {_fmt_path((*kp, 'override'))}: expected a mapping, got {_short(ov)}"
+                    f"config error: {show(file)}: {fmt_path((*kp, 'override'))}: expected a mapping, got {short(ov)}"
                 )
             sub, sprov = self.resolve(ov, file, kp, stack)
             _merge(out, prov, sub, sprov, kp)
@@ -306,17 +374,17 @@ class _Loader:
 def parse_set(item: str) -> tuple[KeyPath, Any]:
     """Parse one ``key.path=value`` override; the value is read as YAML (typed)."""
     if "=" not in item:
-        raise ConfigError(f"config error: --set {_short(item)}: expected KEY.PATH=VALUE")
+        raise ConfigError(f"config error: --set {short(item)}: expected KEY.PATH=VALUE")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"config error: --set {_short(item)}: empty key path")
+        raise ConfigError(f"config error: --set {short(item)}: empty key path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except (yaml.YAMLError, ValueError):
         value = raw
     except RecursionError:
-        raise ConfigError(f"config error: --set {_short(item)}: value nested too deeply") from None
+        raise ConfigError(f"config error: --set {short(item)}: value nested too deeply") from None
     return tuple(key.split(".")), value
 
 
@@ -326,95 +394,25 @@ def _apply_set(data: dict, prov: dict, path: KeyPath, value: Any) -> None:
         nxt = node.get(p)
         if not isinstance(nxt, dict):
             if nxt is not None:
-                raise ConfigError(f"config error: --set: {_fmt_path(path[: i + 1])} is not a mapping ({_short(nxt)})")
+                raise ConfigError(f"config error: --set: {fmt_path(path[: i + 1])} is not a mapping ({short(nxt)})")
             nxt = node[p] = {}
         node = nxt
     _merge(node, prov, {path[-1]: value}, {path: "--set"}, path[:-1])
 
 
-def _model_at(path: KeyPath) -> type[BaseModel] | None:
-    model: Any = RCCConfig
-    for p in path:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return None
-        field = model.model_fields.get(str(p))
-        if field is None:
-            return None
-        model = field.annotation
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-_EXPECTED = {
-    "float_parsing": "expected a number", "float_type": "expected a number",
-    "int_parsing": "expected an integer", "int_type": "expected an integer", "int_from_float": "expected an integer",
-    "bool_parsing": "expected true or false", "bool_type": "expected true or false",
-    "string_type": "expected a string", "list_type": "expected a list", "dict_type": "expected a mapping",
-    "model_type": "expected a mapping", "model_attributes_type": "expected a mapping",
-}
-
-
-def _is_tag(p: Any) -> bool:
-    """Whether a pydantic error location entry names a union member (``list[str]``, ``function-after[...]``)."""
-    return isinstance(p, str) and ("[" in p or p.startswith("function"))
-
-
-def _error_line(err: Mapping[str, Any], prov: Mapping[KeyPath, str], default_file: str) -> str:
-    raw: KeyPath = tuple(err["loc"])
-    loc: KeyPath = tuple(p for p in raw if not _is_tag(p))
-    if err["type"] == "extra_forbidden" and raw:  # the refused key is the user's, whatever it looks like
-        loc = (*tuple(p for p in raw[:-1] if not _is_tag(p)), raw[-1])
-    file = default_file
-    for n in range(len(loc), 0, -1):
-        if loc[:n] in prov:
-            file = prov[loc[:n]]
-            break
-    etype, value = err["type"], err.get("input")
-    where = f"config error: {_show(file)}: {_show(_fmt_path(loc))}:"
-    if etype == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        allowed = ", ".join(parent.model_fields) if parent else "?"
-        return f"{where} unknown key {_short(loc[-1])}; allowed keys: {allowed}"
-    if etype == "literal_error":
-        return f"{where} got {_short(value)}; allowed: {err.get('ctx', {}).get('expected', '?')}"
-    if etype in _EXPECTED:
-        field_model = _model_at(loc[:-1])
-        ann = ""
-        if field_model is not None and str(loc[-1]) in field_model.model_fields:
-            ann = f" ({_type_name(field_model.model_fields[str(loc[-1])].annotation)})"
-        return f"{where} {_EXPECTED[etype]}{ann}, got {_short(value)}"
-    msg = " ".join(err["msg"].removeprefix("Value error, ").split())
-    return f"{where} {msg}; got {_short(value)}"
-
-
-def _type_name(ann: Any) -> str:
-    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-
-
 def validate_config(
-    data: Mapping[str, Any], prov: Mapping[KeyPath, str] | None = None, source: str = "<dict>"
+    data: Mapping[str, Any], prov: Mapping[KeyPath, str] | None = None, source: str = "<dict>",
+    rename: Callable[[KeyPath, str], KeyPath] | None = None,
 ) -> RCCConfig:
     """Validate a plain mapping into :class:`RCCConfig`, raising a one-line :class:`ConfigError`."""
     try:
         return RCCConfig.model_validate(dict(data))
     except ValidationError as exc:
         errors = exc.errors()
-        line = _error_line(errors[0], prov or {}, source)
+        line = error_line(errors[0], prov or {}, source, RCCConfig, rename=rename)
         if len(errors) > 1:
             line += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
         raise ConfigError(line) from None
-
-
-def validate_stage_config(name: str, data: Mapping[str, Any], source: str = "<dict>") -> Any:
-    """Validate one stage's keys (as under ``compression.<name>``) with the same one-line errors."""
-    from .compression.registry import STAGES
-
-    cfg_cls = STAGES[name][0]
-    try:
-        return cfg_cls.model_validate(dict(data))
-    except ValidationError as exc:
-        err = dict(exc.errors()[0])
-        err["loc"] = ("compression", name, *err["loc"])
-        raise ConfigError(_error_line(err, {}, source)) from None
 
 
 def load_config(
@@ -435,14 +433,21 @@ def load_config(
         source = str(Path(path))
         merged, prov = loader.load_file(Path(path), ())
     if data is not None:
-        sub, sprov = loader.resolve(dict(data), Path.cwd() / "<dict>", (), ())
+        sub, sprov = loader.resolve(loader.unnest(dict(data), "<dict>"), Path.cwd() / "<dict>", (), ())
         _merge(merged, prov, sub, {k: "<dict>" for k in sprov}, ())
     for item in overrides:
         key, value = parse_set(item)
         _apply_set(merged, prov, key, value)
-    return validate_config(merged, prov, source)
+    return validate_config(merged, prov, source, loader.rename)
 
 
 def dump_config(cfg: RCCConfig) -> dict[str, Any]:
     """The fully resolved configuration as plain JSON/YAML-able data."""
     return cfg.model_dump(mode="json")
+
+
+__all__ = [
+    "CalibrationSection", "CompressionSection", "DatasetSection", "EvaluationSection", "ExperimentSection",
+    "ModelSection", "READERS", "RCCConfig", "TrainingSection", "dump_config", "load_config", "parse_set",
+    "validate_config", "validate_stage_config",
+]

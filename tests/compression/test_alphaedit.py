@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rcc_compression import CascadePipeline
 from rcc_compression.compression.alphaedit import low_rank_update, null_space_ridge, preserve_basis
-from rcc_compression.compression.cascade import CascadePipeline
 from rcc_compression.compression.layers import compressed_layers
 from rcc_compression.config import load_config
 
@@ -126,18 +126,19 @@ def test_stage_distillation_follows_the_run_training_section(tiny_clip, monkeypa
     """The run's ``training`` section (optimiser, losses) drives stage distillation; epochs and lr are the stage's."""
     import copy
 
-    from rcc_compression.training import recovery
+    from rcc_compression import CompressionPipeline
+    from rcc_compression.jobs import api
 
     full = load_config(None, data={
         "compression": {"dare": {"pruning_rate": 0.6, "iterations": 1, "fine_tune_epochs": 0},
                         "alphaedit": {"num_epochs": 2, "learning_rate": 0.01},
                         "cascade": {"stages": ["dare", "alphaedit"], "validation_threshold": 0.0}},
         "training": {"optimizer": "sgd", "kd_weight": 0.0, "feature_weight": 1.0}})
-    seen, real = [], recovery.finetune_on_batches
-    monkeypatch.setattr(recovery, "finetune_on_batches", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    seen, real = [], api.finetune_on_batches
+    monkeypatch.setattr(api, "finetune_on_batches", lambda *a, **k: seen.append(k["config"]) or real(*a, **k))
     results = []
     for training in (full.training, None):
-        pipe = CascadePipeline(full.compression, training=training)
+        pipe = CompressionPipeline(full.compression, training=training)
         pipe.run(copy.deepcopy(tiny_clip))
         results.append(pipe.stage_results["alphaedit"]["kd_loss_last_epoch"])
     assert seen == [full.training, None]

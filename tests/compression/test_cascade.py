@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from rcc_compression import compress_model
-from rcc_compression.compression.cascade import CascadePipeline
+from rcc_compression import CascadePipeline, compress_model
 from rcc_compression.compression.layers import compressed_layers, layer_snapshot
 from rcc_compression.compression.planner import LayerShape, plan_rate
 from rcc_compression.config import load_config

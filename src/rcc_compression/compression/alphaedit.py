@@ -29,6 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..utils.logging import get_logger
 from .calibration import flatten_outputs, relative_output_error, to_device
 from .layers import CompressedLinear
+from .refit import sequential_moments
 from .stage import CompressionContext, Stage, StageConfig, kd_finetune
 from .storage import stored_bytes
 
@@ -303,8 +304,6 @@ class AlphaEditStage(Stage):
         per_layer: dict[str, Any] = {}
         sequential = cfg.fit_inputs == "sequential" and ctx.dense_model is not None and bool(ctx.batches)
         if sequential:
-            from .refit import sequential_moments
-
             unscaled = [n for n, m in layers.items() if m.a_in is None and m.a_out is None]
             for group, mom in sequential_moments(model, ctx.dense_model, unscaled, ctx.batches, ctx.device):
                 for name in group:

@@ -37,6 +37,9 @@ from torch import nn
 
 from ..errors import CompressionError
 from ..utils.logging import get_logger
+from .layers import CompressedLinear
+from .lowrank import balanced_factors, whitening
+from .refit import sequential_refit
 from .stage import CompressionContext, Stage, StageConfig, schedule_fraction
 from .storage import dense_bytes, stored_bytes
 
@@ -185,56 +188,10 @@ def spectral_energy(matrices: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 
-def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) Vh_r`` (equal norms, better conditioned for training)."""
-    root = S[:r].sqrt()
-    return U[:, :r] * root[None, :], root[:, None] * Vh[:r]
-
-
 #: final round of warm-started factors: subspace iterations until one gains less than WARM_TOL of the
 #: energy still left out; a layer not there after WARM_MAX_ITERATIONS gets the exact SVD instead
 WARM_TOL = 1e-5
 WARM_MAX_ITERATIONS = 8
-
-#: the smallest ridge ``whitening`` adds to a (nearly) singular input moment, as a share of its mean energy
-MIN_DAMPING = 1e-6
-
-
-def whitening(gram: torch.Tensor, damping: float = 1e-2, method: str = "cholesky"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, L^-1)`` with ``L L^T = X^T X + lambda I``, ``lambda = damping * mean(diag(X^T X))``.
-
-    ``cholesky`` (SVD-LLM) falls back to the symmetric root when the factorisation fails.
-    Any such ``L`` gives the same optimal output error; the ``symmetric`` root also keeps the
-    factors' row space inside the span the inputs occupy, so directions they never visit are
-    visibly dropped. Where ``damping`` is below :data:`MIN_DAMPING` and ``X^T X`` is (nearly)
-    singular (fewer calibration tokens than channels; a Cholesky pivot below that share of the
-    mean energy), ``lambda`` is raised to it, as SVD-LLM adds a minimal ridge: the inverse root
-    would otherwise hold non-finite or astronomically large entries.
-    """
-    g = gram.double()
-    n = g.shape[0]
-    eye = torch.eye(n, dtype=g.dtype, device=g.device)
-    mean = float(g.diagonal().mean().clamp_min(1e-12))
-    lam = damping * mean
-    h = g + lam * eye
-    if lam < MIN_DAMPING * mean:
-        L, info = torch.linalg.cholesky_ex(h)
-        if int(info) != 0 or float(L.diagonal().pow(2).min()) < MIN_DAMPING * mean:
-            lam = MIN_DAMPING * mean
-            h = g + lam * eye
-    if method == "cholesky":
-        L, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-            return L.to(gram.dtype), Linv.to(gram.dtype)
-    elif method != "symmetric":
-        raise ValueError(f"unknown whitening {method!r}; allowed: cholesky, symmetric")
-    evals, evecs = torch.linalg.eigh(h)
-    evals = evals.clamp_min(max(lam, 1e-300))
-    L = (evecs * evals.sqrt()[None, :]) @ evecs.t()
-    Linv = (evecs / evals.sqrt()[None, :]) @ evecs.t()
-    return L.to(gram.dtype), Linv.to(gram.dtype)
 
 
 def warm_subspace_svd(M: torch.Tensor, A_prev: torch.Tensor, iterations: int = 1, tol: float | None = None,
@@ -515,8 +472,6 @@ class NulluStage(Stage):
             ctx.tick(f"nullu {name}", i + 1, len(work))
         refit: dict[str, dict[str, float]] = {}
         if cfg.refit == "sequential" and ctx.progress >= 1.0 and ctx.dense_model is not None and ctx.batches:
-            from .refit import sequential_refit
-
             refit = sequential_refit(model, ctx.dense_model, ctx.dense, layers, ctx.batches, ctx.device, cfg.damping,
                                      ctx.progress_callback)
             for name, errors in refit.items():
@@ -626,8 +581,6 @@ def hallu_project_layer(layer: nn.Module, V: torch.Tensor) -> dict[str, float]:
     same map as ``k`` extra low-rank columns, so their sparse part keeps its structure (or, where
     those would store more than the dense layer, the edited weight as a dense S, scales folded in).
     """
-    from .layers import CompressedLinear
-
     V = V.to(torch.float64)
     if isinstance(layer, nn.Linear):
         W = layer.weight.double()

@@ -48,7 +48,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..utils.io import atomic_dir, atomic_write_json, sha256_file
 from .layers import CompressedLinear, compressed_layers
-from .storage import choose_encoding, encode_layer
+from .storage import _check_target, choose_encoding, encode_layer
 
 OPSET = 18
 DOMAIN = "rcc"
@@ -486,8 +486,6 @@ def export_onnx(wrapper: Any, path: str | os.PathLike[str], opset: int = OPSET, 
     With ``verify`` each graph runs in ONNX Runtime on the example inputs and the largest absolute
     difference to PyTorch is recorded; above :data:`TOLERANCE` (float32) the export fails.
     """
-    from .storage import _check_target
-
     path = Path(path)
     _check_target(path, overwrite)
     specs = _graphs(wrapper, batch)

@@ -18,7 +18,8 @@ import torch
 
 from ..errors import CompressionError
 from .dare import keep_count, magnitude_scores, topk_mask, wanda_scores
-from .nullu import budget_rank, factorisable, svd, whitening
+from .lowrank import whitening
+from .nullu import allocate_ranks, budget_rank, factorisable, spectral_energy, svd
 from .quant import corrected_factor, format_bytes, gptq, quantize_nearest
 from .storage import sparse_encoding_bytes
 
@@ -167,8 +168,6 @@ def split_error(
     allocated globally. ``G`` is each layer's calibration input second moment; without it the
     error is the plain Frobenius one.
     """
-    from .nullu import allocate_ranks, spectral_energy
-
     W = [w.double() for w in weights]
     G = [g.double() for g in grams] if grams is not None and all(g is not None for g in grams) else None
     S = [torch.zeros_like(w) for w in W]

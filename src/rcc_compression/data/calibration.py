@@ -15,9 +15,11 @@ import torch
 
 from ..errors import DataError
 from ..utils.logging import get_logger
+from .collate import Collator, model_inputs
 from .datasets import ArrayDataset, MultimodalDataset, Record, open_dataset
-from .loaders import Collator, build_loader, model_inputs
+from .loaders import build_loader
 from .transforms import transform_for
+from .world import SEEN_PAIRS, questions_for, scene_rng, world_scenes
 
 log = get_logger("data")
 
@@ -32,8 +34,6 @@ def _kind(wrapper: Any) -> str:
 
 
 def _world_dataset(wrapper: Any, count: int, seed: int, kind: str) -> ArrayDataset:
-    from .world import SEEN_PAIRS, questions_for, scene_rng, world_scenes
-
     images, records = [], []
     for item in world_scenes(seed, "train", count):
         images.append(item.image)

@@ -21,19 +21,18 @@ import torch
 from torch import nn
 
 from ..compression.calibration import to_device
+from ..compression.dare import nm_mask
 from ..compression.layers import CompressedLinear, compressed_layers
+from ..compression.storage import dense_bytes, stored_bytes
+from ..models.registry import unwrap_model
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    from ..models.registry import unwrap_model
-
     return unwrap_model(model)
 
 
 def parameter_report(model: nn.Module) -> dict[str, int]:
     """Parameter counts: ``dense_equivalent`` (as if uncompressed), ``stored`` (numbers saved), ``nonzero``."""
-    from ..compression.storage import stored_bytes
-
     inner = _inner(model)
     layers = compressed_layers(inner)
     prefixes = tuple(f"{n}." for n in layers)
@@ -56,8 +55,6 @@ def storage_report(model: nn.Module) -> dict[str, Any]:
     Dense bytes are in the dtype the model was given (``dense_dtype``); the ``*_vs_fp32`` rates
     compare with the same model in float32.
     """
-    from ..compression.storage import dense_bytes, stored_bytes
-
     inner = _inner(model)
     layers = compressed_layers(inner)
     prefixes = tuple(f"{n}." for n in layers)
@@ -230,8 +227,6 @@ def benchmark_2to4(out_features: int, in_features: int, tokens: int, device: tor
     if device.type != "cuda":
         raise RuntimeError("2:4 semi-structured kernels need a CUDA device")
     from torch.sparse import to_sparse_semi_structured
-
-    from ..compression.dare import nm_mask
 
     w = torch.randn(out_features, in_features, device=device, dtype=torch.float16)
     w = w * nm_mask(w.abs(), 2, 4).to(w.dtype)

@@ -6,11 +6,15 @@ every benchmark on every dataset it applies to and returns a nested dict::
     {"model": ..., "results": {benchmark: {dataset: {"metrics": {name: {value, ci_low, ci_high, n,
      samples}}, ...}}}, "skipped": [{benchmark, dataset, reason}], "notes": [...], ...}
 
-Dataset specs are paths, ``hf:NAME``, known names under the data root, or ``world`` (the
-reference world at the default seed, expanded per benchmark: the three classification tasks for
-``zero_shot``, the captions for ``retrieval`` and ``captioning``, the questions for ``vqa``). A
-benchmark that does not fit the model (zero-shot with a BLIP) or the dataset (VQA on ImageNet) is
-listed under ``skipped`` with the reason rather than failing the run.
+Dataset specs are paths, ``hf:NAME``, known names under the data root (``imagenet``, ``mscoco``,
+...), or ``world`` (the reference world at the default seed, expanded per benchmark: the three
+classification tasks for ``zero_shot``, the captions for ``retrieval`` and ``captioning``, the
+questions for ``vqa``). Every (benchmark, dataset) pair that fits runs; one that does not is listed
+under ``skipped`` with the reason rather than failing the run: a benchmark that does not fit the
+model (zero-shot with a BLIP), a dataset whose task does not fit the benchmark (retrieval on
+ImageNet), or a dataset that cannot be opened on this machine (a known name that is not under the
+data root, a missing path). A skipped pair has no numbers, and no other data (the world) stands in
+for a named dataset.
 """
 
 from __future__ import annotations
@@ -21,14 +25,52 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES, format_estimate
-from ..errors import DataError, RCCError
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..data.datasets import KNOWN_TASKS, open_dataset, open_world
+from ..data.transforms import transform_for
+from ..data.world import DEFAULT_SEED, ensure_world
+from ..errors import DataError
+from ..models.registry import get_model
 from ..utils.logging import get_logger
+from .captioning import evaluate_captioning
+from .common import subset
+from .efficiency import profile_model
+from .retrieval import evaluate_retrieval
+from .vqa import evaluate_vqa
+from .zero_shot import evaluate_zero_shot
 
 log = get_logger("evaluation")
 
 BENCHMARKS = ("zero_shot", "retrieval", "captioning", "vqa", "efficiency")
+#: other names of benchmarks (the design document's)
+BENCHMARK_ALIASES = {"image_text_retrieval": "retrieval"}
+#: metric name -> the benchmarks that measure it (``evaluation.metrics`` in a config)
+METRICS = {"accuracy": ("zero_shot", "vqa"), "retrieval": ("retrieval",), "captioning": ("captioning",),
+           "efficiency": ("efficiency",)}
+#: metric name -> its headline numbers in a dense vs compressed table
+HEADLINE_NAMES = {"accuracy": ("top1", "accuracy"), "retrieval": ("i2t_R@1", "t2i_R@1"),
+                  "captioning": ("CIDEr", "BLEU-4")}
+
+
+def benchmark_names() -> str:
+    """The benchmark names a user may give, aliases noted (for error messages)."""
+    aliases = {v: k for k, v in BENCHMARK_ALIASES.items()}
+    return ", ".join(f"{b} (alias {aliases[b]})" if b in aliases else b for b in BENCHMARKS)
+
+
+def canonical_benchmark(name: str) -> str:
+    """``name`` or the benchmark it is an alias of; :class:`DataError` for an unknown name."""
+    name = BENCHMARK_ALIASES.get(name, name)
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; allowed: {benchmark_names()}")
+    return name
+
+
+def metric_of(benchmark: str) -> str:
+    """The metric name (``evaluation.metrics``) a benchmark measures."""
+    return next(m for m, benches in METRICS.items() if benchmark in benches)
 _TASK = {"zero_shot": "classification", "retrieval": "captions", "captioning": "captions", "vqa": "vqa"}
 _WORLD_PARTS = {"zero_shot": ("shape", "colour", "colour_shape"), "retrieval": ("captions",),
                 "captioning": ("captions",), "vqa": ("vqa",)}
@@ -64,10 +106,6 @@ def expand_datasets(benchmark: str, datasets: Sequence[str]) -> list[str]:
 
 def _open(spec: str, benchmark: str, split: str, wrapper: Any, skip_bad: bool, root: str | None,
           world_seed: int | None) -> Any:
-    from ..data.datasets import open_dataset, open_world
-    from ..data.transforms import transform_for
-    from ..data.world import DEFAULT_SEED, ensure_world
-
     transform = transform_for(wrapper)
     if spec.startswith("world:"):
         seed = DEFAULT_SEED if world_seed is None else world_seed
@@ -85,13 +123,15 @@ def _dataset_fits(benchmark: str, ds: Any) -> str | None:
     return None
 
 
-def _efficiency(wrapper: Any, seed: int) -> dict[str, Any]:
-    try:
-        from .efficiency import profile_model
-    except ImportError as exc:
-        raise DataError(f"efficiency profiling is not available in this build ({exc})") from None
-    import torch
+def _known_task_fits(benchmark: str, spec: str) -> str | None:
+    """Why a known dataset name cannot serve ``benchmark`` (known before opening it), or ``None``."""
+    task, want = KNOWN_TASKS.get(spec.lower()), _TASK[benchmark]
+    if task is not None and task != want and not Path(spec).exists():
+        return f"{benchmark} needs a {want} dataset; {spec} is {task}"
+    return None
 
+
+def _efficiency(wrapper: Any, seed: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     batch = wrapper.synthetic_batch(8, generator=gen)
     return {"profile": profile_model(wrapper, batch, batch_sizes=(1, 8), warmup=2, iters=10)}
@@ -118,21 +158,15 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Run ``benchmarks`` on ``datasets`` for ``model`` (a wrapper, ``nn.Module``, name or path).
 
+    Every pair that fits runs; the others are listed under ``skipped`` with the reason (see the
+    module docstring), so the design document's call ``evaluate_model(model, ["zero_shot",
+    "retrieval"], ["imagenet", "mscoco"])`` evaluates what is on this machine and says what is not.
     ``bootstrap_samples`` resamples per metric (0: point estimates only); ``max_items`` evaluates a
     seeded random subset of each dataset; ``templates`` overrides each dataset's prompt set;
     ``world_seed`` picks the reference world (default: the seed the bundled models were trained on);
     ``per_item`` adds each zero-shot and retrieval result's per-item hits (``per_item``).
     """
-    from ..models.registry import get_model
-    from .captioning import evaluate_captioning
-    from .common import subset
-    from .retrieval import evaluate_retrieval
-    from .vqa import evaluate_vqa
-    from .zero_shot import evaluate_zero_shot
-
-    unknown = [b for b in benchmarks if b not in BENCHMARKS]
-    if unknown:
-        raise DataError(f"unknown benchmark(s) {unknown}; available: {', '.join(BENCHMARKS)}")
+    benchmarks = [canonical_benchmark(b) for b in benchmarks]
     wrapper = get_model(model) if not hasattr(model, "model_type") else model
     datasets = list(datasets) or ["world"]
     was_training = wrapper.training
@@ -162,7 +196,16 @@ def evaluate_model(
                 continue
             for spec in expand_datasets(bench, datasets):
                 t0 = time.perf_counter()
-                ds = _open(spec, bench, split, wrapper, skip_bad, root, world_seed)
+                reason = _known_task_fits(bench, spec)
+                if reason:
+                    out["skipped"].append({"benchmark": bench, "dataset": spec, "reason": reason})
+                    continue
+                try:
+                    ds = _open(spec, bench, split, wrapper, skip_bad, root, world_seed)
+                except DataError as exc:
+                    out["skipped"].append({"benchmark": bench, "dataset": spec, "reason": f"cannot open: {exc}"})
+                    log.warning("%s on %s skipped: cannot open: %s", bench, spec, exc)
+                    continue
                 reason = _dataset_fits(bench, ds)
                 if reason:
                     out["skipped"].append({"benchmark": bench, "dataset": spec, "reason": reason})
@@ -262,33 +305,3 @@ def results_table(results: dict[str, Any]) -> str:
     if notes or results.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in [*results.get("notes", []), *notes]]
     return "\n".join(lines) + "\n"
-
-
-def run_suite(
-    model: Any,
-    out_dir: str | os.PathLike[str],
-    benchmarks: Sequence[str] = ("zero_shot", "retrieval"),
-    datasets: Sequence[str] = ("world",),
-    seed: int = 0,
-    config: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Evaluate and write ``results.json``, ``results.md`` and the run record into ``out_dir``."""
-    from ..utils.runs import RunRecord
-
-    record_cfg = {
-        "benchmarks": list(benchmarks),
-        "datasets": list(datasets),
-        "seed": seed,
-        "model": model if isinstance(model, str) else getattr(model, "name", type(model).__name__),
-        **{k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None), list, tuple))},
-    }
-    with RunRecord(out_dir, config or record_cfg, seed) as run:
-        try:
-            results = evaluate_model(model, benchmarks, datasets, seed=seed, **kwargs)
-        except RCCError:
-            raise
-        atomic_write_json(Path(out_dir) / "results.json", results)
-        atomic_write_text(Path(out_dir) / "results.md", results_table(results))
-        run.update(results_file="results.json", table_file="results.md", seconds=results["seconds"])
-    return results

@@ -31,12 +31,15 @@ import contextlib
 import csv
 import fcntl
 import hashlib
+import inspect
 import io
 import json
 import math
 import os
+import shutil
 import socket
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -44,10 +47,16 @@ from typing import Any
 
 import yaml
 
+from ..compression.storage import load_compressed
 from ..config import RCCConfig, dump_config
 from ..errors import ConfigError, RCCError
+from ..evaluation.efficiency import measure_latency, optimize_execution
+from ..evaluation.suite import evaluate_model
+from ..jobs.compress import headline_metrics, run_compress
+from ..models.registry import get_model
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.logging import get_logger
+from ..visualization.search import plot_pareto_front
 from .space import SearchConfig, base_params, config_for, distributions, grid, trial_params
 
 log = get_logger("search")
@@ -71,9 +80,6 @@ def storage_url(url: str | None, out_dir: Path) -> str:
 
 def open_storage(url: str, search: SearchConfig) -> Any:
     """Optuna RDB storage with heartbeats; a trial whose worker dies is failed and queued again."""
-    import inspect
-    import warnings
-
     import optuna
 
     st = search.study
@@ -203,9 +209,6 @@ def constraint_values(search: SearchConfig, metrics: dict[str, Any]) -> list[flo
 # ----------------------------------------------------------------------------- one trial
 def dense_metrics(cfg: RCCConfig, split: str, max_items: int | None) -> dict[str, float]:
     """Task metrics of the dense model on the search split."""
-    from ..jobs import headline_metrics
-    from ..models.registry import get_model
-
     if not cfg.evaluation.benchmarks:
         return {}
     wrapper = get_model(cfg.model.name, cfg.model.type, cfg.model.dtype, seed=cfg.experiment.seed)
@@ -213,8 +216,6 @@ def dense_metrics(cfg: RCCConfig, split: str, max_items: int | None) -> dict[str
 
 
 def _task_metrics(wrapper: Any, cfg: RCCConfig, split: str, max_items: int | None, headline: Callable) -> dict:
-    from ..evaluation.suite import evaluate_model
-
     res = evaluate_model(wrapper, benchmarks=cfg.evaluation.benchmarks, datasets=cfg.evaluation.datasets or ["world"],
                          split=split, batch_size=cfg.evaluation.batch_size, bootstrap_samples=0,
                          seed=cfg.experiment.seed, max_items=max_items)
@@ -224,10 +225,6 @@ def _task_metrics(wrapper: Any, cfg: RCCConfig, split: str, max_items: int | Non
 def trial_metrics(cfg: RCCConfig, trial_dir: Path, results: dict[str, Any], search: SearchConfig,
                   dense: dict[str, float]) -> dict[str, Any]:
     """Everything a trial is judged by: retention (task, on the search split), gate retention, bytes, rate."""
-    from ..compression.storage import load_compressed
-    from ..jobs import headline_metrics
-    from ..models.registry import get_model
-
     metrics: dict[str, Any] = {
         "gate_retention": results["gate"]["retention"] if results["gate"]["retention"] is not None else 0.0,
         "stored_bytes": int(results["stored_bytes_reported"]["layers"] + results["stored_bytes_reported"]["rest"]),
@@ -258,10 +255,6 @@ def trial_metrics(cfg: RCCConfig, trial_dir: Path, results: dict[str, Any], sear
 
 def _latency_ms(cfg: RCCConfig, trial_dir: Path) -> float:
     import torch
-
-    from ..compression.storage import load_compressed
-    from ..evaluation.efficiency import measure_latency, optimize_execution
-    from ..models.registry import get_model
 
     wrapper = load_compressed(trial_dir / "compressed", model=get_model(cfg.model.name, cfg.model.type,
                                                                           cfg.model.dtype))
@@ -355,8 +348,6 @@ class Search:
 
     def _fail_stale(self) -> None:
         """Optuna's heartbeat check, plus trials whose worker died before its first heartbeat."""
-        import warnings
-
         import optuna
         from optuna.trial import TrialState
 
@@ -419,18 +410,18 @@ class Search:
     def _objective(self, trial: Any) -> Any:
         import optuna
 
-        from ..jobs import run_compress
-
-        self.storage.record_heartbeat(trial._trial_id)  # before the lock goes: no running trial without one
-        trial.set_user_attr("worker", self.worker)
-        self.lock.release()
+        # before the lock goes, the trial has a heartbeat and its parameters: a worker that dies from here on
+        # leaves a trial that goes stale and is queued again with the same parameters
+        self.storage.record_heartbeat(trial._trial_id)
         try:
             params = self._suggest(trial)
+        finally:
+            trial.set_user_attr("worker", self.worker)
+            self.lock.release()
+        try:
             cfg = config_for(self.search, params)
             trial_dir = self.out_dir / "trials" / f"trial-{trial.number:04d}"
             if trial_dir.exists():
-                import shutil
-
                 shutil.rmtree(trial_dir)
             trial_dir.mkdir(parents=True)
             atomic_write_text(trial_dir / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
@@ -516,8 +507,6 @@ def trial_rows(study: Any, search: SearchConfig) -> list[dict[str, Any]]:
 
 def write_report(study: Any, search: SearchConfig, out_dir: Path) -> dict[str, Any]:
     """trials.json/.csv, pareto.json/.csv/.png, best.yaml and summary.md from the study's database."""
-    from ..visualization.search import plot_pareto_front
-
     rows = trial_rows(study, search)
     atomic_write_json(out_dir / "trials.json", rows)
     atomic_write_text(out_dir / "trials.csv", _csv(rows))

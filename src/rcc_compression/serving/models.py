@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,8 +10,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..compression.export import Deployable
+from ..compression.export import Deployable, load_deployable
 from ..compression.layers import compressed_layers
+from ..evaluation.efficiency import optimize_execution
 
 TASKS = {
     "clip": ("embed_image", "embed_text"),
@@ -62,9 +64,6 @@ class ServedModel:
         """Give each compressed layer its fastest measured inference kernel (no-op for a dense model)."""
         if not compressed_layers(self.wrapper.model):
             return {}
-        from collections import Counter
-
-        from ..evaluation.efficiency import optimize_execution
 
         batch = self.wrapper.synthetic_batch(batch_size, torch.Generator().manual_seed(0))
         self.kernels = dict(Counter(optimize_execution(self.wrapper.model, batch).values()))
@@ -92,8 +91,6 @@ class ServedModel:
 def load_models(sources: list[str], key: bytes | None = None, choose_kernels: bool = True,
                 kernel_batch: int = 8) -> list[ServedModel]:
     """Load every ``DIR``, bundled name or ``NAME=DIR`` and (for compressed ones) choose its kernels."""
-    from ..compression.export import load_deployable
-
     out = []
     for spec in sources:
         name, sep, src = spec.partition("=")

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ..utils.io import atomic_path
+
 
 def _plt() -> Any:
     import matplotlib
@@ -24,8 +26,6 @@ def _plt() -> Any:
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    from ..utils.io import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

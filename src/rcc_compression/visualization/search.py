@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.io import atomic_path
+
 
 def plot_pareto_front(
     points: Sequence[Sequence[float]],
@@ -25,8 +27,6 @@ def plot_pareto_front(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..utils.io import atomic_path
 
     pts = np.asarray(points, dtype=float).reshape(-1, 2)
     front = np.asarray(on_front, dtype=bool)

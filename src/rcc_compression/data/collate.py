@@ -1,0 +1,106 @@
+"""Collation: samples -> one batch of tensors.
+
+:class:`Collator` turns samples into a batch: uint8 pixels stacked and normalised (or augmented),
+one caption per image (random for training, first for evaluation) or the question tokenised, and
+the answers as ``labels`` for VQA. Samples whose image could not be read carry an ``error``; the
+collator drops them when skipping bad items and otherwise passes the errors on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .transforms import CLIP_MEAN, CLIP_STD, TrainAugment, normalize
+
+#: keys of a batch that are model keyword arguments (the rest is bookkeeping)
+MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
+
+
+class Collator:
+    """Batch samples into tensors; see the module docstring.
+
+    ``caption``: ``"random"`` (one of each image's captions, for training), ``"first"``, or
+    ``"none"`` (no text). ``augment`` replaces normalisation by a :class:`TrainAugment`.
+    ``answers_as_labels`` tokenises each question's most common answer into ``labels`` (BLIP VQA).
+    ``seed`` makes the random caption choice reproducible (in the main process).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        max_length: int | None = None,
+        caption: str = "first",
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        augment: TrainAugment | None = None,
+        skip_bad: bool = False,
+        answers_as_labels: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if caption not in ("random", "first", "none"):
+            raise ValueError(f"caption must be 'random', 'first' or 'none', got {caption!r}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.caption = caption
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment = augment
+        self.skip_bad = skip_bad
+        self.answers_as_labels = answers_as_labels
+        self._rng: Any = random.Random(seed) if seed is not None else random
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        limit = self.max_length or getattr(self.tokenizer, "model_max_length", 77)
+        if limit is None or limit > 10_000:
+            limit = 77
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        errors = [s["error"] for s in samples if s.get("error")]
+        good = [s for s in samples if not s.get("error")]
+        batch: dict[str, Any] = {
+            "errors": [] if self.skip_bad else errors,
+            "skipped": len(errors) if self.skip_bad else 0,
+        }
+        if errors and not self.skip_bad:
+            return batch
+        if not good:
+            return batch
+        pixels = torch.stack([s["pixel_values"] for s in good])
+        batch["pixel_values"] = (
+            self.augment(pixels) if self.augment is not None else normalize(pixels, self.mean, self.std)
+        )
+        batch["index"] = torch.tensor([s["index"] for s in good])
+        batch["image_id"] = [s["image_id"] for s in good]
+        if good[0].get("label") is not None:
+            batch["label"] = torch.tensor([int(s["label"]) for s in good])
+        if good[0].get("question") is not None:
+            batch["question"] = [s["question"] for s in good]
+            batch["question_id"] = [s["question_id"] for s in good]
+            batch["answers"] = [s["answers"] for s in good]
+            if self.tokenizer is not None:
+                batch.update(self._tokenize(batch["question"]))
+                if self.answers_as_labels and good[0].get("answers"):
+                    top = [Counter(s["answers"]).most_common(1)[0][0] for s in good]
+                    ids = self._tokenize(top)
+                    batch["labels"] = ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)
+        elif good[0].get("captions"):
+            batch["captions"] = [s["captions"] for s in good]
+            if self.caption != "none":
+                texts = [
+                    self._rng.choice(s["captions"]) if self.caption == "random" else s["captions"][0] for s in good
+                ]
+                batch["text"] = texts
+                if self.tokenizer is not None:
+                    batch.update(self._tokenize(texts))
+        return batch
+
+
+def model_inputs(batch: dict[str, Any], keys: Sequence[str] = MODEL_KEYS) -> dict[str, torch.Tensor]:
+    """The keyword arguments of ``model(**batch)`` in a collated batch."""
+    return {k: batch[k] for k in keys if k in batch and isinstance(batch[k], torch.Tensor)}
