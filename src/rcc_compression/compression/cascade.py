@@ -351,8 +351,6 @@ class CascadePipeline:
         return {n: layer_snapshot(m) for n, m in compressed_layers(self._model).items()}
 
     def _stored_bytes(self) -> int:
-        from .storage import stored_bytes
-
         return sum(stored_bytes(m) for m in compressed_layers(self._model).values())
 
     def _restore(self, snap: dict[str, dict[str, Any]]) -> None:
