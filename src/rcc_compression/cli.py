@@ -303,6 +303,48 @@ def evaluate(
 
 
 @app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (compress, evaluate or train runs).")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="md, csv, latex, json or html.")] = "md",
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="Keep metrics containing this text (repeatable).")] = None,  # noqa: E501
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """A comparison table of runs: metrics with 95 % CIs, bytes, rate, latency, as in their results files."""
+    from .utils.io import atomic_write_text
+    from .visualization.records import is_run_dir, load_run
+    from .visualization.report import FORMATS, comparison_rows, render
+
+    if format_ not in FORMATS:
+        raise ConfigError(f"rcc report --format: got {format_!r}; allowed: {', '.join(FORMATS)}")
+    missing = [str(r) for r in runs if not is_run_dir(r)]
+    if missing:
+        raise ConfigError(f"rcc report: not a run directory (no run.json, results.json or progress.json): "
+                          f"{', '.join(missing)}")
+    records = [load_run(r) for r in runs]
+    text = render(comparison_rows(records, metric), format_, records)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(output, text)
+        typer.echo(f"written to {output}")
+
+
+@app.command()
+def dashboard(
+    runs: Annotated[Path, typer.Option("--runs", help="Directory of run directories.")] = Path("runs"),
+    host: Annotated[str, typer.Option("--host", help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 8501,
+    refresh: Annotated[float, typer.Option("--refresh", help="Seconds between refreshes of a running job.")] = 2.0,
+) -> None:
+    """Serve the Streamlit dashboard over the runs in RUNS (it only reads them)."""
+    from .visualization.dashboard import launch
+
+    if not runs.is_dir():
+        raise ConfigError(f"rcc dashboard --runs: {runs} is not a directory")
+    raise typer.Exit(launch(runs, host, port, refresh))
+
+
+@app.command()
 def serve(
     sources: Annotated[list[str], typer.Argument(help="Compressed checkpoint, run or model directory, bundled name; NAME=DIR names it.")],  # noqa: E501
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
@@ -409,7 +451,7 @@ def search(
 
 def _study(kind: str, config: Path | None, set_: list[str] | None, model: str | None, seeds: int, rate: float | None,
            variants: Path | None, metric: list[str] | None, split: str, output: Path | None, resume: Path | None,
-           overwrite: bool, verbose: int, quiet: bool) -> None:
+           overwrite: bool, verbose: int, quiet: bool, subsets: bool = True) -> None:
     """Shared body of ``rcc ablate`` and ``rcc order``."""
     from .config import load_config
     from .jobs.common import prepare_run_dir
@@ -432,7 +474,7 @@ def _study(kind: str, config: Path | None, set_: list[str] | None, model: str | 
         if rate is not None:
             sets.append(f"compression.cascade.target_rate={rate}")
         cfg = load_config(config, sets)
-        spec = make_spec(kind, cfg, seeds, load_variants(variants) if variants else (), split, metric)
+        spec = make_spec(kind, cfg, seeds, load_variants(variants) if variants else (), split, metric, subsets)
         run_dir = prepare_run_dir(output, overwrite, False) if output else new_run_dir(
             cfg.experiment.output_dir, f"{kind}-{cfg.experiment.name}")
     setup_logging(_verbosity(verbose, quiet), run_dir)
@@ -460,10 +502,12 @@ def ablate(config: ConfigOpt = None, set_: SetOpt = None,
            model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,
            seeds: SeedsOpt = 3, rate: RateOpt = None, variants: VariantsOpt = None, metric: MetricOpt = None,
            split: SplitOpt = "test", output: StudyOut = None, resume: StudyResume = None,
-           overwrite: OverwriteOpt = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
+           overwrite: OverwriteOpt = False,
+           no_subsets: Annotated[bool, typer.Option("--no-subsets", help="Only the named variants against the config.")] = False,  # noqa: E501
+           verbose: Verbose = 0, quiet: Quiet = False) -> None:
     """Every subset of the stages (and named variants) at equal stored bytes over seeds, vs the full cascade."""
     _study("ablate", config, set_, model, seeds, rate, variants, metric, split, output, resume, overwrite, verbose,
-           quiet)
+           quiet, subsets=not no_subsets)
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """Typed configuration: pydantic models, YAML ``inherit``/``override``, and ``--set`` overrides.
 
 A configuration is a YAML mapping with the sections ``experiment``, ``model``, ``dataset``,
-``calibration``, ``compression``, ``training`` and ``evaluation``; the design document's layout,
+``calibration``, ``compression``, ``training``, ``evaluation`` and ``tracking``; the design document's layout,
 with the other sections inside ``experiment:``, is read the same. Any mapping may carry
 ``inherit: path`` (or a list of paths, relative to the file; chains allowed, cycles refused) and
 ``override: {...}`` (deep-merged last). When an inherited file has the section's own key at its
@@ -26,6 +26,7 @@ from .errors import ConfigError, DataError
 from .evaluation.suite import METRICS, canonical_benchmark, metric_of
 from .training.settings import TrainingSection
 from .utils.schema import KeyPath, StrictModel, error_line, fmt_path, short, show
+from .utils.tracking import TrackingConfig
 
 
 # ----------------------------------------------------------------------------------- sections
@@ -140,6 +141,7 @@ class RCCConfig(StrictModel):
     compression: CompressionSection = Field(default_factory=CompressionSection)  # type: ignore[valid-type]
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 # ------------------------------------------------------------------------------ who reads what
@@ -164,10 +166,10 @@ READERS: dict[str, tuple[str, ...]] = {
     "calibration.source": (_J + "compress", _J + "train"),
     "calibration.num_batches": (_J + "common",),
     "calibration.batch_size": (_J + "common", _J + "train"),
-    "calibration.holdout_batches": (_J + "common", _J + "compress", _J + "train"),
+    "calibration.holdout_batches": (_J + "common", _J + "compress", _J + "train", _J + "api"),
     "calibration.preserve_source": (_J + "compress",),
     "compression.dare.iterations": ("rcc_compression.compression.cascade",),
-    "compression.dare.reference_model": (_J + "train",),
+    "compression.dare.reference_model": (_J + "train", _J + "compress", _J + "api"),
     "compression.cascade.stages": ("rcc_compression.compression.cascade", _J + "api", _J + "compress"),
     "compression.cascade.checkpoint_frequency": ("rcc_compression.compression.cascade",),
     "compression.cascade.validation_threshold": ("rcc_compression.compression.cascade", _J + "compress"),
@@ -175,6 +177,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "compression.cascade.schedule": ("rcc_compression.compression.cascade",),
     "compression.cascade.target_rate": (_J + "api", _J + "compress"),
     "compression.cascade.rate_scope": (_J + "api", _J + "compress"),
+    "compression.cascade.lowrank_share": (_J + "api", _J + "compress"),
     "training.batch_size": (_J + "train",),
     "training.learning_rate": (_T + "trainer", _T + "recovery"),
     "training.num_epochs": (_T + "trainer", _T + "recovery"),
@@ -204,6 +207,12 @@ READERS: dict[str, tuple[str, ...]] = {
     "evaluation.metrics": (_J + "compress", "rcc_compression.cli"),
     "evaluation.batch_size": (_J + "compress", "rcc_compression.cli"),
     "evaluation.bootstrap_samples": ("rcc_compression.cli",),
+    "tracking.backends": ("rcc_compression.utils.tracking",),
+    "tracking.project": ("rcc_compression.utils.tracking",),
+    "tracking.run_name": ("rcc_compression.utils.tracking",),
+    "tracking.tags": ("rcc_compression.utils.tracking",),
+    "tracking.log_model": (_J + "tracking",),
+    "tracking.figures": (_J + "tracking",),
 }
 
 
@@ -273,7 +282,7 @@ def _merge(dst: dict, dprov: dict, src: Mapping, sprov: Mapping, prefix: KeyPath
 
 
 #: sections that may also sit inside ``experiment:`` (the design document's layout, section 6.2)
-NESTABLE = ("model", "dataset", "calibration", "compression", "training", "evaluation")
+NESTABLE = ("model", "dataset", "calibration", "compression", "training", "evaluation", "tracking")
 
 
 class _Loader:

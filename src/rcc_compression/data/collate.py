@@ -1,20 +1,27 @@
 """Collation: samples -> one batch of tensors.
 
-:class:`Collator` turns samples into a batch: uint8 pixels stacked and normalised (or augmented),
-one caption per image (random for training, first for evaluation) or the question tokenised, and
-the answers as ``labels`` for VQA. Samples whose image could not be read carry an ``error``; the
-collator drops them when skipping bad items and otherwise passes the errors on.
+:class:`Collator` turns dataset samples into a batch: uint8 pixels stacked and normalised (or
+augmented), one caption per image (random for training, first for evaluation) or the question
+tokenised, and the answers as ``labels`` for VQA. Samples whose image could not be read carry an
+``error``; the collator drops them when skipping bad items and otherwise passes the errors on.
+
+:func:`pad_collate` batches samples that are already tensors (rows of earlier batches, as recovery
+training reshuffles calibration batches): token sequences of different lengths are right-padded
+to the longest, with the attention mask marking the padding, so captions of any length batch
+together and each sample's outputs stay what they were.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
+from ..errors import DataError
 from .transforms import CLIP_MEAN, CLIP_STD, TrainAugment, normalize
 
 #: keys of a batch that are model keyword arguments (the rest is bookkeeping)
@@ -104,3 +111,40 @@ class Collator:
 def model_inputs(batch: dict[str, Any], keys: Sequence[str] = MODEL_KEYS) -> dict[str, torch.Tensor]:
     """The keyword arguments of ``model(**batch)`` in a collated batch."""
     return {k: batch[k] for k in keys if k in batch and isinstance(batch[k], torch.Tensor)}
+
+
+#: keys holding one token sequence per sample, and the value of their padded positions
+#: (``None``: the tokenizer's pad id)
+TOKEN_KEYS: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "labels": -100,
+                                     "decoder_input_ids": None, "decoder_attention_mask": 0, "token_type_ids": 0}
+
+
+def pad_collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
+    """Stack samples into a batch, right-padding token sequences of different lengths to the longest.
+
+    ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` with 0 (so padding is not
+    attended) and ``labels`` with -100 (so it is not scored). Tensors of equal shape are stacked;
+    other values are listed. Token ids of different lengths without an attention mask, or other
+    tensors that differ in shape, are refused with a :class:`DataError` naming the key.
+    """
+    if not samples:
+        raise DataError("no samples to batch")
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            out[key] = values
+            continue
+        shapes = sorted({tuple(v.shape) for v in values})
+        if len(shapes) == 1:
+            out[key] = torch.stack(values)
+            continue
+        if key not in TOKEN_KEYS or any(v.dim() != 1 for v in values):
+            raise DataError(f"cannot batch {key!r}: samples have shapes {shapes[:4]} (only token sequences are "
+                            "padded)")
+        if key.endswith("input_ids") and key.replace("input_ids", "attention_mask") not in samples[0]:
+            raise DataError(f"cannot pad {key!r} of different lengths without an attention mask to hide the padding")
+        fill = TOKEN_KEYS[key]
+        out[key] = pad_sequence(values, batch_first=True, padding_value=pad_token_id if fill is None else fill)
+    return out
+

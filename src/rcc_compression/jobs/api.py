@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from ..data.calibration import build_calibration_batches
 from ..errors import CompressionError
 from ..models.registry import BUNDLED, get_model, unwrap_model
 from ..models.tiny import TINY_MODELS
+from ..training.callbacks import Callback
 from ..training.recovery import finetune_on_batches
 from ..training.settings import TrainingSection
 from ..utils.logging import get_logger
@@ -31,12 +32,13 @@ from ..utils.logging import get_logger
 log = get_logger("api")
 
 
-def distiller(training: TrainingSection | None = None) -> Distiller:
+def distiller(training: TrainingSection | None = None, callbacks: Sequence[Callback] = ()) -> Distiller:
     """The engine's distiller: :func:`~rcc_compression.training.recovery.finetune_on_batches` with ``training``.
 
-    ``None`` trains as the default ``training`` section does, with a constant learning rate.
+    ``None`` trains as the default ``training`` section does, with a constant learning rate;
+    ``callbacks`` join every trainer (e.g. one that sends each step to the run's tracker).
     """
-    return functools.partial(finetune_on_batches, config=training)
+    return functools.partial(finetune_on_batches, config=training, callbacks=tuple(callbacks))
 
 
 class CompressionPipeline(CascadePipeline):

@@ -19,12 +19,14 @@ from ..config import RCCConfig, dump_config
 from ..evaluation.efficiency import compare_efficiency, measured_storage, optimize_execution
 from ..evaluation.suite import HEADLINE_NAMES, evaluate_model
 from ..models.registry import get_model
+from ..training.callbacks import TrackingCallback
 from ..utils.io import atomic_write_json, atomic_write_text, directory_lock
 from ..utils.logging import get_logger
 from ..utils.seeding import seed_everything
 from ..visualization.plots import plot_rate_curve
-from .api import CompressionPipeline
+from .api import CompressionPipeline, distiller
 from .common import calibration_batches, resolve_device
+from .tracking import cascade_logger, chain, finish_compress_tracking, start_tracker
 
 log = get_logger("jobs")
 
@@ -43,15 +45,28 @@ def headline_metrics(result: dict[str, Any], names: tuple[str, ...] = HEADLINE_M
     return out
 
 
-def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> dict[str, float]:
-    """Headline numbers of the metrics the config measures (``evaluation.metrics``); empty when no benchmark runs."""
+def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Headline numbers of the metrics the config measures (``evaluation.metrics``) and their bootstrap CIs.
+
+    Both are empty when no benchmark runs; the CIs (``[low, high]``) are empty with ``bootstrap_samples: 0``.
+    """
     ev = cfg.evaluation
     benchmarks = [b for b in ev.benchmarks if b != "efficiency"]  # efficiency is compared dense vs compressed
     if not benchmarks:
-        return {}
+        return {}, {}
+    names = tuple(n for m in ev.measures() for n in HEADLINE_NAMES.get(m, ()))
     res = evaluate_model(wrapper, benchmarks=benchmarks, datasets=ev.datasets, batch_size=ev.batch_size,
-                         bootstrap_samples=0, seed=cfg.experiment.seed)
-    return headline_metrics(res, tuple(n for m in ev.measures() for n in HEADLINE_NAMES.get(m, ())))
+                         bootstrap_samples=ev.bootstrap_samples, seed=cfg.experiment.seed)
+    values = headline_metrics(res, names)
+    cis: dict[str, list[float]] = {}
+    if ev.bootstrap_samples:
+        for bench, per_dataset in res.get("results", {}).items():
+            for spec, r in per_dataset.items():
+                for name in names:
+                    m = r.get("metrics", {}).get(name)
+                    if isinstance(m, dict) and "ci_low" in m:
+                        cis[f"{bench} {spec} {name}"] = [float(m["ci_low"]), float(m["ci_high"])]
+    return values, cis
 
 
 def run_compress(
@@ -99,49 +114,59 @@ def _run_compress(
         log.info("planned for rate %.4f: %s", section.cascade.target_rate,
                  {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share")})
     resolved = dump_config(cfg) | {"compression": section.model_dump(mode="json")}
-    dense_quality = quality_metrics(wrapper, cfg) if evaluate else {}
     reference = None
     if "dare" in section.cascade.stages and section.dare.target == "delta" and section.dare.reference_model:
         # published DARE works on the deltas of a fine-tune against the base it came from
         reference = get_model(section.dare.reference_model, cfg.model.type, cfg.model.dtype,
                               seed=cfg.experiment.seed).to(device)
-    pipe = CompressionPipeline(
-        section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
-        reference_model=reference,
-        seed=cfg.experiment.seed, device=device, progress_callback=progress, step_callback=step_callback,
-        run_config=resolved, encrypt_key=encrypt_key, training=cfg.training,
-    )
-    pipe.run(wrapper, resume=resume)
-    out_dir = run_dir / "compressed"
-    manifest = save_compressed(wrapper, out_dir, config=resolved, records=pipe.records, overwrite=True,
-                               encrypt_key=encrypt_key)
-    comp_quality = quality_metrics(wrapper, cfg) if evaluate else {}
-    kernels: dict[str, int] = {}
-    effs: dict[str, Any] = {}
-    if evaluate and "efficiency" in cfg.evaluation.measures():
-        probe = holdout[0] if holdout else fit[0]  # inputs for timing: any batch will do
-        kernels = dict(Counter(optimize_execution(wrapper, probe).values()))
-        effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, probe)
-    results = {
-        "model": cfg.model.name,
-        "stages": section.cascade.stages,
-        "stopped_early": pipe.stopped_early,
-        "records": pipe.records,
-        "quality": {"dense": dense_quality, "compressed": comp_quality},
-        "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
-        "plan": plan,
-        "execution_kernels": kernels,
-        "stored_bytes_measured": measured_storage(out_dir),
-        "stored_bytes_reported": manifest["stored_bytes"],
-        "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
-                 "threshold": cfg.compression.cascade.validation_threshold, "measured": pipe.gate_note or "yes"},
-    }
-    atomic_write_json(run_dir / "results.json", results)
-    atomic_write_text(run_dir / "results.md", results_table_markdown(results))
-    if evaluate:
-        plot_rate_curve(pipe.records, run_dir / "rate_curve.png", dense_quality, comp_quality,
-                        title=f"{cfg.model.name}: quality vs compression rate")
-    return results
+    with start_tracker(cfg, run_dir, resolved) as tracker:
+        tracker.log_event("phase", phase="dense evaluation")
+        dense_quality, dense_ci = quality_metrics(wrapper, cfg) if evaluate else ({}, {})
+        tracker.log_event("phase", phase="cascade")
+        pipe = CompressionPipeline(
+            section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
+            reference_model=reference, seed=cfg.experiment.seed, device=device, progress_callback=progress,
+            step_callback=chain(step_callback, cascade_logger(tracker)), run_config=resolved,
+            encrypt_key=encrypt_key, training=cfg.training,
+            distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
+        )
+        pipe.run(wrapper, resume=resume)
+        tracker.log_event("phase", phase="evaluation")
+        out_dir = run_dir / "compressed"
+        manifest = save_compressed(wrapper, out_dir, config=resolved, records=pipe.records, overwrite=True,
+                                   encrypt_key=encrypt_key)
+        comp_quality, comp_ci = quality_metrics(wrapper, cfg) if evaluate else ({}, {})
+        kernels: dict[str, int] = {}
+        effs: dict[str, Any] = {}
+        if evaluate and "efficiency" in cfg.evaluation.measures():
+            probe = holdout[0] if holdout else fit[0]  # inputs for timing: any batch will do
+            kernels = dict(Counter(optimize_execution(wrapper, probe).values()))
+            effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, probe)
+        results = {
+            "model": cfg.model.name,
+            "stages": section.cascade.stages,
+            "stopped_early": pipe.stopped_early,
+            "records": pipe.records,
+            "quality": {"dense": dense_quality, "compressed": comp_quality},
+            "quality_ci": {"dense": dense_ci, "compressed": comp_ci},
+            "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
+            "plan": plan,
+            "execution_kernels": kernels,
+            "stored_bytes_measured": measured_storage(out_dir),
+            "stored_bytes_reported": manifest["stored_bytes"],
+            "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
+                     "threshold": cfg.compression.cascade.validation_threshold,
+                     "measured": pipe.gate_note or "yes"},
+        }
+        atomic_write_json(run_dir / "results.json", results)
+        atomic_write_text(run_dir / "results.md", results_table_markdown(results))
+        if evaluate:
+            plot_rate_curve(pipe.records, run_dir / "rate_curve.png", dense_quality, comp_quality,
+                            title=f"{cfg.model.name}: quality vs compression rate")
+            finish_compress_tracking(tracker, cfg, run_dir, results, pipe, wrapper, holdout[0] if holdout else None)
+        else:
+            finish_compress_tracking(tracker, cfg, run_dir, results)
+        return results
 
 
 _METRIC_NAMES = {"top1": "top-1", "i2t_R@1": "R@1 image->text", "t2i_R@1": "R@1 text->image"}

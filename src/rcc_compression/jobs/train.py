@@ -8,17 +8,18 @@ directory, logging, run record and the process group of a ``torchrun`` launch.
 from __future__ import annotations
 
 import contextlib
+import functools
 from math import inf
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from ..compression.calibration import output_agreement, run_outputs
 from ..compression.storage import MANIFEST, load_compressed, read_manifest, save_compressed
-from ..config import RCCConfig, dump_config, validate_config
+from ..config import RCCConfig, dump_config, load_config, validate_config
+from ..data.collate import pad_collate
 from ..errors import CheckpointError, ConfigError
 from ..models.base import ModelWrapper
 from ..models.registry import get_model
@@ -29,6 +30,8 @@ from ..training.callbacks import (
     LoggingCallback,
     ModelCheckpoint,
     ProgressBar,
+    ProgressFile,
+    TrackingCallback,
 )
 from ..training.distributed import (
     BatchesDataset,
@@ -48,6 +51,7 @@ from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger, setup_logging
 from ..utils.runs import RunRecord, new_run_dir
 from ..utils.seeding import seed_everything
+from ..utils.tracking import ExperimentTracker
 from .common import calibration_batches, prepare_run_dir, resolve_device
 
 log = get_logger("training")
@@ -64,8 +68,8 @@ def resolve_source(source: str | Path) -> tuple[Path, dict[str, Any]]:
         raise CheckpointError(f"{source}: neither a compressed checkpoint ({MANIFEST}) nor a run directory holding "
                               f"one in compressed/")
     cfg_file = run_dir / "config.yaml"
-    if cfg_file.is_file():
-        run_cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    if cfg_file.is_file():  # read as any config file: a broken one is one line naming the file and the key
+        run_cfg = dump_config(load_config(cfg_file))
     else:
         run_cfg = read_manifest(ckpt).get("config") or {}
     if not run_cfg.get("model", {}).get("name"):
@@ -91,10 +95,26 @@ def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = 
     """Fine-tune the compressed model in ``source`` by distillation from its dense model; save into ``run_dir``.
 
     Writes ``run_dir/compressed`` (the recovered model, same format), ``run_dir/checkpoints/last``
-    (trainer state, for ``resume``) and ``run_dir/train_results.json``; returns the results.
-    Works under ``torchrun`` (every rank calls it; rank 0 writes).
+    (trainer state, for ``resume``), ``run_dir/progress.json`` while it trains and
+    ``run_dir/train_results.json``; sends steps, validations and the result to ``cfg.tracking``'s
+    backends (rank 0). Works under ``torchrun`` (every rank calls it; rank 0 writes).
     """
     dist = dist or init_distributed()
+    tracker = (ExperimentTracker(cfg.tracking, run_dir, run_config=dump_config(cfg)) if dist.is_main
+               else ExperimentTracker())
+    with tracker:
+        results = _run_train(cfg, source, run_dir, resume, progress, dist, tracker)
+        for variant in ("before", "after"):
+            tracker.log_metrics(results[variant], 0, f"eval/{variant}")
+        tracker.log_summary({f"{v}/{k}": x for v in ("before", "after") for k, x in results[v].items()})
+        if dist.is_main and cfg.tracking.log_model:
+            tracker.log_artifact(run_dir / "compressed", f"{run_dir.name}-compressed", "model",
+                                 {"source": results["source"], "steps": results["steps"]})
+    return results
+
+
+def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, progress: bool, dist: DistInfo,
+               tracker: ExperimentTracker) -> dict[str, Any]:
     tcfg = cfg.training
     ckpt, run_cfg_raw = resolve_source(source)
     run_cfg = validate_config(run_cfg_raw, source=str(ckpt))
@@ -110,9 +130,11 @@ def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = 
     n_hold = cfg.calibration.holdout_batches
     fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, [])
     per_rank = tcfg.batch_size // dist.world_size
-    train_loader = make_loader(BatchesDataset(fit), per_rank, dist, seed=cfg.experiment.seed)
+    # rows of calibration batches padded to different lengths batch together, padded again
+    collate = functools.partial(pad_collate, pad_token_id=getattr(teacher_w.tokenizer, "pad_token_id", None) or 0)
+    train_loader = make_loader(BatchesDataset(fit), per_rank, dist, seed=cfg.experiment.seed, collate_fn=collate)
     val_loader = (make_loader(BatchesDataset(holdout), max(1, cfg.calibration.batch_size // dist.world_size), dist,
-                              shuffle=False) if holdout else None)
+                              shuffle=False, collate_fn=collate) if holdout else None)
     forward_kwargs: dict[str, Any] = {}
     if tcfg.attention_weight:
         for m in (student, teacher):
@@ -134,7 +156,8 @@ def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = 
 
     ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", every_steps=tcfg.checkpoint_every_steps,
                               monitor="val_loss" if holdout else None)
-    callbacks: list[Callback] = [LearningRateMonitor(), LoggingCallback(every_steps=50), ckpt_cb]
+    callbacks: list[Callback] = [LearningRateMonitor(), LoggingCallback(every_steps=50), ckpt_cb,
+                                 TrackingCallback(tracker), ProgressFile(run_dir / "progress.json")]
     if tcfg.early_stopping_patience:
         callbacks.insert(0, EarlyStopping("val_loss", tcfg.early_stopping_patience))
     if progress:
