@@ -60,10 +60,12 @@ def test_rollback_to_stage_and_metric_fn(tiny_clip):
 
     batch = tiny_clip.synthetic_batch(4, torch.Generator().manual_seed(0))
     dense_out = tiny_clip(**batch).image_embeds.detach()
-    pipe = CascadePipeline(_section(validation_threshold=0.0, stages=["dare", "nullu"], rounds=1), metric_fn=metric)
+    states = {}
+    pipe = CascadePipeline(_section(validation_threshold=0.0, stages=["dare", "nullu"], rounds=1), metric_fn=metric,
+                           step_callback=lambda r: states.setdefault(r["stage"], _state(tiny_clip.model)))
     pipe.run(tiny_clip)
     assert calls and pipe.records[0]["metric"] == pytest.approx(pipe.records[0]["retention"], rel=1e-5)
-    after_dare = pipe._snapshots["dare"]
+    after_dare = states["dare"]
     pipe.rollback_to_stage("dare")
     _same(_state(tiny_clip.model), after_dare)
     with pytest.raises(CompressionError):

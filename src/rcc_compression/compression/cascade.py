@@ -35,7 +35,7 @@ from ..models.registry import unwrap_model, wrap_model
 from ..utils.io import atomic_write_json, directory_lock, remove_stale_temp_files
 from ..utils.logging import get_logger
 from .calibration import output_agreement, run_outputs
-from .layers import CompressedLinear, compressed_layers, layer_snapshot, replace_module, restore_layer
+from .layers import CompressedLinear, compressed_layers, replace_module, restore_layer
 from .planner import LayerShape
 from .registry import STAGES, CascadeConfig, CompressionSection, build_stage
 from .schedule import joint_schedule
@@ -45,9 +45,11 @@ from .storage import (
     install_layers,
     install_rest,
     load_layer_tensors,
+    pack_bits,
     read_manifest,
     save_compressed,
     stored_bytes,
+    unpack_bits,
     verify_files,
 )
 
@@ -151,6 +153,8 @@ class CascadePipeline:
         self.records: list[dict[str, Any]] = []
         self.stage_results: dict[str, dict[str, Any]] = {}
         self._snapshots: dict[str, dict[str, dict[str, Any]]] = {}
+        self._last_snap: dict[str, dict[str, Any]] = {}
+        self._fresh: set[str] = set()
         self._model: nn.Module | None = None
         self._ctx: CompressionContext | None = None
         self._dense_score: float | None = None
@@ -198,13 +202,15 @@ class CascadePipeline:
         self.device = device
         dense_model = _copy_for_teacher(inner)
         dense: dict[str, torch.Tensor] = {}
+        self._fresh = set()
         for name in names:
             mod = inner.get_submodule(name)
             teacher_mod = dense_model.get_submodule(name)
             # the teacher's frozen weights are the targets: no second copy of the dense model
             dense[name] = teacher_mod.weight if isinstance(teacher_mod, nn.Linear) else teacher_mod.effective_weight()
             if isinstance(mod, nn.Linear):
-                replace_module(inner, name, CompressedLinear.from_linear(mod))
+                replace_module(inner, name, _adopt_linear(mod))
+                self._fresh.add(name)
         batches = self.calibration
         self.calibration_source = "given"
         if batches is None:
@@ -347,15 +353,32 @@ class CascadePipeline:
         return finite and (retention is None or retention >= self.cascade.validation_threshold)
 
     # ------------------------------------------------------------------ state
-    def _snapshot(self) -> dict[str, dict[str, Any]]:
-        return {n: layer_snapshot(m) for n, m in compressed_layers(self._model).items()}
+    def _snapshot(self, initial: bool = False) -> dict[str, dict[str, Any]]:
+        """A compact copy of every compressed layer for rollback, sharing what did not change since the last one.
+
+        ``initial``: the layers that were plain Linear layers a moment ago are recorded as "the teacher's", so
+        the starting state costs no copy.
+        """
+        snap: dict[str, dict[str, Any]] = {}
+        for n, m in compressed_layers(self._model).items():
+            if initial and n in self._fresh:
+                snap[n] = {"teacher": n}
+            else:
+                snap[n] = _snap_layer(m, self._last_snap.get(n))
+        self._last_snap = {n: v for n, v in snap.items() if "teacher" not in v}
+        return snap
 
     def _stored_bytes(self) -> int:
         return sum(stored_bytes(m) for m in compressed_layers(self._model).values())
 
     def _restore(self, snap: dict[str, dict[str, Any]]) -> None:
         for n, m in compressed_layers(self._model).items():
-            restore_layer(m, snap[n])
+            s = snap[n]
+            if "teacher" in s:  # the dense layer it started as: the teacher's copy
+                t = self._ctx.dense_model.get_submodule(n)
+                restore_layer(m, {"weight": t.weight.detach(), "bias": None if t.bias is None else t.bias.detach()})
+            else:
+                _unsnap_layer(m, s)
 
     def rollback_to_stage(self, stage_name: str) -> None:
         """Restore the model to its state after the last passing step of ``stage_name``."""
@@ -477,7 +500,7 @@ class CascadePipeline:
         ctx = self._ctx
         steps = self.steps()
         start = self._resume_state() if resume else 0
-        last_pass = self._snapshot()
+        last_pass = self._snapshot(initial=start == 0)
         # the smallest passing state (stored bytes, step, snapshot): where a failed gate goes back to
         best: tuple[int, int, dict[str, dict[str, Any]]] = (self._stored_bytes(), start - 1, last_pass)
         last_retention = next((r.get("retention") for r in reversed(self.records)
@@ -577,10 +600,76 @@ class CascadePipeline:
 
 
 def _copy_for_teacher(model: nn.Module) -> nn.Module:
-    teacher = copy.deepcopy(model)
+    """The frozen dense teacher: a copy of the Linear layers (the ones a stage may change); every other
+    parameter and buffer (embeddings, norms) is shared with the model, which no stage changes."""
+    shared: dict[int, Any] = {}
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, CompressedLinear)):
+            continue
+        for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
+            shared[id(t)] = t
+    teacher = copy.deepcopy(model, memo=dict(shared))
     for p in teacher.parameters():
-        p.requires_grad_(False)
+        if id(p) not in shared:
+            p.requires_grad_(False)
     return teacher.eval()
+
+
+def _adopt_linear(linear: nn.Linear) -> CompressedLinear:
+    """A :class:`CompressedLinear` holding ``linear``'s own parameters (no copy: ``linear`` leaves the model)."""
+    if not linear.weight.is_contiguous():
+        return CompressedLinear.from_linear(linear)
+    layer = CompressedLinear(linear.in_features, linear.out_features)
+    layer.weight = linear.weight
+    if linear.bias is not None:
+        layer.bias = linear.bias
+    return layer
+
+
+_SNAP_PARTS = ("weight", "lr_A", "lr_B", "a_in", "a_out", "bias")
+
+
+def _snap_layer(layer: CompressedLinear, prev: dict[str, Any] | None) -> dict[str, Any]:
+    """A compact rollback copy of a layer: S as its kept values and a bit mask (about its stored bytes, not a
+    dense tensor and a byte per mask entry), and any part equal to ``prev``'s shared with it."""
+    out: dict[str, Any] = {"base": layer.base,  # frozen: a reference will do
+                           "quant": {k: q.clone() for k, q in layer.quant.items()} if layer.quant else None}
+    for k in _SNAP_PARTS:
+        t = getattr(layer, k)
+        if t is None:
+            out[k] = None
+            continue
+        mask = layer.mask if k == "weight" else None
+        now = t.detach()[mask] if mask is not None else t.detach()
+        old = prev.get(k) if prev is not None else None
+        if old is not None and ("bits" in old) == (mask is not None) and (
+                mask is None or torch.equal(old["bits"], pack_bits(mask))):
+            held = old["values"] if mask is not None else old["dense"]
+            if held.shape == now.shape and held.dtype == now.dtype and torch.equal(held, now):
+                out[k] = old  # unchanged (compared by value: stages also write through ``.data``)
+                continue
+        out[k] = ({"values": now, "bits": pack_bits(mask), "shape": tuple(t.shape)}  # indexing copied the values
+                  if mask is not None else {"dense": t.detach().clone()})
+    return out
+
+
+def _unsnap_layer(layer: CompressedLinear, snap: dict[str, Any]) -> None:
+    full: dict[str, Any] = {"base": snap["base"], "mask": None}
+    if snap.get("quant"):
+        full["quant"] = snap["quant"]
+    for k in _SNAP_PARTS:
+        e = snap[k]
+        if e is None:
+            full[k] = None
+        elif "dense" in e:
+            full[k] = e["dense"]
+        else:
+            v = e["values"]
+            mask = unpack_bits(e["bits"], e["shape"]).to(v.device)
+            w = torch.zeros(e["shape"], dtype=v.dtype, device=v.device)
+            w[mask] = v
+            full[k], full["mask"] = w, mask
+    restore_layer(layer, full)
 
 
 def _synthetic_batches(model: nn.Module, wrapper: Any, n: int, seed: int) -> list[dict[str, Any]]:
