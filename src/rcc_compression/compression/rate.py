@@ -75,7 +75,7 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     cascade becomes one round of ``dare`` (per-layer rates) -> ``quant`` (S) -> ``nullu``
     (per-layer ranks, fitted to what the rounded S leaves) -> ``quant`` (the factors), then
     ``alphaedit`` if it was configured; stages the plan does not use are left out. Errors are
-    measured on the calibration batches that the cascade fits on (its holdout is left out).
+    measured on ``calibration_data``: the batches the cascade fits on, without the gate's holdout.
     """
     stages = list(section.cascade.stages)
     dare, nullu = section.dare, section.nullu
@@ -93,9 +93,7 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     shapes = [LayerShape(w.shape[0], w.shape[1], w.element_size(), m.bias is not None)
               for w, m in zip(weights, mods, strict=True)]
     grams: list[torch.Tensor | None] = [None] * len(names)
-    batches = list(calibration_data) if calibration_data is not None else []
-    n_hold = min(2, len(batches) // 3)
-    fit = batches[:-n_hold] if n_hold else batches
+    fit = list(calibration_data) if calibration_data is not None else []  # the callers keep the holdout out
     if fit:
         stats = collect_layer_stats(inner, names, fit, gram=True)
         grams = [stats[n].gram for n in names]
