@@ -77,8 +77,13 @@ def test_compress_to_a_target_rate(tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["plan"]["requested_rate"] == 0.6
     achieved = results["efficiency"]["compressed"]["storage"]["compression_rate_layers"]
-    # a per-layer plan (bits x rank x sparsity) lands exactly where its byte model says, at or past the rate
-    assert achieved >= 0.6 and abs(achieved - results["plan"]["predicted_rate"]) < 1e-6
+    # a per-layer plan (bits x rank x sparsity) lands exactly where its byte model says, at or past the rate;
+    # a recovery step undone after it (its scales not stored) only stores less
+    assert achieved >= 0.6
+    if any(r.get("undone") for r in results["records"]):
+        assert achieved >= results["plan"]["predicted_rate"] - 1e-6
+    else:
+        assert abs(achieved - results["plan"]["predicted_rate"]) < 1e-6
     manifest = json.loads((run / "compressed" / "manifest.json").read_text())
     planned = manifest["config"]["compression"]
     assert planned["cascade"]["stages"] == results["plan"]["stages"] and planned["cascade"]["rounds"] == 1
