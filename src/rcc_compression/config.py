@@ -46,16 +46,52 @@ class ModelSection(StrictModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
-class DatasetSection(StrictModel):
-    """Dataset names or paths for the train, validation and test splits."""
+class AugmentSection(StrictModel):
+    """Augmentation of the training split (never of val, test or calibration data).
 
-    train: str | None = None
-    val: str | None = None
-    test: str | None = None
-    root: str | None = None
-    batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(0, ge=0)
-    skip_bad: bool = False
+    A random resized crop and brightness/contrast jitter, batched on uint8 tensors; hue is never
+    changed and images are flipped only with ``hflip`` (colour words and left/right are labels in
+    many caption datasets). In distillation the teacher sees the same augmented images.
+    """
+
+    enabled: bool = Field(True, description="augment the training split")
+    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        (0.8, 1.0), description="range of the crop's area, as a fraction of the image")
+    ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
+        (0.9, 1.1), description="range of the crop's aspect ratio")
+    brightness: float = Field(0.1, ge=0, lt=1, description="brightness factor drawn from 1 +- this")
+    contrast: float = Field(0.1, ge=0, lt=1, description="contrast factor drawn from 1 +- this")
+    hflip: bool = Field(False, description="flip half the images left-right")
+
+
+class DatasetSection(StrictModel):
+    """The data of a run: train, validation and test splits, and how they are loaded.
+
+    Each split is a dataset spec (a path whose format is detected, ``hf:NAME`` or a saved
+    Hugging Face dataset, ``world[:PART]``, or a known name under ``root``) read at the split of
+    its key, or at ``SPEC@SPLIT``. ``train`` feeds recovery training; ``val`` is evaluated during
+    training (the best model is kept) and holds out the compression gate's batches; ``test`` is
+    what ``rcc evaluate`` and the end of ``rcc compress`` measure when ``evaluation.datasets`` is
+    empty. No image may be in both a training and a held-out split (``leak_check``).
+    """
+
+    train: str | None = Field(None, description="training split: SPEC or SPEC@SPLIT")
+    val: str | None = Field(None, description="validation split: SPEC or SPEC@SPLIT")
+    test: str | None = Field(None, description="test split: SPEC or SPEC@SPLIT")
+    root: str | None = Field(None, description="directory of the known names (default $RCC_DATA_ROOT)")
+    task: Literal["captions", "classification", "vqa"] | None = Field(
+        None, description="which part of a directory holding several formats to read")
+    batch_size: int = Field(64, ge=1, description="batch size of the val and test loaders")
+    num_workers: int = Field(0, ge=0, description="loader worker processes (0: load in the main process)")
+    prefetch_factor: int = Field(2, ge=1, description="batches each worker loads ahead")
+    max_tokens: int | None = Field(
+        None, ge=1, description="token budget per training batch (items x longest text): variable batch sizes")
+    bucket_by_length: bool = Field(True, description="batch training items of similar text length together")
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    leak_check: Literal["auto", "content", "path", "off"] = Field(
+        "auto", description="how images are compared across splits: pixels, file paths, or not at all")
+    cache_dir: str | None = Field(None, description="directory of preprocessed-image caches (uint8 safetensors)")
+    skip_bad: bool = Field(False, description="skip and count unreadable items instead of stopping")
 
 
 class CalibrationSection(StrictModel):
