@@ -75,7 +75,7 @@ def test_wrong_type_and_range_and_literal(tmp_path):
         load_config(None, ["compression.dare.pruning_rate=-0.1"])
     with pytest.raises(ConfigError, match=r"allowed: 'linear' or 'cubic'"):
         load_config(None, ["compression.dare.pruning_schedule=exp"])
-    with pytest.raises(ConfigError, match=r"unknown stage 'prune'; allowed: dare, nullu, alphaedit"):
+    with pytest.raises(ConfigError, match=r"unknown stage 'prune'; allowed: dare, nullu, alphaedit, quant"):
         load_config(None, ["compression.cascade.stages=[dare, prune]"])
 
 

@@ -299,6 +299,83 @@ def evaluate(
         raise EvaluationError(f"no benchmark ran ({reasons or 'nothing selected'}); see {run_dir / 'results.md'}")
 
 
+@app.command()
+def serve(
+    sources: Annotated[list[str], typer.Argument(help="Compressed checkpoint, run or model directory, bundled name; NAME=DIR names it.")],  # noqa: E501
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    keys: Annotated[Path | None, typer.Option("--keys", help="API key file (hashes; make one with `rcc keys add`).")] = None,  # noqa: E501
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without API keys (loopback only).")] = False,
+    key_file: Annotated[Path | None, typer.Option("--key-file", help="Key of encrypted checkpoints (else RCC_CHECKPOINT_KEY).")] = None,  # noqa: E501
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Items per dynamic batch.")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", help="Wait budget for a batch to fill.")] = 5.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Request timeout in seconds.")] = 30.0,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch intra-op threads.")] = None,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Serve models over HTTP: embeddings, similarity, zero-shot (CLIP), captions and VQA (BLIP)."""
+    from .serving.inputs import ServeLimits
+    from .serving.server import run_server
+    from .utils.crypto import load_key
+    from .utils.logging import setup_logging
+
+    setup_logging(_verbosity(verbose, quiet))
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    run_server(list(sources), host, port, str(keys) if keys else None, no_auth, load_key(key_file),
+               ServeLimits(request_timeout_s=timeout), max_batch, batch_wait_ms, echo=lambda s: typer.echo(s))
+
+
+@app.command("export")
+def export_cmd(
+    source: Annotated[str, typer.Argument(help="Compressed checkpoint, run directory, model directory or bundled name.")],  # noqa: E501
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx (compression kept) or hf (dense Hugging Face).")] = "onnx",  # noqa: E501
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory to write (default: SOURCE-onnx / SOURCE-hf).")] = None,  # noqa: E501
+    key_file: Annotated[Path | None, typer.Option("--key-file", help="Key of an encrypted checkpoint (else RCC_CHECKPOINT_KEY).")] = None,  # noqa: E501
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the ONNX Runtime check against PyTorch.")] = False,  # noqa: E501
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Export a model: ONNX with low-rank layers as two MatMuls and S in its compact encoding, or dense HF."""
+    from .compression.export import export_model
+    from .utils.crypto import load_key
+    from .utils.logging import setup_logging
+
+    setup_logging(_verbosity(verbose, quiet))
+    out = output or Path(f"{Path(source).name}-{fmt}")
+    s = export_model(source, out, fmt, load_key(key_file), overwrite, not no_verify)
+    for name, rec in s.get("graphs", {}).items():
+        diff = rec.get("max_abs_diff")
+        typer.echo(f"{name}: max |ONNX Runtime - PyTorch| = {diff:.2e}" if diff is not None else f"{name}: not checked")
+    line = f"wrote {s['output']} ({s['bytes']:,} bytes of {'ONNX' if fmt == 'onnx' else 'safetensors'})"
+    if "checkpoint_bytes" in s:
+        line += f"; the compressed checkpoint's tensors: {s['checkpoint_bytes']:,} bytes"
+    typer.echo(line)
+
+
+keys_app = typer.Typer(help="API keys of the model server (the key file stores hashes only).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("add")
+def keys_add(
+    file: Annotated[Path, typer.Argument(help="Key file (created if missing).")],
+    key_id: Annotated[str, typer.Option("--id", help="A name for the key.")],
+    models: Annotated[str, typer.Option("--models", help="Comma-separated model names the key may use, or '*'.")] = "*",
+) -> None:
+    """Make a new API key: print it once, store only its SHA-256 in FILE."""
+    from .serving.auth import KeyStore
+
+    store = KeyStore.load(file) if file.exists() else KeyStore()
+    key = store.add(key_id, [m.strip() for m in models.split(",") if m.strip()])
+    store.save(file)
+    typer.echo(key)
+
+
 @contextlib.contextmanager
 def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar fed by ``report(stage, done, total)`` callbacks."""

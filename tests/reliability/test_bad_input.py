@@ -47,7 +47,7 @@ CONFIG_ROWS = {
     "rate -0.1": ("compression:\n  dare:\n    pruning_rate: -0.1\n",
                   "compression.dare.pruning_rate: Input should be greater than or equal to 0; got -0.1"),
     "unknown stage": ("compression:\n  cascade:\n    stages: [dare, quantize]\n",
-                      "compression.cascade.stages: unknown stage 'quantize'; allowed: dare, nullu, alphaedit; "
+                      "compression.cascade.stages: unknown stage 'quantize'; allowed: dare, nullu, alphaedit, quant; "
                       "got ['dare', 'quantize']"),
     "no loss to train": ("training:\n  kd_weight: 0\n  feature_weight: 0\n",
                          "training: every loss weight (kd_weight, feature_weight, attention_weight, task_weight) is "

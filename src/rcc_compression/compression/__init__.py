@@ -1,1 +1,1 @@
-"""Compression engine: the stages (dare, nullu, alphaedit), the cascade, calibration and storage."""
+"""Compression engine: the stages (dare, nullu, alphaedit, quant), the cascade, calibration and storage."""

@@ -68,19 +68,28 @@ class CascadeConfig(StrictModel):
 
 
 def compression_summary(model: nn.Module) -> dict[str, Any]:
-    """Sparsity, ranks and stored/dense bytes of the compressed layers right now."""
+    """Sparsity, ranks and stored/dense bytes of the compressed layers right now.
+
+    ``compression_rate`` is against the dense layers in the dtype the model was given
+    (``dense_dtype``); ``compression_rate_vs_fp32`` against the same layers in float32.
+    """
     from .storage import dense_bytes, stored_bytes
 
     layers = compressed_layers(model)
     dense = sum(dense_bytes(m) for m in layers.values())
+    dense32 = sum(dense_bytes(m, torch.float32) for m in layers.values())
     stored = sum(stored_bytes(m) for m in layers.values())
     numel = sum(m.in_features * m.out_features for m in layers.values())
     nnz = sum(m.nnz() for m in layers.values())
+    dtypes = sorted({str(m._ref.dtype).removeprefix("torch.") for m in layers.values()})
     return {
         "layers": len(layers),
+        "dense_dtype": ",".join(dtypes),
         "dense_bytes": dense,
         "stored_bytes": stored,
         "compression_rate": 1.0 - stored / dense if dense else 0.0,
+        "dense_bytes_fp32": dense32,
+        "compression_rate_vs_fp32": 1.0 - stored / dense32 if dense32 else 0.0,
         "sparsity": 1.0 - nnz / numel if numel else 0.0,
         "mean_rank": sum(m.rank for m in layers.values()) / max(len(layers), 1),
     }
@@ -431,6 +440,8 @@ class CascadePipeline:
         error = None
         try:
             stage.compress(inner, ctx)
+            for layer in compressed_layers(inner).values():
+                layer.sync_quant()  # what the gate measures is what the codes store
         except (RuntimeError, torch.linalg.LinAlgError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         score, retention, finite = (float("nan"), 0.0, False) if error else self._retention(inner)

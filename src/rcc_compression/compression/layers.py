@@ -8,13 +8,78 @@ back into a plain ``nn.Linear``.
 
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-EXECUTION_MODES = ("factored", "merged", "csr", "semi_structured")
+EXECUTION_MODES = ("factored", "merged", "csr", "semi_structured", "int8")
+
+#: the parts of a layer that can be stored as integer codes (S, and the low-rank factors)
+QUANTIZABLE = ("weight", "lr_A", "lr_B")
+
+
+@dataclass
+class QuantizedPart:
+    """Integer codes of one weight part: ``value = scale * (code - zero)`` per group of ``group_size`` columns.
+
+    ``codes`` (uint8, the part's shape; entries outside a sparse mask are not stored), ``scale``
+    (float16, rows x groups) and ``zero`` (uint8, rows x groups; ``None`` = symmetric, zero point
+    ``2**(bits-1)``). Built by :mod:`.quant`; the layer's float parameter always holds
+    :meth:`dequantize`, so every other part of the engine reads it as a plain tensor.
+    """
+
+    bits: int
+    group_size: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    method: str = "nearest"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    @property
+    def groups(self) -> int:
+        return math.ceil(self.codes.shape[1] / self.group_size)
+
+    def zero_points(self) -> torch.Tensor:
+        """Zero points as float32 (rows x groups)."""
+        if self.zero is None:
+            return torch.full(self.scale.shape, float(2 ** (self.bits - 1)), device=self.scale.device)
+        return self.zero.float()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The float values the codes stand for (zero outside ``mask``)."""
+        cols = self.codes.shape[1]
+        scale = self.scale.float().repeat_interleave(self.group_size, dim=1)[:, :cols]
+        zero = self.zero_points().repeat_interleave(self.group_size, dim=1)[:, :cols]
+        values = (self.codes.float() - zero) * scale
+        if mask is not None:
+            values = values * mask
+        return values.to(dtype)
+
+    def spec(self) -> dict[str, object]:
+        """The quantization format (for manifests and records)."""
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "method": self.method}
+
+    def apply(self, fn) -> QuantizedPart:  # noqa: ANN001 - a Module._apply function
+        """Follow a device move of the module (dtype casts leave codes and float16 scales alone)."""
+        codes = fn(self.codes)
+        dev = codes.device
+        return QuantizedPart(self.bits, self.group_size, codes, self.scale.to(dev),
+                             None if self.zero is None else self.zero.to(dev), self.method, dict(self.info))
+
+    def clone(self) -> QuantizedPart:
+        return QuantizedPart(self.bits, self.group_size, self.codes.clone(), self.scale.clone(),
+                             None if self.zero is None else self.zero.clone(), self.method, dict(self.info))
 
 
 class CompressedLinear(nn.Module):
@@ -37,7 +102,9 @@ class CompressedLinear(nn.Module):
         self.bias: nn.Parameter | None = None
         self.register_buffer("mask", None)
         self.register_buffer("base", None)
-        self._fast: tuple[str, torch.Tensor] | None = None  # an inference kernel chosen by set_execution
+        self._fast: tuple[str, Any] | None = None  # an inference kernel chosen by set_execution
+        #: parts stored as integer codes (:mod:`.quant`); their float parameters hold the dequantized values
+        self.quant: dict[str, QuantizedPart] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -57,8 +124,12 @@ class CompressedLinear(nn.Module):
         raise RuntimeError("CompressedLinear has no tensors")
 
     def set_sparse(self, values: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
-        """Set S (pruned entries are zeroed here, so the invariant ``weight == weight * mask`` holds)."""
+        """Set S (pruned entries are zeroed here, so the invariant ``weight == weight * mask`` holds).
+
+        New values replace any integer codes S had (quantize again with :mod:`.quant`).
+        """
         self._fast = None
+        self.quant.pop("weight", None)
         if values is None:
             self.weight = None
             self.mask = None
@@ -71,6 +142,9 @@ class CompressedLinear(nn.Module):
 
     def set_low_rank(self, B: torch.Tensor | None, A: torch.Tensor | None) -> None:
         """Set the low-rank factors (``B``: out x r, ``A``: r x in), or remove them with ``None``."""
+        self._fast = None
+        self.quant.pop("lr_A", None)
+        self.quant.pop("lr_B", None)
         if B is None or A is None or B.shape[1] == 0:
             self.lr_B = self.lr_A = None
             return
@@ -87,6 +161,50 @@ class CompressedLinear(nn.Module):
     def set_base(self, base: torch.Tensor | None) -> None:
         """Set the frozen reference weight (delta compression)."""
         self.base = None if base is None else _dense_copy(base, self._ref.dtype)
+
+    def set_quantized(self, part: str, q: QuantizedPart) -> None:
+        """Store ``part`` (``weight``, ``lr_A`` or ``lr_B``) as integer codes; its parameter takes their values."""
+        if part not in QUANTIZABLE or getattr(self, part) is None:
+            raise ValueError(f"cannot quantize part {part!r} of this layer; parts present: "
+                             f"{', '.join(p for p in QUANTIZABLE if getattr(self, p) is not None) or 'none'}")
+        param = getattr(self, part)
+        if tuple(q.codes.shape) != tuple(param.shape):
+            raise ValueError(f"codes of shape {tuple(q.codes.shape)} for part {part!r} of shape {tuple(param.shape)}")
+        self._fast = None
+        values = q.dequantize(param.dtype, self.mask if part == "weight" else None).to(param.device)
+        setattr(self, part, nn.Parameter(values, requires_grad=param.requires_grad))
+        self.quant[part] = q
+
+    @torch.no_grad()
+    def sync_quant(self) -> list[str]:
+        """Put quantized parts whose float values moved (training, an in-place update) back on their grid.
+
+        Each moved part is rounded to the nearest code of its own scales and zero points, so what
+        the layer computes is again exactly what its codes store. Returns the parts that moved.
+        """
+        moved = []
+        for part, q in self.quant.items():
+            param = getattr(self, part)
+            mask = self.mask if part == "weight" else None
+            current = q.dequantize(param.dtype, mask)
+            if torch.equal(current, param.detach()):
+                continue
+            scale = q.scale.float().repeat_interleave(q.group_size, dim=1)[:, :param.shape[1]]
+            zero = q.zero_points().repeat_interleave(q.group_size, dim=1)[:, :param.shape[1]]
+            codes = torch.clamp(torch.round(param.detach().float() / scale) + zero, 0, 2 ** q.bits - 1)
+            q.codes = codes.to(torch.uint8) if mask is None else codes.to(torch.uint8) * mask.to(torch.uint8)
+            q.info["resynced"] = q.info.get("resynced", 0) + 1
+            param.data.copy_(q.dequantize(param.dtype, mask))
+            moved.append(part)
+        if moved:
+            self._fast = None
+        return moved
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        out = super()._apply(fn, recurse)
+        self.quant = {k: q.apply(fn) for k, q in self.quant.items()}
+        self._fast = None
+        return out
 
     # ------------------------------------------------------------------ structure
     @property
@@ -135,6 +253,8 @@ class CompressedLinear(nn.Module):
         fast = self._fast if not self.training else None
         if fast is not None and fast[0] == "merged":
             return F.linear(x, fast[1], self.bias)
+        if fast is not None and fast[0] == "int8":
+            return self._forward_int8(x, fast[1])
         if self.a_in is not None:
             x = x * self.a_in
         y = None
@@ -158,6 +278,48 @@ class CompressedLinear(nn.Module):
             y = y + self.bias
         return y
 
+    def _forward_int8(self, x: torch.Tensor, kernels: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Eval forward with the 8-bit parts through the int8 weight-only kernel (the others as float matmuls)."""
+        if self.a_in is not None:
+            x = x * self.a_in
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+
+        def mm(part: str, inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            k = kernels.get(part)
+            return F.linear(inp, weight) if k is None else torch.ops.aten._weight_int8pack_mm(inp, k[0], k[1])
+
+        y = None
+        if self.weight is not None:
+            y = mm("weight", x2, self.weight)
+        if self.base is not None:
+            y = F.linear(x2, self.base) if y is None else y + F.linear(x2, self.base)
+        if self.lr_A is not None:
+            z = mm("lr_B", mm("lr_A", x2, self.lr_A).contiguous(), self.lr_B)
+            y = z if y is None else y + z
+        if y is None:
+            y = x2.new_zeros(x2.shape[0], self.out_features)
+        y = y.reshape(*lead, self.out_features)
+        if self.a_out is not None:
+            y = y * self.a_out
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def int8_kernels(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The parts the int8 weight-only kernel can run: 8-bit, one symmetric scale per row, dense.
+
+        Per part ``(int8 codes, scales)`` with ``value = scale * code``, the layout of
+        ``torch.ops.aten._weight_int8pack_mm``.
+        """
+        out = {}
+        for part, q in self.quant.items():
+            if q.bits != 8 or not q.symmetric or q.groups != 1 or (part == "weight" and self.mask is not None):
+                continue
+            codes = (q.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+            out[part] = (codes, q.scale[:, 0].to(self._ref.dtype).contiguous())
+        return out
+
     def train(self, mode: bool = True) -> CompressedLinear:
         if mode:
             self._fast = None  # weights are about to move: the inference kernel would go stale
@@ -168,8 +330,9 @@ class CompressedLinear(nn.Module):
         """Choose how eval-mode forward runs; the stored form is unchanged. Returns whether it applies.
 
         ``factored`` (S as a dense matmul, then B A, then scales), ``merged`` (one dense matmul with
-        the effective weight: the dense speed, more memory), ``csr`` (S as a CSR sparse matmul, CPU)
-        or ``semi_structured`` (S with 2:4 kernels, CUDA). Pick by measurement:
+        the effective weight: the dense speed, more memory), ``csr`` (S as a CSR sparse matmul, CPU),
+        ``semi_structured`` (S with 2:4 kernels, CUDA) or ``int8`` (8-bit per-channel parts through
+        the int8 weight-only kernel, the rest as float matmuls). Pick by measurement:
         :func:`rcc_compression.evaluation.efficiency.optimize_execution`.
         """
         self._fast = None
@@ -177,6 +340,12 @@ class CompressedLinear(nn.Module):
             return True
         if mode == "merged":
             self._fast = ("merged", self.effective_weight().contiguous())
+            return True
+        if mode == "int8":
+            kernels = self.int8_kernels()
+            if not kernels or not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+                return False
+            self._fast = ("int8", kernels)
             return True
         if self.weight is None or self.mask is None or self.base is not None:
             return False
@@ -256,14 +425,19 @@ def merge_all(model: nn.Module) -> nn.Module:
 _PARTS = ("weight", "mask", "lr_A", "lr_B", "a_in", "a_out", "bias", "base")
 
 
-def layer_snapshot(layer: CompressedLinear) -> dict[str, torch.Tensor | None]:
-    """A detached copy of every part of a compressed layer (for rollback)."""
-    return {k: (None if getattr(layer, k) is None else getattr(layer, k).detach().clone()) for k in _PARTS}
+def layer_snapshot(layer: CompressedLinear) -> dict[str, Any]:
+    """A detached copy of every part of a compressed layer, integer codes included (for rollback)."""
+    snap: dict[str, Any] = {k: (None if getattr(layer, k) is None else getattr(layer, k).detach().clone())
+                            for k in _PARTS}
+    if layer.quant:
+        snap["quant"] = {k: q.clone() for k, q in layer.quant.items()}
+    return snap
 
 
-def restore_layer(layer: CompressedLinear, snap: dict[str, torch.Tensor | None]) -> None:
+def restore_layer(layer: CompressedLinear, snap: dict[str, Any]) -> None:
     """Restore a layer to a :func:`layer_snapshot` (parts absent in the snapshot are removed)."""
     layer._fast = None
+    layer.quant = {k: q.clone() for k, q in snap.get("quant", {}).items()}
     for k in ("weight", "lr_A", "lr_B", "a_in", "a_out", "bias"):
         t = snap.get(k)
         setattr(layer, k, None if t is None else nn.Parameter(t.clone()))

@@ -12,12 +12,14 @@ from ..errors import CompressionError
 from .alphaedit import AlphaEditConfig, AlphaEditStage
 from .dare import DareConfig, DareStage
 from .nullu import NulluConfig, NulluStage
+from .quant import QuantConfig, QuantStage
 from .stage import Stage, StageConfig
 
 STAGES: dict[str, tuple[type[StageConfig], type[Stage]]] = {
     "dare": (DareConfig, DareStage),
     "nullu": (NulluConfig, NulluStage),
     "alphaedit": (AlphaEditConfig, AlphaEditStage),
+    "quant": (QuantConfig, QuantStage),
 }
 
 

@@ -4,7 +4,8 @@ A compressed checkpoint is a directory holding
 
 - ``layers.safetensors``: per compressed layer only what its compressed form needs: the kept
   values of S with a bit-packed mask or CSR column indices (whichever is smaller), the low-rank
-  factors, the scales, the bias;
+  factors, the scales, the bias; a quantized part (``quant``) as bit-packed integer codes (only
+  the kept entries of a sparse S) with its float16 scales and packed zero points;
 - ``rest.safetensors``: every other parameter and buffer of the model;
 - tokenizer / image-processor files, when the model came with them;
 - ``manifest.json`` (written last): format version, model class and config, resolved config,
@@ -31,10 +32,15 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..utils.io import atomic_dir, atomic_save_safetensors, atomic_write_json, load_safetensors, sha256_file
-from .layers import CompressedLinear, compressed_layers, merge_all, replace_module
+from .layers import CompressedLinear, QuantizedPart, compressed_layers, merge_all, replace_module
+from .quant import BITS, pack_codes, part_bytes, unpack_codes
 
 FORMAT = "rcc-compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions this code reads (1: no quantized parts)
+READABLE_VERSIONS = (1, 2)
+#: the stored name of each quantizable part
+_QPREFIX = {"lr_A": "A", "lr_B": "B"}
 MANIFEST = "manifest.json"
 LAYERS_FILE = "layers.safetensors"
 REST_FILE = "rest.safetensors"
@@ -45,8 +51,6 @@ MODEL_CLASSES = {
     "BlipForConditionalGeneration": ("BlipForConditionalGeneration", "BlipConfig"),
     "BlipForQuestionAnswering": ("BlipForQuestionAnswering", "BlipConfig"),
 }
-
-_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
@@ -62,11 +66,7 @@ def _short(value: Any) -> str:
 # ------------------------------------------------------------------------------ encodings
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Bool tensor -> uint8 bytes, 8 entries per byte, row-major, zero-padded."""
-    flat = mask.flatten().to(torch.uint8).cpu()
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _BITS).sum(1, dtype=torch.uint8)
+    return pack_codes(mask, 1)
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -74,8 +74,7 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    bits = (packed.to(torch.uint8).unsqueeze(1) & _BITS).ne(0).flatten()[:numel]
-    return bits.view(shape)
+    return unpack_codes(packed, 1, numel).bool().view(shape)
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -98,19 +97,39 @@ def choose_encoding(layer: CompressedLinear) -> str | None:
         return None
     if layer.mask is None:
         return "dense"
-    sizes = sparse_encoding_bytes(layer.out_features, layer.in_features, layer.nnz(), layer.weight.element_size())
+    quantized = "weight" in layer.quant  # codes of the kept entries: only the index differs
+    sizes = sparse_encoding_bytes(layer.out_features, layer.in_features, layer.nnz(),
+                                  0 if quantized else layer.weight.element_size())
+    if quantized:
+        sizes.pop("dense")
     return min(sizes, key=sizes.get)
+
+
+def _encode_quant(out: dict[str, torch.Tensor], key: str, q: QuantizedPart, mask: torch.Tensor | None) -> None:
+    codes = q.codes[mask] if mask is not None else q.codes
+    out[f"{key}_codes"] = pack_codes(codes, q.bits)
+    out[f"{key}_scale"] = q.scale.detach().half()
+    if q.zero is not None:
+        out[f"{key}_zero"] = pack_codes(q.zero, q.bits)
 
 
 def encode_layer(layer: CompressedLinear) -> dict[str, torch.Tensor]:
     """The tensors that store one compressed layer (keys without the layer prefix)."""
     out: dict[str, torch.Tensor] = {}
+    layer.sync_quant()
     enc = choose_encoding(layer)
+    qw = layer.quant.get("weight")
     if enc == "dense":
-        out["dense"] = layer.weight.detach()
+        if qw is not None:
+            _encode_quant(out, "dense", qw, None)
+        else:
+            out["dense"] = layer.weight.detach()
     elif enc is not None:
         mask = layer.mask.bool()
-        out["values"] = layer.weight.detach()[mask]
+        if qw is not None:
+            _encode_quant(out, "values", qw, mask.to(qw.codes.device))
+        else:
+            out["values"] = layer.weight.detach()[mask]
         if enc == "bitmask":
             out["mask_bits"] = pack_bits(mask)
         else:
@@ -118,7 +137,12 @@ def encode_layer(layer: CompressedLinear) -> dict[str, torch.Tensor]:
             out["col_idx"] = cols
             out["row_nnz"] = mask.sum(1).to(torch.int32)
     if layer.rank:
-        out["B"], out["A"] = layer.lr_B.detach(), layer.lr_A.detach()
+        for part, key in _QPREFIX.items():
+            q = layer.quant.get(part)
+            if q is not None:
+                _encode_quant(out, key, q, None)
+            else:
+                out[key] = getattr(layer, part).detach()
     for k in ("a_in", "a_out", "bias"):
         t = getattr(layer, k)
         if t is not None:
@@ -126,15 +150,27 @@ def encode_layer(layer: CompressedLinear) -> dict[str, torch.Tensor]:
     return out
 
 
+def quant_spec(layer: CompressedLinear) -> dict[str, Any]:
+    """The manifest entry of a layer's quantized parts: ``{part: {bits, group_size, symmetric, method}}``."""
+    return {part: q.spec() for part, q in layer.quant.items()}
+
+
 def stored_bytes(layer: CompressedLinear) -> int:
     """Bytes the saved form of a layer holds (exactly what :func:`encode_layer` writes)."""
     total = 0
     enc = choose_encoding(layer)
+    qw = layer.quant.get("weight")
     if enc is not None:
-        total += sparse_encoding_bytes(layer.out_features, layer.in_features, layer.nnz(),
-                                       layer.weight.element_size())[enc]
+        m, n, nnz = layer.out_features, layer.in_features, layer.nnz()
+        if qw is not None:
+            total += sparse_encoding_bytes(m, n, nnz, 0)[enc] + part_bytes(qw, nnz)
+        else:
+            total += sparse_encoding_bytes(m, n, nnz, layer.weight.element_size())[enc]
     es = layer._ref.element_size()
-    total += layer.rank * (layer.in_features + layer.out_features) * es
+    for part in ("lr_A", "lr_B") if layer.rank else ():
+        q = layer.quant.get(part)
+        numel = getattr(layer, part).numel()
+        total += part_bytes(q, numel) if q is not None else numel * es
     for k in ("a_in", "a_out", "bias"):
         t = getattr(layer, k)
         if t is not None:
@@ -142,10 +178,11 @@ def stored_bytes(layer: CompressedLinear) -> int:
     return total
 
 
-def dense_bytes(layer: CompressedLinear | nn.Linear) -> int:
-    """Bytes of the dense layer it replaces (weight and bias in the layer's dtype)."""
+def dense_bytes(layer: CompressedLinear | nn.Linear, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the dense layer it replaces: weight and bias in the dtype the model was given
+    (the layer's own), or in ``dtype`` (``torch.float32`` for the rate against fp32)."""
     ref = layer._ref if isinstance(layer, CompressedLinear) else layer.weight
-    es = ref.element_size()
+    es = ref.element_size() if dtype is None else torch.empty(0, dtype=dtype).element_size()
     return (layer.in_features * layer.out_features + (layer.out_features if layer.bias is not None else 0)) * es
 
 
@@ -159,8 +196,35 @@ def decode_layer(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Comp
     def param(t: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(t.to(dtype).clone())
 
+    quant = info.get("quant") or {}
+    codes: dict[str, torch.Tensor] = {}
+
+    def qpart(part: str, key: str, rows: int, cols: int, stored: torch.Tensor | None) -> QuantizedPart:
+        """A quantized part from its packed codes (``stored``: where the kept codes go)."""
+        spec = quant[part]
+        bits, g = int(spec["bits"]), int(spec["group_size"])
+        count = rows * cols if stored is None else int(stored.sum())
+        flat = unpack_codes(tensors[f"{key}_codes"], bits, count)
+        if stored is None:
+            full = flat.view(rows, cols)
+        else:
+            full = torch.zeros(rows, cols, dtype=torch.uint8)
+            full[stored] = flat
+        scale = tensors[f"{key}_scale"].to(torch.float16)
+        groups = -(-cols // g)
+        if tuple(scale.shape) != (rows, groups):
+            raise CheckpointError(f"layer {info.get('name')}: {key} scales of shape {tuple(scale.shape)}, "
+                                  f"expected {(rows, groups)}")
+        zero = None
+        if not spec.get("symmetric", True):
+            zero = unpack_codes(tensors[f"{key}_zero"], bits, rows * groups).view(rows, groups)
+        return QuantizedPart(bits, g, full, scale.clone(), zero, str(spec.get("method", "nearest")))
+
     try:
-        if enc == "dense":
+        if enc == "dense" and "weight" in quant:
+            codes["weight"] = qpart("weight", "dense", m, n, None)
+            layer.weight = param(torch.zeros(m, n))
+        elif enc == "dense":
             layer.weight = param(tensors["dense"].reshape(m, n))
         elif enc in ("bitmask", "csr"):
             if enc == "bitmask":
@@ -172,19 +236,31 @@ def decode_layer(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Comp
                 rows = torch.repeat_interleave(torch.arange(m), counts)
                 mask = torch.zeros(m, n, dtype=torch.bool)
                 mask[rows, tensors["col_idx"].long()] = True
-            if int(mask.sum()) != tensors["values"].numel():
-                raise CheckpointError(f"layer {info.get('name')}: mask holds {int(mask.sum())} entries, "
-                                      f"values {tensors['values'].numel()}")
             values = torch.zeros(m, n, dtype=dtype)
-            values[mask] = tensors["values"].to(dtype)
+            if "weight" in quant:
+                codes["weight"] = qpart("weight", "values", m, n, mask)
+            else:
+                if int(mask.sum()) != tensors["values"].numel():
+                    raise CheckpointError(f"layer {info.get('name')}: mask holds {int(mask.sum())} entries, "
+                                          f"values {tensors['values'].numel()}")
+                values[mask] = tensors["values"].to(dtype)
             layer.weight = nn.Parameter(values)
             layer.mask = mask
-        if "B" in tensors:
-            layer.lr_B, layer.lr_A = param(tensors["B"]), param(tensors["A"])
+        rank = int(info.get("rank") or 0)
+        if "B" in tensors or "B_codes" in tensors:
+            for part, key in _QPREFIX.items():
+                rows, cols = (m, rank) if part == "lr_B" else (rank, n)
+                if part in quant:
+                    codes[part] = qpart(part, key, rows, cols, None)
+                    setattr(layer, part, param(torch.zeros(rows, cols)))
+                else:
+                    setattr(layer, part, param(tensors[key]))
         for k in ("a_in", "a_out", "bias"):
             if k in tensors:
                 setattr(layer, k, param(tensors[k]))
-    except (KeyError, RuntimeError, IndexError) as exc:
+        for part, q in codes.items():
+            layer.set_quantized(part, q)
+    except (KeyError, RuntimeError, IndexError, ValueError) as exc:
         raise CheckpointError(
             f"layer {info.get('name')}: stored tensors do not fit its manifest entry ({exc})") from None
     return layer
@@ -240,7 +316,7 @@ def save_compressed(
             "nnz": layer.nnz(), "rank": layer.rank,
             "scales": [k for k in ("a_in", "a_out") if getattr(layer, k) is not None],
             "bias": layer.bias is not None, "stored_bytes": stored_bytes(layer), "dense_bytes": dense_bytes(layer),
-            "base": None,
+            "base": None, "quant": quant_spec(layer),
         }
         if layer.base is not None:
             from ..utils.io import sha256_bytes
@@ -272,7 +348,8 @@ def save_compressed(
                 files[f.relative_to(stage).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
             manifest = {
                 "format": FORMAT,
-                "format_version": FORMAT_VERSION,
+                # version 1 readers read every checkpoint without integer codes
+                "format_version": FORMAT_VERSION if any(layer.quant for layer in layers.values()) else 1,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "model": _model_entry(inner),
                 "wrapper": None if wrapper is None else wrapper.model_type,
@@ -369,8 +446,9 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not an {FORMAT} manifest (format={_short(manifest.get('format'))})")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        raise CheckpointError(f"{where}: unknown format_version {_short(version)}; this version reads {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise CheckpointError(f"{where}: unknown format_version {_short(version)}; this version reads "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
     if not isinstance(manifest.get("encrypted", False), bool):
         raise CheckpointError(f"{where}: field 'encrypted' must be true or false")
     for key, typ in (("files", dict), ("layers", dict), ("model", dict), ("aliases", dict)):
@@ -396,6 +474,16 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
             raise CheckpointError(f"{where}: layer {_short(name)}: unsupported dtype {_short(info.get('dtype'))}")
         if info.get("encoding") not in (None, "dense", "bitmask", "csr"):
             raise CheckpointError(f"{where}: layer {_short(name)}: unknown encoding {_short(info.get('encoding'))}")
+        quant = info.get("quant") or {}
+        if not isinstance(quant, dict):
+            raise CheckpointError(f"{where}: layer {_short(name)}: field 'quant' must be an object")
+        for part, spec in quant.items():
+            ok = (part in ("weight", "lr_A", "lr_B") and isinstance(spec, dict) and spec.get("bits") in BITS
+                  and isinstance(spec.get("group_size"), int) and not isinstance(spec.get("group_size"), bool)
+                  and spec["group_size"] > 0 and isinstance(spec.get("symmetric", True), bool))
+            if not ok:
+                raise CheckpointError(f"{where}: layer {_short(name)}: bad quantized part {_short(part)}: "
+                                      f"{_short(spec)} (bits one of {BITS}, a positive group_size)")
     return manifest
 
 

@@ -51,16 +51,24 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
 
 
 def storage_report(model: nn.Module) -> dict[str, Any]:
-    """Stored vs dense bytes and ``compression_rate = 1 - stored/dense`` for the layers and the whole model."""
+    """Stored vs dense bytes and ``compression_rate = 1 - stored/dense`` for the layers and the whole model.
+
+    Dense bytes are in the dtype the model was given (``dense_dtype``); the ``*_vs_fp32`` rates
+    compare with the same model in float32.
+    """
     from ..compression.storage import dense_bytes, stored_bytes
 
     inner = _inner(model)
     layers = compressed_layers(inner)
     prefixes = tuple(f"{n}." for n in layers)
-    rest = sum(t.numel() * t.element_size() for k, t in inner.state_dict().items() if not k.startswith(prefixes))
+    rest_tensors = [t for k, t in inner.state_dict().items() if not k.startswith(prefixes)]
+    rest = sum(t.numel() * t.element_size() for t in rest_tensors)
+    rest32 = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in rest_tensors)
     d_layers = sum(dense_bytes(m) for m in layers.values())
+    d32 = sum(dense_bytes(m, torch.float32) for m in layers.values())
     s_layers = sum(stored_bytes(m) for m in layers.values())
     return {
+        "dense_dtype": ",".join(sorted({str(m._ref.dtype).removeprefix("torch.") for m in layers.values()})),
         "dense_bytes_layers": d_layers,
         "stored_bytes_layers": s_layers,
         "rest_bytes": rest,
@@ -68,6 +76,8 @@ def storage_report(model: nn.Module) -> dict[str, Any]:
         "stored_bytes_model": s_layers + rest,
         "compression_rate_layers": 1.0 - s_layers / d_layers if d_layers else 0.0,
         "compression_rate_model": 1.0 - (s_layers + rest) / (d_layers + rest) if d_layers + rest else 0.0,
+        "compression_rate_layers_vs_fp32": 1.0 - s_layers / d32 if d32 else 0.0,
+        "compression_rate_model_vs_fp32": 1.0 - (s_layers + rest) / (d32 + rest32) if d32 + rest32 else 0.0,
     }
 
 
@@ -239,8 +249,10 @@ def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 
 
     Candidates: ``factored`` and ``merged`` everywhere, ``csr`` for sparse layers on the CPU,
     ``semi_structured`` for 2:4 layers on CUDA (kept only where it measures faster, as 2:4 is
-    fragile on Hopper). A candidate whose output differs from the factored one beyond rounding is
-    discarded. The stored (saved) form does not change. Returns ``{layer: mode}``.
+    fragile on Hopper), ``int8`` for layers with 8-bit per-channel parts (the int8 weight-only
+    kernel, against dequantize-then-matmul, which ``factored`` and ``merged`` are). A candidate
+    whose output differs from the factored one beyond rounding is discarded. The stored (saved)
+    form does not change. Returns ``{layer: mode}``.
     """
     inner = _inner(model)
     device = next(inner.parameters()).device
@@ -267,7 +279,7 @@ def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 
         layer.set_execution("factored")
         reference = layer(x)
         best, best_ms = "factored", measure_latency(lambda layer=layer, x=x: layer(x), 2, iters, device)["median_ms"]
-        candidates = modes or ["merged", "csr" if device.type == "cpu" else "semi_structured"]
+        candidates = modes or ["merged", "csr" if device.type == "cpu" else "semi_structured", "int8"]
         for mode in candidates:
             if mode == "factored" or not layer.set_execution(mode):
                 continue

@@ -1,0 +1,372 @@
+"""ONNX export that keeps the compression, checked against PyTorch with ONNX Runtime.
+
+Each :class:`~.layers.CompressedLinear` is exported as its parts, not as a dense weight: the
+low-rank factors as two ``MatMul`` (``x A^T`` then ``B^T``), the per-channel scales as ``Mul``,
+and the sparse part S in the checkpoint's own encoding (kept values plus a bit-packed mask, or
+CSR column indices and row counts) with a few ops that rebuild S from it (``NonZero``/``ScatterND``).
+Those ops read only initializers, so ONNX Runtime folds them into the dense S once, when the
+session is made; the stored file stays as small as the compressed checkpoint while inference runs
+the same kernels as PyTorch's ``factored`` mode.
+
+How: each compressed layer is traced as one placeholder node (``rcc::CompressedLinear``, via an
+``autograd.Function`` symbolic), which the TorchScript-based exporter leaves alone; the
+placeholders are then replaced by the subgraphs above. The exporter never sees (and so never
+folds or duplicates) the compressed weights.
+
+CLIP exports two graphs, ``vision_model.onnx`` (``pixel_values`` -> ``image_embeds``) and
+``text_model.onnx`` (``input_ids``, ``attention_mask`` -> ``text_embeds``), both unnormalised
+projections as ``CLIPModel.get_image_features``/``get_text_features`` give; ``onnx_manifest.json``
+records the logit scale, each file's sha256 and the measured difference to PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import io
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..utils.io import atomic_dir, atomic_write_json, sha256_file
+from .layers import CompressedLinear, compressed_layers
+from .storage import choose_encoding, encode_layer
+
+OPSET = 18
+DOMAIN = "rcc"
+MANIFEST = "onnx_manifest.json"
+TOLERANCE = 1e-4
+
+
+def _require_onnx() -> tuple[Any, Any]:
+    try:
+        import onnx
+        from onnx import helper, numpy_helper  # noqa: F401
+    except ImportError:  # pragma: no cover - optional dependency
+        raise CheckpointError("ONNX export needs the 'onnx' package: pip install rcc-compression[export]") from None
+    return onnx, helper
+
+
+# ------------------------------------------------------------------------------ placeholders
+_ACTIVE: dict[str, CompressedLinear] = {}  # the layers of the export in progress, by name
+
+
+class _Placeholder(torch.autograd.Function):
+    """Runs the layer in PyTorch; exports as one ``rcc::CompressedLinear`` node named after it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, name: str) -> torch.Tensor:  # noqa: ARG004
+        state = torch._C._get_tracing_state()  # the layer's own ops stay out of the trace: the node stands for them
+        torch._C._set_tracing_state(None)
+        try:
+            return CompressedLinear.forward(_ACTIVE[name], x)
+        finally:
+            torch._C._set_tracing_state(state)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, name: str) -> Any:
+        out = g.op(f"{DOMAIN}::CompressedLinear", x, layer_s=name)
+        sizes = x.type().varyingSizes()
+        if sizes is not None:
+            out.setType(x.type().with_sizes([*sizes[:-1], _ACTIVE[name].out_features]))
+        return out
+
+
+@contextlib.contextmanager
+def _placeholders(model: nn.Module) -> Iterator[dict[str, CompressedLinear]]:
+    layers = compressed_layers(model)
+    if _ACTIVE:
+        raise RuntimeError("one ONNX export at a time")
+    _ACTIVE.update(layers)
+    for name, layer in layers.items():
+        layer.forward = lambda x, name=name: _Placeholder.apply(x, name)
+    try:
+        yield layers
+    finally:
+        _ACTIVE.clear()
+        for layer in layers.values():
+            del layer.forward
+
+
+# ------------------------------------------------------------------------------ the layer subgraph
+class _Builder:
+    """Collects the nodes and initializers that replace one placeholder."""
+
+    def __init__(self, prefix: str, short: str) -> None:
+        self.prefix, self.short = prefix, short  # initializers carry the layer name; intermediates a short one
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._n = 0
+
+    def name(self) -> str:
+        self._n += 1
+        return f"{self.short}_{self._n}"
+
+    def const(self, what: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = f"{self.prefix}.{what}"
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs: Any) -> str:
+        from onnx import helper
+
+        out = out or self.name()
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _sparse_transposed(b: _Builder, layer: CompressedLinear, enc: dict[str, torch.Tensor], kind: str,
+                       dtype: np.dtype) -> str:
+    """Ops rebuilding S^T (in x out) from the stored encoding.
+
+    Every input is an initializer and every op is one ONNX Runtime constant-folds (no ``NonZero``,
+    whose data-dependent shape it does not fold), so the rebuild runs once, when the session is made.
+    The kept values are in row-major order of the mask: value ``k`` belongs to the ``k``-th set bit,
+    so ``S = where(mask, values[cumsum(mask) - 1], 0)``.
+    """
+    from onnx import TensorProto
+
+    m, n = layer.out_features, layer.in_features
+    i64 = TensorProto.INT64
+    axis0 = b.const("axis0", np.array(0, np.int64))
+    if kind == "bitmask":
+        bits = b.const("mask_bits", _np(enc["mask_bits"]).reshape(-1, 1))
+        weights = b.const("bit_weights", np.array([[128, 64, 32, 16, 8, 4, 2, 1]], np.uint8))
+        flat = b.op("Reshape", [b.op("BitwiseAnd", [bits, weights]), b.const("flat", np.array([-1], np.int64))])
+        flat = b.op("Slice", [flat, b.const("start", np.array([0], np.int64)),
+                              b.const("stop", np.array([m * n], np.int64))])
+        mask = b.op("Cast", [flat], to=TensorProto.BOOL)
+    else:  # csr: row of each value from the row counts (+1 at each row start, cumulated), then row * n + col
+        nnz = int(enc["values"].numel())
+        counts = b.op("Cast", [b.const("row_nnz", _np(enc["row_nnz"]))], to=i64)
+        starts = b.op("CumSum", [counts, axis0], exclusive=1)
+        marker = b.op("ScatterElements", [b.const("marker0", np.zeros(nnz + 1, np.int64)), starts,
+                                          b.const("ones", np.ones(m, np.int64))], axis=0, reduction="add")
+        rows = b.op("Slice", [b.op("CumSum", [marker, axis0]), b.const("start", np.array([0], np.int64)),
+                              b.const("stop", np.array([nnz], np.int64))])
+        cols = b.op("Cast", [b.const("col_idx", _np(enc["col_idx"]))], to=i64)
+        pos = b.op("Add", [b.op("Mul", [b.op("Sub", [rows, b.const("one", np.array(1, np.int64))]),
+                                        b.const("n", np.array(n, np.int64))]), cols])
+        hits = b.op("ScatterElements", [b.const("mask0", np.zeros(m * n, np.int64)), pos,
+                                        b.const("hit", np.ones(nnz, np.int64))], axis=0)
+        mask = b.op("Cast", [hits], to=TensorProto.BOOL)
+    order = b.op("Sub", [b.op("CumSum", [b.op("Cast", [mask], to=i64), axis0]), b.const("one_", np.array(1, np.int64))])
+    order = b.op("Max", [order, b.const("zero_i", np.array(0, np.int64))])
+    values = b.const("values", _np(enc["values"]).astype(dtype))
+    dense = b.op("Where", [mask, b.op("Gather", [values, order], axis=0), b.const("zero", np.zeros((), dtype))])
+    return b.op("Transpose", [b.op("Reshape", [dense, b.const("shape", np.array([m, n], np.int64))])], perm=[1, 0])
+
+
+def layer_subgraph(name: str, layer: CompressedLinear, x: str, y: str, short: str = "cl"
+                   ) -> tuple[list[Any], list[Any]]:
+    """Nodes and initializers computing ``y = a_out * ((S + B A)(a_in * x)) + bias`` from compact tensors."""
+    b = _Builder(name, short)
+    dtype = _np(layer._ref[:1]).dtype
+    enc = encode_layer(layer)
+    kind = choose_encoding(layer)
+    if layer.a_in is not None:
+        x = b.op("Mul", [x, b.const("a_in", _np(layer.a_in))])
+    terms = []
+    if layer.base is not None:  # delta layers: the frozen base has no compact form; S is folded into it
+        terms.append(b.op("MatMul", [x, b.const("weight_T", _np((layer.base + layer.sparse_part()).t()))]))
+    elif kind == "dense":
+        terms.append(b.op("MatMul", [x, b.const("weight_T", _np(layer.weight.t()))]))
+    elif kind in ("bitmask", "csr") and layer.nnz() > 0:
+        terms.append(b.op("MatMul", [x, _sparse_transposed(b, layer, enc, kind, dtype)]))
+    if layer.rank:
+        z = b.op("MatMul", [x, b.const("A_T", _np(layer.lr_A.t()))])
+        terms.append(b.op("MatMul", [z, b.const("B_T", _np(layer.lr_B.t()))]))
+    if not terms:
+        raise CheckpointError(f"layer {name}: nothing to export (no sparse, dense or low-rank part)")
+    out = terms[0] if len(terms) == 1 else b.op("Add", terms)
+    if layer.a_out is not None:
+        out = b.op("Mul", [out, b.const("a_out", _np(layer.a_out))])
+    if layer.bias is not None:
+        out = b.op("Add", [out, b.const("bias", _np(layer.bias))])
+    b.op("Identity", [out], out=y)
+    return b.nodes, b.inits
+
+
+def expand_placeholders(proto: Any, layers: dict[str, CompressedLinear]) -> Any:
+    """Replace every ``rcc::CompressedLinear`` node of ``proto`` by its compact subgraph (in place)."""
+    graph = proto.graph
+    nodes = list(graph.node)
+    del graph.node[:]
+    for i, node in enumerate(nodes):
+        if node.domain != DOMAIN:
+            graph.node.append(node)
+            continue
+        name = next(a.s.decode() for a in node.attribute if a.name == "layer")
+        new_nodes, inits = layer_subgraph(name, layers[name], node.input[0], node.output[0], f"rcc{i}")
+        graph.node.extend(new_nodes)
+        graph.initializer.extend(inits)
+    _compact_names(graph)
+    keep = [o for o in proto.opset_import if o.domain != DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    return proto
+
+
+def _compact_names(graph: Any) -> None:
+    """Short intermediate value names, no node names or doc strings: a tiny model's graph text would
+    otherwise outweigh its compressed tensors (graph inputs, outputs and initializers keep their names)."""
+    if any(a.g.node or a.graphs for n in graph.node for a in n.attribute):
+        return  # subgraphs (If/Loop) may refer to outer names: leave the names alone
+    fixed = {v.name for v in graph.input} | {v.name for v in graph.output} | {i.name for i in graph.initializer}
+    rename: dict[str, str] = {}
+    for node in graph.node:
+        node.name = ""
+        node.doc_string = ""
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        for i, name in enumerate(node.output):
+            if name and name not in fixed:
+                rename[name] = node.output[i] = f"v{len(rename)}"
+    del graph.value_info[:]
+
+
+# ------------------------------------------------------------------------------ CLIP graphs
+class _ClipImage(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.visual_projection(self.model.vision_model(pixel_values=pixel_values).pooler_output)
+
+
+class _ClipText(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return self.model.text_projection(pooled)
+
+
+def _graphs(wrapper: Any, batch: int) -> list[dict[str, Any]]:
+    """The graphs to export for a wrapper: module, example inputs, names, dynamic axes."""
+    if wrapper.model_type != "clip":
+        raise CheckpointError(f"ONNX export supports CLIP models; this is {wrapper.model_type} "
+                              "(use --format hf for a dense Hugging Face directory)")
+    sb = wrapper.synthetic_batch(batch, torch.Generator().manual_seed(0))
+    ids = sb["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, ids.shape[1] // 2:] = 0  # a padded row, so the exported graph is checked on padding too
+    return [
+        {"file": "vision_model.onnx", "module": _ClipImage(wrapper.model), "inputs": (sb["pixel_values"],),
+         "input_names": ["pixel_values"], "output_names": ["image_embeds"],
+         "dynamic_axes": {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}},
+        {"file": "text_model.onnx", "module": _ClipText(wrapper.model), "inputs": (ids, mask),
+         "input_names": ["input_ids", "attention_mask"], "output_names": ["text_embeds"],
+         "dynamic_axes": {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                          "text_embeds": {0: "batch"}}},
+    ]
+
+
+def _export_graph(spec: dict[str, Any], opset: int) -> Any:
+    onnx, _ = _require_onnx()
+    module = spec["module"].eval()
+    with _placeholders(module.model) as layers, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        buf = io.BytesIO()
+        torch.onnx.export(module, spec["inputs"], buf, input_names=spec["input_names"],
+                          output_names=spec["output_names"], dynamic_axes=spec["dynamic_axes"],
+                          opset_version=opset, do_constant_folding=True, dynamo=False,
+                          custom_opsets={DOMAIN: 1})
+        proto = onnx.load_from_string(buf.getvalue())
+        expand_placeholders(proto, layers)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def run_onnx(path: str | os.PathLike[str], inputs: dict[str, np.ndarray], threads: int | None = None) -> np.ndarray:
+    """Run one exported graph with ONNX Runtime on the CPU; returns its first output."""
+    return ort_session(path, threads).run(None, inputs)[0]
+
+
+def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session for an exported graph (all graph optimisations on)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - optional dependency
+        raise CheckpointError("checking ONNX needs onnxruntime: pip install rcc-compression[export]") from None
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(wrapper: Any, path: str | os.PathLike[str], opset: int = OPSET, batch: int = 2,
+                verify: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export a (compressed) CLIP wrapper to ONNX in ``path``; returns the written manifest.
+
+    With ``verify`` each graph runs in ONNX Runtime on the example inputs and the largest absolute
+    difference to PyTorch is recorded; above :data:`TOLERANCE` (float32) the export fails.
+    """
+    from .storage import _check_target
+
+    path = Path(path)
+    _check_target(path, overwrite)
+    specs = _graphs(wrapper, batch)
+    was_training = wrapper.model.training
+    wrapper.model.eval()
+    records: dict[str, Any] = {}
+    try:
+        with atomic_dir(path) as stage:
+            for spec in specs:
+                proto = _export_graph(spec, opset)
+                f = stage / spec["file"]
+                _save(proto, f)
+                rec: dict[str, Any] = {"inputs": spec["input_names"], "outputs": spec["output_names"]}
+                if verify:
+                    feed = {n: _np(t) for n, t in zip(spec["input_names"], spec["inputs"], strict=True)}
+                    with torch.no_grad():
+                        ref = _np(spec["module"](*spec["inputs"]))
+                    diff = float(np.abs(run_onnx(f, feed) - ref).max())
+                    tol = TOLERANCE if ref.dtype == np.float32 else 1e-2
+                    if not diff <= tol:
+                        raise CheckpointError(f"{spec['file']}: ONNX Runtime differs from PyTorch by {diff:.3g} "
+                                              f"(tolerance {tol:g})")
+                    rec["max_abs_diff"] = diff
+                records[spec["file"]] = rec
+            wrapper.save_processors(stage / "processor")
+            files = {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                     for p in sorted(stage.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+            manifest = {
+                "format": "rcc-onnx", "format_version": 1,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "model_type": wrapper.model_type, "opset": opset, "graphs": records, "files": files,
+                "logit_scale": float(wrapper.logit_scale.detach()) if hasattr(wrapper, "logit_scale") else None,
+                "compressed_layers": len(compressed_layers(wrapper.model)),
+                "onnx_bytes": sum(v["bytes"] for k, v in files.items() if k.endswith(".onnx")),
+                **(extra or {}),
+            }
+            atomic_write_json(stage / MANIFEST, manifest)
+    finally:
+        wrapper.model.train(was_training)
+    return manifest
+
+
+def _save(proto: Any, f: Path) -> None:
+    onnx, _ = _require_onnx()
+    if proto.ByteSize() < 1_800_000_000:
+        onnx.save_model(proto, str(f))
+    else:  # protobuf's 2 GB limit: tensors go to a side file
+        onnx.save_model(proto, str(f), save_as_external_data=True, location=f.name + ".data")

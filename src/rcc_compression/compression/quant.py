@@ -1,0 +1,426 @@
+"""Stage ``quant``: weight-only integer quantization of S and of the low-rank factors.
+
+Each quantized part (the dense or sparse S, the factors ``A`` and ``B``) is stored as ``bits``-bit
+codes (8, 4, 3 or 2) with one float16 scale per row, or per group of 32, 64 or 128 columns, and
+optionally one zero point per group: ``value = scale * (code - zero)``. Codes are bit-packed on
+disk; a sparse S stores codes only for its kept entries (its mask is kept), and factors keep their
+rank. Rounding is ``nearest`` or ``gptq``.
+
+GPTQ (Frantar, Ashkboos, Hoefler & Alistarh, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", ICLR 2023; reference code ``gptq.py``): columns are rounded
+one at a time and the error of each is spread over the columns not yet rounded through the
+upper Cholesky factor of ``H^-1``, ``H = X^T X`` the layer's calibration input second moment
+(the one the engine already streams), damped by 1 % of its mean diagonal; updates are applied
+lazily per block of 128 columns, optionally in descending ``diag(H)`` order (``act_order``, with
+the group grid fixed from the unrounded weights, the reference's ``static_groups``).
+Departures: inputs the data never reaches keep their weights (the reference zeroes them) and are
+rounded alone; a group's grid is found from its columns as compensated so far inside the block;
+on a sparse S pruned entries stay zero and their share of the compensation is passed on to the
+kept entries after them (SparseGPT's masked update, with the mask fixed); factor ``A`` is rounded
+against ``H`` and factor ``B`` against its own input moment ``A_q H A_q^T`` after ``B`` is re-solved
+by least squares against what S + B A computed before rounding (``correct_factors``), so the
+low-rank part absorbs the rounding error of S and of ``A`` where that lowers the output error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from ..errors import CompressionError
+from ..utils.schema import StrictModel
+from .layers import CompressedLinear, QuantizedPart
+from .stage import CompressionContext, Stage, StageConfig
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+_SCALE_MAX = 65504.0  # largest float16
+_SCALE_MIN = 2.0 ** -24  # smallest float16 subnormal
+
+Bits = Literal[2, 3, 4, 8]
+GroupSize = Literal[32, 64, 128]
+
+
+class LayerQuant(StrictModel):
+    """The format of one layer (what a planner writes into ``quant.layers``)."""
+
+    bits: Bits | None = Field(8, description="bits of S; None: S stays float")
+    factor_bits: Bits | None = Field(None, description="bits of the low-rank factors; None: as bits")
+    group_size: GroupSize | None = Field(None, description="columns per scale; None: one scale per row")
+    symmetric: bool = True
+
+
+class QuantConfig(StageConfig):
+    """Keys of the ``quant`` stage."""
+
+    bits: Bits = 8
+    factor_bits: Bits | None = Field(None, description="bits of the low-rank factors; None: as bits")
+    group_size: GroupSize | None = Field(None, description="columns per scale; None: one scale per row (per channel)")
+    symmetric: bool = Field(True, description="False: a zero point per group (asymmetric range)")
+    rounding: Literal["nearest", "gptq"] = "gptq"
+    damping: float = Field(0.01, ge=0.0, description="gptq: ridge as a share of the mean diagonal of H")
+    block_size: int = Field(128, ge=1, description="gptq: columns per lazy block update")
+    act_order: bool = Field(False, description="gptq: round columns in descending order of diag(H)")
+    clip_search: bool = Field(False, description="shrink each group's range where that lowers its rounding error")
+    quantize_factors: bool = True
+    correct_factors: bool = Field(
+        True, description="re-solve B on the rounded S and A before rounding B (needs calibration data)")
+    layers: dict[str, LayerQuant] | None = Field(
+        None, description="per-layer formats by module name (a plan); layers not named use the keys above")
+
+
+# ------------------------------------------------------------------------------ pure functions
+def groups_of(cols: int, group_size: int | None) -> tuple[int, int]:
+    """``(group size, number of groups)`` for ``cols`` columns (``None``: one group per row)."""
+    g = cols if not group_size or group_size >= cols else int(group_size)
+    return g, math.ceil(cols / g)
+
+
+def _expand(t: torch.Tensor, g: int, cols: int) -> torch.Tensor:
+    return t.repeat_interleave(g, dim=1)[:, :cols]
+
+
+def _finish_scale(scale: torch.Tensor) -> torch.Tensor:
+    """float16 scales; an all-zero group gets scale 1 (its codes all sit on the zero point)."""
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(max=_SCALE_MAX)
+    return scale.half().clamp_min(_SCALE_MIN)
+
+
+def grid(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+         mask: torch.Tensor | None = None, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (float16, rows x groups) and zero points (uint8, or ``None`` when symmetric) for ``w``.
+
+    The range of each group includes zero (GPTQ's convention); entries outside ``mask`` do not
+    count. Symmetric: ``scale = 2 max|w| / (2^b - 1)`` around the fixed zero point ``2^(b-1)``.
+    ``clip_search`` shrinks each group's range (``p`` from 1 down to 0.2) where the rounding error
+    ``sum |w - q|^2.4`` is lower (the reference's ``mse`` option).
+    """
+    rows, cols = w.shape
+    g, ng = groups_of(cols, group_size)
+    wf = w.float() if mask is None else w.float() * mask
+    pad = ng * g - cols
+    if pad:
+        wf = torch.cat([wf, wf.new_zeros(rows, pad)], 1)
+    wg = wf.view(rows, ng, g)
+    xmax = wg.amax(-1).clamp_min(0)
+    xmin = wg.amin(-1).clamp_max(0)
+    if symmetric:
+        xmax = torch.maximum(xmax, -xmin)
+        xmin = -xmax
+    maxq = 2**bits - 1
+
+    def params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        scale = _finish_scale((hi - lo) / maxq)
+        if symmetric:
+            return scale, None
+        zero = torch.clamp(torch.round(-lo / scale.float()), 0, maxq).to(torch.uint8)
+        return scale, zero
+
+    scale, zero = params(xmin, xmax)
+    if clip_search:
+        keep = None if mask is None else torch.cat([mask, mask.new_zeros(rows, pad)], 1).view(rows, ng, g)
+
+        def err(s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+            sf = s.float().unsqueeze(-1)
+            zf = (torch.full_like(s, 2 ** (bits - 1), dtype=torch.float32) if z is None else z.float()).unsqueeze(-1)
+            q = (torch.clamp(torch.round(wg / sf) + zf, 0, maxq) - zf) * sf
+            e = (wg - q).abs().pow(2.4)
+            return (e if keep is None else e * keep).sum(-1)
+
+        best = err(scale, zero)
+        for p in torch.linspace(0.95, 0.2, 16).tolist():
+            s, z = params(xmin * p, xmax * p)
+            e = err(s, z)
+            better = e < best
+            best = torch.where(better, e, best)
+            scale = torch.where(better, s, scale)
+            if zero is not None:
+                zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                  group_size: int | None = None) -> torch.Tensor:
+    """Nearest codes (uint8) of ``w`` on the grid ``scale``/``zero``."""
+    cols = w.shape[1]
+    g, _ = groups_of(cols, group_size)
+    s = _expand(scale.float(), g, cols)
+    z = float(2 ** (bits - 1)) if zero is None else _expand(zero.float(), g, cols)
+    return torch.clamp(torch.round(w.float() / s) + z, 0, 2**bits - 1).to(torch.uint8)
+
+
+def quantize_nearest(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                     mask: torch.Tensor | None = None, clip_search: bool = False) -> QuantizedPart:
+    """Round-to-nearest quantization of ``w`` (rows x cols); codes outside ``mask`` are 0."""
+    _check_bits(bits)
+    g, _ = groups_of(w.shape[1], group_size)
+    scale, zero = grid(w, bits, g, symmetric, mask, clip_search)
+    codes = round_to_grid(w, scale, zero, bits, g)
+    if mask is not None:
+        codes = codes * mask.to(torch.uint8)
+    return QuantizedPart(bits, g, codes, scale, zero, "nearest")
+
+
+def _inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damping * mean(diag H) I)^-1`` (float64), inputs never reached made unit."""
+    H = hessian.double().clone()
+    dead = H.diagonal() <= 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    H.diagonal()[dead] = 1.0
+    damp = damping * float(H.diagonal().mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(6):
+        L, info = torch.linalg.cholesky_ex(H + max(damp, 1e-12) * (10.0**attempt) * eye)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    raise CompressionError("gptq: the calibration second moment stays singular after damping")
+
+
+@torch.no_grad()
+def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+         mask: torch.Tensor | None = None, damping: float = 0.01, block_size: int = 128, act_order: bool = False,
+         clip_search: bool = False) -> QuantizedPart:
+    """GPTQ rounding of ``w`` (rows x cols) against the input second moment ``hessian`` (cols x cols).
+
+    Minimises ``||(W - Q) X^T||`` column by column (see the module docstring). With ``mask``,
+    entries outside it are zero in the result and get code 0.
+    """
+    _check_bits(bits)
+    rows, cols = w.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise CompressionError(f"gptq: second moment of shape {tuple(hessian.shape)} for a weight with {cols} columns")
+    g, ng = groups_of(cols, group_size)
+    maxq = 2**bits - 1
+    W = w.detach().float().clone()
+    m = mask.float() if mask is not None else None
+    static = act_order or ng == 1
+    scale = torch.empty(rows, ng, dtype=torch.float16, device=W.device)
+    zero = None if symmetric else torch.empty(rows, ng, dtype=torch.uint8, device=W.device)
+    if static:
+        scale, zero = grid(W, bits, g, symmetric, mask, clip_search)
+    perm = torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order else None
+    H = hessian if perm is None else hessian[perm][:, perm]
+    U = _inverse_factor(H, damping).to(W.dtype)
+    if perm is not None:
+        W = W[:, perm]
+        m = m[:, perm] if m is not None else None
+    order = perm.tolist() if perm is not None else list(range(cols))
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    block = math.ceil(max(block_size, 1) / g) * g if not static else max(block_size, 1)
+    half = float(2 ** (bits - 1))
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            col = order[c]
+            if not static and c % g == 0:  # the grid of a new group, from its columns as compensated so far
+                s_g, z_g = grid(W1[:, i:i + g], bits, g, symmetric, None if m is None else m[:, c:c + g].bool(),
+                                clip_search)
+                scale[:, c // g] = s_g[:, 0]
+                if zero is not None:
+                    zero[:, c // g] = z_g[:, 0]
+            s = scale[:, col // g].float()
+            z = zero[:, col // g].float() if zero is not None else half
+            wc = W1[:, i]
+            q = torch.clamp(torch.round(wc / s) + z, 0, maxq)
+            deq = (q - z) * s
+            if m is not None:
+                deq = deq * m[:, c]
+                q = q * m[:, c]
+            codes[:, col] = q.to(torch.uint8)
+            err = (wc - deq) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return QuantizedPart(bits, g, codes, scale, zero, "gptq", {"act_order": act_order, "damping": damping})
+
+
+def relative_output_error(w: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor | None = None) -> float:
+    """``tr((W - Q) H (W - Q)^T) / tr(W H W^T)`` (plain relative Frobenius error without ``H``)."""
+    W = w.detach().double()
+    D = W - q.detach().double()
+    if hessian is None:
+        return float(D.pow(2).sum() / W.pow(2).sum().clamp_min(1e-300))
+    H = hessian.double()
+    return float(((D @ H) * D).sum() / ((W @ H) * W).sum().clamp_min(1e-300))
+
+
+def sqnr_db(w: torch.Tensor, q: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(||w||^2 / ||w - q||^2)`` in dB."""
+    noise = float((w.double() - q.double()).pow(2).sum())
+    return float("inf") if noise == 0 else 10.0 * math.log10(float(w.double().pow(2).sum()) / noise)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``bits``-bit codes (any shape) -> uint8 bytes, most significant bit first, row-major, zero-padded."""
+    flat = codes.flatten().to(torch.uint8).cpu()
+    if bits == 8:
+        return flat.clone()
+    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.uint8)
+    planes = ((flat.unsqueeze(1) >> shifts) & 1).flatten()
+    pad = (-planes.numel()) % 8
+    if pad:
+        planes = torch.cat([planes, planes.new_zeros(pad)])
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (planes.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes (uint8, flat)."""
+    packed = packed.to(torch.uint8).flatten()
+    if packed.numel() != code_bytes(numel, bits):
+        raise ValueError(f"{packed.numel()} bytes hold {packed.numel() * 8 // bits} codes of {bits} bits, "
+                         f"{numel} expected")
+    if bits == 8:
+        return packed.clone()
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    planes = (packed.unsqueeze(1) & weights).ne(0).flatten()[: numel * bits].view(numel, bits).to(torch.uint8)
+    values = torch.tensor([1 << k for k in range(bits - 1, -1, -1)], dtype=torch.uint8)
+    return (planes * values).sum(1, dtype=torch.uint8)
+
+
+def code_bytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` packed ``bits``-bit codes."""
+    return (count * bits + 7) // 8
+
+
+def format_bytes(rows: int, cols: int, stored: int, bits: int, group_size: int | None, symmetric: bool) -> int:
+    """Bytes of a quantized part: ``stored`` codes, float16 scales and packed zero points per group."""
+    _, ng = groups_of(cols, group_size)
+    return code_bytes(stored, bits) + rows * ng * 2 + (0 if symmetric else code_bytes(rows * ng, bits))
+
+
+def part_bytes(q: QuantizedPart, stored: int) -> int:
+    """Bytes a :class:`QuantizedPart` takes on disk when ``stored`` of its codes are kept."""
+    rows, cols = q.codes.shape
+    return format_bytes(rows, cols, stored, q.bits, q.group_size, q.symmetric)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise CompressionError(f"unsupported bit width {bits}; allowed: {', '.join(map(str, BITS))}")
+
+
+def quantize_weight(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, group_size: int | None,
+                    symmetric: bool, cfg: QuantConfig, mask: torch.Tensor | None = None) -> QuantizedPart:
+    """One part by the configured rounding (``gptq`` needs ``hessian``)."""
+    if cfg.rounding == "gptq":
+        if hessian is None:
+            raise CompressionError("quant rounding 'gptq' needs the calibration second moment")
+        return gptq(w, hessian, bits, group_size, symmetric, mask, cfg.damping, cfg.block_size, cfg.act_order,
+                    cfg.clip_search)
+    return quantize_nearest(w, bits, group_size, symmetric, mask, cfg.clip_search)
+
+
+def corrected_factor(target: torch.Tensor, A_q: torch.Tensor, hessian: torch.Tensor, damping: float
+                     ) -> torch.Tensor:
+    """``B`` minimising ``||(T - B A_q) X^T||``: ``T H A_q^T (A_q H A_q^T + lambda I)^-1`` (float64)."""
+    H, A = hessian.double(), A_q.double()
+    HB = A @ H @ A.t()
+    lam = damping * float(HB.diagonal().mean().clamp_min(1e-300))
+    rhs = target.double() @ H @ A.t()
+    eye = torch.eye(HB.shape[0], dtype=HB.dtype, device=HB.device)
+    return torch.linalg.solve(HB + lam * eye, rhs.t()).t()
+
+
+# ------------------------------------------------------------------------------ stage
+class QuantStage(Stage):
+    """Round S and the low-rank factors of the target layers to integer codes (final round only)."""
+
+    name = "quant"
+    config_class = QuantConfig
+    config: QuantConfig
+
+    def layer_format(self, name: str) -> LayerQuant:
+        """The format of layer ``name``: its entry in ``layers``, else the stage's keys."""
+        c = self.config
+        if c.layers is not None and name in c.layers:
+            return c.layers[name]
+        return LayerQuant(bits=c.bits, factor_bits=c.factor_bits, group_size=c.group_size, symmetric=c.symmetric)
+
+    def target_description(self, progress: float, schedule: str) -> dict[str, Any]:
+        c = self.config
+        desc: dict[str, Any] = {"bits": c.bits, "group_size": c.group_size, "rounding": c.rounding}
+        if c.layers is not None:
+            desc["planned_layers"] = len(c.layers)
+        return desc
+
+    def compress(self, model: torch.nn.Module, ctx: CompressionContext) -> torch.nn.Module:
+        cfg = self.config
+        layers = ctx.layers(self.layer_names(model))
+        if ctx.progress < 1.0:
+            # a later round would change the values again: codes are only worth making once
+            self.statistics = {"skipped": "quant rounds in the final round of the cascade", "layers": {}}
+            return model
+        use_h = cfg.rounding == "gptq" or (cfg.correct_factors and bool(ctx.batches) and ctx.dense_model is not None)
+        stats = ctx.stats(gram=True) if use_h else None
+        per_layer: dict[str, Any] = {}
+        with torch.no_grad():
+            for i, (name, layer) in enumerate(layers.items()):
+                H = None
+                if stats is not None:
+                    H = stats[name].gram.to(layer._ref.device).float()
+                    if layer.a_in is not None:
+                        a = layer.a_in.detach().float()
+                        H = a[:, None] * H * a[None, :]
+                per_layer[name] = self._quantize_layer(layer, self.layer_format(name), H)
+                ctx.tick(f"quant {name}", i + 1, len(layers))
+        errors = [v["output_error"] for v in per_layer.values() if v.get("output_error") is not None]
+        self.statistics = {
+            "rounding": cfg.rounding, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+            "quantized_layers": sum(1 for v in per_layer.values() if v["parts"]),
+            "mean_output_error": sum(errors) / len(errors) if errors else None,
+            "layers": per_layer,
+        }
+        return model
+
+    def _quantize_layer(self, layer: CompressedLinear, fmt: LayerQuant, H: torch.Tensor | None) -> dict[str, Any]:
+        cfg = self.config
+        before = (layer.sparse_part() + layer.low_rank_part()).float()
+        parts: list[str] = []
+        info: dict[str, Any] = {"bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric}
+
+        def wanted(part: str, bits: int, group: int | None) -> bool:
+            q = layer.quant.get(part)
+            if q is None:
+                return True
+            g, _ = groups_of(getattr(layer, part).shape[1], group)
+            return not (q.bits == bits and q.group_size == g and q.symmetric == fmt.symmetric)
+
+        if layer.weight is not None and fmt.bits is not None and wanted("weight", fmt.bits, fmt.group_size):
+            q = quantize_weight(layer.weight.detach(), H, fmt.bits, fmt.group_size, fmt.symmetric, cfg, layer.mask)
+            layer.set_quantized("weight", q)
+            parts.append("weight")
+        fbits = fmt.factor_bits if fmt.factor_bits is not None else fmt.bits
+        if layer.rank and cfg.quantize_factors and fbits is not None and (
+                wanted("lr_A", fbits, fmt.group_size) or wanted("lr_B", fbits, fmt.group_size)):
+            qa = quantize_weight(layer.lr_A.detach(), H, fbits, fmt.group_size, fmt.symmetric, cfg)
+            layer.set_quantized("lr_A", qa)
+            A_q = layer.lr_A.detach().float()
+            HB = A_q @ H @ A_q.t() if H is not None else None
+            candidates = [layer.lr_B.detach().float()]
+            if cfg.correct_factors and H is not None:
+                target = before - layer.sparse_part().float()
+                candidates.append(corrected_factor(target, A_q, H, cfg.damping).float())
+            best = None
+            for k, B in enumerate(candidates):
+                qb = quantize_weight(B, HB, fbits, fmt.group_size, fmt.symmetric, cfg)
+                B_q = qb.dequantize(torch.float32).to(B.device)
+                err = relative_output_error(before, layer.sparse_part().float() + B_q @ A_q, H)
+                if best is None or err < best[0]:
+                    best = (err, qb, k)
+            layer.set_quantized("lr_B", best[1])
+            info["factor_bits"] = fbits
+            info["factors_corrected"] = best[2] == 1
+            parts += ["lr_A", "lr_B"]
+        after = (layer.sparse_part() + layer.low_rank_part()).float()
+        info["parts"] = parts
+        info["output_error"] = relative_output_error(before, after, H) if parts else 0.0
+        return info

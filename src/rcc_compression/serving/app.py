@@ -1,0 +1,431 @@
+"""The model server: FastAPI endpoints over dynamically batched CLIP/BLIP models.
+
+Endpoints (JSON in and out; images as base64):
+
+- ``POST /v1/embed/image``, ``/v1/embed/text``, ``/v1/similarity``, ``/v1/zero-shot`` (CLIP)
+- ``POST /v1/caption`` (BLIP captioning), ``/v1/vqa`` (BLIP question answering)
+- ``GET /v1/models``, ``/healthz`` (alive), ``/readyz`` (models loaded, batchers running),
+  ``/metrics`` (Prometheus), and FastAPI's ``/docs`` and ``/openapi.json``.
+
+Every ``/v1`` route and ``/metrics`` needs an API key (``Authorization: Bearer KEY`` or
+``X-API-Key``) unless the app was built without a key store; the key must be allowed the model
+(401 without a valid key, 403 for a model it may not use). Limits are checked before any work:
+the body size and read time in the outer ASGI guard, the rest per field (413 for size, 422 for
+content, both as ``{"error": {"code", "message", "limit", "value", "max"}}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from .auth import KeyRecord, KeyStore, bearer_key
+from .batching import DynamicBatcher, QueueFull
+from .inputs import LimitError, ServeLimits, check_batch, check_texts, decode_image, over
+from .models import ServedModel
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+ANONYMOUS = KeyRecord("anonymous", "0" * 64, ("*",))
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+_SCOPE_KEY, _SCOPE_T0 = "rcc.key", "rcc.t0"
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="Served model name (default: the first that offers the task).")
+
+
+class ImagesRequest(_Request):
+    images: list[str] = Field(description="Base64 images (PNG, JPEG, WebP, BMP); a data: URL prefix is accepted.")
+
+
+class TextsRequest(_Request):
+    texts: list[str]
+
+
+class SimilarityRequest(ImagesRequest):
+    texts: list[str]
+
+
+class ZeroShotRequest(ImagesRequest):
+    labels: list[str] = Field(description="Class names.")
+    templates: list[str] | None = Field(None, description="Prompt templates with '{}' for the class name.")
+
+
+class CaptionRequest(ImagesRequest):
+    max_length: int = Field(20, ge=1)
+    num_beams: int = Field(1, ge=1)
+    prompt: str | None = None
+
+
+class VQARequest(ImagesRequest):
+    questions: list[str] = Field(description="One question per image, or one for all.")
+    max_length: int = Field(10, ge=1)
+    num_beams: int = Field(1, ge=1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.headers = status, code, headers
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+# ------------------------------------------------------------------------------ metrics
+class Metrics:
+    """Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
+
+    ENDPOINTS = ("/v1/embed/image", "/v1/embed/text", "/v1/similarity", "/v1/zero-shot", "/v1/caption", "/v1/vqa",
+                 "/v1/models", "/healthz", "/readyz", "/metrics")
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("rcc_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("rcc_request_latency_seconds", "Request latency", ["endpoint"],
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
+                                 registry=self.registry)
+        self.batch = Histogram("rcc_batch_size", "Items per model batch", ["model", "task"],
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.errors = Counter("rcc_errors", "Error responses by endpoint and code", ["endpoint", "code"],
+                              registry=self.registry)
+
+    def endpoint(self, path: str) -> str:
+        return path if path in self.ENDPOINTS else "other"
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# ------------------------------------------------------------------------------ the outer guard
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware run before routing: API key, body size and read time, request metrics.
+
+    A request without a valid key is refused before its body is read; the body is read whole (up
+    to ``max_body_bytes``, within the request timeout) and handed on, so no handler ever sees an
+    over-long body.
+    """
+
+    def __init__(self, app: Any, keys: KeyStore | None, limits: ServeLimits, metrics: Metrics) -> None:
+        self.app, self.keys, self.limits, self.metrics = app, keys, limits, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.monotonic()
+        scope[_SCOPE_T0] = t0
+        endpoint = self.metrics.endpoint(scope["path"])
+        status = {"code": 500}
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_wrapper, endpoint)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
+
+    async def _reply(self, send: Callable, status: int, body: dict, endpoint: str,
+                     headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        self.metrics.errors.labels(endpoint, body["error"]["code"]).inc()
+        await send({"type": "http.response.start", "status": status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": data})
+
+    async def _guarded(self, scope: dict, receive: Callable, send: Callable, endpoint: str) -> None:
+        if scope["path"] not in PUBLIC_PATHS:
+            if self.keys is None:
+                scope[_SCOPE_KEY] = ANONYMOUS
+            else:
+                record = self.keys.verify(bearer_key(scope["headers"]))
+                if record is None:
+                    await self._reply(send, 401, {"error": {"code": "unauthorized", "message":
+                                      "a valid API key is required (Authorization: Bearer KEY or X-API-Key)"}},
+                                      endpoint, {"WWW-Authenticate": "Bearer"})
+                    return
+                scope[_SCOPE_KEY] = record
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.max_body_bytes
+        declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            err = over("max_body_bytes", int(declared) if declared.isdigit() else declared, limit, "request body")
+            await self._reply(send, 413, err.body(), endpoint)
+            return
+        try:
+            body = await asyncio.wait_for(self._read(receive, limit), self.limits.request_timeout_s)
+        except _BodyTooLarge:
+            await self._reply(send, 413, over("max_body_bytes", f">{limit}", limit, "request body").body(), endpoint)
+            return
+        except asyncio.TimeoutError:
+            await self._reply(send, 408, {"error": {"code": "timeout", "message": "request body not received within "
+                              f"request_timeout_s={self.limits.request_timeout_s}"}}, endpoint)
+            return
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _read(receive: Callable, limit: int) -> bytes:
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise asyncio.CancelledError
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(chunks)
+
+
+# ------------------------------------------------------------------------------ the app
+def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLimits | None = None,
+               max_batch: int = 16, batch_wait_ms: float = 5.0, max_queue: int = 256) -> FastAPI:
+    """The FastAPI app serving ``models``. ``keys=None`` turns authentication off (``--no-auth``)."""
+    if not models:
+        raise ValueError("create_app needs at least one model")
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"served model names must differ: {names}")
+    limits = limits or ServeLimits()
+    metrics = Metrics()
+    by_name = {m.name: m for m in models}
+
+    def observer(name: str) -> Callable[[Any, int], None]:
+        return lambda key, n: metrics.batch.labels(name, key[0]).observe(n)
+
+    batchers = {m.name: DynamicBatcher(m.run, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000,
+                                       max_queue=max_queue, name=m.name, on_batch=observer(m.name))
+                for m in models}
+    state = {"ready": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        for b in batchers.values():
+            b.start()
+        state["ready"] = True
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            for b in batchers.values():
+                await b.close()
+
+    app = FastAPI(title="rcc-compression model server", lifespan=lifespan,
+                  description="Embeddings, similarity and zero-shot (CLIP); captions and answers (BLIP).")
+    app.state.metrics, app.state.limits, app.state.models = metrics, limits, by_name
+
+    def fail(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+             ) -> JSONResponse:
+        metrics.errors.labels(metrics.endpoint(request.url.path), code).inc()
+        return _error(status, code, message, headers)
+
+    @app.exception_handler(LimitError)
+    async def _limit(request: Request, exc: LimitError) -> JSONResponse:
+        metrics.errors.labels(metrics.endpoint(request.url.path), exc.code).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return fail(request, exc.status, exc.code, str(exc), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                   for e in exc.errors()[:10]]
+        metrics.errors.labels(metrics.endpoint(request.url.path), "invalid_request").inc()
+        return JSONResponse({"error": {"code": "invalid_request", "message": "request does not match the schema",
+                                       "details": details}}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return fail(request, 500, "internal", f"{type(exc).__name__} while serving the request")
+
+    def resolve(request: Request, name: str | None, task: str) -> ServedModel:
+        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
+        if name is None:
+            offering = [m for m in models if task in m.tasks and record.allows(m.name)]
+            if not offering:
+                raise ApiError(400, "unsupported_task", f"no served model this key may use offers {task}")
+            return offering[0]
+        if not record.allows(name):  # before the lookup: a key learns nothing about models it may not use
+            raise ApiError(403, "forbidden", f"this API key may not use model {name[:100]!r}")
+        served = by_name.get(name)
+        if served is None:
+            allowed = [n for n in by_name if record.allows(n)]
+            raise ApiError(404, "unknown_model", f"no served model {name[:100]!r}; served: {allowed}")
+        if task not in served.tasks:
+            raise ApiError(400, "unsupported_task", f"model {name!r} ({served.kind}) does not offer {task}; "
+                                                     f"it offers {list(served.tasks)}")
+        return served
+
+    async def run(request: Request, served: ServedModel, key: tuple, items: list[Any]) -> list[Any]:
+        left = limits.request_timeout_s - (time.monotonic() - request.scope.get(_SCOPE_T0, time.monotonic()))
+        try:
+            return await asyncio.wait_for(batchers[served.name].submit(key, items), max(left, 0.001))
+        except asyncio.TimeoutError:
+            raise ApiError(504, "timeout", f"no answer within request_timeout_s={limits.request_timeout_s}") from None
+        except QueueFull as exc:
+            raise ApiError(503, "overloaded", str(exc), {"Retry-After": "1"}) from None
+        except ValueError as exc:  # the model refused the parameters (same for the whole batch: same key)
+            raise ApiError(422, "invalid_request", str(exc).splitlines()[0][:300]) from None
+
+    async def images(data: list[str]) -> list[Any]:
+        check_batch(len(data), limits, "images")
+        return await asyncio.to_thread(lambda: [decode_image(d, limits, i) for i, d in enumerate(data)])
+
+    def texts(data: list[str], what: str) -> list[str]:
+        check_batch(len(data), limits, what)
+        check_texts(data, limits, what)
+        return data
+
+    def generation(max_length: int, num_beams: int) -> None:
+        if max_length > limits.max_caption_tokens:
+            raise over("max_caption_tokens", max_length, limits.max_caption_tokens, "max_length", status=422)
+        if num_beams > limits.max_beams:
+            raise over("max_beams", num_beams, limits.max_beams, "num_beams", status=422)
+
+    def rows(vectors: list[np.ndarray]) -> list[list[float]]:
+        return [v.astype(float).tolist() for v in vectors]
+
+    async def embed_pair(request: Request, served: ServedModel, imgs: list[str], txts: list[str]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        pics = await images(imgs)
+        img, txt = await asyncio.gather(run(request, served, ("embed_image",), pics),
+                                        run(request, served, ("embed_text",), txts))
+        return np.stack(img), np.stack(txt)
+
+    def logit_scale(served: ServedModel) -> float:
+        return float(served.wrapper.logit_scale.detach())
+
+    @app.post("/v1/embed/image")
+    async def embed_image(body: ImagesRequest, request: Request) -> dict[str, Any]:
+        """L2-normalised image embeddings (CLIP)."""
+        served = resolve(request, body.model, "embed_image")
+        vecs = await run(request, served, ("embed_image",), await images(body.images))
+        return {"model": served.name, "embeddings": rows(vecs)}
+
+    @app.post("/v1/embed/text")
+    async def embed_text(body: TextsRequest, request: Request) -> dict[str, Any]:
+        """L2-normalised text embeddings (CLIP)."""
+        served = resolve(request, body.model, "embed_text")
+        vecs = await run(request, served, ("embed_text",), texts(body.texts, "texts"))
+        return {"model": served.name, "embeddings": rows(vecs)}
+
+    @app.post("/v1/similarity")
+    async def similarity(body: SimilarityRequest, request: Request) -> dict[str, Any]:
+        """Cosine similarity and logit-scaled scores, images x texts (CLIP)."""
+        served = resolve(request, body.model, "embed_image")
+        img, txt = await embed_pair(request, served, body.images, texts(body.texts, "texts"))
+        cos = img @ txt.T
+        return {"model": served.name, "cosine": cos.astype(float).tolist(),
+                "logits_per_image": (logit_scale(served) * cos).astype(float).tolist()}
+
+    @app.post("/v1/zero-shot")
+    async def zero_shot(body: ZeroShotRequest, request: Request) -> dict[str, Any]:
+        """Class probabilities of each image over ``labels`` (prompt-ensembled over ``templates``)."""
+        served = resolve(request, body.model, "embed_image")
+        templates = list(body.templates or DEFAULT_TEMPLATES)
+        texts(templates, "templates")
+        if any("{}" not in t for t in templates):
+            raise LimitError(422, "invalid_request", "every template needs '{}' for the class name")
+        labels = texts(body.labels, "labels")
+        prompts = [t.format(c) for c in labels for t in templates]
+        check_batch(len(prompts), limits, "prompts (labels x templates)")
+        img, txt = await embed_pair(request, served, body.images, prompts)
+        cls = txt.reshape(len(labels), len(templates), -1).mean(axis=1)
+        cls /= np.linalg.norm(cls, axis=-1, keepdims=True)
+        logits = logit_scale(served) * (img @ cls.T)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        return {"model": served.name, "labels": labels, "probs": probs.astype(float).tolist(),
+                "top": [labels[i] for i in probs.argmax(axis=1)]}
+
+    @app.post("/v1/caption")
+    async def caption(body: CaptionRequest, request: Request) -> dict[str, Any]:
+        """Captions (BLIP; greedy with num_beams=1, beam search otherwise)."""
+        served = resolve(request, body.model, "caption")
+        generation(body.max_length, body.num_beams)
+        if body.prompt is not None:
+            texts([body.prompt], "prompt")
+        pics = await images(body.images)
+        out = await run(request, served, ("caption", body.max_length, body.num_beams, body.prompt or ""), pics)
+        return {"model": served.name, "captions": out}
+
+    @app.post("/v1/vqa")
+    async def vqa(body: VQARequest, request: Request) -> dict[str, Any]:
+        """Answers to questions about images (BLIP VQA)."""
+        served = resolve(request, body.model, "vqa")
+        generation(body.max_length, body.num_beams)
+        questions = texts(body.questions, "questions")
+        if len(questions) not in (1, len(body.images)):
+            raise LimitError(422, "invalid_request", f"give one question per image ({len(body.images)}) or one "
+                                                     f"for all, not {len(questions)}")
+        pics = await images(body.images)
+        qs = questions * len(pics) if len(questions) == 1 else questions
+        out = await run(request, served, ("vqa", body.max_length, body.num_beams), list(zip(pics, qs, strict=True)))
+        return {"model": served.name, "answers": out}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        """The served models this key may use."""
+        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
+        return {"models": [m.describe() for m in models if record.allows(m.name)]}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Readiness: models loaded and every batcher running."""
+        ok = state["ready"] and all(b.running for b in batchers.values())
+        return JSONResponse({"ready": ok, "models": names}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        """Prometheus metrics: requests, latency histogram, batch sizes, errors."""
+        data, ctype = metrics.render()
+        return Response(data, media_type=ctype)
+
+    app.add_middleware(Guard, keys=keys, limits=limits, metrics=metrics)
+    return app

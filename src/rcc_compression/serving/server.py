@@ -1,0 +1,96 @@
+"""Running the app on uvicorn: in the foreground (``rcc serve``) or on a background thread (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+
+
+def uvicorn_config(app: Any, host: str = DEFAULT_HOST, port: int = 8000, log_level: str = "warning",
+                   limit_concurrency: int | None = 512) -> Any:
+    """A uvicorn config with the server's hardening: no server header, short keep-alive, bounded
+    concurrency (503 beyond it) and bounded header size."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
+                          timeout_keep_alive=5, limit_concurrency=limit_concurrency,
+                          h11_max_incomplete_event_size=64 * 1024, access_log=False,
+                          timeout_graceful_shutdown=10)
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class BackgroundServer:
+    """``with BackgroundServer(app) as url: ...``: uvicorn on a free 127.0.0.1 port in a thread."""
+
+    def __init__(self, app: Any, host: str = DEFAULT_HOST, port: int | None = None, startup_timeout: float = 30.0
+                 ) -> None:
+        import uvicorn
+
+        self.host, self.port = host, port or free_port(host)
+        self.server = uvicorn.Server(uvicorn_config(app, self.host, self.port))
+        self.thread = threading.Thread(target=self.server.run, name="rcc-server", daemon=True)
+        self.startup_timeout = startup_timeout
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start on {self.url}")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def run_server(sources: list[str], host: str = DEFAULT_HOST, port: int = 8000, keys_file: str | None = None,
+               no_auth: bool = False, checkpoint_key: bytes | None = None, limits: Any = None,
+               max_batch: int = 16, batch_wait_ms: float = 5.0, echo: Any = print) -> None:
+    """Load the models, set up authentication and serve until interrupted (what ``rcc serve`` runs).
+
+    Without ``keys_file`` and without ``no_auth`` a random key is made, shown once through ``echo``
+    and only its hash kept. ``no_auth`` is refused on a non-loopback host.
+    """
+    import uvicorn
+
+    from ..errors import ConfigError
+    from .app import create_app
+    from .auth import KeyStore
+    from .models import load_models
+
+    if no_auth and keys_file:
+        raise ConfigError("give --keys FILE or --no-auth, not both")
+    if no_auth and host not in LOOPBACK:
+        raise ConfigError(f"--no-auth serves without keys; refused on a non-loopback host ({host})")
+    keys = None if no_auth else (KeyStore.load(keys_file) if keys_file else KeyStore())
+    if keys is not None and not keys_file:
+        echo(f"API key (shown once; only its hash is kept): {keys.add('generated', ['*'])}")
+    if keys is not None and not keys.records:
+        raise ConfigError(f"{keys_file}: the key file holds no key")
+    models = load_models(sources, key=checkpoint_key)
+    for m in models:
+        d = m.describe()
+        kernels = ", ".join(f"{k} x{v}" for k, v in d["kernels"].items()) or "dense"
+        echo(f"model {d['name']}: {d['type']} ({d['source_kind']}; kernels: {kernels}); tasks: {', '.join(d['tasks'])}")
+    app = create_app(models, keys, limits, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    echo(f"serving on http://{host}:{port} (auth: {'OFF' if keys is None else 'API keys'})")
+    uvicorn.Server(uvicorn_config(app, host, port, log_level="info")).run()

@@ -1,0 +1,113 @@
+"""ONNX export keeps the compression: compact tensors on disk, ONNX Runtime within 1e-4 of PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import compress_quick
+
+onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime) is not installed")
+pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """tiny-clip with bitmask, CSR and dense S layers, low rank everywhere, scales on half; exported."""
+    from rcc_compression.compression.layers import compressed_layers
+    from rcc_compression.compression.onnx_export import export_onnx
+    from rcc_compression.compression.storage import choose_encoding, save_compressed
+    from rcc_compression.models import get_model
+
+    torch.manual_seed(0)
+    wrapper = compress_quick(get_model("tiny-clip"), rank=4, densities=(0.2, 0.03, None, 0.03), scales=True)
+    encodings = {choose_encoding(m) for m in compressed_layers(wrapper.model).values()}
+    assert encodings == {"bitmask", "csr", "dense"}
+    root = tmp_path_factory.mktemp("onnx")
+    manifest = save_compressed(wrapper, root / "ckpt")
+    out = root / "onnx"
+    return {"wrapper": wrapper, "manifest": manifest, "onnx": export_onnx(wrapper, out), "dir": out, "root": root}
+
+
+def test_onnx_runtime_matches_pytorch_on_new_shapes(exported):
+    from rcc_compression.compression.onnx_export import run_onnx
+
+    w, d = exported["wrapper"], exported["dir"]
+    assert all(g["max_abs_diff"] < 1e-4 for g in exported["onnx"]["graphs"].values())
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.randn(5, 3, w.image_size, w.image_size, generator=g)  # another batch size than exported with
+    ids = w.tokenize(["a red circle", "two blue squares on the left of a big star", "a"])
+    with torch.no_grad():
+        img = w.encode_image(pixels, normalize=False).numpy()
+        txt = w.encode_text(ids["input_ids"], ids["attention_mask"], normalize=False).numpy()
+    got_img = run_onnx(d / "vision_model.onnx", {"pixel_values": pixels.numpy()})
+    got_txt = run_onnx(d / "text_model.onnx", {k: v.numpy() for k, v in ids.items()})
+    assert np.abs(got_img - img).max() < 1e-4 and np.abs(got_txt - txt).max() < 1e-4
+
+
+def test_compressed_layers_are_stored_as_compactly_as_the_checkpoint(exported):
+    """Per layer, the ONNX initializers hold exactly the checkpoint's bytes (no dense copy of S)."""
+    from onnx import numpy_helper
+
+    layers = exported["manifest"]["layers"]
+    per_layer: dict[str, int] = {}
+    for f in ("vision_model.onnx", "text_model.onnx"):
+        for init in onnx.load(str(exported["dir"] / f)).graph.initializer:
+            name, _, part = init.name.rpartition(".")
+            if name in layers and part in ("dense", "weight_T", "values", "mask_bits", "col_idx", "row_nnz", "A_T",
+                                           "B_T", "a_in", "a_out", "bias"):
+                per_layer[name] = per_layer.get(name, 0) + numpy_helper.to_array(init).nbytes
+    assert set(per_layer) == set(layers)
+    assert per_layer == {n: info["stored_bytes"] for n, info in layers.items()}
+
+
+def test_onnx_runtime_folds_the_sparse_rebuild_at_load(exported, tmp_path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(exported["dir"] / "vision_model.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert not ops & {"ScatterElements", "BitwiseAnd", "CumSum", "Max"}, ops
+    src_ops = {n.op_type for n in onnx.load(str(exported["dir"] / "vision_model.onnx")).graph.node}
+    assert {"ScatterElements", "BitwiseAnd", "CumSum", "Max"} <= src_ops
+
+
+def test_rcc_export_cli_onnx_and_hf_from_an_encrypted_checkpoint(exported, monkeypatch, capsys):
+    from transformers import CLIPModel
+
+    from rcc_compression.cli import main
+    from rcc_compression.compression.storage import save_compressed
+    from rcc_compression.utils.crypto import KEY_ENV, generate_key
+
+    key = generate_key()
+    ckpt = exported["root"] / "enc"
+    save_compressed(exported["wrapper"], ckpt, encrypt_key=key)
+    monkeypatch.setenv(KEY_ENV, key.hex())
+    assert main(["export", str(ckpt), "--format", "onnx", "-o", str(exported["root"] / "o1"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "max |ONNX Runtime - PyTorch|" in out and "checkpoint's tensors" in out
+    man = json.loads((exported["root"] / "o1" / "onnx_manifest.json").read_text())
+    assert man["logit_scale"] == pytest.approx(float(exported["wrapper"].logit_scale.detach()))
+    assert main(["export", str(ckpt), "--format", "hf", "-o", str(exported["root"] / "o2"), "-q"]) == 0
+    dense = CLIPModel.from_pretrained(exported["root"] / "o2").eval()
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = exported["wrapper"].encode_image(px, normalize=False)
+        got = dense.visual_projection(dense.vision_model(pixel_values=px).pooler_output)
+    assert torch.allclose(got, ref, atol=1e-5)
+    monkeypatch.delenv(KEY_ENV)
+    assert main(["export", str(ckpt), "-o", str(exported["root"] / "o3")]) == 2  # no key: one-line error
+
+
+def test_blip_onnx_is_refused_plainly(tmp_path):
+    from rcc_compression.compression.onnx_export import export_onnx
+    from rcc_compression.errors import CheckpointError
+    from rcc_compression.models import get_model
+
+    with pytest.raises(CheckpointError, match="--format hf"):
+        export_onnx(get_model("tiny-blip"), tmp_path / "x")
