@@ -85,14 +85,29 @@ def test_ranks_get_disjoint_equal_shares_and_resume_skips_batches() -> None:
     assert all(isinstance(k, SampleKey) for b in tail for k in b)
 
 
-def test_text_lengths_are_token_counts(tiny_world: Path) -> None:
+def test_buckets_follow_the_caption_each_item_uses(tiny_world: Path) -> None:
     ds = open_world(tiny_world, "captions", "train", SMALL)
     tok = build_world_tokenizer("clip")
     lengths = text_lengths(ds, tok)
-    assert lengths[0] == max(len(tok(c)["input_ids"]) for c in ds.records[0].captions)
-    assert len(set(lengths)) > 3  # real captions vary in length
-    assert text_lengths(open_world(tiny_world, "shape", "train", SMALL)) == [0] * len(
-        open_world(tiny_world, "shape", "train", SMALL))
+    assert lengths[0] == [len(tok(c)["input_ids"]) for c in ds.records[0].captions]
+    assert len({n for ls in lengths for n in ls}) > 3  # real captions vary in length
+    shapes = open_world(tiny_world, "shape", "train", SMALL)
+    assert text_lengths(shapes) == [[0]] * len(shapes)
+    def padding(loader, epoch: int) -> int:
+        loader.set_epoch(epoch)
+        total = 0
+        for batch in loader:
+            used = batch["attention_mask"].sum(1)
+            # the sampler knew the length of the caption each item uses in this epoch
+            sampler = loader.batch_sampler
+            if sampler.bucket:
+                assert used.tolist() == [sampler.lengths[i] for i in batch["index"].tolist()]
+            total += int((batch["input_ids"].shape[1] - used).sum())
+        return total
+
+    for epoch in (0, 1):
+        bucketed = padding(split_loader(ds, "train", 4, tok, seed=2), epoch)
+        assert bucketed < 0.5 * padding(split_loader(ds, "train", 4, tok, seed=2, bucket=False), epoch)
 
 
 def _epoch(loader, epoch: int) -> list[tuple[list[int], list[str], torch.Tensor]]:

@@ -56,6 +56,11 @@ def draw_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def caption_choice(draw: int, count: int) -> int:
+    """Which of ``count`` captions an item with this draw uses (the sampler and the collator agree)."""
+    return random.Random(draw).randrange(count)
+
+
 class Collator:
     """Batch samples into tensors; see the module docstring.
 
@@ -105,7 +110,7 @@ class Collator:
         if self.caption == "first":
             return caps[0]
         draw = sample.get("draw")
-        return random.Random(draw).choice(caps) if draw is not None else self._rng.choice(caps)
+        return caps[caption_choice(draw, len(caps))] if draw is not None else self._rng.choice(caps)
 
     def _pixels(self, good: list[dict[str, Any]]) -> torch.Tensor:
         pixels = torch.stack([s["pixel_values"] for s in good])
@@ -194,11 +199,12 @@ def model_inputs(batch: Mapping[str, Any], keys: Sequence[str] = MODEL_KEYS) -> 
 
 
 # ------------------------------------------------------------------------------ length bucketing
-def text_lengths(dataset: Any, tokenizer: Any = None, max_length: int | None = None) -> list[int]:
-    """Tokens of each record's longest text (captions or question), capped at ``max_length``.
+def text_lengths(dataset: Any, tokenizer: Any = None, max_length: int | None = None) -> list[list[int]]:
+    """Tokens of every text of every record (its captions, or its question), capped at ``max_length``.
 
-    With a tokenizer, the real token counts (one batched call); without, words + 2. Records with
-    no text (class folders) have length 0. This is what :class:`DynamicBatchSampler` buckets on.
+    With a tokenizer, the real token counts (one batched call); without, words + 2. A record with
+    no text (class folders) has ``[0]``. :class:`DynamicBatchSampler` buckets on the length of the
+    caption each item will use in an epoch.
     """
     records = dataset.records
     texts: list[str] = []
@@ -207,23 +213,22 @@ def text_lengths(dataset: Any, tokenizer: Any = None, max_length: int | None = N
         for t in (rec.captions or ([rec.question] if rec.question else [])):
             texts.append(t)
             owner.append(i)
-    lengths = [0] * len(records)
-    if not texts:
-        return lengths
-    if tokenizer is not None:
-        counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
-    else:
-        counts = [len(t.split()) + 2 for t in texts]
-    for i, n in zip(owner, counts, strict=True):
-        lengths[i] = max(lengths[i], n)
-    if max_length is not None:
-        lengths = [min(n, max_length) for n in lengths]
-    return lengths
+    lengths: list[list[int]] = [[] for _ in records]
+    if texts:
+        if tokenizer is not None:
+            counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+        else:
+            counts = [len(t.split()) + 2 for t in texts]
+        for i, n in zip(owner, counts, strict=True):
+            lengths[i].append(min(n, max_length) if max_length is not None else n)
+    return [ls or [0] for ls in lengths]
 
 
 class DynamicBatchSampler(Sampler[list[Any]]):
     """Batches of items of similar length, with a fixed size or a token budget (design section 3.3).
 
+    ``lengths`` gives each item's length, or the lengths of its captions (then the length of the
+    caption the item's draw picks in that epoch counts, as :class:`Collator` will pick it).
     Each epoch the items are permuted (seeded by ``seed`` and the epoch), cut into pools of
     ``pool_batches`` batches, each pool sorted by length, and the sorted sequence cut into
     batches: ``batch_size`` items each, or (with ``max_tokens``) as many as keep
@@ -239,7 +244,7 @@ class DynamicBatchSampler(Sampler[list[Any]]):
 
     def __init__(
         self,
-        lengths: Sequence[int],
+        lengths: Sequence[int] | Sequence[Sequence[int]],
         batch_size: int | None = None,
         max_tokens: int | None = None,
         shuffle: bool = True,
@@ -259,7 +264,9 @@ class DynamicBatchSampler(Sampler[list[Any]]):
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
-        self.lengths = [max(int(n), 1) for n in lengths]
+        self.options = [[max(int(n), 1) for n in (ls if isinstance(ls, Sequence) else [ls])] or [1]
+                        for ls in lengths]
+        self.lengths = [ls[0] for ls in self.options]
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.shuffle, self.seed, self.drop_last, self.bucket = shuffle, seed, drop_last, bucket
         self.pool_batches = max(int(pool_batches), 1)
@@ -299,7 +306,9 @@ class DynamicBatchSampler(Sampler[list[Any]]):
         epoch = self.epoch if epoch is None else epoch
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        n = len(self.lengths)
+        n = len(self.options)
+        self.lengths = [ls[caption_choice(draw_seed(self.seed, epoch, i), len(ls))] if len(ls) > 1 else ls[0]
+                        for i, ls in enumerate(self.options)]
         order = (torch.randperm(n, generator=self._generator(epoch, 0)).tolist() if self.shuffle
                  else list(range(n)))
         if self.bucket:
