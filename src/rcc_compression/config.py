@@ -31,19 +31,20 @@ KeyPath = tuple[str | int, ...]
 class ExperimentSection(StrictModel):
     """Name, seed and where runs go."""
 
-    name: str = "rcc"
-    seed: int = 0
-    deterministic: bool = False
-    output_dir: str = "runs"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    name: str = Field("rcc", description="run name; run directories are <output_dir>/<name>-<time>")
+    seed: int = Field(0, description="seeds Python, NumPy and torch, data order and calibration draws")
+    deterministic: bool = Field(False, description="deterministic kernels (slower on GPU; bit-identical repeats)")
+    output_dir: str = Field("runs", description="where run directories are created")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+                        description="auto: CUDA when available, else the CPU")
 
 
 class ModelSection(StrictModel):
     """Which model to compress: a bundled short name, a local directory or a hub id."""
 
-    name: str = "rcc-clip-world"
-    type: Literal["clip", "blip", "blip_vqa"] | None = None
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    name: str = Field("rcc-clip-world", description="bundled name, local Hugging Face directory or hub id")
+    type: Literal["clip", "blip", "blip_vqa"] | None = Field(None, description="model family; None: from its config")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype the weights load in")
 
 
 class AugmentSection(StrictModel):
@@ -102,11 +103,13 @@ class CalibrationSection(StrictModel):
     for the gate.
     """
 
-    source: str = "synthetic"
-    num_batches: int = Field(8, ge=1)
-    batch_size: int = Field(16, ge=1)
-    holdout_batches: int = Field(2, ge=0)
-    preserve_source: str | None = None
+    source: str = Field("synthetic", description="synthetic, world, or a dataset SPEC[@SPLIT] (its train split "
+                        "by default)")
+    num_batches: int = Field(8, ge=1, description="batches the stages fit on")
+    batch_size: int = Field(16, ge=1, description="items per calibration batch")
+    holdout_batches: int = Field(2, ge=0, description="batches held out for the validation gate (from dataset.val "
+                                 "when it is set)")
+    preserve_source: str | None = Field(None, description="alphaedit closed_form: data whose outputs must not move")
 
 
 class TrainingSection(StrictModel):
@@ -137,6 +140,13 @@ class TrainingSection(StrictModel):
     teacher_cache: str | None = Field(None, description="directory for cached teacher outputs")
     checkpoint_every_steps: int = Field(0, ge=0, description="0: checkpoint at epoch ends only")
     early_stopping_patience: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimiser steps to train (overrides num_epochs)")
+    eval_every_steps: int = Field(0, ge=0, description="validate every this many steps; 0: at epoch ends")
+    monitor: str = Field("val_loss", description="validation metric that picks the best model (losses: lower "
+                         "is better; others: higher)")
+    val_benchmarks: list[Literal["zero_shot", "retrieval", "captioning", "vqa"]] = Field(
+        default_factory=list, description="task benchmarks evaluated on the val split at every validation")
+    val_max_items: int | None = Field(None, ge=1, description="validate on a seeded subset of this many items")
 
     @model_validator(mode="after")
     def _some_loss(self) -> TrainingSection:
@@ -149,11 +159,14 @@ class TrainingSection(StrictModel):
 class EvaluationSection(StrictModel):
     """Which benchmarks and metrics to run after compression."""
 
-    metrics: list[str] = Field(default_factory=lambda: ["accuracy", "retrieval", "efficiency"])
-    benchmarks: list[str] = Field(default_factory=lambda: ["zero_shot", "retrieval"])
-    datasets: list[str] = Field(default_factory=list)
-    batch_size: int = Field(64, ge=1)
-    bootstrap_samples: int = Field(1000, ge=0)
+    metrics: list[str] = Field(default_factory=lambda: ["accuracy", "retrieval", "efficiency"],
+                               description="the design document's metric groups (informational)")
+    benchmarks: list[str] = Field(default_factory=lambda: ["zero_shot", "retrieval"],
+                                  description="zero_shot, retrieval, captioning, vqa, efficiency")
+    datasets: list[str] = Field(default_factory=list, description="dataset specs to evaluate on (SPEC[@SPLIT], "
+                                "test split by default); empty: dataset.test, else the world")
+    batch_size: int = Field(64, ge=1, description="evaluation batch size")
+    bootstrap_samples: int = Field(1000, ge=0, description="bootstrap resamples per metric (0: point estimates)")
 
 
 def _compression_section() -> type[StrictModel]:

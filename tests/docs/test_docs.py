@@ -61,3 +61,23 @@ def test_notebook_runs(notebook: Path, tmp_path: Path) -> None:
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert not any(p for p in work.iterdir() if p.name not in (".ipynb_checkpoints",)) or shutil.which("true")
+
+
+def test_every_config_key_has_a_meaning() -> None:
+    """The configuration reference is generated from the models: a key without a description has no meaning there."""
+    from pydantic import BaseModel
+
+    from rcc_compression.config import RCCConfig
+
+    missing = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            elif not field.description:
+                missing.append(f"{prefix}{name}")
+
+    walk(RCCConfig, "")
+    assert not missing, f"config keys without Field(description=...): {', '.join(missing)}"

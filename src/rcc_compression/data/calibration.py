@@ -47,7 +47,7 @@ def _world_dataset(wrapper: Any, count: int, seed: int, kind: str) -> ArrayDatas
                         task="vqa" if kind == "blip_vqa" else "captions")
 
 
-def _classification_as_captions(ds: MultimodalDataset) -> MultimodalDataset:
+def captions_for_classes(ds: MultimodalDataset) -> MultimodalDataset:
     """Give class-folder records a caption ``a photo of a {class}.`` so CLIP/BLIP get text."""
     names = ds.classnames or []
     for rec in ds.records:
@@ -70,7 +70,7 @@ def _open_source(source: str, wrapper: Any, kind: str, skip_bad: bool, root: str
     if kind == "blip_vqa" and ds.task != "vqa":
         raise DataError(f"{source}: a BLIP VQA model calibrates on question/answer data (VQA json), "
                         f"got a {ds.format_name} dataset")
-    return _classification_as_captions(ds)
+    return captions_for_classes(ds)
 
 
 def calibration_items(

@@ -487,8 +487,9 @@ def build_loader(
                    "prefetch_factor": prefetch_factor or 2}
     pin = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
     if batch_sampler is not None:
+        # the loader's own generator seeds the workers: iterating never draws from torch's global generator
         loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
-                            pin_memory=pin, **workers)
+                            pin_memory=pin, generator=torch.Generator().manual_seed(seed), **workers)
         return SafeLoader(loader, skip_bad=skip, keys=keys, device=device)
     sampler = None
     if distributed_ready():
