@@ -172,3 +172,19 @@ def test_int8_kernel_matches_the_float_path():
     g4 = CompressedLinear.from_linear(lin)
     g4.set_quantized("weight", quantize_nearest(g4.weight.detach(), 4, 32))
     assert not g4.set_execution("int8")  # only 8-bit per-channel parts have the kernel
+
+
+def test_onnx_export_of_quantized_layers_matches_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
+    from rcc_compression.compression.onnx_export import export_onnx
+    from rcc_compression.models import get_model
+
+    from ..deploy.conftest import compress_quick
+
+    torch.manual_seed(0)
+    wrapper = compress_quick(get_model("tiny-clip"), rank=4, densities=(0.2, 0.03, None))
+    for layer in compressed_layers(wrapper.model).values():
+        layer.set_quantized("weight", quantize_nearest(layer.weight.detach(), 4, 32, False, layer.mask))
+        layer.set_quantized("lr_A", quantize_nearest(layer.lr_A.detach(), 8))
+    report = export_onnx(wrapper, tmp_path / "onnx")
+    assert all(g["max_abs_diff"] < 1e-4 for g in report["graphs"].values())

@@ -48,20 +48,47 @@ def test_onnx_runtime_matches_pytorch_on_new_shapes(exported):
     assert np.abs(got_img - img).max() < 1e-4 and np.abs(got_txt - txt).max() < 1e-4
 
 
-def test_compressed_layers_are_stored_as_compactly_as_the_checkpoint(exported):
-    """Per layer, the ONNX initializers hold exactly the checkpoint's bytes (no dense copy of S)."""
+def onnx_layer_bytes(directory, layers) -> dict[str, int]:
     from onnx import numpy_helper
 
-    layers = exported["manifest"]["layers"]
     per_layer: dict[str, int] = {}
     for f in ("vision_model.onnx", "text_model.onnx"):
-        for init in onnx.load(str(exported["dir"] / f)).graph.initializer:
+        for init in onnx.load(str(directory / f)).graph.initializer:
             name, _, part = init.name.rpartition(".")
-            if name in layers and part in ("dense", "weight_T", "values", "mask_bits", "col_idx", "row_nnz", "A_T",
-                                           "B_T", "a_in", "a_out", "bias"):
+            if name in layers and (part in ("dense", "weight_T", "values", "mask_bits", "col_idx", "row_nnz", "A_T",
+                                            "B_T", "a_in", "a_out", "bias") or part.endswith(("_codes", "_scale"))):
                 per_layer[name] = per_layer.get(name, 0) + numpy_helper.to_array(init).nbytes
-    assert set(per_layer) == set(layers)
-    assert per_layer == {n: info["stored_bytes"] for n, info in layers.items()}
+    return per_layer
+
+
+def test_compressed_layers_are_stored_as_compactly_as_the_checkpoint(exported):
+    """Per layer, the ONNX initializers hold exactly the checkpoint's bytes (no dense copy of S)."""
+    layers = exported["manifest"]["layers"]
+    assert onnx_layer_bytes(exported["dir"], layers) == {n: info["stored_bytes"] for n, info in layers.items()}
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (3, None, True)])
+def test_quantized_layers_keep_their_bit_width(tmp_path, bits, group, symmetric):
+    """Integer codes go in packed as stored and are decoded by DequantizeLinear: same bytes, same outputs."""
+    from rcc_compression.compression.layers import compressed_layers
+    from rcc_compression.compression.onnx_export import export_onnx
+    from rcc_compression.compression.quant import quantize_nearest
+    from rcc_compression.compression.storage import save_compressed
+    from rcc_compression.models import get_model
+
+    torch.manual_seed(0)
+    w = compress_quick(get_model("tiny-clip"), rank=4, densities=(0.2, 0.03, None, 0.03), scales=True)
+    for layer in compressed_layers(w.model).values():
+        layer.set_quantized("weight", quantize_nearest(layer.weight.detach(), bits, group, symmetric, layer.mask))
+        layer.set_quantized("lr_A", quantize_nearest(layer.lr_A.detach(), bits, group, symmetric))
+        layer.set_quantized("lr_B", quantize_nearest(layer.lr_B.detach(), 8))
+    manifest = save_compressed(w, tmp_path / "ckpt")
+    report = export_onnx(w, tmp_path / "onnx")
+    assert all(g["max_abs_diff"] < 1e-4 for g in report["graphs"].values())
+    layers = manifest["layers"]
+    assert onnx_layer_bytes(tmp_path / "onnx", layers) == {n: info["stored_bytes"] for n, info in layers.items()}
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "vision_model.onnx")).graph.node}
+    assert "DequantizeLinear" in ops
 
 
 def test_onnx_runtime_folds_the_sparse_rebuild_at_load(exported, tmp_path):
@@ -111,3 +138,35 @@ def test_blip_onnx_is_refused_plainly(tmp_path):
 
     with pytest.raises(CheckpointError, match="--format hf"):
         export_onnx(get_model("tiny-blip"), tmp_path / "x")
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_one_layer_subgraph_with_padded_groups_matches_the_layer(sparse):
+    """40 input columns in groups of 32 (a padded last group), 2-bit asymmetric S, 8-bit factors, scales, bias."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from rcc_compression.compression.layers import CompressedLinear
+    from rcc_compression.compression.onnx_export import OPSET, layer_subgraph
+    from rcc_compression.compression.quant import quantize_nearest
+
+    torch.manual_seed(0)
+    layer = CompressedLinear.from_linear(torch.nn.Linear(40, 24))
+    w = layer.weight.detach()
+    mask = torch.rand_like(w) < 0.3 if sparse else None
+    layer.set_sparse(w, mask)
+    layer.set_low_rank(torch.randn(24, 3), torch.randn(3, 40))
+    layer.set_scales(torch.rand(40) + 0.5, torch.rand(24) + 0.5)
+    layer.set_quantized("weight", quantize_nearest(layer.weight.detach(), 2, 32, False, layer.mask))
+    layer.set_quantized("lr_A", quantize_nearest(layer.lr_A.detach(), 8, 32))
+    layer.eval()
+    nodes, inits = layer_subgraph("layer", layer, "x", "y")
+    graph = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 24])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        ref = layer(x).numpy()
+    assert np.abs(sess.run(None, {"x": x.numpy()})[0] - ref).max() < 1e-4

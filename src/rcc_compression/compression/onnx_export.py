@@ -3,10 +3,18 @@
 Each :class:`~.layers.CompressedLinear` is exported as its parts, not as a dense weight: the
 low-rank factors as two ``MatMul`` (``x A^T`` then ``B^T``), the per-channel scales as ``Mul``,
 and the sparse part S in the checkpoint's own encoding (kept values plus a bit-packed mask, or
-CSR column indices and row counts) with a few ops that rebuild S from it (``NonZero``/``ScatterND``).
+CSR column indices and row counts) with a few ops that rebuild S from it (bit masks, ``CumSum``,
+``Gather``, ``Where``).
 Those ops read only initializers, so ONNX Runtime folds them into the dense S once, when the
 session is made; the stored file stays as small as the compressed checkpoint while inference runs
-the same kernels as PyTorch's ``factored`` mode.
+the same kernels as PyTorch's ``factored`` mode. Integer codes (stage ``quant``) keep their bit
+width: the packed codes are stored as the checkpoint stores them, unpacked to uint8 by
+bit operations and decoded by ``DequantizeLinear`` (per row, or per group as rows of the group
+size), with the float16 scales and packed zero points as stored. ONNX Runtime keeps
+``DequantizeLinear`` nodes (codes in memory, decoded per call) unless the session sets
+``session.disable_quant_qdq`` (:func:`ort_session` does by default: decoded once, at load).
+``MatMulNBits`` is not used: it would need the codes repacked into its own layout, and the stored
+bytes would be the same.
 
 How: each compressed layer is traced as one placeholder node (``rcc::CompressedLinear``, via an
 ``autograd.Function`` symbolic), which the TorchScript-based exporter leaves alone; the
@@ -128,9 +136,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
 
-def _sparse_transposed(b: _Builder, layer: CompressedLinear, enc: dict[str, torch.Tensor], kind: str,
-                       dtype: np.dtype) -> str:
-    """Ops rebuilding S^T (in x out) from the stored encoding.
+def _mask_and_order(b: _Builder, layer: CompressedLinear, enc: dict[str, torch.Tensor], kind: str
+                    ) -> tuple[str, str]:
+    """The flat mask of S (bool, m*n) and, per position, the index of its kept value, from the stored encoding.
 
     Every input is an initializer and every op is one ONNX Runtime constant-folds (no ``NonZero``,
     whose data-dependent shape it does not fold), so the rebuild runs once, when the session is made.
@@ -150,7 +158,7 @@ def _sparse_transposed(b: _Builder, layer: CompressedLinear, enc: dict[str, torc
                               b.const("stop", np.array([m * n], np.int64))])
         mask = b.op("Cast", [flat], to=TensorProto.BOOL)
     else:  # csr: row of each value from the row counts (+1 at each row start, cumulated), then row * n + col
-        nnz = int(enc["values"].numel())
+        nnz = layer.nnz()
         counts = b.op("Cast", [b.const("row_nnz", _np(enc["row_nnz"]))], to=i64)
         starts = b.op("CumSum", [counts, axis0], exclusive=1)
         marker = b.op("ScatterElements", [b.const("marker0", np.zeros(nnz + 1, np.int64)), starts,
@@ -165,9 +173,90 @@ def _sparse_transposed(b: _Builder, layer: CompressedLinear, enc: dict[str, torc
         mask = b.op("Cast", [hits], to=TensorProto.BOOL)
     order = b.op("Sub", [b.op("CumSum", [b.op("Cast", [mask], to=i64), axis0]), b.const("one_", np.array(1, np.int64))])
     order = b.op("Max", [order, b.const("zero_i", np.array(0, np.int64))])
-    values = b.const("values", _np(enc["values"]).astype(dtype))
-    dense = b.op("Where", [mask, b.op("Gather", [values, order], axis=0), b.const("zero", np.zeros((), dtype))])
+    return mask, order
+
+
+def _sparse_transposed(b: _Builder, layer: CompressedLinear, enc: dict[str, torch.Tensor], kind: str,
+                       dtype: np.dtype) -> str:
+    """S^T (in x out) rebuilt from its stored encoding; quantized kept codes are decoded on the dense grid
+    (each code takes its row's and group's scale) and then masked."""
+    m, n = layer.out_features, layer.in_features
+    mask, order = _mask_and_order(b, layer, enc, kind)
+    zero = b.const("zero", np.zeros((), dtype))
+    qw = layer.quant.get("weight")
+    if qw is None:
+        values = b.const("values", _np(enc["values"]).astype(dtype))
+        dense = b.op("Where", [mask, b.op("Gather", [values, order], axis=0), zero])
+    else:
+        kept = _unpacked_codes(b, "values", enc["values_codes"], qw.bits, layer.nnz())
+        grid = b.op("Gather", [kept, order], axis=0)  # codes on the dense grid (any code where pruned)
+        w = _quant_matrix(b, "values", enc, qw, m, n, dtype, codes=grid)
+        dense = b.op("Where", [mask, b.op("Reshape", [w, b.const("flat_w", np.array([-1], np.int64))]), zero])
     return b.op("Transpose", [b.op("Reshape", [dense, b.const("shape", np.array([m, n], np.int64))])], perm=[1, 0])
+
+
+def _unpacked_codes(b: _Builder, key: str, packed: torch.Tensor, bits: int, count: int) -> str:
+    """uint8 codes (flat, ``count``) from ``pack_codes`` bytes: bit planes, most significant bit first."""
+    from onnx import TensorProto
+
+    data = b.const(f"{key}_codes", _np(packed))
+    if bits == 8:
+        return data
+    planes = b.op("BitwiseAnd", [b.op("Unsqueeze", [data, b.const(f"{key}_ax1", np.array([1], np.int64))]),
+                                 b.const(f"{key}_bitw", np.array([[128, 64, 32, 16, 8, 4, 2, 1]], np.uint8))])
+    planes = b.op("Cast", [b.op("Cast", [planes], to=TensorProto.BOOL)], to=TensorProto.INT32)
+    planes = b.op("Slice", [b.op("Reshape", [planes, b.const(f"{key}_flat", np.array([-1], np.int64))]),
+                            b.const(f"{key}_s0", np.array([0], np.int64)),
+                            b.const(f"{key}_s1", np.array([count * bits], np.int64))])
+    planes = b.op("Reshape", [planes, b.const(f"{key}_cb", np.array([count, bits], np.int64))])
+    weights = b.const(f"{key}_pw", np.array([1 << k for k in range(bits - 1, -1, -1)], np.int32))
+    codes = b.op("ReduceSum", [b.op("Mul", [planes, weights]), b.const(f"{key}_ax", np.array([1], np.int64))],
+                 keepdims=0)
+    return b.op("Cast", [codes], to=TensorProto.UINT8)
+
+
+def _dequantized(b: _Builder, key: str, enc: dict[str, torch.Tensor], q: Any, codes: str, rows: int,
+                 cols: int) -> str:
+    """``DequantizeLinear`` of uint8 ``codes`` (rows x cols, flat) with the part's per-group scales and zero points.
+
+    A group of ``g`` columns is one row of a (rows * groups) x g view, so per-axis
+    ``DequantizeLinear`` (opset 13) covers per-row and grouped formats alike.
+    """
+    from onnx import TensorProto, helper
+
+    g = q.group_size
+    ng = -(-cols // g)
+    pad = ng * g - cols
+    x = b.op("Reshape", [codes, b.const(f"{key}_rc", np.array([rows, cols], np.int64))])
+    if pad:
+        x = b.op("Pad", [x, b.const(f"{key}_pad", np.array([0, 0, 0, pad], np.int64))])
+    x = b.op("Reshape", [x, b.const(f"{key}_gv", np.array([rows * ng, g], np.int64))])
+    scale = b.op("Cast", [b.op("Reshape", [b.const(f"{key}_scale", _np(enc[f"{key}_scale"])),
+                                           b.const(f"{key}_sv", np.array([rows * ng], np.int64))])],
+                 to=TensorProto.FLOAT)
+    if q.zero is None:  # symmetric: the fixed zero point 2^(bits-1)
+        zero = b.op("ConstantOfShape", [b.const(f"{key}_zn", np.array([rows * ng], np.int64))],
+                    value=helper.make_tensor("z", TensorProto.UINT8, [1], [1 << (q.bits - 1)]))
+    else:
+        zero = _unpacked_codes(b, f"{key}_zero", enc[f"{key}_zero"], q.bits, rows * ng)
+    w = b.op("DequantizeLinear", [x, scale, zero], axis=0)
+    w = b.op("Reshape", [w, b.const(f"{key}_ow", np.array([rows, ng * g], np.int64))])
+    if pad:
+        w = b.op("Slice", [w, b.const(f"{key}_c0", np.array([0], np.int64)),
+                           b.const(f"{key}_c1", np.array([cols], np.int64)),
+                           b.const(f"{key}_c2", np.array([1], np.int64))])
+    return w
+
+
+def _quant_matrix(b: _Builder, key: str, enc: dict[str, torch.Tensor], q: Any, rows: int, cols: int,
+                  dtype: np.dtype, codes: str | None = None) -> str:
+    """A quantized part (rows x cols) decoded in-graph, as ``dtype`` (``codes``: uint8 already unpacked)."""
+    from onnx import TensorProto
+
+    if codes is None:
+        codes = _unpacked_codes(b, key, enc[f"{key}_codes"], q.bits, rows * cols)
+    w = _dequantized(b, key, enc, q, codes, rows, cols)
+    return w if dtype == np.float32 else b.op("Cast", [w], to=TensorProto.FLOAT16)
 
 
 def layer_subgraph(name: str, layer: CompressedLinear, x: str, y: str, short: str = "cl"
@@ -180,15 +269,25 @@ def layer_subgraph(name: str, layer: CompressedLinear, x: str, y: str, short: st
     if layer.a_in is not None:
         x = b.op("Mul", [x, b.const("a_in", _np(layer.a_in))])
     terms = []
+    m, n = layer.out_features, layer.in_features
+    qw = layer.quant.get("weight")
     if layer.base is not None:  # delta layers: the frozen base has no compact form; S is folded into it
         terms.append(b.op("MatMul", [x, b.const("weight_T", _np((layer.base + layer.sparse_part()).t()))]))
+    elif kind == "dense" and qw is not None:
+        w = _quant_matrix(b, "dense", enc, qw, m, n, dtype)
+        terms.append(b.op("MatMul", [x, b.op("Transpose", [w], perm=[1, 0])]))
     elif kind == "dense":
         terms.append(b.op("MatMul", [x, b.const("weight_T", _np(layer.weight.t()))]))
     elif kind in ("bitmask", "csr") and layer.nnz() > 0:
         terms.append(b.op("MatMul", [x, _sparse_transposed(b, layer, enc, kind, dtype)]))
     if layer.rank:
-        z = b.op("MatMul", [x, b.const("A_T", _np(layer.lr_A.t()))])
-        terms.append(b.op("MatMul", [z, b.const("B_T", _np(layer.lr_B.t()))]))
+        r = layer.rank
+        qa, qb = layer.quant.get("lr_A"), layer.quant.get("lr_B")
+        a = _quant_matrix(b, "A", enc, qa, r, n, dtype) if qa is not None else None
+        z = b.op("MatMul", [x, b.op("Transpose", [a], perm=[1, 0]) if a else b.const("A_T", _np(layer.lr_A.t()))])
+        bm = _quant_matrix(b, "B", enc, qb, m, r, dtype) if qb is not None else None
+        terms.append(b.op("MatMul", [z, b.op("Transpose", [bm], perm=[1, 0]) if bm else
+                                     b.const("B_T", _np(layer.lr_B.t()))]))
     if not terms:
         raise CheckpointError(f"layer {name}: nothing to export (no sparse, dense or low-rank part)")
     out = terms[0] if len(terms) == 1 else b.op("Add", terms)
@@ -300,14 +399,21 @@ def run_onnx(path: str | os.PathLike[str], inputs: dict[str, np.ndarray], thread
     return ort_session(path, threads).run(None, inputs)[0]
 
 
-def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session for an exported graph (all graph optimisations on)."""
+def ort_session(path: str | os.PathLike[str], threads: int | None = None, decode_at_load: bool = True) -> Any:
+    """An ONNX Runtime CPU session for an exported graph (all graph optimisations on).
+
+    ``decode_at_load`` lets ONNX Runtime fold ``DequantizeLinear`` of quantized weights once, at load
+    (float weights in memory, float speed); without it the codes stay in memory and are decoded on
+    every call (ONNX Runtime keeps Q/DQ nodes by default).
+    """
     try:
         import onnxruntime as ort
     except ImportError:  # pragma: no cover - optional dependency
         raise CheckpointError("checking ONNX needs onnxruntime: pip install rcc-compression[export]") from None
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if decode_at_load:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
