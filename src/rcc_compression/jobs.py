@@ -37,7 +37,52 @@ def calibration_batches(wrapper: nn.Module, cfg: RCCConfig, source: str | None =
     from .data.calibration import build_calibration_batches
 
     return build_calibration_batches(wrapper, src, total, cal.batch_size, cfg.experiment.seed,
-                                     skip_bad=cfg.dataset.skip_bad)
+                                     skip_bad=cfg.dataset.skip_bad, root=cfg.dataset.root)
+
+
+def evaluation_datasets(cfg: RCCConfig) -> list[str]:
+    """What a run evaluates on: ``evaluation.datasets`` and ``dataset.test``; the world when neither is set."""
+    test = [cfg.dataset.test] if cfg.dataset.test else []
+    return list(dict.fromkeys([*cfg.evaluation.datasets, *test])) or ["world"]
+
+
+def compress_data(wrapper: nn.Module, cfg: RCCConfig, run_dir: Path | None, evaluate: bool
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """(fit batches, gate batches, data record) of ``rcc compress``, leak-checked.
+
+    The gate's held-out batches come from ``dataset.val`` when it is set, else from the same draw
+    as the fit batches. Calibration draws, the val split and every dataset the run evaluates on
+    (when it does) are checked for shared images and recorded in ``data.json``.
+    """
+    from .data.calibration import build_calibration_batches, calibration_items
+    from .evaluation.suite import benchmark_datasets
+    from .jobdata import check_and_record, open_role
+
+    cal, seed = cfg.calibration, cfg.experiment.seed
+    kw = {"skip_bad": cfg.dataset.skip_bad, "root": cfg.dataset.root}
+    from_val = bool(cfg.dataset.val) and cal.holdout_batches > 0
+    n_fit = cal.num_batches + (0 if from_val else cal.holdout_batches)
+    roles: dict[str, list[Any]] = {}
+    if cal.source == "synthetic":
+        batches = build_calibration_batches(wrapper, "synthetic", n_fit, cal.batch_size, seed)
+    else:
+        items = calibration_items(wrapper, cal.source, n_fit * cal.batch_size, seed, **kw)
+        roles["calibration"] = [items]
+        batches = build_calibration_batches(wrapper, cal.source, n_fit, cal.batch_size, seed, items=items, **kw)
+    if from_val:
+        val = open_role(cfg, wrapper, cfg.dataset.val, "val")
+        roles["val"] = [val]
+        spec = f"{val.spec}@{val.split}" if "@" not in str(val.spec) else str(val.spec)
+        holdout = build_calibration_batches(wrapper, spec, cal.holdout_batches, cal.batch_size, seed, **kw)
+        fit = batches
+    else:
+        n_hold = cal.holdout_batches
+        fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, batches)
+    if evaluate and cfg.evaluation.benchmarks:
+        tests = benchmark_datasets(wrapper, cfg.evaluation.benchmarks, evaluation_datasets(cfg), **kw)
+        roles["test"] = list({id(ds): ds for _, _, ds in tests}.values())
+    record = check_and_record(run_dir, roles, cfg.dataset.leak_check) if roles else {}
+    return fit, holdout, record
 
 
 HEADLINE_METRICS = ("top1", "top5", "mean_per_class_recall", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy")
@@ -61,7 +106,7 @@ def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> dict[str, float]:
         return {}
     from .evaluation.suite import evaluate_model
 
-    res = evaluate_model(wrapper, benchmarks=cfg.evaluation.benchmarks, datasets=cfg.evaluation.datasets,
+    res = evaluate_model(wrapper, benchmarks=cfg.evaluation.benchmarks, datasets=evaluation_datasets(cfg),
                          batch_size=cfg.evaluation.batch_size, bootstrap_samples=0, seed=cfg.experiment.seed)
     return headline_metrics(res, ("top1", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy"))
 
@@ -132,9 +177,7 @@ def _run_compress(
     device = resolve_device(cfg.experiment.device)
     wrapper = get_model(cfg.model.name, cfg.model.type, cfg.model.dtype, seed=cfg.experiment.seed)
     wrapper.to(device)
-    batches = calibration_batches(wrapper, cfg, cfg.calibration.source)
-    n_hold = cfg.calibration.holdout_batches
-    fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, batches)
+    fit, holdout, _ = compress_data(wrapper, cfg, run_dir, evaluate)
     preserve = calibration_batches(wrapper, cfg, cfg.calibration.preserve_source) if (
         cfg.calibration.preserve_source) else None
     section, plan = cfg.compression, None
@@ -261,3 +304,28 @@ def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def evaluate_job(cfg: RCCConfig, run_dir: Path, benchmarks: list[str], datasets: list[str], split: str = "test",
+                 key: bytes | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``rcc evaluate``: the model (a name, a directory, or a compressed checkpoint or run), on ``datasets``.
+
+    A compressed model's lineage (the runs it was compressed and trained in, by their ``data.json``)
+    is checked first: a test image any of them calibrated or trained on is refused.
+    """
+    from .compression.export import checkpoint_dir, load_deployable
+    from .evaluation.suite import benchmark_datasets, run_suite
+    from .jobdata import check_against_lineage
+
+    name = cfg.model.name
+    model: Any = load_deployable(name, key=key).wrapper if checkpoint_dir(name) is not None else name
+    checked: list[str] = []
+    if checkpoint_dir(name) is not None:
+        tests = benchmark_datasets(model, benchmarks, datasets, split, skip_bad=kwargs.get("skip_bad", False),
+                                   root=kwargs.get("root"), world_seed=kwargs.get("world_seed"))
+        checked = check_against_lineage(name, list({id(ds): ds for _, _, ds in tests}.values()))
+    results = run_suite(model, run_dir, benchmarks=benchmarks, datasets=datasets, seed=cfg.experiment.seed,
+                        config=dump_config(cfg), split=split, **kwargs)
+    results["lineage_checked"] = checked
+    atomic_write_json(run_dir / "results.json", results)
+    return results

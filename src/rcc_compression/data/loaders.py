@@ -216,7 +216,8 @@ def text_lengths(dataset: Any, tokenizer: Any = None, max_length: int | None = N
     lengths: list[list[int]] = [[] for _ in records]
     if texts:
         if tokenizer is not None:
-            counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+            enc = tokenizer(texts, add_special_tokens=True, truncation=max_length is not None, max_length=max_length)
+            counts = [len(ids) for ids in enc["input_ids"]]
         else:
             counts = [len(t.split()) + 2 for t in texts]
         for i, n in zip(owner, counts, strict=True):
