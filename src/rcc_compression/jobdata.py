@@ -97,16 +97,8 @@ def training_splits(cfg: RCCConfig, wrapper: Any, fallback: str | None = None
 def check_and_record(run_dir: Path | None, roles: Mapping[str, Sequence[Any]], mode: str,
                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Leak-check ``roles`` (see :func:`~rcc_compression.data.splits.check_splits`) and write ``data.json``."""
-    record = check_splits(roles, mode)
-    identities: dict[str, list[str]] = {}
-    if record["mode"] != "off":
-        for role, items in roles.items():
-            ids: set[str] = set()
-            for p in items:
-                ds, ix = p if isinstance(p, tuple) else (p, None)
-                ids.update(image_identities(ds, ix, record["mode"]))
-            if len(ids) <= MAX_LISTED:
-                identities[role] = sorted(ids)
+    record = check_splits(roles, mode, identities=True)
+    identities = {role: ids for role, ids in record.pop("identities", {}).items() if len(ids) <= MAX_LISTED}
     out = {"leak_check": record, "roles": describe_parts(roles), "identities": identities, **(extra or {})}
     if run_dir is not None:
         atomic_write_json(Path(run_dir) / DATA_FILE, out)

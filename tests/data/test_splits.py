@@ -74,3 +74,24 @@ def test_calibration_reads_the_train_split_or_the_one_named(image_folder: Path) 
         build_calibration_batches(wrapper, str(image_folder), 1, 2, seed=0)
     (batch,) = build_calibration_batches(wrapper, f"{image_folder}@val", 1, 2, seed=0)
     assert batch["pixel_values"].shape[0] == 2
+
+
+def test_hugging_face_splits_by_name_and_their_images_compared(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+    from PIL import Image
+
+    def part(values: list[int]) -> object:
+        imgs = [Image.fromarray(np.full((8, 8, 3), v, dtype=np.uint8)) for v in values]
+        return datasets.Dataset.from_dict({"image": imgs, "caption": [f"grey {v}" for v in values]},
+                                          features=datasets.Features({"image": datasets.Image(),
+                                                                      "caption": datasets.Value("string")}))
+
+    datasets.DatasetDict({"train": part([10, 20, 30]), "validation": part([40, 50])}).save_to_disk(tmp_path / "hf")
+    cfg = DatasetSection(train=str(tmp_path / "hf"), val=f"{tmp_path / 'hf'}@validation")
+    parts = open_splits(cfg, transform=SMALL)
+    assert (len(parts["train"]), len(parts["val"]), parts["val"].split) == (3, 2, "validation")
+    datasets.DatasetDict({"train": part([10, 20, 30]), "validation": part([40, 20])}).save_to_disk(tmp_path / "hf2")
+    with pytest.raises(DataError, match=r"1 image\(s\) of train are also in val"):
+        open_splits(DatasetSection(train=str(tmp_path / "hf2"), val=f"{tmp_path / 'hf2'}@validation"),
+                    transform=SMALL)

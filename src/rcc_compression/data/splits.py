@@ -145,13 +145,15 @@ def image_identities(ds: MultimodalDataset, indices: Sequence[int] | None = None
 
 
 
-def check_splits(roles: Mapping[str, Sequence[Any]], mode: str = "auto") -> dict[str, Any]:
+def check_splits(roles: Mapping[str, Sequence[Any]], mode: str = "auto", identities: bool = False
+                 ) -> dict[str, Any]:
     """Refuse any image of a training role in a held-out role, and any image shared by val and test.
 
     ``roles`` maps a role (``calibration``, ``train``, ``val``, ``test``) to the parts it uses:
     datasets, or ``(dataset, indices)`` pairs for a subset (calibration draws). Returns a record
     for the run directory: the mode, and per role the number of distinct images and a sha256 of
-    their sorted identities. ``mode="off"`` checks nothing (and says so in the record).
+    their sorted identities (with ``identities``, also the identities themselves, under
+    ``identities``). ``mode="off"`` checks nothing (and says so in the record).
     """
     if mode not in ("auto", "content", "path", "off"):
         raise ValueError(f"leak check mode must be auto, content, path or off, got {mode!r}")
@@ -187,9 +189,12 @@ def check_splits(roles: Mapping[str, Sequence[Any]], mode: str = "auto") -> dict
             raise DataError(
                 f"split leak: {len(shared)} image(s) of {a} are also in {b} (by {mode}), e.g. {examples}; "
                 f"use disjoint splits (SPEC@SPLIT names one), or set dataset.leak_check=off to allow it")
-    return {"mode": mode, "roles": {
+    record: dict[str, Any] = {"mode": mode, "roles": {
         role: {"images": len(ids), "sha256": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()}
         for role, ids in idents.items()}}
+    if identities:
+        record["identities"] = {role: sorted(ids) for role, ids in idents.items()}
+    return record
 
 
 def describe_parts(roles: Mapping[str, Sequence[Any]]) -> dict[str, list[dict[str, Any]]]:
