@@ -30,6 +30,7 @@ test-gpu: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # the documentation site (docs/, mkdocs.yml) into site/; docs-serve previews it at http://127.0.0.1:8000
 docs: install

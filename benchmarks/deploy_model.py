@@ -15,7 +15,7 @@ CONFIG = {"compression": {"cascade": {"stages": ["dare", "nullu"], "rounds": 1, 
 
 def compressed_checkpoint(path: str | Path, rate: float = 0.75, model: str = "rcc-clip-world") -> Path:
     """A compressed checkpoint of ``model`` at ``rate`` in ``path`` (made if it is not there yet)."""
-    from rcc_compression.compression.api import compress_model
+    from rcc_compression import compress_model
     from rcc_compression.compression.storage import MANIFEST, save_compressed
 
     path = Path(path)

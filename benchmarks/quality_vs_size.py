@@ -25,7 +25,7 @@ import torch
 
 from rcc_compression import compress_model, evaluate_model, get_model
 from rcc_compression.data.calibration import build_calibration_batches
-from rcc_compression.jobs import headline_metrics
+from rcc_compression.jobs.compress import headline_metrics
 
 NO_FT = {"iterations": 1, "fine_tune_epochs": 0}
 REFIT = {"decomposition_method": "activation_aware", "refit": "sequential"}

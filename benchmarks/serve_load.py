@@ -98,6 +98,14 @@ class Server:
             self.proc.kill()
 
 
+def model_memory(url: str, key: str) -> int:
+    """Bytes of the served model's tensors (parameters, buffers, kernel copies), as the server reports them."""
+    import httpx
+
+    models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["models"]
+    return int(models[0]["memory_bytes"])
+
+
 def batch_stats(url: str, key: str) -> tuple[float, float]:
     import httpx
 
@@ -165,8 +173,11 @@ def main() -> None:
                "4x": Server(str(ckpt), work / "keys.json", args.threads, args.max_batch, args.batch_wait_ms)}
     results: dict = {"levels": {}, "threads": args.threads, "requests": args.requests}
     try:
-        for s in servers.values():
+        for tag, s in servers.items():
             s.wait_ready()
+            results.setdefault("model_bytes", {})[tag] = model_memory(s.url, key)
+        sizes = ", ".join(f"{t} {b / 1e6:.2f} MB" for t, b in results["model_bytes"].items())
+        print(f"model tensors in memory: {sizes} (parameters, buffers and inference-kernel copies)")
         print(f"/v1/embed/image, one 64x64 PNG per request, {args.requests} requests per model and level; "
               f"servers with {args.threads} torch thread(s), max batch {args.max_batch}, wait {args.batch_wait_ms} ms")
         print(f"{'model':6s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'5xx':>4s} {'batch':>6s} "

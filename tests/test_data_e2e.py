@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from rcc_compression.cli import main
-from rcc_compression.data.splits import image_identities
 from rcc_compression.data.datasets import ImageFolderDataset, KarpathyCaptionsDataset
+from rcc_compression.data.splits import image_identities
 from rcc_compression.data.world import classification_scenes, render_scene, world_scenes
 
 SHAPES = ("circle", "square", "triangle")

@@ -15,17 +15,18 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+#: public name -> (module, attribute); the pipeline classes are the ones with distillation wired in
 _EXPORTS = {
-    "compress_model": "rcc_compression.compression.api",
-    "evaluate_model": "rcc_compression.evaluation.suite",
-    "CompressionPipeline": "rcc_compression.compression.cascade",
-    "CascadePipeline": "rcc_compression.compression.cascade",
-    "save_compressed": "rcc_compression.compression.storage",
-    "load_compressed": "rcc_compression.compression.storage",
-    "export_dense": "rcc_compression.compression.storage",
-    "get_model": "rcc_compression.models.registry",
-    "load_config": "rcc_compression.config",
-    "seed_everything": "rcc_compression.utils.seeding",
+    "compress_model": ("rcc_compression.jobs.api", "compress_model"),
+    "evaluate_model": ("rcc_compression.evaluation.suite", "evaluate_model"),
+    "CompressionPipeline": ("rcc_compression.jobs.api", "CompressionPipeline"),
+    "CascadePipeline": ("rcc_compression.jobs.api", "CompressionPipeline"),
+    "save_compressed": ("rcc_compression.compression.storage", "save_compressed"),
+    "load_compressed": ("rcc_compression.compression.storage", "load_compressed"),
+    "export_dense": ("rcc_compression.compression.storage", "export_dense"),
+    "get_model": ("rcc_compression.models.registry", "get_model"),
+    "load_config": ("rcc_compression.config", "load_config"),
+    "seed_everything": ("rcc_compression.utils.seeding", "seed_everything"),
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -33,5 +34,6 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        module, attr = _EXPORTS[name]
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'rcc_compression' has no attribute {name!r}")

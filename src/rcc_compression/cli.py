@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .errors import ConfigError, EvaluationError, RCCError
+from .errors import CheckpointError, ConfigError, EvaluationError, RCCError
 
 app = typer.Typer(
     name="rcc",
@@ -98,7 +98,8 @@ def compress(
     from rich.table import Table
 
     from .config import dump_config, load_config
-    from .jobs import checkpoint_key, prepare_run_dir, run_compress, summary_rows
+    from .jobs.common import checkpoint_key, prepare_run_dir
+    from .jobs.compress import run_compress, summary_rows
     from .utils.io import directory_lock
     from .utils.logging import setup_logging
     from .utils.runs import RunRecord, new_run_dir
@@ -109,8 +110,6 @@ def compress(
             raise typer.BadParameter("--resume takes the run's own config; drop --config/--set/--model/--seed")
         cfg_file = resume / "config.yaml"
         if not cfg_file.is_file():
-            from .errors import CheckpointError
-
             raise CheckpointError(f"{resume}: not a run directory (no config.yaml)")
         cfg = load_config(cfg_file)
         key = checkpoint_key(encrypt, key_file, resume)
@@ -176,7 +175,7 @@ def train(
     With --reference clip|blip it trains a bundled-style reference model on the world instead, as `rcc world train-reference` does (that command also takes the world, time budget and steps).
     """  # noqa: E501
     from .config import load_config
-    from .training.recovery import resolve_source, train_job
+    from .jobs.train import resolve_source, train_job
 
     if (source is None) == (reference is None):
         raise ConfigError("rcc train: give exactly one of --from RUN_DIR (recovery) or --reference clip|blip")
@@ -202,7 +201,7 @@ def train(
 
 def _train_reference(kind: str, out: Path, world: Path | None, seed: int, minutes: float, steps: int | None,
                      verbose: int, quiet: bool) -> None:
-    from .models.reference_training import train_reference
+    from .jobs.reference import train_reference
     from .utils.logging import setup_logging
 
     if kind not in ("clip", "blip"):
@@ -281,7 +280,9 @@ def evaluate(
 ) -> None:
     """Evaluate a model: every metric with a bootstrap 95 % CI, into results.json and results.md."""
     from .config import load_config
-    from .jobs import evaluate_job, evaluation_datasets
+    from .evaluation.suite import results_table
+    from .jobs.common import evaluation_datasets
+    from .jobs.evaluate import evaluate_job
     from .utils.logging import setup_logging
     from .utils.runs import new_run_dir
 
@@ -298,8 +299,6 @@ def evaluate(
         root=cfg.dataset.root, progress=not quiet,
     )
     if not quiet:
-        from .evaluation.suite import results_table
-
         typer.echo(results_table(results), nl=False)
     typer.echo(f"run directory: {run_dir}")
     if not results.get("results"):
@@ -384,6 +383,34 @@ def keys_add(
     typer.echo(key)
 
 
+@app.command()
+def search(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Search file (YAML: base config, space, objectives).")],
+    trials: Annotated[int | None, typer.Option("--trials", "-n", help="Finished trials the study needs (overrides study.trials).")] = None,  # noqa: E501
+    storage: Annotated[str | None, typer.Option("--storage", help="sqlite:///PATH or postgresql://... (default: OUTPUT/study.db).")] = None,  # noqa: E501
+    study: Annotated[str | None, typer.Option("--study", help="Study name (overrides study.name); workers sharing it share trials.")] = None,  # noqa: E501
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Search directory (trials, reports).")] = None,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Hyper-parameter search with Optuna: run this command on as many machines as you like with one --storage."""
+    from .optimization.search import Search
+    from .optimization.space import load_search_config
+    from .utils.logging import setup_logging
+    from .utils.runs import RunRecord, new_run_dir
+
+    overrides = {k: v for k, v in (("study.trials", trials), ("study.name", study)) if v is not None}
+    spec = load_search_config(config, overrides)
+    out = output or new_run_dir("runs", f"search-{spec.study.name}")
+    setup_logging(_verbosity(verbose, quiet), out)
+    resolved = spec.model_dump(mode="json") | {"config": str(spec.base_path().resolve()) if spec.config else None}
+    with RunRecord(out, resolved, spec.study.seed) as record, _progress(quiet) as report:
+        result = Search(spec, out, storage=storage, progress=report).run()
+        record.update(results={"counts": result["counts"], "best": result["best"] and result["best"]["number"]})
+    typer.echo((out / "summary.md").read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"search directory: {out}")
+
+
 @contextlib.contextmanager
 def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar fed by ``report(stage, done, total)`` callbacks."""
@@ -402,8 +429,16 @@ def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield report
 
 
+#: Click's base exception, from Typer's public ``BadParameter`` (Typer may ship its own copy of Click)
+_CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI in-process; returns the exit status (2 on bad input)."""
+    """Run the CLI in-process; returns the exit status.
+
+    Bad input (config, model, data: :class:`RCCError`) prints one line; a usage error (unknown
+    option or command, missing or bad argument) prints Click's usage line and message. Both exit 2.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         app(args=args, prog_name="rcc", standalone_mode=False)
@@ -415,14 +450,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return int(exc.exit_code)
-        raise
+    except _CLICK_ERROR as exc:  # usage errors: the usage line and the message, as Click prints them
+        if hasattr(exc, "ctx") and exc.ctx is None:  # raised by the option parser before the context existed
+            exc.ctx = _context_of(args)
+        exc.show()
+        return int(exc.exit_code)
     return 0
+
+
+def _context_of(args: Sequence[str]) -> Any:
+    """A Click context of the (sub)command ``args`` name, for its usage line."""
+    cmd, path = typer.main.get_command(app), ["rcc"]
+    for token in args:
+        sub = getattr(cmd, "commands", {}).get(token)
+        if sub is None:
+            break
+        cmd, path = sub, [*path, token]
+    return cmd.make_context(" ".join(path), [], resilient_parsing=True)
 
 
 def _alias(command: str) -> int:

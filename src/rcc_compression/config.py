@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import copy
 import os
-import reprlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import Field, ValidationError
 
+from .compression.registry import CompressionSection, validate_stage_config
 from .errors import ConfigError
-from .utils.schema import StrictModel
-
-KeyPath = tuple[str | int, ...]
+from .training.settings import TrainingSection
+from .utils.schema import KeyPath, StrictModel, error_line, fmt_path, short, show
 
 
 # ----------------------------------------------------------------------------------- sections
@@ -112,50 +111,6 @@ class CalibrationSection(StrictModel):
     preserve_source: str | None = Field(None, description="alphaedit closed_form: data whose outputs must not move")
 
 
-class TrainingSection(StrictModel):
-    """Recovery fine-tuning and distillation hyper-parameters."""
-
-    batch_size: int = Field(256, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
-    num_epochs: int = Field(20, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    grad_accumulation: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    temperature: float = Field(2.0, gt=0)
-    momentum: float = Field(0.9, ge=0, description="SGD momentum")
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
-        (0.9, 0.999), description="AdamW moment decay rates")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / peak lr of the cosine and linear schedules")
-    kd_weight: float = Field(1.0, ge=0, description="logit KD (CLIP: both directions of the similarity matrix)")
-    feature_weight: float = Field(1.0, ge=0, description="feature matching (embeddings, last hidden states)")
-    attention_weight: float = Field(0.0, ge=0, description="attention transfer (needs eager attention)")
-    task_weight: float = Field(0.0, ge=0, description="the model's own loss (CLIP contrastive, BLIP captioning)")
-    trainable: Literal["compressed", "all"] = "compressed"
-    dropout: bool = Field(False, description="train with dropout (whole model in training mode)")
-    gradient_checkpointing: bool = False
-    teacher_cache: str | None = Field(None, description="directory for cached teacher outputs")
-    checkpoint_every_steps: int = Field(0, ge=0, description="0: checkpoint at epoch ends only")
-    early_stopping_patience: int | None = Field(None, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="optimiser steps to train (overrides num_epochs)")
-    eval_every_steps: int = Field(0, ge=0, description="validate every this many steps; 0: at epoch ends")
-    monitor: str = Field("val_loss", description="validation metric that picks the best model (losses: lower "
-                         "is better; others: higher)")
-    val_benchmarks: list[Literal["zero_shot", "retrieval", "captioning", "vqa"]] = Field(
-        default_factory=list, description="task benchmarks evaluated on the val split at every validation")
-    val_max_items: int | None = Field(None, ge=1, description="validate on a seeded subset of this many items")
-
-    @model_validator(mode="after")
-    def _some_loss(self) -> TrainingSection:
-        if not (self.kd_weight or self.feature_weight or self.attention_weight or self.task_weight):
-            raise ValueError("every loss weight (kd_weight, feature_weight, attention_weight, task_weight) is 0: "
-                             "at least one must be > 0")
-        return self
-
-
 class EvaluationSection(StrictModel):
     """Which benchmarks and metrics to run after compression."""
 
@@ -164,23 +119,9 @@ class EvaluationSection(StrictModel):
     benchmarks: list[str] = Field(default_factory=lambda: ["zero_shot", "retrieval"],
                                   description="zero_shot, retrieval, captioning, vqa, efficiency")
     datasets: list[str] = Field(default_factory=list, description="dataset specs to evaluate on (SPEC[@SPLIT], "
-                                "test split by default); empty: dataset.test, else the world")
+                                "test split by default), besides dataset.test; neither set: the world")
     batch_size: int = Field(64, ge=1, description="evaluation batch size")
     bootstrap_samples: int = Field(1000, ge=0, description="bootstrap resamples per metric (0: point estimates)")
-
-
-def _compression_section() -> type[StrictModel]:
-    from .compression.cascade import CascadeConfig
-    from .compression.registry import STAGES
-
-    fields: dict[str, Any] = {
-        name: (cfg_cls, Field(default_factory=cfg_cls)) for name, (cfg_cls, _) in STAGES.items()
-    }
-    fields["cascade"] = (CascadeConfig, Field(default_factory=CascadeConfig))
-    return create_model("CompressionSection", __base__=StrictModel, **fields)
-
-
-CompressionSection = _compression_section()
 
 
 class RCCConfig(StrictModel):
@@ -200,39 +141,16 @@ _DIRECTIVES = ("inherit", "override")
 #: deeper mappings than this are refused (a YAML alias can make a mapping contain itself)
 MAX_DEPTH = 32
 
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 4, 4, 4, 4
-
-
-def _short(value: Any) -> str:
-    """A bounded one-line repr of a bad value (YAML aliases can make values huge or self-containing)."""
-    text = _REPR.repr(value)
-    return text if len(text) <= 160 else text[:157] + "..."
-
 
 def _why(exc: Exception) -> str:
     """The reason of an OS or value error without the (possibly huge) file name it carries."""
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return _show(" ".join(text.split()))
-
-
-def _show(path: Any) -> str:
-    """A path or key path for a one-line message: as is when printable and short, else a bounded repr."""
-    text = str(path)
-    return text if text.isprintable() and len(text) <= 300 else _short(text)
-
-
-def _fmt_path(path: KeyPath) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "<root>"
+    return show(" ".join(text.split()))
 
 
 def _read_yaml(path: Path, origin: str | None) -> Any:
-    where = f" (inherited from {_show(origin)})" if origin else ""
-    name = _show(path)
+    where = f" (inherited from {show(origin)})" if origin else ""
+    name = show(path)
     try:
         exists, is_dir, is_file = path.exists(), path.is_dir(), path.is_file()
     except (OSError, ValueError) as exc:  # a name too long, an embedded NUL
@@ -291,10 +209,10 @@ class _Loader:
         try:
             path = path.resolve()
         except (OSError, ValueError, RuntimeError) as exc:  # NUL in the name, a symlink loop
-            raise ConfigError(f"config error: {_show(path)}: cannot use this path: {_why(exc)}") from None
+            raise ConfigError(f"config error: {show(path)}: cannot use this path: {_why(exc)}") from None
         if path in stack:
-            chain = " -> ".join(_show(p.name) for p in (*stack, path))
-            raise ConfigError(f"config error: {_show(stack[-1])}: inherit: cycle {chain}; remove one of these inherits")
+            chain = " -> ".join(show(p.name) for p in (*stack, path))
+            raise ConfigError(f"config error: {show(stack[-1])}: inherit: cycle {chain}; remove one of these inherits")
         if path in self.cache:
             return copy.deepcopy(self.cache[path][0]), dict(self.cache[path][1])
         raw = _read_yaml(path, origin)
@@ -306,23 +224,23 @@ class _Loader:
         out: dict = {}
         prov: dict[KeyPath, str] = {}
         if len(kp) > MAX_DEPTH:
-            raise ConfigError(f"config error: {_show(file)}: {_show(_fmt_path(kp[:4]))}...: nested too deeply "
+            raise ConfigError(f"config error: {show(file)}: {show(fmt_path(kp[:4]))}...: nested too deeply "
                               f"(more than {MAX_DEPTH} levels; does a YAML alias refer to itself?)")
         if "inherit" in node:
             parents = node["inherit"]
             parents = [parents] if isinstance(parents, str) else parents
             if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
                 raise ConfigError(
-                    f"config error: {_show(file)}: {_fmt_path((*kp, 'inherit'))}: expected a path or a list of paths, "
-                    f"got {_short(node['inherit'])}"
+                    f"config error: {show(file)}: {fmt_path((*kp, 'inherit'))}: expected a path or a list of paths, "
+                    f"got {short(node['inherit'])}"
                 )
             for rel in parents:
                 try:
                     target = (file.parent / os.path.expanduser(rel)).resolve()
                 except (OSError, ValueError, RuntimeError) as exc:
-                    raise ConfigError(f"config error: {_show(file)}: {_fmt_path((*kp, 'inherit'))}: cannot use path "
-                                      f"{_short(rel)}: {_why(exc)}") from None
-                doc, dprov = self.load_file(target, stack, origin=f"{file}: {_fmt_path((*kp, 'inherit'))}")
+                    raise ConfigError(f"config error: {show(file)}: {fmt_path((*kp, 'inherit'))}: cannot use path "
+                                      f"{short(rel)}: {_why(exc)}") from None
+                doc, dprov = self.load_file(target, stack, origin=f"{file}: {fmt_path((*kp, 'inherit'))}")
                 if kp and isinstance(doc.get(kp[-1]), dict):
                     sub = doc[kp[-1]]
                     sprov = {(*kp, *p[1:]): f for p, f in dprov.items() if p[:1] == (kp[-1],)}
@@ -333,8 +251,8 @@ class _Loader:
             if key in _DIRECTIVES:
                 continue
             if not isinstance(key, str):
-                raise ConfigError(f"config error: {_show(file)}: {_fmt_path(kp)}: keys must be strings, "
-                                  f"got {_short(key)}")
+                raise ConfigError(f"config error: {show(file)}: {fmt_path(kp)}: keys must be strings, "
+                                  f"got {short(key)}")
             path = (*kp, key)
             if isinstance(value, dict):
                 sub, sprov = self.resolve(value, file, path, stack)
@@ -345,7 +263,7 @@ class _Loader:
             ov = node["override"]
             if not isinstance(ov, dict):
                 raise ConfigError(
-                    f"config error: {_show(file)}: {_fmt_path((*kp, 'override'))}: expected a mapping, got {_short(ov)}"
+                    f"config error: {show(file)}: {fmt_path((*kp, 'override'))}: expected a mapping, got {short(ov)}"
                 )
             sub, sprov = self.resolve(ov, file, kp, stack)
             _merge(out, prov, sub, sprov, kp)
@@ -355,17 +273,17 @@ class _Loader:
 def parse_set(item: str) -> tuple[KeyPath, Any]:
     """Parse one ``key.path=value`` override; the value is read as YAML (typed)."""
     if "=" not in item:
-        raise ConfigError(f"config error: --set {_short(item)}: expected KEY.PATH=VALUE")
+        raise ConfigError(f"config error: --set {short(item)}: expected KEY.PATH=VALUE")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"config error: --set {_short(item)}: empty key path")
+        raise ConfigError(f"config error: --set {short(item)}: empty key path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except (yaml.YAMLError, ValueError):
         value = raw
     except RecursionError:
-        raise ConfigError(f"config error: --set {_short(item)}: value nested too deeply") from None
+        raise ConfigError(f"config error: --set {short(item)}: value nested too deeply") from None
     return tuple(key.split(".")), value
 
 
@@ -375,68 +293,10 @@ def _apply_set(data: dict, prov: dict, path: KeyPath, value: Any) -> None:
         nxt = node.get(p)
         if not isinstance(nxt, dict):
             if nxt is not None:
-                raise ConfigError(f"config error: --set: {_fmt_path(path[: i + 1])} is not a mapping ({_short(nxt)})")
+                raise ConfigError(f"config error: --set: {fmt_path(path[: i + 1])} is not a mapping ({short(nxt)})")
             nxt = node[p] = {}
         node = nxt
     _merge(node, prov, {path[-1]: value}, {path: "--set"}, path[:-1])
-
-
-def _model_at(path: KeyPath) -> type[BaseModel] | None:
-    model: Any = RCCConfig
-    for p in path:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return None
-        field = model.model_fields.get(str(p))
-        if field is None:
-            return None
-        model = field.annotation
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-_EXPECTED = {
-    "float_parsing": "expected a number", "float_type": "expected a number",
-    "int_parsing": "expected an integer", "int_type": "expected an integer", "int_from_float": "expected an integer",
-    "bool_parsing": "expected true or false", "bool_type": "expected true or false",
-    "string_type": "expected a string", "list_type": "expected a list", "dict_type": "expected a mapping",
-    "model_type": "expected a mapping", "model_attributes_type": "expected a mapping",
-}
-
-
-def _is_tag(p: Any) -> bool:
-    """Whether a pydantic error location entry names a union member (``list[str]``, ``function-after[...]``)."""
-    return isinstance(p, str) and ("[" in p or p.startswith("function"))
-
-
-def _error_line(err: Mapping[str, Any], prov: Mapping[KeyPath, str], default_file: str) -> str:
-    raw: KeyPath = tuple(err["loc"])
-    loc: KeyPath = tuple(p for p in raw if not _is_tag(p))
-    if err["type"] == "extra_forbidden" and raw:  # the refused key is the user's, whatever it looks like
-        loc = (*tuple(p for p in raw[:-1] if not _is_tag(p)), raw[-1])
-    file = default_file
-    for n in range(len(loc), 0, -1):
-        if loc[:n] in prov:
-            file = prov[loc[:n]]
-            break
-    etype, value = err["type"], err.get("input")
-    where = f"config error: {_show(file)}: {_show(_fmt_path(loc))}:"
-    if etype == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        allowed = ", ".join(parent.model_fields) if parent else "?"
-        return f"{where} unknown key {_short(loc[-1])}; allowed keys: {allowed}"
-    if etype == "literal_error":
-        return f"{where} got {_short(value)}; allowed: {err.get('ctx', {}).get('expected', '?')}"
-    if etype in _EXPECTED:
-        field_model = _model_at(loc[:-1])
-        ann = ""
-        if field_model is not None and str(loc[-1]) in field_model.model_fields:
-            ann = f" ({_type_name(field_model.model_fields[str(loc[-1])].annotation)})"
-        return f"{where} {_EXPECTED[etype]}{ann}, got {_short(value)}"
-    msg = " ".join(err["msg"].removeprefix("Value error, ").split())
-    return f"{where} {msg}; got {_short(value)}"
-
-
-def _type_name(ann: Any) -> str:
-    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 
 def validate_config(
@@ -447,23 +307,10 @@ def validate_config(
         return RCCConfig.model_validate(dict(data))
     except ValidationError as exc:
         errors = exc.errors()
-        line = _error_line(errors[0], prov or {}, source)
+        line = error_line(errors[0], prov or {}, source, RCCConfig)
         if len(errors) > 1:
             line += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
         raise ConfigError(line) from None
-
-
-def validate_stage_config(name: str, data: Mapping[str, Any], source: str = "<dict>") -> Any:
-    """Validate one stage's keys (as under ``compression.<name>``) with the same one-line errors."""
-    from .compression.registry import STAGES
-
-    cfg_cls = STAGES[name][0]
-    try:
-        return cfg_cls.model_validate(dict(data))
-    except ValidationError as exc:
-        err = dict(exc.errors()[0])
-        err["loc"] = ("compression", name, *err["loc"])
-        raise ConfigError(_error_line(err, {}, source)) from None
 
 
 def load_config(
@@ -495,3 +342,10 @@ def load_config(
 def dump_config(cfg: RCCConfig) -> dict[str, Any]:
     """The fully resolved configuration as plain JSON/YAML-able data."""
     return cfg.model_dump(mode="json")
+
+
+__all__ = [
+    "CalibrationSection", "CompressionSection", "DatasetSection", "EvaluationSection", "ExperimentSection",
+    "ModelSection", "RCCConfig", "TrainingSection", "dump_config", "load_config", "parse_set", "validate_config",
+    "validate_stage_config",
+]

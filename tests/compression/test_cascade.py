@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from rcc_compression import compress_model
-from rcc_compression.compression.cascade import CascadePipeline
+from rcc_compression import CascadePipeline, compress_model
 from rcc_compression.compression.layers import compressed_layers, layer_snapshot
 from rcc_compression.compression.planner import LayerShape, plan_rate
 from rcc_compression.config import load_config
@@ -178,3 +177,34 @@ def test_compress_model_accepts_any_module_and_the_design_documents_pipeline_api
         "dare", {"pruning_rate": 0.5, "iterations": 1, "fine_tune_epochs": 0}).compress(other)
     assert compressed_layers(out)["fc1"].nnz() == round(0.5 * 24 * 48)
     assert [s.name for s in pipe.stages] == ["dare", "nullu", "alphaedit"] and pipe.rounds == 1
+
+
+def _bytes_by_step(pipe):
+    return [(r["round"], r["stage"], r["achieved"]["stored_bytes"], r["achieved"]["dense_bytes"]) for r in pipe.records]
+
+
+@pytest.mark.parametrize("nullu", [
+    {"rank_reduction": None, "energy_threshold": None, "param_budget": 0.2},  # the joint byte schedule
+    {"rank_reduction": 0.6, "energy_threshold": 0.9, "param_budget": None},  # each stage's own schedule, capped
+])
+@pytest.mark.parametrize("order", [["dare", "nullu"], ["nullu", "dare"]])
+def test_no_step_stores_more_than_the_previous_round(tiny_clip, nullu, order):
+    """Issue 10, item 2: with dare.iterations 4 the factors' budget ran 1 - (1 - b) f and early steps stored up to
+    1.6 x dense. Every step now stores at most what the previous round ended with (dense before the first)."""
+    cfg = load_config(None, data={"compression": {
+        "dare": {"pruning_rate": 0.7, "iterations": 4, "fine_tune_epochs": 0},
+        "nullu": nullu, "cascade": {"stages": order, "validation_threshold": 0.0}}}).compression
+    pipe = CascadePipeline(cfg)
+    pipe.run(tiny_clip)
+    steps = _bytes_by_step(pipe)
+    dense = steps[0][3]
+    round_end = {0: dense}
+    for rnd, _stage, stored, _ in steps:
+        assert stored <= round_end[rnd - 1], steps
+        round_end[rnd] = stored
+    ends = [round_end[k] for k in sorted(round_end)]
+    assert ends == sorted(ends, reverse=True)
+    if nullu["param_budget"] is not None:  # the final round lands on the final targets
+        assert pipe.records[-1]["targets"] in ({"pruning_rate": 0.7}, {"param_budget": 0.2})
+        first = [r["targets"] for r in pipe.records if r["round"] == 1]
+        assert all(0 < t.get("pruning_rate", 0.5) < 0.7 and 0.2 < t.get("param_budget", 0.5) < 1 for t in first)

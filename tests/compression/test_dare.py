@@ -126,7 +126,7 @@ def test_dare_iterations_shrink_masks_monotonically(mlp, mlp_batches):
     pipe = CascadePipeline(cfg, calibration_data=mlp_batches,
                            step_callback=lambda r: masks.append(compressed_layers(mlp)["fc1"].mask.clone()))
     pipe.run(mlp)
-    rates = [r["summary"]["achieved_rate"] for r in pipe.records]
+    rates = [r["summary"]["achieved_sparsity"] for r in pipe.records]
     assert rates == pytest.approx([0.2, 0.4, 0.6, 0.8], abs=1e-3)
     for a, b in zip(masks, masks[1:], strict=False):
         assert not torch.any(b & ~a)
@@ -164,3 +164,26 @@ def test_topk_mask_exact_count_with_ties():
     for rate in (0.1, 0.5, 0.93):
         assert int(topk_mask(big, rate, "layer").sum()) == keep_count(big.numel(), rate)
         assert torch.all(topk_mask(big, rate, "row").sum(1) == keep_count(700, rate))
+
+
+def test_entries_are_scored_with_their_channel_scales():
+    """Issue 10, item 16: a second round scores S as the layer applies it, ``diag(a_out) S diag(a_in)``."""
+    from rcc_compression.compression.dare import DareStage
+    from rcc_compression.compression.layers import CompressedLinear
+    from rcc_compression.compression.stage import CompressionContext
+
+    g = torch.Generator().manual_seed(3)
+    model = nn.Module()
+    model.fc = CompressedLinear.from_linear(nn.Linear(16, 8))
+    w = torch.randn(8, 16, generator=g)
+    model.fc.set_sparse(w, torch.ones(8, 16, dtype=torch.bool))
+    a_in = torch.cat([torch.full((8,), 0.05), torch.full((8,), 4.0)])
+    a_out = torch.rand(8, generator=g) + 0.5
+    model.fc.set_scales(a_in, a_out)
+    ctx = CompressionContext(model=model, dense={"fc": w})
+    stage = DareStage({"pruning_rate": 0.5, "iterations": 1, "fine_tune_epochs": 0, "targets": ["^fc$"]})
+    stage.compress(model, ctx)
+    expected = topk_mask((w * a_out[:, None] * a_in[None, :]).abs(), 0.5, "layer")
+    assert torch.equal(model.fc.mask, expected)
+    assert stage.statistics["achieved_sparsity"] == pytest.approx(0.5)
+    assert "achieved_rate" not in stage.statistics  # a share of entries, not of bytes (issue 10, item 15)

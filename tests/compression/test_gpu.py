@@ -64,3 +64,23 @@ def test_2to4_acceleration_only_where_faster():
 
     chosen = optimize_execution(Wrap(), {"x": x})
     assert chosen["lin"] in ("factored", "merged", "semi_structured")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_layer_kernels_on_cuda_match_the_codes(bits):
+    from rcc_compression.compression.layers import CompressedLinear
+    from rcc_compression.compression.quant import quantize_nearest
+
+    lin = torch.nn.Linear(256, 512).cuda().to(torch.bfloat16)
+    layer = CompressedLinear.from_linear(lin)
+    layer.set_quantized("weight", quantize_nearest(layer.weight.detach(), bits, None if bits == 8 else 128))
+    layer.eval()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    reference = layer(x).float()
+    for mode in ("int8", "torchao"):
+        if mode == "torchao":
+            pytest.importorskip("torchao", reason="the gpu extra (torchao) is not installed")
+        if layer.set_execution(mode):
+            out = layer(x).float()
+            assert (out - reference).abs().max() <= 0.05 * reference.abs().max()
+        layer.set_execution("factored")

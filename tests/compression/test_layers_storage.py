@@ -226,3 +226,37 @@ def test_kernels_survive_an_evaluation(tiny_clip):
     evaluate_model(model, benchmarks=["efficiency"], bootstrap_samples=0)
     assert not model.model.training
     assert {m.execution for m in compressed_layers(model.model).values()} == {"merged"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_delta_checkpoint_checks_its_base_and_saves_bfloat16(tmp_path, dtype):
+    """Issue 10, item 5: the base's sha256 is checked on load (an unrelated base is refused, not silently used),
+    and a bfloat16 delta model saves and loads."""
+    import copy
+
+    from rcc_compression.compression.cascade import CascadePipeline
+    from rcc_compression.config import load_config
+
+    from .conftest import MLP, batches_for
+
+    torch.manual_seed(0)
+    model = MLP()
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = load_config(None, data={"compression": {
+        "dare": {"pruning_rate": 0.5, "scorer": "random", "target": "delta", "iterations": 1, "fine_tune_epochs": 0,
+                 "targets": ["^fc"]},
+        "cascade": {"stages": ["dare"], "validation_threshold": 0.0}}}).compression
+    CascadePipeline(cfg, calibration_data=batches_for(24, 3), reference_model=base).run(model)
+    model.to(dtype)
+    base.to(dtype)
+    x = torch.randn(5, 24).to(dtype)
+    expected = model(x)
+    save_compressed(model, tmp_path / "ckpt")
+    loaded = load_compressed(tmp_path / "ckpt", model=MLP().to(dtype), reference_model=base)
+    assert torch.equal(loaded(x), expected)
+    other = MLP().to(dtype)  # an unrelated base
+    with pytest.raises(CheckpointError, match="not the base this checkpoint was compressed against"):
+        load_compressed(tmp_path / "ckpt", model=MLP().to(dtype), reference_model=other)

@@ -150,19 +150,20 @@ def test_not_factorised_where_it_does_not_save(mlp, mlp_batches):
     assert torch.equal(mlp(x), expected)
 
 
-@pytest.mark.parametrize("kind", ["linear", "compressed"])
+@pytest.mark.parametrize("kind", ["linear", "compressed", "compressed_dense"])
 def test_hallu_projection_removes_output_component(kind):
     g = torch.Generator().manual_seed(3)
-    lin = nn.Linear(20, 12)
+    n = 20 if kind == "compressed_dense" else 60
+    lin = nn.Linear(n, 12)
     V = torch.linalg.qr(torch.randn(12, 2, generator=g)).Q
     layer: nn.Module = lin
-    if kind == "compressed":
+    if kind != "linear":
         layer = CompressedLinear.from_linear(lin)
-        layer.set_sparse(lin.weight.detach(), torch.rand(12, 20, generator=g) > 0.5)
-        layer.set_low_rank(torch.randn(12, 3, generator=g), torch.randn(3, 20, generator=g))
-        layer.set_scales(torch.rand(20, generator=g) + 0.5, torch.rand(12, generator=g) + 0.5)
+        layer.set_sparse(lin.weight.detach(), torch.rand(12, n, generator=g) > 0.8)
+        layer.set_low_rank(torch.randn(12, 3, generator=g), torch.randn(3, n, generator=g))
+        layer.set_scales(torch.rand(n, generator=g) + 0.5, torch.rand(12, generator=g) + 0.5)
         mask_before = layer.mask.clone()
-    x = torch.randn(9, 20, generator=g)
+    x = torch.randn(9, n, generator=g)
     before = layer(x).detach()
     info = hallu_project_layer(layer, V)
     after = layer(x).detach()
@@ -171,6 +172,10 @@ def test_hallu_projection_removes_output_component(kind):
     assert info["removed_weight_share"] > 0
     if kind == "compressed":
         assert torch.equal(layer.mask, mask_before) and layer.rank == 5
+    if kind == "compressed_dense":  # 2 more columns of a 12 x 20 layer would store more than dense: dense S
+        from rcc_compression.compression.storage import dense_bytes, stored_bytes
+
+        assert layer.rank == 0 and layer.mask is None and stored_bytes(layer) == dense_bytes(layer)
 
 
 def test_hallu_space_mode_on_tiny_clip(tiny_clip, tmp_path):
@@ -250,3 +255,108 @@ def test_warm_subspace_svd_matches_the_exact_svd_and_survives_rank_deficiency():
     assert torch.equal(Sw[8:], torch.zeros(4, dtype=Sw.dtype)) and torch.isfinite(Vhw).all()
     torch.testing.assert_close((Uw * Sw) @ Vhw, M, rtol=1e-8, atol=1e-8)  # rank 8 <= 12: exact
     torch.testing.assert_close(Vhw[:8] @ Vhw[:8].t(), torch.eye(8, dtype=M.dtype), rtol=1e-8, atol=1e-8)
+
+
+class _Square(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        self.fc.weight.data.copy_(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("method", ["svd", "randomized"])
+def test_energy_rank_factorises_a_layer_the_rank_reduction_cap_leaves_unfactorisable(method):
+    """Issue 10, item 3: 64 x 64 at rank_reduction 0.5 hits r (m + n) = m n; the energy rank (8) still saves."""
+    from rcc_compression.compression.cascade import CascadePipeline
+    from rcc_compression.config import load_config
+
+    s = torch.linspace(10.0, 3.0, 8)
+    w = _with_spectrum(64, 64, s, seed=4).float()
+    energy = s.pow(2).cumsum(0) / s.pow(2).sum()
+    expected = int((energy < 0.95 - 1e-9).sum()) + 1
+    model = _Square(w)
+    cfg = load_config(None, data={"compression": {
+        "nullu": {"rank_reduction": 0.5, "energy_threshold": 0.95, "rank_rule": "min", "decomposition_method": method,
+                  "targets": ["^fc$"], "ignore": []},
+        "cascade": {"stages": ["nullu"], "validation_threshold": 0.0, "rounds": 1}}}).compression
+    pipe = CascadePipeline(cfg, calibration_data=[{"x": torch.randn(80, 64)}])
+    pipe.run(model)
+    info = pipe.stage_results["nullu"]["layers"]["fc"]
+    assert info["rank"] == expected and 0 < expected < 8
+    assert compressed_layers(model)["fc"].rank == expected
+
+
+def test_hallu_space_is_a_one_shot_edit_in_a_cascade_of_rounds(tiny_clip, tmp_path):
+    """Issue 10, item 6: two rounds of dare -> hallu_space edit once (rank top_k, not 2 top_k)."""
+    from rcc_compression.compression.cascade import CascadePipeline
+    from rcc_compression.config import load_config
+
+    pairs = [{"truthful": f"a {c} circle", "hallucinated": f"a {c} circle and a star"}
+             for c in ("red", "green", "blue", "yellow", "purple", "orange")]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(json.dumps(p) for p in pairs))
+    cfg = load_config(None, data={"compression": {
+        "dare": {"pruning_rate": 0.3, "iterations": 2, "fine_tune_epochs": 0},
+        "nullu": {"mode": "hallu_space", "pairs_file": str(f), "top_k": 2, "layers": [1]},
+        "cascade": {"stages": ["dare", "nullu"], "validation_threshold": 0.0}}}).compression
+    pipe = CascadePipeline(cfg)
+    pipe.run(tiny_clip)
+    name = "text_model.encoder.layers.1.mlp.fc2"
+    assert pipe.rounds == 2 and compressed_layers(tiny_clip.model)[name].rank == 2
+    nullu_records = [r for r in pipe.records if r["stage"] == "nullu"]
+    assert "skipped" not in nullu_records[0]["summary"]
+    assert all("one-shot" in r["summary"]["skipped"] for r in nullu_records[1:])
+    assert list(pipe.stage_results["nullu"]["layers"]) == [name]
+
+
+def test_zero_damping_with_fewer_tokens_than_channels_stays_finite():
+    """Issue 10, item 7: damping 0 and a singular input moment (12 tokens, 64 channels) used to give non-finite
+    weights (the step failed the gate); a minimal ridge keeps the factors finite and exact on the calibration."""
+    from rcc_compression.compression.cascade import CascadePipeline
+    from rcc_compression.config import load_config
+
+    g = torch.Generator().manual_seed(5)
+    model = _Square(torch.randn(48, 64, generator=g))
+    x = torch.randn(12, 64, generator=g)
+    dense = model(x).detach()
+    cfg = load_config(None, data={"compression": {
+        "nullu": {"rank_reduction": 0.75, "energy_threshold": None, "decomposition_method": "activation_aware",
+                  "damping": 0.0, "targets": ["^fc$"], "ignore": []},
+        "cascade": {"stages": ["nullu"], "validation_threshold": 0.0, "rounds": 1}}}).compression
+    pipe = CascadePipeline(cfg, calibration_data=[{"x": x}], holdout_data=[{"x": x}])
+    pipe.run(model)
+    layer = compressed_layers(model)["fc"]
+    assert pipe.records[-1]["passed"] and layer.rank == 12
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    assert float((model(x).detach() - dense).norm() / dense.norm()) < 1e-4  # rank 12 spans the 12 tokens
+    L, Linv = whitening(torch.zeros(8, 8, dtype=torch.float64), 0.0)
+    assert torch.isfinite(Linv).all()
+
+
+def test_warm_started_factors_end_at_the_exact_truncated_svd():
+    """Issue 10, item 16: warm-started rounds ended 1.3 % above the exact truncated SVD of the final residual."""
+    from rcc_compression.compression.cascade import CascadePipeline
+    from rcc_compression.config import load_config
+
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(96, 96, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(128, 96, generator=g)).Q
+    w = (U * torch.logspace(0, -1.5, 96)) @ V.t()
+    model = _Square(w)
+    cfg = load_config(None, data={"compression": {
+        "dare": {"pruning_rate": 0.5, "iterations": 4, "fine_tune_epochs": 0, "targets": ["^fc$"], "ignore": []},
+        "nullu": {"rank_reduction": None, "energy_threshold": None, "param_budget": 0.2, "targets": ["^fc$"],
+                  "ignore": []},
+        "cascade": {"stages": ["dare", "nullu"], "validation_threshold": 0.0}}}).compression
+    pipe = CascadePipeline(cfg)
+    pipe.run(model)
+    layer = compressed_layers(model)["fc"]
+    M = (w - layer.sparse_part().detach()).double()
+    optimum = float(torch.linalg.svdvals(M)[layer.rank:].pow(2).sum())
+    error = float((M - layer.low_rank_part().detach().double()).pow(2).sum())
+    assert error <= optimum * (1 + 1e-4)
+    info = pipe.stage_results["nullu"]["layers"]["fc"]
+    assert info["warm"] and (info["warm_converged"] or info["exact_svd"])

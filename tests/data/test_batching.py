@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from rcc_compression.config import DatasetSection
+from rcc_compression.data.collate import SampleKey, pad_collate
 from rcc_compression.data.datasets import open_world
-from rcc_compression.data.loaders import (
-    DynamicBatchSampler,
-    SampleKey,
-    create_dataloaders,
-    pad_collate,
-    split_loader,
-    text_lengths,
-)
+from rcc_compression.data.loaders import DynamicBatchSampler, create_dataloaders, split_loader, text_lengths
 from rcc_compression.data.transforms import ImageTransform, TrainAugment, normalize
 from rcc_compression.data.world import build_world_tokenizer
 

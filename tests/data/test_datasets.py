@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from rcc_compression.data.collate import Collator
 from rcc_compression.data.datasets import (
     ConceptualCaptionsDataset,
     Flickr30kDataset,
@@ -19,7 +20,7 @@ from rcc_compression.data.datasets import (
     open_dataset,
     open_world,
 )
-from rcc_compression.data.loaders import Collator, build_loader
+from rcc_compression.data.loaders import build_loader
 from rcc_compression.data.transforms import ImageTransform
 from rcc_compression.errors import DataError
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from rcc_compression.config import DatasetSection
+from rcc_compression.data.collate import Collator, model_inputs
 from rcc_compression.data.datasets import open_world
-from rcc_compression.data.loaders import Collator, build_loader, create_dataloaders, model_inputs
+from rcc_compression.data.loaders import build_loader, create_dataloaders
 from rcc_compression.data.transforms import ImageTransform, normalize
 from rcc_compression.data.world import build_world_tokenizer
 

@@ -185,7 +185,7 @@ def test_relations_and_positions() -> None:
 
 
 def test_swap_negative_binds_colours_to_other_shapes() -> None:
-    from rcc_compression.models.reference_training import swap_negative
+    from rcc_compression.jobs.reference import swap_negative
 
     allowed = set(W.SEEN_PAIRS)
     assert ("blue", "star") in allowed and ("red", "square") in allowed

@@ -47,7 +47,8 @@ def test_dockerfile_is_multi_stage_non_root_and_installs_the_wheel(path):
 def test_compose_binds_loopback_and_serves_with_keys():
     spec = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
     services = spec["services"]
-    assert {"server", "dashboard", "postgres"} <= set(services)
+    assert {"server", "dashboard", "postgres", "search-worker"} <= set(services)
+    assert "postgres" in services["search-worker"]["command"][-1]
     for name, svc in services.items():
         for port in svc.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), (name, port)

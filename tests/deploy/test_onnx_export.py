@@ -131,13 +131,28 @@ def test_rcc_export_cli_onnx_and_hf_from_an_encrypted_checkpoint(exported, monke
     assert main(["export", str(ckpt), "-o", str(exported["root"] / "o3")]) == 2  # no key: one-line error
 
 
-def test_blip_onnx_is_refused_plainly(tmp_path):
+def test_compressed_blip_captions_the_same_in_onnx_runtime(tmp_path):
+    """The bundled BLIP compressed, exported (vision + decoder), decoded greedily by ONNX Runtime alone."""
+    from rcc_compression.compression.onnx_export import export_onnx, onnx_greedy_caption
+    from rcc_compression.models import get_model
+
+    torch.manual_seed(0)
+    w = compress_quick(get_model("rcc-blip-world"), rank=16, densities=(0.3, None))
+    report = export_onnx(w, tmp_path / "blip")
+    assert set(report["graphs"]) == {"vision_model.onnx", "text_decoder.onnx"}
+    assert all(g["max_abs_diff"] < 1e-4 for g in report["graphs"].values())
+    pixels = torch.randn(3, 3, w.image_size, w.image_size, generator=torch.Generator().manual_seed(3))
+    ids = onnx_greedy_caption(tmp_path / "blip", pixels.numpy(), max_length=20)
+    assert [s.strip() for s in w.decode(torch.from_numpy(ids))] == w.generate_caption(pixels, max_length=20)
+
+
+def test_blip_vqa_onnx_is_refused_plainly(tmp_path):
     from rcc_compression.compression.onnx_export import export_onnx
     from rcc_compression.errors import CheckpointError
     from rcc_compression.models import get_model
 
     with pytest.raises(CheckpointError, match="--format hf"):
-        export_onnx(get_model("tiny-blip"), tmp_path / "x")
+        export_onnx(get_model("tiny-blip-vqa"), tmp_path / "x")
 
 
 @pytest.mark.parametrize("sparse", [True, False])

@@ -89,3 +89,17 @@ def test_paired_difference() -> None:
     assert est.value == 0.5 and est.low >= 0.0 and est.high <= 1.0
     with pytest.raises(ValueError):
         paired_difference_ci(a, b[:3])
+
+
+def test_no_interval_is_printed_where_no_bootstrap_ran() -> None:
+    """Issue 10, item 16: ``0.9043 [0.9043, 0.9043]`` claimed an interval nobody measured."""
+    from rcc_compression.evaluation.suite import _headline, results_table
+
+    est = bootstrap_ci(np.array([1.0, 0.0, 1.0, 1.0]), samples=0, seed=0)
+    assert str(est) == "0.7500"
+    m = est.to_dict()
+    assert _headline("zero_shot", {"metrics": {"top1": m}}) == "top1 0.7500"
+    table = results_table({"results": {"zero_shot": {"world": {"metrics": {"top1": m}}}}, "bootstrap_samples": 0})
+    assert "[0.7500, 0.7500]" not in table and "no bootstrap" in table
+    boot = bootstrap_ci(np.array([1.0, 0.0, 1.0, 1.0] * 10), samples=200, seed=0)
+    assert str(boot).count("[") == 1

@@ -9,7 +9,8 @@ import pytest
 
 from rcc_compression.cli import main
 from rcc_compression.data.world import WorldSpec, generate_world
-from rcc_compression.evaluation.suite import evaluate_model, expand_datasets, flat_metrics, results_table, run_suite
+from rcc_compression.evaluation.suite import evaluate_model, expand_datasets, flat_metrics, results_table
+from rcc_compression.jobs.evaluate import run_suite
 
 
 @pytest.fixture(scope="module")

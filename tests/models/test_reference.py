@@ -74,7 +74,7 @@ def test_bundled_blip_describes_world_scenes() -> None:
 
 @pytest.mark.slow
 def test_bundled_blip_reproduces_its_recorded_cider() -> None:
-    from rcc_compression.models.reference_training import measure_figures
+    from rcc_compression.jobs.reference import measure_figures
 
     rec = _record("rcc-blip-world")
     wrapper = get_model("rcc-blip-world")
@@ -85,7 +85,7 @@ def test_bundled_blip_reproduces_its_recorded_cider() -> None:
 
 
 def test_training_recipe_runs_end_to_end(tmp_path: Path) -> None:
-    from rcc_compression.models.reference_training import ReferenceRecipe, train_reference
+    from rcc_compression.jobs.reference import ReferenceRecipe, train_reference
 
     world = tmp_path / "world"
     generate_world(world, WorldSpec(seed=1, splits=("train",), parts=("captions",), train=40))
@@ -119,7 +119,7 @@ def test_training_recipe_runs_end_to_end(tmp_path: Path) -> None:
 
 
 def _tiny_recipe(kind: str, **kw):
-    from rcc_compression.models.reference_training import ReferenceRecipe
+    from rcc_compression.jobs.reference import ReferenceRecipe
 
     return ReferenceRecipe(kind=kind, seed=1, steps=3, batch_size=12, hidden=32, vision_layers=1, text_layers=1,
                            heads=2, eval_every=2, groups=2, warmup=1, **kw)
@@ -129,7 +129,7 @@ def _tiny_recipe(kind: str, **kw):
 def test_recipe_runs_on_the_trainer_and_repeats_exactly(tmp_path: Path, kind: str) -> None:
     """The recipe is CompressionTrainer steps over seeded batches: the same seed gives the same weights."""
     from rcc_compression.data.world import build_world_tokenizer
-    from rcc_compression.models.reference_training import build_blip, build_clip, load_train_split, train_model
+    from rcc_compression.jobs.reference import build_blip, build_clip, load_train_split, train_model
 
     world = tmp_path / "world"
     generate_world(world, WorldSpec(seed=1, splits=("train",), parts=("captions",), train=40))
@@ -150,7 +150,7 @@ def test_recipe_runs_on_the_trainer_and_repeats_exactly(tmp_path: Path, kind: st
 
 
 def test_recipe_stops_within_its_time_budget(tmp_path: Path) -> None:
-    from rcc_compression.models.reference_training import load_train_split, train_model
+    from rcc_compression.jobs.reference import load_train_split, train_model
 
     world = tmp_path / "world"
     generate_world(world, WorldSpec(seed=1, splits=("train",), parts=("captions",), train=40))

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
+from rcc_compression import CascadePipeline
 from rcc_compression.cli import main
 from rcc_compression.compression.calibration import flatten_outputs, output_agreement, run_outputs
-from rcc_compression.compression.cascade import CascadePipeline
 from rcc_compression.compression.layers import compressed_layers
 from rcc_compression.compression.storage import load_compressed, save_compressed
 from rcc_compression.config import TrainingSection, dump_config, load_config

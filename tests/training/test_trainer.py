@@ -241,8 +241,9 @@ def test_adamw_betas_come_from_the_config(tiny_clip, make_batches) -> None:
 
 def _streaming_setup(ckpt_dir: Path | None, callbacks=(), loads: list | None = None):
     """A trainer streaming augmented, length-bucketed batches of real captions through a loader."""
+    from rcc_compression.data.collate import MODEL_KEYS
     from rcc_compression.data.datasets import ArrayDataset, Record
-    from rcc_compression.data.loaders import MODEL_KEYS, split_loader
+    from rcc_compression.data.loaders import split_loader
     from rcc_compression.data.transforms import TrainAugment, transform_for
     from rcc_compression.data.world import world_scenes
 

@@ -35,7 +35,15 @@ class Estimate:
         return {"value": self.value, "ci_low": self.low, "ci_high": self.high, "n": self.n, "samples": self.samples}
 
     def __str__(self) -> str:
-        return f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}]"
+        return format_estimate(self.to_dict())
+
+
+def format_estimate(m: dict[str, Any]) -> str:
+    """``value [ci_low, ci_high]``, or the value alone where no bootstrap ran (``samples`` 0): an
+    interval of zero width there would claim a precision nobody measured."""
+    if not m.get("samples", 1) or ("ci_low" not in m or "ci_high" not in m):
+        return f"{m['value']:.4f}"
+    return f"{m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]"
 
 
 def resample_counts(n: int, samples: int, seed: int = 0, strata: np.ndarray | None = None) -> np.ndarray:

@@ -24,24 +24,38 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..errors import CompressionError
+from ..utils.logging import get_logger
 from .calibration import flatten_outputs, relative_output_error, to_device
 from .layers import CompressedLinear
+from .refit import sequential_moments
 from .stage import CompressionContext, Stage, StageConfig, kd_finetune
+from .storage import stored_bytes
+
+log = get_logger("alphaedit")
 
 
 class AlphaEditConfig(StageConfig):
     """Keys of the ``alphaedit`` stage (defaults from the design document and the AlphaEdit paper)."""
 
-    mode: Literal["scaling", "closed_form"] = "scaling"
-    learning_rate: float = Field(1e-3, gt=0)
-    num_epochs: int = Field(10, ge=0)
-    importance_metric: Literal["gradient", "magnitude", "uniform"] = "gradient"
+    mode: Literal["scaling", "closed_form"] = Field(
+        "scaling",
+        description="scaling: channel scales learnt by distillation; closed_form: the AlphaEdit update")
+    learning_rate: float = Field(1e-3, gt=0, description="scaling: learning rate of the distillation")
+    num_epochs: int = Field(10, ge=0, description="scaling: distillation epochs on the calibration batches (0: none)")
+    importance_metric: Literal["gradient", "magnitude", "uniform"] = Field(
+        "gradient",
+        description="scaling: how channels are ranked for scales: gradient |grad * w|, magnitude, uniform")
     scale_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of channels given learnable scales")
-    trainable: Literal["scales", "scales_and_values"] = "scales"
-    nullspace_threshold: float = Field(2e-2, ge=0.0)
-    l2: float = Field(10.0, ge=0.0)
+    trainable: Literal["scales", "scales_and_values"] = Field(
+        "scales",
+        description="scaling: train the scales only, or the kept sparse values and factors too")
+    nullspace_threshold: float = Field(
+        2e-2, ge=0.0,
+        description="closed_form: eigenvalues of the preserved inputs' second moment below "
+        "this span the directions the update may use")
+    l2: float = Field(10.0, ge=0.0, description="closed_form: ridge weight of the update (AlphaEdit's alpha)")
     chunk_elements: int = Field(1 << 25, ge=1 << 10, description="memory bound of the batched row solves")
     fit_inputs: Literal["dense", "sequential"] = Field(
         "dense", description="closed_form: fit on the dense model's inputs, or layer by layer on the compressed "
@@ -67,6 +81,33 @@ def _orth_columns(U: torch.Tensor, rel_tol: float = 1e-7) -> torch.Tensor:
     return Q * keep.unsqueeze(-2).to(Q.dtype)
 
 
+def spd_solve(A: torch.Tensor, B: torch.Tensor, rel_jitter: float = 1e-12) -> torch.Tensor:
+    """Solve ``A X = B`` for symmetric positive (semi-)definite ``A``, batched, by Cholesky.
+
+    A general LU solve is not used on purpose: MKL's batched LU solve on the CPU build fails
+    (``DLASWP`` parameter errors, pivots < 1) or returns garbage with more than one thread, while
+    Cholesky is exact there. A matrix that is only semi-definite (no ridge, a singular Gram) gets
+    the smallest diagonal shift, growing from ``rel_jitter`` of its mean diagonal, that factorises.
+    """
+    A = (A + A.transpose(-1, -2)) / 2
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool((info != 0).any()):
+        n = A.shape[-1]
+        eye = torch.eye(n, dtype=A.dtype, device=A.device)
+        scale = A.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(torch.finfo(A.dtype).tiny)
+        jitter = rel_jitter
+        while bool((info != 0).any()):
+            if jitter > 1.0:
+                raise torch.linalg.LinAlgError("spd_solve: the matrix is not positive semi-definite")
+            shift = torch.where(info != 0, scale * jitter, torch.zeros_like(scale))
+            L_new, info_new = torch.linalg.cholesky_ex(A + shift[..., None, None] * eye)
+            bad = (info != 0)[..., None, None]
+            L = torch.where(bad, L_new, L)
+            info = torch.where(info != 0, info_new, info)
+            jitter *= 100.0
+    return torch.cholesky_solve(B, L)
+
+
 def null_space_ridge(
     C: torch.Tensor,
     R: torch.Tensor,
@@ -79,32 +120,39 @@ def null_space_ridge(
 
     For each row ``r`` of the residual ``R`` (m x n) solve, over ``z`` supported on the row's
     ``support`` and orthogonal to ``basis`` (``z U = 0``: inputs of the preserve set see no change),
-    ``min (r - z) C (r - z)^T + l2 ||z||^2`` with ``C = K1 K1^T``. The solution is AlphaEdit's
-    ``z^T = (P C + l2 I)^-1 P C r^T`` with ``P`` the projector onto the allowed set. Batched over
-    rows in chunks of at most ``chunk_elements`` numbers.
+    ``min (r - z) C (r - z)^T + l2 ||z||^2`` with ``C = K1 K1^T``. With ``P`` the projector onto the
+    allowed set the solution is ``z^T = (P C P + l2 I)^-1 P C r^T`` (AlphaEdit's
+    ``(P C + l2 I)^-1 P C r^T`` restricted to the allowed set, where the two agree), solved by
+    Cholesky of that symmetric positive definite matrix (:func:`spd_solve`; ``I - P`` is added on
+    the forbidden directions, which keeps it definite and leaves the solution as it is). Batched
+    over rows in chunks of at most ``chunk_elements`` numbers.
     """
     m, n = R.shape
     C = C.double()
     R = R.double()
     eye = torch.eye(n, dtype=C.dtype, device=C.device)
+    U = basis.double() if basis is not None and basis.shape[1] > 0 else None
     if support is None:
-        P = eye if basis is None else eye - (lambda Q: Q @ Q.t())(_orth_columns(basis.double()))
-        rhs = P @ C @ R.t()
-        return torch.linalg.solve(P @ C + l2 * eye, rhs).t()
+        P = eye if U is None else eye - (lambda Q: Q @ Q.t())(_orth_columns(U))
+        PC = P @ C
+        # (I - P) + l2 I on the forbidden directions keeps the matrix definite without moving the solution
+        z = spd_solve(PC @ P + (eye - P) + l2 * eye, PC @ R.t())
+        return (P @ z).t()
     out = torch.zeros_like(R)
     chunk = max(1, chunk_elements // (n * n))
-    U = basis.double() if basis is not None else None
     for start in range(0, m, chunk):
         D = support[start:start + chunk].to(C.dtype)
         c = D.shape[0]
-        P = torch.diag_embed(D)
-        if U is not None and U.shape[1] > 0:
-            Q = _orth_columns(D.unsqueeze(-1) * U.unsqueeze(0))
-            P = P - Q @ Q.transpose(1, 2)
-        H = D.unsqueeze(-1) * C.unsqueeze(0) * D.unsqueeze(1) + torch.diag_embed(1.0 - D)
-        b = (R[start:start + c] @ C) * D
-        A = P @ H + l2 * eye.expand(c, n, n)
-        out[start:start + c] = torch.linalg.solve(A, (P @ b.unsqueeze(-1))).squeeze(-1) * D
+        b = (R[start:start + c] @ C).unsqueeze(-1)
+        if U is None:  # P = diag(D): everything stays elementwise
+            H = D.unsqueeze(-1) * C.unsqueeze(0) * D.unsqueeze(1) + torch.diag_embed(1.0 - D) + l2 * eye
+            z = spd_solve(H, D.unsqueeze(-1) * b).squeeze(-1) * D
+        else:
+            Q = _orth_columns(D.unsqueeze(-1) * U.unsqueeze(0))  # supported on D, so P = diag(D) - Q Q^T
+            P = torch.diag_embed(D) - Q @ Q.transpose(1, 2)
+            PC = P @ C
+            z = (P @ spd_solve(PC @ P + (eye - P) + l2 * eye, P @ b)).squeeze(-1) * D
+        out[start:start + c] = z
     return out
 
 
@@ -121,7 +169,7 @@ def low_rank_update(
     if basis is not None and basis.shape[1] > 0:
         Q = _orth_columns(A @ basis.double())
         P = eye - Q @ Q.t()
-    return torch.linalg.solve(P @ G + l2 * eye, P @ b.t()).t()
+    return (P @ spd_solve(P @ G @ P + (eye - P) + l2 * eye, P @ b.t())).t()
 
 
 def reconstruction_error(C: torch.Tensor, R: torch.Tensor, T: torch.Tensor) -> float:
@@ -190,15 +238,28 @@ class AlphaEditStage(Stage):
             why = "num_epochs is 0" if ctx.batches else "no calibration data"
             self.statistics = {"mode": "scaling", "skipped": why, "layers": {}}
             return model
-        for m in layers.values():
+        no_room = []
+        for name, m in list(layers.items()):
             if m.a_in is None or m.a_out is None:
                 ref = m._ref
                 m.set_scales(
                     m.a_in.detach() if m.a_in is not None else torch.ones(m.in_features, device=ref.device),
                     m.a_out.detach() if m.a_out is not None else torch.ones(m.out_features, device=ref.device),
                 )
-        importance = self._importance(model, layers, ctx)
-        hooks = []
+                cap = ctx.byte_cap(name, for_scales=True)
+                if cap is not None and stored_bytes(m) > cap:  # scales would store more than the last round
+                    m.set_scales(None, None)
+                    no_room.append(name)
+                    del layers[name]
+        if not layers:
+            self.statistics = {"mode": "scaling", "skipped": "no layer has room for scales", "no_room": no_room,
+                               "layers": {}}
+            return model
+        # importance only decides which channels learn: with every channel learning it would cost a
+        # backward pass for nothing
+        importance = self._importance(model, layers, ctx) if cfg.scale_fraction < 1.0 else {}
+        hooks: list[Any] = []
+        held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         per_layer: dict[str, Any] = {}
         if cfg.scale_fraction < 1.0 and importance:
             for n, m in layers.items():
@@ -207,6 +268,16 @@ class AlphaEditStage(Stage):
                     sel = torch.zeros(imp.numel(), dtype=param.dtype, device=param.device)
                     sel[imp.topk(k).indices.to(param.device)] = 1
                     hooks.append(param.register_hook(lambda g, s=sel: g * s))
+                    held.append((param, sel.bool(), param.detach().clone()))
+
+            def hold(_opt: Any, _args: Any, _kwargs: Any) -> None:
+                # a zero gradient does not stop weight decay (or momentum) moving a channel: the
+                # channels without a learnable scale are put back after every optimiser step
+                with torch.no_grad():
+                    for param, sel, value in held:
+                        param.copy_(torch.where(sel, param, value))
+
+            hooks.append(register_optimizer_step_post_hook(hold))
         params: list[nn.Parameter] = [p for m in layers.values() for p in (m.a_in, m.a_out)]
         if cfg.trainable == "scales_and_values":
             params += [p for m in layers.values() for p in (m.weight, m.lr_A, m.lr_B) if p is not None]
@@ -224,7 +295,11 @@ class AlphaEditStage(Stage):
                 info["importance_in_mean"] = float(importance[n][0].mean())
                 info["importance_out_mean"] = float(importance[n][1].mean())
             per_layer[n] = info
-        self.statistics = {"mode": "scaling", "importance_metric": cfg.importance_metric,
+        if no_room:
+            per_layer.update({n: {"skipped": "scales would store more than the previous round"} for n in no_room})
+        self.statistics = {"mode": "scaling",
+                           "importance_metric": cfg.importance_metric if importance else
+                           "not computed: scale_fraction 1 gives every channel a learnable scale",
                            "scale_fraction": cfg.scale_fraction, "trainable": cfg.trainable, **kd,
                            "layers": per_layer}
         return model
@@ -238,8 +313,6 @@ class AlphaEditStage(Stage):
         per_layer: dict[str, Any] = {}
         sequential = cfg.fit_inputs == "sequential" and ctx.dense_model is not None and bool(ctx.batches)
         if sequential:
-            from .refit import sequential_moments
-
             unscaled = [n for n, m in layers.items() if m.a_in is None and m.a_out is None]
             for group, mom in sequential_moments(model, ctx.dense_model, unscaled, ctx.batches, ctx.device):
                 for name in group:
@@ -252,7 +325,9 @@ class AlphaEditStage(Stage):
                 ctx.tick(f"alphaedit {name}", len(per_layer), len(layers))
         self.statistics = {"mode": "closed_form", "fit_inputs": "sequential" if sequential else "dense",
                            "preserve_set": pstats is not None, "l2": cfg.l2,
-                           "nullspace_threshold": cfg.nullspace_threshold, "layers": per_layer}
+                           "nullspace_threshold": cfg.nullspace_threshold,
+                           "rejected_layers": sorted(n for n, v in per_layer.items() if "rejected" in v),
+                           "layers": per_layer}
         return model
 
     def _update_layer(self, name: str, layer: CompressedLinear, ctx: CompressionContext, pstats: Any,
@@ -279,6 +354,7 @@ class AlphaEditStage(Stage):
                 C0 = a_in[:, None] * C0 * a_in[None, :]
             basis = preserve_basis(C0, cfg.nullspace_threshold)
         before = reconstruction_error(C, R, T)
+        old = {k: getattr(layer, k).detach().clone() for k in ("weight", "lr_B") if getattr(layer, k) is not None}
         if layer.weight is not None:
             delta = null_space_ridge(C, R, layer.mask, basis, cfg.l2, cfg.chunk_elements)
             layer.weight.data.add_(delta.to(layer.weight.dtype))
@@ -287,7 +363,15 @@ class AlphaEditStage(Stage):
             dB = low_rank_update(C, R, layer.lr_A.detach(), basis, cfg.l2)
             layer.lr_B.data.add_(dB.to(layer.lr_B.dtype))
             R = R - dB @ layer.lr_A.detach().double()
-        if not torch.isfinite(R).all():
-            raise CompressionError(f"alphaedit closed_form produced non-finite weights in {name}")
-        return {"error_before": before, "error_after": reconstruction_error(C, R, T),
-                "preserve_dim": 0 if basis is None else int(basis.shape[1])}
+        after = reconstruction_error(C, R, T) if bool(torch.isfinite(R).all()) else float("nan")
+        info: dict[str, Any] = {"error_before": before, "error_after": after,
+                                "preserve_dim": 0 if basis is None else int(basis.shape[1])}
+        # the exact ridge solution never raises the error (z = 0 is feasible); rounding or a failed
+        # solve could: such an update is never kept
+        if not after <= before * (1.0 + 1e-9) + 1e-12:
+            for k, t in old.items():
+                getattr(layer, k).data.copy_(t)
+            log.warning("alphaedit closed_form: the update of %s would raise its calibration error %.4g -> %.4g; "
+                        "not applied", name, before, after)
+            info.update(error_after=before, rejected=f"error would rise from {before:.6g} to {after:.6g}")
+        return info

@@ -1,7 +1,7 @@
 """The cascade: stages in configured order, rounds along a schedule, a validation gate, rollback, resume.
 
-``CascadePipeline`` (also exported as ``CompressionPipeline``) runs ``rounds`` rounds; in round k
-every stage acts at k/rounds of its final target along the schedule. After each stage a gate
+``CascadePipeline`` runs ``rounds`` rounds; in round k every stage acts at k/rounds of its final
+target along the schedule. After each stage a gate
 compares the compressed model with the dense one (default: agreement of their outputs on
 held-out calibration batches, so no labels are needed; or a task metric callable) and requires
 ``validation_threshold`` retention. A failed gate rolls the model back to the last passing state
@@ -17,54 +17,43 @@ no ``progress.json``: start again), and resuming removes what the killed writes 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from PIL import Image
 from torch import nn
 
 from ..errors import CheckpointError, CompressionError
+from ..models.base import ModelWrapper
+from ..models.registry import unwrap_model, wrap_model
 from ..utils.io import atomic_write_json, directory_lock, remove_stale_temp_files
 from ..utils.logging import get_logger
-from ..utils.schema import StrictModel
 from .calibration import output_agreement, run_outputs
 from .layers import CompressedLinear, compressed_layers, layer_snapshot, replace_module, restore_layer
-from .registry import STAGES, build_stage
-from .stage import CompressionContext, Stage, select_layers
+from .planner import LayerShape
+from .registry import STAGES, CascadeConfig, CompressionSection, build_stage
+from .schedule import joint_schedule
+from .stage import CompressionContext, Distiller, Stage, schedule_fraction, select_layers
+from .storage import (
+    dense_bytes,
+    install_layers,
+    install_rest,
+    load_layer_tensors,
+    read_manifest,
+    save_compressed,
+    stored_bytes,
+    verify_files,
+)
 
 log = get_logger("cascade")
 
 PROGRESS_FILE = "progress.json"
-
-
-class CascadeConfig(StrictModel):
-    """Keys of the cascade (defaults from the design document)."""
-
-    stages: list[str] = Field(default_factory=lambda: ["dare", "nullu", "alphaedit"])
-    checkpoint_frequency: int = Field(1, ge=0, description="passing steps between checkpoints; 0: none")
-    validation_threshold: float = Field(0.95, ge=0.0, le=1.0)
-    rounds: int | None = Field(None, ge=1, description="None: dare.iterations when dare runs, else 1")
-    schedule: Literal["linear", "cubic"] | None = Field(None, description="None: dare.pruning_schedule")
-    target_rate: float | None = Field(
-        None, ge=0.0, lt=1.0, description="plan dare/nullu targets to reach this 1 - stored/dense bytes")
-    rate_scope: Literal["layers", "model"] = "layers"
-
-    @field_validator("stages")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        from .registry import STAGES
-
-        bad = [s for s in v if s not in STAGES]
-        if bad:
-            raise ValueError(f"unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
-        if not v:
-            raise ValueError("at least one stage is needed")
-        return v
 
 
 def compression_summary(model: nn.Module) -> dict[str, Any]:
@@ -73,8 +62,6 @@ def compression_summary(model: nn.Module) -> dict[str, Any]:
     ``compression_rate`` is against the dense layers in the dtype the model was given
     (``dense_dtype``); ``compression_rate_vs_fp32`` against the same layers in float32.
     """
-    from .storage import dense_bytes, stored_bytes
-
     layers = compressed_layers(model)
     dense = sum(dense_bytes(m) for m in layers.values())
     dense32 = sum(dense_bytes(m, torch.float32) for m in layers.values())
@@ -98,6 +85,11 @@ def compression_summary(model: nn.Module) -> dict[str, Any]:
 class CascadePipeline:
     """Run compression stages as a validated, checkpointed, resumable cascade.
 
+    ``distill`` is the distillation the stages call (``dare`` between rounds, ``alphaedit``
+    scaling); the engine does not train, so without one a stage that asks for epochs raises.
+    ``rcc_compression.CompressionPipeline`` is this class with the training layer's distiller
+    wired in from a ``training`` section.
+
     >>> pipe = CascadePipeline().add_stage("dare", {"pruning_rate": 0.5, "fine_tune_epochs": 0})
     >>> model = pipe.compress(model)  # doctest: +SKIP
     """
@@ -119,10 +111,8 @@ class CascadePipeline:
         run_config: dict[str, Any] | None = None,
         num_synthetic_batches: int = 6,
         encrypt_key: bytes | None = None,
-        training: Any = None,
+        distill: Distiller | None = None,
     ) -> None:
-        from ..config import CompressionSection
-
         if config is None:
             section = None
         elif isinstance(config, dict):
@@ -130,7 +120,7 @@ class CascadePipeline:
         else:
             section = config
         self.section = section
-        self.training = training
+        self.distill = distill
         self.cascade = section.cascade if section is not None else CascadeConfig(stages=["dare"])
         self.stages: list[Stage] = []
         if section is not None:
@@ -156,6 +146,9 @@ class CascadePipeline:
         self._model: nn.Module | None = None
         self._ctx: CompressionContext | None = None
         self._dense_score: float | None = None
+        self._joint: list[dict[str, float]] | None = None
+        #: (caps, scale reserve) of the current round: what each layer stored when it began
+        self._round_caps: tuple[dict[str, int], dict[str, int]] | None = None
         self.stopped_early = False
 
     # ------------------------------------------------------------------ building
@@ -184,8 +177,6 @@ class CascadePipeline:
 
     # ------------------------------------------------------------------ preparation
     def _prepare(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-        from ..models.base import ModelWrapper
-
         wrapper = model if isinstance(model, ModelWrapper) else None
         inner = wrapper.model if wrapper is not None else model
         if not self.stages:
@@ -215,20 +206,67 @@ class CascadePipeline:
             holdout, batches = (batches[-n_hold:], batches[:-n_hold]) if n_hold else (batches, batches)
         reference = None
         if self.reference_model is not None:
-            from ..models.registry import unwrap_model
-
             ref = unwrap_model(self.reference_model)
             reference = {n: ref.get_submodule(n).weight.detach().clone() for n in names
                          if isinstance(ref.get_submodule(n), nn.Linear)}
         self._ctx = CompressionContext(
             model=inner, dense=dense, dense_model=dense_model, batches=list(batches), holdout=list(holdout),
             preserve=self.preserve, reference=reference, seed=self.seed, schedule=self.schedule, device=device,
-            progress_callback=self.progress_callback, training=self.training,
+            progress_callback=self.progress_callback, distill=self.distill,
             tokenizer=getattr(wrapper, "tokenizer", None),
             image_loader=(lambda imgs, w=wrapper: _load_images(w, imgs)) if wrapper is not None else None,
         )
         self._model = inner
+        self._joint = self._joint_schedule(inner)
         return inner, wrapper
+
+    def _joint_schedule(self, inner: nn.Module) -> list[dict[str, float]] | None:
+        """Per-round targets of dare and nullu from their joint byte schedule (:mod:`.schedule`), or ``None``.
+
+        It applies where both shrink the same layers toward byte targets known up front: ``dare``
+        by ``pruning_rate`` (no N:M), ``nullu`` in ``lowrank`` mode by ``param_budget`` alone (as
+        ``compress_model`` plans them). Other settings keep each stage's own schedule; the byte
+        caps still hold every step to what the previous round stored.
+        """
+        dare = next((s for s in self.stages if s.name == "dare"), None)
+        nullu = next((s for s in self.stages if s.name == "nullu"), None)
+        if dare is None or nullu is None or self.rounds < 2:
+            return None
+        nc = nullu.config
+        if (dare.config.nm is not None or nc.mode != "lowrank" or nc.param_budget is None
+                or nc.rank_reduction is not None or nc.energy_threshold is not None):
+            return None
+        names = dare.layer_names(inner)
+        if set(names) != set(nullu.layer_names(inner)):
+            return None
+
+        shapes = []
+        for n in names:
+            m = inner.get_submodule(n)
+            shapes.append(LayerShape(m.out_features, m.in_features, m._ref.element_size(), m.bias is not None))
+        fractions = [schedule_fraction(k / self.rounds, self.schedule) for k in range(1, self.rounds + 1)]
+        return joint_schedule(shapes, dare.config.pruning_rate, nc.param_budget, fractions,
+                              dare.config.resolved_scope(), nc.budget_allocation)
+
+    def _round_targets(self, k: int) -> dict[str, dict[str, float]]:
+        if self._joint is None:
+            return {}
+        t = self._joint[k - 1]
+        return {"dare": {"pruning_rate": t["pruning_rate"]}, "nullu": {"param_budget": t["param_budget"]}}
+
+    def _byte_caps(self) -> tuple[dict[str, int], dict[str, int]]:
+        """What each layer stores now (the cap of the round about to start) and the room kept for scales."""
+        layers = compressed_layers(self._model)
+        caps = {n: stored_bytes(m) for n, m in layers.items()}
+        reserve: dict[str, int] = {}
+        for st in self.stages:
+            cfg = st.config
+            if st.name == "alphaedit" and cfg.mode == "scaling" and cfg.num_epochs > 0 and self._ctx.batches:
+                for n in st.layer_names(self._model):
+                    m = layers.get(n)
+                    if m is not None and m.a_in is None and m.a_out is None:
+                        reserve[n] = (m.in_features + m.out_features) * m._ref.element_size()
+        return caps, reserve
 
     @property
     def dense_model(self) -> nn.Module | None:
@@ -295,8 +333,6 @@ class CascadePipeline:
     # ------------------------------------------------------------------ checkpoints
     def _write_checkpoint(self, step: int, done: bool = False) -> None:
         """Save the model as ``checkpoints/step-NNNNN``, point ``progress.json`` at it, drop older ones."""
-        from .storage import save_compressed
-
         assert self.run_dir is not None
         ckpt_root = self.run_dir / "checkpoints"
         target = ckpt_root / f"step-{step:05d}"
@@ -318,6 +354,8 @@ class CascadePipeline:
                 "format": "rcc-cascade-progress", "format_version": 1, "next_step": next_step,
                 "checkpoint": self._checkpoint, "records": self.records, "stage_results": self.stage_results,
                 "done": done, "stopped_early": self.stopped_early, "encrypted": self.encrypt_key is not None,
+                "round_caps": None if self._round_caps is None else {"caps": self._round_caps[0],
+                                                                     "scale_reserve": self._round_caps[1]},
             })
         except OSError as exc:
             raise CheckpointError(f"{self.run_dir / PROGRESS_FILE}: could not write: {exc.strerror or exc}. "
@@ -348,8 +386,6 @@ class CascadePipeline:
         return progress
 
     def _resume_state(self) -> int:
-        from .storage import install_layers, install_rest, load_layer_tensors, read_manifest, verify_files
-
         if self.run_dir is None:
             return 0
         removed = remove_stale_temp_files(self.run_dir)
@@ -368,6 +404,10 @@ class CascadePipeline:
         install_layers(self._model, manifest, load_layer_tensors(ckpt, manifest, self.encrypt_key), self._ctx.reference)
         install_rest(ckpt, manifest, self._model, self.encrypt_key)
         self._checkpoint = progress["checkpoint"]
+        caps = progress.get("round_caps")
+        if isinstance(caps, dict) and isinstance(caps.get("caps"), dict):
+            self._round_caps = ({str(k): int(v) for k, v in caps["caps"].items()},
+                                {str(k): int(v) for k, v in caps.get("scale_reserve", {}).items()})
         self.records = list(progress.get("records", []))
         self.stage_results = dict(progress.get("stage_results", {}))
         log.info("resuming from %s (step %d of %d)", ckpt, progress["next_step"], len(self.steps()))
@@ -400,7 +440,12 @@ class CascadePipeline:
         for idx in range(start, len(steps)):
             k, j = steps[idx]
             stage = self.stages[j]
-            ctx.step, ctx.progress = idx, k / self.rounds
+            ctx.step, ctx.progress, ctx.round = idx, k / self.rounds, k
+            ctx.targets = self._round_targets(k)
+            if j == 0 or not ctx.byte_caps:
+                if j == 0 or self._round_caps is None:
+                    self._round_caps = self._byte_caps()
+                ctx.byte_caps, ctx.scale_reserve = self._round_caps
             record = self._run_step(stage, idx, k)
             last_step = idx
             if self.step_callback is not None:
@@ -449,7 +494,8 @@ class CascadePipeline:
         stats = stage.get_statistics()
         record: dict[str, Any] = {
             "step": idx, "round": k, "stage": stage.name,
-            "targets": stage.target_description(ctx.progress, ctx.schedule),
+            "targets": ({k: round(v, 6) for k, v in ctx.targets[stage.name].items()} if stage.name in ctx.targets
+                        else stage.target_description(ctx.progress, ctx.schedule)),
             "achieved": compression_summary(inner),
             "metric": score, "retention": retention, "threshold": self.cascade.validation_threshold,
             "passed": passed, "seconds": round(time.perf_counter() - t0, 4),
@@ -465,12 +511,8 @@ class CascadePipeline:
     compress = run
 
 
-CompressionPipeline = CascadePipeline
-
 
 def _copy_for_teacher(model: nn.Module) -> nn.Module:
-    import copy
-
     teacher = copy.deepcopy(model)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -479,8 +521,6 @@ def _copy_for_teacher(model: nn.Module) -> nn.Module:
 
 def _synthetic_batches(model: nn.Module, wrapper: Any, n: int, seed: int) -> list[dict[str, Any]]:
     """Random inputs for CLIP/BLIP when no calibration data is given (enough for gates and KD)."""
-    from ..models.registry import wrap_model
-
     try:
         w = wrapper if wrapper is not None else wrap_model(model)
     except Exception:  # noqa: BLE001 - a custom module: no synthetic inputs possible
@@ -490,11 +530,9 @@ def _synthetic_batches(model: nn.Module, wrapper: Any, n: int, seed: int) -> lis
 
 
 def _load_images(wrapper: Any, images: list[Any]) -> torch.Tensor:
-    from PIL import Image
-
     if any(i is None for i in images):
         raise CompressionError("BLIP hallu_space pairs need an 'image' path for every pair")
     return wrapper.prepare_images([Image.open(i).convert("RGB") for i in images])
 
 
-__all__ = ["STAGES", "CascadeConfig", "CascadePipeline", "CompressionPipeline", "compression_summary", "select_layers"]
+__all__ = ["STAGES", "CascadeConfig", "CascadePipeline", "compression_summary", "select_layers"]

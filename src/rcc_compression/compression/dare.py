@@ -1,11 +1,14 @@
 """Stage ``dare``: sparsify the weights (or a fine-tune's deltas).
 
 Default (design document): iterative unstructured magnitude pruning to ``pruning_rate`` over
-``iterations`` along a ``linear``/``cubic`` schedule, with optional distillation between
-iterations. Published DARE (Yu et al., "Language Models are Super Mario", ICML 2024; MergeLM
-``mask_weights_utils.py``) is ``scorer=random, target=delta, rescale=inverse_keep``: drop each
-delta entry with probability p and rescale survivors by 1/(1-p). It departs from the paper only
-when ``iterations > 1``, where the drop probability is split across rounds (same final rate).
+``iterations`` along a ``linear``/``cubic`` schedule, with distillation from the dense model
+between iterations: ``fine_tune_epochs`` is 5 by default. After ``alphaedit`` has given a layer
+channel scales, its entries are scored with them (``|a_out_i S_ij a_in_j|``, the weight the layer
+really applies). Published DARE (Yu et al., "Language Models are Super Mario", ICML 2024; MergeLM
+``mask_weights_utils.py``) is ``scorer=random, target=delta, rescale=inverse_keep,
+fine_tune_epochs=0``: drop each delta entry with probability p, rescale survivors by 1/(1-p), and
+train nothing. It departs from the paper only when ``iterations > 1``, where the drop probability
+is split across rounds (same final rate), or when ``fine_tune_epochs > 0`` (the paper trains nothing).
 Also ``wanda`` scores (Sun et al., ICLR 2024: ``|W_ij| * ||X_j||``, ranked per output row) and
 N:M structure (2:4).
 """
@@ -22,21 +25,36 @@ from torch import nn
 
 from ..errors import CompressionError
 from .stage import CompressionContext, Stage, StageConfig, kd_finetune, schedule_fraction
+from .storage import stored_bytes
 
 
 class DareConfig(StageConfig):
     """Keys of the ``dare`` stage (defaults from the design document)."""
 
-    pruning_rate: float = Field(0.9, ge=0.0, lt=1.0)
-    iterations: int = Field(10, ge=1)
-    pruning_schedule: Literal["linear", "cubic"] = "linear"
-    fine_tune_epochs: int = Field(5, ge=0)
-    fine_tune_lr: float = Field(1e-4, gt=0)
-    scorer: Literal["magnitude", "wanda", "random"] = "magnitude"
-    target: Literal["weights", "delta"] = "weights"
-    reference_model: str | None = None
-    rescale: Literal["none", "inverse_keep", "l1"] | None = None
-    scope: Literal["layer", "row"] | None = None
+    pruning_rate: float = Field(0.9, ge=0.0, lt=1.0, description="final share of the weights (or deltas) set to zero")
+    iterations: int = Field(
+        10, ge=1,
+        description="rounds of pruning that reach pruning_rate (also the cascade's default number of rounds)")
+    pruning_schedule: Literal["linear", "cubic"] = Field(
+        "linear",
+        description="how the rate grows over the rounds: linear, or cubic (Zhu & Gupta)")
+    fine_tune_epochs: int = Field(
+        5, ge=0,
+        description="distillation epochs on the calibration batches after each round (0: none)")
+    fine_tune_lr: float = Field(1e-4, gt=0, description="learning rate of that distillation")
+    scorer: Literal["magnitude", "wanda", "random"] = Field(
+        "magnitude",
+        description="what decides which entries stay: magnitude |W|, wanda |W| * ||x||, random (DARE)")
+    target: Literal["weights", "delta"] = Field(
+        "weights",
+        description="weights, or delta: the difference to reference_model (published DARE)")
+    reference_model: str | None = Field(None, description="the base model a fine-tune came from (target: delta)")
+    rescale: Literal["none", "inverse_keep", "l1"] | None = Field(
+        None,
+        description="survivors rescaled: none, inverse_keep 1/(1-p) (DARE), l1 (keep the L1 norm); None: by scorer")
+    scope: Literal["layer", "row"] | None = Field(
+        None,
+        description="entries ranked over the whole layer or per output row; None: row for wanda, else layer")
     nm: str | None = Field(None, description="N:M structure, e.g. '2:4' (overrides pruning_rate with 1 - N/M)")
 
     @field_validator("nm")
@@ -195,8 +213,15 @@ class DareStage(Stage):
             mask = bernoulli_mask(current.shape, step_drop, gen, allowed).to(current.device)
             keep_prob = 1.0 - step_drop
         else:
-            scores = (magnitude_scores(current) if cfg.scorer == "magnitude"
-                      else wanda_scores(current, stats[name].col_norm))
+            # ranked by what each entry contributes to the output: after recovery the layer computes
+            # diag(a_out) S diag(a_in), so S is scored with its scales
+            scored = current
+            if layer.a_out is not None:
+                scored = scored * layer.a_out.detach().float()[:, None]
+            if layer.a_in is not None:
+                scored = scored * layer.a_in.detach().float()[None, :]
+            scores = (magnitude_scores(scored) if cfg.scorer == "magnitude"
+                      else wanda_scores(scored, stats[name].col_norm))
             if nm is not None:
                 mask = nm_mask(scores, nm[0], nm[1], allowed)
             else:
@@ -204,13 +229,33 @@ class DareStage(Stage):
             keep_prob = float(mask.float().mean()) / prev_keep
         values = rescale_values(current, mask, current, cfg.resolved_rescale(), keep_prob)
         layer.set_sparse(values, mask)
-        return {"sparsity": 1.0 - float(mask.float().mean()), "changed": True}
+        info: dict[str, Any] = {"sparsity": 1.0 - float(mask.float().mean()), "changed": True}
+        cap = ctx.byte_cap(name)
+        if cap is not None and nm is None and stored_bytes(layer) > cap:
+            # the round may not store more than the last one: keep fewer entries, the lowest scored go
+            # (for the random scorer, more random ones)
+            if cfg.scorer == "random":
+                scores = torch.rand(current.shape, generator=ctx.generator(zlib.crc32(name.encode()) + 1))
+                scores = scores.to(current.device)
+            m, n = current.shape
+            for _ in range(8):
+                excess = stored_bytes(layer) - cap
+                if excess <= 0:
+                    break
+                keep = max(0, int(mask.sum()) - -(-excess // layer.weight.element_size()))
+                row = cfg.resolved_scope() == "row"
+                capped_rate = 1.0 - ((keep // m) / n if row else keep / (m * n))
+                mask = topk_mask(scores, capped_rate, "row" if row else "layer", mask)
+                keep_prob = float(mask.float().mean()) / prev_keep
+                layer.set_sparse(rescale_values(current, mask, current, cfg.resolved_rescale(), keep_prob), mask)
+            info.update(sparsity=1.0 - float(mask.float().mean()), byte_capped=True)
+        return info
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
         names = self.layer_names(model)
         layers = ctx.layers(names)
-        rate = self.rate_at(ctx.progress, ctx.schedule)
+        rate = ctx.targets.get(self.name, {}).get("pruning_rate", self.rate_at(ctx.progress, ctx.schedule))
         stats = ctx.stats() if cfg.scorer == "wanda" else None
         per_layer: dict[str, Any] = {}
         for i, (name, layer) in enumerate(layers.items()):
@@ -223,8 +268,9 @@ class DareStage(Stage):
         total = sum(layers[n].in_features * layers[n].out_features for n in layers)
         kept = sum(layers[n].nnz() for n in layers)
         self.statistics = {
-            "target_rate": rate,
-            "achieved_rate": 1.0 - kept / max(total, 1),
+            # shares of entries pruned (not bytes: the cascade's records give those)
+            "pruning_rate": rate,
+            "achieved_sparsity": 1.0 - kept / max(total, 1),
             "layers": per_layer,
             **kd,
         }

@@ -20,7 +20,8 @@ from ..models.base import ModelWrapper
 from ..models.registry import BUNDLED, get_model
 from ..models.tiny import RANDOM_MODELS, TINY_MODELS
 from .layers import compressed_layers
-from .storage import MANIFEST, load_compressed, read_manifest
+from .onnx_export import export_onnx
+from .storage import LAYERS_FILE, MANIFEST, REST_FILE, export_dense, load_compressed, read_manifest
 
 
 @dataclass
@@ -76,8 +77,6 @@ def load_deployable(source: str | os.PathLike[str], key: bytes | None = None, na
 
 def checkpoint_bytes(ckpt: str | os.PathLike[str]) -> int:
     """Bytes of a compressed checkpoint's tensor files (what its weights take on disk)."""
-    from .storage import LAYERS_FILE, REST_FILE
-
     return sum((Path(ckpt) / f).stat().st_size for f in (LAYERS_FILE, REST_FILE))
 
 
@@ -88,8 +87,6 @@ def export_model(source: str | os.PathLike[str], out: str | os.PathLike[str], fm
     Returns a summary: the output, its bytes, and for ONNX the largest difference to PyTorch and the
     compressed checkpoint's tensor bytes to compare with.
     """
-    from .storage import export_dense
-
     if fmt not in ("onnx", "hf"):
         raise CheckpointError(f"export format {fmt!r}; allowed: onnx, hf")
     dep = load_deployable(source, key=key)
@@ -101,7 +98,6 @@ def export_model(source: str | os.PathLike[str], out: str | os.PathLike[str], fm
         path = export_dense(dep.wrapper, out, overwrite=overwrite)
         summary["bytes"] = sum(p.stat().st_size for p in Path(path).rglob("*.safetensors"))
         return summary
-    from .onnx_export import export_onnx
 
     manifest = export_onnx(dep.wrapper, out, verify=verify, overwrite=overwrite, extra={"source": str(source)})
     summary["bytes"] = manifest["onnx_bytes"]

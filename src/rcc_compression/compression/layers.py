@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EXECUTION_MODES = ("factored", "merged", "csr", "semi_structured", "int8")
+EXECUTION_MODES = ("factored", "merged", "csr", "semi_structured", "int8", "torchao")
 
 #: the parts of a layer that can be stored as integer codes (S, and the low-rank factors)
 QUANTIZABLE = ("weight", "lr_A", "lr_B")
@@ -262,6 +262,8 @@ class CompressedLinear(nn.Module):
             y = torch.sparse.mm(fast[1], x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], -1)
         elif fast is not None and fast[0] == "semi_structured":
             y = F.linear(x, fast[1])
+        elif fast is not None and fast[0] == "torchao":
+            y = fast[1](x)
         elif self.weight is not None:
             w = self.weight * self.mask if (self.mask is not None and self.training) else self.weight
             y = F.linear(x, w if self.base is None else w + self.base)
@@ -331,8 +333,9 @@ class CompressedLinear(nn.Module):
 
         ``factored`` (S as a dense matmul, then B A, then scales), ``merged`` (one dense matmul with
         the effective weight: the dense speed, more memory), ``csr`` (S as a CSR sparse matmul, CPU),
-        ``semi_structured`` (S with 2:4 kernels, CUDA) or ``int8`` (8-bit per-channel parts through
-        the int8 weight-only kernel, the rest as float matmuls). Pick by measurement:
+        ``semi_structured`` (S with 2:4 kernels, CUDA), ``int8`` (8-bit per-channel parts through
+        the int8 weight-only kernel, the rest as float matmuls) or ``torchao`` (a quantized dense S
+        through torchao's CUDA kernels, when the ``gpu`` extra is installed). Pick by measurement:
         :func:`rcc_compression.evaluation.efficiency.optimize_execution`.
         """
         self._fast = None
@@ -347,6 +350,8 @@ class CompressedLinear(nn.Module):
                 return False
             self._fast = ("int8", kernels)
             return True
+        if mode == "torchao":
+            return self._set_torchao()
         if self.weight is None or self.mask is None or self.base is not None:
             return False
         if mode == "csr" and not self.weight.is_cuda:
@@ -365,6 +370,32 @@ class CompressedLinear(nn.Module):
         if mode not in ("csr", "semi_structured"):
             raise ValueError(f"unknown execution mode {mode!r}; allowed: {', '.join(EXECUTION_MODES)}")
         return False
+
+    def _set_torchao(self) -> bool:
+        """torchao's CUDA weight-only kernels for a quantized dense S (the ``gpu`` extra; CUDA only).
+
+        torchao derives its own codes from the dequantized weight, so the result can differ from
+        the stored codes by rounding; :func:`~rcc_compression.evaluation.efficiency.optimize_execution`
+        keeps it only where the outputs agree and it measures faster.
+        """
+        q = self.quant.get("weight")
+        if (q is None or not self._ref.is_cuda or self.rank or self.mask is not None or self.base is not None
+                or q.bits not in (4, 8)):
+            return False
+        try:
+            from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        except ImportError:
+            return False
+        lin = nn.Linear(self.in_features, self.out_features, bias=False, device=self._ref.device,
+                        dtype=self._ref.dtype)
+        lin.weight.data.copy_(self.weight.detach())
+        lin.requires_grad_(False)
+        try:
+            quantize_(lin, Int8WeightOnlyConfig() if q.bits == 8 else Int4WeightOnlyConfig(group_size=q.group_size))
+        except (RuntimeError, ValueError, AssertionError, NotImplementedError, TypeError):
+            return False
+        self._fast = ("torchao", lin)
+        return True
 
     @property
     def execution(self) -> str:

@@ -7,12 +7,16 @@ Default (design document): replace the layer's weight, or the residual left by `
 dropped singular value equals the output error it causes) or ``asvd`` (Yuan et al. 2023: input
 channels scaled by ``mean|x|^alpha``). A layer is only factorised where ``r (m + n) < m n``.
 Later rounds of the cascade refine the previous subspace (``warm_start``) instead of starting
-over: a block power iteration from the previous factors, exact when it converges.
+over: a block power iteration from the previous factors. In the final round it iterates until an
+iteration gains less than ``WARM_TOL`` of the energy still left out; a layer that does not get
+there within ``WARM_MAX_ITERATIONS`` (a small spectral gap) is decomposed exactly instead, and the
+statistics say which (``warm_converged``, ``exact_svd``).
 
 Mode ``hallu_space`` is the published Nullu (Yang et al., CVPR 2025, "HalluSpace Projection";
 ``utils/halluedit.py``): from paired truthful / hallucinated captions, per-layer mean hidden
 states give ``D = (E_true - E_bad) / 2``; the top-k right singular vectors V of D span the
-HalluSpace and the MLP output projection is edited to ``W <- (I - V V^T) W``. Departure: hidden
+HalluSpace and the MLP output projection is edited to ``W <- (I - V V^T) W``, once: in a cascade of
+several rounds the edit is made in the first and later rounds leave it as it is. Departure: hidden
 states are mean-pooled over tokens (the reference uses the last token), and the bias is
 projected too. It edits and does not shrink; on an already compressed layer the edit is folded
 into the low-rank part as ``k`` extra columns so S keeps its structure.
@@ -33,7 +37,11 @@ from torch import nn
 
 from ..errors import CompressionError
 from ..utils.logging import get_logger
+from .layers import CompressedLinear
+from .lowrank import balanced_factors, whitening
+from .refit import sequential_refit
 from .stage import CompressionContext, Stage, StageConfig, schedule_fraction
+from .storage import dense_bytes, stored_bytes
 
 log = get_logger("nullu")
 
@@ -41,24 +49,37 @@ log = get_logger("nullu")
 class NulluConfig(StageConfig):
     """Keys of the ``nullu`` stage (defaults from the design document)."""
 
-    mode: Literal["lowrank", "hallu_space"] = "lowrank"
+    mode: Literal["lowrank", "hallu_space"] = Field(
+        "lowrank",
+        description="lowrank: factorise W ~ B A; hallu_space: the published Nullu edit (needs pairs_file)")
     rank_reduction: float | None = Field(0.5, ge=0.0, lt=1.0, description="share of the full rank removed")
     energy_threshold: float | None = Field(0.95, gt=0.0, le=1.0, description="share of spectral energy kept")
     param_budget: float | None = Field(None, gt=0.0, le=1.0, description="factor parameters / dense parameters")
     budget_allocation: Literal["global", "layer"] = Field(
         "global", description="param_budget over all target layers (ranks where they remove most error) or per layer")
-    rank_rule: Literal["min", "max"] = "min"
-    decomposition_method: Literal["svd", "randomized", "activation_aware", "asvd"] = "svd"
-    oversample: int = Field(8, ge=0)
-    power_iterations: int = Field(2, ge=0)
-    damping: float = Field(1e-2, ge=0.0, description="activation_aware: ridge as a share of mean input energy")
-    asvd_alpha: float = Field(0.5, ge=0.0)
-    warm_start: bool = True
+    rank_rule: Literal["min", "max"] = Field(
+        "min",
+        description="when several rank rules are set, the smaller (min) or the larger (max) rank wins")
+    decomposition_method: Literal["svd", "randomized", "activation_aware", "asvd"] = Field(
+        "svd",
+        description="svd, randomized (torch.svd_lowrank), activation_aware (SVD-LLM whitening) or asvd")
+    oversample: int = Field(8, ge=0, description="randomized: extra columns of the random subspace")
+    power_iterations: int = Field(2, ge=0, description="randomized: power iterations on the subspace")
+    damping: float = Field(1e-2, ge=0.0, description="activation_aware: ridge as a share of mean input energy "
+                                                         "(raised to 1e-6 where the input moment is singular)")
+    asvd_alpha: float = Field(0.5, ge=0.0, description="asvd: input channels scaled by mean |x| to this power")
+    warm_start: bool = Field(
+        True,
+        description="later rounds refine the previous subspace instead of decomposing afresh")
     refit: Literal["none", "sequential"] = Field(
         "none", description="sequential: refit the factors in execution order on the compressed model's own inputs")
-    pairs_file: str | None = None
-    top_k: int = Field(4, ge=1)
-    layers: list[int] | None = None
+    pairs_file: str | None = Field(
+        None,
+        description="hallu_space: json file of paired truthful and hallucinated captions")
+    top_k: int = Field(4, ge=1, description="hallu_space: singular directions projected out of each edited layer")
+    layers: list[int] | None = Field(
+        None,
+        description="hallu_space: indices of the edited layers (None: the second half)")
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -179,50 +200,44 @@ def spectral_energy(matrices: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 
-def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) Vh_r`` (equal norms, better conditioned for training)."""
-    root = S[:r].sqrt()
-    return U[:, :r] * root[None, :], root[:, None] * Vh[:r]
+#: final round of warm-started factors: subspace iterations until one gains less than WARM_TOL of the
+#: energy still left out; a layer not there after WARM_MAX_ITERATIONS gets the exact SVD instead
+WARM_TOL = 1e-5
+WARM_MAX_ITERATIONS = 8
 
 
-def whitening(gram: torch.Tensor, damping: float = 1e-2, method: str = "cholesky"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, L^-1)`` with ``L L^T = X^T X + lambda I``, ``lambda = damping * mean(diag(X^T X))``.
-
-    ``cholesky`` (SVD-LLM) falls back to the symmetric root when the factorisation fails.
-    Any such ``L`` gives the same optimal output error; the ``symmetric`` root also keeps the
-    factors' row space inside the span the inputs occupy, so directions they never visit are
-    visibly dropped.
-    """
-    g = gram.double()
-    n = g.shape[0]
-    lam = damping * float(g.diagonal().mean().clamp_min(1e-12))
-    h = g + lam * torch.eye(n, dtype=g.dtype, device=g.device)
-    if method == "cholesky":
-        L, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            eye = torch.eye(n, dtype=g.dtype, device=g.device)
-            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-            return L.to(gram.dtype), Linv.to(gram.dtype)
-    elif method != "symmetric":
-        raise ValueError(f"unknown whitening {method!r}; allowed: cholesky, symmetric")
-    evals, evecs = torch.linalg.eigh(h)
-    evals = evals.clamp_min(max(lam, 1e-300))
-    L = (evecs * evals.sqrt()[None, :]) @ evecs.t()
-    Linv = (evecs / evals.sqrt()[None, :]) @ evecs.t()
-    return L.to(gram.dtype), Linv.to(gram.dtype)
-
-
-def warm_subspace_svd(M: torch.Tensor, A_prev: torch.Tensor, iterations: int = 1
+def warm_subspace_svd(M: torch.Tensor, A_prev: torch.Tensor, iterations: int = 1, tol: float | None = None,
+                      max_iterations: int = 30, info: dict[str, Any] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Approximate top SVD of ``M`` by subspace iteration started from ``A_prev``'s row space.
 
     Returns ``U, S, Vh`` with ``q = A_prev.shape[0]`` components; exact when ``M``'s top-q
-    subspace is ``A_prev``'s, and otherwise improving with each iteration.
+    subspace is ``A_prev``'s, and otherwise improving with each iteration. With ``tol`` it
+    iterates (at most ``max_iterations`` times) until an iteration adds less captured energy
+    ``||Q^T M||^2`` than ``tol`` times the energy still left out, i.e. until the truncation error
+    is within about that share of the exact truncated SVD's; ``info`` receives ``iterations`` and
+    ``converged``.
     """
     Q = torch.linalg.qr(M @ A_prev.t().to(M.dtype)).Q
-    for _ in range(max(iterations, 0)):
-        Q = torch.linalg.qr(M @ (M.t() @ Q)).Q
+    done, converged = 0, tol is None
+    if tol is None:
+        for _ in range(max(iterations, 0)):
+            Q = torch.linalg.qr(M @ (M.t() @ Q)).Q
+        done = max(iterations, 0)
+    else:
+        total = float(M.double().pow(2).sum())
+        captured = float((Q.t() @ M).double().pow(2).sum())
+        while done < max_iterations:
+            Q = torch.linalg.qr(M @ (M.t() @ Q)).Q
+            done += 1
+            new = float((Q.t() @ M).double().pow(2).sum())
+            gain, left = new - captured, total - new
+            captured = new
+            if gain <= tol * max(left, 1e-12 * total):
+                converged = True
+                break
+    if info is not None:
+        info.update(iterations=done, converged=converged)
     # the q x n projection's SVD from the eigenpairs of its q x q Gram (float64): far cheaper than
     # an SVD of the q x n matrix when n >> q, and exact for the directions with S > 0
     B = Q.t() @ M
@@ -299,6 +314,9 @@ class NulluStage(Stage):
     def _low_rank(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
         tg = self.targets_at(ctx.progress, ctx.schedule)
+        if "param_budget" in ctx.targets.get(self.name, {}):  # the cascade's joint byte schedule
+            tg = {"rank_reduction": None, "energy_threshold": None,
+                  "param_budget": ctx.targets[self.name]["param_budget"]}
         if all(v is None for v in tg.values()):
             raise CompressionError("nullu needs one of rank_reduction, energy_threshold, param_budget")
         layers = ctx.layers(self.layer_names(model))
@@ -357,17 +375,18 @@ class NulluStage(Stage):
             elif fresh and method != "randomized":
                 if cfg.rank_rule == "min" and (tg["rank_reduction"] is not None or tg["param_budget"] is not None):
                     # the other targets cap the rank, and a smaller rank saves more: a layer the cap
-                    # leaves unfactorisable stays dense, any other is factorised at a rank its SVD
-                    # decides; neither needs a separate spectrum first
-                    kept = []
+                    # leaves factorisable is factorised at a rank its SVD decides (no separate
+                    # spectrum needed); for any other, the energy rank may still be small enough,
+                    # so its spectrum decides
+                    kept, capped = [], []
                     for n in fresh:
                         cap = rank_for(torch.empty(0), *work[n]["M"].shape, tg["rank_reduction"], None,
                                        tg["param_budget"], "min")
-                        if factorisable(cap, *work[n]["M"].shape):
-                            kept.append(n)
-                        else:
-                            work[n]["rank"] = cap
-                    fresh = kept
+                        (kept if factorisable(cap, *work[n]["M"].shape) else capped).append(n)
+                    if capped:
+                        energies = spectral_energy(torch.stack([work[n]["M"] for n in capped]))
+                        kept += [n for i, n in enumerate(capped) if decide(work[n], energies[i])]
+                    fresh = [n for n in names if n in kept]
                 else:
                     energies = spectral_energy(torch.stack([work[n]["M"] for n in fresh]))
                     fresh = [n for i, n in enumerate(fresh) if decide(work[n], energies[i])]
@@ -386,9 +405,17 @@ class NulluStage(Stage):
                 prev_A = w["layer"].lr_A.detach().to(w["M"].dtype)
                 if w["right"] is not None:
                     prev_A = prev_A @ w["right"]
-                # intermediate rounds: Rayleigh-Ritz on the previous subspace; the final one refines it
-                w["usv"] = warm_subspace_svd(w["M"], prev_A, iterations=1 if ctx.progress >= 1.0 else 0)
+                # intermediate rounds: Rayleigh-Ritz on the previous subspace; the final one iterates
+                # until its error is within WARM_TOL of the exact truncated SVD's
+                w["warm_info"] = {}
+                final = ctx.progress >= 1.0
+                w["usv"] = warm_subspace_svd(w["M"], prev_A, iterations=0, tol=WARM_TOL if final else None,
+                                             max_iterations=WARM_MAX_ITERATIONS, info=w["warm_info"])
                 w["warm"] = True
+                if final and not w["warm_info"]["converged"]:  # slow to converge (a small spectral gap): exact
+                    U, S, Vh = svd(w["M"])
+                    w["usv"] = (U, S, Vh)
+                    w["warm_info"]["exact_svd"] = True
 
         # 3. rank selection, factors, report
         per_layer: dict[str, Any] = {}
@@ -413,26 +440,50 @@ class NulluStage(Stage):
                     layer.set_sparse(None)
             elif "usv" not in w or not factorisable(r, m, n):
                 info["skipped"] = f"r (m + n) >= m n for r={r}"
-                if not w["keep_sparse"] and layer.weight is None and layer.rank > 0:
+                cap = ctx.byte_cap(name)
+                dense_fits = cap is None or dense_bytes(layer) <= cap
+                if not w["keep_sparse"] and layer.weight is None and layer.rank > 0 and dense_fits:
                     layer.set_low_rank(None, None)
                     layer.set_sparse(ctx.target_weight(name, layer))
             else:
+                # the parts this step replaces (references, not copies: the setters make new tensors)
+                before = (layer.weight, layer.mask, layer.lr_A, layer.lr_B, dict(layer.quant))
                 B, A = balanced_factors(U, S, Vh, r)
                 if w["right_inv"] is not None:
                     A = A @ w["right_inv"]
                 layer.set_low_rank(B, A)
                 if not w["keep_sparse"]:
                     layer.set_sparse(None)
+                cap = ctx.byte_cap(name)
+                excess = stored_bytes(layer) - cap if cap is not None else 0
+                if excess > 0:
+                    # no step stores more than the previous round: fewer directions (the factors are
+                    # fresh and unquantized, so each costs (m + n) values)
+                    per_rank = (m + n) * layer._ref.element_size()
+                    r = r - -(-excess // per_rank)
+                    info["byte_capped_rank"] = max(r, 0)
+                    if r > 0:
+                        B, A = B[:, :r], A[:r]
+                        layer.set_low_rank(B, A)
+                    else:
+                        layer.weight, layer.mask, layer.lr_A, layer.lr_B, layer.quant = before
+                        layer._fast = None
+                        info["skipped"] = "no factors fit in the bytes the previous round stored"
+                        per_layer[name] = info
+                        ctx.tick(f"nullu {name}", i + 1, len(work))
+                        continue
                 kept = float(S[:r].pow(2).sum())
                 info.update(rank=r, energy_kept=kept / total if total > 0 else 1.0, warm=bool(w.get("warm")))
+                if w.get("warm") and ctx.progress >= 1.0:
+                    wi = w["warm_info"]
+                    info.update(warm_iterations=wi["iterations"], warm_converged=wi["converged"],
+                                exact_svd=bool(wi.get("exact_svd")))
                 if ctx.progress >= 1.0 and stats is not None and stats[name].gram is not None:
                     info.update(self._subspace_report(name, w, B, A, Vh[:r], stats[name].gram, ctx))
             per_layer[name] = info
             ctx.tick(f"nullu {name}", i + 1, len(work))
         refit: dict[str, dict[str, float]] = {}
         if cfg.refit == "sequential" and ctx.progress >= 1.0 and ctx.dense_model is not None and ctx.batches:
-            from .refit import sequential_refit
-
             refit = sequential_refit(model, ctx.dense_model, ctx.dense, layers, ctx.batches, ctx.device, cfg.damping,
                                      ctx.progress_callback)
             for name, errors in refit.items():
@@ -481,6 +532,13 @@ class NulluStage(Stage):
     @torch.no_grad()
     def _hallu_space(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
+        if ctx.round > 1:
+            # a one-shot edit: repeating it would add top_k more directions each round, recomputed
+            # on the already edited model, and the earlier projections would stop being exact
+            self.statistics = {"mode": "hallu_space", "pairs": self.statistics.get("pairs"), "top_k": cfg.top_k,
+                               "skipped": f"one-shot edit, made in round 1 (now round {ctx.round})",
+                               "layers": self.statistics.get("layers", {})}
+            return model
         if not cfg.pairs_file:
             raise CompressionError("nullu mode 'hallu_space' needs pairs_file (JSON lines of truthful/hallucinated)")
         if ctx.tokenizer is None:
@@ -532,10 +590,9 @@ def hallu_project_layer(layer: nn.Module, V: torch.Tensor) -> dict[str, float]:
     """Edit a layer so its output has no component along the columns of ``V`` (orthonormal, out x k).
 
     Dense layers get ``W <- (I - V V^T) W`` (and the bias projected); compressed layers get the
-    same map as ``k`` extra low-rank columns, so their sparse part keeps its structure.
+    same map as ``k`` extra low-rank columns, so their sparse part keeps its structure (or, where
+    those would store more than the dense layer, the edited weight as a dense S, scales folded in).
     """
-    from .layers import CompressedLinear
-
     V = V.to(torch.float64)
     if isinstance(layer, nn.Linear):
         W = layer.weight.double()
@@ -560,6 +617,13 @@ def hallu_project_layer(layer: nn.Module, V: torch.Tensor) -> dict[str, float]:
         B = torch.cat([layer.lr_B.double(), B_extra], 1) if layer.rank else B_extra
         A = torch.cat([layer.lr_A.double(), A_extra], 0) if layer.rank else A_extra
         layer.set_low_rank(B, A)
+        if stored_bytes(layer) > dense_bytes(layer):
+            # k more columns would store more than the dense layer: the edited layer as a dense S,
+            # scales folded in
+            edited = eff - V @ (V.t() @ eff)
+            layer.set_low_rank(None, None)
+            layer.set_scales(None, None)
+            layer.set_sparse(edited - (layer.base.double() if layer.base is not None else 0))
     if layer.bias is not None:
         b = layer.bias.double()
         layer.bias.data.copy_((b - V @ (V.t() @ b)).to(layer.bias.dtype))

@@ -23,8 +23,11 @@ folds or duplicates) the compressed weights.
 
 CLIP exports two graphs, ``vision_model.onnx`` (``pixel_values`` -> ``image_embeds``) and
 ``text_model.onnx`` (``input_ids``, ``attention_mask`` -> ``text_embeds``), both unnormalised
-projections as ``CLIPModel.get_image_features``/``get_text_features`` give; ``onnx_manifest.json``
-records the logit scale, each file's sha256 and the measured difference to PyTorch.
+projections as ``CLIPModel.get_image_features``/``get_text_features`` give. A captioning BLIP
+exports ``vision_model.onnx`` (patch features) and ``text_decoder.onnx`` (``input_ids``,
+``attention_mask``, ``encoder_hidden_states`` -> ``logits``, no key/value cache), which
+:func:`onnx_greedy_caption` decodes greedily. ``onnx_manifest.json`` records the logit scale or the
+decoder's token ids, each file's sha256 and the measured difference to PyTorch.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..utils.io import atomic_dir, atomic_write_json, sha256_file
 from .layers import CompressedLinear, compressed_layers
-from .storage import choose_encoding, encode_layer
+from .storage import _check_target, choose_encoding, encode_layer
 
 OPSET = 18
 DOMAIN = "rcc"
@@ -358,24 +361,81 @@ class _ClipText(nn.Module):
         return self.model.text_projection(pooled)
 
 
+class _BlipVision(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+
+
+class _BlipDecoder(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model.text_decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                       encoder_hidden_states=encoder_hidden_states, use_cache=False,
+                                       return_dict=True).logits
+
+
 def _graphs(wrapper: Any, batch: int) -> list[dict[str, Any]]:
     """The graphs to export for a wrapper: module, example inputs, names, dynamic axes."""
-    if wrapper.model_type != "clip":
-        raise CheckpointError(f"ONNX export supports CLIP models; this is {wrapper.model_type} "
-                              "(use --format hf for a dense Hugging Face directory)")
     sb = wrapper.synthetic_batch(batch, torch.Generator().manual_seed(0))
     ids = sb["input_ids"]
     mask = torch.ones_like(ids)
     mask[0, ids.shape[1] // 2:] = 0  # a padded row, so the exported graph is checked on padding too
-    return [
-        {"file": "vision_model.onnx", "module": _ClipImage(wrapper.model), "inputs": (sb["pixel_values"],),
-         "input_names": ["pixel_values"], "output_names": ["image_embeds"],
-         "dynamic_axes": {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}},
-        {"file": "text_model.onnx", "module": _ClipText(wrapper.model), "inputs": (ids, mask),
-         "input_names": ["input_ids", "attention_mask"], "output_names": ["text_embeds"],
-         "dynamic_axes": {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                          "text_embeds": {0: "batch"}}},
-    ]
+    seq = {0: "batch", 1: "sequence"}
+    if wrapper.model_type == "clip":
+        return [
+            {"file": "vision_model.onnx", "module": _ClipImage(wrapper.model), "inputs": (sb["pixel_values"],),
+             "input_names": ["pixel_values"], "output_names": ["image_embeds"],
+             "dynamic_axes": {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}},
+            {"file": "text_model.onnx", "module": _ClipText(wrapper.model), "inputs": (ids, mask),
+             "input_names": ["input_ids", "attention_mask"], "output_names": ["text_embeds"],
+             "dynamic_axes": {"input_ids": seq, "attention_mask": seq, "text_embeds": {0: "batch"}}},
+        ]
+    if wrapper.model_type == "blip" and not getattr(wrapper, "is_vqa", False):
+        with torch.no_grad():
+            image = _BlipVision(wrapper.model).eval()(sb["pixel_values"])
+        return [
+            {"file": "vision_model.onnx", "module": _BlipVision(wrapper.model), "inputs": (sb["pixel_values"],),
+             "input_names": ["pixel_values"], "output_names": ["image_embeds"],
+             "dynamic_axes": {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}},
+            {"file": "text_decoder.onnx", "module": _BlipDecoder(wrapper.model), "inputs": (ids, mask, image),
+             "input_names": ["input_ids", "attention_mask", "encoder_hidden_states"], "output_names": ["logits"],
+             "dynamic_axes": {"input_ids": seq, "attention_mask": seq, "encoder_hidden_states": {0: "batch"},
+                              "logits": seq}},
+        ]
+    raise CheckpointError(f"ONNX export supports CLIP and captioning BLIP; this is {type(wrapper.model).__name__} "
+                          "(use --format hf for a dense Hugging Face directory)")
+
+
+def onnx_greedy_caption(directory: str | os.PathLike[str], pixel_values: np.ndarray, max_length: int = 20,
+                        threads: int | None = None) -> np.ndarray:
+    """Greedy captions of an exported BLIP with ONNX Runtime alone: token ids (batch x <= max_length).
+
+    Decoding starts from the decoder's BOS and stops at EOS, as ``generate`` does; finished rows
+    are padded with the pad id. The token ids come from ``onnx_manifest.json``.
+    """
+    import json
+
+    directory = Path(directory)
+    tokens = json.loads((directory / MANIFEST).read_text())["tokens"]
+    image = ort_session(directory / "vision_model.onnx", threads).run(None, {"pixel_values": pixel_values})[0]
+    decoder = ort_session(directory / "text_decoder.onnx", threads)
+    ids = np.full((pixel_values.shape[0], 1), tokens["bos"], np.int64)
+    done = np.zeros(pixel_values.shape[0], bool)
+    while ids.shape[1] < max_length and not done.all():
+        logits = decoder.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                    "encoder_hidden_states": image})[0]
+        nxt = np.where(done, tokens["pad"], logits[:, -1].argmax(-1))
+        ids = np.concatenate([ids, nxt[:, None]], axis=1)
+        done |= nxt == tokens["eos"]
+    return ids
 
 
 def _export_graph(spec: dict[str, Any], opset: int) -> Any:
@@ -387,7 +447,7 @@ def _export_graph(spec: dict[str, Any], opset: int) -> Any:
         torch.onnx.export(module, spec["inputs"], buf, input_names=spec["input_names"],
                           output_names=spec["output_names"], dynamic_axes=spec["dynamic_axes"],
                           opset_version=opset, do_constant_folding=True, dynamo=False,
-                          custom_opsets={DOMAIN: 1})
+                          custom_opsets={DOMAIN: 1} if layers else None)
         proto = onnx.load_from_string(buf.getvalue())
         expand_placeholders(proto, layers)
     onnx.checker.check_model(proto)
@@ -426,8 +486,6 @@ def export_onnx(wrapper: Any, path: str | os.PathLike[str], opset: int = OPSET, 
     With ``verify`` each graph runs in ONNX Runtime on the example inputs and the largest absolute
     difference to PyTorch is recorded; above :data:`TOLERANCE` (float32) the export fails.
     """
-    from .storage import _check_target
-
     path = Path(path)
     _check_target(path, overwrite)
     specs = _graphs(wrapper, batch)
@@ -460,6 +518,7 @@ def export_onnx(wrapper: Any, path: str | os.PathLike[str], opset: int = OPSET, 
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "model_type": wrapper.model_type, "opset": opset, "graphs": records, "files": files,
                 "logit_scale": float(wrapper.logit_scale.detach()) if hasattr(wrapper, "logit_scale") else None,
+                "tokens": _blip_tokens(wrapper) if wrapper.model_type == "blip" else None,
                 "compressed_layers": len(compressed_layers(wrapper.model)),
                 "onnx_bytes": sum(v["bytes"] for k, v in files.items() if k.endswith(".onnx")),
                 **(extra or {}),
@@ -468,6 +527,12 @@ def export_onnx(wrapper: Any, path: str | os.PathLike[str], opset: int = OPSET, 
     finally:
         wrapper.model.train(was_training)
     return manifest
+
+
+def _blip_tokens(wrapper: Any) -> dict[str, int | None]:
+    tc = wrapper.model.config.text_config
+    eos = getattr(tc, "sep_token_id", None)
+    return {"bos": tc.bos_token_id, "eos": eos if eos is not None else tc.eos_token_id, "pad": tc.pad_token_id}
 
 
 def _save(proto: Any, f: Path) -> None:

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from ..errors import CompressionError
-from .dare import keep_count, magnitude_scores, topk_mask
-from .nullu import budget_rank, svd
+from .dare import keep_count, magnitude_scores, topk_mask, wanda_scores
+from .lowrank import whitening
+from .nullu import allocate_ranks, budget_rank, factorisable, spectral_energy, svd
+from .quant import corrected_factor, format_bytes, gptq, quantize_nearest
 from .storage import sparse_encoding_bytes
 
 
@@ -166,9 +168,6 @@ def split_error(
     allocated globally. ``G`` is each layer's calibration input second moment; without it the
     error is the plain Frobenius one.
     """
-    from .dare import wanda_scores
-    from .nullu import allocate_ranks, spectral_energy, whitening
-
     W = [w.double() for w in weights]
     G = [g.double() for g in grams] if grams is not None and all(g is not None for g in grams) else None
     S = [torch.zeros_like(w) for w in W]
@@ -212,3 +211,221 @@ def split_error(
             num += float(((R @ G[i]) * R).sum())
             den += float(((w @ G[i]) * w).sum())
     return num / den if den > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------ one plan over bits, rank, sparsity
+#: formats of S the planner weighs: (bits, group size or None for one scale per row, symmetric)
+QUANT_FORMATS: tuple[tuple[int, int | None, bool], ...] = (
+    (8, None, True), (4, None, True), (4, 128, False), (4, 64, False), (4, 32, False),
+    (3, None, False), (3, 128, False), (3, 64, False), (3, 32, False), (2, 64, False), (2, 32, False),
+)
+#: S formats that get a low-rank correction of their rounding error, and the sparse S formats
+CORRECTED_FORMATS = ((3, 64, False), (2, 64, False), (2, 32, False))
+SPARSE_FORMATS = ((8, None, True), (4, 64, False))
+SPARSITIES = (0.5, 0.75)
+#: ranks tried, as shares of min(m, n); factors are stored with 8 or 4 bits
+RANK_SHARES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+FACTOR_BITS = (8, 4)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One way to store one layer: S (pruned at ``pruning_rate``, ``bits`` or float), factors of ``rank``.
+
+    ``keep_s=False`` drops S (low rank only). ``nbytes`` is what the saved layer holds,
+    ``error`` the relative output error ``tr(D H D^T) / tr(W H W^T)`` it leaves on calibration inputs.
+    """
+
+    pruning_rate: float = 0.0
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool = True
+    rank: int = 0
+    factor_bits: int | None = None
+    keep_s: bool = True
+    nbytes: int = 0
+    error: float = 0.0
+
+    def label(self) -> str:
+        """A short description, e.g. ``int3/g64 + r4 int8`` or ``50% int8 + r8 int8``."""
+        parts = []
+        if self.keep_s:
+            s = "float" if self.bits is None else f"int{self.bits}" + (f"/g{self.group_size}" if self.group_size
+                                                                        else "")
+            parts.append(f"{self.pruning_rate:.0%} {s}" if self.pruning_rate else s)
+        if self.rank:
+            parts.append(f"r{self.rank} " + ("float" if self.factor_bits is None else f"int{self.factor_bits}"))
+        return " + ".join(parts)
+
+
+def choice_bytes(shape: LayerShape, c: Choice, prune_scope: str = "layer") -> int:
+    """Stored bytes of one layer under choice ``c`` (the saved format's own count)."""
+    m, n, es = shape.out_features, shape.in_features, shape.element_size
+    total = m * es if shape.has_bias else 0
+    if c.keep_s:
+        nnz = m * n
+        if c.pruning_rate > 0:
+            nnz = m * keep_count(n, c.pruning_rate) if prune_scope == "row" else keep_count(m * n, c.pruning_rate)
+            enc = sparse_encoding_bytes(m, n, nnz, 0)
+            total += min(enc["bitmask"], enc["csr"])
+        total += nnz * es if c.bits is None else format_bytes(m, n, nnz, c.bits, c.group_size, c.symmetric)
+    if c.rank:
+        for rows, cols in ((c.rank, n), (m, c.rank)):
+            total += rows * cols * es if c.factor_bits is None else format_bytes(
+                rows, cols, rows * cols, c.factor_bits, c.group_size, c.symmetric)
+    return total
+
+
+@torch.no_grad()
+def layer_choices(
+    weight: torch.Tensor, gram: torch.Tensor | None, shape: LayerShape, *, sparse: bool, lowrank: bool,
+    quant: bool = True, scorer: str = "magnitude", prune_scope: str = "layer", damping: float = 1e-2,
+    rounding: str = "gptq",
+) -> list[Choice]:
+    """Every candidate storage of one layer, each with its bytes and its calibration output error.
+
+    S is rounded the way the ``quant`` stage will round it (GPTQ against ``gram``, so its error
+    correction is in the estimate); a low-rank part is fitted by activation-aware SVD to the
+    residual the rounded (and pruned) S leaves, as ``nullu`` after ``quant`` does, so it absorbs
+    that rounding error; its factors are rounded to nearest with ``B`` re-solved on the rounded
+    ``A`` (the stage's GPTQ rounding of them only lowers the error further).
+    """
+    W = weight.detach().double()
+    m, n = W.shape
+    H = gram.double() if gram is not None else torch.eye(n, dtype=torch.float64, device=W.device)
+    ref = float(((W @ H) * W).sum().clamp_min(1e-300))
+
+    def error(approx: torch.Tensor) -> float:
+        D = W - approx
+        return max(0.0, float(((D @ H) * D).sum()) / ref)
+
+    def rounded(s: torch.Tensor, fmt: tuple[int, int | None, bool], mask: torch.Tensor | None) -> torch.Tensor:
+        bits, group, sym = fmt
+        if rounding == "gptq" and gram is not None:
+            q = gptq(s.float(), H.float(), bits, group, sym, mask, damping)
+        else:
+            q = quantize_nearest(s.float(), bits, group, sym, mask)
+        return q.dequantize(torch.float64, mask).to(W.device)
+
+    out: list[Choice] = []
+
+    def add(c: Choice, approx: torch.Tensor | None) -> None:
+        out.append(Choice(**{**c.__dict__, "nbytes": choice_bytes(shape, c, prune_scope),
+                             "error": 0.0 if approx is None else error(approx)}))
+
+    root = None
+    if lowrank:
+        root = whitening(H, damping)
+    full = min(m, n)
+    ranks = sorted({max(1, round(full * s)) for s in RANK_SHARES})
+
+    def with_factors(base: Choice, s_hat: torch.Tensor | None, rank_list: list[int]) -> None:
+        residual = W - (s_hat if s_hat is not None else 0)
+        U, sv, Vh = torch.linalg.svd(residual @ root[0], full_matrices=False)
+        for r in rank_list:
+            B = U[:, :r] * sv[:r]
+            A = Vh[:r] @ root[1]
+            for fb in FACTOR_BITS:
+                A_q = quantize_nearest(A.float(), fb, base.group_size, base.symmetric).dequantize(torch.float64)
+                B_c = corrected_factor(residual, A_q, H, damping) if gram is not None else B
+                B_q = quantize_nearest(B_c.float(), fb, base.group_size, base.symmetric).dequantize(torch.float64)
+                approx = B_q @ A_q + (s_hat if s_hat is not None else 0)
+                add(Choice(**{**base.__dict__, "rank": r, "factor_bits": fb}), approx)
+
+    add(Choice(), None)  # left as it is
+    if quant:
+        cached: dict[tuple[int, int | None, bool], torch.Tensor] = {}
+        for fmt in QUANT_FORMATS:
+            if fmt[1] is not None and fmt[1] >= n:
+                continue
+            cached[fmt] = rounded(W, fmt, None)
+            add(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), cached[fmt])
+        if lowrank:
+            for fmt in CORRECTED_FORMATS:
+                if fmt in cached:
+                    with_factors(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), cached[fmt],
+                                 [r for r in ranks if r <= full // 8])
+    if sparse:
+        score = (wanda_scores(W, H.diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and gram is not None)
+                 else magnitude_scores(W))
+        for p in SPARSITIES:
+            mask = topk_mask(score, p, prune_scope)
+            S = W * mask
+            add(Choice(pruning_rate=p), S)
+            for fmt in SPARSE_FORMATS if quant else ():
+                if fmt[1] is not None and fmt[1] >= n:
+                    continue
+                s_hat = rounded(S, fmt, mask)
+                base = Choice(pruning_rate=p, bits=fmt[0], group_size=fmt[1], symmetric=fmt[2])
+                add(base, s_hat)
+                if lowrank and p == SPARSITIES[-1] and fmt == SPARSE_FORMATS[-1]:
+                    with_factors(base, s_hat, [r for r in ranks if r <= full // 8])
+    if lowrank:
+        lr_ranks = [r for r in ranks if factorisable(r, m, n) or quant]
+        base = Choice(keep_s=False)
+        residual_fit = [r for r in lr_ranks if r < full]
+        if quant:
+            with_factors(base, None, residual_fit)
+        else:
+            U, sv, Vh = torch.linalg.svd(W @ root[0], full_matrices=False)
+            for r in residual_fit:
+                if factorisable(r, m, n):
+                    add(Choice(keep_s=False, rank=r), (U[:, :r] * sv[:r]) @ Vh[:r] @ root[1])
+    return out
+
+
+def allocate(options: Sequence[Sequence[Choice]], budget: float) -> list[int]:
+    """Pick one choice per layer minimising the summed error with total bytes within ``budget``.
+
+    A multiple-choice knapsack, solved as the global rank budget is: by a Lagrange multiplier
+    (each layer takes ``argmin error + lambda * bytes``; lambda bisected to the smallest total within
+    budget), then the bytes left are spent greedily on the upgrades that remove the most error per
+    byte. Raises :class:`CompressionError` when even the smallest choices do not fit.
+    """
+    if not options:
+        return []
+    smallest = sum(min(c.nbytes for c in opts) for opts in options)
+    if smallest > budget:
+        raise CompressionError(f"the smallest storage the planner knows takes {smallest} bytes, over the budget "
+                               f"of {int(budget)}")
+    scale = max(sum(max(c.nbytes for c in opts) for opts in options), 1)
+
+    def pick(lam: float) -> list[int]:
+        return [min(range(len(opts)), key=lambda k, o=opts: (o[k].error + lam * o[k].nbytes / scale,
+                                                              o[k].nbytes)) for opts in options]
+
+    def total(sel: list[int]) -> int:
+        return sum(options[i][k].nbytes for i, k in enumerate(sel))
+
+    lo, hi = -12.0, 12.0  # log10 lambda
+    if total(pick(10.0**lo)) <= budget:
+        sel = pick(10.0**lo)
+    else:
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            if total(pick(10.0**mid)) <= budget:
+                hi = mid
+            else:
+                lo = mid
+        sel = pick(10.0**hi)
+        if total(sel) > budget:  # lambda this large keeps every layer at its cheapest
+            sel = [min(range(len(o)), key=lambda k, o=o: (o[k].nbytes, o[k].error)) for o in options]
+    left = budget - total(sel)
+    while True:
+        best = None
+        for i, opts in enumerate(options):
+            cur = opts[sel[i]]
+            for k, c in enumerate(opts):
+                extra = c.nbytes - cur.nbytes
+                gain = cur.error - c.error
+                if gain <= 0 or extra > left:
+                    continue
+                value = gain / max(extra, 1)
+                if best is None or value > best[0]:
+                    best = (value, i, k, extra)
+        if best is None:
+            break
+        _, i, k, extra = best
+        sel[i] = k
+        left -= extra
+    return sel

@@ -34,7 +34,7 @@ from torch import nn
 
 from .calibration import to_device
 from .layers import CompressedLinear
-from .nullu import balanced_factors, whitening
+from .lowrank import balanced_factors, whitening
 
 
 class _Stop(Exception):

@@ -1,14 +1,19 @@
-"""The one place stages are listed: name -> (config model, stage class).
+"""The one place stages are listed: name -> (config model, stage class), and the section they make.
 
 Adding a method is one module (a ``StageConfig`` subclass and a ``Stage`` subclass) plus one line
-here; the config schema, the cascade and the CLI pick it up from this dict.
+here; the config schema (:data:`CompressionSection`, the ``compression:`` section of a config
+file), the cascade and the CLI pick it up from this dict.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
-from ..errors import CompressionError
+from pydantic import Field, ValidationError, create_model, field_validator
+
+from ..errors import CompressionError, ConfigError
+from ..utils.schema import StrictModel, error_line
 from .alphaedit import AlphaEditConfig, AlphaEditStage
 from .dare import DareConfig, DareStage
 from .nullu import NulluConfig, NulluStage
@@ -23,6 +28,56 @@ STAGES: dict[str, tuple[type[StageConfig], type[Stage]]] = {
 }
 
 
+class CascadeConfig(StrictModel):
+    """Keys of the cascade (defaults from the design document)."""
+
+    stages: list[str] = Field(
+        default_factory=lambda: ["dare", "nullu", "alphaedit"],
+        description="stage names in execution order")
+    checkpoint_frequency: int = Field(1, ge=0, description="passing steps between checkpoints; 0: none")
+    validation_threshold: float = Field(
+        0.95, ge=0.0, le=1.0,
+        description="retention (compressed / dense) the gate demands after every step")
+    rounds: int | None = Field(None, ge=1, description="None: dare.iterations when dare runs, else 1")
+    schedule: Literal["linear", "cubic"] | None = Field(None, description="None: dare.pruning_schedule")
+    target_rate: float | None = Field(
+        None, ge=0.0, lt=1.0, description="plan dare/nullu targets to reach this 1 - stored/dense bytes")
+    rate_scope: Literal["layers", "model"] = Field(
+        "layers",
+        description="target_rate counts the bytes of the compressed layers, or of the whole model")
+
+    @field_validator("stages")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in STAGES]
+        if bad:
+            raise ValueError(f"unknown stage {bad[0]!r}; allowed: {', '.join(STAGES)}")
+        if not v:
+            raise ValueError("at least one stage is needed")
+        return v
+
+
+def _compression_section() -> type[StrictModel]:
+    fields: dict[str, Any] = {
+        name: (cfg_cls, Field(default_factory=cfg_cls)) for name, (cfg_cls, _) in STAGES.items()
+    }
+    fields["cascade"] = (CascadeConfig, Field(default_factory=CascadeConfig))
+    return create_model("CompressionSection", __base__=StrictModel, **fields)
+
+
+#: the ``compression:`` section: one key per registered stage plus ``cascade``
+CompressionSection = _compression_section()
+
+
+def validate_stage_config(name: str, data: Mapping[str, Any], source: str = "<dict>") -> StageConfig:
+    """Validate one stage's keys (as under ``compression.<name>``) with the config file's one-line errors."""
+    cfg_cls = STAGES[name][0]
+    try:
+        return cfg_cls.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(error_line(exc.errors()[0], {}, source, cfg_cls, ("compression", name))) from None
+
+
 def build_stage(name: str, config: StageConfig | dict[str, Any] | None = None) -> Stage:
     """Instantiate a registered stage from its typed config (or a dict validated against it)."""
     if name not in STAGES:
@@ -31,7 +86,5 @@ def build_stage(name: str, config: StageConfig | dict[str, Any] | None = None) -
     if config is None:
         config = cfg_cls()
     elif isinstance(config, dict):
-        from ..config import validate_stage_config
-
         config = validate_stage_config(name, config)
     return stage_cls(config)

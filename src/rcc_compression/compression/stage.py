@@ -8,18 +8,21 @@ from a :class:`CompressionContext`, which computes each of them once, on first u
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from ..errors import CompressionError
+from ..models.blip import BLIPWrapper
+from ..models.clip import CLIPWrapper
 from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
 from ..utils.schema import StrictModel
@@ -41,9 +44,6 @@ class StageConfig(StrictModel):
 
 def default_patterns(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Default (targets, ignore) regexes: the encoders' (and BLIP decoder's) Linear layers."""
-    from ..models.blip import BLIPWrapper
-    from ..models.clip import CLIPWrapper
-
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     if mtype == "clip":
         return CLIPWrapper.default_targets, CLIPWrapper.default_ignore
@@ -78,6 +78,21 @@ def schedule_fraction(progress: float, kind: str) -> float:
     raise ValueError(f"unknown schedule {kind!r}; allowed: linear, cubic")
 
 
+class Distiller(Protocol):
+    """Distillation as the engine calls it: fit ``params`` of ``model`` towards the teacher's outputs.
+
+    ``batches`` are the calibration batches and ``teacher_outputs`` the dense model's outputs on
+    them; batch order is drawn from ``generator``; returns loss figures for the statistics. The
+    engine does not train: whoever runs it supplies this (``rcc_compression.CompressionPipeline``
+    and ``compress_model`` pass :func:`rcc_compression.training.recovery.finetune_on_batches`
+    with the run's ``training`` section).
+    """
+
+    def __call__(self, model: nn.Module, params: Sequence[nn.Parameter], batches: Sequence[Mapping[str, Any]],
+                 teacher_outputs: Sequence[Mapping[str, torch.Tensor]], epochs: int, lr: float,
+                 generator: torch.Generator, device: torch.device | str) -> dict[str, float]: ...
+
+
 @dataclass
 class CompressionContext:
     """What stages share during one compression: dense weights, data, cached statistics.
@@ -96,14 +111,24 @@ class CompressionContext:
     reference: dict[str, torch.Tensor] | None = None
     seed: int = 0
     step: int = 0
+    #: the cascade round (1-based) the current step belongs to
+    round: int = 1
     progress: float = 1.0
     schedule: str = "linear"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress_callback: Callable[[str, int, int], None] | None = None
-    #: the run's ``training`` section (a ``TrainingSection``): losses, optimiser, schedule of stage distillation
-    training: Any = None
+    #: distillation between rounds (``dare``) and of the scales (``alphaedit`` scaling); ``None``: none available
+    distill: Distiller | None = None
     tokenizer: Any = None
     image_loader: Callable[[list[Any]], torch.Tensor] | None = None
+    #: per-stage targets of the current round from the cascade's joint byte schedule (:mod:`.schedule`);
+    #: a stage listed here uses them instead of its own schedule
+    targets: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: per layer, the most bytes a step of this round may leave stored: what the layer stored when
+    #: the round began (dense in the first), so no step ever stores more than the previous round
+    byte_caps: dict[str, int] = field(default_factory=dict)
+    #: per layer, bytes kept free for channel scales a later ``alphaedit`` step will add
+    scale_reserve: dict[str, int] = field(default_factory=dict)
     _stats: dict[str, LayerStats] = field(default_factory=dict)
     _stats_gram: bool = False
     _preserve_stats: dict[str, LayerStats] | None = None
@@ -176,6 +201,17 @@ class CompressionContext:
             w = w - layer.base.float()
         return w
 
+    def byte_cap(self, name: str, for_scales: bool = False) -> int | None:
+        """The most bytes a step may leave stored in layer ``name`` (``None``: no cap).
+
+        Parts other than scales stay below the cap by the room reserved for scales (``for_scales``
+        gives the whole cap, for the step that adds them).
+        """
+        cap = self.byte_caps.get(name)
+        if cap is None or for_scales:
+            return cap
+        return cap - self.scale_reserve.get(name, 0)
+
     def tick(self, what: str, done: int, total: int) -> None:
         """Report per-layer progress to the CLI's progress bar, if one is listening."""
         if self.progress_callback is not None:
@@ -246,8 +282,6 @@ class Stage(ABC):
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore the stage's config and statistics written by :meth:`save_checkpoint`."""
-        import json
-
         data = json.loads(Path(path).read_text())
         if data.get("stage") != self.name:
             raise CompressionError(f"{path}: checkpoint of stage {data.get('stage')!r}, not {self.name!r}")
@@ -258,18 +292,22 @@ class Stage(ABC):
 def kd_finetune(
     model: nn.Module, ctx: CompressionContext, params: Sequence[nn.Parameter], epochs: int, lr: float, salt: int = 0
 ) -> dict[str, float]:
-    """Distillation: fit ``params`` so the model's outputs match the dense teacher's (:mod:`..training`).
+    """Distillation: fit ``params`` so the model's outputs match the dense teacher's, by ``ctx.distill``.
 
-    Loss: CLIP, contrastive KD on the image-text logits plus feature matching of the embeddings
-    and last hidden states; BLIP, KD on the caption decoder's logits plus image features; any
-    other module, the relative error of its outputs, weighted, scheduled and optimised as the run's
-    ``training`` section says (``epochs`` and ``lr`` come from the stage). Only ``params`` move; compressed layers run
-    in training mode so pruned entries keep zero gradient. Batch order is drawn from
-    ``ctx.generator`` so a resumed run repeats it exactly.
+    With the training layer's distiller the loss is, for CLIP, contrastive KD on the image-text
+    logits plus feature matching of the embeddings and last hidden states; for BLIP, KD on the
+    caption decoder's logits plus image features; for any other module, the relative error of its
+    outputs, weighted, scheduled and optimised as the run's ``training`` section says (``epochs``
+    and ``lr`` come from the stage). Only ``params`` move; compressed layers run in training mode
+    so pruned entries keep zero gradient. Batch order is drawn from ``ctx.generator`` so a resumed
+    run repeats it exactly. Asking for epochs with no distiller is an error, never a silent skip.
     """
     if epochs <= 0 or not params or not ctx.batches:
         return {}
-    from ..training.recovery import finetune_on_batches
-
-    return finetune_on_batches(model, params, ctx.batches, ctx.teacher_outputs(), epochs, lr, ctx.generator(salt),
-                               ctx.device, ctx.training)
+    if ctx.distill is None:
+        raise CompressionError(
+            f"this stage asks for {epochs} epoch(s) of distillation but the pipeline has no distiller: use "
+            "rcc_compression.CompressionPipeline (or compress_model), pass distill=... to the engine's "
+            "CascadePipeline, or set the stage's epochs to 0"
+        )
+    return ctx.distill(model, params, ctx.batches, ctx.teacher_outputs(), epochs, lr, ctx.generator(salt), ctx.device)

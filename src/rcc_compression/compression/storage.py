@@ -20,6 +20,7 @@ written with mode 0600; the manifest stays readable and records the key's public
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import os
@@ -31,7 +32,18 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..utils.io import atomic_dir, atomic_save_safetensors, atomic_write_json, load_safetensors, sha256_file
+from ..models.base import ModelWrapper
+from ..models.registry import _load_processors, unwrap_model, wrap_model
+from ..utils.crypto import MAGIC, decrypt_bytes, encrypt_bytes, key_id
+from ..utils.io import (
+    atomic_dir,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_safetensors,
+    sha256_bytes,
+    sha256_file,
+)
 from .layers import CompressedLinear, QuantizedPart, compressed_layers, merge_all, replace_module
 from .quant import BITS, pack_codes, part_bytes, unpack_codes
 
@@ -178,6 +190,12 @@ def stored_bytes(layer: CompressedLinear) -> int:
     return total
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """Hex sha256 of a tensor's raw bytes (row-major; any dtype, bfloat16 included)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return sha256_bytes(flat.view(torch.uint8).numpy().tobytes())
+
+
 def dense_bytes(layer: CompressedLinear | nn.Linear, dtype: torch.dtype | None = None) -> int:
     """Bytes of the dense layer it replaces: weight and bias in the dtype the model was given
     (the layer's own), or in ``dtype`` (``torch.float32`` for the rate against fp32)."""
@@ -297,8 +315,6 @@ def save_compressed(
     Every file is written atomically and the manifest last, so a directory without a manifest is
     an unfinished save and is never mistaken for a whole one.
     """
-    from ..models.base import ModelWrapper
-
     wrapper = model if isinstance(model, ModelWrapper) else None
     inner = wrapper.model if wrapper is not None else model
     path = Path(path)
@@ -319,10 +335,7 @@ def save_compressed(
             "base": None, "quant": quant_spec(layer),
         }
         if layer.base is not None:
-            from ..utils.io import sha256_bytes
-
-            base_bytes = layer.base.detach().cpu().contiguous().numpy().tobytes()
-            layer_info[name]["base"] = {"sha256": sha256_bytes(base_bytes)}
+            layer_info[name]["base"] = {"sha256": tensor_sha256(layer.base)}
     skip = {f"{name}." for name in layers}
     rest: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -367,8 +380,6 @@ def save_compressed(
                 **(extra or {}),
             }
             if encrypt_key is not None:
-                from ..utils.crypto import key_id
-
                 manifest["key_id"] = key_id(encrypt_key)
             atomic_write_json(stage / MANIFEST, manifest, mode=0o600 if encrypt_key else None)
     except OSError as exc:
@@ -383,17 +394,12 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], key: bytes | No
         return
     from safetensors.torch import save
 
-    from ..utils.crypto import encrypt_bytes
-    from ..utils.io import atomic_write_bytes
-
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     atomic_write_bytes(path, encrypt_bytes(data, key), mode=0o600)
 
 
 def _read_tensors(path: Path, key: bytes | None, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-
-    from ..utils.crypto import MAGIC, decrypt_bytes, key_id
 
     try:
         if not manifest.get("encrypted"):
@@ -534,10 +540,18 @@ def install_layers(model: nn.Module, manifest: dict[str, Any], grouped: dict[str
         except AttributeError:
             raise CheckpointError(f"layer {name!r} of the checkpoint does not exist in the model") from None
         layer = decode_layer(grouped.get(name, {}), {**info, "name": name})
-        if info.get("base") is not None:
+        base_info = info.get("base")
+        if base_info is not None:
             if reference is None or name not in reference:
                 raise CheckpointError(f"layer {name!r} was compressed as a delta: pass reference_model=...")
             layer.set_base(reference[name])
+            recorded = base_info.get("sha256") if isinstance(base_info, dict) else None
+            if not isinstance(recorded, str):
+                raise CheckpointError(f"layer {name!r}: the manifest records no sha256 of its base weight")
+            if tensor_sha256(layer.base) != recorded:
+                raise CheckpointError(
+                    f"layer {name!r}: the reference model given is not the base this checkpoint was compressed "
+                    f"against (sha256 of its {info.get('dtype')} weight differs); pass the same base model")
         ref = next(current.parameters(), None)
         replace_module(model, name, layer.to(ref.device) if ref is not None else layer)
 
@@ -576,14 +590,10 @@ def load_compressed(
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
-    from ..models.base import ModelWrapper
-
     wrapper = model if isinstance(model, ModelWrapper) else None
     inner = wrapper.model if wrapper is not None else (model if model is not None else _skeleton(manifest))
     reference = None
     if reference_model is not None:
-        from ..models.registry import unwrap_model
-
         ref_inner = unwrap_model(reference_model)
         reference = {n: m.weight.detach() for n, m in ref_inner.named_modules() if isinstance(m, nn.Linear)}
         reference.update({n: m.inner_weight().detach() for n, m in compressed_layers(ref_inner).items()})
@@ -594,8 +604,6 @@ def load_compressed(
         return wrapper
     proc_dir = path / "processor"
     if manifest.get("wrapper") and proc_dir.is_dir():
-        from ..models.registry import _load_processors, wrap_model
-
         img, tok = _load_processors(str(proc_dir), manifest["wrapper"])
         return wrap_model(inner, img, tok, name=str(path))
     return inner
@@ -607,10 +615,6 @@ def export_dense(model: nn.Module, path: str | os.PathLike[str], overwrite: bool
     The result loads with ``CLIPModel.from_pretrained`` / ``BlipForConditionalGeneration.from_pretrained``
     without this package.
     """
-    import copy
-
-    from ..models.base import ModelWrapper
-
     wrapper = model if isinstance(model, ModelWrapper) else None
     inner = wrapper.model if wrapper is not None else model
     if not hasattr(inner, "save_pretrained"):

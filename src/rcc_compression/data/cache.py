@@ -9,6 +9,7 @@ before normalisation, which keeps them exact and four times smaller than float32
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,6 @@ class CachedPixels:
     """Read access to a cache written by :func:`build_cache`; shards are loaded on first use."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        import json
-
         self.path = Path(path)
         manifest = self.path / "manifest.json"
         try:

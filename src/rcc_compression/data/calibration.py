@@ -15,9 +15,12 @@ import torch
 
 from ..errors import DataError
 from ..utils.logging import get_logger
+from .collate import Collator, model_inputs
 from .datasets import ArrayDataset, MultimodalDataset, Record
-from .loaders import Collator, build_loader, model_inputs
+from .loaders import build_loader
+from .splits import open_split
 from .transforms import transform_for
+from .world import SEEN_PAIRS, questions_for, scene_rng, world_scenes
 
 log = get_logger("data")
 
@@ -32,8 +35,6 @@ def _kind(wrapper: Any) -> str:
 
 
 def _world_dataset(wrapper: Any, count: int, seed: int, kind: str) -> ArrayDataset:
-    from .world import SEEN_PAIRS, questions_for, scene_rng, world_scenes
-
     images, records = [], []
     for item in world_scenes(seed, "train", count):
         images.append(item.image)
@@ -57,8 +58,6 @@ def captions_for_classes(ds: MultimodalDataset) -> MultimodalDataset:
 
 
 def _open_source(source: str, wrapper: Any, kind: str, skip_bad: bool, root: str | None) -> MultimodalDataset:
-    from .splits import open_split
-
     task = "vqa" if kind == "blip_vqa" else None
     try:
         ds = open_split(source, "train", task=task, transform=transform_for(wrapper), skip_bad=skip_bad, root=root)

@@ -38,7 +38,10 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..utils.logging import get_logger
+from .cache import CachedPixels, build_cache
+from .collate import Collator
 from .transforms import ImageTransform, clean_caption
+from .world import ensure_world, load_world_info
 
 log = get_logger("data")
 
@@ -166,8 +169,6 @@ class MultimodalDataset(Dataset):
 
     def get_collate_fn(self, tokenizer: Any = None, **kwargs: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         """A collate function that batches samples and tokenises their text (see ``loaders``)."""
-        from .loaders import Collator
-
         return Collator(tokenizer=tokenizer, mean=self.transform.mean, std=self.transform.std,
                         skip_bad=self.skip_bad, **kwargs)
 
@@ -176,8 +177,6 @@ class MultimodalDataset(Dataset):
 
         The cache is keyed by the transform's fingerprint and the files' names, sizes and mtimes.
         """
-        from .cache import CachedPixels, build_cache
-
         path = build_cache(self, cache_dir, progress=progress)
         self._pixels = CachedPixels(path)
         return path
@@ -671,6 +670,16 @@ KNOWN_DATASETS = {
     "conceptual_captions": "conceptual_captions",
     "vqav2": "vqav2",
 }
+#: the task of each known name, known before (or without) opening it
+KNOWN_TASKS = {
+    "imagenet": "classification",
+    "mscoco": "captions",
+    "coco": "captions",
+    "flickr30k": "captions",
+    "cc3m": "captions",
+    "conceptual_captions": "captions",
+    "vqav2": "vqa",
+}
 WORLD_PARTS = ("captions", "vqa", "shape", "colour", "colour_shape")
 
 
@@ -688,8 +697,6 @@ def open_world(
     skip_bad: bool = False,
 ) -> MultimodalDataset:
     """One part of a generated world: ``captions``, ``vqa`` or a classification task."""
-    from .world import load_world_info
-
     root = Path(world_dir)
     info = load_world_info(root)
     if split not in info.get("spec", {}).get("splits", ()):
@@ -815,8 +822,6 @@ def open_dataset(
     if text.startswith("hf:"):
         return HFDataset(text[3:], split, **kw)
     if text == "world" or text.startswith("world:"):
-        from .world import ensure_world
-
         part = text.split(":", 1)[1] if ":" in text else None
         if part is None:
             part = {"classification": "colour_shape", "vqa": "vqa"}.get(task or "", "captions")

@@ -24,8 +24,11 @@ of a split can be regenerated in memory (:func:`world_scenes`) exactly as it is 
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import io
+import json
 import os
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -558,8 +561,6 @@ WORLD_COLOUR_TEMPLATES = (
 
 def world_vocabulary() -> list[str]:
     """Every word a world caption, question, answer or world template can contain (sorted)."""
-    import re
-
     words: set[str] = set()
     texts: list[str] = [*PREFIXES, *WORLD_TEMPLATES, *WORLD_COLOUR_TEMPLATES, *NUMBER_WORDS]
     texts += [p for row in POSITION_PHRASES for p in row]
@@ -858,8 +859,6 @@ def _write_classification(root: Path, spec: WorldSpec, report: Callable[[str, in
 
 def load_world_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``world.json`` record of a generated world directory (a ``DataError`` if absent or malformed)."""
-    import json
-
     file = Path(path) / "world.json"
     if not file.is_file():
         raise DataError(
@@ -887,9 +886,6 @@ def ensure_world(
     spec: WorldSpec | None = None,
 ) -> Path:
     """A generated world with ``splits`` at default sizes, made once and then reused from the cache."""
-    import hashlib
-    import json
-
     spec = spec or WorldSpec(seed=seed)
     spec.seed = seed
     spec.splits = tuple(s for s in SPLITS if s in set(splits))

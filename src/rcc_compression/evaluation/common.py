@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
 
-from ..data.loaders import Collator, build_loader
+from ..data.collate import Collator
+from ..data.loaders import build_loader
 
 T = TypeVar("T")
 
@@ -59,7 +61,6 @@ def subset(dataset: Any, max_items: int | None, seed: int = 0) -> Any:
     """The dataset itself, or a seeded random subset of ``max_items`` records (same object type)."""
     if max_items is None or max_items >= len(dataset):
         return dataset
-    import copy
 
     gen = torch.Generator().manual_seed(seed)
     keep = sorted(torch.randperm(len(dataset), generator=gen)[:max_items].tolist())

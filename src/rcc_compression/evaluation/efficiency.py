@@ -21,19 +21,18 @@ import torch
 from torch import nn
 
 from ..compression.calibration import to_device
+from ..compression.dare import nm_mask
 from ..compression.layers import CompressedLinear, compressed_layers
+from ..compression.storage import dense_bytes, stored_bytes
+from ..models.registry import unwrap_model
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    from ..models.registry import unwrap_model
-
     return unwrap_model(model)
 
 
 def parameter_report(model: nn.Module) -> dict[str, int]:
     """Parameter counts: ``dense_equivalent`` (as if uncompressed), ``stored`` (numbers saved), ``nonzero``."""
-    from ..compression.storage import stored_bytes
-
     inner = _inner(model)
     layers = compressed_layers(inner)
     prefixes = tuple(f"{n}." for n in layers)
@@ -56,8 +55,6 @@ def storage_report(model: nn.Module) -> dict[str, Any]:
     Dense bytes are in the dtype the model was given (``dense_dtype``); the ``*_vs_fp32`` rates
     compare with the same model in float32.
     """
-    from ..compression.storage import dense_bytes, stored_bytes
-
     inner = _inner(model)
     layers = compressed_layers(inner)
     prefixes = tuple(f"{n}." for n in layers)
@@ -231,8 +228,6 @@ def benchmark_2to4(out_features: int, in_features: int, tokens: int, device: tor
         raise RuntimeError("2:4 semi-structured kernels need a CUDA device")
     from torch.sparse import to_sparse_semi_structured
 
-    from ..compression.dare import nm_mask
-
     w = torch.randn(out_features, in_features, device=device, dtype=torch.float16)
     w = w * nm_mask(w.abs(), 2, 4).to(w.dtype)
     x = torch.randn(tokens, in_features, device=device, dtype=torch.float16)
@@ -250,7 +245,8 @@ def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 
     Candidates: ``factored`` and ``merged`` everywhere, ``csr`` for sparse layers on the CPU,
     ``semi_structured`` for 2:4 layers on CUDA (kept only where it measures faster, as 2:4 is
     fragile on Hopper), ``int8`` for layers with 8-bit per-channel parts (the int8 weight-only
-    kernel, against dequantize-then-matmul, which ``factored`` and ``merged`` are). A candidate
+    kernel, against dequantize-then-matmul, which ``factored`` and ``merged`` are) and, on CUDA
+    with the ``gpu`` extra, ``torchao`` for quantized dense layers. A candidate
     whose output differs from the factored one beyond rounding is discarded. The stored (saved)
     form does not change. Returns ``{layer: mode}``.
     """
@@ -279,16 +275,23 @@ def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 
         layer.set_execution("factored")
         reference = layer(x)
         best, best_ms = "factored", measure_latency(lambda layer=layer, x=x: layer(x), 2, iters, device)["median_ms"]
-        candidates = modes or ["merged", "csr" if device.type == "cpu" else "semi_structured", "int8"]
+        candidates = modes or (["merged", "csr", "int8"] if device.type == "cpu" else
+                               ["merged", "semi_structured", "int8", "torchao"])
         for mode in candidates:
             if mode == "factored" or not layer.set_execution(mode):
                 continue
             try:
+                _sync(device)
+                t0 = time.perf_counter()
                 out = layer(x)
+                _sync(device)
+                first_ms = (time.perf_counter() - t0) * 1e3
             except RuntimeError:
                 continue
             tol = 1e-2 if layer._ref.dtype in (torch.float16, torch.bfloat16) else 1e-4
             if not torch.allclose(out, reference, rtol=tol, atol=tol * float(reference.abs().max().clamp_min(1))):
+                continue
+            if first_ms > 20 * best_ms + 1.0:  # far slower even allowing for a first call: not worth timing
                 continue
             ms = measure_latency(lambda layer=layer, x=x: layer(x), 2, iters, device)["median_ms"]
             if ms < best_ms:

@@ -80,8 +80,13 @@ def evaluate_retrieval(
     seed: int = 0,
     max_captions: int | None = None,
     progress: bool = False,
+    per_item: bool = False,
 ) -> dict[str, Any]:
-    """Retrieval on a captions dataset with a CLIP wrapper (all captions of every image are texts)."""
+    """Retrieval on a captions dataset with a CLIP wrapper (all captions of every image are texts).
+
+    ``per_item=True`` adds ``per_item``: the R@1 hit of every image query (``i2t_R@1``) and every
+    caption query (``t2i_R@1``), in dataset order (for paired tests between two models).
+    """
     if getattr(wrapper, "model_type", "") != "clip":
         raise DataError("retrieval needs a CLIP model")
     images, index = embed_images(wrapper, dataset, batch_size, progress=progress, what="retrieval images")
@@ -99,8 +104,12 @@ def evaluate_retrieval(
     ]
     text_emb = torch.cat(parts)
     sim = images @ text_emb.t()
-    return {
+    result: dict[str, Any] = {
         "metrics": retrieval_metrics(sim, torch.tensor(owner), samples=samples, seed=seed),
         "images": int(images.shape[0]),
         "texts": len(texts),
     }
+    if per_item:
+        i2t, t2i = retrieval_ranks(sim, torch.tensor(owner))
+        result["per_item"] = {"i2t_R@1": (i2t < 1).int().tolist(), "t2i_R@1": (t2i < 1).int().tolist()}
+    return result

@@ -6,11 +6,15 @@ every benchmark on every dataset it applies to and returns a nested dict::
     {"model": ..., "results": {benchmark: {dataset: {"metrics": {name: {value, ci_low, ci_high, n,
      samples}}, ...}}}, "skipped": [{benchmark, dataset, reason}], "notes": [...], ...}
 
-Dataset specs are paths, ``hf:NAME``, known names under the data root, or ``world`` (the
-reference world at the default seed, expanded per benchmark: the three classification tasks for
-``zero_shot``, the captions for ``retrieval`` and ``captioning``, the questions for ``vqa``). A
-benchmark that does not fit the model (zero-shot with a BLIP) or the dataset (VQA on ImageNet) is
-listed under ``skipped`` with the reason rather than failing the run.
+Dataset specs are paths, ``hf:NAME``, known names under the data root (``imagenet``, ``mscoco``,
+...), or ``world`` (the reference world at the default seed, expanded per benchmark: the three
+classification tasks for ``zero_shot``, the captions for ``retrieval`` and ``captioning``, the
+questions for ``vqa``). Every (benchmark, dataset) pair that fits runs; one that does not is listed
+under ``skipped`` with the reason rather than failing the run: a benchmark that does not fit the
+model (zero-shot with a BLIP), a dataset whose task does not fit the benchmark (retrieval on
+ImageNet), or a dataset that cannot be opened on this machine (a known name that is not under the
+data root, a missing path). A skipped pair has no numbers, and no other data (the world) stands in
+for a named dataset.
 """
 
 from __future__ import annotations
@@ -21,11 +25,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES
+import torch
+
+from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES, format_estimate
+from ..data.datasets import KNOWN_TASKS, open_dataset, open_world
 from ..data.splits import parse_spec
-from ..errors import DataError, RCCError
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..data.transforms import transform_for
+from ..data.world import DEFAULT_SEED, ensure_world
+from ..errors import DataError
+from ..models.registry import get_model
 from ..utils.logging import get_logger
+from .captioning import evaluate_captioning
+from .common import subset
+from .efficiency import profile_model
+from .retrieval import evaluate_retrieval
+from .vqa import evaluate_vqa
+from .zero_shot import evaluate_zero_shot
 
 log = get_logger("evaluation")
 
@@ -77,10 +92,6 @@ def dataset_name(spec: Any) -> str:
 
 def _open(spec: Any, benchmark: str, split: str, wrapper: Any, skip_bad: bool, root: str | None,
           world_seed: int | None) -> Any:
-    from ..data.datasets import open_dataset, open_world
-    from ..data.transforms import transform_for
-    from ..data.world import DEFAULT_SEED, ensure_world
-
     if not isinstance(spec, str):
         return spec  # an opened dataset
     spec, split = parse_spec(spec, split)
@@ -109,6 +120,8 @@ def benchmark_datasets(model: Any, benchmarks: Sequence[str], datasets: Sequence
         if bench == "efficiency" or bench not in BENCHMARKS or _model_fits(bench, model):
             continue
         for spec in expand_datasets(bench, list(datasets) or ["world"]):
+            if isinstance(spec, str) and _known_task_fits(bench, spec):
+                continue
             try:
                 ds = _open(spec, bench, split, model, skip_bad, root, world_seed)
             except DataError:  # not this benchmark's kind of data: evaluate_model says so as it skips it
@@ -125,13 +138,15 @@ def _dataset_fits(benchmark: str, ds: Any) -> str | None:
     return None
 
 
-def _efficiency(wrapper: Any, seed: int) -> dict[str, Any]:
-    try:
-        from .efficiency import profile_model
-    except ImportError as exc:
-        raise DataError(f"efficiency profiling is not available in this build ({exc})") from None
-    import torch
+def _known_task_fits(benchmark: str, spec: str) -> str | None:
+    """Why a known dataset name cannot serve ``benchmark`` (known before opening it), or ``None``."""
+    task, want = KNOWN_TASKS.get(spec.lower()), _TASK[benchmark]
+    if task is not None and task != want and not Path(spec).exists():
+        return f"{benchmark} needs a {want} dataset; {spec} is {task}"
+    return None
 
+
+def _efficiency(wrapper: Any, seed: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     batch = wrapper.synthetic_batch(8, generator=gen)
     return {"profile": profile_model(wrapper, batch, batch_sizes=(1, 8), warmup=2, iters=10)}
@@ -154,20 +169,18 @@ def evaluate_model(
     root: str | None = None,
     world_seed: int | None = None,
     progress: bool = False,
+    per_item: bool = False,
 ) -> dict[str, Any]:
     """Run ``benchmarks`` on ``datasets`` for ``model`` (a wrapper, ``nn.Module``, name or path).
 
+    Every pair that fits runs; the others are listed under ``skipped`` with the reason (see the
+    module docstring), so the design document's call ``evaluate_model(model, ["zero_shot",
+    "retrieval"], ["imagenet", "mscoco"])`` evaluates what is on this machine and says what is not.
     ``bootstrap_samples`` resamples per metric (0: point estimates only); ``max_items`` evaluates a
     seeded random subset of each dataset; ``templates`` overrides each dataset's prompt set;
-    ``world_seed`` picks the reference world (default: the seed the bundled models were trained on).
+    ``world_seed`` picks the reference world (default: the seed the bundled models were trained on);
+    ``per_item`` adds each zero-shot and retrieval result's per-item hits (``per_item``).
     """
-    from ..models.registry import get_model
-    from .captioning import evaluate_captioning
-    from .common import subset
-    from .retrieval import evaluate_retrieval
-    from .vqa import evaluate_vqa
-    from .zero_shot import evaluate_zero_shot
-
     unknown = [b for b in benchmarks if b not in BENCHMARKS]
     if unknown:
         raise DataError(f"unknown benchmark(s) {unknown}; available: {', '.join(BENCHMARKS)}")
@@ -200,7 +213,17 @@ def evaluate_model(
                 continue
             for spec in expand_datasets(bench, datasets):
                 t0 = time.perf_counter()
-                ds = _open(spec, bench, split, wrapper, skip_bad, root, world_seed)
+                reason = _known_task_fits(bench, spec) if isinstance(spec, str) else None
+                if reason:
+                    out["skipped"].append({"benchmark": bench, "dataset": spec, "reason": reason})
+                    continue
+                try:
+                    ds = _open(spec, bench, split, wrapper, skip_bad, root, world_seed)
+                except DataError as exc:
+                    name = dataset_name(spec)
+                    out["skipped"].append({"benchmark": bench, "dataset": name, "reason": f"cannot open: {exc}"})
+                    log.warning("%s on %s skipped: cannot open: %s", bench, name, exc)
+                    continue
                 reason = _dataset_fits(bench, ds)
                 if reason:
                     out["skipped"].append({"benchmark": bench, "dataset": dataset_name(spec), "reason": reason})
@@ -208,9 +231,9 @@ def evaluate_model(
                 ds = subset(ds, max_items, seed)
                 common = {"samples": bootstrap_samples, "seed": seed, "progress": progress}
                 if bench == "zero_shot":
-                    res = evaluate_zero_shot(wrapper, ds, templates, batch_size, **common)
+                    res = evaluate_zero_shot(wrapper, ds, templates, batch_size, per_item=per_item, **common)
                 elif bench == "retrieval":
-                    res = evaluate_retrieval(wrapper, ds, batch_size, **common)
+                    res = evaluate_retrieval(wrapper, ds, batch_size, per_item=per_item, **common)
                 elif bench == "captioning":
                     res = evaluate_captioning(wrapper, ds, batch_size, num_beams, max_length, **common)
                 else:
@@ -252,7 +275,7 @@ _HEADLINE = {"zero_shot": "top1", "retrieval": "i2t_R@1", "captioning": "CIDEr",
 def _headline(bench: str, res: dict[str, Any]) -> str:
     key = _HEADLINE.get(bench)
     m = res.get("metrics", {}).get(key) if key else None
-    return f"{key} {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]" if m else "done"
+    return f"{key} {format_estimate(m)}" if m else "done"
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -282,8 +305,8 @@ def results_table(results: dict[str, Any]) -> str:
             for suffix, metrics in groups:
                 for name, m in metrics.items():
                     if isinstance(m, dict) and "value" in m:
-                        lines.append(f"| {bench} | {ds} | {name}{suffix} | {m['value']:.4f} | "
-                                     f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}] | {m['n']} |")
+                        ci = format_estimate(m).partition(" ")[2] or "- (no bootstrap)"
+                        lines.append(f"| {bench} | {ds} | {name}{suffix} | {m['value']:.4f} | {ci} | {m['n']} |")
                     elif isinstance(m, (int, float)):
                         lines.append(f"| {bench} | {ds} | {name}{suffix} | {m:.4f} | - | - |")
     if results.get("skipped"):
@@ -300,33 +323,3 @@ def results_table(results: dict[str, Any]) -> str:
     if notes or results.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in [*results.get("notes", []), *notes]]
     return "\n".join(lines) + "\n"
-
-
-def run_suite(
-    model: Any,
-    out_dir: str | os.PathLike[str],
-    benchmarks: Sequence[str] = ("zero_shot", "retrieval"),
-    datasets: Sequence[str] = ("world",),
-    seed: int = 0,
-    config: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Evaluate and write ``results.json``, ``results.md`` and the run record into ``out_dir``."""
-    from ..utils.runs import RunRecord
-
-    record_cfg = {
-        "benchmarks": list(benchmarks),
-        "datasets": list(datasets),
-        "seed": seed,
-        "model": model if isinstance(model, str) else getattr(model, "name", type(model).__name__),
-        **{k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None), list, tuple))},
-    }
-    with RunRecord(out_dir, config or record_cfg, seed) as run:
-        try:
-            results = evaluate_model(model, benchmarks, datasets, seed=seed, **kwargs)
-        except RCCError:
-            raise
-        atomic_write_json(Path(out_dir) / "results.json", results)
-        atomic_write_text(Path(out_dir) / "results.md", results_table(results))
-        run.update(results_file="results.json", table_file="results.md", seconds=results["seconds"])
-    return results

@@ -113,8 +113,13 @@ def evaluate_zero_shot(
     samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
     progress: bool = False,
+    per_item: bool = False,
 ) -> dict[str, Any]:
-    """Zero-shot classification of a class-folder (or labelled HF) dataset with a CLIP wrapper."""
+    """Zero-shot classification of a class-folder (or labelled HF) dataset with a CLIP wrapper.
+
+    ``per_item=True`` adds ``per_item``: each image's dataset index, label and top-1 hit (for
+    paired significance tests between two models on the same images).
+    """
     if getattr(wrapper, "model_type", "") != "clip":
         raise DataError("zero-shot classification needs a CLIP model")
     if not dataset.classnames:
@@ -132,6 +137,9 @@ def evaluate_zero_shot(
         "num_classes": len(dataset.classnames),
         "items": int(labels.numel()),
     }
+    if per_item:
+        hit = topk_correct(logits, labels.to(logits.device), (1,))[1]
+        result["per_item"] = {"index": index.tolist(), "label": labels.tolist(), "top1": hit.astype(int).tolist()}
     held_out = set((getattr(dataset, "meta", {}) or {}).get("held_out_pairs", []))
     unseen_cls = torch.tensor([name in held_out for name in dataset.classnames])
     if held_out and unseen_cls.any():

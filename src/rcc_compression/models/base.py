@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -128,8 +129,6 @@ def image_processor_class(kind: str) -> Any:
     transformers 5 falls back to the PIL versions itself, with a warning on every load; asking
     for them directly keeps stderr clean. Older transformers have only the plain classes.
     """
-    import importlib.util
-
     import transformers
 
     name = {"clip": "CLIPImageProcessor", "blip": "BlipImageProcessor"}[kind]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from .base import ModelWrapper, image_processor_class
+from .blip import BLIPWrapper
+from .clip import CLIPWrapper
 from .tiny import RANDOM_MODELS, TINY_MODELS, build_tiny
 
 #: bundled reference models: short name -> directory inside the package (filled by models/reference)
@@ -64,8 +67,6 @@ def wrap_model(model: nn.Module, image_processor: Any = None, tokenizer: Any = N
     """Wrap a ``transformers`` CLIP or BLIP model (or return a wrapper unchanged)."""
     if isinstance(model, ModelWrapper):
         return model
-    from .blip import BLIPWrapper
-    from .clip import CLIPWrapper
 
     cls_name = type(model).__name__
     if cls_name == "CLIPModel":
@@ -112,8 +113,6 @@ def _from_directory(path: Path, model_type: str | None, dtype: str, name: str) -
 
 def _load_weights(cls: Any, where: str, dtype: str) -> Any:
     """``cls.from_pretrained`` with every failure (missing or corrupt weights, a refused pickle) as one line."""
-    import pickle
-
     import torch
     from safetensors import SafetensorError
 

@@ -11,6 +11,10 @@ from typing import Any
 
 import torch
 
+from .base import image_processor_class
+from .blip import BLIPWrapper
+from .clip import CLIPWrapper
+
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[DEC]")
 PAD, UNK, BOS, EOS, DEC = range(5)
 
@@ -104,10 +108,6 @@ def vit_b32_config() -> Any:
 def build_tiny(kind: str, seed: int = 0) -> Any:
     """Build ``tiny-clip``, ``tiny-blip``, ``tiny-blip-vqa`` or ``random-clip-vit-b32`` as a wrapper, seeded."""
     from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering, CLIPModel
-
-    from .base import image_processor_class
-    from .blip import BLIPWrapper
-    from .clip import CLIPWrapper
 
     torch.manual_seed(seed)
     if kind == "random-clip-vit-b32":  # full-size shapes, random weights: for speed and memory benchmarks

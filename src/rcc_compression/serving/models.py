@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,8 +10,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..compression.export import Deployable
+from ..compression.export import Deployable, load_deployable
 from ..compression.layers import compressed_layers
+from ..evaluation.efficiency import optimize_execution
 
 TASKS = {
     "clip": ("embed_image", "embed_text"),
@@ -43,19 +45,25 @@ class ServedModel:
     def tasks(self) -> tuple[str, ...]:
         return TASKS.get(self.kind, ())
 
+    def memory_bytes(self) -> int:
+        """Bytes the model's tensors hold in memory: parameters, buffers and the inference kernels' copies."""
+        model = self.wrapper.model
+        total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        for layer in compressed_layers(model).values():
+            if layer._fast is not None:
+                total += _tensor_bytes(layer._fast[1])
+        return total
+
     def describe(self) -> dict[str, Any]:
         n_params = sum(p.numel() for p in self.wrapper.model.parameters())
         return {"name": self.name, "type": self.kind, "tasks": list(self.tasks), "source_kind": self.deployable.kind,
                 "compressed_layers": len(compressed_layers(self.wrapper.model)), "kernels": self.kernels,
-                "parameters": n_params}
+                "parameters": n_params, "memory_bytes": self.memory_bytes()}
 
     def choose_kernels(self, batch_size: int = 8) -> dict[str, int]:
         """Give each compressed layer its fastest measured inference kernel (no-op for a dense model)."""
         if not compressed_layers(self.wrapper.model):
             return {}
-        from collections import Counter
-
-        from ..evaluation.efficiency import optimize_execution
 
         batch = self.wrapper.synthetic_batch(batch_size, torch.Generator().manual_seed(0))
         self.kernels = dict(Counter(optimize_execution(self.wrapper.model, batch).values()))
@@ -83,8 +91,6 @@ class ServedModel:
 def load_models(sources: list[str], key: bytes | None = None, choose_kernels: bool = True,
                 kernel_batch: int = 8) -> list[ServedModel]:
     """Load every ``DIR``, bundled name or ``NAME=DIR`` and (for compressed ones) choose its kernels."""
-    from ..compression.export import load_deployable
-
     out = []
     for spec in sources:
         name, sep, src = spec.partition("=")
@@ -95,3 +101,18 @@ def load_models(sources: list[str], key: bytes | None = None, choose_kernels: bo
             served.choose_kernels(kernel_batch)
         out.append(served)
     return out
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes held by a tensor (strided or sparse CSR) or a tuple/list/dict of them."""
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(o) for o in obj.values())
+    if not isinstance(obj, torch.Tensor):
+        return 0
+    if obj.layout == torch.sparse_csr:
+        return sum(_tensor_bytes(t) for t in (obj.values(), obj.col_indices(), obj.crow_indices()))
+    if obj.layout == torch.strided:
+        return obj.numel() * obj.element_size()
+    return 0

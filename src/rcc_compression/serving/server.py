@@ -7,6 +7,11 @@ import threading
 import time
 from typing import Any
 
+from ..errors import ConfigError
+from .app import create_app
+from .auth import KeyStore
+from .models import load_models
+
 DEFAULT_HOST = "127.0.0.1"
 
 
@@ -71,11 +76,6 @@ def run_server(sources: list[str], host: str = DEFAULT_HOST, port: int = 8000, k
     and only its hash kept. ``no_auth`` is refused on a non-loopback host.
     """
     import uvicorn
-
-    from ..errors import ConfigError
-    from .app import create_app
-    from .auth import KeyStore
-    from .models import load_models
 
     if no_auth and keys_file:
         raise ConfigError("give --keys FILE or --no-auth, not both")

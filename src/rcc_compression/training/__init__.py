@@ -2,8 +2,9 @@
 
 ``losses`` (pure loss functions and the weighted :class:`DistillationLoss`), ``teacher`` (the
 frozen teacher and its output cache), ``optim`` (optimisers, schedules, precision),
-``callbacks``, ``trainer`` (:class:`CompressionTrainer`), ``distributed`` (torchrun/DDP) and
-``recovery`` (the engine's fine-tuning step and ``rcc train``). Imported lazily.
+``callbacks``, ``trainer`` (:class:`CompressionTrainer`), ``settings`` (the ``training:`` section),
+``distributed`` (torchrun/DDP) and ``recovery`` (the distiller the engine is handed, and what
+``rcc train`` fine-tunes; the job itself is :mod:`rcc_compression.jobs.train`). Imported lazily.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ _EXPORTS = {
     "TaskObjective": "trainer",
     "DistillationLoss": "losses", "LossWeights": "losses", "Teacher": "teacher",
     "CallbackHandler": "callbacks", "EarlyStopping": "callbacks", "ModelCheckpoint": "callbacks",
-    "LoggingCallback": "callbacks", "LearningRateMonitor": "callbacks", "run_train": "recovery",
+    "LoggingCallback": "callbacks", "LearningRateMonitor": "callbacks", "TrainingSection": "settings",
+    "finetune_on_batches": "recovery",
 }
 
 __all__ = list(_EXPORTS)

@@ -10,6 +10,7 @@ only rank 0 logs and writes checkpoints.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -132,8 +133,6 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Mod
     """DDP around ``model`` when distributed (masks and other buffers are identical: not re-broadcast)."""
     if not info.enabled:
         return model
-    import inspect
-
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None

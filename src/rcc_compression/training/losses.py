@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.registry import unwrap_model
+
 _ATTN = re.compile(r"^(.*?)\.?attentions\.(\d+)$")
 
 
@@ -147,8 +149,6 @@ FEATURE_KEYS = {
 def model_family(model: nn.Module) -> str:
     """``clip``, ``blip`` (a captioning decoder) or ``generic`` for any other module (wrappers and DDP unwrapped)."""
     from torch.nn.parallel import DistributedDataParallel
-
-    from ..models.registry import unwrap_model
 
     if isinstance(model, DistributedDataParallel):
         model = model.module

@@ -1,27 +1,25 @@
-"""Recovery fine-tuning jobs: the compression engine's distillation step and ``rcc train``.
+"""Recovery by distillation: the compression engine's distiller and what recovery training moves.
 
-:func:`finetune_on_batches` is what the ``dare`` (between pruning rounds) and ``alphaedit``
-(``scaling``) stages call; :func:`run_train` fine-tunes a saved compressed model against the
-dense model it came from and saves the result as a new compressed checkpoint.
+:func:`finetune_on_batches` is the distiller the ``dare`` (between pruning rounds) and
+``alphaedit`` (``scaling``) stages call, handed to the engine by the orchestration layer
+(``rcc_compression.CompressionPipeline``, ``compress_model``, ``rcc compress``);
+:func:`trainable_parameters` is what ``rcc train`` (:mod:`rcc_compression.jobs.train`) fine-tunes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from ..compression.layers import compressed_layers
-from ..config import RCCConfig, TrainingSection, dump_config, validate_config
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..utils.logging import get_logger
-from .callbacks import Callback, EarlyStopping, LearningRateMonitor, LoggingCallback, ModelCheckpoint, ProgressBar
-from .distributed import DistInfo, device_for, gather_with_grad, init_distributed
+from .distributed import DistInfo
 from .losses import DistillationLoss, LossWeights, model_family
+from .settings import TrainingSection
 from .teacher import Teacher
 from .trainer import CompressionTrainer, DistillationObjective
 
@@ -58,29 +56,6 @@ def finetune_on_batches(
     return {"kd_loss_first_epoch": first["train_loss"], "kd_loss_last_epoch": last["train_loss"]}
 
 
-# ------------------------------------------------------------------------------------ rcc train
-def resolve_source(source: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The compressed checkpoint of a run directory (or the checkpoint itself) and the config it was made with."""
-    from ..compression.storage import MANIFEST, read_manifest
-
-    source = Path(source)
-    if (source / MANIFEST).is_file():
-        ckpt, run_dir = source, source.parent
-    elif (source / "compressed" / MANIFEST).is_file():
-        ckpt, run_dir = source / "compressed", source
-    else:
-        raise CheckpointError(f"{source}: neither a compressed checkpoint ({MANIFEST}) nor a run directory holding "
-                              f"one in compressed/")
-    cfg_file = run_dir / "config.yaml"
-    if cfg_file.is_file():
-        run_cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
-    else:
-        run_cfg = read_manifest(ckpt).get("config") or {}
-    if not run_cfg.get("model", {}).get("name"):
-        raise CheckpointError(f"{source}: the run's config names no model (model.name); cannot build the teacher")
-    return ckpt, run_cfg
-
-
 def trainable_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
     """``compressed``: every parameter of the compressed layers; ``all``: every parameter."""
     if which == "all":
@@ -89,228 +64,3 @@ def trainable_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
     if not params:
         raise ConfigError("training.trainable=compressed, but the model has no compressed layers")
     return params
-
-
-def _load_models(ckpt: Path, run_cfg: RCCConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    from ..compression.storage import load_compressed, read_manifest
-    from ..models.registry import get_model
-
-    m = run_cfg.model
-    teacher = get_model(m.name, m.type, m.dtype, seed=run_cfg.experiment.seed).to(device)
-    reference = None
-    if any(info.get("base") for info in read_manifest(ckpt)["layers"].values()):
-        ref_name = run_cfg.compression.dare.reference_model
-        if not ref_name:
-            raise CheckpointError(f"{ckpt}: layers were compressed as deltas but the run names no reference model")
-        reference = get_model(ref_name, m.type, m.dtype, seed=run_cfg.experiment.seed)
-    student = load_compressed(ckpt, reference_model=reference, device=device)
-    return student, teacher
-
-
-def _monitor_mode(name: str) -> str:
-    return "min" if "loss" in name else "max"
-
-
-def _better(a: float | None, b: float | None, mode: str) -> bool:
-    """Whether ``a`` beats ``b`` (a missing or NaN value never does)."""
-    if a is None or a != a:
-        return False
-    if b is None or b != b:
-        return True
-    return a < b if mode == "min" else a > b
-
-
-def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = False, progress: bool = True,
-              dist: DistInfo | None = None) -> dict[str, Any]:
-    """Recover the compressed model in ``source`` by distillation from its dense model, on ``cfg``'s data.
-
-    The training split (``dataset.train``; else the run's calibration source) streams through
-    length-bucketed, augmented batches for ``training.max_steps`` steps or ``training.num_epochs``
-    epochs. The validation split (``dataset.val``; else the source's own ``val`` split; else a
-    seeded 5 % held out of training) is evaluated every ``training.eval_every_steps`` steps (or at
-    epoch ends): the distillation loss, the agreement with the teacher, and any
-    ``training.val_benchmarks``; the best model by ``training.monitor`` is kept (the input model
-    too, if training never beat it). No training image may be in val or ``dataset.test``.
-
-    Writes ``run_dir/compressed`` (the recovered model, same format), ``checkpoints/{last,best}``
-    (trainer states, for ``resume``), ``data.json`` and ``train_results.json``; returns the results.
-    Works under ``torchrun`` (every rank calls it; rank 0 writes).
-    """
-    from ..compression.calibration import output_agreement, to_device
-    from ..compression.storage import read_manifest, save_compressed
-    from ..data.loaders import split_loader
-    from ..data.splits import augment_from_config
-    from ..errors import DataError
-    from ..evaluation.suite import evaluate_model
-    from ..jobdata import check_and_record, model_keys, open_role, training_splits
-    from ..jobs import headline_metrics, resolve_device
-    from ..models.base import ModelWrapper
-    from ..utils.io import atomic_write_json
-    from ..utils.seeding import seed_everything
-
-    dist = dist or init_distributed()
-    tcfg = cfg.training
-    ckpt, run_cfg_raw = resolve_source(source)
-    run_cfg = validate_config(run_cfg_raw, source=str(ckpt))
-    seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
-    device = device_for(dist, resolve_device(cfg.experiment.device))
-    student_w, teacher_w = _load_models(ckpt, run_cfg, device)
-    student = student_w.model if isinstance(student_w, ModelWrapper) else student_w
-    teacher = teacher_w.model
-    if tcfg.batch_size % dist.world_size:
-        raise ConfigError(f"training.batch_size {tcfg.batch_size} must divide by the number of processes "
-                          f"({dist.world_size})")
-
-    # ---- data: the training split streamed, a validation split, nothing shared with val or test
-    train_ds, val_ds = training_splits(cfg, teacher_w, fallback=run_cfg.calibration.source)
-    roles: dict[str, list[Any]] = {"train": [train_ds], "val": [val_ds]}
-    if cfg.dataset.test:
-        roles["test"] = [open_role(cfg, teacher_w, cfg.dataset.test, "test")]
-    check_and_record(run_dir if dist.is_main else None, roles, cfg.dataset.leak_check)
-    keys = model_keys(teacher_w)
-    vqa = getattr(teacher_w, "is_vqa", False)
-    common = {"tokenizer": teacher_w.tokenizer, "max_length": teacher_w.max_text_length, "seed": cfg.experiment.seed,
-              "num_workers": cfg.dataset.num_workers, "prefetch_factor": cfg.dataset.prefetch_factor,
-              "answers_as_labels": vqa, "keys": keys, "device": device}
-    train_loader = split_loader(train_ds, "train", tcfg.batch_size // dist.world_size,
-                                augment=augment_from_config(cfg.dataset, train_ds.transform),
-                                max_tokens=cfg.dataset.max_tokens, bucket=cfg.dataset.bucket_by_length, **common)
-    val_loader = split_loader(val_ds, "val", max(1, cfg.dataset.batch_size // dist.world_size), **common)
-    if len(train_loader) == 0:
-        raise DataError(f"{train_ds.source}: {len(train_ds)} items make no training batch of "
-                        f"{tcfg.batch_size // dist.world_size}; lower training.batch_size")
-
-    # ---- objective
-    forward_kwargs: dict[str, Any] = {}
-    if tcfg.attention_weight:
-        for m in (student, teacher):
-            m.set_attn_implementation("eager")
-        forward_kwargs["output_attentions"] = True
-    family = model_family(student)
-    loss = DistillationLoss(family, LossWeights.from_config(tcfg), tcfg.temperature,
-                            gather=gather_with_grad if dist.enabled else None,
-                            label_smoothing=float(getattr(student.config.text_config, "label_smoothing", 0.0) or 0.0)
-                            if family == "blip" else 0.0)
-    teacher_fn = Teacher(teacher, cache_dir=tcfg.teacher_cache, forward_kwargs=forward_kwargs, device=device)
-    objective = DistillationObjective(loss, teacher_fn, forward_kwargs)
-
-    # ---- validation metrics besides the loss: agreement with the teacher, task benchmarks on val
-    teacher_val: list[dict[str, torch.Tensor]] = []
-
-    @torch.no_grad()
-    def val_metrics(model: nn.Module) -> dict[str, float]:
-        s_out, t_out = [], []
-        for i, batch in enumerate(val_loader):
-            batch = to_device(batch, device)
-            if i >= len(teacher_val):
-                teacher_val.append(_primary(teacher(**batch)))
-            s_out.append(_primary(model(**batch)))
-            t_out.append(teacher_val[i])
-        out = {"val_agreement": output_agreement(s_out, t_out)}
-        if tcfg.val_benchmarks:
-            res = evaluate_model(student_w, tcfg.val_benchmarks, [val_ds], batch_size=cfg.dataset.batch_size,
-                                 bootstrap_samples=0, seed=cfg.experiment.seed)
-            for key, value in headline_metrics(res).items():
-                bench, _, metric = key.split(" ")
-                out[f"val_{bench}_{metric}"] = value
-        return out
-
-    monitor, mode = tcfg.monitor, _monitor_mode(tcfg.monitor)
-    ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", every_steps=tcfg.checkpoint_every_steps or tcfg.eval_every_steps,
-                              monitor=monitor, mode=mode)
-    callbacks: list[Callback] = [LearningRateMonitor(), LoggingCallback(every_steps=50), ckpt_cb]
-    if tcfg.early_stopping_patience:
-        callbacks.insert(0, EarlyStopping(monitor, tcfg.early_stopping_patience, mode=mode))
-    if progress:
-        callbacks.append(ProgressBar("recovery"))
-    trainer = CompressionTrainer(student, objective, tcfg, train_data=train_loader, val_data=val_loader,
-                                 params=trainable_parameters(student, tcfg.trainable), callbacks=callbacks,
-                                 seed=cfg.experiment.seed, device=device, dist=dist, metric_fn=val_metrics)
-    initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    before = trainer.validate()
-    if monitor not in before:
-        raise ConfigError(f"training.monitor: {monitor!r} is not measured; validation gives: {', '.join(before)} "
-                          "(task metrics need training.val_benchmarks)")
-    if resume and (ckpt_cb.last / "trainer_state.json").is_file():
-        trainer.load_checkpoint(ckpt_cb.last)
-        st = trainer.state
-        if (tcfg.max_steps is not None and st.step < tcfg.max_steps) or (
-                tcfg.max_steps is None and st.epoch < trainer.num_epochs):
-            st.should_stop = False  # a longer run than the one that finished: go on
-        log.info("resuming from %s at epoch %d, step %d", ckpt_cb.last, st.epoch, st.step)
-    state = trainer.fit()
-    history, steps, stopped = list(state.history), state.step, state.should_stop
-    after = trainer.validate()
-    # keep the best of the input, the best validation and the last step
-    kept = "last"
-    best_path = ckpt_cb.directory / "best"
-    if _better(before[monitor], after.get(monitor), mode) and not _better(ckpt_cb.best, before[monitor], mode):
-        student.load_state_dict(initial)
-        kept = "input"
-    elif _better(ckpt_cb.best, after.get(monitor), mode) and (best_path / "trainer_state.json").is_file():
-        trainer.load_checkpoint(best_path)
-        kept = f"step {trainer.state.step}"
-    if kept != "last":
-        after = trainer.validate()
-        log.warning("%s was best at the %s; keeping that model", monitor, kept)
-    trainer.close()
-    results = {
-        "source": str(ckpt), "teacher": run_cfg.model.name, "family": family, "world_size": dist.world_size,
-        "steps": steps, "epochs": state.epoch, "stopped_early": stopped, "kept": kept, "monitor": monitor,
-        "before": before, "after": after, "history": history,
-        "data": {"train": train_ds.describe() | {"split": train_ds.split, "spec": train_ds.spec},
-                 "val": val_ds.describe() | {"split": val_ds.split, "spec": val_ds.spec},
-                 "batches_per_epoch": len(train_loader), "skipped_items": train_loader.skipped},
-        "teacher_cache": {"hits": teacher_fn.cache_hits, "forward_calls": teacher_fn.forward_calls},
-    }
-    if dist.is_main:
-        records = list(read_manifest(ckpt).get("stages") or [])
-        records.append({"stage": "train", "steps": steps, "epochs": state.epoch, "kept": kept, "before": before,
-                        "after": after})
-        save_compressed(student_w, run_dir / "compressed", config=dump_config(cfg), records=records, overwrite=True)
-        atomic_write_json(run_dir / "train_results.json", results)
-    return results
-
-
-
-def _primary(out: Any) -> dict[str, torch.Tensor]:
-    from ..compression.calibration import PRIMARY_OUTPUTS, flatten_outputs
-
-    flat = flatten_outputs(out)
-    keys = [k for k in PRIMARY_OUTPUTS if k in flat] or list(flat)
-    return {k: flat[k].detach() for k in keys}
-
-
-def train_job(cfg: RCCConfig, source: str | Path, output: Path | None = None, resume: bool = False,
-              overwrite: bool = False, verbosity: int = 0, progress: bool = True
-              ) -> tuple[Path, dict[str, Any] | None]:
-    """``rcc train``: run directory, logging and run record (rank 0), :func:`run_train`, process group.
-
-    Returns the run directory and the results (``None`` on ranks other than 0).
-    """
-    import contextlib
-
-    from ..jobs import prepare_run_dir
-    from ..utils.logging import setup_logging
-    from ..utils.runs import RunRecord, new_run_dir
-    from .distributed import barrier, cleanup
-
-    dist = init_distributed()
-    try:
-        if output is None:
-            if dist.enabled:
-                raise ConfigError("under torchrun give --output: every rank must use the same run directory")
-            run_dir = new_run_dir(cfg.experiment.output_dir, f"{cfg.experiment.name}-train")
-        else:
-            run_dir = prepare_run_dir(output, overwrite, resume) if dist.is_main else output
-        barrier(dist)
-        setup_logging(verbosity if dist.is_main else -1, run_dir if dist.is_main else None)
-        record = RunRecord(run_dir, dump_config(cfg), cfg.experiment.seed) if dist.is_main else None
-        with record if record is not None else contextlib.nullcontext():
-            results = run_train(cfg, source, run_dir, resume=resume, progress=progress and dist.is_main, dist=dist)
-            if record is not None:
-                record.update(results={k: results[k] for k in ("source", "teacher", "steps", "epochs", "before",
-                                                                "after", "stopped_early", "world_size")})
-    finally:
-        cleanup()
-    return run_dir, results if dist.is_main else None

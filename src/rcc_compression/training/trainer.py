@@ -39,7 +39,6 @@ from torch.utils.data import DataLoader
 
 from ..compression.calibration import flatten_outputs, to_device
 from ..compression.layers import CompressedLinear
-from ..config import TrainingSection
 from ..errors import CheckpointError
 from ..utils.io import atomic_save_safetensors, atomic_write_json, load_safetensors, sha256_file
 from ..utils.logging import get_logger
@@ -48,6 +47,7 @@ from .callbacks import Callback, CallbackHandler
 from .distributed import DistInfo, all_reduce_grads, all_reduce_mean, barrier, current, wrap_model
 from .losses import DistillationLoss, LossWeights
 from .optim import Precision, build_optimizer, build_scheduler, checkpointing_modules, enable_activation_checkpointing
+from .settings import TrainingSection
 from .teacher import Teacher, model_extras
 
 log = get_logger("training")

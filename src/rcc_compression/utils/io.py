@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import CheckpointError
 
 _CHUNK = 1 << 20
 
@@ -141,10 +144,6 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
     A file that needs anything else to unpickle (classes, functions: a pickle that would run code)
     is refused with :class:`~rcc_compression.errors.CheckpointError` before any of it runs.
     """
-    import pickle
-
-    from ..errors import CheckpointError
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -224,8 +223,6 @@ def directory_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
     :class:`~rcc_compression.errors.CheckpointError`. The kernel drops the lock when the process
     dies, so a killed run never leaves its directory locked.
     """
-    from ..errors import CheckpointError
-
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     ident = root.resolve()

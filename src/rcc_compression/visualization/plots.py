@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils.io import atomic_path
+
 
 def plot_rate_curve(
     records: Sequence[Mapping[str, Any]],
@@ -24,8 +26,6 @@ def plot_rate_curve(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..utils.io import atomic_path
 
     steps = [r for r in records if "achieved" in r]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)

@@ -6,44 +6,29 @@ arguments and draws progress bars.
 
 from __future__ import annotations
 
-import shutil
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .config import RCCConfig, dump_config
-from .errors import CheckpointError
-from .utils.io import atomic_write_json, atomic_write_text, directory_lock
-from .utils.logging import get_logger
+from ..compression.rate import apply_rate
+from ..compression.storage import save_compressed
+from ..config import RCCConfig, dump_config
+from ..data.calibration import build_calibration_batches, calibration_items
+from ..evaluation.efficiency import compare_efficiency, measured_storage, optimize_execution
+from ..evaluation.suite import benchmark_datasets, evaluate_model
+from ..models.registry import get_model
+from ..utils.io import atomic_write_json, atomic_write_text, directory_lock
+from ..utils.logging import get_logger
+from ..utils.seeding import seed_everything
+from ..visualization.plots import plot_rate_curve
+from .api import CompressionPipeline
+from .common import calibration_batches, evaluation_datasets, resolve_device
+from .data import check_and_record, open_role
 
 log = get_logger("jobs")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def calibration_batches(wrapper: nn.Module, cfg: RCCConfig, source: str | None = None) -> list[dict[str, Any]]:
-    """Calibration batches (fit + holdout) for the model from the configured source."""
-    cal = cfg.calibration
-    total = cal.num_batches + cal.holdout_batches
-    src = source or cal.source
-    from .data.calibration import build_calibration_batches
-
-    return build_calibration_batches(wrapper, src, total, cal.batch_size, cfg.experiment.seed,
-                                     skip_bad=cfg.dataset.skip_bad, root=cfg.dataset.root)
-
-
-def evaluation_datasets(cfg: RCCConfig) -> list[str]:
-    """What a run evaluates on: ``evaluation.datasets`` and ``dataset.test``; the world when neither is set."""
-    test = [cfg.dataset.test] if cfg.dataset.test else []
-    return list(dict.fromkeys([*cfg.evaluation.datasets, *test])) or ["world"]
 
 
 def compress_data(wrapper: nn.Module, cfg: RCCConfig, run_dir: Path | None, evaluate: bool
@@ -54,10 +39,6 @@ def compress_data(wrapper: nn.Module, cfg: RCCConfig, run_dir: Path | None, eval
     as the fit batches. Calibration draws, the val split and every dataset the run evaluates on
     (when it does) are checked for shared images and recorded in ``data.json``.
     """
-    from .data.calibration import build_calibration_batches, calibration_items
-    from .evaluation.suite import benchmark_datasets
-    from .jobdata import check_and_record, open_role
-
     cal, seed = cfg.calibration, cfg.experiment.seed
     kw = {"skip_bad": cfg.dataset.skip_bad, "root": cfg.dataset.root}
     from_val = bool(cfg.dataset.val) and cal.holdout_batches > 0
@@ -104,40 +85,9 @@ def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> dict[str, float]:
     """Headline task metrics of the configured benchmarks; empty when none are configured."""
     if not cfg.evaluation.benchmarks:
         return {}
-    from .evaluation.suite import evaluate_model
-
     res = evaluate_model(wrapper, benchmarks=cfg.evaluation.benchmarks, datasets=evaluation_datasets(cfg),
                          batch_size=cfg.evaluation.batch_size, bootstrap_samples=0, seed=cfg.experiment.seed)
     return headline_metrics(res, ("top1", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy"))
-
-
-def checkpoint_key(encrypt: bool = False, key_file: str | Path | None = None, resume_dir: Path | None = None
-                   ) -> bytes | None:
-    """The key that encrypts a run's checkpoints, or ``None`` for a run without encryption.
-
-    A new run is encrypted when asked (``--encrypt`` or ``--key-file``). A resumed run keeps what it
-    was: an encrypted run needs its key again, so that nothing it writes later is in the clear. The
-    key comes from ``key_file`` or the ``RCC_CHECKPOINT_KEY`` environment variable.
-    """
-    from .utils.crypto import KEY_ENV, load_key
-
-    was_encrypted = False
-    if resume_dir is not None:
-        import json
-
-        for name in ("run.json", "progress.json"):
-            try:
-                was_encrypted |= json.loads((resume_dir / name).read_text(encoding="utf-8")).get("encrypted") is True
-            except (OSError, ValueError, AttributeError):
-                continue
-    if not (encrypt or key_file is not None or was_encrypted):
-        return None
-    key = load_key(key_file)
-    if key is None:
-        why = "this run's checkpoints are encrypted" if was_encrypted else "--encrypt"
-        raise CheckpointError(f"{why}: no key given; set {KEY_ENV} (64 hex digits or base64 of 32 bytes) "
-                              "or pass --key-file")
-    return key
 
 
 def run_compress(
@@ -167,12 +117,6 @@ def _run_compress(
     evaluate: bool,
     encrypt_key: bytes | None,
 ) -> dict[str, Any]:
-    from .compression.cascade import CascadePipeline
-    from .compression.storage import save_compressed
-    from .evaluation.efficiency import compare_efficiency, measured_storage
-    from .models.registry import get_model
-    from .utils.seeding import seed_everything
-
     seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
     device = resolve_device(cfg.experiment.device)
     wrapper = get_model(cfg.model.name, cfg.model.type, cfg.model.dtype, seed=cfg.experiment.seed)
@@ -182,8 +126,6 @@ def _run_compress(
         cfg.calibration.preserve_source) else None
     section, plan = cfg.compression, None
     if section.cascade.target_rate is not None:
-        from .compression.api import apply_rate
-
         section = section.model_copy(deep=True)
         plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope,
                           calibration_data=fit)
@@ -191,7 +133,7 @@ def _run_compress(
                  {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share")})
     resolved = dump_config(cfg) | {"compression": section.model_dump(mode="json")}
     dense_quality = quality_metrics(wrapper, cfg) if evaluate else {}
-    pipe = CascadePipeline(
+    pipe = CompressionPipeline(
         section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
         seed=cfg.experiment.seed, device=device, progress_callback=progress, step_callback=step_callback,
         run_config=resolved, encrypt_key=encrypt_key, training=cfg.training,
@@ -203,10 +145,6 @@ def _run_compress(
     comp_quality = quality_metrics(wrapper, cfg) if evaluate else {}
     kernels: dict[str, int] = {}
     if evaluate:
-        from collections import Counter
-
-        from .evaluation.efficiency import optimize_execution
-
         kernels = dict(Counter(optimize_execution(wrapper, holdout[0]).values()))
     effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, holdout[0]) if evaluate else {}
     results = {
@@ -226,8 +164,6 @@ def _run_compress(
     atomic_write_json(run_dir / "results.json", results)
     atomic_write_text(run_dir / "results.md", results_table_markdown(results))
     if evaluate:
-        from .visualization.plots import plot_rate_curve
-
         plot_rate_curve(pipe.records, run_dir / "rate_curve.png", dense_quality, comp_quality,
                         title=f"{cfg.model.name}: quality vs compression rate")
     return results
@@ -294,38 +230,3 @@ def results_table_markdown(results: dict[str, Any]) -> str:
             lines += ["", f"The validation gate stopped step {failed['step']} ({failed['stage']}, round "
                           f"{failed['round']}) at {why}; the model was rolled back to the last passing step."]
     return "\n".join(lines) + "\n"
-
-
-def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:
-    """Create the run directory; a non-empty one needs ``overwrite`` (or ``resume``)."""
-    if path.exists() and any(path.iterdir()) and not resume:
-        if not overwrite:
-            raise CheckpointError(f"{path}: directory is not empty; pass --overwrite to replace it or --resume")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def evaluate_job(cfg: RCCConfig, run_dir: Path, benchmarks: list[str], datasets: list[str], split: str = "test",
-                 key: bytes | None = None, **kwargs: Any) -> dict[str, Any]:
-    """``rcc evaluate``: the model (a name, a directory, or a compressed checkpoint or run), on ``datasets``.
-
-    A compressed model's lineage (the runs it was compressed and trained in, by their ``data.json``)
-    is checked first: a test image any of them calibrated or trained on is refused.
-    """
-    from .compression.export import checkpoint_dir, load_deployable
-    from .evaluation.suite import benchmark_datasets, run_suite
-    from .jobdata import check_against_lineage
-
-    name = cfg.model.name
-    model: Any = load_deployable(name, key=key).wrapper if checkpoint_dir(name) is not None else name
-    checked: list[str] = []
-    if checkpoint_dir(name) is not None:
-        tests = benchmark_datasets(model, benchmarks, datasets, split, skip_bad=kwargs.get("skip_bad", False),
-                                   root=kwargs.get("root"), world_seed=kwargs.get("world_seed"))
-        checked = check_against_lineage(name, list({id(ds): ds for _, _, ds in tests}.values()))
-    results = run_suite(model, run_dir, benchmarks=benchmarks, datasets=datasets, seed=cfg.experiment.seed,
-                        config=dump_config(cfg), split=split, **kwargs)
-    results["lineage_checked"] = checked
-    atomic_write_json(run_dir / "results.json", results)
-    return results

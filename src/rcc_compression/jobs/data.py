@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from .config import RCCConfig
-from .data.calibration import captions_for_classes
-from .data.datasets import MultimodalDataset
-from .data.splits import check_splits, describe_parts, image_identities, open_split, parse_spec
-from .data.transforms import transform_for
-from .errors import ConfigError, DataError
-from .utils.io import atomic_write_json
-from .utils.logging import get_logger
+from ..config import RCCConfig
+from ..data.calibration import captions_for_classes
+from ..data.datasets import MultimodalDataset
+from ..data.splits import check_splits, describe_parts, image_identities, open_split, parse_spec
+from ..data.transforms import transform_for
+from ..errors import ConfigError, DataError
+from ..utils.io import atomic_write_json
+from ..utils.logging import get_logger
 
 log = get_logger("jobs")
 

@@ -1,99 +1,28 @@
-"""``compress_model``: the one-call API (design document section 11.1)."""
+"""Compression rates: plan per-stage targets that land on a requested rate, and measure the rate reached.
+
+``compress_model`` (:mod:`rcc_compression.jobs.api`) and ``rcc compress`` with
+``cascade.target_rate`` write the planned ``dare.pruning_rate`` / ``nullu.param_budget`` into the
+compression section before the cascade runs.
+"""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import CompressionError
 from ..utils.logging import get_logger
-from .cascade import CascadePipeline, compression_summary
+from .calibration import collect_layer_stats
+from .cascade import compression_summary
+from .layers import compressed_layers
 from .planner import LayerShape, plan_rate, split_error
-from .registry import STAGES
 from .stage import select_layers
 
-log = get_logger("api")
+log = get_logger("rate")
 
 LOWRANK_SHARES = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
-
-
-def _resolve_config(config: Any) -> Any:
-    from ..config import RCCConfig, load_config
-
-    if config is None:
-        return load_config(None)
-    if isinstance(config, RCCConfig):
-        return config.model_copy(deep=True)
-    if isinstance(config, (str, os.PathLike)):
-        return load_config(config)
-    if isinstance(config, Mapping):
-        return load_config(None, data=dict(config))
-    raise CompressionError(f"config must be a path, a mapping or an RCCConfig, got {type(config).__name__}")
-
-
-def compress_model(
-    model: str | os.PathLike[str] | nn.Module = "rcc-clip-world",
-    compression_rate: float | None = 0.5,
-    method: str = "cascade",
-    calibration_data: Iterable[Mapping[str, Any]] | None = None,
-    config: Any = None,
-    *,
-    scope: str = "layers",
-    lowrank_share: float | None = None,
-    metric_fn: Callable[[nn.Module], float] | None = None,
-    run_dir: str | os.PathLike[str] | None = None,
-    seed: int | None = None,
-    device: str | torch.device | None = None,
-    progress_callback: Callable[[str, int, int], None] | None = None,
-) -> nn.Module:
-    """Compress a model to ``compression_rate`` and return it, with ``.compression_stats`` attached.
-
-    ``model`` is a bundled name, a local directory, a hub id, a wrapper, or any ``nn.Module``.
-    ``method`` is ``cascade`` (the stages of ``config.compression.cascade.stages``) or one stage
-    name. With a rate, per-stage targets are planned so the stored bytes of the compressed layers
-    (``scope="layers"``) or of the whole model (``scope="model"``) land on it; a rate that cannot
-    be reached raises :class:`CompressionError` saying why, and a run the gate stops early reports
-    the rate it did reach and the step that failed.
-    """
-    from ..models.registry import get_model, unwrap_model
-
-    cfg = _resolve_config(config)
-    seed = cfg.experiment.seed if seed is None else seed
-    calibration_data = list(calibration_data) if calibration_data is not None else None
-    if method != "cascade" and method not in STAGES:
-        raise CompressionError(f"unknown method {method!r}; allowed: cascade, {', '.join(STAGES)}")
-    wrapper_or_module = model if isinstance(model, nn.Module) else get_model(model, cfg.model.type, cfg.model.dtype)
-    inner = unwrap_model(wrapper_or_module)
-    section = cfg.compression
-    stages = list(section.cascade.stages) if method == "cascade" else [method]
-    section.cascade.stages = stages
-    plan: dict[str, Any] | None = None
-    if compression_rate is None and section.cascade.target_rate is not None:
-        compression_rate, scope = section.cascade.target_rate, section.cascade.rate_scope
-    if compression_rate is not None:
-        plan = apply_rate(inner, section, compression_rate, scope, lowrank_share, calibration_data)
-    pipe = CascadePipeline(section, calibration_data=calibration_data, metric_fn=metric_fn, run_dir=run_dir,
-                           seed=seed, device=device, progress_callback=progress_callback,
-                           run_config=cfg.model_dump(mode="json"), training=cfg.training)
-    out = pipe.run(wrapper_or_module)
-    summary = compression_summary(inner)
-    stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results()}
-    if plan is not None:
-        achieved = _achieved_rate(inner, scope)
-        stats["achieved_rate"] = achieved
-        if abs(achieved - compression_rate) > 0.01:
-            failed = next((r for r in pipe.records if not r.get("passed", True)), None)
-            why = (f"the validation gate stopped step {failed['step']} ({failed['stage']}, round {failed['round']}) at "
-                   f"retention {failed['retention']:.4f} < {failed['threshold']}" if failed else
-                   "the stages' targets did not translate exactly into stored bytes")
-            stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
-            log.warning(stats["rate_note"])
-    out.compression_stats = stats
-    return out
 
 
 def apply_rate(inner: nn.Module, section: Any, rate: float, scope: str = "layers",
@@ -133,8 +62,6 @@ def _achieved_rate(inner: nn.Module, scope: str) -> float:
     s = compression_summary(inner)
     if scope != "model":
         return s["compression_rate"]
-    from .layers import compressed_layers
-
     names = tuple(f"{n}." for n in compressed_layers(inner))
     rest = sum(t.numel() * t.element_size() for k, t in inner.state_dict().items() if not k.startswith(names))
     return 1.0 - (s["stored_bytes"] + rest) / (s["dense_bytes"] + rest)
@@ -171,8 +98,6 @@ def _plan(
     order = [s for s in stages if s in ("dare", "nullu")]
     grams = None
     if calibration_data is not None and len(shares) > 1:
-        from .calibration import collect_layer_stats
-
         stats = collect_layer_stats(inner, names, list(calibration_data), gram=True)
         grams = [stats[n].gram for n in names]
     search = len(shares) > 1

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -37,10 +38,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.datasets import open_world
+from ..data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, TrainAugment, normalize
+from ..data.world import (
+    ALL_PAIRS,
+    COLOURS,
+    HELD_OUT_PAIRS,
+    PREFIXES,
+    SEEN_PAIRS,
+    SHAPE_WORDS,
+    SHAPES,
+    WORLD_TEMPLATES,
+    WORLD_VERSION,
+    WorldSpec,
+    build_world_tokenizer,
+    caption_from_objects,
+    classification_scenes,
+    generate_world,
+    load_world_info,
+    render_scene,
+)
 from ..errors import DataError
-from ..training.callbacks import Callback
+from ..evaluation.suite import evaluate_model
+from ..evaluation.zero_shot import classifier_weights
+from ..models.base import image_processor_class
+from ..models.blip import BLIPWrapper
+from ..models.clip import CLIPWrapper
+from ..models.registry import get_model
+from ..training.callbacks import Callback, ProgressBar
+from ..training.distributed import DistInfo
+from ..training.settings import TrainingSection
+from ..training.trainer import CompressionTrainer
+from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
-from .base import image_processor_class
+from ..utils.runs import RunRecord
+from ..utils.seeding import seed_everything
 
 log = get_logger("reference")
 
@@ -92,9 +124,6 @@ def build_clip(recipe: ReferenceRecipe, tokenizer: Any) -> Any:
     """A randomly initialised ``CLIPWrapper`` of the recipe's sizes over the world tokenizer."""
     from transformers import CLIPConfig, CLIPModel
 
-    from ..data.transforms import CLIP_MEAN, CLIP_STD
-    from .clip import CLIPWrapper
-
     h = recipe.hidden
     vocab = tokenizer.get_vocab()
     cfg = CLIPConfig(
@@ -118,9 +147,6 @@ def build_clip(recipe: ReferenceRecipe, tokenizer: Any) -> Any:
 def build_blip(recipe: ReferenceRecipe, tokenizer: Any) -> Any:
     """A randomly initialised captioning ``BLIPWrapper`` of the recipe's sizes over the world tokenizer."""
     from transformers import BlipConfig, BlipForConditionalGeneration
-
-    from ..data.transforms import CLIP_MEAN, CLIP_STD
-    from .blip import BLIPWrapper
 
     h = recipe.hidden
     vocab = tokenizer.get_vocab()
@@ -154,9 +180,6 @@ class TrainSplit:
 
 def load_train_split(world_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> TrainSplit:
     """Read the train split through the Karpathy loader, caching its pixels as safetensors shards."""
-    from ..data.datasets import open_world
-    from ..data.transforms import ImageTransform
-
     transform = ImageTransform(size=IMAGE_SIZE, crop=IMAGE_SIZE)
     ds = open_world(world_dir, "captions", "train", transform)
     ds.cache_data(cache_dir or Path(world_dir) / ".cache")
@@ -170,8 +193,6 @@ def swap_negative(scene: dict[str, Any], rng: random.Random, allowed: set[tuple[
     Only ``allowed`` (colour, shape) pairs appear, so a training negative never names a held-out
     pair. ``None`` when no such variant exists.
     """
-    from ..data.world import COLOURS, SHAPES, caption_from_objects
-
     objs = [(o["colour"], o["shape"], float(o["x"])) for o in scene.get("objects", [])]
     if not objs:
         return None
@@ -311,8 +332,6 @@ def grey_views(
     features that do not depend on the colour they were seen in, which is what recognising a
     held-out colour-shape pair needs. No colour is named, so no held-out pair is shown or named.
     """
-    from ..data.world import PREFIXES, SHAPE_WORDS
-
     for j, i in enumerate(idx.tolist()):
         objs = scenes[i].get("objects", [])
         if len(objs) == 1 and rng.random() < fraction:
@@ -328,10 +347,6 @@ def _quick_zero_shot(
     wrapper: Any, pixels: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str], unseen: torch.Tensor
 ) -> tuple[float, float]:
     """(top-1, unseen top-1) on a small in-memory colour+shape set, for training logs."""
-    from ..data.transforms import normalize
-    from ..data.world import WORLD_TEMPLATES
-    from ..evaluation.zero_shot import classifier_weights
-
     wrapper.eval()
     weights = classifier_weights(wrapper, classnames, WORLD_TEMPLATES)
     emb = torch.cat([wrapper.encode_image(normalize(pixels[i : i + 256])) for i in range(0, len(pixels), 256)])
@@ -341,8 +356,6 @@ def _quick_zero_shot(
 
 
 def _val_probe(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
-    from ..data.world import ALL_PAIRS, HELD_OUT_PAIRS, classification_scenes, render_scene
-
     scenes = list(classification_scenes(seed, "val", 4))
     pixels = torch.from_numpy(__import__("numpy").stack([render_scene(s) for _, s in scenes])).permute(0, 3, 1, 2)
     pairs = [s.pairs()[0] for _, s in scenes]
@@ -360,9 +373,6 @@ class _Batches(Sequence[dict[str, Any]]):
     """
 
     def __init__(self, recipe: ReferenceRecipe, data: TrainSplit, tokenizer: Any) -> None:
-        from ..data.transforms import TrainAugment
-        from ..data.world import SEEN_PAIRS
-
         self.recipe, self.data, self.tokenizer = recipe, data, tokenizer
         self.allowed = set(SEEN_PAIRS)
         self.augment = TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.1, contrast=0.1)
@@ -450,12 +460,6 @@ def train_model(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = Fals
     One epoch of ``recipe.steps`` lazily drawn batches, AdamW (betas 0.9/0.98) with gradient
     clipping at 1, and the time-budget :class:`Schedule`; returns the wrapper and a log of the run.
     """
-    from ..config import TrainingSection
-    from ..data.world import build_world_tokenizer
-    from ..training.callbacks import ProgressBar
-    from ..training.distributed import DistInfo
-    from ..training.trainer import CompressionTrainer
-
     tok = build_world_tokenizer(recipe.kind)
     wrapper = (build_clip if recipe.kind == "clip" else build_blip)(recipe, tok)
     wrapper.train()
@@ -482,11 +486,6 @@ def train_model(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = Fals
 # ---------------------------------------------------------------------------- figures, saving
 def measure_figures(wrapper: Any, kind: str, spec: Any, bootstrap_samples: int = 1000) -> dict[str, Any]:
     """Evaluate on a test split generated afresh from ``spec`` (a ``WorldSpec``); keys read ``world:PART``."""
-    import tempfile
-
-    from ..data.world import generate_world
-    from ..evaluation.suite import evaluate_model
-
     benches = ["zero_shot", "retrieval"] if kind == "clip" else ["captioning"]
     with tempfile.TemporaryDirectory(prefix="rcc-world-test-") as tmp:
         spec.splits = ("test",)
@@ -527,8 +526,6 @@ def headline_figures(results: dict[str, Any]) -> dict[str, float]:
 
 def save_reference(wrapper: Any, out: str | os.PathLike[str], record: dict[str, Any]) -> Path:
     """Write the model (safetensors), tokenizer, image processor and ``reference.json`` into ``out``."""
-    from ..utils.io import atomic_write_json
-
     path = Path(out)
     wrapper.save_pretrained(path)
     atomic_write_json(path / "reference.json", record)
@@ -540,10 +537,6 @@ def remeasure_reference(model_dir: str | os.PathLike[str], bootstrap_samples: in
 
     For when the evaluation code changes: the weights and the training record stay as they are.
     """
-    from ..data.world import WorldSpec
-    from ..utils.io import atomic_write_json
-    from .registry import get_model
-
     path = Path(model_dir)
     record = json.loads((path / "reference.json").read_text())
     world = record["world"]
@@ -588,12 +581,6 @@ def train_reference(
     The figures are measured on the world's test split at default sizes (``test_spec`` overrides
     them), generated afresh from the world's seed, so anyone can reproduce them.
     """
-    import tempfile
-
-    from ..data.world import WORLD_VERSION, WorldSpec, generate_world, load_world_info
-    from ..utils.runs import RunRecord
-    from ..utils.seeding import seed_everything
-
     recipe = recipe or default_recipe(kind, seed)
     recipe.kind, recipe.time_budget_s = kind, time_budget_s
     if steps is not None:

@@ -1,0 +1,186 @@
+"""Collation: samples -> one batch of tensors.
+
+* :class:`Collator` turns dataset samples into a batch: uint8 pixels stacked and normalised (or
+  augmented, training only), one caption per image (random for training, first for evaluation)
+  tokenised with padding and an ``attention_mask``, or the question with the answers as
+  ``labels`` for VQA. Samples whose image could not be read carry an ``error``; the collator
+  drops them when skipping bad items and otherwise passes the errors on.
+* :func:`pad_collate` batches samples that are already tokenised (variable-length ``input_ids``,
+  ``attention_mask``, ``labels``), padding each to the longest in the batch.
+* A sample may carry a *draw* (:class:`SampleKey`, set by
+  :class:`~rcc_compression.data.loaders.DynamicBatchSampler`): the seed of its random choices
+  (which caption, which crop), so batches do not depend on which worker process collates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from .transforms import CLIP_MEAN, CLIP_STD, TrainAugment, normalize
+
+#: keys of a batch that are model keyword arguments (the rest is bookkeeping)
+MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
+#: sequence keys :func:`pad_collate` pads, with their padding value (``None``: the tokenizer's pad id)
+PAD_VALUES: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "labels": -100,
+                                     "decoder_input_ids": None, "decoder_attention_mask": 0}
+
+
+class SampleKey(NamedTuple):
+    """A dataset index with the seed of that item's random choices in this epoch (see :class:`DynamicBatchSampler`)."""
+
+    index: int
+    draw: int
+
+
+def draw_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of item ``index``'s random choices in ``epoch`` of a run seeded ``seed`` (63 bits)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def caption_choice(draw: int, count: int) -> int:
+    """Which of ``count`` captions an item with this draw uses (the sampler and the collator agree)."""
+    return random.Random(draw).randrange(count)
+
+
+class Collator:
+    """Batch samples into tensors; see the module docstring.
+
+    ``caption``: ``"random"`` (one of each image's captions, for training), ``"first"``, or
+    ``"none"`` (no text). ``augment`` replaces normalisation by a :class:`TrainAugment`.
+    ``answers_as_labels`` tokenises each question's most common answer into ``labels`` (BLIP VQA).
+    Random choices follow each sample's ``draw`` (set by :class:`DynamicBatchSampler`), so they do
+    not depend on which worker process collates; samples without one use a generator seeded by
+    ``seed``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        max_length: int | None = None,
+        caption: str = "first",
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        augment: TrainAugment | None = None,
+        skip_bad: bool = False,
+        answers_as_labels: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if caption not in ("random", "first", "none"):
+            raise ValueError(f"caption must be 'random', 'first' or 'none', got {caption!r}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.caption = caption
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment = augment
+        self.skip_bad = skip_bad
+        self.answers_as_labels = answers_as_labels
+        self._rng: Any = random.Random(seed) if seed is not None else random
+
+    @property
+    def text_limit(self) -> int:
+        """Tokens per text after truncation: ``max_length``, else the tokenizer's, else 77."""
+        limit = self.max_length or getattr(self.tokenizer, "model_max_length", 77)
+        return 77 if limit is None or limit > 10_000 else int(limit)
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.text_limit, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def _choose(self, sample: Mapping[str, Any]) -> str:
+        caps = sample["captions"]
+        if self.caption == "first":
+            return caps[0]
+        draw = sample.get("draw")
+        return caps[caption_choice(draw, len(caps))] if draw is not None else self._rng.choice(caps)
+
+    def _pixels(self, good: list[dict[str, Any]]) -> torch.Tensor:
+        pixels = torch.stack([s["pixel_values"] for s in good])
+        if self.augment is None:
+            return normalize(pixels, self.mean, self.std)
+        draws = [s.get("draw") for s in good]
+        gen = None
+        if all(d is not None for d in draws):
+            digest = hashlib.blake2b(",".join(map(str, draws)).encode(), digest_size=8).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        return self.augment(pixels, generator=gen)
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        errors = [s["error"] for s in samples if s.get("error")]
+        good = [s for s in samples if not s.get("error")]
+        batch: dict[str, Any] = {
+            "errors": [] if self.skip_bad else errors,
+            "skipped": len(errors) if self.skip_bad else 0,
+        }
+        if errors and not self.skip_bad:
+            return batch
+        if not good:
+            return batch
+        batch["pixel_values"] = self._pixels(good)
+        batch["index"] = torch.tensor([s["index"] for s in good])
+        batch["image_id"] = [s["image_id"] for s in good]
+        if good[0].get("label") is not None:
+            batch["label"] = torch.tensor([int(s["label"]) for s in good])
+        if good[0].get("question") is not None:
+            batch["question"] = [s["question"] for s in good]
+            batch["question_id"] = [s["question_id"] for s in good]
+            batch["answers"] = [s["answers"] for s in good]
+            if self.tokenizer is not None:
+                batch.update(self._tokenize(batch["question"]))
+                if self.answers_as_labels and good[0].get("answers"):
+                    top = [Counter(s["answers"]).most_common(1)[0][0] for s in good]
+                    ids = self._tokenize(top)
+                    batch["labels"] = ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)
+        elif good[0].get("captions"):
+            batch["captions"] = [s["captions"] for s in good]
+            if self.caption != "none":
+                texts = [self._choose(s) for s in good]
+                batch["text"] = texts
+                if self.tokenizer is not None:
+                    batch.update(self._tokenize(texts))
+        return batch
+
+
+def pad_collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
+    """Batch samples that are already tokenised, padding sequences to the longest in the batch.
+
+    ``input_ids`` (and ``decoder_input_ids``) are padded with ``pad_token_id``, masks with 0 and
+    ``labels`` with -100 (ignored by the losses), all on the right; a sample with ``input_ids``
+    but no ``attention_mask`` gets one of ones first. Other tensors are stacked (they must agree
+    in shape), anything else is listed.
+    """
+    if not samples:
+        raise ValueError("pad_collate: no samples")
+    keys = list(samples[0])
+    if "input_ids" in keys and "attention_mask" not in keys:
+        samples = [{**s, "attention_mask": torch.ones_like(torch.as_tensor(s["input_ids"]))} for s in samples]
+        keys.append("attention_mask")
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [s[key] for s in samples]
+        if not isinstance(values[0], torch.Tensor):
+            out[key] = values
+            continue
+        if key in PAD_VALUES and values[0].dim() >= 1:
+            fill = pad_token_id if PAD_VALUES[key] is None else PAD_VALUES[key]
+            longest = max(v.shape[-1] for v in values)
+            out[key] = torch.stack([torch.nn.functional.pad(v, (0, longest - v.shape[-1]), value=fill)
+                                    for v in values])
+            continue
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) > 1:
+            raise ValueError(f"pad_collate: {key!r} differs in shape across samples ({sorted(shapes)}) and is not a "
+                             f"padded sequence key ({', '.join(PAD_VALUES)})")
+        out[key] = torch.stack(values)
+    return out
+
+
+def model_inputs(batch: Mapping[str, Any], keys: Sequence[str] = MODEL_KEYS) -> dict[str, torch.Tensor]:
+    """The keyword arguments of ``model(**batch)`` in a collated batch."""
+    return {k: batch[k] for k in keys if k in batch and isinstance(batch[k], torch.Tensor)}

@@ -1,0 +1,125 @@
+"""The public API (design document section 11.1): ``compress_model`` and ``CompressionPipeline``.
+
+Both run the engine (:mod:`rcc_compression.compression`) with distillation wired in: the engine
+does not train, so the stages' distillation (``dare`` between rounds, ``alphaedit`` scaling)
+reaches it as a callable, :func:`distiller`, built here from the run's ``training`` section.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compression.cascade import CascadePipeline, compression_summary
+from ..compression.rate import achieved_rate, apply_rate
+from ..compression.registry import STAGES
+from ..compression.stage import Distiller
+from ..config import RCCConfig, load_config
+from ..errors import CompressionError
+from ..models.registry import get_model, unwrap_model
+from ..training.recovery import finetune_on_batches
+from ..training.settings import TrainingSection
+from ..utils.logging import get_logger
+
+log = get_logger("api")
+
+
+def distiller(training: TrainingSection | None = None) -> Distiller:
+    """The engine's distiller: :func:`~rcc_compression.training.recovery.finetune_on_batches` with ``training``.
+
+    ``None`` trains as the default ``training`` section does, with a constant learning rate.
+    """
+    return functools.partial(finetune_on_batches, config=training)
+
+
+class CompressionPipeline(CascadePipeline):
+    """The cascade with distillation: :class:`~rcc_compression.compression.cascade.CascadePipeline` plus a distiller.
+
+    ``training`` (a ``TrainingSection``, or ``None`` for the defaults) sets the losses, optimiser
+    and schedule of stage distillation; ``distill`` replaces the distiller altogether.
+
+    >>> pipe = CompressionPipeline()
+    >>> pipe.add_stage("dare", config={"pruning_rate": 0.9})  # doctest: +SKIP
+    >>> compressed = pipe.compress(model)  # doctest: +SKIP
+    """
+
+    def __init__(self, config: Any = None, *, training: TrainingSection | None = None,
+                 distill: Distiller | None = None, **kwargs: Any) -> None:
+        super().__init__(config, distill=distill or distiller(training), **kwargs)
+        self.training = training
+
+
+def _resolve_config(config: Any) -> RCCConfig:
+    if config is None:
+        return load_config(None)
+    if isinstance(config, RCCConfig):
+        return config.model_copy(deep=True)
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    if isinstance(config, Mapping):
+        return load_config(None, data=dict(config))
+    raise CompressionError(f"config must be a path, a mapping or an RCCConfig, got {type(config).__name__}")
+
+
+def compress_model(
+    model: str | os.PathLike[str] | nn.Module = "rcc-clip-world",
+    compression_rate: float | None = 0.5,
+    method: str = "cascade",
+    calibration_data: Iterable[Mapping[str, Any]] | None = None,
+    config: Any = None,
+    *,
+    scope: str = "layers",
+    lowrank_share: float | None = None,
+    metric_fn: Callable[[nn.Module], float] | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    seed: int | None = None,
+    device: str | torch.device | None = None,
+    progress_callback: Callable[[str, int, int], None] | None = None,
+) -> nn.Module:
+    """Compress a model to ``compression_rate`` and return it, with ``.compression_stats`` attached.
+
+    ``model`` is a bundled name, a local directory, a hub id, a wrapper, or any ``nn.Module``.
+    ``method`` is ``cascade`` (the stages of ``config.compression.cascade.stages``) or one stage
+    name. With a rate, per-stage targets are planned so the stored bytes of the compressed layers
+    (``scope="layers"``) or of the whole model (``scope="model"``) land on it; a rate that cannot
+    be reached raises :class:`CompressionError` saying why, and a run the gate stops early reports
+    the rate it did reach and the step that failed.
+    """
+    cfg = _resolve_config(config)
+    seed = cfg.experiment.seed if seed is None else seed
+    calibration_data = list(calibration_data) if calibration_data is not None else None
+    if method != "cascade" and method not in STAGES:
+        raise CompressionError(f"unknown method {method!r}; allowed: cascade, {', '.join(STAGES)}")
+    wrapper_or_module = model if isinstance(model, nn.Module) else get_model(model, cfg.model.type, cfg.model.dtype)
+    inner = unwrap_model(wrapper_or_module)
+    section = cfg.compression
+    stages = list(section.cascade.stages) if method == "cascade" else [method]
+    section.cascade.stages = stages
+    plan: dict[str, Any] | None = None
+    if compression_rate is None and section.cascade.target_rate is not None:
+        compression_rate, scope = section.cascade.target_rate, section.cascade.rate_scope
+    if compression_rate is not None:
+        plan = apply_rate(inner, section, compression_rate, scope, lowrank_share, calibration_data)
+    pipe = CompressionPipeline(section, calibration_data=calibration_data, metric_fn=metric_fn, run_dir=run_dir,
+                               seed=seed, device=device, progress_callback=progress_callback,
+                               run_config=cfg.model_dump(mode="json"), training=cfg.training)
+    out = pipe.run(wrapper_or_module)
+    summary = compression_summary(inner)
+    stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results()}
+    if plan is not None:
+        achieved = achieved_rate(inner, scope)
+        stats["achieved_rate"] = achieved
+        if abs(achieved - compression_rate) > 0.01:
+            failed = next((r for r in pipe.records if not r.get("passed", True)), None)
+            why = (f"the validation gate stopped step {failed['step']} ({failed['stage']}, round {failed['round']}) at "
+                   f"retention {failed['retention']:.4f} < {failed['threshold']}" if failed else
+                   "the stages' targets did not translate exactly into stored bytes")
+            stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
+            log.warning(stats["rate_note"])
+    out.compression_stats = stats
+    return out

@@ -1,0 +1,66 @@
+"""The per-layer planner over bits, rank and sparsity: byte model, error estimates, the knapsack."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from rcc_compression.compression.layers import CompressedLinear
+from rcc_compression.compression.planner import Choice, LayerShape, allocate, choice_bytes, layer_choices
+from rcc_compression.compression.quant import LayerQuant, QuantConfig, QuantStage
+from rcc_compression.compression.storage import stored_bytes
+
+
+def _problem(seed: int = 0, m: int = 48, n: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g)
+    x = torch.randn(512, n, generator=g) * torch.logspace(0, -1, n)
+    return w, x.t() @ x, LayerShape(m, n, 4, True)
+
+
+def test_allocate_matches_brute_force():
+    g = torch.Generator().manual_seed(1)
+    options = []
+    for _ in range(4):
+        sizes = sorted(torch.randint(10, 200, (4,), generator=g).tolist())
+        errs = sorted(torch.rand(4, generator=g).tolist(), reverse=True)
+        options.append([Choice(nbytes=b, error=e) for b, e in zip(sizes, errs, strict=True)])
+    floor = sum(o[0].nbytes for o in options)
+    for budget in (floor, floor + 60, floor + 200, floor + 400):
+        sel = allocate(options, budget)
+        got = sum(options[i][k].error for i, k in enumerate(sel))
+        assert sum(options[i][k].nbytes for i, k in enumerate(sel)) <= budget
+        best = min(sum(o[k].error for o, k in zip(options, ks, strict=True))
+                   for ks in itertools.product(range(4), repeat=4)
+                   if sum(o[k].nbytes for o, k in zip(options, ks, strict=True)) <= budget)
+        assert got <= best + 0.25 * max(best, 1e-9) + 0.05  # Lagrangian plus greedy fill: near the optimum
+
+
+def test_choice_bytes_are_what_the_layer_stores():
+    w, H, shape = _problem()
+    for c in layer_choices(w, H, shape, sparse=True, lowrank=True):
+        if not c.keep_s or c.pruning_rate or c.rank or c.bits is None:
+            continue  # the quant stage alone builds dense quantized S (pruning and factors have their own tests)
+        layer = CompressedLinear.from_linear(torch.nn.Linear(64, 48))
+        layer.set_sparse(w)
+        stage = QuantStage(QuantConfig(rounding="gptq"))
+        stage._quantize_layer(layer, LayerQuant(bits=c.bits, group_size=c.group_size, symmetric=c.symmetric), H)
+        assert stored_bytes(layer) == c.nbytes, c.label()
+
+
+def test_estimates_order_by_bits_and_gptq_estimate_is_what_the_stage_gets():
+    w, H, shape = _problem(2)
+    choices = {c.label(): c for c in layer_choices(w, H, shape, sparse=False, lowrank=True)}
+    assert choices["float"].error == 0.0
+    assert choices["int8"].error < choices["int4"].error < choices["int3"].error
+    assert choices["int3/g32"].error < choices["int3"].error  # smaller groups cost bytes and remove error
+    # a low-rank correction of the rounding error of S lowers the error
+    assert choices["int2/g32 + r6 int8"].error < choices["int2/g32"].error
+    layer = CompressedLinear.from_linear(torch.nn.Linear(64, 48))
+    layer.set_sparse(w)
+    QuantStage(QuantConfig())._quantize_layer(layer, LayerQuant(bits=4, group_size=32, symmetric=False), H)
+    d = (w - layer.weight.detach()).double()
+    err = float(((d @ H.double()) * d).sum() / ((w.double() @ H.double()) * w.double()).sum())
+    assert abs(err - choices["int4/g32"].error) <= 1e-6 + 1e-4 * err
+    assert choice_bytes(shape, Choice()) == shape.dense_bytes
