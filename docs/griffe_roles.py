@@ -1,8 +1,9 @@
-"""Griffe extension: Sphinx cross-reference roles in docstrings become Markdown code spans.
+"""Griffe extension: docstrings written for Sphinx and doctest read well as Markdown.
 
-The docstrings use ``:class:`~pkg.mod.Name``` and friends; rendered as Markdown they would show
-the role literally. ``:role:`~a.b.C``` becomes ``C`` and ``:role:`a.b.C``` becomes ``a.b.C``, in
-code spans.
+* Sphinx cross-reference roles become code spans: ``:class:`~a.b.C``` -> ``C``,
+  ``:func:`a.b.f``` -> ``a.b.f``.
+* Doctest lines (``>>>``, ``...`` and the output after them) become a fenced ``pycon`` block, so
+  that an example such as ``report["layers"]["fc1"]`` is shown as code, not read as a link.
 """
 
 from __future__ import annotations
@@ -20,9 +21,29 @@ def _plain(match: re.Match[str]) -> str:
     return f"`{target.rsplit('.', 1)[-1] if short else target}`"
 
 
+def fence_doctests(text: str) -> str:
+    """Wrap each run of doctest lines (prompts and their output, up to a blank line) in a code fence."""
+    out: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.lstrip().startswith(">>>"):
+            indent = line[: len(line) - len(line.lstrip())]
+            block = []
+            while i < len(lines) and lines[i].strip():
+                block.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i].strip())
+                i += 1
+            out += [f"{indent}```pycon", *(f"{indent}{b}" for b in block), f"{indent}```"]
+            continue
+        out.append(line)
+        i += 1
+    return "\n".join(out)
+
+
 class SphinxRoles(griffe.Extension):
-    """Rewrite the roles of every docstring as it is loaded."""
+    """Rewrite the roles and doctests of every docstring as it is loaded."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is not None:
-            obj.docstring.value = _ROLE.sub(_plain, obj.docstring.value)
+            obj.docstring.value = fence_doctests(_ROLE.sub(_plain, obj.docstring.value))
