@@ -7,6 +7,7 @@ with status 2. ``main(argv)`` runs the app in-process, which is how the tests ca
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -287,12 +288,16 @@ def evaluate(
     from .utils.runs import new_run_dir
 
     sets = _overrides(set_, model, seed)
+    if benchmark:  # exactly these benchmarks: they say what is measured
+        sets += [f"evaluation.benchmarks={json.dumps(benchmark)}", "evaluation.metrics=null"]
     cfg = load_config(config, sets)
     ev = cfg.evaluation
+    benchmarks = ev.benchmarks + (["efficiency"] if "efficiency" in (ev.metrics or ()) and
+                                  "efficiency" not in ev.benchmarks else [])
     run_dir = output or new_run_dir(cfg.experiment.output_dir, "evaluate")
     setup_logging(_verbosity(verbose, quiet), run_dir)
     results = evaluate_job(
-        cfg, run_dir, benchmarks=benchmark or ev.benchmarks, datasets=dataset or evaluation_datasets(cfg),
+        cfg, run_dir, benchmarks=benchmarks, datasets=dataset or evaluation_datasets(cfg),
         split=split, batch_size=ev.batch_size,
         bootstrap_samples=ev.bootstrap_samples if bootstrap is None else bootstrap, max_items=max_items,
         templates=templates, world_seed=world_seed, skip_bad=skip_bad or cfg.dataset.skip_bad,
@@ -304,6 +309,48 @@ def evaluate(
     if not results.get("results"):
         reasons = "; ".join(f"{s['benchmark']} on {s['dataset']}: {s['reason']}" for s in results.get("skipped", []))
         raise EvaluationError(f"no benchmark ran ({reasons or 'nothing selected'}); see {run_dir / 'results.md'}")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (compress, evaluate or train runs).")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="md, csv, latex, json or html.")] = "md",
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="Keep metrics containing this text (repeatable).")] = None,  # noqa: E501
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """A comparison table of runs: metrics with 95 % CIs, bytes, rate, latency, as in their results files."""
+    from .utils.io import atomic_write_text
+    from .visualization.records import is_run_dir, load_run
+    from .visualization.report import FORMATS, comparison_rows, render
+
+    if format_ not in FORMATS:
+        raise ConfigError(f"rcc report --format: got {format_!r}; allowed: {', '.join(FORMATS)}")
+    missing = [str(r) for r in runs if not is_run_dir(r)]
+    if missing:
+        raise ConfigError(f"rcc report: not a run directory (no run.json, results.json or progress.json): "
+                          f"{', '.join(missing)}")
+    records = [load_run(r) for r in runs]
+    text = render(comparison_rows(records, metric), format_, records)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(output, text)
+        typer.echo(f"written to {output}")
+
+
+@app.command()
+def dashboard(
+    runs: Annotated[Path, typer.Option("--runs", help="Directory of run directories.")] = Path("runs"),
+    host: Annotated[str, typer.Option("--host", help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 8501,
+    refresh: Annotated[float, typer.Option("--refresh", help="Seconds between refreshes of a running job.")] = 2.0,
+) -> None:
+    """Serve the Streamlit dashboard over the runs in RUNS (it only reads them)."""
+    from .visualization.dashboard import launch
+
+    if not runs.is_dir():
+        raise ConfigError(f"rcc dashboard --runs: {runs} is not a directory")
+    raise typer.Exit(launch(runs, host, port, refresh))
 
 
 @app.command()
@@ -409,6 +456,103 @@ def search(
         record.update(results={"counts": result["counts"], "best": result["best"] and result["best"]["number"]})
     typer.echo((out / "summary.md").read_text(encoding="utf-8"), nl=False)
     typer.echo(f"search directory: {out}")
+
+
+def _study(kind: str, config: Path | None, set_: list[str] | None, model: str | None, seeds: int, rate: float | None,
+           variants: Path | None, metric: list[str] | None, split: str, output: Path | None, resume: Path | None,
+           overwrite: bool, verbose: int, quiet: bool) -> None:
+    """Shared body of ``rcc ablate`` and ``rcc order``."""
+    from .config import load_config
+    from .jobs.common import prepare_run_dir
+    from .jobs.studies import StudySpec, load_variants, make_spec, run_study
+    from .utils.logging import setup_logging
+    from .utils.runs import RunRecord, new_run_dir
+
+    if resume is not None:
+        if config is not None or set_ or model or rate is not None or variants is not None:
+            raise typer.BadParameter("--resume takes the study's own specification; drop the other options")
+        spec_file = resume / "study.json"
+        if not spec_file.is_file():
+            raise CheckpointError(f"{resume}: not a study directory (no study.json)")
+        import json
+
+        spec = StudySpec.from_json(json.loads(spec_file.read_text(encoding="utf-8")))
+        run_dir = resume
+    else:
+        sets = _overrides(set_, model, None)
+        if rate is not None:
+            sets.append(f"compression.cascade.target_rate={rate}")
+        cfg = load_config(config, sets)
+        spec = make_spec(kind, cfg, seeds, load_variants(variants) if variants else (), split, metric)
+        run_dir = prepare_run_dir(output, overwrite, False) if output else new_run_dir(
+            cfg.experiment.output_dir, f"{kind}-{cfg.experiment.name}")
+    setup_logging(_verbosity(verbose, quiet), run_dir)
+    with RunRecord(run_dir, spec.base, spec.seeds[0]) as record, _progress(quiet) as report:
+        results = run_study(spec, run_dir, resume=resume is not None, progress=report)
+        record.update(results={"rows": len(results["rows"]), "comparisons": results["comparisons"]})
+    typer.echo((run_dir / "results.md").read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"study directory: {run_dir}")
+
+
+SeedsOpt = Annotated[int, typer.Option("--seeds", help="Seeds per variant (experiment.seed, +1, ...).")]
+RateOpt = Annotated[float | None, typer.Option("--rate", help="Compression rate every variant is planned to "
+                                                                "(sets compression.cascade.target_rate).")]
+VariantsOpt = Annotated[Path | None, typer.Option("--variants", help="YAML of named variants: "
+                                                                      "{variants: {name: {config.key: value}}}.")]
+MetricOpt = Annotated[list[str] | None, typer.Option("--metric", help="Metric key to report (repeatable).")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Evaluation split of the table.")]
+StudyOut = Annotated[Path | None, typer.Option("--output", "-o", help="Study directory.")]
+StudyResume = Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted study directory.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty study directory.")]
+
+
+@app.command()
+def ablate(config: ConfigOpt = None, set_: SetOpt = None,
+           model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,
+           seeds: SeedsOpt = 3, rate: RateOpt = None, variants: VariantsOpt = None, metric: MetricOpt = None,
+           split: SplitOpt = "test", output: StudyOut = None, resume: StudyResume = None,
+           overwrite: OverwriteOpt = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
+    """Every subset of the stages (and named variants) at equal stored bytes over seeds, vs the full cascade."""
+    _study("ablate", config, set_, model, seeds, rate, variants, metric, split, output, resume, overwrite, verbose,
+           quiet)
+
+
+@app.command()
+def order(config: ConfigOpt = None, set_: SetOpt = None,
+          model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,
+          seeds: SeedsOpt = 3, rate: RateOpt = None, variants: VariantsOpt = None, metric: MetricOpt = None,
+          split: SplitOpt = "test", output: StudyOut = None, resume: StudyResume = None,
+          overwrite: OverwriteOpt = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
+    """Every order of the cascade's stages at equal stored bytes over seeds, vs the configured order."""
+    _study("order", config, set_, model, seeds, rate, variants, metric, split, output, resume, overwrite, verbose,
+           quiet)
+
+
+@app.command()
+def analyze(
+    run: Annotated[Path, typer.Argument(help="A finished rcc compress run directory.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Report directory (default RUN/analysis).")] = None,  # noqa: E501
+    part: Annotated[list[str] | None, typer.Option("--part", help="subspace, nullspace, sensitivity, embeddings (repeatable; default all).")] = None,  # noqa: E501
+    against: Annotated[Path | None, typer.Option("--against", help="Another run of the same model: compare their subspaces.")] = None,  # noqa: E501
+    energy: Annotated[float, typer.Option("--energy", help="Spectral energy of the compared dominant subspaces.")] = 0.9,  # noqa: E501
+    embedding: Annotated[list[str] | None, typer.Option("--embedding", help="tsne, umap (repeatable; default both).")] = None,  # noqa: E501
+    max_items: Annotated[int, typer.Option("--max-items", help="Test images in the embedding maps.")] = 512,
+    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layers for sensitivity (repeatable; default all compressed).")] = None,  # noqa: E501
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo parts already written.")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Subspace, null-space, sensitivity and embedding reports of a compressed run (JSON, CSV, Markdown, figures)."""
+    from .jobs.analyze import METHODS, PARTS, run_analyze
+    from .utils.logging import setup_logging
+
+    out = output or run / "analysis"
+    setup_logging(_verbosity(verbose, quiet), out)
+    with _progress(quiet) as report:
+        run_analyze(run, out, part or PARTS, against, energy, methods=embedding or METHODS, max_items=max_items,
+                    sensitivity_layers=layer, overwrite=overwrite, progress=report)
+    typer.echo((out / "report.md").read_text(encoding="utf-8"), nl=False)
+    typer.echo(f"analysis directory: {out}")
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """Typed configuration: pydantic models, YAML ``inherit``/``override``, and ``--set`` overrides.
 
 A configuration is a YAML mapping with the sections ``experiment``, ``model``, ``dataset``,
-``calibration``, ``compression``, ``training`` and ``evaluation``. Any mapping may carry
+``calibration``, ``compression``, ``training``, ``evaluation`` and ``tracking``; the design document's layout,
+with the other sections inside ``experiment:``, is read the same. Any mapping may carry
 ``inherit: path`` (or a list of paths, relative to the file; chains allowed, cycles refused) and
 ``override: {...}`` (deep-merged last). When an inherited file has the section's own key at its
 top (``compression:`` inherited from inside ``compression:``) that section is taken. Every key
@@ -13,17 +14,19 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from .compression.registry import CompressionSection, validate_stage_config
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+from .evaluation.suite import METRICS, canonical_benchmark, metric_of
 from .training.settings import TrainingSection
 from .utils.schema import KeyPath, StrictModel, error_line, fmt_path, short, show
+from .utils.tracking import TrackingConfig
 
 
 # ----------------------------------------------------------------------------------- sections
@@ -112,16 +115,61 @@ class CalibrationSection(StrictModel):
 
 
 class EvaluationSection(StrictModel):
-    """Which benchmarks and metrics to run after compression."""
+    """What a run measures: benchmarks on datasets, and the metrics reported.
 
-    metrics: list[str] = Field(default_factory=lambda: ["accuracy", "retrieval", "efficiency"],
-                               description="the design document's metric groups (informational)")
+    ``benchmarks`` (``zero_shot``, ``retrieval`` alias ``image_text_retrieval``, ``captioning``,
+    ``vqa``, ``efficiency``) run on ``datasets`` (names as ``rcc evaluate -d``; empty: the world).
+    ``metrics`` names what is measured: ``accuracy`` (zero_shot, vqa), ``retrieval`` (recall@K),
+    ``captioning`` (CIDEr, BLEU, ...) and ``efficiency`` (stored size, latency and FLOPs, dense vs
+    compressed). Left out (``None``), it is what the benchmarks measure, and ``rcc compress`` adds
+    efficiency; given, it must agree with ``benchmarks`` both ways, and ``efficiency`` in it is what
+    makes ``rcc compress`` profile and ``rcc evaluate`` run the efficiency benchmark.
+    """
+
     benchmarks: list[str] = Field(default_factory=lambda: ["zero_shot", "retrieval"],
                                   description="zero_shot, retrieval, captioning, vqa, efficiency")
     datasets: list[str] = Field(default_factory=list, description="dataset specs to evaluate on (SPEC[@SPLIT], "
                                 "test split by default), besides dataset.test; neither set: the world")
+    metrics: list[str] | None = Field(None, description="accuracy, retrieval, captioning, efficiency; "
+                                                        "None: what the benchmarks measure")
     batch_size: int = Field(64, ge=1, description="evaluation batch size")
     bootstrap_samples: int = Field(1000, ge=0, description="bootstrap resamples per metric (0: point estimates)")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks(cls, v: list[str]) -> list[str]:
+        try:
+            return list(dict.fromkeys(canonical_benchmark(b) for b in v))
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is None:
+            return None
+        bad = [m for m in v if m not in METRICS]
+        if bad:
+            raise ValueError(f"unknown metric {bad[0]!r}; allowed: {', '.join(METRICS)}")
+        benchmarks = info.data.get("benchmarks")
+        if benchmarks is None:  # benchmarks failed validation: that error is reported
+            return v
+        for b in benchmarks:
+            if metric_of(b) not in v:
+                raise ValueError(f"benchmark {b} measures {metric_of(b)}, which evaluation.metrics leaves out: "
+                                 f"add {metric_of(b)} or drop {b} from evaluation.benchmarks")
+        for m in v:
+            if m != "efficiency" and not set(METRICS[m]) & set(benchmarks):
+                raise ValueError(f"metric {m}: no benchmark measures it ({', '.join(METRICS[m])}) in "
+                                 f"evaluation.benchmarks {benchmarks}")
+        return list(dict.fromkeys(v))
+
+    def measures(self) -> list[str]:
+        """The metrics this run measures (``metrics``, or the benchmarks' plus efficiency)."""
+        if self.metrics is not None:
+            return list(self.metrics)
+        wanted = {metric_of(b) for b in self.benchmarks} | {"efficiency"}
+        return [m for m in METRICS if m in wanted]
 
 
 class RCCConfig(StrictModel):
@@ -134,6 +182,95 @@ class RCCConfig(StrictModel):
     compression: CompressionSection = Field(default_factory=CompressionSection)  # type: ignore[valid-type]
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+# ------------------------------------------------------------------------------ who reads what
+_J = "rcc_compression.jobs."
+_T = "rcc_compression.training."
+#: every key of the plain sections, the training section and the cascade -> the modules that read it (a
+#: stage's own keys are read by its stage module unless listed here). A key that no job reads is refused, not
+#: listed; ``tests/test_design_config.py`` checks that each listed module reads the key and that no key is
+#: missing, so a section cannot gain a key nobody reads.
+READERS: dict[str, tuple[str, ...]] = {
+    "experiment.name": ("rcc_compression.cli", _J + "train"),
+    "experiment.seed": (_J + "compress", _J + "train", _J + "common"),
+    "experiment.deterministic": (_J + "compress", _J + "train"),
+    "experiment.output_dir": ("rcc_compression.cli", _J + "train"),
+    "experiment.device": (_J + "compress", _J + "train"),
+    "model.name": (_J + "compress", _J + "train", "rcc_compression.cli"),
+    "model.type": (_J + "compress", _J + "train", _J + "api"),
+    "model.dtype": (_J + "compress", _J + "train", _J + "api"),
+    "dataset.train": (_J + "data",),
+    "dataset.val": (_J + "data", _J + "compress"),
+    "dataset.test": (_J + "train", _J + "common"),
+    "dataset.root": ("rcc_compression.cli", _J + "data", _J + "compress", _J + "common"),
+    "dataset.task": (_J + "data",),
+    "dataset.batch_size": (_J + "train",),
+    "dataset.num_workers": (_J + "train",),
+    "dataset.prefetch_factor": (_J + "train",),
+    "dataset.max_tokens": (_J + "train",),
+    "dataset.bucket_by_length": (_J + "train",),
+    "dataset.augment": ("rcc_compression.data.splits",),
+    "dataset.leak_check": (_J + "train", _J + "compress"),
+    "dataset.cache_dir": (_J + "data",),
+    "dataset.skip_bad": (_J + "common", _J + "data", _J + "compress", "rcc_compression.cli"),
+    "calibration.source": (_J + "compress", _J + "train"),
+    "calibration.num_batches": (_J + "common",),
+    "calibration.batch_size": (_J + "common", _J + "train"),
+    "calibration.holdout_batches": (_J + "common", _J + "compress"),
+    "calibration.preserve_source": (_J + "compress",),
+    "compression.dare.iterations": ("rcc_compression.compression.cascade",),
+    "compression.dare.reference_model": (_J + "train",),
+    "compression.cascade.stages": ("rcc_compression.compression.cascade", _J + "api", _J + "compress"),
+    "compression.cascade.checkpoint_frequency": ("rcc_compression.compression.cascade",),
+    "compression.cascade.validation_threshold": ("rcc_compression.compression.cascade", _J + "compress"),
+    "compression.cascade.rounds": ("rcc_compression.compression.cascade",),
+    "compression.cascade.schedule": ("rcc_compression.compression.cascade",),
+    "compression.cascade.target_rate": (_J + "api", _J + "compress"),
+    "compression.cascade.rate_scope": (_J + "api", _J + "compress"),
+    "compression.cascade.lowrank_share": (_J + "api", _J + "compress"),
+    "training.batch_size": (_J + "train",),
+    "training.learning_rate": (_T + "trainer", _T + "recovery"),
+    "training.num_epochs": (_T + "trainer", _T + "recovery"),
+    "training.optimizer": (_T + "trainer",),
+    "training.weight_decay": (_T + "trainer",),
+    "training.scheduler": (_T + "trainer",),
+    "training.warmup_steps": (_T + "trainer",),
+    "training.grad_clip": (_T + "trainer",),
+    "training.grad_accumulation": (_T + "trainer",),
+    "training.precision": (_T + "trainer",),
+    "training.temperature": (_T + "recovery", _J + "train"),
+    "training.momentum": (_T + "trainer",),
+    "training.betas": (_T + "trainer",),
+    "training.min_lr_ratio": (_T + "trainer",),
+    "training.kd_weight": (_T + "losses",),
+    "training.feature_weight": (_T + "losses",),
+    "training.attention_weight": (_T + "losses", _J + "train"),
+    "training.task_weight": (_T + "losses",),
+    "training.trainable": (_J + "train",),
+    "training.dropout": (_T + "trainer",),
+    "training.gradient_checkpointing": (_T + "trainer",),
+    "training.teacher_cache": (_J + "train",),
+    "training.checkpoint_every_steps": (_J + "train",),
+    "training.early_stopping_patience": (_J + "train",),
+    "training.max_steps": (_T + "trainer", _J + "train"),
+    "training.eval_every_steps": (_T + "trainer", _J + "train"),
+    "training.monitor": (_J + "train",),
+    "training.val_benchmarks": (_J + "train",),
+    "training.val_max_items": (_J + "data",),
+    "evaluation.benchmarks": (_J + "compress", "rcc_compression.cli"),
+    "evaluation.datasets": (_J + "common",),
+    "evaluation.metrics": (_J + "compress", "rcc_compression.cli"),
+    "evaluation.batch_size": (_J + "compress", "rcc_compression.cli"),
+    "evaluation.bootstrap_samples": ("rcc_compression.cli",),
+    "tracking.backends": ("rcc_compression.utils.tracking",),
+    "tracking.project": ("rcc_compression.utils.tracking",),
+    "tracking.run_name": ("rcc_compression.utils.tracking",),
+    "tracking.tags": ("rcc_compression.utils.tracking",),
+    "tracking.log_model": (_J + "tracking", _J + "train"),
+    "tracking.figures": (_J + "tracking",),
+}
 
 
 # ------------------------------------------------------------------------------ YAML loading
@@ -201,9 +338,39 @@ def _merge(dst: dict, dprov: dict, src: Mapping, sprov: Mapping, prefix: KeyPath
                 dprov[p] = f
 
 
+#: sections that may also sit inside ``experiment:`` (the design document's layout, section 6.2)
+NESTABLE = ("model", "dataset", "calibration", "compression", "training", "evaluation", "tracking")
+
+
 class _Loader:
     def __init__(self) -> None:
         self.cache: dict[Path, tuple[dict, dict]] = {}
+        #: file -> the sections it nests under ``experiment:`` (to name keys as the file spells them)
+        self.nested: dict[str, set[str]] = {}
+
+    def unnest(self, raw: dict, file: str) -> dict:
+        """The design document's layout (sections inside ``experiment:``) as the flat one.
+
+        A section given both inside ``experiment:`` and at the top of one file is refused.
+        """
+        exp = raw.get("experiment")
+        inner = [k for k in NESTABLE if isinstance(exp, dict) and k in exp]
+        if not inner:
+            return raw
+        twice = [k for k in inner if k in raw]
+        if twice:
+            raise ConfigError(f"config error: {show(file)}: experiment.{twice[0]} and {twice[0]}: the section is given "
+                              f"twice (inside experiment, as in the design document's layout, and at the top level); "
+                              f"keep one")
+        out = {k: v for k, v in raw.items() if k != "experiment"}
+        out["experiment"] = {k: v for k, v in exp.items() if k not in inner}
+        out.update({k: exp[k] for k in inner})
+        self.nested.setdefault(file, set()).update(inner)
+        return out
+
+    def rename(self, path: KeyPath, file: str) -> KeyPath:
+        """``path`` as ``file`` spells it: ``experiment.model.name`` where the file nests the section."""
+        return ("experiment", *path) if path and path[0] in self.nested.get(file, ()) else path
 
     def load_file(self, path: Path, stack: tuple[Path, ...], origin: str | None = None) -> tuple[dict, dict]:
         try:
@@ -215,7 +382,7 @@ class _Loader:
             raise ConfigError(f"config error: {show(stack[-1])}: inherit: cycle {chain}; remove one of these inherits")
         if path in self.cache:
             return copy.deepcopy(self.cache[path][0]), dict(self.cache[path][1])
-        raw = _read_yaml(path, origin)
+        raw = self.unnest(_read_yaml(path, origin), str(path))
         data, prov = self.resolve(raw, path, (), (*stack, path))
         self.cache[path] = (copy.deepcopy(data), dict(prov))
         return data, prov
@@ -300,14 +467,15 @@ def _apply_set(data: dict, prov: dict, path: KeyPath, value: Any) -> None:
 
 
 def validate_config(
-    data: Mapping[str, Any], prov: Mapping[KeyPath, str] | None = None, source: str = "<dict>"
+    data: Mapping[str, Any], prov: Mapping[KeyPath, str] | None = None, source: str = "<dict>",
+    rename: Callable[[KeyPath, str], KeyPath] | None = None,
 ) -> RCCConfig:
     """Validate a plain mapping into :class:`RCCConfig`, raising a one-line :class:`ConfigError`."""
     try:
         return RCCConfig.model_validate(dict(data))
     except ValidationError as exc:
         errors = exc.errors()
-        line = error_line(errors[0], prov or {}, source, RCCConfig)
+        line = error_line(errors[0], prov or {}, source, RCCConfig, rename=rename)
         if len(errors) > 1:
             line += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
         raise ConfigError(line) from None
@@ -331,12 +499,12 @@ def load_config(
         source = str(Path(path))
         merged, prov = loader.load_file(Path(path), ())
     if data is not None:
-        sub, sprov = loader.resolve(dict(data), Path.cwd() / "<dict>", (), ())
+        sub, sprov = loader.resolve(loader.unnest(dict(data), "<dict>"), Path.cwd() / "<dict>", (), ())
         _merge(merged, prov, sub, {k: "<dict>" for k in sprov}, ())
     for item in overrides:
         key, value = parse_set(item)
         _apply_set(merged, prov, key, value)
-    return validate_config(merged, prov, source)
+    return validate_config(merged, prov, source, loader.rename)
 
 
 def dump_config(cfg: RCCConfig) -> dict[str, Any]:
@@ -346,6 +514,6 @@ def dump_config(cfg: RCCConfig) -> dict[str, Any]:
 
 __all__ = [
     "CalibrationSection", "CompressionSection", "DatasetSection", "EvaluationSection", "ExperimentSection",
-    "ModelSection", "RCCConfig", "TrainingSection", "dump_config", "load_config", "parse_set", "validate_config",
-    "validate_stage_config",
+    "ModelSection", "READERS", "RCCConfig", "TrainingSection", "dump_config", "load_config", "parse_set",
+    "validate_config", "validate_stage_config",
 ]

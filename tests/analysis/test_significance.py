@@ -25,6 +25,7 @@ def test_permutation_test_is_exact_for_few_pairs() -> None:
     assert res.exact and res.resamples == 8
     assert res.p_value == pytest.approx(0.25)
     assert paired_permutation_test([1.0, 1.0], [1.0, 1.0]).p_value == 1.0
+    assert paired_permutation_test([2.0], [1.0]).p_value == 1.0  # one pair: +1 and -1 are equally extreme
 
 
 def test_tests_agree_with_the_t_test_on_normal_data() -> None:

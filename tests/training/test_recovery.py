@@ -20,6 +20,7 @@ from rcc_compression.training.losses import DistillationLoss, clip_contrastive_k
 from rcc_compression.training.recovery import trainable_parameters
 from rcc_compression.training.teacher import Teacher
 from rcc_compression.training.trainer import CompressionTrainer, DistillationObjective
+from rcc_compression.utils.tracking import read_metrics_file, series_points
 
 
 def _compress(wrapper, batches, holdout, rate: float = 0.7, fine_tune_epochs: int = 0):
@@ -147,6 +148,9 @@ def test_rcc_train_recovers_a_compressed_run_and_resumes(tmp_path: Path, tiny_cl
     assert [s["stage"] for s in manifest["stages"]] == ["dare", "train"]
     for m in compressed_layers(recovered.model).values():
         assert (m.weight[~m.mask] == 0).all()
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["format"] == "rcc-train-progress" and progress["done"] and progress["step"] == 8
+    assert list(series_points(read_metrics_file(out), "train")) == list(range(8))
 
     # one more epoch from the checkpoint: the first two are not repeated
     assert main(["train", "--from", str(run), "--output", str(out), "-q", "--resume", *sets,
@@ -154,6 +158,8 @@ def test_rcc_train_recovers_a_compressed_run_and_resumes(tmp_path: Path, tiny_cl
     resumed = json.loads((out / "train_results.json").read_text())
     assert resumed["steps"] == 9 and [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"][:2] == results["history"]
+    assert list(series_points(read_metrics_file(out), "train")) == list(range(12))  # the resumed steps go on at 8
+    assert series_points(read_metrics_file(out), "eval/after")[0]["val_loss"] == resumed["after"]["val_loss"]
 
 
 def test_rcc_train_never_returns_a_worse_model(tmp_path: Path, tiny_clip, make_batches, small_world: Path) -> None:

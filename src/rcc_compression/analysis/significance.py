@@ -138,9 +138,9 @@ def paired_permutation_test(
     d = _differences(a, b)
     n = d.size
     observed = float(d.mean())
-    if not np.any(d):
-        return TestResult("paired_permutation", 0.0, 1.0, 0.0, effect_size=0.0, effect_size_name="cohens_dz", n=n,
-                          exact=True)
+    if not np.any(d) or n < 2:  # no difference, or one pair: both sign patterns are equally extreme
+        return TestResult("paired_permutation", observed, 1.0, observed, effect_size=0.0 if n > 1 else None,
+                          effect_size_name="cohens_dz", n=n, resamples=2**n, exact=True)
 
     def mean_diff(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.mean(x - y, axis=axis)

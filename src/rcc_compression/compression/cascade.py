@@ -352,6 +352,7 @@ class CascadePipeline:
         try:
             atomic_write_json(self.run_dir / PROGRESS_FILE, {
                 "format": "rcc-cascade-progress", "format_version": 1, "next_step": next_step,
+                "total_steps": len(self.steps()),
                 "checkpoint": self._checkpoint, "records": self.records, "stage_results": self.stage_results,
                 "done": done, "stopped_early": self.stopped_early, "encrypted": self.encrypt_key is not None,
                 "round_caps": None if self._round_caps is None else {"caps": self._round_caps[0],

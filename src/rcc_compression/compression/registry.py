@@ -45,6 +45,9 @@ class CascadeConfig(StrictModel):
     rate_scope: Literal["layers", "model"] = Field(
         "layers",
         description="target_rate counts the bytes of the compressed layers, or of the whole model")
+    lowrank_share: float | None = Field(
+        None, gt=0.0, lt=1.0, description="with target_rate and both dare and nullu: the share of the variable bytes "
+        "given to the low-rank factors; None: the planner tries several splits (and each stage alone)")
 
     @field_validator("stages")
     @classmethod

@@ -45,6 +45,33 @@ from .zero_shot import evaluate_zero_shot
 log = get_logger("evaluation")
 
 BENCHMARKS = ("zero_shot", "retrieval", "captioning", "vqa", "efficiency")
+#: other names of benchmarks (the design document's)
+BENCHMARK_ALIASES = {"image_text_retrieval": "retrieval"}
+#: metric name -> the benchmarks that measure it (``evaluation.metrics`` in a config)
+METRICS = {"accuracy": ("zero_shot", "vqa"), "retrieval": ("retrieval",), "captioning": ("captioning",),
+           "efficiency": ("efficiency",)}
+#: metric name -> its headline numbers in a dense vs compressed table
+HEADLINE_NAMES = {"accuracy": ("top1", "accuracy"), "retrieval": ("i2t_R@1", "t2i_R@1"),
+                  "captioning": ("CIDEr", "BLEU-4")}
+
+
+def benchmark_names() -> str:
+    """The benchmark names a user may give, aliases noted (for error messages)."""
+    aliases = {v: k for k, v in BENCHMARK_ALIASES.items()}
+    return ", ".join(f"{b} (alias {aliases[b]})" if b in aliases else b for b in BENCHMARKS)
+
+
+def canonical_benchmark(name: str) -> str:
+    """``name`` or the benchmark it is an alias of; :class:`DataError` for an unknown name."""
+    name = BENCHMARK_ALIASES.get(name, name)
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; allowed: {benchmark_names()}")
+    return name
+
+
+def metric_of(benchmark: str) -> str:
+    """The metric name (``evaluation.metrics``) a benchmark measures."""
+    return next(m for m, benches in METRICS.items() if benchmark in benches)
 _TASK = {"zero_shot": "classification", "retrieval": "captions", "captioning": "captions", "vqa": "vqa"}
 _WORLD_PARTS = {"zero_shot": ("shape", "colour", "colour_shape"), "retrieval": ("captions",),
                 "captioning": ("captions",), "vqa": ("vqa",)}
@@ -181,9 +208,7 @@ def evaluate_model(
     ``world_seed`` picks the reference world (default: the seed the bundled models were trained on);
     ``per_item`` adds each zero-shot and retrieval result's per-item hits (``per_item``).
     """
-    unknown = [b for b in benchmarks if b not in BENCHMARKS]
-    if unknown:
-        raise DataError(f"unknown benchmark(s) {unknown}; available: {', '.join(BENCHMARKS)}")
+    benchmarks = [canonical_benchmark(b) for b in benchmarks]
     wrapper = get_model(model) if not hasattr(model, "model_type") else model
     datasets = list(datasets) or ["world"]
     was_training = wrapper.training

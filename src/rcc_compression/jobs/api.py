@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from ..compression.stage import Distiller
 from ..config import RCCConfig, load_config
 from ..errors import CompressionError
 from ..models.registry import get_model, unwrap_model
+from ..training.callbacks import Callback
 from ..training.recovery import finetune_on_batches
 from ..training.settings import TrainingSection
 from ..utils.logging import get_logger
@@ -29,12 +30,13 @@ from ..utils.logging import get_logger
 log = get_logger("api")
 
 
-def distiller(training: TrainingSection | None = None) -> Distiller:
+def distiller(training: TrainingSection | None = None, callbacks: Sequence[Callback] = ()) -> Distiller:
     """The engine's distiller: :func:`~rcc_compression.training.recovery.finetune_on_batches` with ``training``.
 
-    ``None`` trains as the default ``training`` section does, with a constant learning rate.
+    ``None`` trains as the default ``training`` section does, with a constant learning rate;
+    ``callbacks`` join every trainer (e.g. one that sends each step to the run's tracker).
     """
-    return functools.partial(finetune_on_batches, config=training)
+    return functools.partial(finetune_on_batches, config=training, callbacks=tuple(callbacks))
 
 
 class CompressionPipeline(CascadePipeline):
@@ -104,7 +106,8 @@ def compress_model(
     if compression_rate is None and section.cascade.target_rate is not None:
         compression_rate, scope = section.cascade.target_rate, section.cascade.rate_scope
     if compression_rate is not None:
-        plan = apply_rate(inner, section, compression_rate, scope, lowrank_share, calibration_data)
+        share = lowrank_share if lowrank_share is not None else section.cascade.lowrank_share
+        plan = apply_rate(inner, section, compression_rate, scope, share, calibration_data)
     pipe = CompressionPipeline(section, calibration_data=calibration_data, metric_fn=metric_fn, run_dir=run_dir,
                                seed=seed, device=device, progress_callback=progress_callback,
                                run_config=cfg.model_dump(mode="json"), training=cfg.training)

@@ -18,15 +18,17 @@ from ..compression.storage import save_compressed
 from ..config import RCCConfig, dump_config
 from ..data.calibration import build_calibration_batches, calibration_items
 from ..evaluation.efficiency import compare_efficiency, measured_storage, optimize_execution
-from ..evaluation.suite import benchmark_datasets, evaluate_model
+from ..evaluation.suite import HEADLINE_NAMES, benchmark_datasets, evaluate_model
 from ..models.registry import get_model
+from ..training.callbacks import TrackingCallback
 from ..utils.io import atomic_write_json, atomic_write_text, directory_lock
 from ..utils.logging import get_logger
 from ..utils.seeding import seed_everything
 from ..visualization.plots import plot_rate_curve
-from .api import CompressionPipeline
+from .api import CompressionPipeline, distiller
 from .common import calibration_batches, evaluation_datasets, resolve_device
 from .data import check_and_record, open_role
+from .tracking import cascade_logger, chain, finish_compress_tracking, start_tracker
 
 log = get_logger("jobs")
 
@@ -59,8 +61,9 @@ def compress_data(wrapper: nn.Module, cfg: RCCConfig, run_dir: Path | None, eval
     else:
         n_hold = cal.holdout_batches
         fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, batches)
-    if evaluate and cfg.evaluation.benchmarks:
-        tests = benchmark_datasets(wrapper, cfg.evaluation.benchmarks, evaluation_datasets(cfg), **kw)
+    benchmarks = [b for b in cfg.evaluation.benchmarks if b != "efficiency"]
+    if evaluate and benchmarks:
+        tests = benchmark_datasets(wrapper, benchmarks, evaluation_datasets(cfg), **kw)
         roles["test"] = list({id(ds): ds for _, _, ds in tests}.values())
     record = check_and_record(run_dir, roles, cfg.dataset.leak_check) if roles else {}
     return fit, holdout, record
@@ -81,13 +84,28 @@ def headline_metrics(result: dict[str, Any], names: tuple[str, ...] = HEADLINE_M
     return out
 
 
-def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> dict[str, float]:
-    """Headline task metrics of the configured benchmarks; empty when none are configured."""
-    if not cfg.evaluation.benchmarks:
-        return {}
-    res = evaluate_model(wrapper, benchmarks=cfg.evaluation.benchmarks, datasets=evaluation_datasets(cfg),
-                         batch_size=cfg.evaluation.batch_size, bootstrap_samples=0, seed=cfg.experiment.seed)
-    return headline_metrics(res, ("top1", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy"))
+def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Headline numbers of the metrics the config measures (``evaluation.metrics``) and their bootstrap CIs.
+
+    Both are empty when no benchmark runs; the CIs (``[low, high]``) are empty with ``bootstrap_samples: 0``.
+    """
+    ev = cfg.evaluation
+    benchmarks = [b for b in ev.benchmarks if b != "efficiency"]  # efficiency is compared dense vs compressed
+    if not benchmarks:
+        return {}, {}
+    names = tuple(n for m in ev.measures() for n in HEADLINE_NAMES.get(m, ()))
+    res = evaluate_model(wrapper, benchmarks=benchmarks, datasets=evaluation_datasets(cfg),
+                         batch_size=ev.batch_size, bootstrap_samples=ev.bootstrap_samples, seed=cfg.experiment.seed)
+    values = headline_metrics(res, names)
+    cis: dict[str, list[float]] = {}
+    if ev.bootstrap_samples:
+        for bench, per_dataset in res.get("results", {}).items():
+            for spec, r in per_dataset.items():
+                for name in names:
+                    m = r.get("metrics", {}).get(name)
+                    if isinstance(m, dict) and "ci_low" in m:
+                        cis[f"{bench} {spec} {name}"] = [float(m["ci_low"]), float(m["ci_high"])]
+    return values, cis
 
 
 def run_compress(
@@ -128,45 +146,56 @@ def _run_compress(
     if section.cascade.target_rate is not None:
         section = section.model_copy(deep=True)
         plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope,
-                          calibration_data=fit)
+                          section.cascade.lowrank_share, calibration_data=fit)
         log.info("planned for rate %.4f: %s", section.cascade.target_rate,
                  {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share")})
     resolved = dump_config(cfg) | {"compression": section.model_dump(mode="json")}
-    dense_quality = quality_metrics(wrapper, cfg) if evaluate else {}
-    pipe = CompressionPipeline(
-        section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
-        seed=cfg.experiment.seed, device=device, progress_callback=progress, step_callback=step_callback,
-        run_config=resolved, encrypt_key=encrypt_key, training=cfg.training,
-    )
-    pipe.run(wrapper, resume=resume)
-    out_dir = run_dir / "compressed"
-    manifest = save_compressed(wrapper, out_dir, config=resolved, records=pipe.records, overwrite=True,
-                               encrypt_key=encrypt_key)
-    comp_quality = quality_metrics(wrapper, cfg) if evaluate else {}
-    kernels: dict[str, int] = {}
-    if evaluate:
-        kernels = dict(Counter(optimize_execution(wrapper, holdout[0]).values()))
-    effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, holdout[0]) if evaluate else {}
-    results = {
-        "model": cfg.model.name,
-        "stages": section.cascade.stages,
-        "stopped_early": pipe.stopped_early,
-        "records": pipe.records,
-        "quality": {"dense": dense_quality, "compressed": comp_quality},
-        "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
-        "plan": plan,
-        "execution_kernels": kernels,
-        "stored_bytes_measured": measured_storage(out_dir),
-        "stored_bytes_reported": manifest["stored_bytes"],
-        "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
-                 "threshold": cfg.compression.cascade.validation_threshold},
-    }
-    atomic_write_json(run_dir / "results.json", results)
-    atomic_write_text(run_dir / "results.md", results_table_markdown(results))
-    if evaluate:
-        plot_rate_curve(pipe.records, run_dir / "rate_curve.png", dense_quality, comp_quality,
-                        title=f"{cfg.model.name}: quality vs compression rate")
-    return results
+    with start_tracker(cfg, run_dir, resolved) as tracker:
+        tracker.log_event("phase", phase="dense evaluation")
+        dense_quality, dense_ci = quality_metrics(wrapper, cfg) if evaluate else ({}, {})
+        tracker.log_event("phase", phase="cascade")
+        pipe = CompressionPipeline(
+            section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
+            seed=cfg.experiment.seed, device=device, progress_callback=progress,
+            step_callback=chain(step_callback, cascade_logger(tracker)), run_config=resolved,
+            encrypt_key=encrypt_key, training=cfg.training,
+            distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
+        )
+        pipe.run(wrapper, resume=resume)
+        tracker.log_event("phase", phase="evaluation")
+        out_dir = run_dir / "compressed"
+        manifest = save_compressed(wrapper, out_dir, config=resolved, records=pipe.records, overwrite=True,
+                                   encrypt_key=encrypt_key)
+        comp_quality, comp_ci = quality_metrics(wrapper, cfg) if evaluate else ({}, {})
+        kernels: dict[str, int] = {}
+        effs: dict[str, Any] = {}
+        if evaluate and "efficiency" in cfg.evaluation.measures():
+            kernels = dict(Counter(optimize_execution(wrapper, holdout[0]).values()))
+            effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, holdout[0])
+        results = {
+            "model": cfg.model.name,
+            "stages": section.cascade.stages,
+            "stopped_early": pipe.stopped_early,
+            "records": pipe.records,
+            "quality": {"dense": dense_quality, "compressed": comp_quality},
+            "quality_ci": {"dense": dense_ci, "compressed": comp_ci},
+            "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
+            "plan": plan,
+            "execution_kernels": kernels,
+            "stored_bytes_measured": measured_storage(out_dir),
+            "stored_bytes_reported": manifest["stored_bytes"],
+            "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
+                     "threshold": cfg.compression.cascade.validation_threshold},
+        }
+        atomic_write_json(run_dir / "results.json", results)
+        atomic_write_text(run_dir / "results.md", results_table_markdown(results))
+        if evaluate:
+            plot_rate_curve(pipe.records, run_dir / "rate_curve.png", dense_quality, comp_quality,
+                            title=f"{cfg.model.name}: quality vs compression rate")
+            finish_compress_tracking(tracker, cfg, run_dir, results, pipe, wrapper, holdout[0] if holdout else None)
+        else:
+            finish_compress_tracking(tracker, cfg, run_dir, results)
+        return results
 
 
 _METRIC_NAMES = {"top1": "top-1", "i2t_R@1": "R@1 image->text", "t2i_R@1": "R@1 text->image"}

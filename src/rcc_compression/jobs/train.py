@@ -32,6 +32,8 @@ from ..training.callbacks import (
     LoggingCallback,
     ModelCheckpoint,
     ProgressBar,
+    ProgressFile,
+    TrackingCallback,
 )
 from ..training.distributed import (
     DistInfo,
@@ -49,6 +51,7 @@ from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger, setup_logging
 from ..utils.runs import RunRecord, new_run_dir
 from ..utils.seeding import seed_everything
+from ..utils.tracking import ExperimentTracker
 from .common import prepare_run_dir, resolve_device
 from .compress import headline_metrics
 from .data import check_and_record, model_keys, open_role, training_splits
@@ -115,10 +118,26 @@ def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = 
     too, if training never beat it). No training image may be in val or ``dataset.test``.
 
     Writes ``run_dir/compressed`` (the recovered model, same format), ``checkpoints/{last,best}``
-    (trainer states, for ``resume``), ``data.json`` and ``train_results.json``; returns the results.
-    Works under ``torchrun`` (every rank calls it; rank 0 writes).
+    (trainer states, for ``resume``), ``progress.json`` while it trains, ``data.json`` and
+    ``train_results.json``; returns the results. Sends steps, validations and the result to
+    ``cfg.tracking``'s backends (rank 0). Works under ``torchrun`` (every rank calls it; rank 0 writes).
     """
     dist = dist or init_distributed()
+    tracker = (ExperimentTracker(cfg.tracking, run_dir, run_config=dump_config(cfg)) if dist.is_main
+               else ExperimentTracker())
+    with tracker:
+        results = _run_train(cfg, source, run_dir, resume, progress, dist, tracker)
+        for variant in ("before", "after"):
+            tracker.log_metrics(results[variant], 0, f"eval/{variant}")
+        tracker.log_summary({f"{v}/{k}": x for v in ("before", "after") for k, x in results[v].items()})
+        if dist.is_main and cfg.tracking.log_model:
+            tracker.log_artifact(run_dir / "compressed", f"{run_dir.name}-compressed", "model",
+                                 {"source": results["source"], "steps": results["steps"]})
+    return results
+
+
+def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, progress: bool, dist: DistInfo,
+               tracker: ExperimentTracker) -> dict[str, Any]:
     tcfg = cfg.training
     ckpt, run_cfg_raw = resolve_source(source)
     run_cfg = validate_config(run_cfg_raw, source=str(ckpt))
@@ -188,7 +207,8 @@ def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = 
     monitor, mode = tcfg.monitor, _monitor_mode(tcfg.monitor)
     ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", every_steps=tcfg.checkpoint_every_steps or tcfg.eval_every_steps,
                               monitor=monitor, mode=mode)
-    callbacks: list[Callback] = [LearningRateMonitor(), LoggingCallback(every_steps=50), ckpt_cb]
+    callbacks: list[Callback] = [LearningRateMonitor(), LoggingCallback(every_steps=50), ckpt_cb,
+                                 TrackingCallback(tracker), ProgressFile(run_dir / "progress.json")]
     if tcfg.early_stopping_patience:
         callbacks.insert(0, EarlyStopping(monitor, tcfg.early_stopping_patience, mode=mode))
     if progress:

@@ -36,6 +36,7 @@ import io
 import json
 import math
 import os
+import shutil
 import socket
 import time
 import warnings
@@ -409,16 +410,18 @@ class Search:
     def _objective(self, trial: Any) -> Any:
         import optuna
 
-        self.storage.record_heartbeat(trial._trial_id)  # before the lock goes: no running trial without one
-        trial.set_user_attr("worker", self.worker)
-        self.lock.release()
+        # before the lock goes, the trial has a heartbeat and its parameters: a worker that dies from here on
+        # leaves a trial that goes stale and is queued again with the same parameters
+        self.storage.record_heartbeat(trial._trial_id)
         try:
             params = self._suggest(trial)
+        finally:
+            trial.set_user_attr("worker", self.worker)
+            self.lock.release()
+        try:
             cfg = config_for(self.search, params)
             trial_dir = self.out_dir / "trials" / f"trial-{trial.number:04d}"
             if trial_dir.exists():
-                import shutil
-
                 shutil.rmtree(trial_dir)
             trial_dir.mkdir(parents=True)
             atomic_write_text(trial_dir / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))

@@ -10,11 +10,14 @@ checkpoint and restored on resume.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
+from ..utils.tracking import ExperimentTracker
 
 if TYPE_CHECKING:
     from .trainer import CompressionTrainer
@@ -202,6 +205,70 @@ class ProgressBar(Callback):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class TrackingCallback(Callback):
+    """Send every optimiser step's logs (series ``train``) and every validation (``val``) to a tracker (main rank).
+
+    Steps continue across trainers that share a tracker (a cascade distils once per round), so
+    the ``train`` series of a run is one axis of optimiser steps.
+    """
+
+    main_only = True
+
+    def __init__(self, tracker: ExperimentTracker, series: str = "train", val_series: str = "val") -> None:
+        self.tracker, self.series, self.val_series = tracker, series, val_series
+        self._offset = 0
+        self._lr = 0.0
+
+    def on_train_begin(self, trainer: CompressionTrainer) -> None:
+        # a fresh trainer continues after the points already logged; a resumed one keeps its step numbers
+        self._offset = max(0, self.tracker.next_step(self.series) - trainer.state.step)
+        self._lr = float(trainer.optimizer.param_groups[0]["lr"])
+
+    def on_step_end(self, trainer: CompressionTrainer, logs: dict[str, float]) -> None:
+        # the schedule has already moved on: log the learning rate this step was taken with
+        values = {**logs, "epoch": trainer.state.epoch, "lr": self._lr}
+        self._lr = float(trainer.optimizer.param_groups[0]["lr"])
+        self.tracker.log_metrics(values, self._offset + trainer.state.step - 1, self.series)
+
+    def on_validation_end(self, trainer: CompressionTrainer, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics({**metrics, "step": self._offset + trainer.state.step}, series=self.val_series)
+
+
+class ProgressFile(Callback):
+    """Keep ``progress.json`` (format ``rcc-train-progress``) current for live views: step of total, epoch, loss.
+
+    Written atomically at most every ``every_s`` seconds, at each epoch's end and when training ends.
+    """
+
+    main_only = True
+    FORMAT = "rcc-train-progress"
+
+    def __init__(self, path: str | Path, every_s: float = 1.0) -> None:
+        self.path, self.every_s = Path(path), every_s
+        self._last = 0.0
+        self._loss: float | None = None
+
+    def _write(self, trainer: CompressionTrainer, done: bool = False) -> None:
+        self._last = time.monotonic()
+        atomic_write_json(self.path, {"format": self.FORMAT, "format_version": 1, "step": trainer.state.step,
+                                      "total_steps": trainer.total_steps, "epoch": trainer.state.epoch,
+                                      "num_epochs": trainer.num_epochs, "loss": self._loss, "done": done})
+
+    def on_train_begin(self, trainer: CompressionTrainer) -> None:
+        self._write(trainer)
+
+    def on_step_end(self, trainer: CompressionTrainer, logs: dict[str, float]) -> None:
+        self._loss = logs.get("loss", self._loss)
+        if time.monotonic() - self._last >= self.every_s:
+            self._write(trainer)
+
+    def on_epoch_end(self, trainer: CompressionTrainer, logs: dict[str, float]) -> None:
+        self._write(trainer)
+
+    def on_train_end(self, trainer: CompressionTrainer) -> None:
+        self._write(trainer, done=True)
 
 
 def _fmt(logs: dict[str, float]) -> str:

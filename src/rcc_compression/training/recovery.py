@@ -17,6 +17,7 @@ from torch import nn
 from ..compression.layers import compressed_layers
 from ..errors import ConfigError
 from ..utils.logging import get_logger
+from .callbacks import Callback
 from .distributed import DistInfo
 from .losses import DistillationLoss, LossWeights, model_family
 from .settings import TrainingSection
@@ -36,6 +37,7 @@ def finetune_on_batches(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     config: TrainingSection | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, float]:
     """Distil ``params`` of ``model`` towards precomputed teacher outputs of ``batches``.
 
@@ -50,7 +52,7 @@ def finetune_on_batches(
     loss = DistillationLoss(model_family(model), LossWeights.from_config(cfg), cfg.temperature)
     objective = DistillationObjective(loss, Teacher(precomputed=teacher_outputs, device=device))
     with CompressionTrainer(model, objective, cfg, train_data=list(batches), params=params, order=orders.__getitem__,
-                            device=device, dist=DistInfo()) as trainer:
+                            device=device, dist=DistInfo(), callbacks=callbacks) as trainer:
         state = trainer.fit()
     first, last = state.history[0], state.history[-1]
     return {"kd_loss_first_epoch": first["train_loss"], "kd_loss_last_epoch": last["train_loss"]}

@@ -9,7 +9,7 @@ The error formatting lives here, below all of them, so that a stage validated on
 from __future__ import annotations
 
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -80,12 +80,13 @@ def _type_name(ann: Any) -> str:
 
 
 def error_line(err: Mapping[str, Any], prov: Mapping[KeyPath, str], default_file: str, root: type[BaseModel],
-               prefix: KeyPath = ()) -> str:
+               prefix: KeyPath = (), rename: Callable[[KeyPath, str], KeyPath] | None = None) -> str:
     """One line for a pydantic error: ``config error: FILE: KEY.PATH: what is wrong; what is allowed``.
 
     ``root`` is the model that was validated; ``prefix`` is where it sits in a config file (a stage
     validated alone sits at ``("compression", name)``), so the key path reads as in the file.
-    ``prov`` maps key paths to the file that set them.
+    ``prov`` maps key paths to the file that set them; ``rename(path, file)`` gives the path as that
+    file spells it (a section nested under ``experiment``).
     """
     raw: KeyPath = tuple(err["loc"])
     rel: KeyPath = tuple(p for p in raw if not _is_tag(p))
@@ -98,7 +99,8 @@ def error_line(err: Mapping[str, Any], prov: Mapping[KeyPath, str], default_file
             file = prov[loc[:n]]
             break
     etype, value = err["type"], err.get("input")
-    where = f"config error: {show(file)}: {show(fmt_path(loc))}:"
+    shown = rename(loc, file) if rename is not None else loc
+    where = f"config error: {show(file)}: {show(fmt_path(shown))}:"
     if etype == "extra_forbidden":
         parent = model_at(root, rel[:-1])
         allowed = ", ".join(parent.model_fields) if parent else "?"
