@@ -53,7 +53,7 @@ from ..utils.runs import RunRecord, new_run_dir
 from ..utils.seeding import seed_everything
 from ..utils.tracking import ExperimentTracker
 from .common import prepare_run_dir, resolve_device
-from .compress import headline_metrics
+from .compress import HEADLINE_METRICS
 from .data import check_and_record, model_keys, open_role, training_splits
 
 log = get_logger("training")
@@ -199,9 +199,12 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
         if tcfg.val_benchmarks:
             res = evaluate_model(student_w, tcfg.val_benchmarks, [val_ds], batch_size=cfg.dataset.batch_size,
                                  bootstrap_samples=0, seed=cfg.experiment.seed)
-            for key, value in headline_metrics(res).items():
-                bench, _, metric = key.split(" ")
-                out[f"val_{bench}_{metric}"] = value
+            for bench, per_dataset in res.get("results", {}).items():
+                for r in per_dataset.values():
+                    for name in HEADLINE_METRICS:
+                        m = r.get("metrics", {}).get(name)
+                        if isinstance(m, dict) and "value" in m:
+                            out[f"val_{bench}_{name}"] = float(m["value"])
         return out
 
     monitor, mode = tcfg.monitor, _monitor_mode(tcfg.monitor)
