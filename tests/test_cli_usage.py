@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+import rcc_compression
 from rcc_compression.cli import main
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(rcc_compression.__file__).resolve().parents[1]  # the package this suite imports, for the subprocess
 
 CASES = [
     (["evaluate", "--no-such-flag"], "Usage: rcc evaluate", "No such option: --no-such-flag"),

@@ -460,7 +460,7 @@ def search(
 
 def _study(kind: str, config: Path | None, set_: list[str] | None, model: str | None, seeds: int, rate: float | None,
            variants: Path | None, metric: list[str] | None, split: str, output: Path | None, resume: Path | None,
-           overwrite: bool, verbose: int, quiet: bool) -> None:
+           overwrite: bool, verbose: int, quiet: bool, subsets: bool = True) -> None:
     """Shared body of ``rcc ablate`` and ``rcc order``."""
     from .config import load_config
     from .jobs.common import prepare_run_dir
@@ -483,7 +483,7 @@ def _study(kind: str, config: Path | None, set_: list[str] | None, model: str | 
         if rate is not None:
             sets.append(f"compression.cascade.target_rate={rate}")
         cfg = load_config(config, sets)
-        spec = make_spec(kind, cfg, seeds, load_variants(variants) if variants else (), split, metric)
+        spec = make_spec(kind, cfg, seeds, load_variants(variants) if variants else (), split, metric, subsets)
         run_dir = prepare_run_dir(output, overwrite, False) if output else new_run_dir(
             cfg.experiment.output_dir, f"{kind}-{cfg.experiment.name}")
     setup_logging(_verbosity(verbose, quiet), run_dir)
@@ -511,10 +511,12 @@ def ablate(config: ConfigOpt = None, set_: SetOpt = None,
            model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,
            seeds: SeedsOpt = 3, rate: RateOpt = None, variants: VariantsOpt = None, metric: MetricOpt = None,
            split: SplitOpt = "test", output: StudyOut = None, resume: StudyResume = None,
-           overwrite: OverwriteOpt = False, verbose: Verbose = 0, quiet: Quiet = False) -> None:
+           overwrite: OverwriteOpt = False,
+           no_subsets: Annotated[bool, typer.Option("--no-subsets", help="Only the named variants against the config.")] = False,  # noqa: E501
+           verbose: Verbose = 0, quiet: Quiet = False) -> None:
     """Every subset of the stages (and named variants) at equal stored bytes over seeds, vs the full cascade."""
     _study("ablate", config, set_, model, seeds, rate, variants, metric, split, output, resume, overwrite, verbose,
-           quiet)
+           quiet, subsets=not no_subsets)
 
 
 @app.command()

@@ -268,7 +268,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "tracking.project": ("rcc_compression.utils.tracking",),
     "tracking.run_name": ("rcc_compression.utils.tracking",),
     "tracking.tags": ("rcc_compression.utils.tracking",),
-    "tracking.log_model": (_J + "tracking", _J + "train"),
+    "tracking.log_model": (_J + "tracking",),
     "tracking.figures": (_J + "tracking",),
 }
 

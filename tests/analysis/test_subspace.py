@@ -13,6 +13,7 @@ from torch import nn
 
 from rcc_compression.analysis.subspace import (
     GrassmannAnalyzer,
+    analyze_overlap,
     compare_weights,
     compute_grassmann_distance,
     energy_rank,
@@ -138,3 +139,7 @@ def test_analyzer_compares_models_layer_by_layer() -> None:
     over = GrassmannAnalyzer(energy=0.9).overlap_across_layers(dense, ["0", "2"], side="rows")
     assert set(over) == {"24", "32"}  # layers of different input widths are not compared
     assert over["24"]["overlap"] == [[pytest.approx(1.0)]]
+    twin = nn.Sequential(nn.Linear(24, 32), nn.Linear(24, 32))
+    twin[1].weight.data = twin[0].weight.data * -2.0  # the same row space
+    both = analyze_overlap(twin, ["0", "1"])["24"]
+    assert both["layers"] == ["0", "1"] and both["overlap"][0][1] == pytest.approx(1.0)

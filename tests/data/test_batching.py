@@ -13,21 +13,22 @@ from rcc_compression.data.datasets import open_world
 from rcc_compression.data.loaders import DynamicBatchSampler, create_dataloaders, split_loader, text_lengths
 from rcc_compression.data.transforms import ImageTransform, TrainAugment, normalize
 from rcc_compression.data.world import build_world_tokenizer
+from rcc_compression.errors import DataError
 
 SMALL = ImageTransform(16, 16)
 
 
 def test_pad_collate_pads_right_with_masks_and_ignored_labels() -> None:
-    samples = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([6, 7]),
-                "pixel_values": torch.ones(3, 2, 2), "image_id": "a"},
-               {"input_ids": torch.tensor([5]), "labels": torch.tensor([9, 9, 9, 9]),
-                "pixel_values": torch.zeros(3, 2, 2), "image_id": "b"}]
+    samples = [{"input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.ones(3, dtype=torch.long),
+                "labels": torch.tensor([6, 7]), "pixel_values": torch.ones(3, 2, 2), "image_id": "a"},
+               {"input_ids": torch.tensor([5]), "attention_mask": torch.ones(1, dtype=torch.long),
+                "labels": torch.tensor([9, 9, 9, 9]), "pixel_values": torch.zeros(3, 2, 2), "image_id": "b"}]
     batch = pad_collate(samples, pad_token_id=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 1, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[6, 7, -100, -100], [9, 9, 9, 9]]
     assert batch["pixel_values"].shape == (2, 3, 2, 2) and batch["image_id"] == ["a", "b"]
-    with pytest.raises(ValueError, match="differs in shape"):
+    with pytest.raises(DataError, match="only token sequences are padded"):
         pad_collate([{"x": torch.ones(2)}, {"x": torch.ones(3)}])
 
 

@@ -12,7 +12,7 @@ from rcc_compression.cli import main
 from rcc_compression.config import load_config
 from rcc_compression.errors import ConfigError
 from rcc_compression.jobs import studies
-from rcc_compression.jobs.studies import make_spec, order_variants, run_study, subset_variants
+from rcc_compression.jobs.studies import make_spec, order_variants, run_ordering, subset_variants
 
 from .conftest import tiny_config
 
@@ -71,15 +71,18 @@ def test_ablation_end_to_end_and_resume(tiny_world: Path, tmp_path: Path, monkey
 
 def test_order_study_and_bad_requests(tiny_world: Path, tmp_path: Path) -> None:
     cfg_file = tiny_config(tmp_path / "cfg", tiny_world, ["dare", "nullu"])
-    spec = make_spec("order", load_config(cfg_file, ["compression.cascade.lowrank_share=0.5"]), 1)
-    assert [v.name for v in spec.variants] == ["dare > nullu", "nullu > dare"]
-    res = run_study(spec, tmp_path / "order")
+    cfg = load_config(cfg_file, ["compression.cascade.lowrank_share=0.5"])
+    assert [v.name for v in make_spec("order", cfg, 1).variants] == ["dare > nullu", "nullu > dare"]
+    res = run_ordering(cfg, tmp_path / "order", seeds=1)
     assert [r["variant"] for r in res["rows"]] == ["dare > nullu", "nullu > dare"]
     # a fixed byte split keeps both stages in every order (left to itself the planner may drop one)
     assert [r["stages_run"] for r in res["rows"]] == [["dare > nullu"], ["nullu > dare"]]
     assert all(r["compression_rate_layers"]["mean"] == pytest.approx(0.5, abs=0.02) for r in res["rows"])
     other = res["rows"][1]["vs_reference"]
     assert set(other) == set(res["metrics"]) and all("wilcoxon" in v for v in other.values())
+    named = studies.Variant("layer-ranks", {"compression.nullu.budget_allocation": "layer"})
+    only = make_spec("ablate", cfg, 2, [named], subsets=False)
+    assert [v.name for v in only.variants] == ["full", "layer-ranks"] and only.seeds == [0, 1]
     with pytest.raises(ConfigError, match="target_rate"):
         make_spec("ablate", load_config(cfg_file, ["compression.cascade.target_rate=null"]), 1)
     assert main(["order", "--resume", str(tmp_path / "order"), "--seeds", "2", "--rate", "0.3", "-q"]) == 2

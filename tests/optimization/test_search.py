@@ -128,3 +128,15 @@ def test_multi_objective_front_and_byte_constraint(search_dir: Path) -> None:
 def test_pareto_mask() -> None:
     pts = [[0.9, 100], [0.8, 50], [0.85, 120], [0.9, 100]]
     assert pareto_mask(pts, ["maximize", "minimize"]) == [True, True, False, True]
+
+
+def test_hyperband_pruner_and_the_optimize_call(search_dir: Path) -> None:
+    import optuna
+
+    from rcc_compression.optimization.search import make_pruner, optimize
+
+    spec = load_search_config(write_search(search_dir, {"compression.dare.pruning_rate": {"low": 0.2, "high": 0.8}},
+                                           {"name": "hb", "trials": 2, "pruner": "hyperband"}))
+    assert isinstance(make_pruner(spec), optuna.pruners.HyperbandPruner)
+    report = optimize(spec, search_dir / "out")
+    assert sum(report["counts"].get(k, 0) for k in ("COMPLETE", "PRUNED")) == 2

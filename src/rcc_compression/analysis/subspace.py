@@ -319,6 +319,12 @@ class GrassmannAnalyzer:
         return {n: null_space_report(wd[n], G, tols, wc.get(n)) for n, G in second_moments.items() if n in wd}
 
 
+def analyze_overlap(model: nn.Module, layers: Iterable[str] | None = None, side: Literal["rows", "columns"] = "rows",
+                    energy: float = 0.9) -> dict[str, Any]:
+    """Pairwise overlap of the layers' dominant subspaces (:meth:`GrassmannAnalyzer.overlap_across_layers`)."""
+    return GrassmannAnalyzer(energy=energy).overlap_across_layers(model, layers, side)
+
+
 def _is_compressed(model: nn.Module, name: str) -> bool:
     return isinstance(model.get_submodule(name), CompressedLinear)
 

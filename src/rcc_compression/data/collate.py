@@ -5,11 +5,13 @@
   tokenised with padding and an ``attention_mask``, or the question with the answers as
   ``labels`` for VQA. Samples whose image could not be read carry an ``error``; the collator
   drops them when skipping bad items and otherwise passes the errors on.
-* :func:`pad_collate` batches samples that are already tokenised (variable-length ``input_ids``,
-  ``attention_mask``, ``labels``), padding each to the longest in the batch.
 * A sample may carry a *draw* (:class:`SampleKey`, set by
   :class:`~rcc_compression.data.loaders.DynamicBatchSampler`): the seed of its random choices
   (which caption, which crop), so batches do not depend on which worker process collates them.
+* :func:`pad_collate` batches samples that are already tensors (rows of earlier batches, as recovery
+  training reshuffles calibration batches): token sequences of different lengths are right-padded
+  to the longest, with the attention mask marking the padding, so captions of any length batch
+  together and each sample's outputs stay what they were.
 """
 
 from __future__ import annotations
@@ -21,14 +23,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
+from ..errors import DataError
 from .transforms import CLIP_MEAN, CLIP_STD, TrainAugment, normalize
 
 #: keys of a batch that are model keyword arguments (the rest is bookkeeping)
 MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
-#: sequence keys :func:`pad_collate` pads, with their padding value (``None``: the tokenizer's pad id)
-PAD_VALUES: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "labels": -100,
-                                     "decoder_input_ids": None, "decoder_attention_mask": 0}
 
 
 class SampleKey(NamedTuple):
@@ -147,40 +148,43 @@ class Collator:
         return batch
 
 
-def pad_collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
-    """Batch samples that are already tokenised, padding sequences to the longest in the batch.
-
-    ``input_ids`` (and ``decoder_input_ids``) are padded with ``pad_token_id``, masks with 0 and
-    ``labels`` with -100 (ignored by the losses), all on the right; a sample with ``input_ids``
-    but no ``attention_mask`` gets one of ones first. Other tensors are stacked (they must agree
-    in shape), anything else is listed.
-    """
-    if not samples:
-        raise ValueError("pad_collate: no samples")
-    keys = list(samples[0])
-    if "input_ids" in keys and "attention_mask" not in keys:
-        samples = [{**s, "attention_mask": torch.ones_like(torch.as_tensor(s["input_ids"]))} for s in samples]
-        keys.append("attention_mask")
-    out: dict[str, Any] = {}
-    for key in keys:
-        values = [s[key] for s in samples]
-        if not isinstance(values[0], torch.Tensor):
-            out[key] = values
-            continue
-        if key in PAD_VALUES and values[0].dim() >= 1:
-            fill = pad_token_id if PAD_VALUES[key] is None else PAD_VALUES[key]
-            longest = max(v.shape[-1] for v in values)
-            out[key] = torch.stack([torch.nn.functional.pad(v, (0, longest - v.shape[-1]), value=fill)
-                                    for v in values])
-            continue
-        shapes = {tuple(v.shape) for v in values}
-        if len(shapes) > 1:
-            raise ValueError(f"pad_collate: {key!r} differs in shape across samples ({sorted(shapes)}) and is not a "
-                             f"padded sequence key ({', '.join(PAD_VALUES)})")
-        out[key] = torch.stack(values)
-    return out
-
-
 def model_inputs(batch: Mapping[str, Any], keys: Sequence[str] = MODEL_KEYS) -> dict[str, torch.Tensor]:
     """The keyword arguments of ``model(**batch)`` in a collated batch."""
     return {k: batch[k] for k in keys if k in batch and isinstance(batch[k], torch.Tensor)}
+
+
+#: keys holding one token sequence per sample, and the value of their padded positions
+#: (``None``: the tokenizer's pad id)
+TOKEN_KEYS: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "labels": -100,
+                                     "decoder_input_ids": None, "decoder_attention_mask": 0, "token_type_ids": 0}
+
+
+def pad_collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
+    """Stack samples into a batch, right-padding token sequences of different lengths to the longest.
+
+    ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` with 0 (so padding is not
+    attended) and ``labels`` with -100 (so it is not scored). Tensors of equal shape are stacked;
+    other values are listed. Token ids of different lengths without an attention mask, or other
+    tensors that differ in shape, are refused with a :class:`DataError` naming the key.
+    """
+    if not samples:
+        raise DataError("no samples to batch")
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            out[key] = values
+            continue
+        shapes = sorted({tuple(v.shape) for v in values})
+        if len(shapes) == 1:
+            out[key] = torch.stack(values)
+            continue
+        if key not in TOKEN_KEYS or any(v.dim() != 1 for v in values):
+            raise DataError(f"cannot batch {key!r}: samples have shapes {shapes[:4]} (only token sequences are "
+                            "padded)")
+        if key.endswith("input_ids") and key.replace("input_ids", "attention_mask") not in samples[0]:
+            raise DataError(f"cannot pad {key!r} of different lengths without an attention mask to hide the padding")
+        fill = TOKEN_KEYS[key]
+        out[key] = pad_sequence(values, batch_first=True, padding_value=pad_token_id if fill is None else fill)
+    return out
+

@@ -128,8 +128,11 @@ class StudySpec:
 
 
 def make_spec(kind: str, cfg: RCCConfig, seeds: int | Sequence[int], extra: Sequence[Variant] = (),
-              split: str = "test", metrics: Sequence[str] | None = None) -> StudySpec:
-    """A study over ``cfg``: ``ablate`` (stage subsets) or ``order`` (permutations), plus named variants."""
+              split: str = "test", metrics: Sequence[str] | None = None, subsets: bool = True) -> StudySpec:
+    """A study over ``cfg``: ``ablate`` (stage subsets) or ``order`` (permutations), plus named variants.
+
+    ``subsets=False`` (ablate only) compares the named variants with the base config alone.
+    """
     if cfg.compression.cascade.target_rate is None:
         raise ConfigError("config error: compression.cascade.target_rate: a study compares variants at equal stored "
                           "bytes, so it needs a rate (--rate or compression.cascade.target_rate)")
@@ -138,7 +141,7 @@ def make_spec(kind: str, cfg: RCCConfig, seeds: int | Sequence[int], extra: Sequ
                           "retrieval])")
     stages = list(cfg.compression.cascade.stages)
     if kind == "ablate":
-        variants = subset_variants(stages)
+        variants = subset_variants(stages) if subsets else subset_variants(stages)[:1]
     elif kind == "order":
         variants = order_variants(stages)
     else:
@@ -231,8 +234,8 @@ def run_study(spec: StudySpec, run_dir: str | Path, resume: bool = False,
             _run_unit(spec, variant, seed, run_dir)
             if progress is not None:
                 progress(f"{spec.kind}: units", i, total)
-        results = summarise(spec, run_dir)
-        write_results(spec, results, run_dir)
+        results = compare_variants(spec, run_dir)
+        generate_report(spec, results, run_dir)
         return results
 
 
@@ -290,7 +293,7 @@ def _run_unit(spec: StudySpec, variant: Variant, seed: int, run_dir: Path) -> di
 
 
 # ----------------------------------------------------------------------------- the table
-def summarise(spec: StudySpec, run_dir: Path) -> dict[str, Any]:
+def compare_variants(spec: StudySpec, run_dir: Path) -> dict[str, Any]:
     """Aggregate over seeds, compare every variant with the reference (paired by item), correct with Holm."""
     dense = json.loads((run_dir / "dense" / "items.json").read_text(encoding="utf-8"))
     units = {(v.name, s): json.loads((run_dir / "runs" / slug(v.name) / f"seed-{s}" / "items.json").read_text(
@@ -433,7 +436,7 @@ def results_csv(results: Mapping[str, Any]) -> str:
     return buf.getvalue()
 
 
-def write_results(spec: StudySpec, results: Mapping[str, Any], run_dir: Path) -> None:
+def generate_report(spec: StudySpec, results: Mapping[str, Any], run_dir: Path) -> None:
     """``results.json``, ``results.csv``, ``results.md`` and one bar chart per metric (retention, 95 % CI)."""
     atomic_write_json(run_dir / "results.json", results)
     atomic_write_text(run_dir / "results.csv", results_csv(results))
@@ -443,3 +446,17 @@ def write_results(spec: StudySpec, results: Mapping[str, Any], run_dir: Path) ->
         plot_comparison(rows, m, run_dir / f"retention_{i}_{slug(m.split(' ')[-1])}.png",
                         title=f"{spec.kind}: retention of {m} (mean, 95 % CI over seeds)",
                         reference=spec.reference.name)
+
+
+def run_ablation(config: RCCConfig, run_dir: str | Path, seeds: int | Sequence[int] = 3,
+                 variants: Sequence[Variant] = (), split: str = "test", resume: bool = False,
+                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Every subset of ``config``'s stages, plus ``variants``, at its target rate over ``seeds`` (``rcc ablate``)."""
+    return run_study(make_spec("ablate", config, seeds, variants, split), run_dir, resume, progress)
+
+
+def run_ordering(config: RCCConfig, run_dir: str | Path, seeds: int | Sequence[int] = 3,
+                 variants: Sequence[Variant] = (), split: str = "test", resume: bool = False,
+                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Every order of ``config``'s stages, plus ``variants``, at its target rate over ``seeds`` (``rcc order``)."""
+    return run_study(make_spec("order", config, seeds, variants, split), run_dir, resume, progress)

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from ..compression.calibration import PRIMARY_OUTPUTS, flatten_outputs, output_agreement, to_device
 from ..compression.storage import MANIFEST, load_compressed, read_manifest, save_compressed
-from ..config import RCCConfig, dump_config, validate_config
+from ..config import RCCConfig, dump_config, load_config, validate_config
 from ..data.loaders import split_loader
 from ..data.splits import augment_from_config
 from ..errors import CheckpointError, ConfigError, DataError
@@ -70,8 +69,8 @@ def resolve_source(source: str | Path) -> tuple[Path, dict[str, Any]]:
         raise CheckpointError(f"{source}: neither a compressed checkpoint ({MANIFEST}) nor a run directory holding "
                               f"one in compressed/")
     cfg_file = run_dir / "config.yaml"
-    if cfg_file.is_file():
-        run_cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    if cfg_file.is_file():  # read as any config file: a broken one is one line naming the file and the key
+        run_cfg = dump_config(load_config(cfg_file))
     else:
         run_cfg = read_manifest(ckpt).get("config") or {}
     if not run_cfg.get("model", {}).get("name"):

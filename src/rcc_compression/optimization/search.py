@@ -414,7 +414,7 @@ class Search:
         # leaves a trial that goes stale and is queued again with the same parameters
         self.storage.record_heartbeat(trial._trial_id)
         try:
-            params = self._suggest(trial)
+            params = self.suggest_parameters(trial)
         finally:
             trial.set_user_attr("worker", self.worker)
             self.lock.release()
@@ -427,17 +427,8 @@ class Search:
             atomic_write_text(trial_dir / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
             trial.set_user_attr("config", dump_config(cfg))
             trial.set_user_attr("trial_dir", str(trial_dir))
-            prune = not self.search.multi_objective and self.search.study.pruner != "none"
-
             def on_step(rec: dict[str, Any]) -> None:
-                value = rec.get("retention")
-                if not prune or value is None or not math.isfinite(value):
-                    return
-                trial.report(float(value), int(rec["step"]))
-                if trial.should_prune():
-                    trial.set_user_attr("pruned_at", {"step": rec["step"], "stage": rec["stage"],
-                                                      "gate_retention": value})
-                    raise optuna.TrialPruned(f"gate retention {value:.4f} after step {rec['step']} ({rec['stage']})")
+                self.prune_trial(trial, rec)
 
             dense = self.dense() if cfg.evaluation.benchmarks else {}
             results = run_compress(cfg, trial_dir, step_callback=on_step, evaluate=False)
@@ -457,7 +448,26 @@ class Search:
             trial.set_user_attr("error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}")
             raise
 
-    def _suggest(self, trial: Any) -> dict[str, Any]:
+    def prune_trial(self, trial: Any, record: dict[str, Any]) -> None:
+        """Report a cascade step's gate retention to the pruner; raise ``TrialPruned`` when it says stop.
+
+        Single-objective studies only (Optuna prunes those); the step index is the cascade step, so
+        trials are compared after the same number of stage applications.
+        """
+        import optuna
+
+        value = record.get("retention")
+        if self.search.multi_objective or self.search.study.pruner == "none" or value is None or not math.isfinite(
+                value):
+            return
+        trial.report(float(value), int(record["step"]))
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at", {"step": record["step"], "stage": record["stage"],
+                                              "gate_retention": value})
+            raise optuna.TrialPruned(f"gate retention {value:.4f} after step {record['step']} ({record['stage']})")
+
+    def suggest_parameters(self, trial: Any) -> dict[str, Any]:
+        """Draw the trial's value of every searched key from the sampler; returns config values by key."""
         import optuna
 
         raw: dict[str, Any] = {}
@@ -469,6 +479,17 @@ class Search:
             else:
                 raw[key] = trial.suggest_categorical(key, dist.choices)
         return trial_params(self.search, raw)
+
+
+def optimize(search: SearchConfig, out_dir: str | os.PathLike[str], storage: str | None = None,
+             study_name: str | None = None, progress: Callable[[str, int, int], None] | None = None
+             ) -> dict[str, Any]:
+    """Run one worker of the study until it holds ``search.study.trials`` finished trials; returns the report.
+
+    The design document's ``optimize()``: start it in as many processes or machines as you like
+    with one ``storage`` URL.
+    """
+    return Search(search, out_dir, storage, study_name, progress).run()
 
 
 # ----------------------------------------------------------------------------- the report

@@ -21,6 +21,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..data.collate import pad_collate
+from ..errors import DataError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -150,7 +153,7 @@ class BatchesDataset(Dataset):
         for b, batch in enumerate(self.batches):
             sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
             if len(sizes) != 1:
-                raise ValueError(f"batch {b}: tensors disagree on the batch size ({sorted(sizes)})")
+                raise DataError(f"batch {b}: tensors disagree on the batch size ({sorted(sizes)})")
             self.index += [(b, i) for i in range(sizes.pop())]
 
     def __len__(self) -> int:
@@ -165,6 +168,10 @@ def make_loader(dataset: Dataset, batch_size: int, info: DistInfo, seed: int = 0
                 drop_last: bool = False, num_workers: int = 0, collate_fn: Any = None) -> DataLoader:
     """A loader giving this rank ``batch_size`` samples per step through a seeded ``DistributedSampler``.
 
+    Samples are batched by ``collate_fn``, by default :func:`~rcc_compression.data.collate.pad_collate`
+    (token sequences of different lengths padded, with pad id 0; pass a ``functools.partial`` of it
+    with the tokenizer's pad id).
+
     The global batch is ``batch_size * world_size``; with one process it is the same permutation
     as with many (the sampler's order depends on seed and epoch only), so runs agree across
     world sizes when the dataset divides evenly.
@@ -172,4 +179,4 @@ def make_loader(dataset: Dataset, batch_size: int, info: DistInfo, seed: int = 0
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle,
                                  seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_fn, drop_last=drop_last)
+                      collate_fn=collate_fn or pad_collate, drop_last=drop_last)
