@@ -60,10 +60,12 @@ def test_rollback_to_stage_and_metric_fn(tiny_clip):
 
     batch = tiny_clip.synthetic_batch(4, torch.Generator().manual_seed(0))
     dense_out = tiny_clip(**batch).image_embeds.detach()
-    pipe = CascadePipeline(_section(validation_threshold=0.0, stages=["dare", "nullu"], rounds=1), metric_fn=metric)
+    states = {}
+    pipe = CascadePipeline(_section(validation_threshold=0.0, stages=["dare", "nullu"], rounds=1), metric_fn=metric,
+                           step_callback=lambda r: states.setdefault(r["stage"], _state(tiny_clip.model)))
     pipe.run(tiny_clip)
     assert calls and pipe.records[0]["metric"] == pytest.approx(pipe.records[0]["retention"], rel=1e-5)
-    after_dare = pipe._snapshots["dare"]
+    after_dare = states["dare"]
     pipe.rollback_to_stage("dare")
     _same(_state(tiny_clip.model), after_dare)
     with pytest.raises(CompressionError):
@@ -208,3 +210,108 @@ def test_no_step_stores_more_than_the_previous_round(tiny_clip, nullu, order):
         assert pipe.records[-1]["targets"] in ({"pruning_rate": 0.7}, {"param_budget": 0.2})
         first = [r["targets"] for r in pipe.records if r["round"] == 1]
         assert all(0 < t.get("pruning_rate", 0.5) < 0.7 and 0.2 < t.get("param_budget", 0.5) < 1 for t in first)
+
+
+def test_gate_without_holdout_says_not_measured_and_never_gates_on_the_fit_set(mlp):
+    """Issue 10, item 12: no holdout gave retention 1.0 (a 93 % pruned module "passed"), and with fewer than 3
+    batches the holdout silently became the fit set."""
+    g = torch.Generator().manual_seed(0)
+    two = [{"x": torch.randn(32, 24, generator=g)} for _ in range(2)]
+    section = load_config(None, data={"compression": {
+        "dare": {"pruning_rate": 0.93, "iterations": 1, "fine_tune_epochs": 0, "targets": ["^fc"]},
+        "cascade": {"stages": ["dare"], "validation_threshold": 0.95}}}).compression
+    pipe = CascadePipeline(section, calibration_data=two)
+    pipe.run(mlp)
+    rec = pipe.records[-1]
+    assert rec["retention"] is None and rec["metric"] is None and rec["passed"]
+    assert rec["gate"].startswith("not measured") and "fewer than 3" in rec["gate"]
+    assert pipe.get_stage_results()["gate"] == rec["gate"] and pipe._ctx.holdout == []
+    pipe = CascadePipeline(section, calibration_data=two, holdout_data=[])
+    pipe.run(type(mlp)())
+    assert pipe.records[-1]["retention"] is None and "holdout_data is empty" in pipe.records[-1]["gate"]
+
+
+def test_compress_model_plans_without_the_holdout(mlp, mlp_batches, monkeypatch):
+    """Issue 10, item 12: the rate plan used every batch, the gate's holdout included."""
+    from rcc_compression.jobs import api
+
+    seen = {}
+    real = api.apply_rate
+    monkeypatch.setattr(api, "apply_rate", lambda *a, **k: seen.setdefault("fit", a[5]) and real(*a, **k))
+    model = compress_model(mlp, 0.5, "dare", calibration_data=mlp_batches,
+                           config={"compression": {**FAST, "cascade": {"validation_threshold": 0.0}}})
+    assert len(seen["fit"]) == 4 and all(b is mlp_batches[i] for i, b in enumerate(seen["fit"]))
+    assert model.compression_stats["gate"] == "measured"
+    assert all(isinstance(r["retention"], float) for r in model.compression_stats["records"])
+
+
+def test_compress_model_without_calibration_data(mlp):
+    """Issue 10, item 13: without calibration_data it calibrated and gated on Gaussian noise without a word. The
+    bundled models use the world data; any other model is refused with one line naming calibration_data."""
+    with pytest.raises(CompressionError, match="needs calibration_data") as err:
+        compress_model(mlp, 0.5, "dare", config={"compression": FAST})
+    assert "\n" not in str(err.value)
+    seen = []
+    model = compress_model("tiny-clip", 0.5, "dare", progress_callback=lambda *a: None,
+                           config={"compression": {**FAST, "dare": {**FAST["dare"], "iterations": 1},
+                                                   "cascade": {"validation_threshold": 0.0}},
+                                   "calibration": {"num_batches": 3, "batch_size": 8, "holdout_batches": 1}})
+    seen.append(model.compression_stats["calibration"])
+    assert seen == ["world"] and model.compression_stats["gate"] == "measured"
+
+
+def test_closed_form_without_a_preserve_set_says_it_is_ridge_regression(mlp, mlp_batches):
+    """Issue 10, item 14: closed_form with no preserve set is plain ridge regression, not AlphaEdit; compress_model
+    takes a preserve set."""
+    cfg = {"compression": {"dare": {**FAST["dare"], "iterations": 1, "targets": ["^fc"]},
+                           "alphaedit": {"mode": "closed_form", "targets": ["^fc"]},
+                           "cascade": {"stages": ["dare", "alphaedit"], "validation_threshold": 0.0}}}
+    plain = compress_model(type(mlp)(), None, calibration_data=mlp_batches, config=cfg)
+    stats = plain.compression_stats["stages"]["alphaedit"]
+    assert not stats["preserve_set"] and stats["method"].startswith("ridge regression") and "not AlphaEdit" in \
+        stats["method"]
+    g = torch.Generator().manual_seed(1)
+    preserve = [{"x": torch.randn(16, 4, generator=g) @ torch.randn(4, 24, generator=g)}]
+    edited = compress_model(type(mlp)(), None, calibration_data=mlp_batches, preserve_data=preserve, config=cfg)
+    stats = edited.compression_stats["stages"]["alphaedit"]
+    assert stats["preserve_set"] and stats["method"].startswith("AlphaEdit")
+    assert stats["layers"]["fc1"]["preserve_dim"] == 4
+
+
+def test_compress_model_reaches_published_dare_with_the_configured_reference(tiny_clip):
+    """Issue 10, item 4: compression.dare.reference_model was read only by recovery training."""
+    with torch.no_grad():
+        for p in tiny_clip.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = tiny_clip.synthetic_batch(4, torch.Generator().manual_seed(2))
+    expected = tiny_clip(**batch).image_embeds
+    dare = {"pruning_rate": 0.0, "scorer": "random", "target": "delta", "iterations": 1, "fine_tune_epochs": 0,
+            "reference_model": "tiny-clip"}
+    model = compress_model(tiny_clip, None, "dare", calibration_data=[batch] * 3,
+                           config={"compression": {"dare": dare, "cascade": {"validation_threshold": 0.0}}})
+    layers = compressed_layers(model.model)
+    assert layers and all(m.base is not None for m in layers.values())
+    torch.testing.assert_close(model(**batch).image_embeds, expected, rtol=1e-4, atol=1e-5)  # rate 0: the delta whole
+
+
+def test_a_recovery_step_that_lowers_the_gate_metric_is_undone(mlp, mlp_batches):
+    """Issue 10, item 10: alphaedit lowered the gate retention (0.9997 -> 0.9399) and the run kept it."""
+    section = load_config(None, data={"compression": {
+        "dare": {"pruning_rate": 0.5, "iterations": 1, "fine_tune_epochs": 0, "targets": ["^fc"]},
+        "alphaedit": {"num_epochs": 3, "learning_rate": 5.0, "targets": ["^fc"]},  # a step size that wrecks it
+        "cascade": {"stages": ["dare", "alphaedit"], "validation_threshold": 0.0}}}).compression
+    states = {}
+    pipe = CascadePipeline(section, calibration_data=mlp_batches, distill=_distiller(),
+                           step_callback=lambda r: states.setdefault(r["step"], _state(mlp)))
+    pipe.run(mlp)
+    dare, alpha = pipe.records
+    assert "undone" in alpha and alpha["rejected_retention"] < dare["retention"]
+    assert alpha["retention"] == dare["retention"] and alpha["passed"]
+    _same(_state(mlp), states[0])  # the model is as dare left it
+    assert all(m.a_in is None for m in compressed_layers(mlp).values())
+
+
+def _distiller():
+    from rcc_compression.jobs.api import distiller
+
+    return distiller(None)

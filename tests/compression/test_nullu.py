@@ -360,3 +360,24 @@ def test_warm_started_factors_end_at_the_exact_truncated_svd():
     assert error <= optimum * (1 + 1e-4)
     info = pipe.stage_results["nullu"]["layers"]["fc"]
     assert info["warm"] and (info["warm_converged"] or info["exact_svd"])
+
+
+@pytest.mark.parametrize("allocation", ["layer", "global"])
+def test_low_rank_in_chunks_equals_all_at_once(monkeypatch, allocation):
+    """nullu factorises layers in chunks of bounded size; the factors must not depend on the chunk size."""
+    from rcc_compression import compress_model
+    from rcc_compression.compression import nullu
+
+    cfg = {"compression": {"cascade": {"validation_threshold": 0.0},
+                           "nullu": {"budget_allocation": allocation, "decomposition_method": "activation_aware"}}}
+
+    def factors() -> dict[str, torch.Tensor]:
+        model = compress_model("tiny-clip", compression_rate=0.5, method="nullu", config=cfg)
+        return {n: m.effective_weight() for n, m in compressed_layers(model).items()}
+
+    whole = factors()
+    monkeypatch.setattr(nullu, "CHUNK_BYTES", 1)
+    chunked = factors()
+    assert whole and whole.keys() == chunked.keys()
+    for n in whole:
+        torch.testing.assert_close(chunked[n], whole[n], rtol=1e-5, atol=1e-6)

@@ -64,3 +64,22 @@ def test_estimates_order_by_bits_and_gptq_estimate_is_what_the_stage_gets():
     err = float(((d @ H.double()) * d).sum() / ((w.double() @ H.double()) * w.double()).sum())
     assert abs(err - choices["int4/g32"].error) <= 1e-6 + 1e-4 * err
     assert choice_bytes(shape, Choice()) == shape.dense_bytes
+
+
+def test_split_error_in_chunks_equals_all_at_once(monkeypatch):
+    """split_error decomposes layers in bounded chunks; the plan's error must not depend on the chunk size."""
+    from rcc_compression.compression import planner
+
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(12, 16, generator=g) for _ in range(3)]
+    weights += [torch.randn(16, 12, generator=g) for _ in range(2)]
+    grams = [(lambda x: x.t() @ x)(torch.randn(40, w.shape[1], generator=g)) for w in weights]
+    plan = {"pruning_rate": 0.5, "param_budget": 0.3}
+    cases = [dict(order=("dare", "nullu"), rank_allocation="global", method="activation_aware", scorer="wanda"),
+             dict(order=("nullu", "dare"), rank_allocation="layer", method="svd", scorer="magnitude")]
+    for kw in cases:
+        whole = planner.split_error(weights, plan, grams=grams, **kw)
+        monkeypatch.setattr(planner, "SPLIT_CHUNK_BYTES", 1)  # one layer per chunk
+        chunked = planner.split_error(weights, plan, grams=grams, **kw)
+        monkeypatch.undo()
+        assert 0 < whole < 1 and abs(chunked - whole) <= 1e-12 * whole, kw

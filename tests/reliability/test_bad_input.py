@@ -260,7 +260,10 @@ def test_non_finite_stage_is_rolled_back(monkeypatch, kind):
     assert last["error"] == "non-finite weights or outputs" and pipe.stopped_early
     if kind == "overflow":  # the weights were finite; the outputs were not
         assert math.isnan(last["metric"])
-    assert_same_state(model_state(model), after[2])  # back to the state after step 2 (dare, round 2)
+    # back to the smallest passing state (issue 10, item 2): the passing step that stored the fewest bytes
+    smallest = min(range(3), key=lambda i: (pipe.records[i]["achieved"]["stored_bytes"], -i))
+    assert last["rolled_back_to_step"] == smallest
+    assert_same_state(model_state(model), after[smallest])
 
 
 def test_non_finite_stage_in_the_cli_says_so(tmp_path, monkeypatch, capsys):
@@ -269,11 +272,11 @@ def test_non_finite_stage_in_the_cli_says_so(tmp_path, monkeypatch, capsys):
     _poison(monkeypatch, "nan", on_call=1)
     run = tmp_path / "run"
     assert main(["compress", *FAST, "--set", "compression.cascade.stages=[dare,nullu]", "--output", str(run)]) == 0
-    warning = ("step 1 (nullu, round 1) failed the gate (non-finite weights or outputs); rolled back to the last "
-               "passing step and stopped")
+    warning = ("step 1 (nullu, round 1) failed the gate (non-finite weights or outputs); went back to the smallest "
+               "passing state (step 0) and stopped")
     assert warning in (run / "run.log").read_text()
-    assert ("The validation gate stopped step 1 (nullu, round 1) at non-finite weights or outputs; the model was "
-            "rolled back to the last passing step.") in (run / "results.md").read_text()
+    assert ("The validation gate stopped step 1 (nullu, round 1) at non-finite weights or outputs; the model went "
+            "back to the smallest passing state.") in (run / "results.md").read_text()
     results = json.loads((run / "results.json").read_text())
     assert results["stopped_early"] is True and results["records"][-1]["rolled_back"] is True
     got = {k: v for f in ("layers", "rest") for k, v in load_file(run / "compressed" / f"{f}.safetensors").items()}

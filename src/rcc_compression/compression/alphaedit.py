@@ -186,6 +186,7 @@ class AlphaEditStage(Stage):
 
     name = "alphaedit"
     config_class = AlphaEditConfig
+    recovery = True
     config: AlphaEditConfig
 
     def target_description(self, progress: float, schedule: str) -> dict[str, Any]:
@@ -323,7 +324,13 @@ class AlphaEditStage(Stage):
             if name not in per_layer:
                 per_layer[name] = self._update_layer(name, layer, ctx, pstats, stats[name].gram)
                 ctx.tick(f"alphaedit {name}", len(per_layer), len(layers))
-        self.statistics = {"mode": "closed_form", "fit_inputs": "sequential" if sequential else "dense",
+        method = ("AlphaEdit: ridge update in the null space of the preserve set" if pstats is not None else
+                  "ridge regression toward the dense layer: no preserve set, so no null-space constraint (not "
+                  "AlphaEdit; pass preserve_data or calibration.preserve_source)")
+        if pstats is None:
+            log.warning("alphaedit closed_form: %s", method)
+        self.statistics = {"mode": "closed_form", "method": method,
+                           "fit_inputs": "sequential" if sequential else "dense",
                            "preserve_set": pstats is not None, "l2": cfg.l2,
                            "nullspace_threshold": cfg.nullspace_threshold,
                            "rejected_layers": sorted(n for n, v in per_layer.items() if "rejected" in v),

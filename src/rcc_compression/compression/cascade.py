@@ -35,7 +35,7 @@ from ..models.registry import unwrap_model, wrap_model
 from ..utils.io import atomic_write_json, directory_lock, remove_stale_temp_files
 from ..utils.logging import get_logger
 from .calibration import output_agreement, run_outputs
-from .layers import CompressedLinear, compressed_layers, layer_snapshot, replace_module, restore_layer
+from .layers import CompressedLinear, compressed_layers, replace_module, restore_layer
 from .planner import LayerShape
 from .registry import STAGES, CascadeConfig, CompressionSection, build_stage
 from .schedule import joint_schedule
@@ -45,9 +45,11 @@ from .storage import (
     install_layers,
     install_rest,
     load_layer_tensors,
+    pack_bits,
     read_manifest,
     save_compressed,
     stored_bytes,
+    unpack_bits,
     verify_files,
 )
 
@@ -57,7 +59,7 @@ PROGRESS_FILE = "progress.json"
 
 
 def compression_summary(model: nn.Module) -> dict[str, Any]:
-    """Sparsity, ranks and stored/dense bytes of the compressed layers right now.
+    """Sparsity (of the S parts that exist), ranks and stored/dense bytes of the compressed layers right now.
 
     ``compression_rate`` is against the dense layers in the dtype the model was given
     (``dense_dtype``); ``compression_rate_vs_fp32`` against the same layers in float32.
@@ -66,8 +68,9 @@ def compression_summary(model: nn.Module) -> dict[str, Any]:
     dense = sum(dense_bytes(m) for m in layers.values())
     dense32 = sum(dense_bytes(m, torch.float32) for m in layers.values())
     stored = sum(stored_bytes(m) for m in layers.values())
-    numel = sum(m.in_features * m.out_features for m in layers.values())
-    nnz = sum(m.nnz() for m in layers.values())
+    with_s = [m for m in layers.values() if m.weight is not None]
+    numel = sum(m.in_features * m.out_features for m in with_s)
+    nnz = sum(m.nnz() for m in with_s)
     dtypes = sorted({str(m._ref.dtype).removeprefix("torch.") for m in layers.values()})
     return {
         "layers": len(layers),
@@ -77,7 +80,10 @@ def compression_summary(model: nn.Module) -> dict[str, Any]:
         "compression_rate": 1.0 - stored / dense if dense else 0.0,
         "dense_bytes_fp32": dense32,
         "compression_rate_vs_fp32": 1.0 - stored / dense32 if dense32 else 0.0,
-        "sparsity": 1.0 - nnz / numel if numel else 0.0,
+        # share of zero entries in S, over the layers that have an S (a purely low-rank layer has none)
+        "sparsity": 1.0 - nnz / numel if numel else None,
+        "layers_with_sparse_part": len(with_s),
+        "layers_with_low_rank_part": sum(1 for m in layers.values() if m.rank > 0),
         "mean_rank": sum(m.rank for m in layers.values()) / max(len(layers), 1),
     }
 
@@ -140,9 +146,15 @@ class CascadePipeline:
         self.num_synthetic_batches = num_synthetic_batches
         self.encrypt_key = encrypt_key
         self._checkpoint: str | None = None
+        #: where the calibration batches came from (``given``, ``synthetic noise``, ``none``)
+        self.calibration_source = "given"
+        #: why the validation gate is not measured (``None``: it is)
+        self.gate_note: str | None = None
         self.records: list[dict[str, Any]] = []
         self.stage_results: dict[str, dict[str, Any]] = {}
         self._snapshots: dict[str, dict[str, dict[str, Any]]] = {}
+        self._last_snap: dict[str, dict[str, Any]] = {}
+        self._fresh: set[str] = set()
         self._model: nn.Module | None = None
         self._ctx: CompressionContext | None = None
         self._dense_score: float | None = None
@@ -190,20 +202,40 @@ class CascadePipeline:
         self.device = device
         dense_model = _copy_for_teacher(inner)
         dense: dict[str, torch.Tensor] = {}
+        self._fresh = set()
         for name in names:
             mod = inner.get_submodule(name)
             teacher_mod = dense_model.get_submodule(name)
             # the teacher's frozen weights are the targets: no second copy of the dense model
             dense[name] = teacher_mod.weight if isinstance(teacher_mod, nn.Linear) else teacher_mod.effective_weight()
             if isinstance(mod, nn.Linear):
-                replace_module(inner, name, CompressedLinear.from_linear(mod))
+                replace_module(inner, name, _adopt_linear(mod))
+                self._fresh.add(name)
         batches = self.calibration
+        self.calibration_source = "given"
         if batches is None:
             batches = _synthetic_batches(inner, wrapper, self.num_synthetic_batches, self.seed)
+            self.calibration_source = "synthetic noise" if batches else "none"
+            if batches:
+                log.warning("no calibration data given: calibrating and gating on random inputs (Gaussian images, "
+                            "random token ids); pass calibration_data=... for figures that mean something")
         holdout = self.holdout
+        self.gate_note = None
         if holdout is None:
             n_hold = min(2, len(batches) // 3)
-            holdout, batches = (batches[-n_hold:], batches[:-n_hold]) if n_hold else (batches, batches)
+            if n_hold:
+                holdout, batches = batches[-n_hold:], batches[:-n_hold]
+            else:  # never gate on the fit set: a model fitted to those batches would look better than it is
+                holdout = []
+                self.gate_note = (f"not measured: {len(batches)} calibration batch(es), fewer than 3, leave none "
+                                  "to hold out; pass holdout_data=... (or more batches) or metric_fn=..."
+                                  if batches else "not measured: no calibration or holdout data")
+        elif not holdout:
+            self.gate_note = "not measured: holdout_data is empty; pass held-out batches or metric_fn=..."
+        if self.metric_fn is not None:
+            self.gate_note = None
+        elif self.gate_note is not None:
+            log.warning("validation gate %s", self.gate_note)
         reference = None
         if self.reference_model is not None:
             ref = unwrap_model(self.reference_model)
@@ -275,19 +307,23 @@ class CascadePipeline:
 
     # ------------------------------------------------------------------ the gate
     @torch.no_grad()
-    def _score(self, model: nn.Module) -> float:
+    def _score(self, model: nn.Module) -> float | None:
+        """The gate's metric, or ``None`` where nothing measures it (no holdout, no ``metric_fn``)."""
         if self.metric_fn is not None:
             return float(self.metric_fn(model))
         ctx = self._ctx
         if not ctx.holdout:
-            return 1.0
+            return None
         return output_agreement(run_outputs(model, ctx.holdout, ctx.device), ctx.teacher_holdout())
 
-    def _retention(self, model: nn.Module) -> tuple[float, float, bool]:
+    def _retention(self, model: nn.Module) -> tuple[float | None, float | None, bool]:
+        """``(metric, retention, finite)``; metric and retention are ``None`` where the gate is not measured."""
         finite = all(torch.isfinite(p).all().item() for m in compressed_layers(model).values() for p in m.parameters())
         if not finite:
             return float("nan"), 0.0, False
         score = self._score(model)
+        if score is None:
+            return None, None, True
         if self.metric_fn is None:
             retention = score
         else:
@@ -304,18 +340,45 @@ class CascadePipeline:
         if self._model is None:
             raise CompressionError("validate_stage needs a model: call run() first")
         score, retention, finite = self._retention(self._model)
-        passed = finite and retention >= self.cascade.validation_threshold
-        self.records.append({"stage": stage_name, "validation_only": True, "metric": score,
-                             "retention": retention, "passed": passed})
+        passed = self._passes(retention, finite)
+        record = {"stage": stage_name, "validation_only": True, "metric": score, "retention": retention,
+                  "passed": passed}
+        if retention is None:
+            record["gate"] = self.gate_note
+        self.records.append(record)
         return passed
 
+    def _passes(self, retention: float | None, finite: bool) -> bool:
+        """A step passes with finite weights and retention at the threshold; an unmeasured gate stops nothing."""
+        return finite and (retention is None or retention >= self.cascade.validation_threshold)
+
     # ------------------------------------------------------------------ state
-    def _snapshot(self) -> dict[str, dict[str, Any]]:
-        return {n: layer_snapshot(m) for n, m in compressed_layers(self._model).items()}
+    def _snapshot(self, initial: bool = False) -> dict[str, dict[str, Any]]:
+        """A compact copy of every compressed layer for rollback, sharing what did not change since the last one.
+
+        ``initial``: the layers that were plain Linear layers a moment ago are recorded as "the teacher's", so
+        the starting state costs no copy.
+        """
+        snap: dict[str, dict[str, Any]] = {}
+        for n, m in compressed_layers(self._model).items():
+            if initial and n in self._fresh:
+                snap[n] = {"teacher": n}
+            else:
+                snap[n] = _snap_layer(m, self._last_snap.get(n))
+        self._last_snap = {n: v for n, v in snap.items() if "teacher" not in v}
+        return snap
+
+    def _stored_bytes(self) -> int:
+        return sum(stored_bytes(m) for m in compressed_layers(self._model).values())
 
     def _restore(self, snap: dict[str, dict[str, Any]]) -> None:
         for n, m in compressed_layers(self._model).items():
-            restore_layer(m, snap[n])
+            s = snap[n]
+            if "teacher" in s:  # the dense layer it started as: the teacher's copy
+                t = self._ctx.dense_model.get_submodule(n)
+                restore_layer(m, {"weight": t.weight.detach(), "bias": None if t.bias is None else t.bias.detach()})
+            else:
+                _unsnap_layer(m, s)
 
     def rollback_to_stage(self, stage_name: str) -> None:
         """Restore the model to its state after the last passing step of ``stage_name``."""
@@ -328,7 +391,8 @@ class CascadePipeline:
     def get_stage_results(self) -> dict[str, Any]:
         """Every step's record and each stage's latest statistics."""
         return {"records": list(self.records), "stages": dict(self.stage_results),
-                "stopped_early": self.stopped_early, "rounds": self.rounds}
+                "stopped_early": self.stopped_early, "rounds": self.rounds,
+                "calibration": self.calibration_source, "gate": self.gate_note or "measured"}
 
     # ------------------------------------------------------------------ checkpoints
     def _write_checkpoint(self, step: int, done: bool = False) -> None:
@@ -436,7 +500,11 @@ class CascadePipeline:
         ctx = self._ctx
         steps = self.steps()
         start = self._resume_state() if resume else 0
-        last_pass = self._snapshot()
+        last_pass = self._snapshot(initial=start == 0)
+        # the smallest passing state (stored bytes, step, snapshot): where a failed gate goes back to
+        best: tuple[int, int, dict[str, dict[str, Any]]] = (self._stored_bytes(), start - 1, last_pass)
+        last_retention = next((r.get("retention") for r in reversed(self.records)
+                               if r.get("passed") and "step" in r), 1.0 if start == 0 else None)
         since_ckpt, saved_current, last_step = 0, start > 0, start - 1
         for idx in range(start, len(steps)):
             k, j = steps[idx]
@@ -449,22 +517,38 @@ class CascadePipeline:
                 ctx.byte_caps, ctx.scale_reserve = self._round_caps
             record = self._run_step(stage, idx, k)
             last_step = idx
+            worse = (record["passed"] and stage.recovery and record["retention"] is not None
+                     and last_retention is not None and record["retention"] < last_retention)
+            if worse:  # a recovery step that lowers the gate metric is undone; the run goes on
+                self._restore(last_pass)
+                record.update(undone=f"recovery lowered retention from {last_retention:.4f} to "
+                                     f"{record['retention']:.4f}; the step was undone",
+                              rejected_retention=record["retention"], retention=last_retention,
+                              achieved=compression_summary(inner))
+                log.warning("step %d (%s, round %d): %s", idx, stage.name, k, record["undone"])
             if self.step_callback is not None:
                 self.step_callback(record)
             if not record["passed"]:
-                self._restore(last_pass)
+                self._restore(best[2])
                 self.stopped_early, saved_current = True, False
-                record["rolled_back"] = True
+                record.update(rolled_back=True, rolled_back_to_step=best[1])
                 why = record.get("error") or (f"retention {record['retention']:.4f} < "
                                               f"{self.cascade.validation_threshold:.4f}")
-                log.warning("step %d (%s, round %d) failed the gate (%s); rolled back to the last passing step and "
-                            "stopped", idx, stage.name, k, why)
+                back = f"step {best[1]}" if best[1] >= 0 else "the state it started from"
+                log.warning("step %d (%s, round %d) failed the gate (%s); went back to the smallest passing state "
+                            "(%s) and stopped", idx, stage.name, k, why, back)
                 break
+            if worse:
+                continue
             self.stage_results[stage.name] = stage.get_statistics()
             last_pass = self._snapshot()
             self._snapshots[stage.name] = last_pass
-            log.info("step %d/%d %s round %d: retention %.4f, layer compression %.4f", idx + 1, len(steps),
-                     stage.name, k, record["retention"], record["achieved"]["compression_rate"])
+            last_retention = record["retention"]
+            if record["achieved"]["stored_bytes"] <= best[0]:
+                best = (record["achieved"]["stored_bytes"], idx, last_pass)
+            ret = "not measured" if record["retention"] is None else f"{record['retention']:.4f}"
+            log.info("step %d/%d %s round %d: retention %s, layer compression %.4f", idx + 1, len(steps),
+                     stage.name, k, ret, record["achieved"]["compression_rate"])
             since_ckpt += 1
             saved_current = False
             if self.run_dir is not None and self.cascade.checkpoint_frequency and (
@@ -491,7 +575,7 @@ class CascadePipeline:
         except (RuntimeError, torch.linalg.LinAlgError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         score, retention, finite = (float("nan"), 0.0, False) if error else self._retention(inner)
-        passed = finite and retention >= self.cascade.validation_threshold
+        passed = self._passes(retention, finite)
         stats = stage.get_statistics()
         record: dict[str, Any] = {
             "step": idx, "round": k, "stage": stage.name,
@@ -502,6 +586,8 @@ class CascadePipeline:
             "passed": passed, "seconds": round(time.perf_counter() - t0, 4),
             "summary": {key: v for key, v in stats.items() if key != "layers"},
         }
+        if retention is None and not error:
+            record["gate"] = self.gate_note
         if error:
             record["error"] = error
         elif not finite:
@@ -514,10 +600,76 @@ class CascadePipeline:
 
 
 def _copy_for_teacher(model: nn.Module) -> nn.Module:
-    teacher = copy.deepcopy(model)
+    """The frozen dense teacher: a copy of the Linear layers (the ones a stage may change); every other
+    parameter and buffer (embeddings, norms) is shared with the model, which no stage changes."""
+    shared: dict[int, Any] = {}
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, CompressedLinear)):
+            continue
+        for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
+            shared[id(t)] = t
+    teacher = copy.deepcopy(model, memo=dict(shared))
     for p in teacher.parameters():
-        p.requires_grad_(False)
+        if id(p) not in shared:
+            p.requires_grad_(False)
     return teacher.eval()
+
+
+def _adopt_linear(linear: nn.Linear) -> CompressedLinear:
+    """A :class:`CompressedLinear` holding ``linear``'s own parameters (no copy: ``linear`` leaves the model)."""
+    if not linear.weight.is_contiguous():
+        return CompressedLinear.from_linear(linear)
+    layer = CompressedLinear(linear.in_features, linear.out_features)
+    layer.weight = linear.weight
+    if linear.bias is not None:
+        layer.bias = linear.bias
+    return layer
+
+
+_SNAP_PARTS = ("weight", "lr_A", "lr_B", "a_in", "a_out", "bias")
+
+
+def _snap_layer(layer: CompressedLinear, prev: dict[str, Any] | None) -> dict[str, Any]:
+    """A compact rollback copy of a layer: S as its kept values and a bit mask (about its stored bytes, not a
+    dense tensor and a byte per mask entry), and any part equal to ``prev``'s shared with it."""
+    out: dict[str, Any] = {"base": layer.base,  # frozen: a reference will do
+                           "quant": {k: q.clone() for k, q in layer.quant.items()} if layer.quant else None}
+    for k in _SNAP_PARTS:
+        t = getattr(layer, k)
+        if t is None:
+            out[k] = None
+            continue
+        mask = layer.mask if k == "weight" else None
+        now = t.detach()[mask] if mask is not None else t.detach()
+        old = prev.get(k) if prev is not None else None
+        if old is not None and ("bits" in old) == (mask is not None) and (
+                mask is None or torch.equal(old["bits"], pack_bits(mask))):
+            held = old["values"] if mask is not None else old["dense"]
+            if held.shape == now.shape and held.dtype == now.dtype and torch.equal(held, now):
+                out[k] = old  # unchanged (compared by value: stages also write through ``.data``)
+                continue
+        out[k] = ({"values": now, "bits": pack_bits(mask), "shape": tuple(t.shape)}  # indexing copied the values
+                  if mask is not None else {"dense": t.detach().clone()})
+    return out
+
+
+def _unsnap_layer(layer: CompressedLinear, snap: dict[str, Any]) -> None:
+    full: dict[str, Any] = {"base": snap["base"], "mask": None}
+    if snap.get("quant"):
+        full["quant"] = snap["quant"]
+    for k in _SNAP_PARTS:
+        e = snap[k]
+        if e is None:
+            full[k] = None
+        elif "dense" in e:
+            full[k] = e["dense"]
+        else:
+            v = e["values"]
+            mask = unpack_bits(e["bits"], e["shape"]).to(v.device)
+            w = torch.zeros(e["shape"], dtype=v.dtype, device=v.device)
+            w[mask] = v
+            full[k], full["mask"] = w, mask
+    restore_layer(layer, full)
 
 
 def _synthetic_batches(model: nn.Module, wrapper: Any, n: int, seed: int) -> list[dict[str, Any]]:

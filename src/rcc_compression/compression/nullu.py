@@ -200,6 +200,9 @@ def spectral_energy(matrices: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 
+#: the most float64 bytes of layer matrices the low-rank step decomposes at once
+CHUNK_BYTES = 1 << 28
+
 #: final round of warm-started factors: subspace iterations until one gains less than WARM_TOL of the
 #: energy still left out; a layer not there after WARM_MAX_ITERATIONS gets the exact SVD instead
 WARM_TOL = 1e-5
@@ -327,20 +330,34 @@ class NulluStage(Stage):
             stats = ctx.stats(gram=True) if (need_gram or ctx.batches) else None
 
         # 1. the matrix each layer factorises, in the space where its Frobenius error is what we minimise
-        work: dict[str, dict[str, Any]] = {}
+        def prepare(names: list[str]) -> dict[str, dict[str, Any]]:
+            work: dict[str, dict[str, Any]] = {}
+            for name in names:
+                layer = layers[name]
+                residual = ctx.target_weight(name, layer) - (layer.sparse_part().float() if layer.mask is not None
+                                                             else 0)
+                right = right_inv = None
+                if method in ("activation_aware", "asvd") and residual.device.type == "cpu":
+                    residual = residual.double()  # whitening amplifies rounding in rarely visited directions
+                if method == "activation_aware":
+                    right, right_inv = whitening(stats[name].gram.to(residual), cfg.damping)
+                elif method == "asvd":
+                    s = stats[name].mean_abs.to(residual).clamp_min(1e-6) ** cfg.asvd_alpha
+                    right, right_inv = torch.diag(s), torch.diag(1.0 / s)
+                M = residual @ right if right is not None else residual
+                work[name] = {"layer": layer, "M": M, "right": right, "right_inv": right_inv,
+                              "keep_sparse": layer.mask is not None}
+            return work
+
+        # layers go through steps 1-3 in chunks of one shape and bounded size, so the matrices,
+        # whitening roots and singular vectors of all layers are never held at once
+        chunks: list[list[str]] = []
+        by_shape: dict[tuple[int, int], list[str]] = {}
         for name, layer in layers.items():
-            residual = ctx.target_weight(name, layer) - (layer.sparse_part().float() if layer.mask is not None else 0)
-            right = right_inv = None
-            if method in ("activation_aware", "asvd") and residual.device.type == "cpu":
-                residual = residual.double()  # whitening amplifies rounding in rarely visited directions
-            if method == "activation_aware":
-                right, right_inv = whitening(stats[name].gram.to(residual), cfg.damping)
-            elif method == "asvd":
-                s = stats[name].mean_abs.to(residual).clamp_min(1e-6) ** cfg.asvd_alpha
-                right, right_inv = torch.diag(s), torch.diag(1.0 / s)
-            M = residual @ right if right is not None else residual
-            work[name] = {"layer": layer, "M": M, "right": right, "right_inv": right_inv,
-                          "keep_sparse": layer.mask is not None}
+            by_shape.setdefault((layer.out_features, layer.in_features), []).append(name)
+        for (m_, n_), names_ in by_shape.items():
+            per = max(1, CHUNK_BYTES // (8 * m_ * n_))
+            chunks += [names_[k:k + per] for k in range(0, len(names_), per)]
 
         # 2. decompositions, batched over layers of one shape; only layers that will be factorised
         #    get singular vectors (the spectrum alone decides the others)
@@ -350,138 +367,146 @@ class NulluStage(Stage):
                                  cfg.rank_rule, total_energy=total)
             return factorisable(w["rank"], m, n)
 
-        groups: dict[tuple[int, int], list[str]] = {}
-        for name, w in work.items():
-            groups.setdefault(tuple(w["M"].shape), []).append(name)
         global_budget = (cfg.budget_allocation == "global" and tg["param_budget"] is not None
                          and tg["rank_reduction"] is None and tg["energy_threshold"] is None)
-        if global_budget:
+        fixed: dict[str, int] = {}
+        if global_budget:  # a first pass for the spectra: ranks go where they remove the most error
             energy: dict[str, torch.Tensor] = {}
-            for names in groups.values():
-                e = spectral_energy(torch.stack([work[n]["M"] for n in names]))
-                energy.update({n: e[i] for i, n in enumerate(names)})
-            order = list(work)
-            shapes = [(work[n]["layer"].out_features, work[n]["layer"].in_features) for n in order]
+            for chunk in chunks:
+                work = prepare(chunk)
+                e = spectral_energy(torch.stack([work[n]["M"] for n in chunk]))
+                energy.update({n: e[i] for i, n in enumerate(chunk)})
+                del work
+            order = list(layers)
+            shapes = [(layers[n].out_features, layers[n].in_features) for n in order]
             budget = tg["param_budget"] * sum(m * n for m, n in shapes)
-            for n, r in zip(order, allocate_ranks([energy[n] for n in order], shapes, budget), strict=True):
-                work[n]["rank"], work[n]["fixed_rank"] = r, True
-        for names in groups.values():
-            warm = [n for n in names if cfg.warm_start and 0 < work[n].get("rank", 1) <= work[n]["layer"].rank]
-            fresh = [n for n in names if n not in warm]
-            if global_budget:
-                fresh = [n for n in fresh if work[n]["rank"] > 0]
-            elif tg["energy_threshold"] is None:
-                fresh = [n for n in fresh if decide(work[n], torch.empty(0))]
-            elif fresh and method != "randomized":
-                if cfg.rank_rule == "min" and (tg["rank_reduction"] is not None or tg["param_budget"] is not None):
-                    # the other targets cap the rank, and a smaller rank saves more: a layer the cap
-                    # leaves factorisable is factorised at a rank its SVD decides (no separate
-                    # spectrum needed); for any other, the energy rank may still be small enough,
-                    # so its spectrum decides
-                    kept, capped = [], []
-                    for n in fresh:
-                        cap = rank_for(torch.empty(0), *work[n]["M"].shape, tg["rank_reduction"], None,
-                                       tg["param_budget"], "min")
-                        (kept if factorisable(cap, *work[n]["M"].shape) else capped).append(n)
-                    if capped:
-                        energies = spectral_energy(torch.stack([work[n]["M"] for n in capped]))
-                        kept += [n for i, n in enumerate(capped) if decide(work[n], energies[i])]
-                    fresh = [n for n in names if n in kept]
-                else:
-                    energies = spectral_energy(torch.stack([work[n]["M"] for n in fresh]))
-                    fresh = [n for i, n in enumerate(fresh) if decide(work[n], energies[i])]
-            if fresh and method == "randomized":
-                for n in fresh:
-                    w = work[n]
-                    q = min(min(w["M"].shape), self._rank_guess(w["M"].shape, tg) + cfg.oversample)
-                    U, S, V = torch.svd_lowrank(w["M"], q=q, niter=cfg.power_iterations)
-                    w["usv"] = (U, S, V.t())
-            elif fresh:
-                U, S, Vh = svd(torch.stack([work[n]["M"] for n in fresh]))
-                for i, n in enumerate(fresh):
-                    work[n]["usv"] = (U[i], S[i], Vh[i])
-            for n in warm:
-                w = work[n]
-                prev_A = w["layer"].lr_A.detach().to(w["M"].dtype)
-                if w["right"] is not None:
-                    prev_A = prev_A @ w["right"]
-                # intermediate rounds: Rayleigh-Ritz on the previous subspace; the final one iterates
-                # until its error is within WARM_TOL of the exact truncated SVD's
-                w["warm_info"] = {}
-                final = ctx.progress >= 1.0
-                w["usv"] = warm_subspace_svd(w["M"], prev_A, iterations=0, tol=WARM_TOL if final else None,
-                                             max_iterations=WARM_MAX_ITERATIONS, info=w["warm_info"])
-                w["warm"] = True
-                if final and not w["warm_info"]["converged"]:  # slow to converge (a small spectral gap): exact
-                    U, S, Vh = svd(w["M"])
-                    w["usv"] = (U, S, Vh)
-                    w["warm_info"]["exact_svd"] = True
-
-        # 3. rank selection, factors, report
+            fixed = dict(zip(order, allocate_ranks([energy[n] for n in order], shapes, budget), strict=True))
         per_layer: dict[str, Any] = {}
-        for i, (name, w) in enumerate(work.items()):
-            layer = w["layer"]
-            m, n = layer.out_features, layer.in_features
-            total = float(w["M"].pow(2).sum())
-            if "usv" in w:
-                U, S, Vh = w["usv"]
-                r = w["rank"] if w.get("fixed_rank") else rank_for(
-                    S.pow(2), m, n, tg["rank_reduction"], tg["energy_threshold"], tg["param_budget"], cfg.rank_rule,
-                    total_energy=total)
-                r = min(r, S.numel())
-            else:
-                r = w["rank"]
-            info: dict[str, Any] = {"rank": 0, "full_rank": min(m, n), "candidate_rank": r}
-            if w.get("fixed_rank") and r == 0:
-                # the shared budget is better spent elsewhere: no low-rank part (only S, or only the bias)
-                info["dropped"] = "no rank under the global budget"
-                layer.set_low_rank(None, None)
-                if not w["keep_sparse"]:
-                    layer.set_sparse(None)
-            elif "usv" not in w or not factorisable(r, m, n):
-                info["skipped"] = f"r (m + n) >= m n for r={r}"
-                cap = ctx.byte_cap(name)
-                dense_fits = cap is None or dense_bytes(layer) <= cap
-                if not w["keep_sparse"] and layer.weight is None and layer.rank > 0 and dense_fits:
-                    layer.set_low_rank(None, None)
-                    layer.set_sparse(ctx.target_weight(name, layer))
-            else:
-                # the parts this step replaces (references, not copies: the setters make new tensors)
-                before = (layer.weight, layer.mask, layer.lr_A, layer.lr_B, dict(layer.quant))
-                B, A = balanced_factors(U, S, Vh, r)
-                if w["right_inv"] is not None:
-                    A = A @ w["right_inv"]
-                layer.set_low_rank(B, A)
-                if not w["keep_sparse"]:
-                    layer.set_sparse(None)
-                cap = ctx.byte_cap(name)
-                excess = stored_bytes(layer) - cap if cap is not None else 0
-                if excess > 0:
-                    # no step stores more than the previous round: fewer directions (the factors are
-                    # fresh and unquantized, so each costs (m + n) values)
-                    per_rank = (m + n) * layer._ref.element_size()
-                    r = r - -(-excess // per_rank)
-                    info["byte_capped_rank"] = max(r, 0)
-                    if r > 0:
-                        B, A = B[:, :r], A[:r]
-                        layer.set_low_rank(B, A)
+        done = 0
+        for chunk in chunks:
+            work = prepare(chunk)
+            for n in chunk:
+                if n in fixed:
+                    work[n]["rank"], work[n]["fixed_rank"] = fixed[n], True
+            groups = {(layers[chunk[0]].out_features, layers[chunk[0]].in_features): chunk}
+            for names in groups.values():
+                warm = [n for n in names if cfg.warm_start and 0 < work[n].get("rank", 1) <= work[n]["layer"].rank]
+                fresh = [n for n in names if n not in warm]
+                if global_budget:
+                    fresh = [n for n in fresh if work[n]["rank"] > 0]
+                elif tg["energy_threshold"] is None:
+                    fresh = [n for n in fresh if decide(work[n], torch.empty(0))]
+                elif fresh and method != "randomized":
+                    if cfg.rank_rule == "min" and (tg["rank_reduction"] is not None or tg["param_budget"] is not None):
+                        # the other targets cap the rank, and a smaller rank saves more: a layer the cap
+                        # leaves factorisable is factorised at a rank its SVD decides (no separate
+                        # spectrum needed); for any other, the energy rank may still be small enough,
+                        # so its spectrum decides
+                        kept, capped = [], []
+                        for n in fresh:
+                            cap = rank_for(torch.empty(0), *work[n]["M"].shape, tg["rank_reduction"], None,
+                                           tg["param_budget"], "min")
+                            (kept if factorisable(cap, *work[n]["M"].shape) else capped).append(n)
+                        if capped:
+                            energies = spectral_energy(torch.stack([work[n]["M"] for n in capped]))
+                            kept += [n for i, n in enumerate(capped) if decide(work[n], energies[i])]
+                        fresh = [n for n in names if n in kept]
                     else:
-                        layer.weight, layer.mask, layer.lr_A, layer.lr_B, layer.quant = before
-                        layer._fast = None
-                        info["skipped"] = "no factors fit in the bytes the previous round stored"
-                        per_layer[name] = info
-                        ctx.tick(f"nullu {name}", i + 1, len(work))
-                        continue
-                kept = float(S[:r].pow(2).sum())
-                info.update(rank=r, energy_kept=kept / total if total > 0 else 1.0, warm=bool(w.get("warm")))
-                if w.get("warm") and ctx.progress >= 1.0:
-                    wi = w["warm_info"]
-                    info.update(warm_iterations=wi["iterations"], warm_converged=wi["converged"],
-                                exact_svd=bool(wi.get("exact_svd")))
-                if ctx.progress >= 1.0 and stats is not None and stats[name].gram is not None:
-                    info.update(self._subspace_report(name, w, B, A, Vh[:r], stats[name].gram, ctx))
-            per_layer[name] = info
-            ctx.tick(f"nullu {name}", i + 1, len(work))
+                        energies = spectral_energy(torch.stack([work[n]["M"] for n in fresh]))
+                        fresh = [n for i, n in enumerate(fresh) if decide(work[n], energies[i])]
+                if fresh and method == "randomized":
+                    for n in fresh:
+                        w = work[n]
+                        q = min(min(w["M"].shape), self._rank_guess(w["M"].shape, tg) + cfg.oversample)
+                        U, S, V = torch.svd_lowrank(w["M"], q=q, niter=cfg.power_iterations)
+                        w["usv"] = (U, S, V.t())
+                elif fresh:
+                    U, S, Vh = svd(torch.stack([work[n]["M"] for n in fresh]))
+                    for i, n in enumerate(fresh):
+                        work[n]["usv"] = (U[i], S[i], Vh[i])
+                for n in warm:
+                    w = work[n]
+                    prev_A = w["layer"].lr_A.detach().to(w["M"].dtype)
+                    if w["right"] is not None:
+                        prev_A = prev_A @ w["right"]
+                    # intermediate rounds: Rayleigh-Ritz on the previous subspace; the final one iterates
+                    # until its error is within WARM_TOL of the exact truncated SVD's
+                    w["warm_info"] = {}
+                    final = ctx.progress >= 1.0
+                    w["usv"] = warm_subspace_svd(w["M"], prev_A, iterations=0, tol=WARM_TOL if final else None,
+                                                 max_iterations=WARM_MAX_ITERATIONS, info=w["warm_info"])
+                    w["warm"] = True
+                    if final and not w["warm_info"]["converged"]:  # slow to converge (a small spectral gap): exact
+                        U, S, Vh = svd(w["M"])
+                        w["usv"] = (U, S, Vh)
+                        w["warm_info"]["exact_svd"] = True
+
+            # 3. rank selection, factors, report
+            for name, w in work.items():
+                done += 1
+                layer = w["layer"]
+                m, n = layer.out_features, layer.in_features
+                total = float(w["M"].pow(2).sum())
+                if "usv" in w:
+                    U, S, Vh = w["usv"]
+                    r = w["rank"] if w.get("fixed_rank") else rank_for(
+                        S.pow(2), m, n, tg["rank_reduction"], tg["energy_threshold"], tg["param_budget"], cfg.rank_rule,
+                        total_energy=total)
+                    r = min(r, S.numel())
+                else:
+                    r = w["rank"]
+                info: dict[str, Any] = {"rank": 0, "full_rank": min(m, n), "candidate_rank": r}
+                if w.get("fixed_rank") and r == 0:
+                    # the shared budget is better spent elsewhere: no low-rank part (only S, or only the bias)
+                    info["dropped"] = "no rank under the global budget"
+                    layer.set_low_rank(None, None)
+                    if not w["keep_sparse"]:
+                        layer.set_sparse(None)
+                elif "usv" not in w or not factorisable(r, m, n):
+                    info["skipped"] = f"r (m + n) >= m n for r={r}"
+                    cap = ctx.byte_cap(name)
+                    dense_fits = cap is None or dense_bytes(layer) <= cap
+                    if not w["keep_sparse"] and layer.weight is None and layer.rank > 0 and dense_fits:
+                        layer.set_low_rank(None, None)
+                        layer.set_sparse(ctx.target_weight(name, layer))
+                else:
+                    # the parts this step replaces (references, not copies: the setters make new tensors)
+                    before = (layer.weight, layer.mask, layer.lr_A, layer.lr_B, dict(layer.quant))
+                    B, A = balanced_factors(U, S, Vh, r)
+                    if w["right_inv"] is not None:
+                        A = A @ w["right_inv"]
+                    layer.set_low_rank(B, A)
+                    if not w["keep_sparse"]:
+                        layer.set_sparse(None)
+                    cap = ctx.byte_cap(name)
+                    excess = stored_bytes(layer) - cap if cap is not None else 0
+                    if excess > 0:
+                        # no step stores more than the previous round: fewer directions (the factors are
+                        # fresh and unquantized, so each costs (m + n) values)
+                        per_rank = (m + n) * layer._ref.element_size()
+                        r = r - -(-excess // per_rank)
+                        info["byte_capped_rank"] = max(r, 0)
+                        if r > 0:
+                            B, A = B[:, :r], A[:r]
+                            layer.set_low_rank(B, A)
+                        else:
+                            layer.weight, layer.mask, layer.lr_A, layer.lr_B, layer.quant = before
+                            layer._fast = None
+                            info["skipped"] = "no factors fit in the bytes the previous round stored"
+                            per_layer[name] = info
+                            ctx.tick(f"nullu {name}", done, len(layers))
+                            continue
+                    kept = float(S[:r].pow(2).sum())
+                    info.update(rank=r, energy_kept=kept / total if total > 0 else 1.0, warm=bool(w.get("warm")))
+                    if w.get("warm") and ctx.progress >= 1.0:
+                        wi = w["warm_info"]
+                        info.update(warm_iterations=wi["iterations"], warm_converged=wi["converged"],
+                                    exact_svd=bool(wi.get("exact_svd")))
+                    if ctx.progress >= 1.0 and stats is not None and stats[name].gram is not None:
+                        info.update(self._subspace_report(name, w, B, A, Vh[:r], stats[name].gram, ctx))
+                per_layer[name] = info
+                ctx.tick(f"nullu {name}", done, len(layers))
+            del work
         refit: dict[str, dict[str, float]] = {}
         if cfg.refit == "sequential" and ctx.progress >= 1.0 and ctx.dense_model is not None and ctx.batches:
             refit = sequential_refit(model, ctx.dense_model, ctx.dense, layers, ctx.batches, ctx.device, cfg.damping,

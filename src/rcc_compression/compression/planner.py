@@ -168,49 +168,71 @@ def split_error(
     allocated globally. ``G`` is each layer's calibration input second moment; without it the
     error is the plain Frobenius one.
     """
-    W = [w.double() for w in weights]
-    G = [g.double() for g in grams] if grams is not None and all(g is not None for g in grams) else None
-    S = [torch.zeros_like(w) for w in W]
-    LR = [torch.zeros_like(w) for w in W]
-    roots = [whitening(g, damping) for g in G] if (G is not None and method == "activation_aware") else None
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, w in enumerate(W):
-        groups.setdefault(tuple(w.shape), []).append(i)
-    for stage in order:
-        if stage == "dare":
-            for i, w in enumerate(W):
-                t = w - LR[i]
-                score = (wanda_scores(t, G[i].diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and G is not None)
-                         else magnitude_scores(t))
-                S[i] = t * topk_mask(score, plan["pruning_rate"], prune_scope)
-        elif stage == "nullu":
-            M = [(W[i] - S[i]) @ roots[i][0] if roots else W[i] - S[i] for i in range(len(W))]
-            if rank_allocation == "global":
-                energy: list[torch.Tensor] = [torch.empty(0)] * len(W)
-                for idx in groups.values():
-                    e = spectral_energy(torch.stack([M[i] for i in idx]))
-                    for j, i in enumerate(idx):
-                        energy[i] = e[j]
-                shapes = [tuple(w.shape) for w in W]
-                ranks = allocate_ranks(energy, shapes, plan["param_budget"] * sum(m * n for m, n in shapes))
-            else:
-                ranks = [budget_rank(*w.shape, plan["param_budget"]) for w in W]
-            for idx in groups.values():
-                U, sv, Vh = svd(torch.stack([M[i] for i in idx]))
+    Gs = grams if grams is not None and all(g is not None for g in grams) else None
+    shapes = [tuple(w.shape) for w in weights]
+    # layers of one shape go through the batched SVD together, in chunks of bounded size: nothing
+    # model-sized is held in float64 at once (a ViT-B/32 plan held six such copies)
+    chunks: list[list[int]] = []
+    for shape in dict.fromkeys(shapes):
+        per = max(1, SPLIT_CHUNK_BYTES // (8 * shape[0] * shape[1]))
+        idx = [i for i, s in enumerate(shapes) if s == shape]
+        chunks += [idx[k:k + per] for k in range(0, len(idx), per)]
+
+    def run(idx: list[int], ranks: list[int] | None) -> Any:
+        """One pass of the stages over the layers ``idx``: ``(num, den)``, or the energies when ``ranks`` is None."""
+        W = [weights[i].double() for i in idx]
+        G = [Gs[i].double() for i in idx] if Gs is not None else None
+        roots = [whitening(g, damping) for g in G] if (G is not None and method == "activation_aware") else None
+        S = [torch.zeros_like(w) for w in W]
+        LR = [torch.zeros_like(w) for w in W]
+        for stage in order:
+            if stage == "dare":
+                for j, w in enumerate(W):
+                    t = w - LR[j]
+                    score = (wanda_scores(t, G[j].diagonal().clamp_min(0).sqrt())
+                             if (scorer == "wanda" and G is not None) else magnitude_scores(t))
+                    S[j] = t * topk_mask(score, plan["pruning_rate"], prune_scope)
+            elif stage == "nullu":
+                M = torch.stack([(W[j] - S[j]) @ roots[j][0] if roots else W[j] - S[j] for j in range(len(W))])
+                if ranks is None:
+                    return spectral_energy(M)
+                U, sv, Vh = svd(M)
                 for j, i in enumerate(idx):
                     r = ranks[i]
                     lr = (U[j, :, :r] * sv[j, :r]) @ Vh[j, :r, :]
-                    LR[i] = lr @ roots[i][1] if roots else lr
-    num = den = 0.0
-    for i, w in enumerate(W):
-        R = w - S[i] - LR[i]
-        if G is None:
-            num += float(R.pow(2).sum())
-            den += float(w.pow(2).sum())
+                    LR[j] = lr @ roots[j][1] if roots else lr
+                del M, U, sv, Vh
+        num = den = 0.0
+        for j, w in enumerate(W):
+            R = w - S[j] - LR[j]
+            if G is None:
+                num += float(R.pow(2).sum())
+                den += float(w.pow(2).sum())
+            else:
+                num += float(((R @ G[j]) * R).sum())
+                den += float(((w @ G[j]) * w).sum())
+        return num, den
+
+    ranks: list[int] = [0] * len(weights)
+    if "nullu" in order:
+        if rank_allocation == "global":
+            energy: list[torch.Tensor] = [torch.empty(0)] * len(weights)
+            for idx in chunks:
+                e = run(idx, None)
+                for j, i in enumerate(idx):
+                    energy[i] = e[j]
+            ranks = allocate_ranks(energy, shapes, plan["param_budget"] * sum(m * n for m, n in shapes))
         else:
-            num += float(((R @ G[i]) * R).sum())
-            den += float(((w @ G[i]) * w).sum())
+            ranks = [budget_rank(m, n, plan["param_budget"]) for m, n in shapes]
+    num = den = 0.0
+    for idx in chunks:
+        n_, d_ = run(idx, ranks)
+        num, den = num + n_, den + d_
     return num / den if den > 0 else 0.0
+
+
+#: the most float64 bytes of weights ``split_error`` decomposes at once
+SPLIT_CHUNK_BYTES = 1 << 27
 
 
 # ------------------------------------------------------------------------------ one plan over bits, rank, sparsity

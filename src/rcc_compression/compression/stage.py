@@ -233,6 +233,8 @@ class Stage(ABC):
 
     name: ClassVar[str] = "stage"
     config_class: ClassVar[type[StageConfig]] = StageConfig
+    #: a recovery stage only tries to win back quality: the cascade undoes a step of it that lowers the gate metric
+    recovery: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig | dict[str, Any] | None = None) -> None:
         if config is None:

@@ -20,8 +20,10 @@ from ..compression.rate import achieved_rate, apply_rate
 from ..compression.registry import STAGES
 from ..compression.stage import Distiller
 from ..config import RCCConfig, load_config
+from ..data.calibration import build_calibration_batches
 from ..errors import CompressionError
-from ..models.registry import get_model, unwrap_model
+from ..models.registry import BUNDLED, get_model, unwrap_model
+from ..models.tiny import TINY_MODELS
 from ..training.callbacks import Callback
 from ..training.recovery import finetune_on_batches
 from ..training.settings import TrainingSection
@@ -78,6 +80,9 @@ def compress_model(
     scope: str = "layers",
     lowrank_share: float | None = None,
     metric_fn: Callable[[nn.Module], float] | None = None,
+    holdout_data: Iterable[Mapping[str, Any]] | None = None,
+    preserve_data: Iterable[Mapping[str, Any]] | None = None,
+    reference_model: str | os.PathLike[str] | nn.Module | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     seed: int | None = None,
     device: str | torch.device | None = None,
@@ -91,14 +96,33 @@ def compress_model(
     (``scope="layers"``) or of the whole model (``scope="model"``) land on it; a rate that cannot
     be reached raises :class:`CompressionError` saying why, and a run the gate stops early reports
     the rate it did reach and the step that failed.
+
+    ``calibration_data`` (batches of keyword arguments for ``model(**batch)``) is needed for any
+    model but the bundled ones (``rcc-clip-world``, ``rcc-blip-world`` and the tiny test models),
+    which calibrate on the world data by default. ``holdout_data`` are the batches the validation
+    gate scores; without them the last ``min(2, n // 3)`` calibration batches are held out (before
+    any planning sees them), and with fewer than 3 batches the gate reports "not measured".
+    ``preserve_data`` is AlphaEdit's preserve set (``alphaedit.mode: closed_form``: outputs on it
+    must not move). ``reference_model`` (or ``compression.dare.reference_model``) is the base a
+    fine-tune came from, for ``dare.target: delta`` (published DARE).
     """
     cfg = _resolve_config(config)
     seed = cfg.experiment.seed if seed is None else seed
-    calibration_data = list(calibration_data) if calibration_data is not None else None
     if method != "cascade" and method not in STAGES:
         raise CompressionError(f"unknown method {method!r}; allowed: cascade, {', '.join(STAGES)}")
     wrapper_or_module = model if isinstance(model, nn.Module) else get_model(model, cfg.model.type, cfg.model.dtype)
     inner = unwrap_model(wrapper_or_module)
+    calibration_source = "given"
+    if calibration_data is None:
+        calibration_data, calibration_source = _default_calibration(model, wrapper_or_module, cfg, seed)
+    calibration_data = list(calibration_data)
+    fit, holdout = calibration_data, (list(holdout_data) if holdout_data is not None else None)
+    if holdout is None and calibration_source == "world":
+        n_hold = cfg.calibration.holdout_batches
+        fit, holdout = (calibration_data[:-n_hold], calibration_data[-n_hold:]) if n_hold else (fit, [])
+    elif holdout is None and len(calibration_data) >= 3:
+        n_hold = min(2, len(calibration_data) // 3)
+        fit, holdout = calibration_data[:-n_hold], calibration_data[-n_hold:]
     section = cfg.compression
     stages = list(section.cascade.stages) if method == "cascade" else [method]
     section.cascade.stages = stages
@@ -107,22 +131,48 @@ def compress_model(
         compression_rate, scope = section.cascade.target_rate, section.cascade.rate_scope
     if compression_rate is not None:
         share = lowrank_share if lowrank_share is not None else section.cascade.lowrank_share
-        plan = apply_rate(inner, section, compression_rate, scope, share, calibration_data)
-    pipe = CompressionPipeline(section, calibration_data=calibration_data, metric_fn=metric_fn, run_dir=run_dir,
+        plan = apply_rate(inner, section, compression_rate, scope, share, fit)  # the holdout stays unseen
+    if reference_model is None and section.dare.reference_model and "dare" in stages:
+        reference_model = section.dare.reference_model
+    if isinstance(reference_model, (str, os.PathLike)):
+        reference_model = get_model(reference_model, cfg.model.type, cfg.model.dtype)
+    pipe = CompressionPipeline(section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve_data,
+                               reference_model=reference_model, metric_fn=metric_fn, run_dir=run_dir,
                                seed=seed, device=device, progress_callback=progress_callback,
                                run_config=cfg.model_dump(mode="json"), training=cfg.training)
     out = pipe.run(wrapper_or_module)
     summary = compression_summary(inner)
-    stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results()}
+    stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results(),
+                             "calibration": calibration_source}
     if plan is not None:
         achieved = achieved_rate(inner, scope)
         stats["achieved_rate"] = achieved
         if abs(achieved - compression_rate) > 0.01:
             failed = next((r for r in pipe.records if not r.get("passed", True)), None)
-            why = (f"the validation gate stopped step {failed['step']} ({failed['stage']}, round {failed['round']}) at "
-                   f"retention {failed['retention']:.4f} < {failed['threshold']}" if failed else
-                   "the stages' targets did not translate exactly into stored bytes")
+            why = "the stages' targets did not translate exactly into stored bytes"
+            if failed:
+                at = failed.get("error") or f"retention {failed['retention']:.4f} < {failed['threshold']}"
+                why = (f"the validation gate stopped step {failed['step']} ({failed['stage']}, round "
+                       f"{failed['round']}) at {at}")
             stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
             log.warning(stats["rate_note"])
     out.compression_stats = stats
     return out
+
+
+def _default_calibration(model: Any, wrapper: nn.Module, cfg: RCCConfig, seed: int
+                         ) -> tuple[list[dict[str, Any]], str]:
+    """World-data calibration batches for a bundled model; any other model gets a one-line refusal."""
+    name = model if isinstance(model, (str, os.PathLike)) else getattr(wrapper, "name", None)
+    name = str(name) if name is not None else None
+    bundled = name is not None and (name in BUNDLED or name in TINY_MODELS)
+    if not bundled or getattr(wrapper, "tokenizer", None) is None:
+        raise CompressionError(
+            f"compress_model needs calibration_data for {name or type(unwrap_model(wrapper)).__name__}: a list of "
+            f"batches (dicts of keyword arguments for model(**batch)); only the bundled models "
+            f"({', '.join(sorted(BUNDLED))} and the tiny test models) calibrate on the world data by themselves")
+    cal = cfg.calibration
+    batches = build_calibration_batches(wrapper, "world", cal.num_batches + cal.holdout_batches, cal.batch_size, seed)
+    log.info("calibrating %s on the world data: %d batches of %d (%d held out for the gate)", name,
+             cal.num_batches, cal.batch_size, cal.holdout_batches)
+    return batches, "world"

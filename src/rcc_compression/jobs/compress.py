@@ -60,7 +60,8 @@ def compress_data(wrapper: nn.Module, cfg: RCCConfig, run_dir: Path | None, eval
         fit = batches
     else:
         n_hold = cal.holdout_batches
-        fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, batches)
+        # no holdout: the gate says "not measured" (it never scores the model on the batches it was fitted to)
+        fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, [])
     benchmarks = [b for b in cfg.evaluation.benchmarks if b != "efficiency"]
     if evaluate and benchmarks:
         tests = benchmark_datasets(wrapper, benchmarks, evaluation_datasets(cfg), **kw)
@@ -150,13 +151,18 @@ def _run_compress(
         log.info("planned for rate %.4f: %s", section.cascade.target_rate,
                  {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share")})
     resolved = dump_config(cfg) | {"compression": section.model_dump(mode="json")}
+    reference = None
+    if "dare" in section.cascade.stages and section.dare.target == "delta" and section.dare.reference_model:
+        # published DARE works on the deltas of a fine-tune against the base it came from
+        reference = get_model(section.dare.reference_model, cfg.model.type, cfg.model.dtype,
+                              seed=cfg.experiment.seed).to(device)
     with start_tracker(cfg, run_dir, resolved) as tracker:
         tracker.log_event("phase", phase="dense evaluation")
         dense_quality, dense_ci = quality_metrics(wrapper, cfg) if evaluate else ({}, {})
         tracker.log_event("phase", phase="cascade")
         pipe = CompressionPipeline(
             section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
-            seed=cfg.experiment.seed, device=device, progress_callback=progress,
+            reference_model=reference, seed=cfg.experiment.seed, device=device, progress_callback=progress,
             step_callback=chain(step_callback, cascade_logger(tracker)), run_config=resolved,
             encrypt_key=encrypt_key, training=cfg.training,
             distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
@@ -170,8 +176,9 @@ def _run_compress(
         kernels: dict[str, int] = {}
         effs: dict[str, Any] = {}
         if evaluate and "efficiency" in cfg.evaluation.measures():
-            kernels = dict(Counter(optimize_execution(wrapper, holdout[0]).values()))
-            effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, holdout[0])
+            probe = holdout[0] if holdout else fit[0]  # inputs for timing: any batch will do
+            kernels = dict(Counter(optimize_execution(wrapper, probe).values()))
+            effs = compare_efficiency({"dense": pipe.dense_model, "compressed": wrapper}, probe)
         results = {
             "model": cfg.model.name,
             "stages": section.cascade.stages,
@@ -185,7 +192,8 @@ def _run_compress(
             "stored_bytes_measured": measured_storage(out_dir),
             "stored_bytes_reported": manifest["stored_bytes"],
             "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
-                     "threshold": cfg.compression.cascade.validation_threshold},
+                     "threshold": cfg.compression.cascade.validation_threshold,
+                     "measured": pipe.gate_note or "yes"},
         }
         atomic_write_json(run_dir / "results.json", results)
         atomic_write_text(run_dir / "results.md", results_table_markdown(results))
@@ -257,5 +265,5 @@ def results_table_markdown(results: dict[str, Any]) -> str:
         if failed:
             why = failed.get("error") or f"retention {failed['retention']:.4f}"
             lines += ["", f"The validation gate stopped step {failed['step']} ({failed['stage']}, round "
-                          f"{failed['round']}) at {why}; the model was rolled back to the last passing step."]
+                          f"{failed['round']}) at {why}; the model went back to the smallest passing state."]
     return "\n".join(lines) + "\n"

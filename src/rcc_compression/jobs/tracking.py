@@ -36,7 +36,8 @@ def start_tracker(cfg: RCCConfig, run_dir: Path, resolved: dict[str, Any]) -> Ex
 def step_metrics(record: dict[str, Any]) -> dict[str, float]:
     """The numbers of one cascade step record that the ``cascade`` series logs."""
     out = {k: float(record[k]) for k in CASCADE_VALUES if isinstance(record.get(k), (int, float))}
-    out.update({k: float(record["achieved"][k]) for k in ACHIEVED_VALUES if k in record.get("achieved", {})})
+    achieved = record.get("achieved", {})  # a value may be None (sparsity where no layer holds an S)
+    out.update({k: float(achieved[k]) for k in ACHIEVED_VALUES if achieved.get(k) is not None})
     out["passed"] = float(bool(record.get("passed")))
     return out
 

@@ -27,7 +27,7 @@ def plot_rate_curve(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r for r in records if "achieved" in r]
+    steps = [r for r in records if "achieved" in r and r.get("retention") is not None]  # unmeasured: no point
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for stage in dict.fromkeys(r["stage"] for r in steps):
         pts = [(r["achieved"]["compression_rate"], r["retention"]) for r in steps if r["stage"] == stage]
