@@ -169,9 +169,9 @@ def main() -> None:
           f"{len(calib)} calibration batches of 32; {torch.get_num_threads()} threads")
     print(f"dense: R@1 {base['R@1']:.4f}, MRR {base['MRR']:.4f}")
     report: dict[str, Any] = {"dense": base, "pairs": len(pairs), "rows": {}}
-    for ratio in [float(r) for r in args.ratios.split(",")]:
+    for ratio in [float(r) for r in args.ratios.split(",") if r]:
         rate = 1.0 - 1.0 / ratio
-        for label in args.methods.split(","):
+        for label in [m for m in args.methods.split(",") if m]:
             method, section = METHODS[label]
             cfg = {"compression": {**section, "cascade": {**section.get("cascade", {}), "validation_threshold": 0.0}},
                    "experiment": {"seed": args.seed}}
@@ -204,15 +204,25 @@ def main() -> None:
         model, _ = load_encoder()
         print("one-call API with the defaults: compress_model(model, compression_rate=0.5, method='cascade', "
               "calibration_data=...)")
+        phases: dict[str, list[float]] = {}  # first and last progress report of each phase, seconds from the start
+
+        def seen(what: str, done: int, total: int) -> None:
+            span = phases.setdefault(what.split(" ")[0].rstrip(":"), [time.perf_counter() - t0] * 2)
+            span[1] = time.perf_counter() - t0
+
         t0 = time.perf_counter()
-        model = compress_model(model, compression_rate=0.5, method="cascade", calibration_data=calib)
+        model = compress_model(model, compression_rate=0.5, method="cascade", calibration_data=calib,
+                               progress_callback=seen)
         seconds = time.perf_counter() - t0
         s = scores(model, qb, db, dense_emb)
         stats = model.compression_stats
         report["api"] = {"seconds": round(seconds, 1), "achieved_rate": stats["achieved_rate"], **s,
-                         "stages": (stats.get("plan") or {}).get("stages")}
+                         "stages": (stats.get("plan") or {}).get("stages"),
+                         "phases": {k: [round(a, 1), round(b, 1)] for k, (a, b) in phases.items()}}
         print(f"API default 2x: {seconds:.1f} s, size {1 / (1 - stats['achieved_rate']):.2f}x, stages "
               f"{report['api']['stages']}, cosine {s['cosine']:.4f}, R@1 {s['R@1']:.4f}, MRR {s['MRR']:.4f}")
+        print("  phases (first..last progress report, s): " +
+              ", ".join(f"{k} {a:.0f}..{b:.0f}" for k, (a, b) in report["api"]["phases"].items()))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
