@@ -17,6 +17,7 @@ from ..evaluation.suite import benchmark_datasets, evaluate_model, results_table
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.runs import RunRecord
 from .data import check_against_lineage
+from .tracking import log_evaluation, start_tracker
 
 
 def run_suite(
@@ -49,8 +50,18 @@ def evaluate_job(cfg: RCCConfig, run_dir: Path, benchmarks: list[str], datasets:
     """``rcc evaluate``: the model (a name, a directory, or a compressed checkpoint or run), on ``datasets``.
 
     A compressed model's lineage (the runs it was compressed and trained in, by their ``data.json``)
-    is checked first: a test image any of them calibrated or trained on is refused.
+    is checked first: a test image any of them calibrated or trained on is refused. The results go
+    to the trackers ``cfg.tracking`` names, as a compress run's do.
     """
+    with start_tracker(cfg, run_dir, dump_config(cfg)) as tracker:
+        tracker.log_event("phase", phase="evaluation")
+        results = _evaluate(cfg, run_dir, benchmarks, datasets, split, key, **kwargs)
+        log_evaluation(tracker, results)
+    return results
+
+
+def _evaluate(cfg: RCCConfig, run_dir: Path, benchmarks: list[str], datasets: list[str], split: str,
+              key: bytes | None, **kwargs: Any) -> dict[str, Any]:
     name = cfg.model.name
     model: Any = load_deployable(name, key=key).wrapper if checkpoint_dir(name) is not None else name
     checked: list[str] = []
