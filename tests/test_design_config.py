@@ -97,13 +97,8 @@ def test_metrics_default_to_what_the_benchmarks_measure():
 
 
 # ------------------------------------------------------------------------------- every key is read by someone
-#: dataset.val, .test, .batch_size and .num_workers are wired into the jobs by the data work (issue 15)
-DATA_PENDING = pytest.mark.xfail(strict=True, reason="dataset.val/test/batch_size/num_workers: read by no job until "
-                                                     "the data work lands; then list their readers in READERS")
-
-
 def _sections() -> list:
-    out = [pytest.param(name, field.annotation, id=name, marks=DATA_PENDING if name == "dataset" else ())
+    out = [pytest.param(name, field.annotation, id=name)
            for name, field in RCCConfig.model_fields.items() if name != "compression"]
     cascade = RCCConfig.model_fields["compression"].annotation.model_fields["cascade"].annotation
     return [*out, pytest.param("compression.cascade", cascade, id="compression.cascade")]

@@ -162,6 +162,10 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoints/last.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
     seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Training data: SPEC[@SPLIT] (sets dataset.train).")] = None,  # noqa: E501
+    val: Annotated[str | None, typer.Option("--val", help="Validation data: SPEC[@SPLIT] (sets dataset.val).")] = None,  # noqa: E501
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimiser steps (sets training.max_steps).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (sets training.num_epochs).")] = None,  # noqa: E501
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -182,6 +186,10 @@ def train(
         _train_reference(reference, output, None, seed or 0, 20.0, None, verbose, quiet)
         return
     sets = _overrides(set_, None, seed)
+    for key, value in (("dataset.train", data), ("dataset.val", val), ("training.max_steps", steps),
+                       ("training.num_epochs", epochs)):
+        if value is not None:
+            sets.append(f"{key}={value}")
     cfg = load_config(config, sets) if config is not None else load_config(None, sets, data=resolve_source(source)[1])
     run_dir, results = train_job(cfg, source, output, resume, overwrite, _verbosity(verbose, quiet), not quiet)
     if results is None:  # not rank 0 of a torchrun group
@@ -272,9 +280,10 @@ def evaluate(
     quiet: Quiet = False,
 ) -> None:
     """Evaluate a model: every metric with a bootstrap 95 % CI, into results.json and results.md."""
-    from .config import dump_config, load_config
+    from .config import load_config
     from .evaluation.suite import results_table
-    from .jobs.evaluate import run_suite
+    from .jobs.common import evaluation_datasets
+    from .jobs.evaluate import evaluate_job
     from .utils.logging import setup_logging
     from .utils.runs import new_run_dir
 
@@ -287,9 +296,9 @@ def evaluate(
                                   "efficiency" not in ev.benchmarks else [])
     run_dir = output or new_run_dir(cfg.experiment.output_dir, "evaluate")
     setup_logging(_verbosity(verbose, quiet), run_dir)
-    results = run_suite(
-        cfg.model.name, run_dir, benchmarks=benchmarks, datasets=dataset or ev.datasets or ["world"],
-        seed=cfg.experiment.seed, config=dump_config(cfg), split=split, batch_size=ev.batch_size,
+    results = evaluate_job(
+        cfg, run_dir, benchmarks=benchmarks, datasets=dataset or evaluation_datasets(cfg),
+        split=split, batch_size=ev.batch_size,
         bootstrap_samples=ev.bootstrap_samples if bootstrap is None else bootstrap, max_items=max_items,
         templates=templates, world_seed=world_seed, skip_bad=skip_bad or cfg.dataset.skip_bad,
         root=cfg.dataset.root, progress=not quiet,

@@ -16,7 +16,7 @@ import copy
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
@@ -33,31 +33,68 @@ from .utils.tracking import TrackingConfig
 class ExperimentSection(StrictModel):
     """Name, seed and where runs go."""
 
-    name: str = "rcc"
-    seed: int = 0
-    deterministic: bool = False
-    output_dir: str = "runs"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    name: str = Field("rcc", description="run name; run directories are <output_dir>/<name>-<time>")
+    seed: int = Field(0, description="seeds Python, NumPy and torch, data order and calibration draws")
+    deterministic: bool = Field(False, description="deterministic kernels (slower on GPU; bit-identical repeats)")
+    output_dir: str = Field("runs", description="where run directories are created")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+                        description="auto: CUDA when available, else the CPU")
 
 
 class ModelSection(StrictModel):
     """Which model to compress: a bundled short name, a local directory or a hub id."""
 
-    name: str = "rcc-clip-world"
-    type: Literal["clip", "blip", "blip_vqa"] | None = None
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    name: str = Field("rcc-clip-world", description="bundled name, local Hugging Face directory or hub id")
+    type: Literal["clip", "blip", "blip_vqa"] | None = Field(None, description="model family; None: from its config")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype the weights load in")
+
+
+class AugmentSection(StrictModel):
+    """Augmentation of the training split (never of val, test or calibration data).
+
+    A random resized crop and brightness/contrast jitter, batched on uint8 tensors; hue is never
+    changed and images are flipped only with ``hflip`` (colour words and left/right are labels in
+    many caption datasets). In distillation the teacher sees the same augmented images.
+    """
+
+    enabled: bool = Field(True, description="augment the training split")
+    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        (0.8, 1.0), description="range of the crop's area, as a fraction of the image")
+    ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
+        (0.9, 1.1), description="range of the crop's aspect ratio")
+    brightness: float = Field(0.1, ge=0, lt=1, description="brightness factor drawn from 1 +- this")
+    contrast: float = Field(0.1, ge=0, lt=1, description="contrast factor drawn from 1 +- this")
+    hflip: bool = Field(False, description="flip half the images left-right")
 
 
 class DatasetSection(StrictModel):
-    """Dataset names or paths for the train, validation and test splits."""
+    """The data of a run: train, validation and test splits, and how they are loaded.
 
-    train: str | None = None
-    val: str | None = None
-    test: str | None = None
-    root: str | None = None
-    batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(0, ge=0)
-    skip_bad: bool = False
+    Each split is a dataset spec (a path whose format is detected, ``hf:NAME`` or a saved
+    Hugging Face dataset, ``world[:PART]``, or a known name under ``root``) read at the split of
+    its key, or at ``SPEC@SPLIT``. ``train`` feeds recovery training; ``val`` is evaluated during
+    training (the best model is kept) and holds out the compression gate's batches; ``test`` is
+    what ``rcc evaluate`` and the end of ``rcc compress`` measure when ``evaluation.datasets`` is
+    empty. No image may be in both a training and a held-out split (``leak_check``).
+    """
+
+    train: str | None = Field(None, description="training split: SPEC or SPEC@SPLIT")
+    val: str | None = Field(None, description="validation split: SPEC or SPEC@SPLIT")
+    test: str | None = Field(None, description="test split: SPEC or SPEC@SPLIT")
+    root: str | None = Field(None, description="directory of the known names (default $RCC_DATA_ROOT)")
+    task: Literal["captions", "classification", "vqa"] | None = Field(
+        None, description="which part of a directory holding several formats to read")
+    batch_size: int = Field(64, ge=1, description="batch size of the val and test loaders")
+    num_workers: int = Field(0, ge=0, description="loader worker processes (0: load in the main process)")
+    prefetch_factor: int = Field(2, ge=1, description="batches each worker loads ahead")
+    max_tokens: int | None = Field(
+        None, ge=1, description="token budget per training batch (items x longest text): variable batch sizes")
+    bucket_by_length: bool = Field(True, description="batch training items of similar text length together")
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    leak_check: Literal["auto", "content", "path", "off"] = Field(
+        "auto", description="how images are compared across splits: pixels, file paths, or not at all")
+    cache_dir: str | None = Field(None, description="directory of preprocessed-image caches (uint8 safetensors)")
+    skip_bad: bool = Field(False, description="skip and count unreadable items instead of stopping")
 
 
 class CalibrationSection(StrictModel):
@@ -68,11 +105,13 @@ class CalibrationSection(StrictModel):
     for the gate.
     """
 
-    source: str = "synthetic"
-    num_batches: int = Field(8, ge=1)
-    batch_size: int = Field(16, ge=1)
-    holdout_batches: int = Field(2, ge=0)
-    preserve_source: str | None = None
+    source: str = Field("synthetic", description="synthetic, world, or a dataset SPEC[@SPLIT] (its train split "
+                        "by default)")
+    num_batches: int = Field(8, ge=1, description="batches the stages fit on")
+    batch_size: int = Field(16, ge=1, description="items per calibration batch")
+    holdout_batches: int = Field(2, ge=0, description="batches held out for the validation gate (from dataset.val "
+                                 "when it is set)")
+    preserve_source: str | None = Field(None, description="alphaedit closed_form: data whose outputs must not move")
 
 
 class EvaluationSection(StrictModel):
@@ -87,12 +126,14 @@ class EvaluationSection(StrictModel):
     makes ``rcc compress`` profile and ``rcc evaluate`` run the efficiency benchmark.
     """
 
-    benchmarks: list[str] = Field(default_factory=lambda: ["zero_shot", "retrieval"])
-    datasets: list[str] = Field(default_factory=list)
+    benchmarks: list[str] = Field(default_factory=lambda: ["zero_shot", "retrieval"],
+                                  description="zero_shot, retrieval, captioning, vqa, efficiency")
+    datasets: list[str] = Field(default_factory=list, description="dataset specs to evaluate on (SPEC[@SPLIT], "
+                                "test split by default), besides dataset.test; neither set: the world")
     metrics: list[str] | None = Field(None, description="accuracy, retrieval, captioning, efficiency; "
                                                         "None: what the benchmarks measure")
-    batch_size: int = Field(64, ge=1)
-    bootstrap_samples: int = Field(1000, ge=0)
+    batch_size: int = Field(64, ge=1, description="evaluation batch size")
+    bootstrap_samples: int = Field(1000, ge=0, description="bootstrap resamples per metric (0: point estimates)")
 
     @field_validator("benchmarks")
     @classmethod
@@ -160,13 +201,24 @@ READERS: dict[str, tuple[str, ...]] = {
     "model.name": (_J + "compress", _J + "train", "rcc_compression.cli"),
     "model.type": (_J + "compress", _J + "train", _J + "api"),
     "model.dtype": (_J + "compress", _J + "train", _J + "api"),
-    "dataset.train": (_J + "train",),
-    "dataset.root": ("rcc_compression.cli",),
-    "dataset.skip_bad": (_J + "common", "rcc_compression.cli"),
+    "dataset.train": (_J + "data",),
+    "dataset.val": (_J + "data", _J + "compress"),
+    "dataset.test": (_J + "train", _J + "common"),
+    "dataset.root": ("rcc_compression.cli", _J + "data", _J + "compress", _J + "common"),
+    "dataset.task": (_J + "data",),
+    "dataset.batch_size": (_J + "train",),
+    "dataset.num_workers": (_J + "train",),
+    "dataset.prefetch_factor": (_J + "train",),
+    "dataset.max_tokens": (_J + "train",),
+    "dataset.bucket_by_length": (_J + "train",),
+    "dataset.augment": ("rcc_compression.data.splits",),
+    "dataset.leak_check": (_J + "train", _J + "compress"),
+    "dataset.cache_dir": (_J + "data",),
+    "dataset.skip_bad": (_J + "common", _J + "data", _J + "compress", "rcc_compression.cli"),
     "calibration.source": (_J + "compress", _J + "train"),
     "calibration.num_batches": (_J + "common",),
     "calibration.batch_size": (_J + "common", _J + "train"),
-    "calibration.holdout_batches": (_J + "common", _J + "compress", _J + "train", _J + "api"),
+    "calibration.holdout_batches": (_J + "common", _J + "compress", _J + "api"),
     "calibration.preserve_source": (_J + "compress",),
     "compression.dare.iterations": ("rcc_compression.compression.cascade",),
     "compression.dare.reference_model": (_J + "train", _J + "compress", _J + "api"),
@@ -202,8 +254,13 @@ READERS: dict[str, tuple[str, ...]] = {
     "training.teacher_cache": (_J + "train",),
     "training.checkpoint_every_steps": (_J + "train",),
     "training.early_stopping_patience": (_J + "train",),
+    "training.max_steps": (_T + "trainer", _J + "train"),
+    "training.eval_every_steps": (_T + "trainer", _J + "train"),
+    "training.monitor": (_J + "train",),
+    "training.val_benchmarks": (_J + "train",),
+    "training.val_max_items": (_J + "data",),
     "evaluation.benchmarks": (_J + "compress", "rcc_compression.cli"),
-    "evaluation.datasets": (_J + "compress", "rcc_compression.cli"),
+    "evaluation.datasets": (_J + "common",),
     "evaluation.metrics": (_J + "compress", "rcc_compression.cli"),
     "evaluation.batch_size": (_J + "compress", "rcc_compression.cli"),
     "evaluation.bootstrap_samples": ("rcc_compression.cli",),

@@ -35,10 +35,10 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def image_folder(tmp_path: Path) -> Path:
     """ImageNet-style: train/ and val/ class folders (wnid names) and a LOC-style class-name file."""
     root = tmp_path / "imagenet"
-    for split, n in (("train", 3), ("val", 2)):
+    for s, (split, n) in enumerate((("train", 3), ("val", 2))):
         for c, wnid in enumerate(("n0001", "n0002", "n0003")):
             for k in range(n):
-                write_png(root / split / wnid / f"{k}.png", 100 * c + k)
+                write_png(root / split / wnid / f"{k}.png", 1000 * s + 100 * c + k)  # no image in both splits
     (root / "classnames.txt").write_text("n0001 tench, Tinca tinca\nn0002 goldfish\nn0003 great white shark\n")
     return root
 

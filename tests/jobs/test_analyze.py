@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from rcc_compression.cli import main
-from rcc_compression.jobs.analyze import run_analyze
+from rcc_compression.config import load_config
+from rcc_compression.jobs import analyze as analyze_job
+from rcc_compression.jobs.analyze import run_analyze, world_of
 
 from .conftest import tiny_config
 
@@ -48,3 +52,16 @@ def test_analyze_a_compressed_run(tiny_world: Path, tmp_path: Path) -> None:
     rep = run_analyze(run, parts=["sensitivity", "subspace"], against=run)
     assert (out / "sensitivity.json").stat().st_mtime_ns == stamp
     assert all(v["rows"]["geodesic"] < 1e-6 for v in rep["subspace"]["against"]["layers"].values())
+
+
+def test_the_world_is_found_from_part_specs(tiny_world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Embedding maps need the world; configs name its parts (world:colour_shape, DIR#captions), not only 'world'."""
+    monkeypatch.setattr(analyze_job, "ensure_world", lambda seed, splits: Path("/generated/world"))
+
+    def found(*datasets: str) -> Path | None:
+        return world_of(load_config(None, data={"evaluation": {"datasets": list(datasets)}}), "test")
+
+    assert found("world:colour_shape", "world:captions") == Path("/generated/world")
+    assert found("world") == Path("/generated/world")
+    assert found(f"{tiny_world}#colour_shape") == tiny_world and found(str(tiny_world)) == tiny_world
+    assert found("coco_karpathy") is None

@@ -158,3 +158,26 @@ def test_file_log_holds_results_exactly_and_training_steps(small_run):
     phases = [e["phase"] for e in lines if e.get("event") == "phase"]
     assert phases[:3] == ["dense evaluation", "cascade", "evaluation"]
     assert lines[-1] == {**lines[-1], "event": "end", "status": "ok"}
+
+
+def test_evaluate_run_logs_what_results_json_says(tmp_path):
+    """``rcc evaluate`` logs every metric and its interval to the configured trackers, exactly as written."""
+    from rcc_compression.cli import main
+    from rcc_compression.jobs.tracking import evaluation_metrics
+
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "-m", "rcc-clip-world", "-b", "zero_shot", "-b", "retrieval", "--max-items", "48",
+               "--bootstrap", "20", "-o", str(out), "-q", "--set", "tracking.backends=[file,tensorboard]"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    logged = evaluation_metrics(results)
+    assert {"eval/zero_shot/world_colour_shape", "eval/retrieval/world_captions"} <= set(logged)
+    top1 = results["results"]["zero_shot"]["world:colour_shape"]["metrics"]["top1"]
+    assert logged["eval/zero_shot/world_colour_shape"]["top1"] == top1["value"]
+    assert logged["eval/zero_shot/world_colour_shape"]["top1/ci_low"] == top1["ci_low"]
+    lines = read_metrics_file(out)
+    for series, values in logged.items():
+        assert series_points(lines, series) == {0: values}
+    scalars = _tb_scalars(out / "tensorboard")
+    assert math.isclose(scalars["eval/zero_shot/world_colour_shape/top1"][0], top1["value"], rel_tol=1e-6)
+    assert lines[-1]["event"] == "end" and lines[-1]["status"] == "ok"

@@ -13,9 +13,11 @@ import yaml
 from rcc_compression.cli import main
 from rcc_compression.errors import ConfigError
 from rcc_compression.optimization.search import Search, pareto_mask
-from rcc_compression.optimization.space import load_search_config
+from rcc_compression.optimization.space import base_params, config_for, load_search_config
 
 from .conftest import write_search
+
+SEARCH_FILES = sorted((Path(__file__).resolve().parents[2] / "config" / "search").glob("*.yaml"))
 
 
 def _sha(path: Path) -> str:
@@ -140,3 +142,11 @@ def test_hyperband_pruner_and_the_optimize_call(search_dir: Path) -> None:
     assert isinstance(make_pruner(spec), optuna.pruners.HyperbandPruner)
     report = optimize(spec, search_dir / "out")
     assert sum(report["counts"].get(k, 0) for k in ("COMPLETE", "PRUNED")) == 2
+
+
+@pytest.mark.parametrize("path", SEARCH_FILES, ids=[p.stem for p in SEARCH_FILES])
+def test_shipped_search_files_validate_and_start_from_their_base(path: Path) -> None:
+    search = load_search_config(path)
+    assert base_params(search) is not None  # trial 0 runs the base recipe: the best is judged against it
+    cfg = config_for(search, {})
+    assert cfg.model.name == "rcc-clip-world" and cfg.compression.cascade.target_rate == 0.75

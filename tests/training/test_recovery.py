@@ -116,16 +116,29 @@ def _compressed_run(tmp_path: Path, wrapper, make_batches) -> Path:
     return run
 
 
-def test_rcc_train_recovers_a_compressed_run_and_resumes(tmp_path: Path, tiny_clip, make_batches) -> None:
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated world: 24 training scenes with five captions each, 8 for validation."""
+    from rcc_compression.data.world import WorldSpec, generate_world
+
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, WorldSpec(seed=0, train=24, val=8, test=8, splits=("train", "val"), parts=("captions",)))
+    return root
+
+
+def test_rcc_train_recovers_a_compressed_run_and_resumes(tmp_path: Path, tiny_clip, make_batches,
+                                                         small_world: Path) -> None:
     run = _compressed_run(tmp_path, tiny_clip, make_batches)
     out = tmp_path / "recovered"
-    sets = ["--set", "training.batch_size=8", "--set", "training.learning_rate=0.002", "--set",
-            "calibration.num_batches=4", "--set", "calibration.batch_size=8", "--set", "calibration.holdout_batches=1"]
+    sets = ["--data", str(small_world), "--set", "training.batch_size=8", "--set", "training.learning_rate=0.002"]
     assert main(["train", "--from", str(run), "--output", str(out), "-q", *sets,
                  "--set", "training.num_epochs=2"]) == 0
     results = json.loads((out / "train_results.json").read_text())
-    assert results["teacher"] == "tiny-clip" and results["steps"] == 8 and results["epochs"] == 2
-    assert results["kept"] == "last"
+    assert results["teacher"] == "tiny-clip" and results["steps"] == 6 and results["epochs"] == 2
+    assert results["data"]["train"]["items"] == 24 and results["data"]["val"]["split"] == "val"
+    # the model kept is the one with the lowest validation loss
+    best = min(results["history"], key=lambda h: h["val_loss"])
+    assert results["kept"] in ("last", "step 3") and results["after"]["val_loss"] == pytest.approx(best["val_loss"])
     assert results["after"]["val_loss"] < results["before"]["val_loss"]
     assert results["after"]["val_agreement"] > results["before"]["val_agreement"]
     record = json.loads((out / "run.json").read_text())
@@ -136,26 +149,25 @@ def test_rcc_train_recovers_a_compressed_run_and_resumes(tmp_path: Path, tiny_cl
     for m in compressed_layers(recovered.model).values():
         assert (m.weight[~m.mask] == 0).all()
     progress = json.loads((out / "progress.json").read_text())
-    assert progress["format"] == "rcc-train-progress" and progress["done"] and progress["step"] == 8
-    assert list(series_points(read_metrics_file(out), "train")) == list(range(8))
+    assert progress["format"] == "rcc-train-progress" and progress["done"] and progress["step"] == 6
+    assert list(series_points(read_metrics_file(out), "train")) == list(range(6))
 
     # one more epoch from the checkpoint: the first two are not repeated
     assert main(["train", "--from", str(run), "--output", str(out), "-q", "--resume", *sets,
                  "--set", "training.num_epochs=3"]) == 0
     resumed = json.loads((out / "train_results.json").read_text())
-    assert resumed["steps"] == 12 and [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["steps"] == 9 and [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"][:2] == results["history"]
-    assert list(series_points(read_metrics_file(out), "train")) == list(range(12))  # the resumed steps go on at 8
+    assert list(series_points(read_metrics_file(out), "train")) == list(range(9))  # the resumed steps go on at 6
     assert series_points(read_metrics_file(out), "eval/after")[0]["val_loss"] == resumed["after"]["val_loss"]
 
 
-def test_rcc_train_never_returns_a_worse_model(tmp_path: Path, tiny_clip, make_batches) -> None:
+def test_rcc_train_never_returns_a_worse_model(tmp_path: Path, tiny_clip, make_batches, small_world: Path) -> None:
     run = _compressed_run(tmp_path, tiny_clip, make_batches)
     out = tmp_path / "diverged"
     assert main(["train", "--from", str(run), "--output", str(out), "-q", "--set", "training.learning_rate=5.0",
-                 "--set", "training.grad_clip=null", "--set", "training.optimizer=sgd", "--set",
-                 "training.num_epochs=2", "--set", "training.batch_size=8", "--set", "calibration.num_batches=3",
-                 "--set", "calibration.batch_size=8", "--set", "calibration.holdout_batches=1"]) == 0
+                 "--set", "training.grad_clip=null", "--set", "training.optimizer=sgd", "--data", str(small_world),
+                 "--set", "training.num_epochs=2", "--set", "training.batch_size=8"]) == 0
     results = json.loads((out / "train_results.json").read_text())
     assert all(not h["val_loss"] < results["before"]["val_loss"] for h in results["history"])  # it diverged
     assert results["kept"] == "input" and results["after"]["val_loss"] == results["before"]["val_loss"]
@@ -168,3 +180,24 @@ def test_rcc_train_bad_source_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["train", "--from", str(tmp_path / "nothing"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "compressed" in err and "\n" not in err
+
+
+def test_rcc_train_needs_data_and_holds_out_val_when_the_source_has_none(tmp_path: Path, tiny_clip, make_batches,
+                                                                        small_world: Path, capsys) -> None:
+    run = _compressed_run(tmp_path, tiny_clip, make_batches)
+    assert main(["train", "--from", str(run), "-q", "--output", str(tmp_path / "none")]) == 2
+    assert "rcc train needs training data: --data SPEC" in capsys.readouterr().err
+    # a Conceptual Captions tsv has no val split: 5 % of it (at least one item) is held out, never trained on
+    images = sorted((small_world / "images" / "train").iterdir())
+    tsv = tmp_path / "cc.tsv"
+    tsv.write_text("".join(f"a picture number {i}\t{p}\n" for i, p in enumerate(images)))
+    out = tmp_path / "carved"
+    assert main(["train", "--from", str(run), "--output", str(out), "-q", "--data", str(tsv),
+                 "--set", "training.batch_size=8", "--set", "training.max_steps=2"]) == 0
+    results = json.loads((out / "train_results.json").read_text())
+    assert (results["data"]["train"]["items"], results["data"]["val"]["items"]) == (23, 1)
+    record = json.loads((out / "data.json").read_text())
+    assert not set(record["identities"]["train"]) & set(record["identities"]["val"])
+    assert main(["train", "--from", str(run), "--output", str(out), "-q", "--overwrite", "--data",
+                 f"{small_world}@train", "--val", f"{small_world}@train", "--set", "training.max_steps=1"]) == 2
+    assert "split leak: 24 image(s) of train are also in val" in capsys.readouterr().err

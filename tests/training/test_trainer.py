@@ -237,3 +237,53 @@ def test_adamw_betas_come_from_the_config(tiny_clip, make_batches) -> None:
         tiny_clip.model, DistillationObjective(DistillationLoss("clip"), Teacher(copy.deepcopy(tiny_clip.model))),
         TrainingSection(betas=(0.9, 0.98)), train_data=make_batches(tiny_clip, 1, 4, 0))
     assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.98)
+
+
+def _streaming_setup(ckpt_dir: Path | None, callbacks=(), loads: list | None = None):
+    """A trainer streaming augmented, length-bucketed batches of real captions through a loader."""
+    from rcc_compression.data.collate import MODEL_KEYS
+    from rcc_compression.data.datasets import ArrayDataset, Record
+    from rcc_compression.data.loaders import split_loader
+    from rcc_compression.data.transforms import TrainAugment, transform_for
+    from rcc_compression.data.world import world_scenes
+
+    class Counted(ArrayDataset):
+        def load_raw(self, index: int):
+            if loads is not None:
+                loads.append(index)
+            return super().load_raw(index)
+
+    wrapper = get_model("tiny-clip")
+    items = list(world_scenes(0, "train", 20))
+    ds = Counted([it.image for it in items], [Record(image=i, image_id=str(i), captions=it.captions)
+                                              for i, it in enumerate(items)], transform=transform_for(wrapper))
+    loader = split_loader(ds, "train", 4, wrapper.tokenizer, max_length=wrapper.max_text_length, seed=5,
+                          augment=TrainAugment(), keys=MODEL_KEYS)
+    student = get_model("tiny-clip", seed=3).model
+    objective = DistillationObjective(DistillationLoss("clip"), Teacher(wrapper.model))
+    cfg = TrainingSection(max_steps=7, eval_every_steps=3, learning_rate=3e-3, warmup_steps=2)
+    cbs = [*callbacks] + ([ModelCheckpoint(ckpt_dir, every_steps=1)] if ckpt_dir is not None else [])
+    val = [wrapper.synthetic_batch(4, torch.Generator().manual_seed(1))]
+    return CompressionTrainer(student, objective, cfg, train_data=loader, val_data=val, callbacks=cbs, seed=5)
+
+
+def test_a_streamed_run_stops_at_max_steps_validates_and_resumes_exactly(tmp_path: Path) -> None:
+    full = _streaming_setup(None)
+    assert full.total_steps == 7 and full.steps_per_epoch == 5
+    full.fit()
+    assert full.state.step == 7 and [h["step"] for h in full.state.history] == [3, 6, 7]
+    assert all("val_loss" in h for h in full.state.history)
+
+    killed = _streaming_setup(tmp_path, [_KillAt(3)])
+    with pytest.raises(_Kill):
+        killed.fit()
+    loads: list[int] = []
+    resumed = _streaming_setup(tmp_path / "again", loads=loads)
+    resumed.load_checkpoint(tmp_path / "last")
+    assert (resumed.state.step, resumed.state.batch_in_epoch) == (2, 2)  # saved before the kill at step 3
+    resumed.fit()
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed.state.history == full.state.history
+    # the two batches of epoch 0 seen before the checkpoint were skipped, not loaded and thrown away
+    assert len(loads) == 4 * (5 - 2) + 4 * 2

@@ -39,14 +39,23 @@ log = get_logger("alphaedit")
 class AlphaEditConfig(StageConfig):
     """Keys of the ``alphaedit`` stage (defaults from the design document and the AlphaEdit paper)."""
 
-    mode: Literal["scaling", "closed_form"] = "scaling"
-    learning_rate: float = Field(1e-3, gt=0)
-    num_epochs: int = Field(10, ge=0)
-    importance_metric: Literal["gradient", "magnitude", "uniform"] = "gradient"
+    mode: Literal["scaling", "closed_form"] = Field(
+        "scaling",
+        description="scaling: channel scales learnt by distillation; closed_form: the AlphaEdit update")
+    learning_rate: float = Field(1e-3, gt=0, description="scaling: learning rate of the distillation")
+    num_epochs: int = Field(10, ge=0, description="scaling: distillation epochs on the calibration batches (0: none)")
+    importance_metric: Literal["gradient", "magnitude", "uniform"] = Field(
+        "gradient",
+        description="scaling: how channels are ranked for scales: gradient |grad * w|, magnitude, uniform")
     scale_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of channels given learnable scales")
-    trainable: Literal["scales", "scales_and_values"] = "scales"
-    nullspace_threshold: float = Field(2e-2, ge=0.0)
-    l2: float = Field(10.0, ge=0.0)
+    trainable: Literal["scales", "scales_and_values"] = Field(
+        "scales",
+        description="scaling: train the scales only, or the kept sparse values and factors too")
+    nullspace_threshold: float = Field(
+        2e-2, ge=0.0,
+        description="closed_form: eigenvalues of the preserved inputs' second moment below "
+        "this span the directions the update may use")
+    l2: float = Field(10.0, ge=0.0, description="closed_form: ridge weight of the update (AlphaEdit's alpha)")
     chunk_elements: int = Field(1 << 25, ge=1 << 10, description="memory bound of the batched row solves")
     fit_inputs: Literal["dense", "sequential"] = Field(
         "dense", description="closed_form: fit on the dense model's inputs, or layer by layer on the compressed "

@@ -31,16 +31,30 @@ from .storage import stored_bytes
 class DareConfig(StageConfig):
     """Keys of the ``dare`` stage (defaults from the design document)."""
 
-    pruning_rate: float = Field(0.9, ge=0.0, lt=1.0)
-    iterations: int = Field(10, ge=1)
-    pruning_schedule: Literal["linear", "cubic"] = "linear"
-    fine_tune_epochs: int = Field(5, ge=0)
-    fine_tune_lr: float = Field(1e-4, gt=0)
-    scorer: Literal["magnitude", "wanda", "random"] = "magnitude"
-    target: Literal["weights", "delta"] = "weights"
-    reference_model: str | None = None
-    rescale: Literal["none", "inverse_keep", "l1"] | None = None
-    scope: Literal["layer", "row"] | None = None
+    pruning_rate: float = Field(0.9, ge=0.0, lt=1.0, description="final share of the weights (or deltas) set to zero")
+    iterations: int = Field(
+        10, ge=1,
+        description="rounds of pruning that reach pruning_rate (also the cascade's default number of rounds)")
+    pruning_schedule: Literal["linear", "cubic"] = Field(
+        "linear",
+        description="how the rate grows over the rounds: linear, or cubic (Zhu & Gupta)")
+    fine_tune_epochs: int = Field(
+        5, ge=0,
+        description="distillation epochs on the calibration batches after each round (0: none)")
+    fine_tune_lr: float = Field(1e-4, gt=0, description="learning rate of that distillation")
+    scorer: Literal["magnitude", "wanda", "random"] = Field(
+        "magnitude",
+        description="what decides which entries stay: magnitude |W|, wanda |W| * ||x||, random (DARE)")
+    target: Literal["weights", "delta"] = Field(
+        "weights",
+        description="weights, or delta: the difference to reference_model (published DARE)")
+    reference_model: str | None = Field(None, description="the base model a fine-tune came from (target: delta)")
+    rescale: Literal["none", "inverse_keep", "l1"] | None = Field(
+        None,
+        description="survivors rescaled: none, inverse_keep 1/(1-p) (DARE), l1 (keep the L1 norm); None: by scorer")
+    scope: Literal["layer", "row"] | None = Field(
+        None,
+        description="entries ranked over the whole layer or per output row; None: row for wanda, else layer")
     nm: str | None = Field(None, description="N:M structure, e.g. '2:4' (overrides pruning_rate with 1 - N/M)")
 
     @field_validator("nm")

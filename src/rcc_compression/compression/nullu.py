@@ -49,25 +49,37 @@ log = get_logger("nullu")
 class NulluConfig(StageConfig):
     """Keys of the ``nullu`` stage (defaults from the design document)."""
 
-    mode: Literal["lowrank", "hallu_space"] = "lowrank"
+    mode: Literal["lowrank", "hallu_space"] = Field(
+        "lowrank",
+        description="lowrank: factorise W ~ B A; hallu_space: the published Nullu edit (needs pairs_file)")
     rank_reduction: float | None = Field(0.5, ge=0.0, lt=1.0, description="share of the full rank removed")
     energy_threshold: float | None = Field(0.95, gt=0.0, le=1.0, description="share of spectral energy kept")
     param_budget: float | None = Field(None, gt=0.0, le=1.0, description="factor parameters / dense parameters")
     budget_allocation: Literal["global", "layer"] = Field(
         "global", description="param_budget over all target layers (ranks where they remove most error) or per layer")
-    rank_rule: Literal["min", "max"] = "min"
-    decomposition_method: Literal["svd", "randomized", "activation_aware", "asvd"] = "svd"
-    oversample: int = Field(8, ge=0)
-    power_iterations: int = Field(2, ge=0)
+    rank_rule: Literal["min", "max"] = Field(
+        "min",
+        description="when several rank rules are set, the smaller (min) or the larger (max) rank wins")
+    decomposition_method: Literal["svd", "randomized", "activation_aware", "asvd"] = Field(
+        "svd",
+        description="svd, randomized (torch.svd_lowrank), activation_aware (SVD-LLM whitening) or asvd")
+    oversample: int = Field(8, ge=0, description="randomized: extra columns of the random subspace")
+    power_iterations: int = Field(2, ge=0, description="randomized: power iterations on the subspace")
     damping: float = Field(1e-2, ge=0.0, description="activation_aware: ridge as a share of mean input energy "
                                                          "(raised to 1e-6 where the input moment is singular)")
-    asvd_alpha: float = Field(0.5, ge=0.0)
-    warm_start: bool = True
+    asvd_alpha: float = Field(0.5, ge=0.0, description="asvd: input channels scaled by mean |x| to this power")
+    warm_start: bool = Field(
+        True,
+        description="later rounds refine the previous subspace instead of decomposing afresh")
     refit: Literal["none", "sequential"] = Field(
         "none", description="sequential: refit the factors in execution order on the compressed model's own inputs")
-    pairs_file: str | None = None
-    top_k: int = Field(4, ge=1)
-    layers: list[int] | None = None
+    pairs_file: str | None = Field(
+        None,
+        description="hallu_space: json file of paired truthful and hallucinated captions")
+    top_k: int = Field(4, ge=1, description="hallu_space: singular directions projected out of each edited layer")
+    layers: list[int] | None = Field(
+        None,
+        description="hallu_space: indices of the edited layers (None: the second half)")
 
 
 # ------------------------------------------------------------------------------ pure functions

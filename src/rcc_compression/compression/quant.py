@@ -56,16 +56,19 @@ class LayerQuant(StrictModel):
 class QuantConfig(StageConfig):
     """Keys of the ``quant`` stage."""
 
-    bits: Bits = 8
+    bits: Bits = Field(8, description="bits per code of S (and of the factors unless factor_bits says otherwise): "
+                       "8, 4, 3 or 2")
     factor_bits: Bits | None = Field(None, description="bits of the low-rank factors; None: as bits")
     group_size: GroupSize | None = Field(None, description="columns per scale; None: one scale per row (per channel)")
     symmetric: bool = Field(True, description="False: a zero point per group (asymmetric range)")
-    rounding: Literal["nearest", "gptq"] = "gptq"
+    rounding: Literal["nearest", "gptq"] = Field(
+        "gptq",
+        description="nearest, or gptq (error-compensating rounding; needs calibration data)")
     damping: float = Field(0.01, ge=0.0, description="gptq: ridge as a share of the mean diagonal of H")
     block_size: int = Field(128, ge=1, description="gptq: columns per lazy block update")
     act_order: bool = Field(False, description="gptq: round columns in descending order of diag(H)")
     clip_search: bool = Field(False, description="shrink each group's range where that lowers its rounding error")
-    quantize_factors: bool = True
+    quantize_factors: bool = Field(True, description="also store the low-rank factors as integer codes")
     correct_factors: bool = Field(
         True, description="re-solve B on the rounded S and A before rounding B (needs calibration data)")
     layers: dict[str, LayerQuant] | None = Field(

@@ -31,14 +31,20 @@ STAGES: dict[str, tuple[type[StageConfig], type[Stage]]] = {
 class CascadeConfig(StrictModel):
     """Keys of the cascade (defaults from the design document)."""
 
-    stages: list[str] = Field(default_factory=lambda: ["dare", "nullu", "alphaedit"])
+    stages: list[str] = Field(
+        default_factory=lambda: ["dare", "nullu", "alphaedit"],
+        description="stage names in execution order")
     checkpoint_frequency: int = Field(1, ge=0, description="passing steps between checkpoints; 0: none")
-    validation_threshold: float = Field(0.95, ge=0.0, le=1.0)
+    validation_threshold: float = Field(
+        0.95, ge=0.0, le=1.0,
+        description="retention (compressed / dense) the gate demands after every step")
     rounds: int | None = Field(None, ge=1, description="None: dare.iterations when dare runs, else 1")
     schedule: Literal["linear", "cubic"] | None = Field(None, description="None: dare.pruning_schedule")
     target_rate: float | None = Field(
         None, ge=0.0, lt=1.0, description="plan dare/nullu targets to reach this 1 - stored/dense bytes")
-    rate_scope: Literal["layers", "model"] = "layers"
+    rate_scope: Literal["layers", "model"] = Field(
+        "layers",
+        description="target_rate counts the bytes of the compressed layers, or of the whole model")
     lowrank_share: float | None = Field(
         None, gt=0.0, lt=1.0, description="with target_rate and both dare and nullu: the share of the variable bytes "
         "given to the low-rank factors; None: the planner tries several splits (and each stage alone)")

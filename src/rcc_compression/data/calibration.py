@@ -16,8 +16,9 @@ import torch
 from ..errors import DataError
 from ..utils.logging import get_logger
 from .collate import Collator, model_inputs
-from .datasets import ArrayDataset, MultimodalDataset, Record, open_dataset
+from .datasets import ArrayDataset, MultimodalDataset, Record
 from .loaders import build_loader
+from .splits import open_split
 from .transforms import transform_for
 from .world import SEEN_PAIRS, questions_for, scene_rng, world_scenes
 
@@ -47,7 +48,7 @@ def _world_dataset(wrapper: Any, count: int, seed: int, kind: str) -> ArrayDatas
                         task="vqa" if kind == "blip_vqa" else "captions")
 
 
-def _classification_as_captions(ds: MultimodalDataset) -> MultimodalDataset:
+def captions_for_classes(ds: MultimodalDataset) -> MultimodalDataset:
     """Give class-folder records a caption ``a photo of a {class}.`` so CLIP/BLIP get text."""
     names = ds.classnames or []
     for rec in ds.records:
@@ -56,22 +57,41 @@ def _classification_as_captions(ds: MultimodalDataset) -> MultimodalDataset:
     return ds
 
 
-def _open_source(source: str, wrapper: Any, kind: str, skip_bad: bool) -> MultimodalDataset:
+def _open_source(source: str, wrapper: Any, kind: str, skip_bad: bool, root: str | None) -> MultimodalDataset:
     task = "vqa" if kind == "blip_vqa" else None
-    errors = []
-    for split in ("train", "val", "test"):
-        try:
-            ds = open_dataset(source, split=split, task=task, transform=transform_for(wrapper), skip_bad=skip_bad)
-        except DataError as exc:
-            errors.append(str(exc))
-            if "no such split" in str(exc) or "has no" in str(exc) or "no usable items" in str(exc):
-                continue
-            raise
-        if kind == "blip_vqa" and ds.task != "vqa":
-            raise DataError(f"{source}: a BLIP VQA model calibrates on question/answer data (VQA json), "
-                            f"got a {ds.format_name} dataset")
-        return _classification_as_captions(ds)
-    raise DataError(errors[0])
+    try:
+        ds = open_split(source, "train", task=task, transform=transform_for(wrapper), skip_bad=skip_bad, root=root)
+    except DataError as exc:
+        if "split" in str(exc) and "@" not in source:
+            raise DataError(f"{exc} (calibration reads the train split; name another with {source}@SPLIT, "
+                            "which the leak check then keeps apart from evaluation)") from None
+        raise
+    if kind == "blip_vqa" and ds.task != "vqa":
+        raise DataError(f"{source}: a BLIP VQA model calibrates on question/answer data (VQA json), "
+                        f"got a {ds.format_name} dataset")
+    return captions_for_classes(ds)
+
+
+def calibration_items(
+    wrapper: Any, source: str, total: int, seed: int, skip_bad: bool = False, root: str | None = None
+) -> tuple[MultimodalDataset, list[int]]:
+    """The dataset of a calibration ``source`` and the ``total`` item indices drawn from it (seeded).
+
+    ``world`` renders reference-world train scenes in memory; any other spec opens its train split
+    (or ``SPEC@SPLIT``). Items are drawn without replacement when the dataset is large enough,
+    with replacement otherwise.
+    """
+    kind = _kind(wrapper)
+    if getattr(wrapper, "tokenizer", None) is None:
+        raise DataError(f"calibration source {source!r} needs text, but the model has no tokenizer; use 'synthetic'")
+    ds = _world_dataset(wrapper, total, seed, kind) if source == "world" else _open_source(
+        source, wrapper, kind, skip_bad, root)
+    gen = torch.Generator().manual_seed(seed)
+    if len(ds) >= total:
+        order = torch.randperm(len(ds), generator=gen)[:total]
+    else:
+        order = torch.randint(0, len(ds), (total,), generator=gen)
+    return ds, order.tolist()
 
 
 def build_calibration_batches(
@@ -81,12 +101,15 @@ def build_calibration_batches(
     batch_size: int,
     seed: int,
     skip_bad: bool = False,
+    root: str | None = None,
+    items: tuple[MultimodalDataset, list[int]] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """``num_batches`` batches of ``batch_size`` for ``wrapper.model(**batch)``, deterministic per seed.
 
     ``source``: ``synthetic``, ``world``, or a dataset spec (path, ``hf:NAME``, ``world:PART``,
-    known name). Items are drawn without replacement when the dataset is large enough, with
-    replacement otherwise. Bad items raise a ``DataError`` naming the file unless ``skip_bad``.
+    known name, each optionally ``@SPLIT``; the train split by default). ``items`` reuses a
+    :func:`calibration_items` draw (a job that leak-checks them first). Bad items raise a
+    ``DataError`` naming the file unless ``skip_bad``.
     """
     if num_batches < 1 or batch_size < 1:
         raise ValueError(f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}")
@@ -94,20 +117,9 @@ def build_calibration_batches(
     if source == "synthetic":
         gen = torch.Generator().manual_seed(seed)
         return [wrapper.synthetic_batch(batch_size, generator=gen) for _ in range(num_batches)]
-    if getattr(wrapper, "tokenizer", None) is None:
-        raise DataError(f"calibration source {source!r} needs text, but the model has no tokenizer; use 'synthetic'")
     total = num_batches * batch_size
-    ds = (
-        _world_dataset(wrapper, total, seed, kind)
-        if source == "world"
-        else _open_source(source, wrapper, kind, skip_bad)
-    )
-    gen = torch.Generator().manual_seed(seed)
-    if len(ds) >= total:
-        order = torch.randperm(len(ds), generator=gen)[:total]
-    else:
-        order = torch.randint(0, len(ds), (total,), generator=gen)
-    subset = torch.utils.data.Subset(ds, order.tolist())
+    ds, order = items if items is not None else calibration_items(wrapper, source, total, seed, skip_bad, root)
+    subset = torch.utils.data.Subset(ds, order)
     collate = Collator(
         tokenizer=wrapper.tokenizer,
         max_length=wrapper.max_text_length,

@@ -1,22 +1,26 @@
 """Collation: samples -> one batch of tensors.
 
-:class:`Collator` turns dataset samples into a batch: uint8 pixels stacked and normalised (or
-augmented), one caption per image (random for training, first for evaluation) or the question
-tokenised, and the answers as ``labels`` for VQA. Samples whose image could not be read carry an
-``error``; the collator drops them when skipping bad items and otherwise passes the errors on.
-
-:func:`pad_collate` batches samples that are already tensors (rows of earlier batches, as recovery
-training reshuffles calibration batches): token sequences of different lengths are right-padded
-to the longest, with the attention mask marking the padding, so captions of any length batch
-together and each sample's outputs stay what they were.
+* :class:`Collator` turns dataset samples into a batch: uint8 pixels stacked and normalised (or
+  augmented, training only), one caption per image (random for training, first for evaluation)
+  tokenised with padding and an ``attention_mask``, or the question with the answers as
+  ``labels`` for VQA. Samples whose image could not be read carry an ``error``; the collator
+  drops them when skipping bad items and otherwise passes the errors on.
+* A sample may carry a *draw* (:class:`SampleKey`, set by
+  :class:`~rcc_compression.data.loaders.DynamicBatchSampler`): the seed of its random choices
+  (which caption, which crop), so batches do not depend on which worker process collates them.
+* :func:`pad_collate` batches samples that are already tensors (rows of earlier batches, as recovery
+  training reshuffles calibration batches): token sequences of different lengths are right-padded
+  to the longest, with the attention mask marking the padding, so captions of any length batch
+  together and each sample's outputs stay what they were.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -28,13 +32,33 @@ from .transforms import CLIP_MEAN, CLIP_STD, TrainAugment, normalize
 MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
 
 
+class SampleKey(NamedTuple):
+    """A dataset index with the seed of that item's random choices in this epoch (see :class:`DynamicBatchSampler`)."""
+
+    index: int
+    draw: int
+
+
+def draw_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of item ``index``'s random choices in ``epoch`` of a run seeded ``seed`` (63 bits)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def caption_choice(draw: int, count: int) -> int:
+    """Which of ``count`` captions an item with this draw uses (the sampler and the collator agree)."""
+    return random.Random(draw).randrange(count)
+
+
 class Collator:
     """Batch samples into tensors; see the module docstring.
 
     ``caption``: ``"random"`` (one of each image's captions, for training), ``"first"``, or
     ``"none"`` (no text). ``augment`` replaces normalisation by a :class:`TrainAugment`.
     ``answers_as_labels`` tokenises each question's most common answer into ``labels`` (BLIP VQA).
-    ``seed`` makes the random caption choice reproducible (in the main process).
+    Random choices follow each sample's ``draw`` (set by :class:`DynamicBatchSampler`), so they do
+    not depend on which worker process collates; samples without one use a generator seeded by
+    ``seed``.
     """
 
     def __init__(
@@ -60,12 +84,33 @@ class Collator:
         self.answers_as_labels = answers_as_labels
         self._rng: Any = random.Random(seed) if seed is not None else random
 
-    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    @property
+    def text_limit(self) -> int:
+        """Tokens per text after truncation: ``max_length``, else the tokenizer's, else 77."""
         limit = self.max_length or getattr(self.tokenizer, "model_max_length", 77)
-        if limit is None or limit > 10_000:
-            limit = 77
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        return 77 if limit is None or limit > 10_000 else int(limit)
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.text_limit, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def _choose(self, sample: Mapping[str, Any]) -> str:
+        caps = sample["captions"]
+        if self.caption == "first":
+            return caps[0]
+        draw = sample.get("draw")
+        return caps[caption_choice(draw, len(caps))] if draw is not None else self._rng.choice(caps)
+
+    def _pixels(self, good: list[dict[str, Any]]) -> torch.Tensor:
+        pixels = torch.stack([s["pixel_values"] for s in good])
+        if self.augment is None:
+            return normalize(pixels, self.mean, self.std)
+        draws = [s.get("draw") for s in good]
+        gen = None
+        if all(d is not None for d in draws):
+            digest = hashlib.blake2b(",".join(map(str, draws)).encode(), digest_size=8).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        return self.augment(pixels, generator=gen)
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         errors = [s["error"] for s in samples if s.get("error")]
@@ -78,10 +123,7 @@ class Collator:
             return batch
         if not good:
             return batch
-        pixels = torch.stack([s["pixel_values"] for s in good])
-        batch["pixel_values"] = (
-            self.augment(pixels) if self.augment is not None else normalize(pixels, self.mean, self.std)
-        )
+        batch["pixel_values"] = self._pixels(good)
         batch["index"] = torch.tensor([s["index"] for s in good])
         batch["image_id"] = [s["image_id"] for s in good]
         if good[0].get("label") is not None:
@@ -99,16 +141,14 @@ class Collator:
         elif good[0].get("captions"):
             batch["captions"] = [s["captions"] for s in good]
             if self.caption != "none":
-                texts = [
-                    self._rng.choice(s["captions"]) if self.caption == "random" else s["captions"][0] for s in good
-                ]
+                texts = [self._choose(s) for s in good]
                 batch["text"] = texts
                 if self.tokenizer is not None:
                     batch.update(self._tokenize(texts))
         return batch
 
 
-def model_inputs(batch: dict[str, Any], keys: Sequence[str] = MODEL_KEYS) -> dict[str, torch.Tensor]:
+def model_inputs(batch: Mapping[str, Any], keys: Sequence[str] = MODEL_KEYS) -> dict[str, torch.Tensor]:
     """The keyword arguments of ``model(**batch)`` in a collated batch."""
     return {k: batch[k] for k in keys if k in batch and isinstance(batch[k], torch.Tensor)}
 

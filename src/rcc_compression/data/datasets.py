@@ -93,6 +93,9 @@ class MultimodalDataset(Dataset):
     format_name = "records"
     #: which benchmarks can use the dataset: "classification", "captions" or "vqa"
     task = "captions"
+    #: the split and the spec it was opened as (set by :func:`~rcc_compression.data.splits.open_split`)
+    split: str | None = None
+    spec: str | None = None
 
     def __init__(
         self,
@@ -142,12 +145,15 @@ class MultimodalDataset(Dataset):
             return self._pixels.get(self.image_key(index))
         return self.transform.to_uint8(self.load_raw(index))
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        draw = None
+        if isinstance(index, tuple):  # a SampleKey: (index, seed of this item's random choices)
+            index, draw = index
         rec = self.records[index]
         sample: dict[str, Any] = {
             "index": index, "image_id": rec.image_id, "captions": rec.captions, "label": rec.label,
             "question": rec.question, "answers": rec.answers, "question_id": rec.question_id,
-            "pixel_values": None, "error": None,
+            "pixel_values": None, "error": None, "draw": draw,
         }
         try:
             sample["pixel_values"] = self.pixels(index)
@@ -768,6 +774,9 @@ def _detect(
         cn = next(
             (c for c in ("classnames.txt", "classnames.json", "LOC_synset_mapping.txt") if (path / c).is_file()), None
         )
+        have = sorted(d for d in ("train", "val", "validation", "test") if (path / d).is_dir())
+        if have and not (path / split).is_dir():
+            raise DataError(f"{path}: no such split directory {split!r} (found: {', '.join(have)})")
         if (path / split).is_dir() or cn:
             return ImageFolderDataset(
                 path, split if (path / split).is_dir() else None, classnames_file=path / cn if cn else None, **kw

@@ -29,6 +29,7 @@ import torch
 
 from ..analysis.stats import DEFAULT_LEVEL, DEFAULT_SAMPLES, format_estimate
 from ..data.datasets import KNOWN_TASKS, open_dataset, open_world
+from ..data.splits import parse_spec
 from ..data.transforms import transform_for
 from ..data.world import DEFAULT_SEED, ensure_world
 from ..errors import DataError
@@ -89,31 +90,72 @@ def _model_fits(benchmark: str, wrapper: Any) -> str | None:
     return None
 
 
-def expand_datasets(benchmark: str, datasets: Sequence[str]) -> list[str]:
-    """Dataset specs for one benchmark: ``world`` becomes the world parts the benchmark uses."""
-    out: list[str] = []
+def expand_datasets(benchmark: str, datasets: Sequence[Any]) -> list[Any]:
+    """Dataset specs for one benchmark: ``world`` becomes the world parts the benchmark uses.
+
+    ``world@val`` expands at that split; dataset objects pass through.
+    """
+    out: list[Any] = []
     for spec in datasets:
+        if not isinstance(spec, (str, os.PathLike)):
+            out.append(spec)
+            continue
         text = str(spec)
-        is_world_dir = Path(os.path.expanduser(text)).joinpath("world.json").is_file()
-        if text == "world" or is_world_dir:
-            base = "world" if text == "world" else text
-            sep = ":" if text == "world" else "#"
-            out += [f"{base}{sep}{part}" for part in _WORLD_PARTS.get(benchmark, ())]
+        base, split = parse_spec(text, "")
+        at = f"@{split}" if split else ""
+        is_world_dir = Path(os.path.expanduser(base)).joinpath("world.json").is_file()
+        if base == "world" or is_world_dir:
+            sep = ":" if base == "world" else "#"
+            out += [f"{base}{sep}{part}{at}" for part in _WORLD_PARTS.get(benchmark, ())]
         else:
             out.append(text)
     return out
 
 
-def _open(spec: str, benchmark: str, split: str, wrapper: Any, skip_bad: bool, root: str | None,
+def dataset_name(spec: Any) -> str:
+    """How results name a dataset: its spec string, or an opened dataset's spec (or source)."""
+    return spec if isinstance(spec, str) else str(getattr(spec, "spec", None) or spec.source)
+
+
+def _open(spec: Any, benchmark: str, split: str, wrapper: Any, skip_bad: bool, root: str | None,
           world_seed: int | None) -> Any:
+    if not isinstance(spec, str):
+        return spec  # an opened dataset
+    spec, split = parse_spec(spec, split)
     transform = transform_for(wrapper)
     if spec.startswith("world:"):
         seed = DEFAULT_SEED if world_seed is None else world_seed
-        return open_world(ensure_world(seed, splits=(split,)), spec.split(":", 1)[1], split, transform, skip_bad)
-    if "#" in spec and Path(spec.split("#", 1)[0]).joinpath("world.json").is_file():
+        ds = open_world(ensure_world(seed, splits=(split,)), spec.split(":", 1)[1], split, transform, skip_bad)
+    elif "#" in spec and Path(spec.split("#", 1)[0]).joinpath("world.json").is_file():
         path, part = spec.split("#", 1)
-        return open_world(path, part, split, transform, skip_bad)
-    return open_dataset(spec, split=split, task=_TASK[benchmark], transform=transform, skip_bad=skip_bad, root=root)
+        ds = open_world(path, part, split, transform, skip_bad)
+    else:
+        ds = open_dataset(spec, split=split, task=_TASK[benchmark], transform=transform, skip_bad=skip_bad, root=root)
+    ds.split = split
+    return ds
+
+
+def benchmark_datasets(model: Any, benchmarks: Sequence[str], datasets: Sequence[Any], split: str = "test",
+                       skip_bad: bool = False, root: str | None = None, world_seed: int | None = None
+                       ) -> list[tuple[str, str, Any]]:
+    """``(benchmark, name, dataset)`` for every pair :func:`evaluate_model` would run (the ones that fit).
+
+    What a job checks for leaks before it evaluates.
+    """
+    out = []
+    for bench in benchmarks:
+        if bench == "efficiency" or bench not in BENCHMARKS or _model_fits(bench, model):
+            continue
+        for spec in expand_datasets(bench, list(datasets) or ["world"]):
+            if isinstance(spec, str) and _known_task_fits(bench, spec):
+                continue
+            try:
+                ds = _open(spec, bench, split, model, skip_bad, root, world_seed)
+            except DataError:  # not this benchmark's kind of data: evaluate_model says so as it skips it
+                continue
+            if not _dataset_fits(bench, ds):
+                out.append((bench, dataset_name(spec), ds))
+    return out
 
 
 def _dataset_fits(benchmark: str, ds: Any) -> str | None:
@@ -176,7 +218,7 @@ def evaluate_model(
         "model": getattr(wrapper, "name", "") or type(wrapper).__name__,
         "model_type": "blip_vqa" if getattr(wrapper, "is_vqa", False) else getattr(wrapper, "model_type", ""),
         "split": split, "seed": seed, "bootstrap_samples": bootstrap_samples, "ci_level": DEFAULT_LEVEL,
-        "datasets": datasets, "results": {}, "skipped": [], "notes": [],
+        "datasets": [dataset_name(d) for d in datasets], "results": {}, "skipped": [], "notes": [],
     }
     try:
         for bench in benchmarks:
@@ -196,19 +238,20 @@ def evaluate_model(
                 continue
             for spec in expand_datasets(bench, datasets):
                 t0 = time.perf_counter()
-                reason = _known_task_fits(bench, spec)
+                reason = _known_task_fits(bench, spec) if isinstance(spec, str) else None
                 if reason:
                     out["skipped"].append({"benchmark": bench, "dataset": spec, "reason": reason})
                     continue
                 try:
                     ds = _open(spec, bench, split, wrapper, skip_bad, root, world_seed)
                 except DataError as exc:
-                    out["skipped"].append({"benchmark": bench, "dataset": spec, "reason": f"cannot open: {exc}"})
-                    log.warning("%s on %s skipped: cannot open: %s", bench, spec, exc)
+                    name = dataset_name(spec)
+                    out["skipped"].append({"benchmark": bench, "dataset": name, "reason": f"cannot open: {exc}"})
+                    log.warning("%s on %s skipped: cannot open: %s", bench, name, exc)
                     continue
                 reason = _dataset_fits(bench, ds)
                 if reason:
-                    out["skipped"].append({"benchmark": bench, "dataset": spec, "reason": reason})
+                    out["skipped"].append({"benchmark": bench, "dataset": dataset_name(spec), "reason": reason})
                     continue
                 ds = subset(ds, max_items, seed)
                 common = {"samples": bootstrap_samples, "seed": seed, "progress": progress}
@@ -224,8 +267,8 @@ def evaluate_model(
                 if sum(ds.skipped.values()):
                     res["skipped_items"] = {k: v for k, v in ds.skipped.items() if v}
                 res["seconds"] = round(time.perf_counter() - t0, 3)
-                out["results"].setdefault(bench, {})[spec] = res
-                log.info("%s on %s: %s", bench, spec, _headline(bench, res))
+                out["results"].setdefault(bench, {})[dataset_name(spec)] = res
+                log.info("%s on %s: %s", bench, dataset_name(spec), _headline(bench, res))
     finally:
         wrapper.train(was_training)
     out["seconds"] = round(time.perf_counter() - started, 3)

@@ -102,9 +102,10 @@ def load_run(run_dir: Path) -> tuple[RCCConfig, Any, Any, Any]:
 def world_of(cfg: RCCConfig, split: str) -> Path | None:
     """The reference world the run evaluates on (``world`` or a generated world directory), or ``None``."""
     for spec in cfg.evaluation.datasets or ["world"]:
-        if spec == "world":
+        text = str(spec)
+        if text == "world" or text.startswith("world:"):  # the world itself or one of its parts (world:captions)
             return ensure_world(DEFAULT_SEED, splits=(split,))
-        path = Path(str(spec)).expanduser()
+        path = Path(text.split("#", 1)[0]).expanduser()  # a generated world directory, or DIR#part
         if (path / "world.json").is_file():
             return path
     return None
@@ -331,6 +332,11 @@ def run_analyze(
                     continue
                 reports[part] = embeddings_part(out, cfg, dense, comp, methods, max_items)
         lines = [f"# Analysis of {run_dir}", ""] + [f"- [{p}]({p}.md)" for p in parts if (out / f"{p}.md").is_file()]
+        for p in parts:  # a part that could not run says why, in the log and the report
+            why = reports.get(p, {}).get("skipped")
+            if why:
+                log.warning("analysis: %s skipped: %s", p, why)
+                lines.append(f"- {p}: skipped ({why})")
         atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
         if progress is not None:
             progress("analysis parts", len(parts), len(parts))

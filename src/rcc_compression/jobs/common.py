@@ -29,7 +29,13 @@ def calibration_batches(wrapper: nn.Module, cfg: RCCConfig, source: str | None =
     total = cal.num_batches + cal.holdout_batches
     src = source or cal.source
     return build_calibration_batches(wrapper, src, total, cal.batch_size, cfg.experiment.seed,
-                                     skip_bad=cfg.dataset.skip_bad)
+                                     skip_bad=cfg.dataset.skip_bad, root=cfg.dataset.root)
+
+
+def evaluation_datasets(cfg: RCCConfig) -> list[str]:
+    """What a run evaluates on: ``evaluation.datasets`` and ``dataset.test``; the world when neither is set."""
+    test = [cfg.dataset.test] if cfg.dataset.test else []
+    return list(dict.fromkeys([*cfg.evaluation.datasets, *test])) or ["world"]
 
 
 def checkpoint_key(encrypt: bool = False, key_file: str | Path | None = None, resume_dir: Path | None = None

@@ -16,8 +16,9 @@ from torch import nn
 from ..compression.rate import apply_rate
 from ..compression.storage import save_compressed
 from ..config import RCCConfig, dump_config
+from ..data.calibration import build_calibration_batches, calibration_items
 from ..evaluation.efficiency import compare_efficiency, measured_storage, optimize_execution
-from ..evaluation.suite import HEADLINE_NAMES, evaluate_model
+from ..evaluation.suite import HEADLINE_NAMES, benchmark_datasets, evaluate_model
 from ..models.registry import get_model
 from ..training.callbacks import TrackingCallback
 from ..utils.io import atomic_write_json, atomic_write_text, directory_lock
@@ -25,10 +26,49 @@ from ..utils.logging import get_logger
 from ..utils.seeding import seed_everything
 from ..visualization.plots import plot_rate_curve
 from .api import CompressionPipeline, distiller
-from .common import calibration_batches, resolve_device
+from .common import calibration_batches, evaluation_datasets, resolve_device
+from .data import check_and_record, open_role
 from .tracking import cascade_logger, chain, finish_compress_tracking, start_tracker
 
 log = get_logger("jobs")
+
+
+def compress_data(wrapper: nn.Module, cfg: RCCConfig, run_dir: Path | None, evaluate: bool
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """(fit batches, gate batches, data record) of ``rcc compress``, leak-checked.
+
+    The gate's held-out batches come from ``dataset.val`` when it is set, else from the same draw
+    as the fit batches. Calibration draws, the val split and every dataset the run evaluates on
+    (when it does) are checked for shared images and recorded in ``data.json``.
+    """
+    cal, seed = cfg.calibration, cfg.experiment.seed
+    kw = {"skip_bad": cfg.dataset.skip_bad, "root": cfg.dataset.root}
+    from_val = bool(cfg.dataset.val) and cal.holdout_batches > 0
+    n_fit = cal.num_batches + (0 if from_val else cal.holdout_batches)
+    roles: dict[str, list[Any]] = {}
+    if cal.source == "synthetic":
+        batches = build_calibration_batches(wrapper, "synthetic", n_fit, cal.batch_size, seed)
+    else:
+        items = calibration_items(wrapper, cal.source, n_fit * cal.batch_size, seed, **kw)
+        roles["calibration"] = [items]
+        batches = build_calibration_batches(wrapper, cal.source, n_fit, cal.batch_size, seed, items=items, **kw)
+    if from_val:
+        val = open_role(cfg, wrapper, cfg.dataset.val, "val")
+        roles["val"] = [val]
+        spec = f"{val.spec}@{val.split}" if "@" not in str(val.spec) else str(val.spec)
+        holdout = build_calibration_batches(wrapper, spec, cal.holdout_batches, cal.batch_size, seed, **kw)
+        fit = batches
+    else:
+        n_hold = cal.holdout_batches
+        # no holdout: the gate says "not measured" (it never scores the model on the batches it was fitted to)
+        fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, [])
+    benchmarks = [b for b in cfg.evaluation.benchmarks if b != "efficiency"]
+    if evaluate and benchmarks:
+        tests = benchmark_datasets(wrapper, benchmarks, evaluation_datasets(cfg), **kw)
+        roles["test"] = list({id(ds): ds for _, _, ds in tests}.values())
+    record = check_and_record(run_dir, roles, cfg.dataset.leak_check) if roles else {}
+    return fit, holdout, record
+
 
 HEADLINE_METRICS = ("top1", "top5", "mean_per_class_recall", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy")
 
@@ -55,8 +95,8 @@ def quality_metrics(wrapper: nn.Module, cfg: RCCConfig) -> tuple[dict[str, float
     if not benchmarks:
         return {}, {}
     names = tuple(n for m in ev.measures() for n in HEADLINE_NAMES.get(m, ()))
-    res = evaluate_model(wrapper, benchmarks=benchmarks, datasets=ev.datasets, batch_size=ev.batch_size,
-                         bootstrap_samples=ev.bootstrap_samples, seed=cfg.experiment.seed)
+    res = evaluate_model(wrapper, benchmarks=benchmarks, datasets=evaluation_datasets(cfg),
+                         batch_size=ev.batch_size, bootstrap_samples=ev.bootstrap_samples, seed=cfg.experiment.seed)
     values = headline_metrics(res, names)
     cis: dict[str, list[float]] = {}
     if ev.bootstrap_samples:
@@ -100,10 +140,7 @@ def _run_compress(
     device = resolve_device(cfg.experiment.device)
     wrapper = get_model(cfg.model.name, cfg.model.type, cfg.model.dtype, seed=cfg.experiment.seed)
     wrapper.to(device)
-    batches = calibration_batches(wrapper, cfg, cfg.calibration.source)
-    n_hold = cfg.calibration.holdout_batches
-    # no holdout: the gate says "not measured" (it never scores the model on the batches it was fitted to)
-    fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, [])
+    fit, holdout, _ = compress_data(wrapper, cfg, run_dir, evaluate)
     preserve = calibration_batches(wrapper, cfg, cfg.calibration.preserve_source) if (
         cfg.calibration.preserve_source) else None
     section, plan = cfg.compression, None

@@ -1,4 +1,8 @@
-"""``rcc evaluate``: run the evaluation suite on a model into a run directory (results, table, run record)."""
+"""``rcc evaluate``: run the evaluation suite on a model into a run directory (results, table, run record).
+
+A compressed checkpoint or run directory is loaded as such, and its lineage (the runs that
+compressed and trained it) is checked against the test sets first: see :mod:`.data`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.suite import evaluate_model, results_table
+from ..compression.export import checkpoint_dir, load_deployable
+from ..config import RCCConfig, dump_config
+from ..evaluation.suite import benchmark_datasets, evaluate_model, results_table
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.runs import RunRecord
+from .data import check_against_lineage
+from .tracking import log_evaluation, start_tracker
 
 
 def run_suite(
@@ -34,4 +42,35 @@ def run_suite(
         atomic_write_json(Path(out_dir) / "results.json", results)
         atomic_write_text(Path(out_dir) / "results.md", results_table(results))
         run.update(results_file="results.json", table_file="results.md", seconds=results["seconds"])
+    return results
+
+
+def evaluate_job(cfg: RCCConfig, run_dir: Path, benchmarks: list[str], datasets: list[str], split: str = "test",
+                 key: bytes | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``rcc evaluate``: the model (a name, a directory, or a compressed checkpoint or run), on ``datasets``.
+
+    A compressed model's lineage (the runs it was compressed and trained in, by their ``data.json``)
+    is checked first: a test image any of them calibrated or trained on is refused. The results go
+    to the trackers ``cfg.tracking`` names, as a compress run's do.
+    """
+    with start_tracker(cfg, run_dir, dump_config(cfg)) as tracker:
+        tracker.log_event("phase", phase="evaluation")
+        results = _evaluate(cfg, run_dir, benchmarks, datasets, split, key, **kwargs)
+        log_evaluation(tracker, results)
+    return results
+
+
+def _evaluate(cfg: RCCConfig, run_dir: Path, benchmarks: list[str], datasets: list[str], split: str,
+              key: bytes | None, **kwargs: Any) -> dict[str, Any]:
+    name = cfg.model.name
+    model: Any = load_deployable(name, key=key).wrapper if checkpoint_dir(name) is not None else name
+    checked: list[str] = []
+    if checkpoint_dir(name) is not None:
+        tests = benchmark_datasets(model, benchmarks, datasets, split, skip_bad=kwargs.get("skip_bad", False),
+                                   root=kwargs.get("root"), world_seed=kwargs.get("world_seed"))
+        checked = check_against_lineage(name, list({id(ds): ds for _, _, ds in tests}.values()))
+    results = run_suite(model, run_dir, benchmarks=benchmarks, datasets=datasets, seed=cfg.experiment.seed,
+                        config=dump_config(cfg), split=split, **kwargs)
+    results["lineage_checked"] = checked
+    atomic_write_json(run_dir / "results.json", results)
     return results

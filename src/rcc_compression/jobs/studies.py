@@ -444,8 +444,8 @@ def generate_report(spec: StudySpec, results: Mapping[str, Any], run_dir: Path) 
     rows = [{"variant": r["variant"], "metrics": r["retention"]} for r in results["rows"] if r["applicable"]]
     for i, m in enumerate(results["metrics"]):
         plot_comparison(rows, m, run_dir / f"retention_{i}_{slug(m.split(' ')[-1])}.png",
-                        title=f"{spec.kind}: retention of {m} (mean, 95 % CI over seeds)",
-                        reference=spec.reference.name)
+                        title=f"{spec.kind}: {m}", reference=spec.reference.name,
+                        ylabel="retention (mean and 95 % CI over seeds)")
 
 
 def run_ablation(config: RCCConfig, run_dir: str | Path, seeds: int | Sequence[int] = 3,

@@ -96,6 +96,46 @@ def results_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def evaluation_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{series: {name: value}}`` of an ``rcc evaluate`` ``results.json``: one series per benchmark and dataset.
+
+    Series ``eval/<benchmark>/<dataset>`` (step 0); each metric with its interval bounds where a
+    bootstrap ran (none is logged where none ran), and latency medians of the efficiency benchmark.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for bench, per_ds in results.get("results", {}).items():
+        for ds, res in per_ds.items():
+            vals: dict[str, float] = {}
+            if bench == "efficiency":
+                for bs, entry in res.get("profile", {}).get("per_batch_size", {}).items():
+                    if "median_ms" in entry.get("latency", {}):
+                        vals[metric_key(f"latency_bs{bs}", "median_ms")] = float(entry["latency"]["median_ms"])
+            groups = [("", res.get("metrics", {}))]
+            groups += [(f"_{k.split('_', 1)[1]}", v) for k, v in res.items() if k.startswith("metrics_")]
+            for suffix, metrics in groups:
+                for name, m in metrics.items():
+                    if isinstance(m, dict) and "value" in m:
+                        vals[metric_key(f"{name}{suffix}")] = float(m["value"])
+                        if m.get("samples", 1) and "ci_low" in m and "ci_high" in m:
+                            vals[metric_key(f"{name}{suffix}", "ci_low")] = float(m["ci_low"])
+                            vals[metric_key(f"{name}{suffix}", "ci_high")] = float(m["ci_high"])
+                    elif isinstance(m, (int, float)) and not isinstance(m, bool):
+                        vals[metric_key(f"{name}{suffix}")] = float(m)
+            if vals:
+                out[metric_key("eval", bench, ds)] = vals
+    return out
+
+
+def log_evaluation(tracker: ExperimentTracker, results: dict[str, Any]) -> None:
+    """Log an ``rcc evaluate`` run's results (:func:`evaluation_metrics`) and a summary of them."""
+    metrics = evaluation_metrics(results)
+    for series, values in metrics.items():
+        tracker.log_metrics(values, 0, series)
+    summary = {f"{series}/{k}": v for series, values in metrics.items() for k, v in values.items()}
+    summary.update({f"system/{k}": v for k, v in tracker.log_system(tracker.next_step("system")).items()})
+    tracker.log_summary(summary)
+
+
 def finish_compress_tracking(tracker: ExperimentTracker, cfg: RCCConfig, run_dir: Path, results: dict[str, Any],
                              pipe: Any = None, wrapper: nn.Module | None = None,
                              image_batch: dict[str, Any] | None = None) -> None:

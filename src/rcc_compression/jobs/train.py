@@ -1,26 +1,27 @@
 """``rcc train``: recover a compressed run by distillation from the dense model it came from.
 
-:func:`run_train` fine-tunes the compressed model of a run directory (or checkpoint) against its
-dense model and saves the result as a new compressed checkpoint; :func:`train_job` adds the run
-directory, logging, run record and the process group of a ``torchrun`` launch.
+:func:`run_train` streams a training split through the compressed model of a run directory (or
+checkpoint) and its dense model, validates on a held-out split as it goes, keeps the best model
+and saves it as a new compressed checkpoint; :func:`train_job` adds the run directory, logging,
+run record and the process group of a ``torchrun`` launch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-from math import inf
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..compression.calibration import output_agreement, run_outputs
+from ..compression.calibration import PRIMARY_OUTPUTS, flatten_outputs, output_agreement, to_device
 from ..compression.storage import MANIFEST, load_compressed, read_manifest, save_compressed
 from ..config import RCCConfig, dump_config, load_config, validate_config
-from ..data.collate import pad_collate
-from ..errors import CheckpointError, ConfigError
+from ..data.loaders import split_loader
+from ..data.splits import augment_from_config
+from ..errors import CheckpointError, ConfigError, DataError
+from ..evaluation.suite import evaluate_model
 from ..models.base import ModelWrapper
 from ..models.registry import get_model
 from ..training.callbacks import (
@@ -34,14 +35,12 @@ from ..training.callbacks import (
     TrackingCallback,
 )
 from ..training.distributed import (
-    BatchesDataset,
     DistInfo,
     barrier,
     cleanup,
     device_for,
     gather_with_grad,
     init_distributed,
-    make_loader,
 )
 from ..training.losses import DistillationLoss, LossWeights, model_family
 from ..training.recovery import trainable_parameters
@@ -52,7 +51,9 @@ from ..utils.logging import get_logger, setup_logging
 from ..utils.runs import RunRecord, new_run_dir
 from ..utils.seeding import seed_everything
 from ..utils.tracking import ExperimentTracker
-from .common import calibration_batches, prepare_run_dir, resolve_device
+from .common import prepare_run_dir, resolve_device
+from .compress import HEADLINE_METRICS
+from .data import check_and_record, model_keys, open_role, training_splits
 
 log = get_logger("training")
 
@@ -90,14 +91,35 @@ def _load_models(ckpt: Path, run_cfg: RCCConfig, device: torch.device) -> tuple[
     return student, teacher
 
 
+def _monitor_mode(name: str) -> str:
+    return "min" if "loss" in name else "max"
+
+
+def _better(a: float | None, b: float | None, mode: str) -> bool:
+    """Whether ``a`` beats ``b`` (a missing or NaN value never does)."""
+    if a is None or a != a:
+        return False
+    if b is None or b != b:
+        return True
+    return a < b if mode == "min" else a > b
+
+
 def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = False, progress: bool = True,
               dist: DistInfo | None = None) -> dict[str, Any]:
-    """Fine-tune the compressed model in ``source`` by distillation from its dense model; save into ``run_dir``.
+    """Recover the compressed model in ``source`` by distillation from its dense model, on ``cfg``'s data.
 
-    Writes ``run_dir/compressed`` (the recovered model, same format), ``run_dir/checkpoints/last``
-    (trainer state, for ``resume``), ``run_dir/progress.json`` while it trains and
-    ``run_dir/train_results.json``; sends steps, validations and the result to ``cfg.tracking``'s
-    backends (rank 0). Works under ``torchrun`` (every rank calls it; rank 0 writes).
+    The training split (``dataset.train``; else the run's calibration source) streams through
+    length-bucketed, augmented batches for ``training.max_steps`` steps or ``training.num_epochs``
+    epochs. The validation split (``dataset.val``; else the source's own ``val`` split; else a
+    seeded 5 % held out of training) is evaluated every ``training.eval_every_steps`` steps (or at
+    epoch ends): the distillation loss, the agreement with the teacher, and any
+    ``training.val_benchmarks``; the best model by ``training.monitor`` is kept (the input model
+    too, if training never beat it). No training image may be in val or ``dataset.test``.
+
+    Writes ``run_dir/compressed`` (the recovered model, same format), ``checkpoints/{last,best}``
+    (trainer states, for ``resume``), ``progress.json`` while it trains, ``data.json`` and
+    ``train_results.json``; returns the results. Sends steps, validations and the result to
+    ``cfg.tracking``'s backends (rank 0). Works under ``torchrun`` (every rank calls it; rank 0 writes).
     """
     dist = dist or init_distributed()
     tracker = (ExperimentTracker(cfg.tracking, run_dir, run_config=dump_config(cfg)) if dist.is_main
@@ -126,15 +148,27 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
     if tcfg.batch_size % dist.world_size:
         raise ConfigError(f"training.batch_size {tcfg.batch_size} must divide by the number of processes "
                           f"({dist.world_size})")
-    batches = calibration_batches(teacher_w, cfg, cfg.dataset.train or cfg.calibration.source)
-    n_hold = cfg.calibration.holdout_batches
-    fit, holdout = (batches[:-n_hold], batches[-n_hold:]) if n_hold else (batches, [])
-    per_rank = tcfg.batch_size // dist.world_size
-    # rows of calibration batches padded to different lengths batch together, padded again
-    collate = functools.partial(pad_collate, pad_token_id=getattr(teacher_w.tokenizer, "pad_token_id", None) or 0)
-    train_loader = make_loader(BatchesDataset(fit), per_rank, dist, seed=cfg.experiment.seed, collate_fn=collate)
-    val_loader = (make_loader(BatchesDataset(holdout), max(1, cfg.calibration.batch_size // dist.world_size), dist,
-                              shuffle=False, collate_fn=collate) if holdout else None)
+
+    # ---- data: the training split streamed, a validation split, nothing shared with val or test
+    train_ds, val_ds = training_splits(cfg, teacher_w, fallback=run_cfg.calibration.source)
+    roles: dict[str, list[Any]] = {"train": [train_ds], "val": [val_ds]}
+    if cfg.dataset.test:
+        roles["test"] = [open_role(cfg, teacher_w, cfg.dataset.test, "test")]
+    check_and_record(run_dir if dist.is_main else None, roles, cfg.dataset.leak_check)
+    keys = model_keys(teacher_w)
+    vqa = getattr(teacher_w, "is_vqa", False)
+    common = {"tokenizer": teacher_w.tokenizer, "max_length": teacher_w.max_text_length, "seed": cfg.experiment.seed,
+              "num_workers": cfg.dataset.num_workers, "prefetch_factor": cfg.dataset.prefetch_factor,
+              "answers_as_labels": vqa, "keys": keys, "device": device}
+    train_loader = split_loader(train_ds, "train", tcfg.batch_size // dist.world_size,
+                                augment=augment_from_config(cfg.dataset, train_ds.transform),
+                                max_tokens=cfg.dataset.max_tokens, bucket=cfg.dataset.bucket_by_length, **common)
+    val_loader = split_loader(val_ds, "val", max(1, cfg.dataset.batch_size // dist.world_size), **common)
+    if len(train_loader) == 0:
+        raise DataError(f"{train_ds.source}: {len(train_ds)} items make no training batch of "
+                        f"{tcfg.batch_size // dist.world_size}; lower training.batch_size")
+
+    # ---- objective
     forward_kwargs: dict[str, Any] = {}
     if tcfg.attention_weight:
         for m in (student, teacher):
@@ -147,59 +181,94 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
                             if family == "blip" else 0.0)
     teacher_fn = Teacher(teacher, cache_dir=tcfg.teacher_cache, forward_kwargs=forward_kwargs, device=device)
     objective = DistillationObjective(loss, teacher_fn, forward_kwargs)
-    teacher_holdout = run_outputs(teacher, holdout, device) if holdout else []
 
-    def agreement(model: nn.Module) -> dict[str, float]:
-        if not holdout:
-            return {}
-        return {"val_agreement": output_agreement(run_outputs(model, holdout, device), teacher_holdout)}
+    # ---- validation metrics besides the loss: agreement with the teacher, task benchmarks on val
+    teacher_val: list[dict[str, torch.Tensor]] = []
 
-    ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", every_steps=tcfg.checkpoint_every_steps,
-                              monitor="val_loss" if holdout else None)
+    @torch.no_grad()
+    def val_metrics(model: nn.Module) -> dict[str, float]:
+        s_out, t_out = [], []
+        for i, batch in enumerate(val_loader):
+            batch = to_device(batch, device)
+            if i >= len(teacher_val):
+                teacher_val.append(_primary(teacher(**batch)))
+            s_out.append(_primary(model(**batch)))
+            t_out.append(teacher_val[i])
+        out = {"val_agreement": output_agreement(s_out, t_out)}
+        if tcfg.val_benchmarks:
+            res = evaluate_model(student_w, tcfg.val_benchmarks, [val_ds], batch_size=cfg.dataset.batch_size,
+                                 bootstrap_samples=0, seed=cfg.experiment.seed)
+            for bench, per_dataset in res.get("results", {}).items():
+                for r in per_dataset.values():
+                    for name in HEADLINE_METRICS:
+                        m = r.get("metrics", {}).get(name)
+                        if isinstance(m, dict) and "value" in m:
+                            out[f"val_{bench}_{name}"] = float(m["value"])
+        return out
+
+    monitor, mode = tcfg.monitor, _monitor_mode(tcfg.monitor)
+    ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", every_steps=tcfg.checkpoint_every_steps or tcfg.eval_every_steps,
+                              monitor=monitor, mode=mode)
     callbacks: list[Callback] = [LearningRateMonitor(), LoggingCallback(every_steps=50), ckpt_cb,
                                  TrackingCallback(tracker), ProgressFile(run_dir / "progress.json")]
     if tcfg.early_stopping_patience:
-        callbacks.insert(0, EarlyStopping("val_loss", tcfg.early_stopping_patience))
+        callbacks.insert(0, EarlyStopping(monitor, tcfg.early_stopping_patience, mode=mode))
     if progress:
         callbacks.append(ProgressBar("recovery"))
     trainer = CompressionTrainer(student, objective, tcfg, train_data=train_loader, val_data=val_loader,
                                  params=trainable_parameters(student, tcfg.trainable), callbacks=callbacks,
-                                 seed=cfg.experiment.seed, device=device, dist=dist, metric_fn=agreement)
+                                 seed=cfg.experiment.seed, device=device, dist=dist, metric_fn=val_metrics)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
     before = trainer.validate()
+    if monitor not in before:
+        raise ConfigError(f"training.monitor: {monitor!r} is not measured; validation gives: {', '.join(before)} "
+                          "(task metrics need training.val_benchmarks)")
     if resume and (ckpt_cb.last / "trainer_state.json").is_file():
         trainer.load_checkpoint(ckpt_cb.last)
-        log.info("resuming from %s at epoch %d, step %d", ckpt_cb.last, trainer.state.epoch, trainer.state.step)
+        st = trainer.state
+        if (tcfg.max_steps is not None and st.step < tcfg.max_steps) or (
+                tcfg.max_steps is None and st.epoch < trainer.num_epochs):
+            st.should_stop = False  # a longer run than the one that finished: go on
+        log.info("resuming from %s at epoch %d, step %d", ckpt_cb.last, st.epoch, st.step)
     state = trainer.fit()
     history, steps, stopped = list(state.history), state.step, state.should_stop
     after = trainer.validate()
+    # keep the best of the input, the best validation and the last step
     kept = "last"
-    # keep the best of the input and every epoch, by validation loss (NaN counts as worst)
-    best = ckpt_cb.best if ckpt_cb.best is not None else inf
-    last = after.get("val_loss", inf) if after.get("val_loss") == after.get("val_loss") else inf
-    if holdout and before["val_loss"] <= min(last, best):
+    best_path = ckpt_cb.directory / "best"
+    if _better(before[monitor], after.get(monitor), mode) and not _better(ckpt_cb.best, before[monitor], mode):
         student.load_state_dict(initial)
         kept = "input"
-    elif holdout and best < last:
-        trainer.load_checkpoint(ckpt_cb.directory / "best")
-        kept = f"epoch {trainer.state.epoch}"
+    elif _better(ckpt_cb.best, after.get(monitor), mode) and (best_path / "trainer_state.json").is_file():
+        trainer.load_checkpoint(best_path)
+        kept = f"step {trainer.state.step}"
     if kept != "last":
         after = trainer.validate()
-        log.warning("validation loss was lowest at the %s; keeping that model", kept)
+        log.warning("%s was best at the %s; keeping that model", monitor, kept)
     trainer.close()
     results = {
         "source": str(ckpt), "teacher": run_cfg.model.name, "family": family, "world_size": dist.world_size,
-        "steps": steps, "epochs": len(history), "stopped_early": stopped, "kept": kept,
+        "steps": steps, "epochs": state.epoch, "stopped_early": stopped, "kept": kept, "monitor": monitor,
         "before": before, "after": after, "history": history,
+        "data": {"train": train_ds.describe() | {"split": train_ds.split, "spec": train_ds.spec},
+                 "val": val_ds.describe() | {"split": val_ds.split, "spec": val_ds.spec},
+                 "batches_per_epoch": len(train_loader), "skipped_items": train_loader.skipped},
         "teacher_cache": {"hits": teacher_fn.cache_hits, "forward_calls": teacher_fn.forward_calls},
     }
     if dist.is_main:
         records = list(read_manifest(ckpt).get("stages") or [])
-        records.append({"stage": "train", "steps": steps, "epochs": len(history), "kept": kept, "before": before,
+        records.append({"stage": "train", "steps": steps, "epochs": state.epoch, "kept": kept, "before": before,
                         "after": after})
         save_compressed(student_w, run_dir / "compressed", config=dump_config(cfg), records=records, overwrite=True)
         atomic_write_json(run_dir / "train_results.json", results)
     return results
+
+
+
+def _primary(out: Any) -> dict[str, torch.Tensor]:
+    flat = flatten_outputs(out)
+    keys = [k for k in PRIMARY_OUTPUTS if k in flat] or list(flat)
+    return {k: flat[k].detach() for k in keys}
 
 
 def train_job(cfg: RCCConfig, source: str | Path, output: Path | None = None, resume: bool = False,

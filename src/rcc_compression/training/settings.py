@@ -16,17 +16,21 @@ from ..utils.schema import StrictModel
 class TrainingSection(StrictModel):
     """Recovery fine-tuning and distillation hyper-parameters."""
 
-    batch_size: int = Field(256, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
-    num_epochs: int = Field(20, ge=0)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    grad_accumulation: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    temperature: float = Field(2.0, gt=0)
+    batch_size: int = Field(256, ge=1, description="global batch size (split across torchrun processes)")
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    num_epochs: int = Field(20, ge=0, description="passes over the training data (max_steps overrides)")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay (decoupled in AdamW)")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine",
+        description="learning-rate schedule after the warm-up")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this (None: no clipping)")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="fp32, or bf16 / fp16 autocast (fp16 with a gradient scaler)")
+    temperature: float = Field(2.0, gt=0, description="softmax temperature of the logit distillation")
     momentum: float = Field(0.9, ge=0, description="SGD momentum")
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
         (0.9, 0.999), description="AdamW moment decay rates")
@@ -35,12 +39,25 @@ class TrainingSection(StrictModel):
     feature_weight: float = Field(1.0, ge=0, description="feature matching (embeddings, last hidden states)")
     attention_weight: float = Field(0.0, ge=0, description="attention transfer (needs eager attention)")
     task_weight: float = Field(0.0, ge=0, description="the model's own loss (CLIP contrastive, BLIP captioning)")
-    trainable: Literal["compressed", "all"] = "compressed"
+    trainable: Literal["compressed", "all"] = Field(
+        "compressed",
+        description="compressed: the compressed layers' parameters; all: every parameter")
     dropout: bool = Field(False, description="train with dropout (whole model in training mode)")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute activations in the backward pass (less memory, more time)")
     teacher_cache: str | None = Field(None, description="directory for cached teacher outputs")
     checkpoint_every_steps: int = Field(0, ge=0, description="0: checkpoint at epoch ends only")
-    early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(
+        None, ge=1,
+        description="stop after this many validations without improvement (None: never)")
+    max_steps: int | None = Field(None, ge=1, description="optimiser steps to train (overrides num_epochs)")
+    eval_every_steps: int = Field(0, ge=0, description="validate every this many steps; 0: at epoch ends")
+    monitor: str = Field("val_loss", description="validation metric that picks the best model (losses: lower "
+                         "is better; others: higher)")
+    val_benchmarks: list[Literal["zero_shot", "retrieval", "captioning", "vqa"]] = Field(
+        default_factory=list, description="task benchmarks evaluated on the val split at every validation")
+    val_max_items: int | None = Field(None, ge=1, description="validate on a seeded subset of this many items")
 
     @model_validator(mode="after")
     def _some_loss(self) -> TrainingSection:

@@ -141,8 +141,12 @@ class CompressionTrainer:
     """Train a (compressed) student on an objective; see the module docstring.
 
     ``train_data`` is a sequence of batch dicts (visited in ``order(epoch)``, default a seeded
-    permutation) or a ``DataLoader`` (its sampler's ``set_epoch`` is called). ``val_data`` the
-    same, for :meth:`validate`; ``metric_fn(model) -> {name: value}`` adds metrics there.
+    permutation), a ``DataLoader`` (its sampler's ``set_epoch`` is called) or a loader with
+    ``set_epoch(epoch, start)`` (a :class:`~rcc_compression.data.loaders.SafeLoader`: a resumed
+    epoch skips its first batches without loading them). ``val_data`` the same, for
+    :meth:`validate`; ``metric_fn(model) -> {name: value}`` adds metrics there. The config's
+    ``max_steps`` ends training after that many optimiser steps (the schedule spans them), and
+    ``eval_every_steps`` validates every that many steps instead of at epoch ends.
     ``scheduler(optimizer)`` replaces the config's learning-rate schedule (the reference recipes
     use one that fits a wall-clock budget). A callback that sets ``state.should_stop`` in
     ``on_step_end`` ends the run after that step.
@@ -174,6 +178,8 @@ class CompressionTrainer:
         self.train_data, self.val_data = train_data, val_data
         self.order, self.seed, self.metric_fn = order, seed, metric_fn
         self.num_epochs = cfg.num_epochs if num_epochs is None else num_epochs
+        self.max_steps = getattr(cfg, "max_steps", None)
+        self.eval_every = int(getattr(cfg, "eval_every_steps", 0) or 0)
         self.params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
         self._flags = {p: p.requires_grad for p in model.parameters()}
         self._was_training = model.training
@@ -192,7 +198,11 @@ class CompressionTrainer:
         self.precision = Precision(cfg.precision, self.device)
         self.optimizer = build_optimizer(self.params + self.extra_params, cfg.optimizer, cfg.learning_rate,
                                          cfg.weight_decay, cfg.momentum, tuple(cfg.betas))
-        self.total_steps = self.num_epochs * self.steps_per_epoch
+        if self.max_steps is not None:
+            self.num_epochs = math.ceil(self.max_steps / max(self.steps_per_epoch, 1))
+            self.total_steps = self.max_steps
+        else:
+            self.total_steps = self.num_epochs * self.steps_per_epoch
         self.scheduler = (scheduler(self.optimizer) if scheduler is not None else
                           build_scheduler(self.optimizer, cfg.scheduler, self.total_steps, cfg.warmup_steps,
                                           cfg.min_lr_ratio))
@@ -209,14 +219,19 @@ class CompressionTrainer:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.batches_per_epoch / self.config.grad_accumulation)
 
-    def _epoch_batches(self, epoch: int) -> Iterator[tuple[int | None, Batch]]:
+    def _epoch_batches(self, epoch: int, start: int = 0) -> Iterator[tuple[int | None, Batch]]:
+        """The batches of ``epoch`` from batch ``start`` on; a loader is pointed at the epoch now."""
         data = self.train_data
+        if isinstance(data, Sequence):
+            order = self.order(epoch) if self.order is not None else default_order(len(data), self.seed, epoch)
+            return ((i, data[i]) for i in list(order)[start:])
+        skipped = 0
         if isinstance(data, DataLoader):
             if hasattr(data.sampler, "set_epoch"):
                 data.sampler.set_epoch(epoch)
-            return ((None, b) for b in data)
-        order = self.order(epoch) if self.order is not None else default_order(len(data), self.seed, epoch)
-        return ((i, data[i]) for i in order)
+        elif hasattr(data, "set_epoch"):  # a SafeLoader: skips the first batches without loading them
+            skipped = int(data.set_epoch(epoch, start) or 0)
+        return islice(((None, b) for b in data), start - skipped, None)
 
     # ------------------------------------------------------------------ modes
     def _train_mode(self) -> None:
@@ -240,10 +255,10 @@ class CompressionTrainer:
     def train_epoch(self) -> dict[str, float]:
         """Train one epoch (from where the state says it stands); returns the epoch's mean step logs."""
         st, cfg = self.state, self.config
-        accum, n = cfg.grad_accumulation, self.batches_per_epoch
+        batches = self._epoch_batches(st.epoch, st.batch_in_epoch)
+        accum, n = cfg.grad_accumulation, self.batches_per_epoch  # after the loader knows the epoch
         self.callbacks.fire("on_epoch_begin", self)
         self._train_mode()
-        batches = islice(self._epoch_batches(st.epoch), st.batch_in_epoch, None)
         if self._pending_rng is not None:  # after the iterator is made: a loader draws a seed from torch's RNG
             set_rng_state(self._pending_rng)
             self._pending_rng = None
@@ -284,6 +299,10 @@ class CompressionTrainer:
                 st.epoch_sums[k] = st.epoch_sums.get(k, 0.0) + v
             st.epoch_steps += 1
             self.callbacks.fire("on_step_end", self, logs)
+            if self.max_steps is not None and st.step >= self.max_steps:
+                st.should_stop = True
+            if self.eval_every and (st.step % self.eval_every == 0 or st.should_stop):
+                self._validate_now(logs)
             if st.should_stop:  # a callback ended the run mid-epoch (a time budget, a target reached)
                 break
         means = {k: v / max(st.epoch_steps, 1) for k, v in st.epoch_sums.items()}
@@ -315,6 +334,18 @@ class CompressionTrainer:
             self.model.train(was)
         return all_reduce_mean(metrics, self.dist)
 
+    def _validate_now(self, logs: Mapping[str, float]) -> None:
+        """A validation in the middle of an epoch (``eval_every_steps``): record it, tell the callbacks."""
+        st = self.state
+        if self.val_data is None and self.metric_fn is None:
+            return
+        metrics = self.validate()
+        self._train_mode()
+        record = {"step": st.step, "epoch": st.epoch + st.batch_in_epoch / max(self.batches_per_epoch, 1),
+                  **{f"train_{k}": v for k, v in logs.items()}, **metrics}
+        st.history.append(record)
+        self.callbacks.fire("on_validation_end", self, metrics)
+
     def fit(self, num_epochs: int | None = None) -> TrainingState:
         """Train until ``num_epochs`` epochs are complete (or a callback stops it); returns the state."""
         epochs = self.num_epochs if num_epochs is None else num_epochs
@@ -324,11 +355,12 @@ class CompressionTrainer:
             while st.epoch < epochs and not st.should_stop:
                 record: dict[str, float] = {f"train_{k}": v for k, v in self.train_epoch().items()}
                 record = {"epoch": st.epoch, **record}
-                if self.val_data is not None or self.metric_fn is not None:
+                if not self.eval_every and (self.val_data is not None or self.metric_fn is not None):
                     metrics = self.validate()
                     record.update(metrics)
                     self.callbacks.fire("on_validation_end", self, metrics)
-                st.history.append(record)
+                if not self.eval_every:
+                    st.history.append(record)
                 self.callbacks.fire("on_epoch_end", self, record)
         finally:
             self.callbacks.fire("on_train_end", self)

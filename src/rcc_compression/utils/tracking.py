@@ -61,7 +61,7 @@ class TrackingConfig(StrictModel):
         default_factory=lambda: ["console", "file"], description="any of console, file, tensorboard, wandb")
     project: str = Field("rcc-compression", min_length=1, description="W&B project (TensorBoard: run label)")
     run_name: str | None = Field(None, description="None: the run directory's name")
-    tags: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list, description="tags given to the run (W&B)")
     log_model: bool = Field(True, description="log the compressed model directory as an artifact")
     figures: bool = Field(True, description="record figure data and write the run's plots (PNG and SVG)")
 

@@ -144,7 +144,7 @@ def plot_sensitivity(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[
 
 
 def plot_comparison(rows: Sequence[Mapping[str, Any]], metric: str, path: str | os.PathLike[str],
-                    title: str = "", reference: str | None = None) -> Path:
+                    title: str = "", reference: str | None = None, ylabel: str | None = None) -> Path:
     """Mean and CI over seeds of ``metric`` per variant (``rows[i]["metrics"][metric]`` = a seed aggregate)."""
     plt = _plt()
     rows = [r for r in rows if metric in r.get("metrics", {})]
@@ -156,8 +156,8 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], metric: str, path: str | 
     colors = ["tab:orange" if n == reference else "tab:blue" for n in names]
     ax.bar(range(len(names)), mean, color=colors, yerr=[mean - lo, hi - mean], capsize=3)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(metric)
-    ax.set_title(title or metric, fontsize=9)
+    ax.set_ylabel(ylabel or metric, fontsize=8)
+    ax.set_title(title or metric, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

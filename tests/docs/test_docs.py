@@ -1,0 +1,83 @@
+"""The documentation builds strictly and every notebook runs top to bottom."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+#: mkdocs-material and properdocs print a banner about MkDocs 2 on every build; it is not a warning of ours
+QUIET = {"NO_MKDOCS_2_WARNING": "1", "DISABLE_MKDOCS_2_WARNING": "true"}
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, **QUIET}
+    src = str(ROOT / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    return env
+
+
+def test_mkdocs_build_strict(tmp_path: Path) -> None:
+    pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install 'rcc-compression[docs]'")
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    site = tmp_path / "site"
+    config = (site / "reference" / "configuration" / "index.html").read_text(encoding="utf-8")
+    assert "leak_check" in config and "pruning_rate" in config
+    # every public module has an API page, found without a list to maintain
+    src = ROOT / "src" / "rcc_compression"
+    for path in src.rglob("*.py"):
+        parts = path.relative_to(src.parent).with_suffix("").parts
+        if any(p.startswith("_") and p != "__init__" for p in parts) or not (path.parent / "__init__.py").is_file():
+            continue
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        assert (site / "reference" / "api" / name / "index.html").is_file(), name
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(notebook: Path, tmp_path: Path) -> None:
+    nbformat = pytest.importorskip("nbformat", reason="the docs extra is not installed")
+    nbclient = pytest.importorskip("nbclient", reason="the docs extra is not installed")
+    pytest.importorskip("ipykernel", reason="the docs extra is not installed")
+    nb = nbformat.read(notebook, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
+    work = tmp_path / "work"
+    work.mkdir()
+    old = dict(os.environ)
+    os.environ.update(_env())
+    try:
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(work)}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert not any(p for p in work.iterdir() if p.name not in (".ipynb_checkpoints",)) or shutil.which("true")
+
+
+def test_every_config_key_has_a_meaning() -> None:
+    """The configuration reference is generated from the models: a key without a description has no meaning there."""
+    from pydantic import BaseModel
+
+    from rcc_compression.config import RCCConfig
+
+    missing = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            elif not field.description:
+                missing.append(f"{prefix}{name}")
+
+    walk(RCCConfig, "")
+    assert not missing, f"config keys without Field(description=...): {', '.join(missing)}"
