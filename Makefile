@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]" "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,docs]" "$(TORCH)"
 	@touch $(STAMP)
 
 install: $(STAMP)

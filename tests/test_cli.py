@@ -77,9 +77,20 @@ def test_compress_to_a_target_rate(tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["plan"]["requested_rate"] == 0.6
     achieved = results["efficiency"]["compressed"]["storage"]["compression_rate_layers"]
-    assert abs(achieved - 0.6) <= 0.01
+    # a per-layer plan (bits x rank x sparsity) lands exactly where its byte model says, at or past the rate;
+    # a recovery step undone after it (its scales not stored) only stores less
+    assert achieved >= 0.6
+    if any(r.get("undone") for r in results["records"]):
+        assert achieved >= results["plan"]["predicted_rate"] - 1e-6
+    else:
+        assert abs(achieved - results["plan"]["predicted_rate"]) < 1e-6
     manifest = json.loads((run / "compressed" / "manifest.json").read_text())
-    assert manifest["config"]["compression"]["dare"]["pruning_rate"] == results["plan"]["pruning_rate"]
+    planned = manifest["config"]["compression"]
+    assert planned["cascade"]["stages"] == results["plan"]["stages"] and planned["cascade"]["rounds"] == 1
+    for name, layer in results["plan"]["layers"].items():
+        fmt = planned["quant"]["layers"].get(name, {"bits": None})
+        assert fmt["bits"] == (layer["bits"] if layer["keep_s"] else None)
+        assert manifest["layers"][name]["rank"] == layer["rank"]
     lat = results["efficiency"]["dense"]["per_batch_size"]["1"]["latency"]
     assert lat["iters"] == 30 and lat["median_ms"] > 0  # dense and compressed timed in alternation
 

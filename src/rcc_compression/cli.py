@@ -17,6 +17,7 @@ import typer
 
 from . import __version__
 from .errors import CheckpointError, ConfigError, EvaluationError, RCCError
+from .utils.progress import progress_bar
 
 app = typer.Typer(
     name="rcc",
@@ -560,18 +561,7 @@ def analyze(
 @contextlib.contextmanager
 def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar fed by ``report(stage, done, total)`` callbacks."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True, quiet=quiet), transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
+    with progress_bar(not quiet) as report:
         yield report
 
 

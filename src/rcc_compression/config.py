@@ -230,6 +230,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "compression.cascade.target_rate": (_J + "api", _J + "compress"),
     "compression.cascade.rate_scope": (_J + "api", _J + "compress"),
     "compression.cascade.lowrank_share": (_J + "api", _J + "compress"),
+    "compression.cascade.planner": ("rcc_compression.compression.rate",),
     "training.batch_size": (_J + "train",),
     "training.learning_rate": (_T + "trainer", _T + "recovery"),
     "training.num_epochs": (_T + "trainer", _T + "recovery"),

@@ -132,13 +132,27 @@ def test_plan_rate_hits_target_on_vit_b32_shapes():
         plan_rate(shapes, 0.99, "dare", rest_bytes=10**9, scope="model")
 
 
-@pytest.mark.parametrize("method,scorer", [("dare", "magnitude"), ("dare", "wanda"), ("cascade", "magnitude")])
-def test_compress_model_reaches_rate_within_one_percent(method, scorer):
+@pytest.mark.parametrize("method,scorer,planner", [("dare", "magnitude", "layers"), ("dare", "wanda", "layers"),
+                                                   ("cascade", "magnitude", "split"),
+                                                   ("cascade", "magnitude", "layers")])
+def test_compress_model_reaches_rate_within_one_percent(method, scorer, planner):
     dare = {**FAST["dare"], "scorer": scorer}
+    cascade = {"validation_threshold": 0.0, "planner": planner}
     model = compress_model("tiny-clip", compression_rate=0.6, method=method,
-                           config={"compression": {**FAST, "dare": dare, "cascade": {"validation_threshold": 0.0}}})
+                           config={"compression": {**FAST, "dare": dare, "cascade": cascade}})
     stats = model.compression_stats
-    assert abs(stats["achieved_rate"] - 0.6) <= 0.01
+    if planner == "layers" and method == "cascade":
+        # a per-layer plan is a budget: it lands exactly where its byte model says, at or past the rate
+        # (less, when a smaller storage leaves less error than any that fills the budget), or stores
+        # less still when a recovery step after it is undone
+        undone = any(r.get("undone") for r in stats["records"])
+        if undone:
+            assert stats["achieved_rate"] >= stats["plan"]["predicted_rate"] and "undone" in stats["rate_note"]
+        else:
+            assert stats["achieved_rate"] == pytest.approx(stats["plan"]["predicted_rate"], abs=1e-9)
+        assert stats["achieved_rate"] >= 0.6
+    else:
+        assert abs(stats["achieved_rate"] - 0.6) <= 0.01
     from rcc_compression.evaluation.efficiency import storage_report
 
     assert storage_report(model)["compression_rate_layers"] == pytest.approx(stats["achieved_rate"])
@@ -168,7 +182,8 @@ def test_compress_model_accepts_any_module_and_the_design_documents_pipeline_api
     model = compress_model(mlp, compression_rate=0.5, method="cascade", calibration_data=mlp_batches,
                            config={"compression": {**FAST, "cascade": {"validation_threshold": 0.0}}})
     assert set(compressed_layers(model)) == {"fc1", "fc2"}  # the head is left alone by default
-    assert abs(model.compression_stats["achieved_rate"] - 0.5) <= 0.02  # one rank is 3 % of this toy
+    stats = model.compression_stats  # per-layer plan: at or past the rate, exactly where it predicted
+    assert stats["achieved_rate"] >= 0.5 and stats["achieved_rate"] == pytest.approx(stats["plan"]["predicted_rate"])
     assert torch.isfinite(model(x)).all()
     pipe = CompressionPipeline()
     pipe.add_stage("dare", config={"pruning_rate": 0.9, "iterations": 1, "fine_tune_epochs": 0})

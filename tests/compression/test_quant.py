@@ -13,6 +13,7 @@ from rcc_compression.compression.quant import (
     QuantConfig,
     QuantStage,
     gptq,
+    gptq_formats,
     pack_codes,
     quantize_nearest,
     relative_output_error,
@@ -68,6 +69,21 @@ def test_gptq_keeps_the_mask():
     assert torch.all(q.codes[~mask] == 0)
     assert relative_output_error(w * mask, values, H) <= relative_output_error(
         w * mask, quantize_nearest(w * mask, 4, 32, mask=mask).dequantize(mask=mask), H)
+
+
+def test_gptq_formats_in_one_pass_equal_one_format_at_a_time():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 96, generator=g)
+    mask = torch.rand(24, 96, generator=g) > 0.3
+    x = _anisotropic_inputs(96)
+    H = x.t() @ x
+    fmts = [(4, 32, True), (3, 64, False), (8, None, True), (2, None, False)]
+    for act_order in (False, True):
+        together = gptq_formats(w * mask, H, fmts, mask, act_order=act_order)
+        for (bits, group, sym), q in zip(fmts, together, strict=True):
+            alone = gptq(w * mask, H, bits, group, sym, mask, act_order=act_order)
+            assert torch.equal(q.codes, alone.codes)
+            assert torch.equal(q.dequantize(mask=mask), alone.dequantize(mask=mask))
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])

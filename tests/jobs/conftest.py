@@ -27,7 +27,7 @@ def tiny_config(root: Path, world: Path, stages: list[str], rate: float = 0.5) -
             "dare": {"iterations": 1, "fine_tune_epochs": 0},
             "nullu": {"energy_threshold": None},
             "alphaedit": {"num_epochs": 1},
-            "cascade": {"stages": stages, "validation_threshold": 0.0, "target_rate": rate},
+            "cascade": {"stages": stages, "validation_threshold": 0.0, "target_rate": rate, "planner": "split"},
         },
         "evaluation": {"benchmarks": ["zero_shot", "retrieval"], "datasets": [str(world)], "batch_size": 32},
     }

@@ -39,7 +39,7 @@ CONFIG_ROWS = {
     "unknown key": ("compression:\n  dare:\n    pruning_ratez: 0.3\n",
                     "compression.dare.pruning_ratez: unknown key 'pruning_ratez'; allowed keys: targets, ignore, "
                     "pruning_rate, iterations, pruning_schedule, fine_tune_epochs, fine_tune_lr, scorer, target, "
-                    "reference_model, rescale, scope, nm"),
+                    "reference_model, rescale, scope, nm, layer_rates"),
     "wrong type": ("calibration:\n  num_batches: many\n",
                    "calibration.num_batches: expected an integer (int), got 'many'"),
     "rate 1.5": ("compression:\n  dare:\n    pruning_rate: 1.5\n",

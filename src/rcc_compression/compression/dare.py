@@ -56,6 +56,17 @@ class DareConfig(StageConfig):
         None,
         description="entries ranked over the whole layer or per output row; None: row for wanda, else layer")
     nm: str | None = Field(None, description="N:M structure, e.g. '2:4' (overrides pruning_rate with 1 - N/M)")
+    layer_rates: dict[str, float] | None = Field(
+        None, description="final pruning rate per layer by module name (a plan): those layers take it instead of "
+                          "pruning_rate; layers not named (or named with 0) are left alone")
+
+    @field_validator("layer_rates")
+    @classmethod
+    def _rates(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        bad = {k: r for k, r in (v or {}).items() if not 0.0 <= r < 1.0}
+        if bad:
+            raise ValueError(f"layer rates must be in [0, 1): {bad}")
+        return v
 
     @field_validator("nm")
     @classmethod
@@ -259,7 +270,13 @@ class DareStage(Stage):
         stats = ctx.stats() if cfg.scorer == "wanda" else None
         per_layer: dict[str, Any] = {}
         for i, (name, layer) in enumerate(layers.items()):
-            per_layer[name] = self._prune_layer(name, layer, ctx, rate, stats)
+            layer_rate = rate
+            if cfg.layer_rates is not None and cfg.nm is None:
+                planned = cfg.layer_rates.get(name, 0.0)
+                if planned == 0.0:
+                    continue
+                layer_rate = planned * schedule_fraction(ctx.progress, ctx.schedule)
+            per_layer[name] = self._prune_layer(name, layer, ctx, layer_rate, stats)
             ctx.tick(f"dare {name}", i + 1, len(layers))
         kd = {}
         if cfg.fine_tune_epochs > 0:

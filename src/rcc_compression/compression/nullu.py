@@ -73,6 +73,9 @@ class NulluConfig(StageConfig):
         description="later rounds refine the previous subspace instead of decomposing afresh")
     refit: Literal["none", "sequential"] = Field(
         "none", description="sequential: refit the factors in execution order on the compressed model's own inputs")
+    layer_ranks: dict[str, int] | None = Field(
+        None, description="rank per layer by module name (a plan): those layers take it whatever the other "
+                          "criteria say, layers not named (or named with 0) are left alone")
     pairs_file: str | None = Field(
         None,
         description="hallu_space: json file of paired truthful and hallucinated captions")
@@ -317,12 +320,15 @@ class NulluStage(Stage):
     def _low_rank(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         cfg = self.config
         tg = self.targets_at(ctx.progress, ctx.schedule)
-        if "param_budget" in ctx.targets.get(self.name, {}):  # the cascade's joint byte schedule
+        planned = cfg.layer_ranks is not None
+        if "param_budget" in ctx.targets.get(self.name, {}) and not planned:  # the cascade's joint byte schedule
             tg = {"rank_reduction": None, "energy_threshold": None,
                   "param_budget": ctx.targets[self.name]["param_budget"]}
-        if all(v is None for v in tg.values()):
-            raise CompressionError("nullu needs one of rank_reduction, energy_threshold, param_budget")
+        if all(v is None for v in tg.values()) and not planned:
+            raise CompressionError("nullu needs one of rank_reduction, energy_threshold, param_budget, layer_ranks")
         layers = ctx.layers(self.layer_names(model))
+        if planned:
+            layers = {n: m for n, m in layers.items() if cfg.layer_ranks.get(n, 0) > 0}
         method = cfg.decomposition_method
         need_gram = method == "activation_aware"
         # second moments of every layer only where the factorisation needs them in every round; the
@@ -335,8 +341,9 @@ class NulluStage(Stage):
             work: dict[str, dict[str, Any]] = {}
             for name in names:
                 layer = layers[name]
-                residual = ctx.target_weight(name, layer) - (layer.sparse_part().float() if layer.mask is not None
-                                                             else 0)
+                # a sparse S, or a dense S already stored as integer codes, stays: the factors fit what it leaves
+                keep = layer.mask is not None or "weight" in layer.quant
+                residual = ctx.target_weight(name, layer) - (layer.sparse_part().float() if keep else 0)
                 right = right_inv = None
                 if method in ("activation_aware", "asvd") and residual.device.type == "cpu":
                     residual = residual.double()  # whitening amplifies rounding in rarely visited directions
@@ -347,7 +354,7 @@ class NulluStage(Stage):
                     right, right_inv = torch.diag(s), torch.diag(1.0 / s)
                 M = residual @ right if right is not None else residual
                 work[name] = {"layer": layer, "M": M, "right": right, "right_inv": right_inv,
-                              "keep_sparse": layer.mask is not None}
+                              "keep_sparse": keep}
             return work
 
         # layers go through steps 1-3 in chunks of one shape and bounded size, so the matrices,
@@ -371,7 +378,9 @@ class NulluStage(Stage):
         global_budget = (cfg.budget_allocation == "global" and tg["param_budget"] is not None
                          and tg["rank_reduction"] is None and tg["energy_threshold"] is None)
         fixed: dict[str, int] = {}
-        if global_budget:  # a first pass for the spectra: ranks go where they remove the most error
+        if planned:
+            fixed = {n: min(int(cfg.layer_ranks[n]), layers[n].out_features, layers[n].in_features) for n in layers}
+        elif global_budget:  # a first pass for the spectra: ranks go where they remove the most error
             energy: dict[str, torch.Tensor] = {}
             for chunk in chunks:
                 work = prepare(chunk)
@@ -390,11 +399,12 @@ class NulluStage(Stage):
             for n in chunk:
                 if n in fixed:
                     work[n]["rank"], work[n]["fixed_rank"] = fixed[n], True
+                    work[n]["planned"] = planned
             groups = {(layers[chunk[0]].out_features, layers[chunk[0]].in_features): chunk}
             for names in groups.values():
                 warm = [n for n in names if cfg.warm_start and 0 < work[n].get("rank", 1) <= work[n]["layer"].rank]
                 fresh = [n for n in names if n not in warm]
-                if global_budget:
+                if global_budget or planned:
                     fresh = [n for n in fresh if work[n]["rank"] > 0]
                 elif tg["energy_threshold"] is None:
                     fresh = [n for n in fresh if decide(work[n], torch.empty(0))]
@@ -464,7 +474,7 @@ class NulluStage(Stage):
                     layer.set_low_rank(None, None)
                     if not w["keep_sparse"]:
                         layer.set_sparse(None)
-                elif "usv" not in w or not factorisable(r, m, n):
+                elif "usv" not in w or not (factorisable(r, m, n) or w.get("planned")):
                     info["skipped"] = f"r (m + n) >= m n for r={r}"
                     cap = ctx.byte_cap(name)
                     dense_fits = cap is None or dense_bytes(layer) <= cap

@@ -20,7 +20,7 @@ from ..errors import CompressionError
 from .dare import keep_count, magnitude_scores, topk_mask, wanda_scores
 from .lowrank import whitening
 from .nullu import allocate_ranks, budget_rank, factorisable, spectral_energy, svd
-from .quant import corrected_factor, format_bytes, gptq, quantize_nearest
+from .quant import format_bytes, gptq_formats, quantize_nearest
 from .storage import sparse_encoding_bytes
 
 
@@ -239,12 +239,14 @@ SPLIT_CHUNK_BYTES = 1 << 27
 #: formats of S the planner weighs: (bits, group size or None for one scale per row, symmetric)
 QUANT_FORMATS: tuple[tuple[int, int | None, bool], ...] = (
     (8, None, True), (4, None, True), (4, 128, False), (4, 64, False), (4, 32, False),
-    (3, None, False), (3, 128, False), (3, 64, False), (3, 32, False), (2, 64, False), (2, 32, False),
+    (3, None, False), (3, 128, False), (3, 64, False), (3, 32, False), (2, None, False), (2, 64, False),
+    (2, 32, False),
 )
-#: S formats that get a low-rank correction of their rounding error, and the sparse S formats
-CORRECTED_FORMATS = ((3, 64, False), (2, 64, False), (2, 32, False))
+#: the sparse S formats
 SPARSE_FORMATS = ((8, None, True), (4, 64, False))
 SPARSITIES = (0.5, 0.75)
+#: pruning rates of a float S (cheap to try; they also let the byte budget be filled closely)
+FLOAT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
 #: ranks tried, as shares of min(m, n); factors are stored with 8 or 4 bits
 RANK_SHARES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 FACTOR_BITS = (8, 4)
@@ -312,87 +314,101 @@ def layer_choices(
     that rounding error; its factors are rounded to nearest with ``B`` re-solved on the rounded
     ``A`` (the stage's GPTQ rounding of them only lowers the error further).
     """
-    W = weight.detach().double()
+    W = weight.detach().float()
     m, n = W.shape
-    H = gram.double() if gram is not None else torch.eye(n, dtype=torch.float64, device=W.device)
-    ref = float(((W @ H) * W).sum().clamp_min(1e-300))
+    H = gram.float() if gram is not None else torch.eye(n, device=W.device)
+    ref = float(((W @ H) * W).sum(dtype=torch.float64).clamp_min(1e-300))
 
     def error(approx: torch.Tensor) -> float:
         D = W - approx
-        return max(0.0, float(((D @ H) * D).sum()) / ref)
+        return max(0.0, float(((D @ H) * D).sum(dtype=torch.float64)) / ref)
 
-    def rounded(s: torch.Tensor, fmt: tuple[int, int | None, bool], mask: torch.Tensor | None) -> torch.Tensor:
-        bits, group, sym = fmt
+    def rounded(s: torch.Tensor, fmts: Sequence[tuple[int, int | None, bool]], mask: torch.Tensor | None
+                ) -> list[torch.Tensor]:
         if rounding == "gptq" and gram is not None:
-            q = gptq(s.float(), H.float(), bits, group, sym, mask, damping)
+            parts = gptq_formats(s, H, fmts, mask, damping)
         else:
-            q = quantize_nearest(s.float(), bits, group, sym, mask)
-        return q.dequantize(torch.float64, mask).to(W.device)
+            parts = [quantize_nearest(s, b, g, sym, mask) for b, g, sym in fmts]
+        return [q.dequantize(torch.float32, mask).to(W.device) for q in parts]
 
     out: list[Choice] = []
 
-    def add(c: Choice, approx: torch.Tensor | None) -> None:
-        out.append(Choice(**{**c.__dict__, "nbytes": choice_bytes(shape, c, prune_scope),
-                             "error": 0.0 if approx is None else error(approx)}))
+    def add(c: Choice, approx: torch.Tensor | None, err: float | None = None) -> None:
+        e = err if err is not None else (0.0 if approx is None else error(approx))
+        out.append(Choice(**{**c.__dict__, "nbytes": choice_bytes(shape, c, prune_scope), "error": e}))
 
     root = None
     if lowrank:
-        root = whitening(H, damping)
+        root = whitening(H.double(), damping)
     full = min(m, n)
     ranks = sorted({max(1, round(full * s)) for s in RANK_SHARES})
 
-    def with_factors(base: Choice, s_hat: torch.Tensor | None, rank_list: list[int]) -> None:
-        residual = W - (s_hat if s_hat is not None else 0)
-        U, sv, Vh = torch.linalg.svd(residual @ root[0], full_matrices=False)
+    def with_factors(base: Choice, s_hat: torch.Tensor | None, rank_list: list[int],
+                     factor_bits: Sequence[int] = FACTOR_BITS) -> None:
+        """Factors of each rank fitted to what ``s_hat`` leaves; errors from r x r and m x r products only."""
+        if not rank_list:
+            return
+        R = W - s_hat if s_hat is not None else W
+        RH = R @ H
+        e0 = float((RH * R).sum(dtype=torch.float64))
+        M = R.double() @ root[0]
+        q = max(rank_list)
+        if q + 8 < min(m, n) // 2:  # a few directions of a large matrix: randomized SVD is plenty
+            U, sv, V = torch.svd_lowrank(M, q=q + 8, niter=2)
+            Vh = V.t()
+        else:
+            U, sv, Vh = torch.linalg.svd(M, full_matrices=False)
         for r in rank_list:
-            B = U[:, :r] * sv[:r]
-            A = Vh[:r] @ root[1]
-            for fb in FACTOR_BITS:
-                A_q = quantize_nearest(A.float(), fb, base.group_size, base.symmetric).dequantize(torch.float64)
-                B_c = corrected_factor(residual, A_q, H, damping) if gram is not None else B
-                B_q = quantize_nearest(B_c.float(), fb, base.group_size, base.symmetric).dequantize(torch.float64)
-                approx = B_q @ A_q + (s_hat if s_hat is not None else 0)
-                add(Choice(**{**base.__dict__, "rank": r, "factor_bits": fb}), approx)
+            B = (U[:, :r] * sv[:r]).float()
+            A = (Vh[:r] @ root[1]).float()
+            for fb in factor_bits:
+                A_q = quantize_nearest(A, fb, base.group_size, base.symmetric).dequantize(torch.float32)
+                AH = A_q @ H
+                HB = (AH @ A_q.t()).double()
+                rhs = (RH @ A_q.t()).double()  # R H A^T
+                if gram is not None:  # B re-solved on the rounded A: least squares with a small ridge
+                    lam = damping * float(HB.diagonal().mean().clamp_min(1e-300))
+                    B_c = torch.linalg.solve(HB + lam * torch.eye(r, dtype=HB.dtype, device=HB.device),
+                                             rhs.t()).t().float()
+                else:
+                    B_c = B
+                B_q = quantize_nearest(B_c, fb, base.group_size, base.symmetric).dequantize(torch.float64)
+                num = e0 - 2 * float((B_q * rhs).sum()) + float(((B_q @ HB) * B_q).sum())
+                add(Choice(**{**base.__dict__, "rank": r, "factor_bits": fb}), None, max(0.0, num) / ref)
 
     add(Choice(), None)  # left as it is
     if quant:
-        cached: dict[tuple[int, int | None, bool], torch.Tensor] = {}
-        for fmt in QUANT_FORMATS:
-            if fmt[1] is not None and fmt[1] >= n:
-                continue
-            cached[fmt] = rounded(W, fmt, None)
-            add(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), cached[fmt])
+        fmts = [f for f in QUANT_FORMATS if f[1] is None or f[1] < n]
+        cached = dict(zip(fmts, rounded(W, fmts, None), strict=True))
+        for fmt, s_hat in cached.items():
+            add(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat)
         if lowrank:
-            for fmt in CORRECTED_FORMATS:
-                if fmt in cached:
-                    with_factors(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), cached[fmt],
-                                 [r for r in ranks if r <= full // 8])
+            # a low-rank correction of the rounding error, in steps of doubling rank: small ranks also
+            # let the byte budget be filled closely
+            small = [2**k for k in range(max(1, full // 8).bit_length()) if 2**k <= max(1, full // 8)]
+            for fmt, s_hat in cached.items():
+                with_factors(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat, small, (8,))
     if sparse:
         score = (wanda_scores(W, H.diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and gram is not None)
                  else magnitude_scores(W))
-        for p in SPARSITIES:
+        for p in sorted(set(FLOAT_SPARSITIES) | set(SPARSITIES)):
             mask = topk_mask(score, p, prune_scope)
             S = W * mask
             add(Choice(pruning_rate=p), S)
-            for fmt in SPARSE_FORMATS if quant else ():
-                if fmt[1] is not None and fmt[1] >= n:
-                    continue
-                s_hat = rounded(S, fmt, mask)
+            fmts = [f for f in SPARSE_FORMATS if f[1] is None or f[1] < n] if (quant and p in SPARSITIES) else []
+            for fmt, s_hat in zip(fmts, rounded(S, fmts, mask) if fmts else [], strict=True):
                 base = Choice(pruning_rate=p, bits=fmt[0], group_size=fmt[1], symmetric=fmt[2])
                 add(base, s_hat)
                 if lowrank and p == SPARSITIES[-1] and fmt == SPARSE_FORMATS[-1]:
                     with_factors(base, s_hat, [r for r in ranks if r <= full // 8])
     if lowrank:
-        lr_ranks = [r for r in ranks if factorisable(r, m, n) or quant]
-        base = Choice(keep_s=False)
-        residual_fit = [r for r in lr_ranks if r < full]
+        lr_ranks = [r for r in ranks if factorisable(r, m, n) and r < full]  # float factors below dense
         if quant:
-            with_factors(base, None, residual_fit)
+            with_factors(Choice(keep_s=False), None, lr_ranks)
         else:
-            U, sv, Vh = torch.linalg.svd(W @ root[0], full_matrices=False)
-            for r in residual_fit:
-                if factorisable(r, m, n):
-                    add(Choice(keep_s=False, rank=r), (U[:, :r] * sv[:r]) @ Vh[:r] @ root[1])
+            U, sv, Vh = torch.linalg.svd(W.double() @ root[0], full_matrices=False)
+            for r in lr_ranks:
+                add(Choice(keep_s=False, rank=r), ((U[:, :r] * sv[:r]) @ Vh[:r] @ root[1]).float())
     return out
 
 
@@ -451,3 +467,54 @@ def allocate(options: Sequence[Sequence[Choice]], budget: float) -> list[int]:
         sel[i] = k
         left -= extra
     return sel
+
+
+def plan_layers(
+    names: Sequence[str], weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor | None],
+    shapes: Sequence[LayerShape], rate: float, *, sparse: bool, lowrank: bool, quant: bool = True,
+    scales: bool = False, rest_bytes: int = 0, scope: str = "layers", scorer: str = "magnitude",
+    prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq",
+    progress: Any = None,
+) -> dict[str, Any]:
+    """One storage choice per layer (bits x rank x sparsity) minimising the summed calibration output
+    error within the bytes ``rate`` leaves (:func:`layer_choices`, then :func:`allocate`).
+
+    Returns the plan: per layer its choice, bytes and estimated error, the predicted rate and
+    the mean estimated error. Raises :class:`CompressionError` when the rate is out of reach.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise CompressionError(f"compression_rate must be in [0, 1), got {rate}")
+    dense = sum(s.dense_bytes for s in shapes)
+    fixed = sum((s.out_features + s.in_features) * s.element_size for s in shapes) if scales else 0
+    total_dense = dense + (rest_bytes if scope == "model" else 0)
+    budget = (1.0 - rate) * total_dense - (rest_bytes if scope == "model" else 0) - fixed
+    options = []
+    for i, (w, g, shape) in enumerate(zip(weights, grams, shapes, strict=True)):
+        options.append(layer_choices(w, g, shape, sparse=sparse, lowrank=lowrank, quant=quant, scorer=scorer,
+                                     prune_scope=prune_scope, damping=damping, rounding=rounding))
+        if progress is not None:
+            progress("plan", i + 1, len(shapes))
+    floor = sum(min(c.nbytes for c in opts) for opts in options)
+    if floor > budget:
+        best = 1.0 - (floor + fixed + (rest_bytes if scope == "model" else 0)) / total_dense
+        kinds = ", ".join(k for k, on in (("bits", quant), ("sparsity", sparse), ("rank", lowrank)) if on)
+        raise CompressionError(
+            f"rate {rate:.4f} is out of reach: the smallest storage over {kinds} the planner knows reaches "
+            f"{best:.4f} (biases{', scales' if scales else ''}, scales of the codes and the smallest formats "
+            "are the floor)")
+    sel = allocate(options, budget)
+    chosen = [opts[k] for opts, k in zip(options, sel, strict=True)]
+    stored = sum(c.nbytes for c in chosen) + fixed
+    layers = {
+        name: {"choice": c.label(), "pruning_rate": c.pruning_rate, "bits": c.bits, "group_size": c.group_size,
+               "symmetric": c.symmetric, "rank": c.rank, "factor_bits": c.factor_bits, "keep_s": c.keep_s,
+               "bytes": c.nbytes, "dense_bytes": s.dense_bytes, "error": c.error}
+        for name, c, s in zip(names, chosen, shapes, strict=True)
+    }
+    return {
+        "method": "layers", "requested_rate": rate, "scope": scope,
+        "predicted_rate": 1.0 - (stored + (rest_bytes if scope == "model" else 0)) / total_dense,
+        "predicted_error": sum(c.error for c in chosen) / max(len(chosen), 1),
+        "dimensions": [k for k, on in (("bits", quant), ("sparsity", sparse), ("rank", lowrank)) if on],
+        "rounding": rounding, "candidates": sum(len(o) for o in options), "layers": layers,
+    }

@@ -25,6 +25,7 @@ low-rank part absorbs the rounding error of S and of ``A`` where that lowers the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -72,7 +73,7 @@ class QuantConfig(StageConfig):
     correct_factors: bool = Field(
         True, description="re-solve B on the rounded S and A before rounding B (needs calibration data)")
     layers: dict[str, LayerQuant] | None = Field(
-        None, description="per-layer formats by module name (a plan); layers not named use the keys above")
+        None, description="per-layer formats by module name (a plan): layers not named are left alone")
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -192,19 +193,40 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | No
     Minimises ``||(W - Q) X^T||`` column by column (see the module docstring). With ``mask``,
     entries outside it are zero in the result and get code 0.
     """
-    _check_bits(bits)
+    return gptq_formats(w, hessian, [(bits, group_size, symmetric)], mask, damping, block_size, act_order,
+                        clip_search)[0]
+
+
+@torch.no_grad()
+def gptq_formats(w: torch.Tensor, hessian: torch.Tensor, formats: Sequence[tuple[int, int | None, bool]],
+                 mask: torch.Tensor | None = None, damping: float = 0.01, block_size: int = 128,
+                 act_order: bool = False, clip_search: bool = False) -> list[QuantizedPart]:
+    """:func:`gptq` for several ``(bits, group_size, symmetric)`` formats of one weight in one pass.
+
+    The column order and the inverse Cholesky factor are the same for every format, so the copies
+    are stacked row-wise and rounded together: one loop over the columns, whatever the number of
+    formats (what the planner needs to weigh many formats of every layer).
+    """
     rows, cols = w.shape
     if tuple(hessian.shape) != (cols, cols):
         raise CompressionError(f"gptq: second moment of shape {tuple(hessian.shape)} for a weight with {cols} columns")
-    g, ng = groups_of(cols, group_size)
-    maxq = 2**bits - 1
-    W = w.detach().float().clone()
-    m = mask.float() if mask is not None else None
-    static = act_order or ng == 1
-    scale = torch.empty(rows, ng, dtype=torch.float16, device=W.device)
-    zero = None if symmetric else torch.empty(rows, ng, dtype=torch.uint8, device=W.device)
-    if static:
-        scale, zero = grid(W, bits, g, symmetric, mask, clip_search)
+    k = len(formats)
+    fmts = []
+    for bits, group, sym in formats:
+        _check_bits(bits)
+        g, ng = groups_of(cols, group)
+        fmts.append((bits, g, ng, sym))
+    W = w.detach().float().repeat(k, 1)
+    m = mask.float().repeat(k, 1) if mask is not None else None
+    dev = W.device
+    maxq = torch.cat([torch.full((rows,), 2.0**b - 1, device=dev) for b, _, _, _ in fmts])
+    # static grids (one scale per row, or act_order's fixed groups) up front; the others per group in the loop
+    static = [act_order or ng == 1 for _, _, ng, _ in fmts]
+    scales = [torch.empty(rows, ng, dtype=torch.float16, device=dev) for _, _, ng, _ in fmts]
+    zeros = [None if sym else torch.empty(rows, ng, dtype=torch.uint8, device=dev) for _, _, ng, sym in fmts]
+    for f, (bits, g, _, sym) in enumerate(fmts):
+        if static[f]:
+            scales[f], zeros[f] = grid(w.detach().float(), bits, g, sym, mask, clip_search)
     perm = torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order else None
     H = hessian if perm is None else hessian[perm][:, perm]
     U = _inverse_factor(H, damping).to(W.dtype)
@@ -212,37 +234,60 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | No
         W = W[:, perm]
         m = m[:, perm] if m is not None else None
     order = perm.tolist() if perm is not None else list(range(cols))
-    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
-    block = math.ceil(max(block_size, 1) / g) * g if not static else max(block_size, 1)
-    half = float(2 ** (bits - 1))
+    codes = torch.zeros(k * rows, cols, dtype=torch.uint8, device=dev)
+    block = max(block_size, 1)
+    for _, g, _, _ in fmts:
+        block = math.lcm(block, g) if g < cols else block
+    block = min(block, cols) if all(static) else block
+    s_cur = torch.empty(k * rows, device=dev)
+    z_cur = torch.empty(k * rows, device=dev)
+
+    def refresh(c: int, W1T: torch.Tensor, i: int) -> None:
+        """Scales and zero points of the groups the column in position ``c`` belongs to."""
+        col = order[c]
+        for f, (bits, g, _, sym) in enumerate(fmts):
+            sl = slice(f * rows, (f + 1) * rows)
+            if static[f]:
+                if c > 0 and (g == cols or perm is None and c % g):
+                    continue
+                grp = col // g
+            else:
+                if c % g:
+                    continue
+                grp = c // g  # a new group: its grid from its columns as compensated so far
+                s_g, z_g = grid(W1T[i:i + g, sl].t(), bits, g, sym, None if m is None else m[sl, c:c + g].bool(),
+                                clip_search)
+                scales[f][:, grp] = s_g[:, 0]
+                if zeros[f] is not None:
+                    zeros[f][:, grp] = z_g[:, 0]
+            s_cur[sl] = scales[f][:, grp].float()
+            z_cur[sl] = zeros[f][:, grp].float() if zeros[f] is not None else float(2 ** (bits - 1))
+
+    # columns as rows (cols x k*rows): each column is contiguous and the updates are row operations
+    WT = W.t().contiguous()
+    lo = torch.zeros_like(maxq)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1T = WT[i1:i2].clone()
+        Err1T = torch.zeros_like(W1T)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
-            col = order[c]
-            if not static and c % g == 0:  # the grid of a new group, from its columns as compensated so far
-                s_g, z_g = grid(W1[:, i:i + g], bits, g, symmetric, None if m is None else m[:, c:c + g].bool(),
-                                clip_search)
-                scale[:, c // g] = s_g[:, 0]
-                if zero is not None:
-                    zero[:, c // g] = z_g[:, 0]
-            s = scale[:, col // g].float()
-            z = zero[:, col // g].float() if zero is not None else half
-            wc = W1[:, i]
-            q = torch.clamp(torch.round(wc / s) + z, 0, maxq)
-            deq = (q - z) * s
+            refresh(c, W1T, i)
+            wc = W1T[i]
+            q = torch.clamp(torch.round(wc / s_cur) + z_cur, min=lo, max=maxq)
+            deq = (q - z_cur) * s_cur
             if m is not None:
                 deq = deq * m[:, c]
                 q = q * m[:, c]
-            codes[:, col] = q.to(torch.uint8)
+            codes[:, order[c]] = q.to(torch.uint8)
             err = (wc - deq) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return QuantizedPart(bits, g, codes, scale, zero, "gptq", {"act_order": act_order, "damping": damping})
+            W1T[i:].addr_(U1[i, i:], err, alpha=-1.0)  # in place: no block x rows temporary per column
+            Err1T[i] = err
+        WT[i2:] -= U[i1:i2, i2:].t() @ Err1T
+    info = {"act_order": act_order, "damping": damping}
+    return [QuantizedPart(bits, g, codes[f * rows:(f + 1) * rows].clone(), scales[f], zeros[f], "gptq", dict(info))
+            for f, (bits, g, _, _) in enumerate(fmts)]
 
 
 def relative_output_error(w: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor | None = None) -> float:
@@ -342,10 +387,10 @@ class QuantStage(Stage):
     config: QuantConfig
 
     def layer_format(self, name: str) -> LayerQuant:
-        """The format of layer ``name``: its entry in ``layers``, else the stage's keys."""
+        """The format of layer ``name``: its entry in ``layers`` (float when a plan leaves it out), else the keys."""
         c = self.config
-        if c.layers is not None and name in c.layers:
-            return c.layers[name]
+        if c.layers is not None:
+            return c.layers.get(name, LayerQuant(bits=None))
         return LayerQuant(bits=c.bits, factor_bits=c.factor_bits, group_size=c.group_size, symmetric=c.symmetric)
 
     def target_description(self, progress: float, schedule: str) -> dict[str, Any]:

@@ -48,6 +48,9 @@ class CascadeConfig(StrictModel):
     lowrank_share: float | None = Field(
         None, gt=0.0, lt=1.0, description="with target_rate and both dare and nullu: the share of the variable bytes "
         "given to the low-rank factors; None: the planner tries several splits (and each stage alone)")
+    planner: Literal["layers", "split"] = Field(
+        "layers", description="for a target rate: layers = per-layer bits x rank x sparsity (adds quant); "
+                              "split = one pruning rate and one low-rank budget for all layers")
 
     @field_validator("stages")
     @classmethod

@@ -28,6 +28,7 @@ from ..training.callbacks import Callback
 from ..training.recovery import finetune_on_batches
 from ..training.settings import TrainingSection
 from ..utils.logging import get_logger
+from ..utils.progress import interactive, progress_bar
 
 log = get_logger("api")
 
@@ -87,6 +88,7 @@ def compress_model(
     seed: int | None = None,
     device: str | torch.device | None = None,
     progress_callback: Callable[[str, int, int], None] | None = None,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Compress a model to ``compression_rate`` and return it, with ``.compression_stats`` attached.
 
@@ -95,7 +97,9 @@ def compress_model(
     name. With a rate, per-stage targets are planned so the stored bytes of the compressed layers
     (``scope="layers"``) or of the whole model (``scope="model"``) land on it; a rate that cannot
     be reached raises :class:`CompressionError` saying why, and a run the gate stops early reports
-    the rate it did reach and the step that failed.
+    the rate it did reach and the step that failed. ``progress`` shows progress bars (planning,
+    each stage over its layers, the cascade's steps) on standard error; ``None``: when it is a
+    terminal.
 
     ``calibration_data`` (batches of keyword arguments for ``model(**batch)``) is needed for any
     model but the bundled ones (``rcc-clip-world``, ``rcc-blip-world`` and the tiny test models),
@@ -129,25 +133,47 @@ def compress_model(
     plan: dict[str, Any] | None = None
     if compression_rate is None and section.cascade.target_rate is not None:
         compression_rate, scope = section.cascade.target_rate, section.cascade.rate_scope
-    if compression_rate is not None:
-        share = lowrank_share if lowrank_share is not None else section.cascade.lowrank_share
-        plan = apply_rate(inner, section, compression_rate, scope, share, fit)  # the holdout stays unseen
     if reference_model is None and section.dare.reference_model and "dare" in stages:
         reference_model = section.dare.reference_model
     if isinstance(reference_model, (str, os.PathLike)):
         reference_model = get_model(reference_model, cfg.model.type, cfg.model.dtype)
-    pipe = CompressionPipeline(section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve_data,
-                               reference_model=reference_model, metric_fn=metric_fn, run_dir=run_dir,
-                               seed=seed, device=device, progress_callback=progress_callback,
-                               run_config=cfg.model_dump(mode="json"), training=cfg.training)
-    out = pipe.run(wrapper_or_module)
+    with progress_bar(interactive() if progress is None else progress, by_first_word=True) as bar:
+
+        def report(what: str, done: int, total: int) -> None:
+            bar(what, done, total)
+            if progress_callback is not None:
+                progress_callback(what, done, total)
+
+        if compression_rate is not None:
+            share = lowrank_share if lowrank_share is not None else section.cascade.lowrank_share
+            # the holdout stays unseen
+            plan = apply_rate(inner, section, compression_rate, scope, share, fit, progress=report)
+        pipe = CompressionPipeline(section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve_data,
+                                   reference_model=reference_model, metric_fn=metric_fn, run_dir=run_dir,
+                                   seed=seed, device=device, progress_callback=report,
+                                   step_callback=lambda r: bar(f"steps: {r['stage']} round {r['round']}",
+                                                               r["step"] + 1, len(pipe.steps())),
+                                   run_config=cfg.model_dump(mode="json"), training=cfg.training)
+        out = pipe.run(wrapper_or_module)
     summary = compression_summary(inner)
     stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results(),
                              "calibration": calibration_source}
     if plan is not None:
         achieved = achieved_rate(inner, scope)
         stats["achieved_rate"] = achieved
-        if abs(achieved - compression_rate) > 0.01:
+        layered = plan.get("method") == "layers"
+        undone = next((r for r in pipe.records if r.get("undone")), None)
+        if layered and achieved >= compression_rate - 1e-9 and abs(achieved - plan["predicted_rate"]) < 1e-6:
+            if achieved > compression_rate + 0.01:
+                stats["rate_note"] = (f"reached {achieved:.4f}, past the requested {compression_rate:.4f}: no "
+                                      "storage that fills the budget leaves less calibration output error")
+                log.info(stats["rate_note"])
+        elif layered and undone is not None and achieved > plan["predicted_rate"]:
+            # a plan is a budget: a step undone after it (recovery that did not help) only stores less
+            stats["rate_note"] = (f"reached {achieved:.4f}, past the planned {plan['predicted_rate']:.4f}: step "
+                                  f"{undone['step']} ({undone['stage']}) was undone ({undone['undone']})")
+            log.info(stats["rate_note"])
+        elif abs(achieved - compression_rate) > 0.01:
             failed = next((r for r in pipe.records if not r.get("passed", True)), None)
             why = "the stages' targets did not translate exactly into stored bytes"
             if failed:

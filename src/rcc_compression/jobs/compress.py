@@ -149,7 +149,8 @@ def _run_compress(
         plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope,
                           section.cascade.lowrank_share, calibration_data=fit)
         log.info("planned for rate %.4f: %s", section.cascade.target_rate,
-                 {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share")})
+                 {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share", "stages",
+                                                         "predicted_rate", "predicted_error")})
     resolved = dump_config(cfg) | {"compression": section.model_dump(mode="json")}
     reference = None
     if "dare" in section.cascade.stages and section.dare.target == "delta" and section.dare.reference_model:

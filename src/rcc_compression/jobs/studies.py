@@ -140,6 +140,11 @@ def make_spec(kind: str, cfg: RCCConfig, seeds: int | Sequence[int], extra: Sequ
         raise ConfigError("config error: evaluation.benchmarks: a study needs task metrics (e.g. [zero_shot, "
                           "retrieval])")
     stages = list(cfg.compression.cascade.stages)
+    if kind == "order" or "quant" not in stages:
+        # each variant keeps its own stages in its own order: one byte split, not a per-layer plan
+        # (which adds quant and fixes the order dare -> quant -> nullu)
+        cfg = cfg.model_copy(deep=True)
+        cfg.compression.cascade.planner = "split"
     if kind == "ablate":
         variants = subset_variants(stages) if subsets else subset_variants(stages)[:1]
     elif kind == "order":
