@@ -8,9 +8,12 @@ Prints, measured in one run on the device in use:
 2. image-encoder throughput of the model compressed 2x (``compress_model(compression_rate=0.5,
    method="nullu")``: low rank is what dense kernels can turn into speed) against dense, in fp16
    on CUDA (target >= 1.5x) and fp32 on the CPU;
-3. a 2:4 semi-structured sparse linear against dense (CUDA only).
+3. a 2:4 semi-structured sparse linear against dense (CUDA only);
+4. peak memory of the cascade of 1. as a ratio to the model's bytes: the cascade runs again in a
+   fresh process, which reports its peak resident set (``ru_maxrss``; on CUDA also the peak of
+   allocated device memory), so nothing from 1.-3. is counted. Target <= 3x.
 
-Usage: python benchmarks/cascade_speed.py [--device cuda|cpu] [--rounds N] [--batch 256]
+Usage: python benchmarks/cascade_speed.py [--device cuda|cpu] [--rounds N] [--batch 256] [--only memory]
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -51,25 +57,86 @@ def svd_baseline(model: torch.nn.Module, names: list[str], device: torch.device)
     return time.perf_counter() - t0
 
 
+def default_cascade(rounds: int | None, device: torch.device) -> CascadePipeline:
+    """The cascade this benchmark times: design-document defaults, no fine-tuning, no gate."""
+    sets = ["compression.dare.fine_tune_epochs=0", "compression.alphaedit.num_epochs=0",
+            "compression.cascade.validation_threshold=0.0"]
+    if rounds:
+        sets.append(f"compression.cascade.rounds={rounds}")
+    return CascadePipeline(load_config(None, sets).compression, seed=0, device=device, num_synthetic_batches=3)
+
+
+def rss_bytes() -> int:
+    """Resident set of this process now (Linux ``/proc``), in bytes."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def memory_child(rounds: int | None, device: torch.device) -> dict:
+    """Run the cascade once in this (fresh) process and report its memory."""
+    base = rss_bytes()  # interpreter, torch and transformers imported
+    model = vit_b32(device, torch.float32)
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.model.parameters(), *model.model.buffers()])
+    loaded = rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    pipe = default_cascade(rounds, device)
+    t0 = time.perf_counter()
+    pipe.run(model)
+    out = {"rounds": pipe.rounds, "seconds": time.perf_counter() - t0, "model_bytes": model_bytes,
+           "rss_after_import": base, "rss_model_loaded": loaded,
+           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["peak_cuda_allocated"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def measure_memory(rounds: int | None, device: torch.device) -> dict:
+    """Peak memory of the cascade in a fresh process, as ratios to the model's bytes."""
+    cmd = [sys.executable, __file__, "--memory-child", "--device", str(device)]
+    if rounds:
+        cmd += ["--rounds", str(rounds)]
+    res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    mb = res["model_bytes"]
+    res["peak_ratio"] = res["peak_rss"] / mb
+    res["peak_over_import_ratio"] = (res["peak_rss"] - res["rss_after_import"]) / mb
+    if "peak_cuda_allocated" in res:
+        res["peak_cuda_ratio"] = res["peak_cuda_allocated"] / mb
+    gib = 2 ** 30
+    print(f"[4] peak memory, cascade of [1] ({res['rounds']} rounds, {res['seconds']:.0f} s) in a fresh process: "
+          f"model {mb / gib:.3f} GiB; peak resident {res['peak_rss'] / gib:.2f} GiB = {res['peak_ratio']:.2f}x the "
+          f"model (target <= 3x); above the {res['rss_after_import'] / gib:.2f} GiB of the interpreter and "
+          f"imports: {res['peak_over_import_ratio']:.2f}x")
+    if "peak_cuda_ratio" in res:
+        print(f"    peak CUDA allocated {res['peak_cuda_allocated'] / gib:.2f} GiB = {res['peak_cuda_ratio']:.2f}x")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=None, help="cascade rounds (default: dare.iterations = 10)")
     ap.add_argument("--batch", type=int, default=256 if torch.cuda.is_available() else 16)
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--only", choices=["memory"], default=None, help="run only part 4 (peak memory)")
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.rounds, device)))
+        return
     out: dict = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.only == "memory":
+        out["memory"] = measure_memory(args.rounds, device)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(out, fh, indent=2)
+        return
 
     # 1. cascade vs SVD sum
     model = vit_b32(device, torch.float32)
-    sets = ["compression.dare.fine_tune_epochs=0", "compression.alphaedit.num_epochs=0",
-            "compression.cascade.validation_threshold=0.0"]
-    if args.rounds:
-        sets.append(f"compression.cascade.rounds={args.rounds}")
-    section = load_config(None, sets).compression
-    pipe = CascadePipeline(section, seed=0, device=device, num_synthetic_batches=3)
+    pipe = default_cascade(args.rounds, device)
     names = [n for n in pipe.stages[0].layer_names(model.model)]
     svd_s = svd_baseline(model.model, names, device)
     sync(device)
@@ -120,6 +187,9 @@ def main() -> None:
     else:
         out["sparse_2to4"] = "not measured: 2:4 kernels need CUDA"
         print("[3] 2:4 vs dense: not measured (2:4 semi-structured kernels need CUDA)")
+
+    # 4. peak memory of the cascade, in a fresh process
+    out["memory"] = measure_memory(args.rounds, device)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)

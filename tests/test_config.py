@@ -105,3 +105,12 @@ def test_set_values_are_typed():
 def test_shipped_experiments_validate(name):
     c = load_config(ROOT / "config" / "experiments" / f"{name}.yaml")
     assert c.experiment.name
+
+
+def test_nest_keys_builds_the_mapping_set_would():
+    from rcc_compression.config import load_config, nest_keys
+
+    flat = {"compression.cascade.target_rate": 0.75, "compression.dare.pruning_rate": 0.3, "experiment.seed": 4}
+    assert nest_keys(flat) == {"compression": {"cascade": {"target_rate": 0.75}, "dare": {"pruning_rate": 0.3}},
+                               "experiment": {"seed": 4}}
+    assert load_config(None, data=nest_keys(flat)) == load_config(None, [f"{k}={v}" for k, v in flat.items()])

@@ -455,6 +455,18 @@ def parse_set(item: str) -> tuple[KeyPath, Any]:
     return tuple(key.split(".")), value
 
 
+def nest_keys(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys (as ``--set`` takes them) as a config mapping: ``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
 def _apply_set(data: dict, prov: dict, path: KeyPath, value: Any) -> None:
     node = data
     for i, p in enumerate(path[:-1]):

@@ -330,3 +330,25 @@ def _distiller():
     from rcc_compression.jobs.api import distiller
 
     return distiller(None)
+
+
+def test_sparsity_counts_only_layers_that_hold_a_sparse_part():
+    """Issue 10, item 15: a purely low-rank layer reported sparsity 1.0 (no S counted as all zeros)."""
+    from torch import nn
+
+    from rcc_compression.compression.cascade import compression_summary
+    from rcc_compression.compression.layers import CompressedLinear
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Module()
+    model.a = CompressedLinear.from_linear(nn.Linear(16, 8))
+    model.b = CompressedLinear.from_linear(nn.Linear(16, 8))
+    model.a.set_low_rank(torch.randn(8, 2, generator=g), torch.randn(2, 16, generator=g))
+    model.a.set_sparse(None)
+    only_lr = compression_summary(model.a)  # the layer alone: no S anywhere
+    assert only_lr["layers"] == 1 and only_lr["sparsity"] is None and only_lr["layers_with_sparse_part"] == 0
+    mask = torch.rand(8, 16, generator=g) < 0.25
+    model.b.set_sparse(torch.randn(8, 16, generator=g) * mask, mask)
+    both = compression_summary(model)
+    assert both["sparsity"] == pytest.approx(1 - mask.sum().item() / mask.numel())  # b's S alone
+    assert both["layers_with_sparse_part"] == 1 and both["layers_with_low_rank_part"] == 1

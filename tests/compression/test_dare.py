@@ -187,3 +187,12 @@ def test_entries_are_scored_with_their_channel_scales():
     assert torch.equal(model.fc.mask, expected)
     assert stage.statistics["achieved_sparsity"] == pytest.approx(0.5)
     assert "achieved_rate" not in stage.statistics  # a share of entries, not of bytes (issue 10, item 15)
+
+
+def test_docstring_states_the_distillation_the_default_runs():
+    """Issue 10, item 16: the docstring described DARE (which trains nothing) and omitted the default epochs."""
+    from rcc_compression.compression import dare
+
+    doc = " ".join(dare.__doc__.split())
+    assert f"``fine_tune_epochs`` is {dare.DareConfig().fine_tune_epochs} by default" in doc
+    assert "train nothing" in doc and "fine_tune_epochs=0" in doc

@@ -127,3 +127,11 @@ def test_pareto_front_of_a_search(search_dir):
     front_line = next(ln for ln in ax.get_lines() if ln.get_label() == "Pareto front")
     assert list(front_line.get_xdata()) == [400.0, 500.0, 900.0] and list(front_line.get_ydata()) == [0.95, 0.97, 0.99]
     assert ax.get_xlabel() == "stored_bytes" and ax.get_ylabel() == "retention"
+
+
+def test_metric_labels_for_legends_and_tables():
+    from rcc_compression.visualization.compression_plots import metric_label
+
+    assert metric_label("zero_shot world:colour_shape top1") == "zero-shot top-1 (colour_shape)"
+    assert metric_label("retrieval world:captions i2t_R@1", short=False) == "retrieval R@1 image->text (world:captions)"
+    assert metric_label("not a result key") == "not a result key"

@@ -239,7 +239,7 @@ def test_adamw_betas_come_from_the_config(tiny_clip, make_batches) -> None:
     assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.98)
 
 
-def _streaming_setup(ckpt_dir: Path | None, callbacks=(), loads: list | None = None):
+def _streaming_setup(ckpt_dir: Path | None, callbacks=(), loads: list | None = None, max_steps: int = 7):
     """A trainer streaming augmented, length-bucketed batches of real captions through a loader."""
     from rcc_compression.data.collate import MODEL_KEYS
     from rcc_compression.data.datasets import ArrayDataset, Record
@@ -261,7 +261,7 @@ def _streaming_setup(ckpt_dir: Path | None, callbacks=(), loads: list | None = N
                           augment=TrainAugment(), keys=MODEL_KEYS)
     student = get_model("tiny-clip", seed=3).model
     objective = DistillationObjective(DistillationLoss("clip"), Teacher(wrapper.model))
-    cfg = TrainingSection(max_steps=7, eval_every_steps=3, learning_rate=3e-3, warmup_steps=2)
+    cfg = TrainingSection(max_steps=max_steps, eval_every_steps=3, learning_rate=3e-3, warmup_steps=2)
     cbs = [*callbacks] + ([ModelCheckpoint(ckpt_dir, every_steps=1)] if ckpt_dir is not None else [])
     val = [wrapper.synthetic_batch(4, torch.Generator().manual_seed(1))]
     return CompressionTrainer(student, objective, cfg, train_data=loader, val_data=val, callbacks=cbs, seed=5)
@@ -287,3 +287,18 @@ def test_a_streamed_run_stops_at_max_steps_validates_and_resumes_exactly(tmp_pat
     assert resumed.state.history == full.state.history
     # the two batches of epoch 0 seen before the checkpoint were skipped, not loaded and thrown away
     assert len(loads) == 4 * (5 - 2) + 4 * 2
+
+
+def test_a_run_resumed_with_its_steps_done_trains_no_further(tmp_path: Path) -> None:
+    """A run stopped after step 2 and resumed with ``max_steps=2`` ends where it stopped (``rcc train --resume
+    --steps N`` to finish a longer run early)."""
+    killed = _streaming_setup(tmp_path, [_KillAt(3)])
+    with pytest.raises(_Kill):
+        killed.fit()
+    resumed = _streaming_setup(tmp_path / "again", max_steps=2)
+    resumed.load_checkpoint(tmp_path / "last")
+    saved = [p.detach().clone() for p in resumed.model.parameters()]
+    assert resumed.state.step == 2 and not resumed.state.should_stop
+    resumed.fit()
+    assert resumed.state.step == 2 and resumed.state.should_stop
+    assert all(torch.equal(a, b) for a, b in zip(saved, resumed.model.parameters(), strict=True))

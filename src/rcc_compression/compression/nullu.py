@@ -204,7 +204,7 @@ def spectral_energy(matrices: torch.Tensor) -> torch.Tensor:
 
 
 #: the most float64 bytes of layer matrices the low-rank step decomposes at once
-CHUNK_BYTES = 1 << 28
+CHUNK_BYTES = 1 << 27
 
 #: final round of warm-started factors: subspace iterations until one gains less than WARM_TOL of the
 #: energy still left out; a layer not there after WARM_MAX_ITERATIONS gets the exact SVD instead
@@ -331,9 +331,10 @@ class NulluStage(Stage):
             layers = {n: m for n, m in layers.items() if cfg.layer_ranks.get(n, 0) > 0}
         method = cfg.decomposition_method
         need_gram = method == "activation_aware"
-        stats = None
-        if method in ("activation_aware", "asvd") or (ctx.batches and ctx.dense_model is not None):
-            stats = ctx.stats(gram=True) if (need_gram or ctx.batches) else None
+        # second moments of every layer only where the factorisation needs them in every round; the
+        # final round's subspace report gathers them a chunk of layers at a time (bounded memory)
+        stats = ctx.stats(gram=True) if need_gram else ctx.stats() if method == "asvd" else None
+        report = ctx.progress >= 1.0 and bool(ctx.batches) and ctx.dense_model is not None
 
         # 1. the matrix each layer factorises, in the space where its Frobenius error is what we minimise
         def prepare(names: list[str]) -> dict[str, dict[str, Any]]:
@@ -394,6 +395,7 @@ class NulluStage(Stage):
         done = 0
         for chunk in chunks:
             work = prepare(chunk)
+            grams = (stats if need_gram else ctx.stats(gram=True, names=chunk)) if report else None
             for n in chunk:
                 if n in fixed:
                     work[n]["rank"], work[n]["fixed_rank"] = fixed[n], True
@@ -512,11 +514,11 @@ class NulluStage(Stage):
                         wi = w["warm_info"]
                         info.update(warm_iterations=wi["iterations"], warm_converged=wi["converged"],
                                     exact_svd=bool(wi.get("exact_svd")))
-                    if ctx.progress >= 1.0 and stats is not None and stats[name].gram is not None:
-                        info.update(self._subspace_report(name, w, B, A, Vh[:r], stats[name].gram, ctx))
+                    if grams is not None and grams[name].gram is not None:
+                        info.update(self._subspace_report(name, w, B, A, Vh[:r], grams[name].gram, ctx))
                 per_layer[name] = info
                 ctx.tick(f"nullu {name}", done, len(layers))
-            del work
+            del work, grams
         refit: dict[str, dict[str, float]] = {}
         if cfg.refit == "sequential" and ctx.progress >= 1.0 and ctx.dense_model is not None and ctx.batches:
             refit = sequential_refit(model, ctx.dense_model, ctx.dense, layers, ctx.batches, ctx.device, cfg.damping,

@@ -154,13 +154,22 @@ class CompressionContext:
             raise CompressionError("this stage needs the dense model for calibration statistics")
         return self.dense_model
 
-    def stats(self, gram: bool = False) -> dict[str, LayerStats]:
-        """Per-layer input statistics of the dense model on the calibration batches."""
+    def stats(self, gram: bool = False, names: Sequence[str] | None = None) -> dict[str, LayerStats]:
+        """Per-layer input statistics of the dense model on the calibration batches (kept for later calls).
+
+        ``names``: statistics of only these layers, for this call alone (unless everything asked for
+        is kept already). A stage that needs the ``n x n`` second moments once, a few layers at a
+        time, so never holds those of the whole model (for ViT-B/32 about 1.3 times the bytes of
+        its weights).
+        """
         if not self.batches:
             raise CompressionError(
                 "this stage needs calibration data (wanda, activation_aware, asvd, alphaedit): pass "
                 "calibration_data=... or set calibration.source"
             )
+        if names is not None and not (self._stats and (self._stats_gram or not gram)):
+            return collect_layer_stats(self._need_dense_model(), list(names), self.batches, gram=gram,
+                                       device=self.device)
         if not self._stats or (gram and not self._stats_gram):
             names = list(self.dense)
             self._stats = collect_layer_stats(self._need_dense_model(), names, self.batches, gram=gram,

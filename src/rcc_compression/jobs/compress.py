@@ -24,6 +24,7 @@ from ..training.callbacks import TrackingCallback
 from ..utils.io import atomic_write_json, atomic_write_text, directory_lock
 from ..utils.logging import get_logger
 from ..utils.seeding import seed_everything
+from ..visualization.compression_plots import metric_label
 from ..visualization.plots import plot_rate_curve
 from .api import CompressionPipeline, distiller
 from .common import calibration_batches, evaluation_datasets, resolve_device
@@ -207,18 +208,6 @@ def _run_compress(
         return results
 
 
-_METRIC_NAMES = {"top1": "top-1", "i2t_R@1": "R@1 image->text", "t2i_R@1": "R@1 text->image"}
-
-
-def metric_label(key: str) -> str:
-    """``"zero_shot world:colour_shape top1"`` -> ``"zero-shot top-1 (world:colour_shape)"``."""
-    parts = key.split(" ")
-    if len(parts) != 3:
-        return key
-    bench, dataset, metric = parts
-    return f"{bench.replace('_', '-')} {_METRIC_NAMES.get(metric, metric)} ({dataset})"
-
-
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(metric, dense, compressed, compressed/dense) rows for the final table."""
     rows: list[tuple[str, str, str, str]] = []
@@ -226,7 +215,7 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     for name in qd:
         if name in qc:
             d, c = qd[name], qc[name]
-            rows.append((metric_label(name), f"{d:.4f}", f"{c:.4f}", f"{c / d:.3f}" if d else "-"))
+            rows.append((metric_label(name, short=False), f"{d:.4f}", f"{c:.4f}", f"{c / d:.3f}" if d else "-"))
     gate = results["gate"]["retention"]
     if gate is not None:
         rows.append(("output agreement (gate)", "1.0000", f"{gate:.4f}", f"{gate:.3f}"))

@@ -46,7 +46,7 @@ from ..analysis.significance import (
     wilcoxon_test,
 )
 from ..compression.storage import load_compressed
-from ..config import RCCConfig, dump_config, load_config
+from ..config import RCCConfig, dump_config, load_config, nest_keys
 from ..errors import CheckpointError, CompressionError, ConfigError
 from ..evaluation.suite import evaluate_model
 from ..models.registry import get_model
@@ -167,21 +167,10 @@ def make_spec(kind: str, cfg: RCCConfig, seeds: int | Sequence[int], extra: Sequ
     return spec
 
 
-def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
-
-
 def variant_config(spec: StudySpec, variant: Variant, seed: int) -> RCCConfig:
     """The config of one unit: the base, the variant's keys, the seed."""
     try:
-        return load_config(None, data=_merge(spec.base, _nested({**variant.overrides, "experiment.seed": seed})))
+        return load_config(None, data=_merge(spec.base, nest_keys({**variant.overrides, "experiment.seed": seed})))
     except ConfigError as exc:
         raise ConfigError(f"variant {variant.name!r}: {exc}") from None
 

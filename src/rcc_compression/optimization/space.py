@@ -34,7 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from ..config import RCCConfig, load_config
+from ..config import RCCConfig, load_config, nest_keys
 from ..errors import ConfigError
 from ..utils.schema import StrictModel
 
@@ -171,17 +171,6 @@ class SearchConfig(StrictModel):
         return p if p.is_absolute() or self.source.startswith("<") else Path(self.source).parent / p
 
 
-def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
-
-
 def _field_at(key: str) -> Any:
     """The pydantic field info of a dotted config key, or ``None`` when the key does not exist."""
     from pydantic import BaseModel
@@ -212,7 +201,7 @@ def _numeric_kind(field: Any) -> str | None:
 
 def config_for(search: SearchConfig, params: Mapping[str, Any]) -> RCCConfig:
     """The experiment config of one trial: base file, then ``set``, then the trial's ``params``."""
-    data = _nested({**search.set, **params})
+    data = nest_keys({**search.set, **params})
     return load_config(search.base_path(), data=data)
 
 

@@ -350,6 +350,8 @@ class CompressionTrainer:
         """Train until ``num_epochs`` epochs are complete (or a callback stops it); returns the state."""
         epochs = self.num_epochs if num_epochs is None else num_epochs
         st = self.state
+        if self.max_steps is not None and st.step >= self.max_steps:
+            st.should_stop = True  # resumed with its steps already done: train no further
         self.callbacks.fire("on_train_begin", self)
         try:
             while st.epoch < epochs and not st.should_stop:

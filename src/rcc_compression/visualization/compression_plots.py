@@ -15,16 +15,20 @@ from matplotlib.figure import Figure
 
 from .records import RunRecords, layer_position
 
-_NAMES = {"top1": "top-1", "i2t_R@1": "R@1 i->t", "t2i_R@1": "R@1 t->i"}
+_NAMES = {"top1": "top-1", "i2t_R@1": "R@1 image->text", "t2i_R@1": "R@1 text->image"}
+_SHORT_NAMES = {"top1": "top-1", "i2t_R@1": "R@1 i->t", "t2i_R@1": "R@1 t->i"}
 
 
-def metric_label(key: str) -> str:
-    """``"zero_shot world:colour_shape top1"`` -> ``"zero-shot top-1 (colour_shape)"``."""
+def metric_label(key: str, short: bool = True) -> str:
+    """``"zero_shot world:colour_shape top1"`` -> ``"zero-shot top-1 (colour_shape)"`` (a plot legend), or with
+    ``short=False`` ``"zero-shot top-1 (world:colour_shape)"`` (a table row)."""
     parts = key.split(" ")
     if len(parts) != 3:
         return key
     bench, dataset, metric = parts
-    return f"{bench.replace('_', '-')} {_NAMES.get(metric, metric)} ({dataset.split(':')[-1]})"
+    if short:
+        return f"{bench.replace('_', '-')} {_SHORT_NAMES.get(metric, metric)} ({dataset.split(':')[-1]})"
+    return f"{bench.replace('_', '-')} {_NAMES.get(metric, metric)} ({dataset})"
 
 
 def run_rate(run: RunRecords) -> float | None:
