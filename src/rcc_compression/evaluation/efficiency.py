@@ -323,13 +323,14 @@ def compare_efficiency(
     batch: Mapping[str, Any],
     batch_sizes: Sequence[int] = (1, 8),
     warmup: int = 2,
-    iters: int = 10,
-    rounds: int = 3,
+    iters: int = 6,
+    rounds: int = 7,
 ) -> dict[str, dict[str, Any]]:
     """:func:`profile_model` for several models, with their latencies measured interleaved.
 
     Timing the models in alternation (``rounds`` times, median of the round medians) keeps a busy
-    or throttling machine from favouring whichever model happened to run first.
+    or throttling machine from favouring whichever model happened to run first; many short rounds
+    (7 x 6 calls) follow the machine's drift more closely than a few long ones.
     """
     reports = {}
     for name, model in models.items():

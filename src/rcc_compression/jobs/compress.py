@@ -222,7 +222,7 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     ed, ec = results["efficiency"]["dense"], results["efficiency"]["compressed"]
     if ed and ec:
         pd_, pc = ed["parameters"], ec["parameters"]
-        rows.append(("parameters (stored)", f"{pd_['stored']:,}", f"{pc['stored']:,}",
+        rows.append(("numbers stored (any bit width)", f"{pd_['stored']:,}", f"{pc['stored']:,}",
                      f"{pc['stored'] / pd_['stored']:.3f}"))
         sd, sc = ed["storage"], ec["storage"]
         rows.append(("stored MB (model)", f"{sd['stored_bytes_model'] / 1e6:.3f}",
