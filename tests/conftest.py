@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -42,3 +43,10 @@ def tiny_blip_vqa():
     from rcc_compression.models import get_model
 
     return get_model("tiny-blip-vqa")
+
+
+def write(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path``, creating its folders (config files and the like in tests)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

@@ -9,13 +9,9 @@ import pytest
 from rcc_compression.config import load_config, parse_set
 from rcc_compression.errors import ConfigError
 
+from .conftest import write
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 def test_defaults_are_the_design_documents():

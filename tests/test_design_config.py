@@ -18,14 +18,10 @@ from rcc_compression.compression.registry import STAGES
 from rcc_compression.config import READERS, RCCConfig, dump_config, load_config
 from rcc_compression.errors import ConfigError
 
+from .conftest import write
+
 DESIGN = Path(__file__).resolve().parent / "fixtures" / "design" / "experiments" / "clip_full_pipeline.yaml"
 PACKAGE = Path(rcc_compression.__file__).resolve().parent
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 # ------------------------------------------------------------------------------------ the design's own file
