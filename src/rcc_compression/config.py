@@ -231,6 +231,8 @@ READERS: dict[str, tuple[str, ...]] = {
     "compression.cascade.rate_scope": (_J + "api", _J + "compress"),
     "compression.cascade.lowrank_share": (_J + "api", _J + "compress"),
     "compression.cascade.planner": ("rcc_compression.compression.rate",),
+    "compression.cascade.offload": ("rcc_compression.compression.cascade",),
+    "compression.cascade.offload_dir": ("rcc_compression.compression.cascade",),
     "training.batch_size": (_J + "train",),
     "training.learning_rate": (_T + "trainer", _T + "recovery"),
     "training.num_epochs": (_T + "trainer", _T + "recovery"),

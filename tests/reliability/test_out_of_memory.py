@@ -123,7 +123,9 @@ def test_a_cascade_runs_through_out_of_memory_to_the_same_model(warnings_seen):
     CascadePipeline(mlp_section(), calibration_data=make_batches(6, rows=8), seed=1).run(reference)
     model, calls = fresh_mlp(), []
     _limit_rows(model.fc2, 4, calls)
-    CascadePipeline(mlp_section(), calibration_data=make_batches(6, rows=8), seed=1).run(model)
+    section = mlp_section()
+    section.cascade.offload = "memory"  # the teacher is then a deep copy: the patched forward reaches it
+    CascadePipeline(section, calibration_data=make_batches(6, rows=8), seed=1).run(model)
     assert warnings_seen and set(warnings_seen) <= {
         "CUDA out of memory on a batch of 8 in calibration statistics; halving the batch to 4",
         "CUDA out of memory on a batch of 8 in model outputs; halving the batch to 4"}

@@ -17,7 +17,6 @@ no ``progress.json``: start again), and resuming removes what the killed writes 
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -36,6 +35,7 @@ from ..utils.io import atomic_write_json, directory_lock, remove_stale_temp_file
 from ..utils.logging import get_logger
 from .calibration import output_agreement, run_outputs
 from .layers import CompressedLinear, compressed_layers, replace_module, restore_layer
+from .offload import Handle, StoredTensors, TeacherWeights, TensorStore, teacher_copy
 from .planner import LayerShape
 from .registry import STAGES, CascadeConfig, CompressionSection, build_stage
 from .schedule import joint_schedule
@@ -45,7 +45,6 @@ from .storage import (
     install_layers,
     install_rest,
     load_layer_tensors,
-    pack_bits,
     read_manifest,
     save_compressed,
     stored_bytes,
@@ -146,6 +145,7 @@ class CascadePipeline:
         self.num_synthetic_batches = num_synthetic_batches
         self.encrypt_key = encrypt_key
         self._checkpoint: str | None = None
+        self._store: TensorStore | None = None
         #: where the calibration batches came from (``given``, ``synthetic noise``, ``none``)
         self.calibration_source = "given"
         #: why the validation gate is not measured (``None``: it is)
@@ -200,14 +200,13 @@ class CascadePipeline:
                     names.append(n)
         device = self.device or next(inner.parameters()).device
         self.device = device
-        dense_model = _copy_for_teacher(inner)
-        dense: dict[str, torch.Tensor] = {}
+        self._store = TensorStore(self.cascade.offload, self.cascade.offload_dir)
+        # the teacher's frozen weights are the targets (no second copy); offloaded, they are read when used
+        dense_model = teacher_copy(inner, self._store if self._store.mode == "disk" else None)
+        dense = TeacherWeights(dense_model, names)
         self._fresh = set()
         for name in names:
             mod = inner.get_submodule(name)
-            teacher_mod = dense_model.get_submodule(name)
-            # the teacher's frozen weights are the targets: no second copy of the dense model
-            dense[name] = teacher_mod.weight if isinstance(teacher_mod, nn.Linear) else teacher_mod.effective_weight()
             if isinstance(mod, nn.Linear):
                 replace_module(inner, name, _adopt_linear(mod))
                 self._fresh.add(name)
@@ -239,8 +238,8 @@ class CascadePipeline:
         reference = None
         if self.reference_model is not None:
             ref = unwrap_model(self.reference_model)
-            reference = {n: ref.get_submodule(n).weight.detach().clone() for n in names
-                         if isinstance(ref.get_submodule(n), nn.Linear)}
+            reference = StoredTensors({n: self._store.put(ref.get_submodule(n).weight) for n in names
+                                       if isinstance(ref.get_submodule(n), nn.Linear)})
         self._ctx = CompressionContext(
             model=inner, dense=dense, dense_model=dense_model, batches=list(batches), holdout=list(holdout),
             preserve=self.preserve, reference=reference, seed=self.seed, schedule=self.schedule, device=device,
@@ -364,7 +363,7 @@ class CascadePipeline:
             if initial and n in self._fresh:
                 snap[n] = {"teacher": n}
             else:
-                snap[n] = _snap_layer(m, self._last_snap.get(n))
+                snap[n] = _snap_layer(m, self._last_snap.get(n), self._store)
         self._last_snap = {n: v for n, v in snap.items() if "teacher" not in v}
         return snap
 
@@ -599,22 +598,6 @@ class CascadePipeline:
 
 
 
-def _copy_for_teacher(model: nn.Module) -> nn.Module:
-    """The frozen dense teacher: a copy of the Linear layers (the ones a stage may change); every other
-    parameter and buffer (embeddings, norms) is shared with the model, which no stage changes."""
-    shared: dict[int, Any] = {}
-    for mod in model.modules():
-        if isinstance(mod, (nn.Linear, CompressedLinear)):
-            continue
-        for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
-            shared[id(t)] = t
-    teacher = copy.deepcopy(model, memo=dict(shared))
-    for p in teacher.parameters():
-        if id(p) not in shared:
-            p.requires_grad_(False)
-    return teacher.eval()
-
-
 def _adopt_linear(linear: nn.Linear) -> CompressedLinear:
     """A :class:`CompressedLinear` holding ``linear``'s own parameters (no copy: ``linear`` leaves the model)."""
     if not linear.weight.is_contiguous():
@@ -629,9 +612,9 @@ def _adopt_linear(linear: nn.Linear) -> CompressedLinear:
 _SNAP_PARTS = ("weight", "lr_A", "lr_B", "a_in", "a_out", "bias")
 
 
-def _snap_layer(layer: CompressedLinear, prev: dict[str, Any] | None) -> dict[str, Any]:
-    """A compact rollback copy of a layer: S as its kept values and a bit mask (about its stored bytes, not a
-    dense tensor and a byte per mask entry), and any part equal to ``prev``'s shared with it."""
+def _snap_layer(layer: CompressedLinear, prev: dict[str, Any] | None, store: TensorStore) -> dict[str, Any]:
+    """A compact rollback copy of a layer in ``store``: S as its kept values and a bit mask (about its stored
+    bytes, not a dense tensor and a byte per mask entry), and any part equal to ``prev``'s shared with it."""
     out: dict[str, Any] = {"base": layer.base,  # frozen: a reference will do
                            "quant": {k: q.clone() for k, q in layer.quant.items()} if layer.quant else None}
     for k in _SNAP_PARTS:
@@ -639,17 +622,18 @@ def _snap_layer(layer: CompressedLinear, prev: dict[str, Any] | None) -> dict[st
         if t is None:
             out[k] = None
             continue
-        mask = layer.mask if k == "weight" else None
+        bits = layer.mask_bits if k == "weight" else None
+        mask = layer.mask if bits is not None else None
         now = t.detach()[mask] if mask is not None else t.detach()
         old = prev.get(k) if prev is not None else None
         if old is not None and ("bits" in old) == (mask is not None) and (
-                mask is None or torch.equal(old["bits"], pack_bits(mask))):
-            held = old["values"] if mask is not None else old["dense"]
-            if held.shape == now.shape and held.dtype == now.dtype and torch.equal(held, now):
+                bits is None or torch.equal(old["bits"], bits)):
+            held: Handle = old["values"] if mask is not None else old["dense"]
+            if tuple(held.shape) == tuple(now.shape) and held.dtype == now.dtype and torch.equal(held.load(), now):
                 out[k] = old  # unchanged (compared by value: stages also write through ``.data``)
                 continue
-        out[k] = ({"values": now, "bits": pack_bits(mask), "shape": tuple(t.shape)}  # indexing copied the values
-                  if mask is not None else {"dense": t.detach().clone()})
+        out[k] = ({"values": store.put(now), "bits": bits.clone(), "shape": tuple(t.shape)}
+                  if mask is not None else {"dense": store.put(t)})
     return out
 
 
@@ -662,9 +646,9 @@ def _unsnap_layer(layer: CompressedLinear, snap: dict[str, Any]) -> None:
         if e is None:
             full[k] = None
         elif "dense" in e:
-            full[k] = e["dense"]
+            full[k] = e["dense"].load()
         else:
-            v = e["values"]
+            v = e["values"].load()
             mask = unpack_bits(e["bits"], e["shape"]).to(v.device)
             w = torch.zeros(e["shape"], dtype=v.dtype, device=v.device)
             w[mask] = v

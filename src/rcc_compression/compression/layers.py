@@ -1,9 +1,9 @@
 """The one compressed layer: ``y = a_out * ((base + S + B A) (a_in * x)) + bias``.
 
 ``S`` is a sparse matrix kept as a dense tensor whose pruned entries are exactly zero (with its
-boolean ``mask``), ``B A`` a low-rank product, ``a_in``/``a_out`` per-channel scales and ``base``
-a frozen reference weight (DARE on deltas). Every part is optional; :meth:`merge` folds them
-back into a plain ``nn.Linear``.
+``mask``, held packed at one bit per entry), ``B A`` a low-rank product, ``a_in``/``a_out``
+per-channel scales and ``base`` a frozen reference weight (DARE on deltas). Every part is
+optional; :meth:`merge` folds them back into a plain ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +22,43 @@ EXECUTION_MODES = ("factored", "merged", "csr", "semi_structured", "int8", "torc
 
 #: the parts of a layer that can be stored as integer codes (S, and the low-rank factors)
 QUANTIZABLE = ("weight", "lr_A", "lr_B")
+
+
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+#: set bits of every byte value
+_POPCOUNT = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.int64)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 bytes, 8 entries per byte, most significant bit first, row-major, zero-padded.
+
+    The result stays on the mask's device.
+    """
+    flat = mask.detach().reshape(-1).bool()
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy()))
+    pad = (-flat.numel()) % 8
+    planes = torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    return (planes.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a bool tensor of ``shape`` on the packed bytes' device."""
+    numel = math.prod(shape)
+    flat = packed.reshape(-1)
+    if flat.numel() != (numel + 7) // 8:
+        raise ValueError(f"{flat.numel()} bytes hold {flat.numel() * 8} bits, {numel} expected")
+    if flat.device.type == "cpu":
+        bits = np.unpackbits(flat.to(torch.uint8).numpy(), count=numel)
+        return torch.from_numpy(bits.view(np.bool_)).view(shape)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    return (flat.unsqueeze(1) & weights).ne(0).reshape(-1)[:numel].view(shape)
+
+
+def count_bits(packed: torch.Tensor) -> int:
+    """Set bits in packed bytes (the kept entries of a packed mask)."""
+    return int(_POPCOUNT.to(packed.device)[packed.reshape(-1).long()].sum())
 
 
 @dataclass
@@ -86,8 +124,9 @@ class CompressedLinear(nn.Module):
     """A Linear layer stored as sparse + low rank + channel scales (+ frozen base).
 
     Attributes are ``None`` when a part is absent: ``weight`` (the sparse or dense part S),
-    ``mask`` (bool, None = S is dense), ``lr_A`` (r x in), ``lr_B`` (out x r), ``a_in`` (in),
-    ``a_out`` (out), ``bias`` (out), ``base`` (out x in, frozen buffer).
+    ``mask`` (bool, None = S is dense; held packed at 1 bit per entry in ``mask_bits``),
+    ``lr_A`` (r x in), ``lr_B`` (out x r), ``a_in`` (in), ``a_out`` (out), ``bias`` (out),
+    ``base`` (out x in, frozen buffer).
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -100,8 +139,9 @@ class CompressedLinear(nn.Module):
         self.a_in: nn.Parameter | None = None
         self.a_out: nn.Parameter | None = None
         self.bias: nn.Parameter | None = None
-        self.register_buffer("mask", None)
+        self.register_buffer("mask_bits", None)  # the mask packed by pack_bits
         self.register_buffer("base", None)
+        self._mask_cache: torch.Tensor | None = None  # the unpacked mask while training (read every step)
         self._fast: tuple[str, Any] | None = None  # an inference kernel chosen by set_execution
         #: parts stored as integer codes (:mod:`.quant`); their float parameters hold the dequantized values
         self.quant: dict[str, QuantizedPart] = {}
@@ -204,6 +244,7 @@ class CompressedLinear(nn.Module):
         out = super()._apply(fn, recurse)
         self.quant = {k: q.apply(fn) for k, q in self.quant.items()}
         self._fast = None
+        self._mask_cache = None
         return out
 
     # ------------------------------------------------------------------ structure
@@ -212,14 +253,42 @@ class CompressedLinear(nn.Module):
         return 0 if self.lr_A is None else int(self.lr_A.shape[0])
 
     @property
+    def mask(self) -> torch.Tensor | None:
+        """Which entries of S are kept (bool, out x in), or ``None`` when S is dense.
+
+        Held packed at one bit per entry (a bool tensor would cost a quarter of a float32 S): each
+        read unpacks a new tensor, except in training mode, where the unpacked mask is kept.
+        """
+        bits = self.mask_bits
+        if bits is None:
+            return None
+        if self.training and self._mask_cache is not None and self._mask_cache.device == bits.device:
+            return self._mask_cache
+        mask = unpack_bits(bits, (self.out_features, self.in_features))
+        if self.training:
+            self._mask_cache = mask
+        return mask
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self._mask_cache = None
+        if value is None:
+            self.mask_bits = None
+            return
+        if tuple(value.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"mask of shape {tuple(value.shape)} for a layer of shape "
+                             f"{(self.out_features, self.in_features)}")
+        self.mask_bits = pack_bits(value)
+
+    @property
     def is_sparse(self) -> bool:
-        return self.mask is not None
+        return self.mask_bits is not None
 
     def nnz(self) -> int:
         """Non-zeros stored in S (all entries when S is dense, 0 when absent)."""
         if self.weight is None:
             return 0
-        return int(self.mask.sum()) if self.mask is not None else self.weight.numel()
+        return count_bits(self.mask_bits) if self.mask_bits is not None else self.weight.numel()
 
     def sparse_part(self) -> torch.Tensor:
         """S as a dense tensor (zeros where pruned or absent)."""
@@ -325,6 +394,8 @@ class CompressedLinear(nn.Module):
     def train(self, mode: bool = True) -> CompressedLinear:
         if mode:
             self._fast = None  # weights are about to move: the inference kernel would go stale
+        else:
+            self._mask_cache = None
         return super().train(mode)
 
     @torch.no_grad()

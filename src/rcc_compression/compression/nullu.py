@@ -204,7 +204,9 @@ def spectral_energy(matrices: torch.Tensor) -> torch.Tensor:
 
 
 #: the most float64 bytes of layer matrices the low-rank step decomposes at once
-CHUNK_BYTES = 1 << 27
+CHUNK_BYTES = 1 << 25
+#: the most bytes of input second moments (float32, n x n per layer) the final round's report holds at once
+REPORT_BYTES = 1 << 27
 
 #: final round of warm-started factors: subspace iterations until one gains less than WARM_TOL of the
 #: energy still left out; a layer not there after WARM_MAX_ITERATIONS gets the exact SVD instead
@@ -391,11 +393,32 @@ class NulluStage(Stage):
             shapes = [(layers[n].out_features, layers[n].in_features) for n in order]
             budget = tg["param_budget"] * sum(m * n for m, n in shapes)
             fixed = dict(zip(order, allocate_ranks([energy[n] for n in order], shapes, budget), strict=True))
+        # the final round's report needs each layer's n x n input second moments: they are gathered for
+        # a group of chunks at a time, one pass of the teacher per group, at most REPORT_BYTES held
+        group_of: list[int] = []
+        group_names: list[list[str]] = []
+        held = REPORT_BYTES
+        for chunk in chunks:
+            size = sum(4 * layers[n].in_features ** 2 for n in chunk)
+            if held + size > REPORT_BYTES:
+                group_names.append([])
+                held = 0
+            group_names[-1] += chunk
+            group_of.append(len(group_names) - 1)
+            held += size
+        current: dict[int, dict[str, Any]] = {}
         per_layer: dict[str, Any] = {}
         done = 0
-        for chunk in chunks:
+        for ci, chunk in enumerate(chunks):
             work = prepare(chunk)
-            grams = (stats if need_gram else ctx.stats(gram=True, names=chunk)) if report else None
+            grams = None
+            if report and need_gram:
+                grams = stats
+            elif report:
+                if group_of[ci] not in current:
+                    current.clear()  # the previous group's moments go before the next group's come
+                    current[group_of[ci]] = ctx.stats(gram=True, names=group_names[group_of[ci]])
+                grams = current[group_of[ci]]
             for n in chunk:
                 if n in fixed:
                     work[n]["rank"], work[n]["fixed_rank"] = fixed[n], True
@@ -519,6 +542,7 @@ class NulluStage(Stage):
                 per_layer[name] = info
                 ctx.tick(f"nullu {name}", done, len(layers))
             del work, grams
+        current.clear()
         refit: dict[str, dict[str, float]] = {}
         if cfg.refit == "sequential" and ctx.progress >= 1.0 and ctx.dense_model is not None and ctx.batches:
             refit = sequential_refit(model, ctx.dense_model, ctx.dense, layers, ctx.batches, ctx.device, cfg.damping,

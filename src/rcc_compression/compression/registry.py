@@ -51,6 +51,12 @@ class CascadeConfig(StrictModel):
     planner: Literal["layers", "split"] = Field(
         "layers", description="for a target rate: layers = per-layer bits x rank x sparsity (adds quant); "
                               "split = one pruning rate and one low-rank budget for all layers")
+    offload: Literal["disk", "memory"] = Field(
+        "disk", description="where the dense teacher's weights and rollback copies live while the cascade runs: "
+                            "disk = files in a private temporary directory, read back when used (peak memory about "
+                            "the model and its compressed copy); memory = resident (faster, about twice the memory)")
+    offload_dir: str | None = Field(
+        None, description="the directory the offload directory is made in; None: the system temporary directory")
 
     @field_validator("stages")
     @classmethod

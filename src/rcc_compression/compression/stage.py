@@ -25,6 +25,7 @@ from ..models.blip import BLIPWrapper
 from ..models.clip import CLIPWrapper
 from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
+from ..utils.memory import release_memory
 from ..utils.schema import StrictModel
 from .calibration import LayerStats, collect_layer_stats, run_outputs
 from .layers import CompressedLinear
@@ -222,7 +223,8 @@ class CompressionContext:
         return cap - self.scale_reserve.get(name, 0)
 
     def tick(self, what: str, done: int, total: int) -> None:
-        """Report per-layer progress to the CLI's progress bar, if one is listening."""
+        """A layer is done: give its temporaries' memory back to the system, report progress to a listener."""
+        release_memory()
         if self.progress_callback is not None:
             self.progress_callback(what, done, total)
 

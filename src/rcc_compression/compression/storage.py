@@ -44,7 +44,15 @@ from ..utils.io import (
     sha256_bytes,
     sha256_file,
 )
-from .layers import CompressedLinear, QuantizedPart, compressed_layers, merge_all, replace_module
+from .layers import (
+    CompressedLinear,
+    QuantizedPart,
+    compressed_layers,
+    merge_all,
+    pack_bits,
+    replace_module,
+    unpack_bits,
+)
 from .quant import BITS, pack_codes, part_bytes, unpack_codes
 
 FORMAT = "rcc-compressed"
@@ -76,19 +84,6 @@ def _short(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------ encodings
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Bool tensor -> uint8 bytes, 8 entries per byte, row-major, zero-padded."""
-    return pack_codes(mask, 1)
-
-
-def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    return unpack_codes(packed, 1, numel).bool().view(shape)
-
-
 def _index_dtype(n: int) -> torch.dtype:
     return torch.int16 if n <= 32767 else torch.int32
 
@@ -143,7 +138,7 @@ def encode_layer(layer: CompressedLinear) -> dict[str, torch.Tensor]:
         else:
             out["values"] = layer.weight.detach()[mask]
         if enc == "bitmask":
-            out["mask_bits"] = pack_bits(mask)
+            out["mask_bits"] = pack_bits(mask).cpu()
         else:
             cols = mask.nonzero()[:, 1].to(_index_dtype(layer.in_features))
             out["col_idx"] = cols
