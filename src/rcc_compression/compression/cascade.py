@@ -33,6 +33,7 @@ from ..models.base import ModelWrapper
 from ..models.registry import unwrap_model, wrap_model
 from ..utils.io import atomic_write_json, directory_lock, remove_stale_temp_files
 from ..utils.logging import get_logger
+from ..utils.memory import release_memory
 from .calibration import output_agreement, run_outputs
 from .layers import CompressedLinear, compressed_layers, replace_module, restore_layer
 from .offload import Handle, StoredTensors, TeacherWeights, TensorStore, teacher_copy
@@ -364,6 +365,7 @@ class CascadePipeline:
                 snap[n] = {"teacher": n}
             else:
                 snap[n] = _snap_layer(m, self._last_snap.get(n), self._store)
+                release_memory()  # the layer's copies went to the store: hand their pages back
         self._last_snap = {n: v for n, v in snap.items() if "teacher" not in v}
         return snap
 

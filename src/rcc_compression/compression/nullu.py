@@ -37,6 +37,7 @@ from torch import nn
 
 from ..errors import CompressionError
 from ..utils.logging import get_logger
+from ..utils.memory import release_memory
 from .layers import CompressedLinear
 from .lowrank import balanced_factors, whitening
 from .refit import sequential_refit
@@ -389,6 +390,7 @@ class NulluStage(Stage):
                 e = spectral_energy(torch.stack([work[n]["M"] for n in chunk]))
                 energy.update({n: e[i] for i, n in enumerate(chunk)})
                 del work
+                release_memory()
             order = list(layers)
             shapes = [(layers[n].out_features, layers[n].in_features) for n in order]
             budget = tg["param_budget"] * sum(m * n for m, n in shapes)
@@ -542,6 +544,7 @@ class NulluStage(Stage):
                 per_layer[name] = info
                 ctx.tick(f"nullu {name}", done, len(layers))
             del work, grams
+            release_memory()
         current.clear()
         refit: dict[str, dict[str, float]] = {}
         if cfg.refit == "sequential" and ctx.progress >= 1.0 and ctx.dense_model is not None and ctx.batches:

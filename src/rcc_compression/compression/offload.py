@@ -210,7 +210,7 @@ class TeacherWeights(Mapping[str, torch.Tensor]):
     """The teacher's weight of each named layer, read when looked up (a file read for an offloaded layer)."""
 
     def __init__(self, teacher: nn.Module, names: Iterable[str]) -> None:
-        self._teacher, self._names = teacher, list(names)
+        self._teacher, self._names = teacher, dict.fromkeys(names)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
