@@ -227,3 +227,19 @@ def test_vit_b32_cascade_peak_is_at_most_three_times_the_model():
     line = [x for x in out.stdout.splitlines() if x.startswith("[4]")][-1]
     ratio = float(line.split(" = ")[1].split("x")[0])
     assert ratio <= 3.0, line
+
+
+def test_planner_second_moments_stream_in_bounded_groups(mlp, mlp_batches):
+    from rcc_compression.compression.calibration import collect_layer_stats, iter_grams
+
+    names = ["fc1", "fc2", "head"]
+    whole = collect_layer_stats(mlp, names, mlp_batches, gram=True)
+    calls = []
+    mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    one_layer = 4 * 48 ** 2  # fc2's n x n moment, the largest
+    grams = iter_grams(mlp, names, mlp_batches, max_bytes=one_layer)
+    assert not calls  # nothing gathered before it is read
+    got = list(grams)
+    assert len(calls) == 3 * len(mlp_batches)  # fc1 + fc2 exceed the bound together: one group each
+    for name, g in zip(names, got, strict=True):
+        assert torch.equal(g, whole[name].gram)

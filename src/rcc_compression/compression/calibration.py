@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -240,6 +240,39 @@ def collect_layer_stats(
     if missing:
         raise RuntimeError(f"calibration batches never reached layers {missing[:3]}{'...' if len(missing) > 3 else ''}")
     return stats
+
+
+#: the most bytes of float32 second moments :func:`iter_grams` holds at once
+GRAM_GROUP_BYTES = 1 << 27
+
+
+def iter_grams(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    batches: Sequence[Mapping[str, Any]],
+    device: torch.device | str | None = None,
+    max_bytes: int = GRAM_GROUP_BYTES,
+) -> Iterator[torch.Tensor]:
+    """Each named layer's ``n x n`` input second moment, in order, for one pass over them.
+
+    They are gathered for a group of consecutive layers at a time (one pass of the model over
+    ``batches`` per group, at most ``max_bytes`` of them held, or one layer's when it is larger):
+    all of ViT-B/32's would take 0.75 GiB.
+    """
+    groups: list[list[str]] = []
+    held = max_bytes
+    for name in layer_names:
+        size = 4 * model.get_submodule(name).in_features ** 2
+        if held + size > max_bytes:
+            groups.append([])
+            held = 0
+        groups[-1].append(name)
+        held += size
+    for group in groups:
+        stats = collect_layer_stats(model, group, batches, gram=True, device=device)
+        for name in group:
+            yield stats.pop(name).gram
+        del stats
 
 
 def flatten_outputs(out: Any, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ weights (whitened by calibration statistics when given).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -470,7 +470,7 @@ def allocate(options: Sequence[Sequence[Choice]], budget: float) -> list[int]:
 
 
 def plan_layers(
-    names: Sequence[str], weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor | None],
+    names: Sequence[str], weights: Sequence[torch.Tensor], grams: Iterable[torch.Tensor | None],
     shapes: Sequence[LayerShape], rate: float, *, sparse: bool, lowrank: bool, quant: bool = True,
     scales: bool = False, rest_bytes: int = 0, scope: str = "layers", scorer: str = "magnitude",
     prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq",

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import CompressionError
 from ..utils.logging import get_logger
-from .calibration import collect_layer_stats
+from .calibration import collect_layer_stats, iter_grams
 from .cascade import compression_summary
 from .layers import compressed_layers
 from .planner import LayerShape, plan_layers, plan_rate, split_error
@@ -92,11 +92,9 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     weights = [m.weight.detach() if isinstance(m, nn.Linear) else m.effective_weight() for m in mods]
     shapes = [LayerShape(w.shape[0], w.shape[1], w.element_size(), m.bias is not None)
               for w, m in zip(weights, mods, strict=True)]
-    grams: list[torch.Tensor | None] = [None] * len(names)
     fit = list(calibration_data) if calibration_data is not None else []  # the callers keep the holdout out
-    if fit:
-        stats = collect_layer_stats(inner, names, fit, gram=True)
-        grams = [stats[n].gram for n in names]
+    # second moments streamed in groups of layers: the planner reads each once, in order
+    grams: Iterable[torch.Tensor | None] = iter_grams(inner, names, fit) if fit else [None] * len(names)
     skip = tuple(f"{n}." for n in names)
     rest = sum(t.numel() * t.element_size() for k, t in inner.state_dict().items() if not k.startswith(skip))
     scales = "alphaedit" in stages and section.alphaedit.mode == "scaling" and section.alphaedit.num_epochs > 0
