@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import CompressionError
+from ..utils.memory import release_memory
 from .dare import keep_count, magnitude_scores, topk_mask, wanda_scores
 from .lowrank import whitening
 from .nullu import allocate_ranks, budget_rank, factorisable, spectral_energy, svd
@@ -492,6 +493,7 @@ def plan_layers(
     for i, (w, g, shape) in enumerate(zip(weights, grams, shapes, strict=True)):
         options.append(layer_choices(w, g, shape, sparse=sparse, lowrank=lowrank, quant=quant, scorer=scorer,
                                      prune_scope=prune_scope, damping=damping, rounding=rounding))
+        release_memory()  # the candidates' temporaries: hand their pages back before the next layer
         if progress is not None:
             progress("plan", i + 1, len(shapes))
     floor = sum(min(c.nbytes for c in opts) for opts in options)
