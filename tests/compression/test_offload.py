@@ -211,10 +211,11 @@ def _peak(mode: str) -> dict:
 
 
 def test_offloaded_teacher_and_rollback_copies_are_not_resident():
-    """The design's default cascade, one round, on a CLIP whose 25 M Linear weights dominate, each mode in a fresh
-    process: with ``offload: disk`` the peak resident set is lower by at least 0.6x the Linear layers' bytes
-    (the teacher's copy of them is 1x; the margin is for the allocator). The absolute target is the slow test below, on ViT-B/32's shapes: on a
-    model this small, the libraries the first forward pass and SVD load (about 0.25 GiB) dominate."""
+    """The design's default cascade, one round, on a CLIP whose 25 M Linear weights dominate, each mode in
+    a fresh process: with ``offload: disk`` the peak resident set is lower by at least 0.6x the Linear
+    layers' bytes (the teacher's copy of them is 1x; the margin is for the allocator). The absolute
+    target is the slow test below, on ViT-B/32's shapes: on a model this small the process's fixed
+    costs (interpreter, libraries, activations) dominate any ratio to the model's bytes."""
     disk, memory = _peak("disk"), _peak("memory")
     assert memory["peak"] - disk["peak"] >= 0.6 * disk["linear"], (disk, memory)
 
