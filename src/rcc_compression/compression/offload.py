@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import shutil
 import tempfile
@@ -47,7 +48,7 @@ class StoredTensor:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * _itemsize(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def load(self, device: torch.device | None = None) -> torch.Tensor:
         """A new tensor with the stored values (on ``device``, default: the device it was stored from)."""
@@ -107,7 +108,7 @@ class TensorStore:
     """Where a run keeps tensors it reads rarely: files in a private directory (``disk``) or memory.
 
     ``root``: the directory to create the private directory in (default: the system's temporary
-    directory, ``TMPDIR``). The private directory is removed when the store is closed or collected.
+    directory, ``TMPDIR``). The private directory is removed once the store and all its handles are gone.
     """
 
     def __init__(self, mode: str = "disk", root: str | Path | None = None) -> None:
@@ -125,7 +126,7 @@ class TensorStore:
                 raise CompressionError(f"cannot create an offload directory in {root or tempfile.gettempdir()}: "
                                        f"{exc.strerror or exc}; set compression.cascade.offload_dir or "
                                        "compression.cascade.offload: memory") from exc
-            self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+            weakref.finalize(self, shutil.rmtree, str(self.dir), True)
 
     def put(self, tensor: torch.Tensor) -> Handle:
         """Keep a copy of ``tensor`` (detached); later changes to ``tensor`` do not reach it."""
@@ -144,11 +145,6 @@ class TensorStore:
                                    "space, set compression.cascade.offload_dir elsewhere, or "
                                    "compression.cascade.offload: memory") from exc
         return StoredTensor(path, tuple(t.shape), t.dtype, t.device, self)
-
-    def close(self) -> None:
-        """Remove the directory now (handles still alive can no longer be read)."""
-        if self.dir is not None:
-            self._finalizer()
 
 
 class OffloadedLinear(nn.Linear):
@@ -261,17 +257,6 @@ def materialize(model: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, mod.materialize())
     return model
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _unlink(path: str) -> None:
