@@ -22,6 +22,7 @@ from rcc_compression.compression.offload import (
     StoredTensor,
     TensorStore,
     materialize,
+    remove_orphans,
     teacher_copy,
 )
 from rcc_compression.config import load_config
@@ -245,3 +246,17 @@ def test_planner_second_moments_stream_in_bounded_groups(mlp, mlp_batches):
     assert len(calls) == 3 * len(mlp_batches)  # fc1 + fc2 exceed the bound together: one group each
     for name, g in zip(names, got, strict=True):
         assert torch.equal(g, whole[name].gram)
+
+
+def test_a_killed_run_leaves_no_offload_directory_behind(tmp_path):
+    """A process killed with SIGKILL runs no clean-up: the next store in the same place removes its files."""
+    child = ("import sys, os, signal, torch\n"
+             "from rcc_compression.compression.offload import TensorStore\n"
+             "s = TensorStore('disk', sys.argv[1]); h = s.put(torch.ones(1000))\n"
+             "print(s.dir, flush=True); os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    orphan = Path(out.stdout.strip())
+    assert orphan.parent == tmp_path and orphan.is_dir() and any(orphan.iterdir())
+    mine = TensorStore("disk", tmp_path)  # a live process's directory is kept
+    assert not orphan.exists() and mine.dir.exists()
+    assert remove_orphans(tmp_path) == []

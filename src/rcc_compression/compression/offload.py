@@ -8,7 +8,8 @@ rollback copies of earlier steps. The last two are read a few times per step, so
 resident, as plain tensors.
 
 Files are written once and never changed; each is deleted when nothing refers to its handle any
-more, and the directory when its store goes. Reads use ``readinto`` into a fresh tensor, not a
+more, and the directory when its store goes. A killed process cleans up nothing: the next store made
+in the same place removes the directories of processes that no longer run. Reads use ``readinto`` into a fresh tensor, not a
 memory map, so a read tensor is the only resident copy and it is freed with its last reference.
 """
 
@@ -33,6 +34,35 @@ from ..errors import CompressionError
 from .layers import CompressedLinear
 
 OFFLOAD_MODES = ("disk", "memory")
+
+
+#: offload directories are named ``rcc-offload-<pid>-<random>``: the pid tells whether their process still runs
+PREFIX = "rcc-offload-"
+
+
+def remove_orphans(root: Path) -> list[Path]:
+    """Remove this user's offload directories under ``root`` whose process is gone (killed: no clean-up ran)."""
+    removed = []
+    for path in root.glob(f"{PREFIX}*-*"):
+        pid = path.name[len(PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid() or _alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class StoredTensor:
@@ -121,7 +151,8 @@ class TensorStore:
             try:
                 if root is not None:
                     Path(root).mkdir(parents=True, exist_ok=True)
-                self.dir = Path(tempfile.mkdtemp(prefix="rcc-offload-", dir=root))
+                remove_orphans(Path(root or tempfile.gettempdir()))
+                self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
             except OSError as exc:
                 raise CompressionError(f"cannot create an offload directory in {root or tempfile.gettempdir()}: "
                                        f"{exc.strerror or exc}; set compression.cascade.offload_dir or "
@@ -266,5 +297,5 @@ def _unlink(path: str) -> None:
         pass
 
 
-__all__ = ["OFFLOAD_MODES", "OffloadedLinear", "ResidentTensor", "StoredTensor", "StoredTensors", "TeacherWeights",
-           "TensorStore", "materialize", "teacher_copy"]
+__all__ = ["OFFLOAD_MODES", "PREFIX", "OffloadedLinear", "ResidentTensor", "StoredTensor", "StoredTensors",
+           "TeacherWeights", "TensorStore", "materialize", "remove_orphans", "teacher_copy"]
