@@ -9,8 +9,9 @@ resident, as plain tensors.
 
 Files are written once and never changed; each is deleted when nothing refers to its handle any
 more, and the directory when its store goes. A killed process cleans up nothing: the next store made
-in the same place removes the directories of processes that no longer run. Reads use ``readinto`` into a fresh tensor, not a
-memory map, so a read tensor is the only resident copy and it is freed with its last reference.
+in the same place removes the directories of processes that no longer run. Reads use ``readinto``
+into a fresh tensor, not a memory map, so a read tensor is the only resident copy and it is freed
+with its last reference.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CompressionError
+from ..utils.runs import pid_alive
 from .layers import CompressedLinear
 
 OFFLOAD_MODES = ("disk", "memory")
@@ -46,23 +48,13 @@ def remove_orphans(root: Path) -> list[Path]:
     for path in root.glob(f"{PREFIX}*-*"):
         pid = path.name[len(PREFIX):].split("-", 1)[0]
         try:
-            if not pid.isdigit() or path.stat().st_uid != os.getuid() or _alive(int(pid)):
+            if not pid.isdigit() or path.stat().st_uid != os.getuid() or pid_alive(int(pid)):
                 continue
         except OSError:
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 class StoredTensor:

@@ -127,3 +127,14 @@ def new_run_dir(output_dir: str | os.PathLike[str], name: str) -> Path:
         n += 1
     path.mkdir(parents=True)
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ..utils.runs import pid_alive
 from ..utils.tracking import METRICS_FILE, read_metrics_file, series_points
 
 #: files whose presence makes a directory a run directory
@@ -35,16 +36,6 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -162,7 +153,7 @@ class RunRecords:
         except (OSError, ValueError):
             pid = 0
         same_host = self.run.get("host", {}).get("hostname") in (None, socket.gethostname())
-        if pid and same_host and not _pid_alive(pid):
+        if pid and same_host and not pid_alive(pid):
             return "interrupted"
         return "running"
 
