@@ -45,7 +45,8 @@ class ModelSection(StrictModel):
     """Which model to compress: a bundled short name, a local directory or a hub id."""
 
     name: str = Field("rcc-clip-world", description="bundled name, local Hugging Face directory or hub id")
-    type: Literal["clip", "blip", "blip_vqa"] | None = Field(None, description="model family; None: from its config")
+    type: Literal["clip", "siglip", "blip", "blip_vqa", "llava"] | None = Field(
+        None, description="model family; None: from its config")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype the weights load in")
 
 
@@ -112,6 +113,8 @@ class CalibrationSection(StrictModel):
     holdout_batches: int = Field(2, ge=0, description="batches held out for the validation gate (from dataset.val "
                                  "when it is set)")
     preserve_source: str | None = Field(None, description="alphaedit closed_form: data whose outputs must not move")
+    allow_unpaired: bool = Field(False, description="let a model that calibrates on image-text pairs (SigLIP, LLaVA) "
+                                 "calibrate on synthetic noise or on batches without images")
 
 
 class EvaluationSection(StrictModel):

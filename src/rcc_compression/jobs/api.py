@@ -20,7 +20,7 @@ from ..compression.rate import achieved_rate, apply_rate
 from ..compression.registry import STAGES
 from ..compression.stage import Distiller
 from ..config import RCCConfig, load_config
-from ..data.calibration import build_calibration_batches
+from ..data.calibration import build_calibration_batches, check_paired_batches
 from ..errors import CompressionError
 from ..models.registry import BUNDLED, get_model, unwrap_model
 from ..models.tiny import TINY_MODELS
@@ -54,9 +54,27 @@ class CompressionPipeline(CascadePipeline):
     """
 
     def __init__(self, config: Any = None, *, training: TrainingSection | None = None,
-                 distill: Distiller | None = None, **kwargs: Any) -> None:
+                 distill: Distiller | None = None, allow_unpaired: bool = False, **kwargs: Any) -> None:
         super().__init__(config, distill=distill or distiller(training), **kwargs)
         self.training = training
+        self.allow_unpaired = allow_unpaired
+
+    def run(self, model: nn.Module, resume: bool = False) -> nn.Module:
+        """Run the cascade; a model that calibrates on image-text pairs refuses to run on noise.
+
+        Without ``calibration_data`` the engine would calibrate on random inputs; for SigLIP and
+        LLaVA that is refused unless ``allow_unpaired=True``.
+        """
+        if self.calibration is None and getattr(model, "paired_calibration", False) and not self.allow_unpaired:
+            raise CompressionError(
+                f"a {model.model_type} model calibrates on image-text pairs: pass calibration_data=... (for the "
+                "bundled models: build_calibration_batches(model, 'world', ...)), or allow_unpaired=True to "
+                "calibrate on random inputs anyway")
+        if self.calibration is not None:
+            check_paired_batches(model, self.calibration, self.allow_unpaired)
+        return super().run(model, resume=resume)
+
+    compress = run
 
 
 def _resolve_config(config: Any) -> RCCConfig:
@@ -120,6 +138,7 @@ def compress_model(
     if calibration_data is None:
         calibration_data, calibration_source = _default_calibration(model, wrapper_or_module, cfg, seed)
     calibration_data = list(calibration_data)
+    check_paired_batches(wrapper_or_module, calibration_data, cfg.calibration.allow_unpaired)
     fit, holdout = calibration_data, (list(holdout_data) if holdout_data is not None else None)
     if holdout is None and calibration_source == "world":
         n_hold = cfg.calibration.holdout_batches
@@ -153,7 +172,8 @@ def compress_model(
                                    seed=seed, device=device, progress_callback=report,
                                    step_callback=lambda r: bar(f"steps: {r['stage']} round {r['round']}",
                                                                r["step"] + 1, len(pipe.steps())),
-                                   run_config=cfg.model_dump(mode="json"), training=cfg.training)
+                                   run_config=cfg.model_dump(mode="json"), training=cfg.training,
+                                   allow_unpaired=cfg.calibration.allow_unpaired)
         out = pipe.run(wrapper_or_module)
     summary = compression_summary(inner)
     stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results(),

@@ -49,7 +49,8 @@ def compress_data(wrapper: nn.Module, cfg: RCCConfig, run_dir: Path | None, eval
     n_fit = cal.num_batches + (0 if from_val else cal.holdout_batches)
     roles: dict[str, list[Any]] = {}
     if cal.source == "synthetic":
-        batches = build_calibration_batches(wrapper, "synthetic", n_fit, cal.batch_size, seed)
+        batches = build_calibration_batches(wrapper, "synthetic", n_fit, cal.batch_size, seed,
+                                            allow_unpaired=cal.allow_unpaired)
     else:
         items = calibration_items(wrapper, cal.source, n_fit * cal.batch_size, seed, **kw)
         roles["calibration"] = [items]
@@ -167,7 +168,7 @@ def _run_compress(
             section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
             reference_model=reference, seed=cfg.experiment.seed, device=device, progress_callback=progress,
             step_callback=chain(step_callback, cascade_logger(tracker)), run_config=resolved,
-            encrypt_key=encrypt_key, training=cfg.training,
+            encrypt_key=encrypt_key, training=cfg.training, allow_unpaired=cfg.calibration.allow_unpaired,
             distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
         )
         pipe.run(wrapper, resume=resume)
