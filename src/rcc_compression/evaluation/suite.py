@@ -88,7 +88,7 @@ def _model_fits(benchmark: str, wrapper: Any) -> str | None:
     if benchmark not in _NEEDS or benchmark in getattr(wrapper, "tasks", ()):
         return None
     kind = "blip_vqa" if getattr(wrapper, "is_vqa", False) else getattr(wrapper, "model_type", "")
-    return f"{benchmark} needs {_NEEDS[benchmark]} (this is {kind or type(wrapper).__name__})"
+    return f"{benchmark} needs {_NEEDS[benchmark]}; this is {kind or type(wrapper).__name__}"
 
 
 def expand_datasets(benchmark: str, datasets: Sequence[Any]) -> list[Any]:
