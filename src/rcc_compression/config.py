@@ -223,6 +223,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "calibration.batch_size": (_J + "common", _J + "train"),
     "calibration.holdout_batches": (_J + "common", _J + "compress", _J + "api"),
     "calibration.preserve_source": (_J + "compress",),
+    "calibration.allow_unpaired": (_J + "common", _J + "compress", _J + "api"),
     "compression.dare.iterations": ("rcc_compression.compression.cascade",),
     "compression.dare.reference_model": (_J + "train", _J + "compress", _J + "api"),
     "compression.cascade.stages": ("rcc_compression.compression.cascade", _J + "api", _J + "compress"),

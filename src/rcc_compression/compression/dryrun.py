@@ -49,10 +49,11 @@ def dry_run_report(model: nn.Module, section: Any, plan: Mapping[str, Any] | Non
     cfg = getattr(section, first) if first else None
     rows = match_layers(model, getattr(cfg, "targets", None), getattr(cfg, "ignore", None), check=False)
     per_layer = (plan or {}).get("layers") or {}
+    acting = list(dict.fromkeys(s for s in stages if hasattr(getattr(section, s, None), "targets")))
     for row in rows:
         row.selected = row.name in chosen
-        if row.selected and first is not None and chosen[row.name] != [first]:
-            row.notes.append("selected by " + ", ".join(chosen[row.name]))
+        if row.selected and set(chosen[row.name]) != set(acting):
+            row.notes.append("selected by " + ", ".join(dict.fromkeys(chosen[row.name])) + " only")
         if row.selected and not row.rule.startswith(("targets", "default targets")):
             st = chosen[row.name][0]
             c = getattr(section, st)

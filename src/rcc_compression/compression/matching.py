@@ -100,7 +100,7 @@ def check_patterns(model: nn.Module, targets: Sequence[str] | None, ignore: Sequ
             if not any(compiled.search(n) for n in names):
                 near = nearest_names(pattern, names)
                 raise CompressionError(
-                    f"{where + ': ' if where else ''}{kind} pattern {pattern!r} matches no Linear layer of "
+                    f"{where + ': ' if where else ''}{kind} pattern '{pattern}' matches no Linear layer of "
                     f"{type(unwrap_model(model)).__name__} ({len(names)} Linear layers); nearest names: "
                     f"{', '.join(near) if near else 'none'} (patterns are regexes searched in module names)")
 

@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ..compression.cascade import CascadePipeline, compression_summary
+from ..compression.dryrun import dry_run_report, format_report, stage_formats
 from ..compression.rate import achieved_rate, apply_rate
 from ..compression.registry import STAGES
 from ..compression.stage import Distiller
+from ..compression.towers import tower_record
 from ..config import RCCConfig, load_config
 from ..data.calibration import build_calibration_batches, check_paired_batches
 from ..errors import CompressionError
@@ -107,7 +109,8 @@ def compress_model(
     device: str | torch.device | None = None,
     progress_callback: Callable[[str, int, int], None] | None = None,
     progress: bool | None = None,
-) -> nn.Module:
+    dry_run: bool = False,
+) -> Any:
     """Compress a model to ``compression_rate`` and return it, with ``.compression_stats`` attached.
 
     ``model`` is a bundled name, a local directory, a hub id, a wrapper, or any ``nn.Module``.
@@ -118,6 +121,16 @@ def compress_model(
     the rate it did reach and the step that failed. ``progress`` shows progress bars (planning,
     each stage over its layers, the cascade's steps) on standard error; ``None``: when it is a
     terminal.
+
+    ``dry_run=True`` compresses nothing: it prints every Linear layer with its tower, the pattern
+    that selected or excluded it, and the format and bytes the plan gives it, and returns that
+    report (a dict; see :func:`~rcc_compression.compression.dryrun.dry_run_report`). The layers it
+    marks as compressed are exactly those a run with the same arguments compresses. Any
+    ``targets``/``ignore`` pattern of the config that matches no Linear layer raises, naming the
+    nearest module names.
+
+    The result's ``compression_stats["towers"]`` holds each tower's dense and stored bytes (they
+    sum to the model) and the output agreement with only that tower compressed.
 
     ``calibration_data`` (batches of keyword arguments for ``model(**batch)``) is needed for any
     model but the bundled ones (``rcc-clip-world``, ``rcc-blip-world`` and the tiny test models),
@@ -167,6 +180,11 @@ def compress_model(
             share = lowrank_share if lowrank_share is not None else section.cascade.lowrank_share
             # the holdout stays unseen
             plan = apply_rate(inner, section, compression_rate, scope, share, fit, progress=report)
+        if dry_run:
+            formats = None if (plan or {}).get("method") == "layers" else stage_formats(inner, section)
+            found = dry_run_report(inner, section, plan, formats)
+            print(format_report(found), end="")
+            return found
         pipe = CompressionPipeline(section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve_data,
                                    reference_model=reference_model, metric_fn=metric_fn, run_dir=run_dir,
                                    seed=seed, device=device, progress_callback=report,
@@ -177,7 +195,8 @@ def compress_model(
         out = pipe.run(wrapper_or_module)
     summary = compression_summary(inner)
     stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results(),
-                             "calibration": calibration_source}
+                             "calibration": calibration_source,
+                             "towers": tower_record(inner, pipe.dense_model, holdout or [])}
     if plan is not None:
         achieved = achieved_rate(inner, scope)
         stats["achieved_rate"] = achieved

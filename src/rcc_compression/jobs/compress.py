@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from ..compression.dryrun import dry_run_report, stage_formats
 from ..compression.offload import materialize
 from ..compression.rate import apply_rate
 from ..compression.storage import save_compressed
@@ -71,6 +72,23 @@ def compress_data(wrapper: nn.Module, cfg: RCCConfig, run_dir: Path | None, eval
         roles["test"] = list({id(ds): ds for _, _, ds in tests}.values())
     record = check_and_record(run_dir, roles, cfg.dataset.leak_check) if roles else {}
     return fit, holdout, record
+
+
+def dry_run(cfg: RCCConfig) -> dict[str, Any]:
+    """What ``rcc compress`` would compress, and how, without compressing (``rcc compress --dry-run``).
+
+    Loads the model, and with ``cascade.target_rate`` draws the calibration batches and plans
+    exactly as the run does; returns :func:`~rcc_compression.compression.dryrun.dry_run_report`.
+    """
+    seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
+    wrapper = get_model(cfg.model.name, cfg.model.type, cfg.model.dtype, seed=cfg.experiment.seed)
+    section, plan = cfg.compression.model_copy(deep=True), None
+    if section.cascade.target_rate is not None:
+        fit, _, _ = compress_data(wrapper, cfg, None, evaluate=False)
+        plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope,
+                          section.cascade.lowrank_share, calibration_data=fit)
+    formats = None if (plan or {}).get("method") == "layers" else stage_formats(wrapper.model, section)
+    return dry_run_report(wrapper.model, section, plan, formats)
 
 
 HEADLINE_METRICS = ("top1", "top5", "mean_per_class_recall", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy")

@@ -28,13 +28,13 @@ TOWERS = ("vision", "text", "projector", "language_model", "other")
 #: per model type: (regex on the module name, tower), first match wins
 TOWER_RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "clip": ((r"^vision_model(\.|$)", "vision"), (r"^text_model(\.|$)", "text"),
-             (r"^(visual|text)_projection$", "projector")),
-    "siglip": ((r"^vision_model(\.|$)", "vision"), (r"^text_model\.head$", "projector"),
+             (r"^(visual|text)_projection(\.|$)", "projector")),
+    "siglip": ((r"^vision_model(\.|$)", "vision"), (r"^text_model\.head(\.|$)", "projector"),
                (r"^text_model(\.|$)", "text")),
     "blip": ((r"^vision_model(\.|$)", "vision"), (r"^text_encoder(\.|$)", "text"),
-             (r"^text_decoder(\.|$)", "language_model"), (r"^(vision_proj|text_proj|itm_head)$", "projector")),
+             (r"^text_decoder(\.|$)", "language_model"), (r"^(vision_proj|text_proj|itm_head)(\.|$)", "projector")),
     "llava": ((r"^(model\.)?vision_tower(\.|$)", "vision"), (r"^(model\.)?multi_modal_projector(\.|$)", "projector"),
-              (r"^(model\.)?language_model(\.|$)", "language_model"), (r"^lm_head$", "language_model")),
+              (r"^(model\.)?language_model(\.|$)", "language_model"), (r"^lm_head(\.|$)", "language_model")),
 }
 
 _STACK = re.compile(r"^(?P<stack>.*?\.(?:layers|layer|blocks|h))\.(?P<index>\d+)(\.|$)")

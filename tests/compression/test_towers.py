@@ -1,0 +1,138 @@
+"""Towers, module matching a user can see, the dry run, per-tower bytes, and generation after compression."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rcc_compression import compress_model, save_compressed
+from rcc_compression.compression.layers import compressed_layers
+from rcc_compression.compression.matching import check_patterns, match_layers
+from rcc_compression.compression.towers import tower_bytes
+from rcc_compression.errors import CompressionError
+from rcc_compression.models import get_model
+from rcc_compression.models.towers import classify_modules, tower_of
+
+
+def test_every_module_of_tiny_llava_is_in_its_tower():
+    w = get_model("tiny-llava")
+    places = classify_modules(w)
+    cfg = w.model.config
+    leaves = [n for n, m in w.model.named_modules() if n and next(m.parameters(recurse=False), None) is not None]
+    assert leaves and all(n in places for n in leaves)
+    expected = {"model.vision_tower": "vision", "model.multi_modal_projector": "projector",
+                "model.language_model": "language_model", "lm_head": "language_model"}
+    for n in leaves:
+        prefix = next(p for p in expected if n == p or n.startswith(p + "."))
+        assert places[n].tower == expected[prefix], n
+    # every tensor of the model is in a tower (nothing is "other")
+    assert {tower_of("llava", k) for k in w.model.state_dict()} == {"vision", "projector", "language_model"}
+    blocks = {n: p for n, p in places.items() if p.role == "block" and n.endswith("mlp.fc1")}
+    vision_depth = cfg.vision_config.num_hidden_layers
+    assert [p.position for n, p in sorted(blocks.items(), key=lambda kv: kv[1].index)][-1] == "last_block"
+    assert places[f"model.vision_tower.encoder.layers.{vision_depth - 1}.mlp.fc1"].last
+    assert places["model.vision_tower.encoder.layers.0.self_attn.q_proj"].position == "first_block"
+    assert places["model.vision_tower.embeddings.patch_embedding"].role == "patch_embedding"
+    assert places["model.multi_modal_projector.linear_1"].role == "projector"
+    assert places["model.language_model.embed_tokens"].role == "embedding"
+
+
+@pytest.mark.parametrize("name,towers", [("tiny-clip", {"vision", "text", "projector", "other"}),
+                                          ("tiny-siglip", {"vision", "text", "projector", "other"}),
+                                          ("tiny-blip", {"vision", "language_model"})])
+def test_other_families_have_their_towers(name, towers):
+    w = get_model(name)
+    kind = w.model.config.model_type
+    assert {tower_of(kind, k) for k in w.model.state_dict()} == towers
+
+
+def test_a_pattern_that_matches_nothing_raises_with_the_nearest_names():
+    w = get_model("tiny-llava")
+    with pytest.raises(CompressionError, match=r"ignore pattern '\^vision_tower\\.' matches no Linear layer.*"
+                                               r"nearest names: model\.vision_tower\.encoder"):
+        check_patterns(w, None, [r"^vision_tower\."])
+    with pytest.raises(CompressionError, match="compression.quant: targets pattern 'q_projection'.*nearest names"):
+        compress_model(w, 0.5, progress=False, dry_run=True,
+                       config={"compression": {"quant": {"targets": ["q_projection"]}}})
+    with pytest.raises(CompressionError, match="not a valid regular expression"):
+        check_patterns(w, ["(unclosed"], None)
+    check_patterns(w, [r"language_model"], [r"vision_tower"])  # matching patterns pass
+
+
+def test_the_attention_pooling_heads_linear_is_never_selected():
+    rows = {r.name: r for r in match_layers(get_model("tiny-siglip"), targets=["."], ignore=[])}
+    row = rows["vision_model.head.attention.out_proj"]
+    assert not row.selected and "MultiheadAttention" in row.rule
+    assert rows["vision_model.head.mlp.fc1"].selected
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"compression_rate": 0.5},
+    {"compression_rate": None, "config": {"compression": {
+        "cascade": {"stages": ["dare", "quant"]}, "dare": {"pruning_rate": 0.5, "fine_tune_epochs": 0},
+        "quant": {"bits": 4, "ignore": ["lm_head", r"\.0\.mlp"]}}}},
+])
+def test_dry_run_lists_exactly_the_layers_the_run_compresses(kwargs, capsys):
+    report = compress_model("tiny-llava", progress=False, dry_run=True, **kwargs)
+    printed = capsys.readouterr().out
+    model = compress_model("tiny-llava", progress=False, **kwargs)
+    planned = {r["name"] for r in report["layers"] if r["selected"]}
+    assert planned == set(compressed_layers(model.model))
+    assert len(report["layers"]) == sum(isinstance(m, torch.nn.Linear) for m in get_model("tiny-llava").modules())
+    for r in report["layers"]:
+        assert r["name"] in printed and r["tower"] in ("vision", "projector", "language_model")
+        assert r["rule"]  # every row says which pattern decided it
+    assert "lm_head" in printed and "default ignore" in printed or "no default targets" in printed
+    tot = report["totals"]
+    assert tot["planned_bytes"] is not None and tot["planned_bytes"] < tot["dense_bytes"]
+    assert sum(t["planned_bytes"] for t in report["towers"].values()) == tot["planned_bytes"]
+
+
+def test_per_tower_bytes_sum_to_the_checkpoint(tmp_path):
+    dense = tower_bytes(get_model("tiny-llava"))
+    model = compress_model("tiny-llava", 0.5, progress=False)
+    towers = tower_bytes(model)
+    manifest = save_compressed(model, tmp_path / "ckpt")
+    stored = manifest["stored_bytes"]
+    assert sum(t["stored_bytes"] for t in towers.values()) == stored["layers"] + stored["rest"]
+    assert sum(t["dense_bytes"] for t in towers.values()) == stored["layers_dense"] + stored["rest"]
+    assert {t: v["dense_bytes"] for t, v in towers.items()} == {t: v["dense_bytes"] for t, v in dense.items()}
+    assert all(v["stored_bytes"] <= v["dense_bytes"] for v in towers.values())
+    record = model.compression_stats["towers"]
+    assert {t: v["stored_bytes"] for t, v in record.items()} == {t: v["stored_bytes"] for t, v in towers.items()}
+    assert all(0.9 < v["agreement_alone"] <= 1.0 + 1e-6 for t, v in record.items() if v["compressed_layers"])
+
+
+@torch.no_grad()
+def _teacher_forced(wrapper, pixels, prompt_ids, tokens):
+    ids = torch.tensor([prompt_ids + tokens])
+    return wrapper.model(input_ids=ids, pixel_values=pixels, use_cache=False).logits[0, len(prompt_ids) - 1:-1]
+
+
+@torch.no_grad()
+def test_compressed_tiny_llava_generates_as_dense():
+    """Rate 0: the same tokens; 2x: logits within a bound, and the same token wherever the margin exceeds it."""
+    pix = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    dense = get_model("tiny-llava")
+    want = dense.generate_caption(pix, max_length=8)
+    same = compress_model("tiny-llava", 0.0, progress=False)
+    assert compressed_layers(same.model)
+    assert same.generate_caption(pix, max_length=8) == want
+    half = compress_model("tiny-llava", 0.5, progress=False)
+    assert half.compression_stats["achieved_rate"] >= 0.5
+    prompt = dense.prompt_ids("")
+    worst_rel, checked = 0.0, 0
+    for i in range(pix.shape[0]):
+        tokens = dense.model.generate(**dense.prompt_inputs([""]), pixel_values=pix[i:i + 1], max_new_tokens=8,
+                                      do_sample=False, suppress_tokens=[dense.image_token_id],
+                                      eos_token_id=None)[0, len(prompt):].tolist()
+        d = _teacher_forced(dense, pix[i:i + 1], prompt, tokens)
+        c = _teacher_forced(half, pix[i:i + 1], prompt, tokens)
+        diff = (c - d).abs().max(dim=-1).values
+        worst_rel = max(worst_rel, float((c - d).norm() / d.norm()))
+        top2 = d.topk(2, dim=-1).values
+        sure = (top2[:, 0] - top2[:, 1]) > 2 * diff  # no error this size can flip the argmax
+        assert torch.equal(c.argmax(-1)[sure], d.argmax(-1)[sure])
+        checked += int(sure.sum())
+    assert worst_rel < 0.05, worst_rel
+    assert checked >= 12  # the bound decides most positions
