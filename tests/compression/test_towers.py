@@ -136,3 +136,21 @@ def test_compressed_tiny_llava_generates_as_dense():
         checked += int(sure.sum())
     assert worst_rel < 0.05, worst_rel
     assert checked >= 12  # the bound decides most positions
+
+
+def test_cli_dry_run_prints_and_writes_the_report_without_a_run(tmp_path, capsys):
+    from rcc_compression.cli import main
+
+    args = ["compress", "--dry-run", "--model", "tiny-llava", "--set", "calibration.source=world",
+            "--set", "calibration.num_batches=2", "--set", "calibration.batch_size=4",
+            "--set", "compression.cascade.target_rate=0.75", "-q"]
+    assert main([*args, "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    report = __import__("json").loads((tmp_path / "out" / "dry_run.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dry_run.json"]  # no run, no checkpoint
+    assert "tower vision:" in out and "tower language_model:" in out and "lm_head" in out
+    assert report["totals"]["planned_bytes"] <= 0.25 * report["totals"]["dense_bytes"] + 1
+    assert main([*args, "--set", "compression.quant.ignore=[\"^vision_tower\"]"]) == 2
+    assert "ignore pattern '^vision_tower' matches no Linear layer" in capsys.readouterr().err
+    assert main(["compress", "--dry-run", "--model", "tiny-llava", "-q"]) == 2  # default calibration: noise
+    assert "calibrates on image-text pairs" in capsys.readouterr().err

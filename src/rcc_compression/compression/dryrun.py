@@ -92,13 +92,13 @@ def format_report(report: Mapping[str, Any]) -> str:
     rows = report["layers"]
     width = max([len(r["name"]) for r in rows] + [5])
     lines = [f"{'layer':<{width}}  {'tower':<14} {'role':<15} {'shape':>11}  {'compress':<8} "
-             f"{'planned format':<28} {'bytes':>19}  rule"]
+             f"{'planned format':<30} {'bytes':>19}  rule"]
     for r in rows:
         shape = f"{r['out_features']}x{r['in_features']}"
         planned = "?" if r["planned_bytes"] is None else f"{r['planned_bytes']:,}"
         size = f"{r['dense_bytes']:,}->{planned}"
         lines.append(f"{r['name']:<{width}}  {r['tower']:<14} {r['role']:<15} {shape:>11}  "
-                     f"{'yes' if r['selected'] else 'no':<8} {r['format'][:28]:<28} {size:>19}  {r['rule']}"
+                     f"{'yes' if r['selected'] else 'no':<8} {r['format'][:30]:<30} {size:>19}  {r['rule']}"
                      + (f" ({'; '.join(r['notes'])})" if r["notes"] else ""))
     lines.append("")
     for tower, t in report["towers"].items():
@@ -144,7 +144,7 @@ def stage_formats(model: nn.Module, section: Any) -> dict[str, tuple[str, int | 
                 rank = max(1, round(min(m, n) * (1.0 - u.rank_reduction)))
             else:
                 known = False
-            parts.append(f"rank {rank}" if known else "low rank (rank from the data)")
+            parts.append(f"rank {rank}" if known else "rank from data")
             keep_s = "dare" in by
         bits = factor_bits = group = None
         sym = True

@@ -31,7 +31,7 @@ from torch import nn
 from ..models.registry import unwrap_model
 from ..models.towers import TOWERS, classify_modules, family, tower_of
 from ..utils.schema import StrictModel
-from .calibration import output_agreement, relative_output_error, run_outputs
+from .calibration import PRIMARY_OUTPUTS, output_agreement, relative_output_error, run_outputs
 from .layers import compressed_layers, replace_module
 from .offload import materialize
 from .quant import quantize_nearest
@@ -47,8 +47,8 @@ class TowerBudgetConfig(StrictModel):
         default_factory=lambda: ["patch_embedding", "projector", "first_block", "last_block"],
         description="roles whose Linear layers keep protect_bits or more (no pruning, no low rank alone)")
     protect_bits: int = Field(8, ge=2, le=16, description="fewest bits a protected layer may be stored with")
-    sensitivity: bool = Field(True, description="measure each layer's effect on the outputs before planning and "
-                                                "weigh the plan's per-layer errors by it")
+    sensitivity: bool = Field(True, description="before a rate plan, measure each layer's and each tower's effect on "
+                                                "the outputs (a probe rounding); lift protections it shows idle")
     lift: Literal["median", "never"] = Field(
         "median", description="median: a protected layer whose measured sensitivity is at most the median of the "
                               "unprotected layers' is planned like any other; never: always protected")
@@ -109,6 +109,12 @@ def _weight_of(mod: nn.Module) -> torch.Tensor:
     return mod.weight if isinstance(mod, nn.Linear) else mod.effective_weight()
 
 
+def primary_error(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``||s - t||^2 / ||t||^2`` of the outputs the gate compares (embeddings, logits), averaged over them."""
+    keys = [k for k in PRIMARY_OUTPUTS if k in teacher] or list(teacher)
+    return relative_output_error({k: student[k] for k in keys if k in student}, {k: teacher[k] for k in keys})
+
+
 @torch.no_grad()
 def _perturbed_error(inner: nn.Module, names: Sequence[str], probe_bits: int, batches: Sequence[Mapping[str, Any]],
                      dense_out: Sequence[Mapping[str, torch.Tensor]]) -> tuple[float, dict[str, float]]:
@@ -139,7 +145,7 @@ def _perturbed_error(inner: nn.Module, names: Sequence[str], probe_bits: int, ba
             h.remove()
         for n, mod in originals.items():
             replace_module(inner, n, mod)
-    err = float(torch.stack([relative_output_error(s, t) for s, t in zip(outs, dense_out, strict=True)]).mean())
+    err = float(torch.stack([primary_error(s, t) for s, t in zip(outs, dense_out, strict=True)]).mean())
     return err, {n: (a / b if b > 0 else 0.0) for n, (a, b) in layer_err.items()}
 
 
@@ -148,8 +154,8 @@ def measure_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequenc
                         probe_bits: int = 4, progress: Any = None) -> dict[str, Any]:
     """Each layer of ``names``, and each tower's layers together, rounded to ``probe_bits`` alone.
 
-    Per layer: ``output_error`` (relative error of the model's primary outputs, as the gate reads
-    them), ``layer_error`` (relative error of the layer's own output on the same inputs) and
+    Per layer: ``output_error`` (relative error of the model's primary outputs, those the gate
+    compares: :func:`primary_error`), ``layer_error`` (relative error of the layer's own output on the same inputs) and
     ``weight = output_error / layer_error``, the model's output error per unit of the layer's:
     what the planner multiplies each candidate's estimated layer error by. Per tower: the output
     error with all of its layers probed at once, and the sum of its layers' errors.
@@ -265,3 +271,19 @@ def tower_record(compressed: nn.Module, dense: nn.Module | None, holdout: Sequen
             if tower in record:
                 record[tower]["agreement_alone"] = q["agreement"]
     return record
+
+
+def plan_constraints(model: nn.Module, names: Sequence[str], config: TowerBudgetConfig,
+                     batches: Sequence[Mapping[str, Any]], progress: Any = None) -> dict[str, Any]:
+    """What a rate plan must respect for ``names`` (the layers it plans): the measured sensitivity and the protections.
+
+    Returns ``{"sensitivity": ... or None, "protection": ..., "min_bits": {layer: bits}}``;
+    ``min_bits`` is what the planner reads (a protected layer's storage keeps at least that many
+    bits, unpruned, with its own values: no choice that drops S for low rank alone).
+    """
+    sens = None
+    if config.sensitivity and batches and config.protect:
+        sens = measure_sensitivity(model, names, list(batches)[: config.batches], config.probe_bits, progress)
+    protection = protected_layers(model, names, config, sens)
+    return {"sensitivity": sens, "protection": protection,
+            "min_bits": dict.fromkeys(protection["protected"], config.protect_bits)}

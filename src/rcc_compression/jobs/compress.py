@@ -17,8 +17,9 @@ from ..compression.dryrun import dry_run_report, stage_formats
 from ..compression.offload import materialize
 from ..compression.rate import apply_rate
 from ..compression.storage import save_compressed
+from ..compression.towers import tower_record
 from ..config import RCCConfig, dump_config
-from ..data.calibration import build_calibration_batches, calibration_items
+from ..data.calibration import build_calibration_batches, calibration_items, check_paired
 from ..evaluation.efficiency import compare_efficiency, measured_storage, optimize_execution
 from ..evaluation.suite import HEADLINE_NAMES, benchmark_datasets, evaluate_model
 from ..models.registry import get_model
@@ -82,6 +83,7 @@ def dry_run(cfg: RCCConfig) -> dict[str, Any]:
     """
     seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
     wrapper = get_model(cfg.model.name, cfg.model.type, cfg.model.dtype, seed=cfg.experiment.seed)
+    check_paired(wrapper, cfg.calibration.source, cfg.calibration.allow_unpaired)  # what the run would refuse
     section, plan = cfg.compression.model_copy(deep=True), None
     if section.cascade.target_rate is not None:
         fit, _, _ = compress_data(wrapper, cfg, None, evaluate=False)
@@ -211,6 +213,7 @@ def _run_compress(
             "quality_ci": {"dense": dense_ci, "compressed": comp_ci},
             "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
             "plan": plan,
+            "towers": tower_record(wrapper.model, pipe.dense_model, holdout),
             "execution_kernels": kernels,
             "stored_bytes_measured": measured_storage(out_dir),
             "stored_bytes_reported": manifest["stored_bytes"],
@@ -259,6 +262,15 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             fd = ed["per_batch_size"][bs]["flops"]["dense_flops"]
             fs = ec["per_batch_size"][bs]["flops"]["sparsity_aware_flops"]
             rows.append((f"GFLOPs bs={bs} (sparsity-aware)", f"{fd / 1e9:.4f}", f"{fs / 1e9:.4f}", f"{fs / fd:.3f}"))
+    for tower, t in (results.get("towers") or {}).items():
+        if not t.get("compressed_layers"):
+            continue
+        d, c = t["dense_bytes"], t["stored_bytes"]
+        rows.append((f"stored MB, {tower} tower ({t['compressed_layers']} layers compressed)", f"{d / 1e6:.3f}",
+                     f"{c / 1e6:.3f}", f"{c / d:.3f}" if d else "-"))
+        if "agreement_alone" in t:
+            rows.append((f"output agreement, only the {tower} tower compressed", "1.0000",
+                         f"{t['agreement_alone']:.4f}", f"{t['agreement_alone']:.3f}"))
     kernels = results.get("execution_kernels")
     if kernels:
         rows.append(("inference kernels (compressed layers)", "dense", ", ".join(f"{k} {v}" for k, v in

@@ -75,7 +75,7 @@ from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
 from ..utils.runs import RunRecord
 from ..utils.seeding import seed_everything
-from .reference_llava import LlavaBatches, build_llava
+from .reference_llava import LlavaBatches, build_llava, freeze_tower, image_features, llava_loss
 
 log = get_logger("reference")
 
@@ -430,8 +430,10 @@ class ReferenceObjective(nn.Module):
 
     def forward(self, model: nn.Module, batch: dict[str, Any], index: int | None = None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.kind in ("blip", "llava"):
+        if self.kind == "blip":
             return model(**batch).loss, {}
+        if self.kind == "llava":
+            return llava_loss(model, batch), {}
         texts, negs = batch["texts"], batch["negatives"]
         img = F.normalize(model.visual_projection(model.vision_model(pixel_values=batch["pixel_values"]).pooler_output),
                           dim=-1)
@@ -476,7 +478,9 @@ def train_model(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = Fals
     tok = build_world_tokenizer(recipe.kind, max_length=128 if recipe.kind == "llava" else 40)
     if recipe.kind == "llava":
         wrapper = build_llava(recipe, tok, IMAGE_SIZE)
-        batches: Sequence[dict[str, Any]] = LlavaBatches(recipe, data, wrapper)
+        freeze_tower(wrapper)
+        log.info("vision tower features of %d training images", len(data.pixels))
+        batches: Sequence[dict[str, Any]] = LlavaBatches(recipe, data, wrapper, image_features(wrapper, data.pixels))
     else:
         wrapper = (build_clip if recipe.kind == "clip" else build_blip)(recipe, tok)
         batches = _Batches(recipe, data, tok)
