@@ -369,10 +369,16 @@ def serve(
     batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", help="Wait budget for a batch to fill.")] = 5.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Request timeout in seconds.")] = 30.0,
     threads: Annotated[int | None, typer.Option("--threads", help="torch intra-op threads.")] = None,
+    key_out: Annotated[Path | None, typer.Option("--key-out", help="Write the generated API key to FILE (mode 0600) instead of showing it on the terminal.")] = None,  # noqa: E501
+    allow_download: Annotated[bool, typer.Option("--allow-download", help="Let a source that is not bundled or local be fetched from the Hugging Face hub.")] = False,  # noqa: E501
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
-    """Serve models over HTTP: embeddings, similarity, zero-shot (CLIP), captions and VQA (BLIP)."""
+    """Serve models over HTTP: embeddings, similarity, zero-shot (CLIP), captions and VQA (BLIP).
+
+    Without --keys a key is generated: shown once on the terminal, or written to --key-out FILE;
+    with standard output redirected (a log) --key-out or --keys is required.
+    """
     from .serving.inputs import ServeLimits
     from .serving.server import run_server
     from .utils.crypto import load_key
@@ -384,7 +390,8 @@ def serve(
 
         torch.set_num_threads(threads)
     run_server(list(sources), host, port, str(keys) if keys else None, no_auth, load_key(key_file),
-               ServeLimits(request_timeout_s=timeout), max_batch, batch_wait_ms, echo=lambda s: typer.echo(s))
+               ServeLimits(request_timeout_s=timeout), max_batch, batch_wait_ms, echo=lambda s: typer.echo(s),
+               key_out=str(key_out) if key_out else None, allow_download=allow_download)
 
 
 @app.command("export")
