@@ -300,6 +300,90 @@ class Guard:
 
 
 # ------------------------------------------------------------------------------ the app
+class _Runtime:
+    """What the endpoints share: the models, limits, batchers, the pixel budget and the decoding threads."""
+
+    def __init__(self, models: list[ServedModel], limits: ServeLimits, batchers: dict[str, DynamicBatcher]) -> None:
+        self.models, self.limits, self.batchers = models, limits, batchers
+        self.by_name = {m.name: m for m in models}
+        self.budget = PixelBudget(limits.max_key_pixels)
+        # image decoding runs on two threads of its own: a burst of large images cannot take every core
+        self.decoder = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rcc-decode")
+
+    def resolve(self, request: Request, name: str | None, task: str) -> ServedModel:
+        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
+        if name is None:
+            offering = [m for m in self.models if task in m.tasks and record.allows(m.name)]
+            if not offering:
+                raise ApiError(400, "unsupported_task", f"no served model this key may use offers {task}")
+            return offering[0]
+        if not record.allows(name):  # before the lookup: a key learns nothing about models it may not use
+            raise ApiError(403, "forbidden", f"this API key may not use model {name[:100]!r}")
+        served = self.by_name.get(name)
+        if served is None:
+            allowed = [n for n in self.by_name if record.allows(n)]
+            raise ApiError(404, "unknown_model", f"no served model {name[:100]!r}; served: {allowed}")
+        if task not in served.tasks:
+            raise ApiError(400, "unsupported_task", f"model {name!r} ({served.kind}) does not offer {task}; "
+                                                     f"it offers {list(served.tasks)}")
+        return served
+
+    async def run(self, request: Request, served: ServedModel, key: tuple, items: list[Any]) -> list[Any]:
+        deadline = request.scope.get(_SCOPE_T0, time.monotonic()) + self.limits.request_timeout_s
+        left = deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(self.batchers[served.name].submit(key, items, deadline), max(left, 0.001))
+        except asyncio.TimeoutError:
+            raise ApiError(504, "timeout", f"no answer within request_timeout_s={self.limits.request_timeout_s}"
+                           ) from None
+        except WouldTimeOut as exc:
+            raise ApiError(503, "would_time_out", f"not started: {exc} (request_timeout_s="
+                                                  f"{self.limits.request_timeout_s}); send fewer items") from None
+        except QueueFull as exc:
+            raise ApiError(503, "overloaded", str(exc), {"Retry-After": "1"}) from None
+        except ItemFailed as exc:  # the batch's other requests were answered
+            raise ApiError(422, "unprocessable_input", f"the model failed on this request's input ({exc})") from None
+        except ValueError as exc:  # the model refused the parameters (same for the whole batch: same key)
+            raise ApiError(422, "invalid_request", str(exc).splitlines()[0][:300]) from None
+
+    @contextlib.asynccontextmanager
+    async def images(self, request: Request, data: list[str]) -> AsyncIterator[list[Any]]:
+        """The request's images decoded, their pixels counted against its key until the request is answered."""
+        check_batch(len(data), self.limits, "images")
+        loop = asyncio.get_running_loop()
+        raws, infos = await loop.run_in_executor(self.decoder, probe_images, data, self.limits)
+        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
+        with self.budget.hold(record.id, sum(i.pixels for i in infos)):
+            yield await loop.run_in_executor(
+                self.decoder, lambda: [decode_image(r, self.limits, i) for i, r in enumerate(raws)])
+
+    def texts(self, data: list[str], what: str) -> list[str]:
+        check_batch(len(data), self.limits, what)
+        check_texts(data, self.limits, what)
+        return data
+
+    def generation(self, max_length: int, num_beams: int) -> None:
+        if max_length > self.limits.max_caption_tokens:
+            raise over("max_caption_tokens", max_length, self.limits.max_caption_tokens, "max_length", status=422)
+        if num_beams > self.limits.max_beams:
+            raise over("max_beams", num_beams, self.limits.max_beams, "num_beams", status=422)
+
+    @staticmethod
+    def rows(vectors: list[np.ndarray]) -> list[list[float]]:
+        return [v.astype(float).tolist() for v in vectors]
+
+    async def embed_pair(self, request: Request, served: ServedModel, imgs: list[str], txts: list[str]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        async with self.images(request, imgs) as pics:
+            img, txt = await asyncio.gather(self.run(request, served, ("embed_image",), pics),
+                                            self.run(request, served, ("embed_text",), txts))
+        return np.stack(img), np.stack(txt)
+
+    @staticmethod
+    def logit_scale(served: ServedModel) -> float:
+        return float(served.wrapper.logit_scale.detach())
+
+
 def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLimits | None = None,
                max_batch: int = 16, batch_wait_ms: float = 5.0, max_queue: int = 256) -> FastAPI:
     """The FastAPI app serving ``models``. ``keys=None`` turns authentication off (``--no-auth``)."""
@@ -310,7 +394,6 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
         raise ValueError(f"served model names must differ: {names}")
     limits = limits or ServeLimits()
     metrics = Metrics()
-    by_name = {m.name: m for m in models}
 
     def observer(name: str) -> Callable[[Any, int], None]:
         return lambda key, n: metrics.batch.labels(name, key[0]).observe(n)
@@ -319,9 +402,7 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
                                        max_queue=max_queue, name=m.name, on_batch=observer(m.name))
                 for m in models}
     state = {"ready": False}
-    budget = PixelBudget(limits.max_key_pixels)
-    # image decoding runs on two threads of its own: a burst of large images cannot take every core
-    decoder = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rcc-decode")
+    rt = _Runtime(models, limits, batchers)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -334,120 +415,59 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
             state["ready"] = False
             for b in batchers.values():
                 await b.close()
-            decoder.shutdown(wait=False, cancel_futures=True)
+            rt.decoder.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="rcc-compression model server", lifespan=lifespan, default_response_class=SafeJSONResponse,
                   description="Embeddings, similarity and zero-shot (CLIP); captions and answers (BLIP).")
-    app.state.metrics, app.state.limits, app.state.models = metrics, limits, by_name
+    app.state.metrics, app.state.limits, app.state.models = metrics, limits, rt.by_name
 
     _install_error_handlers(app, metrics)
+    _install_routes(app, rt, metrics, state)
+    app.add_middleware(Guard, keys=keys, limits=limits, metrics=metrics)
+    return app
 
-    def resolve(request: Request, name: str | None, task: str) -> ServedModel:
-        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
-        if name is None:
-            offering = [m for m in models if task in m.tasks and record.allows(m.name)]
-            if not offering:
-                raise ApiError(400, "unsupported_task", f"no served model this key may use offers {task}")
-            return offering[0]
-        if not record.allows(name):  # before the lookup: a key learns nothing about models it may not use
-            raise ApiError(403, "forbidden", f"this API key may not use model {name[:100]!r}")
-        served = by_name.get(name)
-        if served is None:
-            allowed = [n for n in by_name if record.allows(n)]
-            raise ApiError(404, "unknown_model", f"no served model {name[:100]!r}; served: {allowed}")
-        if task not in served.tasks:
-            raise ApiError(400, "unsupported_task", f"model {name!r} ({served.kind}) does not offer {task}; "
-                                                     f"it offers {list(served.tasks)}")
-        return served
 
-    async def run(request: Request, served: ServedModel, key: tuple, items: list[Any]) -> list[Any]:
-        deadline = request.scope.get(_SCOPE_T0, time.monotonic()) + limits.request_timeout_s
-        left = deadline - time.monotonic()
-        try:
-            return await asyncio.wait_for(batchers[served.name].submit(key, items, deadline), max(left, 0.001))
-        except asyncio.TimeoutError:
-            raise ApiError(504, "timeout", f"no answer within request_timeout_s={limits.request_timeout_s}") from None
-        except WouldTimeOut as exc:
-            raise ApiError(503, "would_time_out", f"not started: {exc} (request_timeout_s="
-                                                  f"{limits.request_timeout_s}); send fewer items") from None
-        except QueueFull as exc:
-            raise ApiError(503, "overloaded", str(exc), {"Retry-After": "1"}) from None
-        except ItemFailed as exc:  # the batch's other requests were answered
-            raise ApiError(422, "unprocessable_input", f"the model failed on this request's input ({exc})") from None
-        except ValueError as exc:  # the model refused the parameters (same for the whole batch: same key)
-            raise ApiError(422, "invalid_request", str(exc).splitlines()[0][:300]) from None
-
-    @contextlib.asynccontextmanager
-    async def images(request: Request, data: list[str]) -> AsyncIterator[list[Any]]:
-        """The request's images decoded, their pixels counted against its key until the request is answered."""
-        check_batch(len(data), limits, "images")
-        loop = asyncio.get_running_loop()
-        raws, infos = await loop.run_in_executor(decoder, probe_images, data, limits)
-        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
-        with budget.hold(record.id, sum(i.pixels for i in infos)):
-            yield await loop.run_in_executor(decoder, lambda: [decode_image(r, limits, i) for i, r in enumerate(raws)])
-
-    def texts(data: list[str], what: str) -> list[str]:
-        check_batch(len(data), limits, what)
-        check_texts(data, limits, what)
-        return data
-
-    def generation(max_length: int, num_beams: int) -> None:
-        if max_length > limits.max_caption_tokens:
-            raise over("max_caption_tokens", max_length, limits.max_caption_tokens, "max_length", status=422)
-        if num_beams > limits.max_beams:
-            raise over("max_beams", num_beams, limits.max_beams, "num_beams", status=422)
-
-    def rows(vectors: list[np.ndarray]) -> list[list[float]]:
-        return [v.astype(float).tolist() for v in vectors]
-
-    async def embed_pair(request: Request, served: ServedModel, imgs: list[str], txts: list[str]
-                         ) -> tuple[np.ndarray, np.ndarray]:
-        async with images(request, imgs) as pics:
-            img, txt = await asyncio.gather(run(request, served, ("embed_image",), pics),
-                                            run(request, served, ("embed_text",), txts))
-        return np.stack(img), np.stack(txt)
-
-    def logit_scale(served: ServedModel) -> float:
-        return float(served.wrapper.logit_scale.detach())
+def _install_routes(app: FastAPI, rt: _Runtime, metrics: Metrics, state: dict[str, bool]) -> None:
+    """The endpoints of :func:`create_app`."""
+    names = [m.name for m in rt.models]
 
     @app.post("/v1/embed/image")
     async def embed_image(body: ImagesRequest, request: Request) -> dict[str, Any]:
         """L2-normalised image embeddings (CLIP)."""
-        served = resolve(request, body.model, "embed_image")
-        async with images(request, body.images) as pics:
-            vecs = await run(request, served, ("embed_image",), pics)
-        return {"model": served.name, "embeddings": rows(vecs)}
+        served = rt.resolve(request, body.model, "embed_image")
+        async with rt.images(request, body.images) as pics:
+            vecs = await rt.run(request, served, ("embed_image",), pics)
+        return {"model": served.name, "embeddings": rt.rows(vecs)}
 
     @app.post("/v1/embed/text")
     async def embed_text(body: TextsRequest, request: Request) -> dict[str, Any]:
         """L2-normalised text embeddings (CLIP)."""
-        served = resolve(request, body.model, "embed_text")
-        vecs = await run(request, served, ("embed_text",), texts(body.texts, "texts"))
-        return {"model": served.name, "embeddings": rows(vecs)}
+        served = rt.resolve(request, body.model, "embed_text")
+        vecs = await rt.run(request, served, ("embed_text",), rt.texts(body.texts, "texts"))
+        return {"model": served.name, "embeddings": rt.rows(vecs)}
 
     @app.post("/v1/similarity")
     async def similarity(body: SimilarityRequest, request: Request) -> dict[str, Any]:
         """Cosine similarity and logit-scaled scores, images x texts (CLIP)."""
-        served = resolve(request, body.model, "embed_image")
-        img, txt = await embed_pair(request, served, body.images, texts(body.texts, "texts"))
+        served = rt.resolve(request, body.model, "embed_image")
+        img, txt = await rt.embed_pair(request, served, body.images, rt.texts(body.texts, "texts"))
         cos = img @ txt.T
         return {"model": served.name, "cosine": cos.astype(float).tolist(),
-                "logits_per_image": (logit_scale(served) * cos).astype(float).tolist()}
+                "logits_per_image": (rt.logit_scale(served) * cos).astype(float).tolist()}
 
     @app.post("/v1/zero-shot")
     async def zero_shot(body: ZeroShotRequest, request: Request) -> dict[str, Any]:
         """Class probabilities of each image over ``labels`` (prompt-ensembled over ``templates``)."""
-        served = resolve(request, body.model, "embed_image")
+        served = rt.resolve(request, body.model, "embed_image")
         templates = list(body.templates or DEFAULT_TEMPLATES)
-        texts(templates, "templates")
-        labels = texts(body.labels, "labels")
-        check_batch(len(body.images), limits, "images")
-        prompts = expand_templates(templates, labels, limits)  # checked, then built: no str.format
-        img, txt = await embed_pair(request, served, body.images, prompts)
+        rt.texts(templates, "templates")
+        labels = rt.texts(body.labels, "labels")
+        check_batch(len(body.images), rt.limits, "images")
+        prompts = expand_templates(templates, labels, rt.limits)  # checked, then built: no str.format
+        img, txt = await rt.embed_pair(request, served, body.images, prompts)
         cls = txt.reshape(len(labels), len(templates), -1).mean(axis=1)
         cls /= np.linalg.norm(cls, axis=-1, keepdims=True)
-        logits = logit_scale(served) * (img @ cls.T)
+        logits = rt.logit_scale(served) * (img @ cls.T)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         return {"model": served.name, "labels": labels, "probs": probs.astype(float).tolist(),
@@ -456,26 +476,26 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
     @app.post("/v1/caption")
     async def caption(body: CaptionRequest, request: Request) -> dict[str, Any]:
         """Captions (BLIP; greedy with num_beams=1, beam search otherwise)."""
-        served = resolve(request, body.model, "caption")
-        generation(body.max_length, body.num_beams)
+        served = rt.resolve(request, body.model, "caption")
+        rt.generation(body.max_length, body.num_beams)
         if body.prompt is not None:
-            texts([body.prompt], "prompt")
-        async with images(request, body.images) as pics:
-            out = await run(request, served, ("caption", body.max_length, body.num_beams, body.prompt or ""), pics)
+            rt.texts([body.prompt], "prompt")
+        async with rt.images(request, body.images) as pics:
+            out = await rt.run(request, served, ("caption", body.max_length, body.num_beams, body.prompt or ""), pics)
         return {"model": served.name, "captions": out}
 
     @app.post("/v1/vqa")
     async def vqa(body: VQARequest, request: Request) -> dict[str, Any]:
         """Answers to questions about images (BLIP VQA)."""
-        served = resolve(request, body.model, "vqa")
-        generation(body.max_length, body.num_beams)
-        questions = texts(body.questions, "questions")
+        served = rt.resolve(request, body.model, "vqa")
+        rt.generation(body.max_length, body.num_beams)
+        questions = rt.texts(body.questions, "questions")
         if len(questions) not in (1, len(body.images)):
             raise LimitError(422, "invalid_request", f"give one question per image ({len(body.images)}) or one "
                                                      f"for all, not {len(questions)}")
-        async with images(request, body.images) as pics:
+        async with rt.images(request, body.images) as pics:
             qs = questions * len(pics) if len(questions) == 1 else questions
-            out = await run(request, served, ("vqa", body.max_length, body.num_beams),
+            out = await rt.run(request, served, ("vqa", body.max_length, body.num_beams),
                             list(zip(pics, qs, strict=True)))
         return {"model": served.name, "answers": out}
 
@@ -483,7 +503,7 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
     async def list_models(request: Request) -> dict[str, Any]:
         """The served models this key may use."""
         record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
-        return {"models": [m.describe() for m in models if record.allows(m.name)]}
+        return {"models": [m.describe() for m in rt.models if record.allows(m.name)]}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -493,7 +513,7 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
     @app.get("/readyz")
     async def readyz(request: Request) -> Response:
         """Readiness: models loaded and every batcher running; with a valid key, the models it may use."""
-        ok = state["ready"] and all(b.running for b in batchers.values())
+        ok = state["ready"] and all(b.running for b in rt.batchers.values())
         body: dict[str, Any] = {"ready": ok}
         record: KeyRecord | None = request.scope.get(_SCOPE_KEY)
         if record is not None:
@@ -507,9 +527,6 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
         data, ctype = metrics.render()
         record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
         return Response(scoped_metrics(data.decode(), record), media_type=ctype)
-
-    app.add_middleware(Guard, keys=keys, limits=limits, metrics=metrics)
-    return app
 
 
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
