@@ -29,7 +29,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -57,6 +56,7 @@ from ..data.world import (
     caption_from_objects,
     classification_scenes,
     generate_world,
+    generation_progress,
     load_world_info,
     render_scene,
 )
@@ -73,7 +73,7 @@ from ..training.settings import TrainingSection
 from ..training.trainer import CompressionTrainer
 from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
-from ..utils.runs import RunRecord
+from ..utils.runs import RunRecord, process_tempdir
 from ..utils.seeding import seed_everything
 from .reference_llava import LlavaBatches, build_llava, freeze_tower, image_features, llava_loss
 
@@ -509,7 +509,8 @@ def train_model(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = Fals
 def measure_figures(wrapper: Any, kind: str, spec: Any, bootstrap_samples: int = 1000) -> dict[str, Any]:
     """Evaluate on a test split generated afresh from ``spec`` (a ``WorldSpec``); keys read ``world:PART``."""
     benches = {"clip": ["zero_shot", "retrieval"], "blip": ["captioning"], "llava": ["captioning", "vqa"]}[kind]
-    with tempfile.TemporaryDirectory(prefix="rcc-world-test-") as tmp:
+    with process_tempdir("rcc-world-test-") as tmp_path:
+        tmp = str(tmp_path)
         spec.splits = ("test",)
         spec.parts = {"clip": ("captions", "classification"), "blip": ("captions",),
                       "llava": ("captions", "vqa")}[kind]
@@ -616,11 +617,13 @@ def train_reference(
     torch.set_num_threads(recipe.threads or _free_cores())
     seed_everything(recipe.seed)
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="rcc-world-") as tmp:
+    # named by pid: a run killed outright (no clean-up) has its folder removed by the next one
+    with process_tempdir("rcc-world-") as tmp:
         generated = world_dir is None
         if world_dir is None:
             world_dir = Path(tmp) / "world"
-            generate_world(world_dir, WorldSpec(seed=seed, splits=("train",), parts=("captions",)))
+            with generation_progress(f"the world's train split (seed {seed})", bar=progress) as report:
+                generate_world(world_dir, WorldSpec(seed=seed, splits=("train",), parts=("captions",)), progress=report)
         info = load_world_info(world_dir)
         where = f"generated in a temporary directory (seed {seed}, train split)" if generated else str(world_dir)
         with RunRecord(out / "training_run", {"recipe": asdict(recipe), "world": where}, recipe.seed) as run:
