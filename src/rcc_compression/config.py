@@ -262,6 +262,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "training.monitor": (_J + "train",),
     "training.val_benchmarks": (_J + "train",),
     "training.val_max_items": (_J + "data",),
+    "training.privacy": (_T + "trainer", _T + "recovery", _J + "train"),
     "evaluation.benchmarks": (_J + "compress", "rcc_compression.cli"),
     "evaluation.datasets": (_J + "common",),
     "evaluation.metrics": (_J + "compress", "rcc_compression.cli"),

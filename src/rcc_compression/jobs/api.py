@@ -37,9 +37,11 @@ def distiller(training: TrainingSection | None = None, callbacks: Sequence[Callb
     """The engine's distiller: :func:`~rcc_compression.training.recovery.finetune_on_batches` with ``training``.
 
     ``None`` trains as the default ``training`` section does, with a constant learning rate;
-    ``callbacks`` join every trainer (e.g. one that sends each step to the run's tracker).
+    ``callbacks`` join every trainer (e.g. one that sends each step to the run's tracker). With
+    ``training.privacy`` every distillation of the pipeline draws on one privacy budget (one ledger).
     """
-    return functools.partial(finetune_on_batches, config=training, callbacks=tuple(callbacks))
+    ledger: list | None = [] if training is not None and training.privacy is not None else None
+    return functools.partial(finetune_on_batches, config=training, callbacks=tuple(callbacks), ledger=ledger)
 
 
 class CompressionPipeline(CascadePipeline):
