@@ -201,6 +201,11 @@ def train(
     for key in ("val_loss", "val_agreement"):
         if key in results["before"]:
             typer.echo(f"{key}: {results['before'][key]:.5f} -> {results['after'][key]:.5f}")
+    private = results.get("privacy")
+    if private:
+        typer.echo(f"privacy: epsilon {private['epsilon_spent']:.3f} of {private['epsilon_budget']:g} spent "
+                   f"(delta {private['delta']:g}), {private['steps']} steps at noise multiplier "
+                   f"{private['noise_multiplier']:.3f}" + (f"; {private['stopped']}" if private["stopped"] else ""))
     typer.echo(f"run directory: {run_dir}")
 
 
