@@ -158,3 +158,23 @@ def test_a_run_that_would_exceed_its_budget_is_refused_or_stopped(prune, make_ba
     assert state.step == fit and private.stopped and "privacy budget" in private.stopped
     assert private.epsilon() <= 2 < private.epsilon(1)
     assert not any(hasattr(p, "grad_sample") for p in student.parameters())  # hooks gone with the trainer
+
+
+def test_rcc_compress_distils_privately_under_one_budget(tmp_path) -> None:
+    """The cascade's distillation (dare's fine-tuning here) through ``rcc compress`` runs DP-SGD and records it."""
+    import json
+
+    from rcc_compression.cli import main
+
+    out = tmp_path / "run"
+    assert main(["compress", "--model", "rcc-clip-world", "--set", "calibration.source=world", "--set",
+                 "calibration.num_batches=3", "--set", "calibration.batch_size=8", "--set",
+                 "calibration.holdout_batches=1", "--set", "compression.cascade.stages=[dare]", "--set",
+                 "compression.dare.iterations=1", "--set", "compression.dare.fine_tune_epochs=2", "--set",
+                 "compression.dare.pruning_rate=0.5", "--set", "compression.cascade.validation_threshold=0",
+                 "--set", "training.kd_weight=0", "--set", "training.privacy.epsilon=8", "--set",
+                 "training.privacy.delta=0.001", "--no-eval", "--output", str(out), "-q"]) == 0
+    text = json.dumps(json.loads((out / "results.json").read_text()))
+    i = text.index('"privacy"')
+    record = json.loads(text[text.index("{", i):text.index("}", i) + 1])
+    assert record["steps"] == 6 and 0 < record["epsilon_spent"] <= 8 and record["items"] == 24

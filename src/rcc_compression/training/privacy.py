@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -260,6 +261,10 @@ class PrivateTraining:
                ) -> torch.optim.Optimizer:
         """Per-sample gradient hooks on ``model``; returns ``optimizer`` wrapped to clip and noise them."""
         _check_model(model, params)
+        # the first hooked layer's input needs no gradient: PyTorch warns that its hook sees output gradients only,
+        # which is all a per-sample gradient needs
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                "respect to module outputs", category=UserWarning)
         self._hooks = self.op["GradSampleHooks"](model, batch_first=True, loss_reduction="mean", strict=False)
         dp = self.op["DPOptimizer"](optimizer, noise_multiplier=self.noise_multiplier,
                                     max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=self.batch_size,
