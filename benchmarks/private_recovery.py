@@ -52,7 +52,8 @@ def main() -> None:
     if private:
         print(f"privacy: epsilon {private['epsilon_spent']:.3f} of {private['epsilon_budget']:g} (delta "
               f"{private['delta']:g}); {private['steps']} steps, noise multiplier {private['noise_multiplier']:.4f}, "
-              f"sample rate {private['sample_rate']:.4g} of {private['items']} items, clip {private['max_grad_norm']:g}")
+              f"sample rate {private['sample_rate']:.4g} of {private['items']} items, "
+              f"clip {private['max_grad_norm']:g}")
     else:
         print("privacy: none (ordinary training)")
     print(f"val_loss {results['before'].get('val_loss', float('nan')):.4g} -> {results['after'].get('val_loss'):.4g}")

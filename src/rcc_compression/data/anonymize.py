@@ -44,6 +44,7 @@ from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
 from .images import open_image
 from .secure import DATASET_FORMATS, DATASET_MAX_PIXELS, DatasetGuard, iter_files
+from .world import ensure_world
 
 log = get_logger("data")
 
@@ -378,8 +379,6 @@ def _source_root(spec: str) -> tuple[Path | None, str | None]:
     if spec.startswith("hf:"):
         return None, spec[3:]
     if spec == "world" or spec.startswith("world:"):
-        from .world import ensure_world
-
         return Path(ensure_world()), None
     p = Path(os.path.expanduser(spec))
     if p.is_file():
