@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..compression.offload import materialize
-from ..compression.rate import apply_rate
+from ..compression.rate import alternative_sections, apply_rate
 from ..compression.storage import save_compressed
 from ..config import RCCConfig, dump_config
 from ..data.calibration import build_calibration_batches, calibration_items
@@ -145,11 +145,12 @@ def _run_compress(
     fit, holdout, _ = compress_data(wrapper, cfg, run_dir, evaluate)
     preserve = calibration_batches(wrapper, cfg, cfg.calibration.preserve_source) if (
         cfg.calibration.preserve_source) else None
-    section, plan = cfg.compression, None
+    section, plan, alternatives = cfg.compression, None, {}
     if section.cascade.target_rate is not None:
         section = section.model_copy(deep=True)
         plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope,
                           section.cascade.lowrank_share, calibration_data=fit)
+        alternatives = alternative_sections(cfg.compression, plan, calibrated=bool(fit))
         log.info("planned for rate %.4f: %s", section.cascade.target_rate,
                  {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share", "stages",
                                                          "predicted_rate", "predicted_error")})
@@ -167,7 +168,7 @@ def _run_compress(
             section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
             reference_model=reference, seed=cfg.experiment.seed, device=device, progress_callback=progress,
             step_callback=chain(step_callback, cascade_logger(tracker)), run_config=resolved,
-            encrypt_key=encrypt_key, training=cfg.training,
+            encrypt_key=encrypt_key, training=cfg.training, plan=plan, alternatives=alternatives,
             distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
         )
         pipe.run(wrapper, resume=resume)
@@ -192,6 +193,7 @@ def _run_compress(
             "quality_ci": {"dense": dense_ci, "compressed": comp_ci},
             "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
             "plan": plan,
+            "plan_choice": pipe.plan_choice,
             "execution_kernels": kernels,
             "stored_bytes_measured": measured_storage(out_dir),
             "stored_bytes_reported": manifest["stored_bytes"],
