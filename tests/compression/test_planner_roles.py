@@ -194,3 +194,76 @@ def test_a_recovery_step_is_judged_by_the_continuous_metric():
     same_cosine = {"output_error": 1.0e-5, "retention": 1.0, "passed": True}
     assert CascadePipeline._lowered(same_cosine, 1.0, last) == ""  # an error that fell: kept, at equal cosine
     assert "raised" in CascadePipeline._lowered({**same_cosine, "output_error": 3e-5}, 1.0, last)
+
+
+# ------------------------------------------------------------------------------ errors that travel
+class _TwoHeads(nn.Module):
+    """``y = 10 fc1(x) + fc2(x)``: an error in fc1's output moves y ten times as much (energy: 100x)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return 10 * self.fc1(x) + self.fc2(x)
+
+
+def test_output_sensitivity_weighs_a_layer_by_its_effect_on_the_output():
+    from rcc_compression.compression.calibration import output_sensitivity, run_outputs
+
+    torch.manual_seed(0)
+    model, batches = _TwoHeads(), batches_for(16, 4, rows=256)
+    sens = output_sensitivity(model, ["fc1", "fc2"], batches, probes=16)
+    ratio = float(sens["fc1"].mean() / sens["fc2"].mean())
+    assert 80 < ratio < 125, ratio
+    # predicted share of output energy moved = the measured one, for an error in fc2
+    d = torch.randn(8, 16) * 0.01
+    x = torch.cat([b["x"] for b in batches])
+    gram = x.t() @ x
+    predicted = float((sens["fc2"][:, None].double() * ((d @ gram) * d).double()).sum())
+    y = torch.cat([o["output"] for o in run_outputs(model, batches)])
+    measured = float((x @ d.t()).pow(2).sum() / y.pow(2).sum())
+    assert abs(predicted - measured) < 0.15 * measured, (predicted, measured)
+
+
+def test_sequential_planning_measures_inputs_of_the_planned_prefix():
+    from rcc_compression.compression.calibration import collect_layer_stats
+    from rcc_compression.compression.planner import LayerShape, allocate, choice_weight, layer_choices
+    from rcc_compression.compression.rate import SequentialInputs
+
+    model, batches = _mlp()
+    names = ["fc1", "fc2"]
+    weights = [model.fc1.weight.detach(), model.fc2.weight.detach()]
+    original = model.fc1.weight
+    dense_gram = collect_layer_stats(model, ["fc2"], batches, gram=True)["fc2"].gram
+    build = {"scorer": "magnitude", "prune_scope": "layer", "damping": 0.01, "rounding": "gptq"}
+    seq = SequentialInputs(model, names, weights, batches, build, group=1)
+    grams = seq.grams()
+    g1 = next(grams)
+    opts = [layer_choices(weights[0], g1, LayerShape(128, 64, 4, True), sparse=False, lowrank=False)]
+    budget = opts[0][0].nbytes * 0.2  # about int4 for fc1
+    seq.planned(0, opts, budget / (weights[0].numel() / sum(w.numel() for w in weights)))
+    g2 = next(grams)
+    chosen = opts[0][allocate(opts, budget)[0]]
+    assert chosen.bits is not None
+    import copy
+
+    probe = copy.deepcopy(model)
+    probe.fc1.weight = nn.Parameter(choice_weight(weights[0], g1, chosen, **build), requires_grad=False)
+    expected = collect_layer_stats(probe, ["fc2"], batches, gram=True)["fc2"].gram
+    torch.testing.assert_close(g2, expected)
+    assert not torch.allclose(g2, dense_gram, rtol=1e-3)  # the prefix's rounding is in what fc2 is scored on
+    seq.restore()
+    assert model.fc1.weight is original
+
+
+def test_a_planned_run_leaves_the_given_weights_alone_until_the_stages_run():
+    from rcc_compression.compression.rate import apply_layer_plan
+
+    model, batches = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    section = CompressionSection.model_validate({"cascade": {"stages": ["dare", "nullu"]}})
+    plan = apply_layer_plan(model, section, 0.9, calibration_data=batches)
+    assert plan["inputs"] == "sequential" and plan["error_model"] == "output-weighted"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -353,21 +353,25 @@ def layer_choices(
         e = err if err is not None else (0.0 if approx is None else error(approx))
         out.append(Choice(**{**c.__dict__, "nbytes": choice_bytes(shape, c, prune_scope), "error": e}))
 
-    root = None
+    root = root32 = None
     if lowrank:
         root = whitening(H.double(), damping)
+        root32 = (root[0].float(), root[1].float())
     full = min(m, n)
     ranks = sorted({max(1, round(full * s)) for s in RANK_SHARES})
 
     def with_factors(base: Choice, s_hat: torch.Tensor | None, rank_list: list[int],
-                     factor_bits: Sequence[int] = FACTOR_BITS) -> None:
-        """Factors of each rank fitted to what ``s_hat`` leaves; errors from r x r and m x r products only."""
+                     factor_bits: Sequence[int] = FACTOR_BITS, e0: float | None = None) -> None:
+        """Factors of each rank fitted to what ``s_hat`` leaves; errors from r x r and m x r products only.
+
+        ``e0``: the (unnormalised) error ``s_hat`` leaves, when known; ``R H`` is never formed (``R (H A^T)``).
+        """
         if not rank_list:
             return
         R = W - s_hat if s_hat is not None else W
-        RH = R @ H
-        e0 = wsum(RH * R)
-        M = R.double() @ root[0]
+        if e0 is None:
+            e0 = wsum((R @ H) * R)
+        M = R @ root32[0]  # float32: the decomposition only ranks directions; errors are float64 sums
         q = max(rank_list)
         if q + 8 < min(m, n) // 2:  # a few directions of a large matrix: randomized SVD is plenty
             U, sv, V = torch.svd_lowrank(M, q=q + 8, niter=2)
@@ -376,12 +380,12 @@ def layer_choices(
             U, sv, Vh = torch.linalg.svd(M, full_matrices=False)
         for r in rank_list:
             B = (U[:, :r] * sv[:r]).float()
-            A = (Vh[:r] @ root[1]).float()
+            A = (Vh[:r] @ root32[1]).float()
             for fb in factor_bits:
                 A_q = quantize_nearest(A, fb, base.group_size, base.symmetric).dequantize(torch.float32)
-                AH = A_q @ H
-                HB = (AH @ A_q.t()).double()
-                rhs = (RH @ A_q.t()).double()  # R H A^T
+                HA = H @ A_q.t()
+                HB = (A_q @ HA).double()
+                rhs = (R @ HA).double()  # R H A^T
                 if gram is not None:  # B re-solved on the rounded A: least squares with a small ridge
                     lam = damping * float(HB.diagonal().mean().clamp_min(1e-300))
                     B_c = torch.linalg.solve(HB + lam * torch.eye(r, dtype=HB.dtype, device=HB.device),
@@ -396,14 +400,21 @@ def layer_choices(
     if quant:
         fmts = [f for f in QUANT_FORMATS if f[1] is None or f[1] < n]
         cached = dict(zip(fmts, rounded(W, fmts, None), strict=True))
+        plain = {}
         for fmt, s_hat in cached.items():
             add(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat)
+            plain[fmt] = out[-1]
         if lowrank:
-            # a low-rank correction of the rounding error, in steps of doubling rank: small ranks also
-            # let the byte budget be filled closely
+            # a low-rank correction of the rounding error (LQER / L2QER, SVDQuant: factors fitted to the
+            # whitened residual the quantizer leaves), in steps of doubling rank: small ranks also let the
+            # byte budget be filled closely. A format with more bytes and more error than another gets none.
             small = [2**k for k in range(max(1, full // 8).bit_length()) if 2**k <= max(1, full // 8)]
             for fmt, s_hat in cached.items():
-                with_factors(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat, small, (8,))
+                c0 = plain[fmt]
+                if any(o.nbytes <= c0.nbytes and o.error < c0.error for o in plain.values()):
+                    continue
+                with_factors(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat, small, (8,),
+                             e0=c0.error * ref)
     if sparse:
         score = (wanda_scores(W, H.diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and gram is not None)
                  else magnitude_scores(W))

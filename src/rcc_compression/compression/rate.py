@@ -158,6 +158,8 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
              "damping": getattr(bits.config, "damping", 1e-2) if bits else 1e-2,
              "rounding": getattr(bits.config, "rounding", "gptq") if (bits and fit) else "nearest"}
     sens = output_sensitivity(inner, names, fit) if fit else None
+    if progress is not None and fit:
+        progress("sensitivity", 1, 1)
     sequential = SequentialInputs(inner, names, weights, fit, build) if (
         fit and section.cascade.plan_inputs == "sequential") else None
     # second moments streamed in groups of layers: the planner reads each once, in order
