@@ -305,7 +305,8 @@ def choice_bytes(shape: LayerShape, c: Choice, prune_scope: str = "layer") -> in
 def layer_choices(
     weight: torch.Tensor, gram: torch.Tensor | None, shape: LayerShape, *, sparse: bool, lowrank: bool,
     quant: bool = True, scorer: str = "magnitude", prune_scope: str = "layer", damping: float = 1e-2,
-    rounding: str = "gptq", row_weight: torch.Tensor | None = None,
+    rounding: str = "gptq", row_weight: torch.Tensor | None = None, act_order: bool = False,
+    clip_search: bool = False,
 ) -> list[Choice]:
     """Every candidate storage of one layer, each with its bytes and its calibration output error.
 
@@ -342,9 +343,10 @@ def layer_choices(
     def rounded(s: torch.Tensor, fmts: Sequence[tuple[int, int | None, bool]], mask: torch.Tensor | None
                 ) -> list[torch.Tensor]:
         if gptq_on:
-            parts = gptq_formats(s, H, fmts, mask, damping, inverse=inverse)
+            parts = gptq_formats(s, H, fmts, mask, damping, act_order=act_order, clip_search=clip_search,
+                                 inverse=inverse)
         else:
-            parts = [quantize_nearest(s, b, g, sym, mask) for b, g, sym in fmts]
+            parts = [quantize_nearest(s, b, g, sym, mask, clip_search) for b, g, sym in fmts]
         return [q.dequantize(torch.float32, mask).to(W.device) for q in parts]
 
     out: list[Choice] = []
@@ -446,7 +448,8 @@ def layer_choices(
 @torch.no_grad()
 def choice_weight(
     weight: torch.Tensor, gram: torch.Tensor | None, c: Choice, *, scorer: str = "magnitude",
-    prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq",
+    prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq", act_order: bool = False,
+    clip_search: bool = False,
 ) -> torch.Tensor:
     """The weight a layer computes with under choice ``c``, built as :func:`layer_choices` scores it.
 
@@ -468,8 +471,8 @@ def choice_weight(
         S = W * mask if mask is not None else W
         if c.bits is not None:
             fmt = (c.bits, c.group_size, c.symmetric)
-            q = (gptq_formats(S, H, [fmt], mask, damping)[0] if (rounding == "gptq" and gram is not None)
-                 else quantize_nearest(S, *fmt, mask))
+            q = (gptq_formats(S, H, [fmt], mask, damping, act_order=act_order, clip_search=clip_search)[0]
+                 if (rounding == "gptq" and gram is not None) else quantize_nearest(S, *fmt, mask, clip_search))
             S = q.dequantize(torch.float32, mask).to(W.device)
         approx = S
     if c.rank:
@@ -557,8 +560,8 @@ def plan_layers(
     names: Sequence[str], weights: Sequence[torch.Tensor], grams: Iterable[torch.Tensor | None],
     shapes: Sequence[LayerShape], rate: float, *, dims: Sequence[Collection[str]],
     reserved: Sequence[int] | None = None, rest_bytes: int = 0, scope: str = "layers", scorer: str = "magnitude",
-    prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq",
-    progress: Any = None, sensitivity: Sequence[torch.Tensor | None] | None = None,
+    prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq", act_order: bool = False,
+    clip_search: bool = False, progress: Any = None, sensitivity: Sequence[torch.Tensor | None] | None = None,
     on_layer: Callable[[int, list[list[Choice]], float], None] | None = None,
 ) -> dict[str, Any]:
     """One storage choice per layer (bits x rank x sparsity) minimising the summed calibration output
@@ -587,7 +590,8 @@ def plan_layers(
     for i, (w, g, shape, d) in enumerate(zip(weights, grams, shapes, dims, strict=True)):
         options.append(layer_choices(w, g, shape, sparse="sparsity" in d, lowrank="rank" in d, quant="bits" in d,
                                      scorer=scorer, prune_scope=prune_scope, damping=damping, rounding=rounding,
-                                     row_weight=sens[i] if weighted else None))
+                                     row_weight=sens[i] if weighted else None, act_order=act_order,
+                                     clip_search=clip_search))
         release_memory()  # the candidates' temporaries: hand their pages back before the next layer
         if on_layer is not None:
             on_layer(i, options, budget)
@@ -623,7 +627,10 @@ def plan_layers(
            "rounding": rounding, "candidates": sum(len(o) for o in options)}
     # every single-stage plan at the same bytes, from the same candidates: the end-to-end choice measures them
     alternatives: dict[str, Any] = {}
-    for dim in used if len(used) > 1 else ():
+    kinds = [d for d in used if len(used) > 1]
+    if {"bits", "rank", "sparsity"} <= set(used):
+        kinds.append("bits+rank")  # quantization with low-rank corrections of its error (LQER), no pruning
+    for dim in kinds:
         only = [[c for c in opts if SINGLE[dim](c)] for opts in options]
         if any(not o for o in only) or sum(min(c.nbytes for c in o) for o in only) > budget:
             alternatives[dim] = {"error": f"out of reach with {dim} alone"}
@@ -640,4 +647,5 @@ SINGLE: dict[str, Any] = {
     "bits": lambda c: c.keep_s and not c.rank and not c.pruning_rate,
     "rank": lambda c: not c.keep_s or (c.bits is None and not c.rank and not c.pruning_rate),
     "sparsity": lambda c: c.keep_s and c.bits is None and not c.rank,
+    "bits+rank": lambda c: c.keep_s and not c.pruning_rate,
 }

@@ -156,7 +156,10 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     build = {"scorer": getattr(sp.config, "scorer", "magnitude") if sp else "magnitude",
              "prune_scope": sp.config.resolved_scope() if sp and hasattr(sp.config, "resolved_scope") else "layer",
              "damping": getattr(bits.config, "damping", 1e-2) if bits else 1e-2,
-             "rounding": getattr(bits.config, "rounding", "gptq") if (bits and fit) else "nearest"}
+             "rounding": getattr(bits.config, "rounding", "gptq") if (bits and fit) else "nearest",
+             # the estimates round as the bits stage will
+             "act_order": bool(getattr(bits.config, "act_order", False)) if bits else False,
+             "clip_search": bool(getattr(bits.config, "clip_search", False)) if bits else False}
     sens = output_sensitivity(inner, names, fit) if fit else None
     if progress is not None and fit:
         progress("sensitivity", 1, 1)
@@ -259,7 +262,8 @@ class SequentialInputs:
 
 
 #: how the end-to-end choice names each single-stage plan
-SINGLE_LABELS = {"bits": "quant only", "rank": "low rank only", "sparsity": "sparsity only"}
+SINGLE_LABELS = {"bits": "quant only", "rank": "low rank only", "sparsity": "sparsity only",
+                 "bits+rank": "quant + low-rank correction"}
 
 
 def alternative_sections(section: Any, plan: Mapping[str, Any], calibrated: bool) -> dict[str, Any]:
