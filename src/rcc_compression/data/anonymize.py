@@ -242,9 +242,8 @@ class ImageSanitizer:
         import numpy as np
         from PIL import Image, ImageOps
 
-        with Image.open(io.BytesIO(data), formats=list(DATASET_FORMATS)) as probe:
-            fmt, kinds = probe.format, self.metadata_of(probe)
         img = open_image(data, max_pixels=DATASET_MAX_PIXELS, formats=DATASET_FORMATS, mode=None, what=what)
+        fmt, kinds = img.format, self.metadata_of(img)
         img = ImageOps.exif_transpose(img)
         if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
             mode = "RGBA"
