@@ -30,6 +30,7 @@ GUIDES = [
     ("Compress a generative VLM (LLaVA) or a SigLIP", "guides/compress-a-generative-vlm.md"),
     ("Your own dataset", "guides/your-dataset.md"),
     ("Recovery training", "guides/recovery-training.md"),
+    ("Data privacy", "guides/privacy.md"),
     ("Reading the results", "guides/reading-results.md"),
     ("The three stages and their papers", "guides/stages.md"),
     ("Notebooks", "guides/notebooks.md"),

@@ -154,3 +154,49 @@ def test_cli_dry_run_prints_and_writes_the_report_without_a_run(tmp_path, capsys
     assert "ignore pattern '^vision_tower' matches no Linear layer" in capsys.readouterr().err
     assert main(["compress", "--dry-run", "--model", "tiny-llava", "-q"]) == 2  # default calibration: noise
     assert "calibrates on image-text pairs" in capsys.readouterr().err
+
+
+def test_plan_keeps_protected_layers_at_8_bits_unless_measured_idle():
+    """Projector and first/last blocks stay at >= 8 bits; the tower's last block, never read (LLaVA reads the
+    penultimate layer), measures exactly 0 and is planned like any other layer."""
+    from rcc_compression.compression.planner import Choice, keeps_precision
+
+    cfg = {"compression": {"cascade": {"stages": ["dare", "nullu", "quant"]}}}
+    model = compress_model("tiny-llava", 0.8, progress=False, config=cfg)
+    plan = model.compression_stats["plan"]
+    towers = plan["towers"]
+    sens, prot = towers["sensitivity"], towers["protection"]
+    last = "model.vision_tower.encoder.layers.2."
+    dead = [n for n in sens["layers"] if n.startswith(last)]
+    assert dead and all(sens["layers"][n]["output_error"] == 0.0 for n in dead)
+    assert all(n in prot["lifted"] for n in dead) and not any(n.startswith(last) for n in prot["protected"])
+    assert "model.multi_modal_projector.linear_2" in prot["protected"] or \
+        "model.multi_modal_projector.linear_2" in prot["lifted"]
+    assert prot["roles_without_targets"]["patch_embedding"].startswith("no compressed Linear layer")
+    assert set(sens["towers"]) == {"vision", "projector", "language_model"}
+    assert prot["protected"] and not prot["released"]
+    for name in prot["protected"]:
+        entry = plan["layers"][name]
+        c = Choice(**{k: entry[k] for k in ("pruning_rate", "bits", "group_size", "symmetric", "rank",
+                                            "factor_bits", "keep_s")})
+        assert keeps_precision(c, 8), (name, entry["choice"])
+    assert model.compression_stats["achieved_rate"] >= 0.8 - 1e-6
+    # without protection the same budget puts some protected layer below 8 bits
+    free = compress_model("tiny-llava", 0.8, progress=False,
+                          config={"compression": {**cfg["compression"], "towers": {"protect": []}}})
+    below = [n for n in prot["protected"] if not keeps_precision(Choice(**{
+        k: free.compression_stats["plan"]["layers"][n][k] for k in ("pruning_rate", "bits", "group_size",
+                                                                      "symmetric", "rank", "factor_bits",
+                                                                      "keep_s")}), 8)]
+    assert below
+
+
+
+def test_protections_are_released_least_sensitive_first_when_the_rate_needs_it():
+    cfg = {"compression": {"cascade": {"stages": ["dare", "nullu", "quant"]}}}
+    model = compress_model("tiny-llava", 0.93, progress=False, config=cfg)
+    prot = model.compression_stats["plan"]["towers"]["protection"]
+    sens = model.compression_stats["plan"]["towers"]["sensitivity"]["layers"]
+    assert prot["released"] and model.compression_stats["achieved_rate"] >= 0.93 - 1e-6
+    kept = [n for n in prot["protected"] if n not in prot["released"]]
+    assert all(sens[r]["weight"] <= sens[k]["weight"] for r in prot["released"] for k in kept)

@@ -150,3 +150,15 @@ def select(model: nn.Module, targets: Sequence[str] | None = None, ignore: Seque
            check: bool = True) -> list[str]:
     """Names of the Linear layers the patterns select (what stages act on)."""
     return [m.name for m in match_layers(model, targets, ignore, check) if m.selected]
+
+
+def check_section_patterns(model: nn.Module, section: Any) -> None:
+    """:func:`check_patterns` for every stage of a compression section, the error naming it (``compression.quant``).
+
+    Every stage is checked, not only those in ``cascade.stages``: a rate plan brings in the stages
+    it needs (``quant`` for bits), with their patterns.
+    """
+    for st in type(section).model_fields:
+        cfg = getattr(section, st, None)
+        if cfg is not None and hasattr(cfg, "targets") and hasattr(cfg, "ignore"):
+            check_patterns(model, cfg.targets, cfg.ignore, where=f"compression.{st}")

@@ -279,11 +279,17 @@ def plan_constraints(model: nn.Module, names: Sequence[str], config: TowerBudget
 
     Returns ``{"sensitivity": ... or None, "protection": ..., "min_bits": {layer: bits}}``;
     ``min_bits`` is what the planner reads (a protected layer's storage keeps at least that many
-    bits, unpruned, with its own values: no choice that drops S for low rank alone).
+    bits, unpruned, with its own values: no choice that drops S for low rank alone), most
+    sensitive layer first: where the rate cannot be reached with every protection, the planner
+    releases them from the end of that order.
     """
     sens = None
     if config.sensitivity and batches and config.protect:
         sens = measure_sensitivity(model, names, list(batches)[: config.batches], config.probe_bits, progress)
     protection = protected_layers(model, names, config, sens)
-    return {"sensitivity": sens, "protection": protection,
-            "min_bits": dict.fromkeys(protection["protected"], config.protect_bits)}
+    rank = {r: i for i, r in enumerate(("projector", "patch_embedding", "first_block", "last_block"))}
+    if sens is not None:
+        order = sorted(protection["protected"], key=lambda n: -sens["layers"][n]["weight"])
+    else:
+        order = sorted(protection["protected"], key=lambda n: rank.get(protection["protected"][n], len(rank)))
+    return {"sensitivity": sens, "protection": protection, "min_bits": dict.fromkeys(order, config.protect_bits)}

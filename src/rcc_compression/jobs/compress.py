@@ -15,8 +15,9 @@ from torch import nn
 
 from ..compression.cascade import compression_summary
 from ..compression.dryrun import dry_run_report, stage_formats
+from ..compression.matching import check_section_patterns
 from ..compression.offload import materialize
-from ..compression.rate import achieved_rate, apply_rate
+from ..compression.rate import achieved_rate, alternative_sections, apply_rate
 from ..compression.storage import save_compressed
 from ..compression.towers import tower_record
 from ..config import RCCConfig, dump_config
@@ -86,6 +87,7 @@ def dry_run(cfg: RCCConfig) -> dict[str, Any]:
     wrapper = get_model(cfg.model.name, cfg.model.type, cfg.model.dtype, seed=cfg.experiment.seed)
     check_paired(wrapper, cfg.calibration.source, cfg.calibration.allow_unpaired)  # what the run would refuse
     section, plan = cfg.compression.model_copy(deep=True), None
+    check_section_patterns(wrapper.model, section)
     if section.cascade.target_rate is not None:
         fit, _, _ = compress_data(wrapper, cfg, None, evaluate=False)
         plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope,
@@ -164,14 +166,16 @@ def _run_compress(
     device = resolve_device(cfg.experiment.device)
     wrapper = get_model(cfg.model.name, cfg.model.type, cfg.model.dtype, seed=cfg.experiment.seed)
     wrapper.to(device)
+    check_section_patterns(wrapper.model, cfg.compression)  # refused before calibration data is drawn
     fit, holdout, _ = compress_data(wrapper, cfg, run_dir, evaluate)
     preserve = calibration_batches(wrapper, cfg, cfg.calibration.preserve_source) if (
         cfg.calibration.preserve_source) else None
-    section, plan = cfg.compression, None
+    section, plan, alternatives = cfg.compression, None, {}
     if section.cascade.target_rate is not None:
         section = section.model_copy(deep=True)
         plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope,
                           section.cascade.lowrank_share, calibration_data=fit)
+        alternatives = alternative_sections(cfg.compression, plan, calibrated=bool(fit))
         log.info("planned for rate %.4f: %s", section.cascade.target_rate,
                  {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share", "stages",
                                                          "predicted_rate", "predicted_error")})
@@ -189,7 +193,8 @@ def _run_compress(
             section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
             reference_model=reference, seed=cfg.experiment.seed, device=device, progress_callback=progress,
             step_callback=chain(step_callback, cascade_logger(tracker)), run_config=resolved,
-            encrypt_key=encrypt_key, training=cfg.training, allow_unpaired=cfg.calibration.allow_unpaired,
+            encrypt_key=encrypt_key, training=cfg.training, plan=plan, alternatives=alternatives,
+            allow_unpaired=cfg.calibration.allow_unpaired,
             distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
         )
         pipe.run(wrapper, resume=resume)
@@ -215,6 +220,7 @@ def _run_compress(
             "quality_ci": {"dense": dense_ci, "compressed": comp_ci},
             "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
             "plan": plan,
+            "plan_choice": pipe.plan_choice,
             "towers": tower_record(wrapper.model, pipe.dense_model, holdout),
             "execution_kernels": kernels,
             "stored_bytes_measured": measured_storage(out_dir),
@@ -269,7 +275,12 @@ def compress_outcome(section: Any, pipe: CompressionPipeline, model: nn.Module) 
         why = f"all {len(steps)} of {total} steps passed the gate"
         undone = [r for r in steps if r.get("undone")]
         if undone:
-            why += f" ({len(undone)} recovery step(s) undone: they lowered retention)"
+            why += f" ({len(undone)} recovery step(s) undone: they made the gate's metric worse)"
+        skipped = [r for r in steps if r.get("skipped")]
+        if skipped:
+            why += f" ({len(skipped)} recovery step(s) skipped: the model passed with margin)"
+        if pipe.plan_choice and pipe.plan_choice["chosen"] != "per-layer plan":
+            why += f"; the holdout kept the {pipe.plan_choice['chosen']} plan over the per-layer plan"
         status = "met" if target is None or abs(reached - target) <= 0.01 or reached > target else "missed"
         if status == "missed":
             why += f"; the stages' targets did not translate exactly into {measure}"
