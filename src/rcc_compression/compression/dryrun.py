@@ -49,6 +49,7 @@ def dry_run_report(model: nn.Module, section: Any, plan: Mapping[str, Any] | Non
     cfg = getattr(section, first) if first else None
     rows = match_layers(model, getattr(cfg, "targets", None), getattr(cfg, "ignore", None), check=False)
     per_layer = (plan or {}).get("layers") or {}
+    prot = ((plan or {}).get("towers") or {}).get("protection") or {}
     acting = list(dict.fromkeys(s for s in stages if hasattr(getattr(section, s, None), "targets")))
     for row in rows:
         row.selected = row.name in chosen
@@ -58,6 +59,12 @@ def dry_run_report(model: nn.Module, section: Any, plan: Mapping[str, Any] | Non
             st = chosen[row.name][0]
             c = getattr(section, st)
             row.rule = f"{st} " + ("targets" if c.targets is not None else "default targets")
+        if row.name in prot.get("protected", {}):
+            released = row.name in prot.get("released", [])
+            row.notes.append(f"{prot['protected'][row.name]}: " + (
+                "protection released (the rate needs its bytes)" if released else f">= {prot['bits']} bits"))
+        elif row.name in prot.get("lifted", {}):
+            row.notes.append(f"protection lifted: {prot['lifted'][row.name]}")
         if not row.selected:
             row.format, row.planned_bytes = "dense (not compressed)", row.dense_bytes
         elif row.name in per_layer:

@@ -93,6 +93,8 @@ def check_patterns(model: nn.Module, targets: Sequence[str] | None, ignore: Sequ
     The error names the pattern and the nearest Linear layer names.
     """
     names = list(linear_layers(model))
+    if not names:  # nothing to select at all: the stages say so ("no Linear layer ...")
+        return
     for kind, patterns in (("targets", targets), ("ignore", ignore)):
         if patterns is None:
             continue

@@ -7,9 +7,9 @@ tolerate compression alike, so a run measures them apart:
 * :func:`tower_bytes`: dense and stored bytes of every tower (every parameter and buffer counted
   once, in the tower its module belongs to), which sum to what the checkpoint stores;
 * :func:`measure_sensitivity`: each selected layer (and each tower at once) rounded to a probe
-  format on its own, the relative error it causes in the model's outputs per unit of the
-  relative error of the layer's own output; the planner weighs each layer's estimated error by
-  it, so bytes go where the model's outputs need them;
+  format on its own, the relative error it causes in the model's outputs, and that per unit of
+  the relative error of the layer's own output (the record of where a model is fragile; the
+  planner weighs its errors with its own gradient-based output sensitivity);
 * :func:`protected_layers`: the layers the defaults keep at ``protect_bits`` or more (the patch
   embedding, the projector, the first and last block of every stack) unless the measurement shows
   they matter no more than a typical layer ("lifted", with the numbers recorded);
@@ -156,8 +156,8 @@ def measure_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequenc
 
     Per layer: ``output_error`` (relative error of the model's primary outputs, those the gate
     compares: :func:`primary_error`), ``layer_error`` (relative error of the layer's own output on the same inputs) and
-    ``weight = output_error / layer_error``, the model's output error per unit of the layer's:
-    what the planner multiplies each candidate's estimated layer error by. Per tower: the output
+    ``weight = output_error / layer_error``, the model's output error per unit of the layer's
+    (what protections are lifted and released by). Per tower: the output
     error with all of its layers probed at once, and the sum of its layers' errors.
     """
     inner = unwrap_model(model)
@@ -182,15 +182,6 @@ def measure_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequenc
                      "sum_of_layer_output_errors": sum(layers[n]["output_error"] for n in members)}
     return {"probe": f"int{probe_bits} round to nearest, one scale per row", "batches": len(batches),
             "layers": layers, "towers": towers}
-
-
-def error_weights(sensitivity: Mapping[str, Any]) -> dict[str, float]:
-    """Per-layer weights for the planner's error estimates, normalised to a mean of 1 (all 1 when nothing moves)."""
-    raw = {n: float(v["weight"]) for n, v in sensitivity["layers"].items()}
-    mean = sum(raw.values()) / max(len(raw), 1)
-    if mean <= 0:
-        return dict.fromkeys(raw, 1.0)
-    return {n: w / mean for n, w in raw.items()}
 
 
 # -------------------------------------------------------------------------------------- protection

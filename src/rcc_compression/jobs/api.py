@@ -225,32 +225,40 @@ def compress_model(
                              "calibration": calibration_source,
                              "towers": tower_record(inner, pipe.dense_model, holdout or [])}
     if plan is not None:
-        achieved = achieved_rate(inner, scope)
-        stats["achieved_rate"] = achieved
-        layered = plan.get("method") == "layers"
-        undone = next((r for r in pipe.records if r.get("undone") or r.get("skipped")), None)
-        if layered and achieved >= compression_rate - 1e-9 and abs(achieved - plan["predicted_rate"]) < 1e-6:
-            if achieved > compression_rate + 0.01:
-                stats["rate_note"] = (f"reached {achieved:.4f}, past the requested {compression_rate:.4f}: no "
-                                      "storage that fills the budget leaves less calibration output error")
-                log.info(stats["rate_note"])
-        elif layered and undone is not None and achieved > plan["predicted_rate"]:
-            # a plan is a budget: a step undone after it (recovery that did not help) only stores less
-            how = f"undone ({undone['undone']})" if undone.get("undone") else f"skipped ({undone['skipped']})"
-            stats["rate_note"] = (f"reached {achieved:.4f}, past the planned {plan['predicted_rate']:.4f}: step "
-                                  f"{undone['step']} ({undone['stage']}) was {how}")
-            log.info(stats["rate_note"])
-        elif abs(achieved - compression_rate) > 0.01:
-            failed = next((r for r in pipe.records if not r.get("passed", True)), None)
-            why = "the stages' targets did not translate exactly into stored bytes"
-            if failed:
-                at = failed.get("error") or f"retention {failed['retention']:.4f} < {failed['threshold']}"
-                why = (f"the validation gate stopped step {failed['step']} ({failed['stage']}, round "
-                       f"{failed['round']}) at {at}")
-            stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
-            log.warning(stats["rate_note"])
+        stats.update(_rate_outcome(inner, plan, pipe, compression_rate, scope))
     out.compression_stats = stats
     return out
+
+
+def _rate_outcome(inner: nn.Module, plan: dict[str, Any], pipe: CascadePipeline, compression_rate: float,
+                  scope: str) -> dict[str, Any]:
+    """``achieved_rate`` and, where it differs from the request, a ``rate_note`` saying why."""
+    stats: dict[str, Any] = {}
+    achieved = achieved_rate(inner, scope)
+    stats["achieved_rate"] = achieved
+    layered = plan.get("method") == "layers"
+    undone = next((r for r in pipe.records if r.get("undone") or r.get("skipped")), None)
+    if layered and achieved >= compression_rate - 1e-9 and abs(achieved - plan["predicted_rate"]) < 1e-6:
+        if achieved > compression_rate + 0.01:
+            stats["rate_note"] = (f"reached {achieved:.4f}, past the requested {compression_rate:.4f}: no "
+                                  "storage that fills the budget leaves less calibration output error")
+            log.info(stats["rate_note"])
+    elif layered and undone is not None and achieved > plan["predicted_rate"]:
+        # a plan is a budget: a step undone after it (recovery that did not help) only stores less
+        how = f"undone ({undone['undone']})" if undone.get("undone") else f"skipped ({undone['skipped']})"
+        stats["rate_note"] = (f"reached {achieved:.4f}, past the planned {plan['predicted_rate']:.4f}: step "
+                              f"{undone['step']} ({undone['stage']}) was {how}")
+        log.info(stats["rate_note"])
+    elif abs(achieved - compression_rate) > 0.01:
+        failed = next((r for r in pipe.records if not r.get("passed", True)), None)
+        why = "the stages' targets did not translate exactly into stored bytes"
+        if failed:
+            at = failed.get("error") or f"retention {failed['retention']:.4f} < {failed['threshold']}"
+            why = (f"the validation gate stopped step {failed['step']} ({failed['stage']}, round "
+                   f"{failed['round']}) at {at}")
+        stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
+        log.warning(stats["rate_note"])
+    return stats
 
 
 def _bundled_name(model: Any, wrapper: nn.Module) -> str | None:

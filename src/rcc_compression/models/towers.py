@@ -119,8 +119,3 @@ def classify_modules(model: nn.Module) -> dict[str, Placement]:
     names = [n for n, _ in inner.named_modules() if n]
     depths = stack_depths(names)
     return {n: place(kind, n, depths) for n in names}
-
-
-def tower_of_tensor(model_type: str, key: str) -> str:
-    """The tower of a ``state_dict`` key (a parameter or buffer name)."""
-    return tower_of(model_type, key)
