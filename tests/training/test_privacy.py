@@ -220,3 +220,19 @@ def test_private_training_records_no_membership_list(tmp_path) -> None:
     record = json.loads((tmp_path / "data.json").read_text())
     assert "train" not in record["identities"] and record["roles"]["train"][0]["items"] == 6
     assert "training.privacy" in record["identities_withheld"]["train"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_private_distillation_on_cuda(prune, make_batches) -> None:
+    """Per-sample gradients, clipping and noise on the GPU (the noise generator lives on the gradients' device)."""
+    wrapper, student, teacher = _student_and_teacher(prune)
+    student, teacher = student.cuda(), teacher.cuda()
+    batches = [{k: v.cuda() for k, v in b.items()} for b in make_batches(wrapper, 3, 6, 1)]
+    cfg = TrainingSection(scheduler="constant", **FEATURES_ONLY, privacy=PrivacySection(epsilon=8, delta=1e-3))
+    out = finetune_on_batches(student, trainable_parameters(student, "compressed"), batches,
+                              run_outputs(teacher, batches), 2, 1e-3, torch.Generator().manual_seed(2),
+                              device="cuda", config=cfg)
+    assert out["privacy"]["steps"] == 6 and out["privacy"]["epsilon_spent"] <= 8
+    for layer in compressed_layers(student).values():
+        assert bool((layer.weight.detach()[~layer.mask] == 0).all())
