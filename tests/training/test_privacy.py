@@ -178,3 +178,61 @@ def test_rcc_compress_distils_privately_under_one_budget(tmp_path) -> None:
     i = text.index('"privacy"')
     record = json.loads(text[text.index("{", i):text.index("}", i) + 1])
     assert record["steps"] == 6 and 0 < record["epsilon_spent"] <= 8 and record["items"] == 24
+
+
+def test_a_resumed_private_run_continues_the_accounting(prune, make_batches, tmp_path) -> None:
+    """The checkpoint holds the accountant's history (never the noise generator's state)."""
+    budget = PrivacySection(epsilon=8, delta=1e-3)
+    wrapper, student, teacher = _student_and_teacher(prune)
+    batches = make_batches(wrapper, 4, 6, 3)
+    cfg = TrainingSection(scheduler="constant", **FEATURES_ONLY, privacy=budget)
+
+    def trainer(private: PrivateTraining) -> CompressionTrainer:
+        objective = DistillationObjective(DistillationLoss(model_family(student), LossWeights.from_config(cfg)),
+                                          Teacher(teacher))
+        return CompressionTrainer(student, objective, cfg, train_data=batches, num_epochs=2,
+                                  params=trainable_parameters(student, "compressed"), privacy=private)
+
+    first = PrivateTraining(budget, 24, 6, 8)
+    with trainer(first) as t:
+        t.fit(num_epochs=1)
+        t.save_checkpoint(tmp_path / "ckpt")
+    meta = (tmp_path / "ckpt" / "trainer_state.json").read_text()
+    assert '"privacy"' in meta and "generator" not in meta
+    second = PrivateTraining(budget, 24, 6, 8)
+    with trainer(second) as t:
+        t.load_checkpoint(tmp_path / "ckpt")
+        assert second.steps_taken == 4 and second.epsilon() == pytest.approx(first.epsilon())
+        t.fit()
+    assert second.steps_taken == 8 and second.epsilon() <= 8
+
+
+def test_private_training_records_no_membership_list(tmp_path) -> None:
+    """data.json of a private run keeps counts and the leak check, not the identity of each training image."""
+    import json
+
+    from rcc_compression.data.datasets import ArrayDataset, Record
+    from rcc_compression.jobs.data import check_and_record
+
+    images = [torch.full((8, 8, 3), i, dtype=torch.uint8).numpy() for i in range(6)]
+    ds = ArrayDataset(images, [Record(image=i, image_id=str(i), captions=["a red circle"]) for i in range(6)])
+    check_and_record(tmp_path, {"train": [ds]}, "content", withhold=("train",))
+    record = json.loads((tmp_path / "data.json").read_text())
+    assert "train" not in record["identities"] and record["roles"]["train"][0]["items"] == 6
+    assert "training.privacy" in record["identities_withheld"]["train"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_private_distillation_on_cuda(prune, make_batches) -> None:
+    """Per-sample gradients, clipping and noise on the GPU (the noise generator lives on the gradients' device)."""
+    wrapper, student, teacher = _student_and_teacher(prune)
+    student, teacher = student.cuda(), teacher.cuda()
+    batches = [{k: v.cuda() for k, v in b.items()} for b in make_batches(wrapper, 3, 6, 1)]
+    cfg = TrainingSection(scheduler="constant", **FEATURES_ONLY, privacy=PrivacySection(epsilon=8, delta=1e-3))
+    out = finetune_on_batches(student, trainable_parameters(student, "compressed"), batches,
+                              run_outputs(teacher, batches), 2, 1e-3, torch.Generator().manual_seed(2),
+                              device="cuda", config=cfg)
+    assert out["privacy"]["steps"] == 6 and out["privacy"]["epsilon_spent"] <= 8
+    for layer in compressed_layers(student).values():
+        assert bool((layer.weight.detach()[~layer.mask] == 0).all())

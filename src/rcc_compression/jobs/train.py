@@ -155,7 +155,8 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
     roles: dict[str, list[Any]] = {"train": [train_ds], "val": [val_ds]}
     if cfg.dataset.test:
         roles["test"] = [open_role(cfg, teacher_w, cfg.dataset.test, "test")]
-    check_and_record(run_dir if dist.is_main else None, roles, cfg.dataset.leak_check)
+    check_and_record(run_dir if dist.is_main else None, roles, cfg.dataset.leak_check,
+                     withhold=("train",) if tcfg.privacy is not None else ())
     keys = model_keys(teacher_w)
     vqa = getattr(teacher_w, "is_vqa", False)
     common = {"tokenizer": teacher_w.tokenizer, "max_length": teacher_w.max_text_length, "seed": cfg.experiment.seed,

@@ -266,9 +266,13 @@ class PrivateTraining:
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
                                 "respect to module outputs", category=UserWarning)
         self._hooks = self.op["GradSampleHooks"](model, batch_first=True, loss_reduction="mean", strict=False)
+        device = params[0].device if params else torch.device("cpu")
+        # the noise is drawn where the gradients are (a CUDA generator for CUDA gradients), seeded like the sampling
+        noise = (self.generator if device.type == "cpu"
+                 else torch.Generator(device=device).manual_seed(secrets.randbits(63)))
         dp = self.op["DPOptimizer"](optimizer, noise_multiplier=self.noise_multiplier,
                                     max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=self.batch_size,
-                                    loss_reduction="sum", generator=self.generator, secure_mode=True)
+                                    loss_reduction="sum", generator=noise, secure_mode=True)
         # the hooks scale each forward's gradients to per-item losses ("mean"); the optimiser sums the
         # clipped ones ("sum") and this divides by the expected batch size, whatever the number of forwards
         dp.attach_step_hook(self._scale)
