@@ -266,7 +266,7 @@ def layer_subgraph(name: str, layer: CompressedLinear, x: str, y: str, short: st
                    ) -> tuple[list[Any], list[Any]]:
     """Nodes and initializers computing ``y = a_out * ((S + B A)(a_in * x)) + bias`` from compact tensors."""
     b = _Builder(name, short)
-    dtype = _np(layer._ref[:1]).dtype
+    dtype = np.dtype(str(layer.dtype).removeprefix("torch.")) if layer.dtype != torch.bfloat16 else np.float32
     enc = encode_layer(layer)
     kind = choose_encoding(layer)
     if layer.a_in is not None:

@@ -6,7 +6,6 @@ arguments and draws progress bars.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from ..compression.rate import apply_rate
 from ..compression.storage import save_compressed
 from ..config import RCCConfig, dump_config
 from ..data.calibration import build_calibration_batches, calibration_items
-from ..evaluation.efficiency import compare_efficiency, measured_storage, optimize_execution
+from ..evaluation.efficiency import compare_efficiency, kernel_mix, measured_storage, optimize_execution
 from ..evaluation.suite import HEADLINE_NAMES, benchmark_datasets, evaluate_model
 from ..models.registry import get_model
 from ..training.callbacks import TrackingCallback
@@ -180,7 +179,7 @@ def _run_compress(
         effs: dict[str, Any] = {}
         if evaluate and "efficiency" in cfg.evaluation.measures():
             probe = holdout[0] if holdout else fit[0]  # inputs for timing: any batch will do
-            kernels = dict(Counter(optimize_execution(wrapper, probe).values()))
+            kernels = kernel_mix(optimize_execution(wrapper, probe))
             # timed with its weights resident: an offloaded teacher reads them from files on every call
             effs = compare_efficiency({"dense": materialize(pipe.dense_model), "compressed": wrapper}, probe)
         results = {
