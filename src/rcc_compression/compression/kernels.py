@@ -1,5 +1,5 @@
-"""Eval-mode execution of a compressed layer: per-token activation quantization, the decode
-scratch buffers, and the kernels :meth:`~.layers.CompressedLinear.set_execution` chooses from.
+"""Eval-mode execution of a compressed layer: per-token activation quantization and the kernels
+:meth:`~.layers.CompressedLinear.set_execution` chooses from.
 
 A kernel reads a layer only through its public parts (``weight``, ``lr_A``, ``lr_B``, ``quant``,
 ``a_in``, ``a_out``, ``bias``, ``base``, ``act_bits``, ``dtype``, ``device``) and says why it cannot
@@ -9,7 +9,6 @@ run one (:meth:`Kernel.refuse`) from the parts, dtype and device it was proven o
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -38,33 +37,6 @@ def fake_quant_tokens(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to per-token int8 and back (what :func:`quantize_tokens` lets a GEMM see)."""
     q, scale = quantize_tokens(x)
     return (q.float() * scale).to(x.dtype)
-
-
-# ------------------------------------------------------------------------------ scratch buffers
-_SCRATCH: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
-_SCRATCH_LOCK = threading.Lock()
-
-
-def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` entries for this thread (reused by every layer's decode)."""
-    key = (threading.get_ident(), str(device), dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < numel:
-        with _SCRATCH_LOCK:
-            _SCRATCH[key] = buf = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
-
-
-def scratch_bytes() -> int:
-    """Bytes the decode scratch buffers hold (one per thread, dtype and device that decoded)."""
-    with _SCRATCH_LOCK:
-        return sum(t.numel() * t.element_size() for t in _SCRATCH.values())
-
-
-def release_scratch() -> None:
-    """Free the decode scratch buffers (they are made again on the next decode)."""
-    with _SCRATCH_LOCK:
-        _SCRATCH.clear()
 
 
 def state_tensors(obj: Any) -> Iterator[torch.Tensor]:

@@ -15,8 +15,8 @@ A layer lives in one of two forms:
   what its checkpoint stores and nothing more: codes packed as on disk (8-bit symmetric codes as
   ``int8``, the layout integer kernels read), float16 scales, packed zero points, the mask at one
   bit per entry, the kept values of a sparse float S, factors, scales, bias. Reading a part
-  (``layer.weight``) decodes it; ``forward`` decodes each part per call into a per-thread scratch
-  buffer, unless an execution kernel (:meth:`CompressedLinear.set_execution`) holds a faster form,
+  (``layer.weight``) decodes it; ``forward`` decodes each part for the call (freed after it, like an
+  activation), unless an execution kernel (:meth:`CompressedLinear.set_execution`) holds a faster form,
   whose bytes :meth:`CompressedLinear.held_bytes` counts. ``train()`` brings the float parameters
   back and ``eval()`` gives them back again (codes re-synced to the trained values first).
 
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import EXECUTION_MODES, KERNELS, fake_quant_tokens, scratch, scratch_bytes, state_tensors  # noqa: F401
+from .kernels import EXECUTION_MODES, KERNELS, fake_quant_tokens, state_tensors  # noqa: F401
 
 #: the parts of a layer that can be stored as integer codes (S, and the low-rank factors)
 QUANTIZABLE = ("weight", "lr_A", "lr_B")
@@ -225,7 +225,7 @@ class QuantizedPart:
             self.packed = (codes.reshape(-1).to(torch.int16) - 128).to(torch.int8)
         else:
             self.packed = pack_codes(codes, self.bits)
-        self.kept = None if kept is None else kept.clone()
+        self.kept = kept  # the layer's own mask bits (never changed in place): shared, not copied
         self.codes = None
         return self
 
@@ -667,7 +667,7 @@ class CompressedLinear(nn.Module):
 
     def held_tensors(self, kernel: bool = True) -> Iterator[torch.Tensor]:
         """Every tensor the layer holds now: parameters, buffers, codes, scales and zero points, and
-        with ``kernel`` what its execution kernel keeps (the shared decode scratch is not the layer's)."""
+        with ``kernel`` what its execution kernel keeps."""
         yield from (t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None)
         for q in self.quant.values():
             yield from (t for t in (q.codes, q.packed, q.scale, q.zero, q.kept) if t is not None)
@@ -820,38 +820,30 @@ class CompressedLinear(nn.Module):
         xq = fake_quant_tokens(x)
         return x + (xq - x).detach() if (self.training and x.requires_grad) else xq
 
-    def _operand(self, part: str, rows: int, cols: int, reuse: bool) -> torch.Tensor:
-        """Part ``part`` for a matmul: its parameter, or (inference form) decoded into the scratch buffer."""
+    def _operand(self, part: str) -> torch.Tensor:
+        """Part ``part`` for a matmul: its parameter, or (inference form) decoded for this call only."""
         param = self._parameters.get(part)
-        if param is not None:
-            return param
-        out = scratch(rows * cols, self.dtype, self.device).view(rows, cols) if reuse else None
-        return self._decoded(part, out)
+        return param if param is not None else self._decoded(part)
 
     def forward_factored(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_in is not None:
             x = x * self.a_in
         x = self.quantize_input(x)
         y = None
-        m, n = self.out_features, self.in_features
-        # decoded parts go through one scratch buffer, one after the other; not while autograd records
-        reuse = self._compact and not (torch.is_grad_enabled() and x.requires_grad)
         if self.has_sparse:
-            w = self._operand("weight", m, n, reuse)
+            w = self._operand("weight")
             if self.mask_bits is not None and self.training:
                 w = w * self.mask
             if self.base is not None:
-                w = w.add_(self.base) if (reuse and w is not self._parameters.get("weight")) else w + self.base
+                w = w + self.base
             y = F.linear(x, w)
         elif self.base is not None:
             y = F.linear(x, self.base)
         if self.rank:
-            r = self.rank
-            z = F.linear(x, self._operand("lr_A", r, n, reuse))
-            z = F.linear(z, self._operand("lr_B", m, r, reuse))
-            y = z if y is None else y + z
+            y_lr = F.linear(F.linear(x, self._operand("lr_A")), self._operand("lr_B"))
+            y = y_lr if y is None else y + y_lr
         if y is None:
-            y = x.new_zeros(*x.shape[:-1], m)
+            y = x.new_zeros(*x.shape[:-1], self.out_features)
         if self.a_out is not None:
             y = y * self.a_out
         if self.bias is not None:
@@ -1000,9 +992,8 @@ def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def held_tensor_bytes(model: nn.Module) -> int:
     """Bytes of every tensor ``model`` holds: parameters and buffers, the codes and kernel state of its
-    compressed layers (each storage once), and the decode scratch buffers when it has compressed layers."""
-    layers = compressed_layers(model)
+    compressed layers, each storage once. (Parts decoded for one call are freed after it, like activations.)"""
     tensors = [*model.parameters(), *model.buffers()]
-    for layer in layers.values():
+    for layer in compressed_layers(model).values():
         tensors += list(layer.held_tensors())
-    return unique_bytes(tensors) + (scratch_bytes() if layers else 0)
+    return unique_bytes(tensors)
