@@ -233,7 +233,6 @@ def test_kernels_survive_an_evaluation(tiny_clip):
 
     model = _compress_some(tiny_clip, rate=0.95)
     assert not model.training and not model.model.training
-    batch = model.synthetic_batch(2, torch.Generator().manual_seed(6))
     for layer in compressed_layers(model.model).values():
         assert layer.set_execution("merged")
     evaluate_model(model, benchmarks=["efficiency"], bootstrap_samples=0)
