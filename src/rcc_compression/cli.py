@@ -101,7 +101,7 @@ def compress(
 
     from .config import dump_config, load_config
     from .jobs.common import checkpoint_key, prepare_run_dir
-    from .jobs.compress import run_compress, summary_rows
+    from .jobs.compress import outcome_sentence, run_compress, summary_rows
     from .utils.io import directory_lock
     from .utils.logging import setup_logging
     from .utils.runs import RunRecord, new_run_dir
@@ -143,13 +143,16 @@ def compress(
         results = run_compress(cfg, run_dir, resume=resume is not None, progress=on_layer, step_callback=on_step,
                                evaluate=not no_eval, encrypt_key=key)
         record.update(results={"stopped_early": results["stopped_early"], "gate": results["gate"],
-                               "quality": results["quality"]})
-    table = Table(title=f"{cfg.model.name}: dense vs compressed ({' -> '.join(results['stages'])})")
+                               "quality": results["quality"], "outcome": results["outcome"]})
+    outcome = results["outcome"]
+    table = Table(title=f"{cfg.model.name}: dense vs compressed ({' -> '.join(results['stages'])})"
+                        + ("" if outcome["status"] == "met" else f" [bold red]{outcome['status'].upper()}[/]"))
     for col, just in (("metric", "left"), ("dense", "right"), ("compressed", "right"), ("compressed/dense", "right")):
         table.add_column(col, justify=just)
     for row in summary_rows(results):
         table.add_row(*row)
     Console(width=max(Console().width, 110)).print(table)
+    typer.secho(outcome_sentence(outcome), fg=None if outcome["status"] == "met" else typer.colors.YELLOW, bold=True)
     typer.echo(f"run directory: {run_dir}")
 
 

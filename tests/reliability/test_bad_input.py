@@ -275,8 +275,8 @@ def test_non_finite_stage_in_the_cli_says_so(tmp_path, monkeypatch, capsys):
     warning = ("step 1 (nullu, round 1) failed the gate (non-finite weights or outputs); went back to the smallest "
                "passing state (step 0) and stopped")
     assert warning in (run / "run.log").read_text()
-    assert ("The validation gate stopped step 1 (nullu, round 1) at non-finite weights or outputs; the model went "
-            "back to the smallest passing state.") in (run / "results.md").read_text()
+    assert ("Stopped at step 1 of 2 (nullu, round 1): non-finite weights or outputs; kept step 0, the smallest "
+            "passing state.") in (run / "results.md").read_text().splitlines()[2]
     results = json.loads((run / "results.json").read_text())
     assert results["stopped_early"] is True and results["records"][-1]["rolled_back"] is True
     got = {k: v for f in ("layers", "rest") for k, v in load_file(run / "compressed" / f"{f}.safetensors").items()}

@@ -19,7 +19,7 @@ from ..compression.cascade import CascadePipeline, compression_summary
 from ..compression.rate import achieved_rate, apply_rate
 from ..compression.registry import STAGES
 from ..compression.stage import Distiller
-from ..config import RCCConfig, load_config
+from ..config import CalibrationSection, RCCConfig, load_config
 from ..data.calibration import build_calibration_batches
 from ..errors import CompressionError
 from ..models.registry import BUNDLED, get_model, unwrap_model
@@ -46,7 +46,11 @@ class CompressionPipeline(CascadePipeline):
     """The cascade with distillation: :class:`~rcc_compression.compression.cascade.CascadePipeline` plus a distiller.
 
     ``training`` (a ``TrainingSection``, or ``None`` for the defaults) sets the losses, optimiser
-    and schedule of stage distillation; ``distill`` replaces the distiller altogether.
+    and schedule of stage distillation; ``distill`` replaces the distiller altogether. Without
+    ``calibration_data`` a bundled model (``rcc-clip-world``, ``rcc-blip-world``, the tiny test
+    models) calibrates on the world data, as :func:`compress_model` does (the default
+    ``calibration`` section's batches, its last ``holdout_batches`` held out for the gate); any
+    other model falls back to the engine's random inputs, with a warning.
 
     >>> pipe = CompressionPipeline()
     >>> pipe.add_stage("dare", config={"pruning_rate": 0.9})  # doctest: +SKIP
@@ -57,6 +61,20 @@ class CompressionPipeline(CascadePipeline):
                  distill: Distiller | None = None, **kwargs: Any) -> None:
         super().__init__(config, distill=distill or distiller(training), **kwargs)
         self.training = training
+
+    def _prepare(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+        world = None
+        if self.calibration is None and _bundled_name(model, model) is not None:
+            cal = CalibrationSection()
+            world = _world_batches(model, cal, self.seed)
+            n_hold = cal.holdout_batches if self.holdout is None else 0
+            self.calibration = world[:-n_hold] if n_hold else world
+            if self.holdout is None:
+                self.holdout = world[-n_hold:] if n_hold else []
+        out = super()._prepare(model)
+        if world is not None:
+            self.calibration_source = "world"
+        return out
 
 
 def _resolve_config(config: Any) -> RCCConfig:
@@ -186,19 +204,29 @@ def compress_model(
     return out
 
 
-def _default_calibration(model: Any, wrapper: nn.Module, cfg: RCCConfig, seed: int
-                         ) -> tuple[list[dict[str, Any]], str]:
-    """World-data calibration batches for a bundled model; any other model gets a one-line refusal."""
+def _bundled_name(model: Any, wrapper: nn.Module) -> str | None:
+    """The name of a bundled model (one that calibrates on the world by itself), else ``None``."""
     name = model if isinstance(model, (str, os.PathLike)) else getattr(wrapper, "name", None)
     name = str(name) if name is not None else None
     bundled = name is not None and (name in BUNDLED or name in TINY_MODELS)
-    if not bundled or getattr(wrapper, "tokenizer", None) is None:
+    return name if bundled and getattr(wrapper, "tokenizer", None) is not None else None
+
+
+def _world_batches(wrapper: nn.Module, cal: CalibrationSection, seed: int) -> list[dict[str, Any]]:
+    """``num_batches + holdout_batches`` world-data calibration batches (the holdout last)."""
+    batches = build_calibration_batches(wrapper, "world", cal.num_batches + cal.holdout_batches, cal.batch_size, seed)
+    log.info("calibrating %s on the world data: %d batches of %d (%d held out for the gate)",
+             getattr(wrapper, "name", "the model"), cal.num_batches, cal.batch_size, cal.holdout_batches)
+    return batches
+
+
+def _default_calibration(model: Any, wrapper: nn.Module, cfg: RCCConfig, seed: int
+                         ) -> tuple[list[dict[str, Any]], str]:
+    """World-data calibration batches for a bundled model; any other model gets a one-line refusal."""
+    if _bundled_name(model, wrapper) is None:
+        name = model if isinstance(model, (str, os.PathLike)) else getattr(wrapper, "name", None)
         raise CompressionError(
             f"compress_model needs calibration_data for {name or type(unwrap_model(wrapper)).__name__}: a list of "
             f"batches (dicts of keyword arguments for model(**batch)); only the bundled models "
             f"({', '.join(sorted(BUNDLED))} and the tiny test models) calibrate on the world data by themselves")
-    cal = cfg.calibration
-    batches = build_calibration_batches(wrapper, "world", cal.num_batches + cal.holdout_batches, cal.batch_size, seed)
-    log.info("calibrating %s on the world data: %d batches of %d (%d held out for the gate)", name,
-             cal.num_batches, cal.batch_size, cal.holdout_batches)
-    return batches, "world"
+    return _world_batches(wrapper, cfg.calibration, seed), "world"

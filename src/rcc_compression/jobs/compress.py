@@ -12,14 +12,15 @@ from typing import Any
 
 from torch import nn
 
+from ..compression.cascade import compression_summary
 from ..compression.offload import materialize
-from ..compression.rate import apply_rate
+from ..compression.rate import achieved_rate, apply_rate
 from ..compression.storage import save_compressed
 from ..config import RCCConfig, dump_config
 from ..data.calibration import build_calibration_batches, calibration_items
 from ..evaluation.efficiency import compare_efficiency, kernel_mix, measured_storage, optimize_execution
 from ..evaluation.suite import HEADLINE_NAMES, benchmark_datasets, evaluate_model
-from ..models.registry import get_model
+from ..models.registry import get_model, unwrap_model
 from ..training.callbacks import TrackingCallback
 from ..utils.io import atomic_write_json, atomic_write_text, directory_lock
 from ..utils.logging import get_logger
@@ -186,6 +187,7 @@ def _run_compress(
             "model": cfg.model.name,
             "stages": section.cascade.stages,
             "stopped_early": pipe.stopped_early,
+            "outcome": compress_outcome(section, pipe, wrapper),
             "records": pipe.records,
             "quality": {"dense": dense_quality, "compressed": comp_quality},
             "quality_ci": {"dense": dense_ci, "compressed": comp_ci},
@@ -209,9 +211,73 @@ def _run_compress(
         return results
 
 
+def compress_outcome(section: Any, pipe: CompressionPipeline, model: nn.Module) -> dict[str, Any]:
+    """What the run aimed at, what it reached and why: the first thing its table and ``results.md`` say.
+
+    The target is ``cascade.target_rate`` (a compression rate) when set, else dare's final
+    ``pruning_rate`` (the sparsity of S) when dare runs, else the layers' compression rate with
+    the stages' final targets as text. ``status`` is ``met``, ``missed`` or ``stopped early``;
+    ``why`` names the step the gate stopped (and its retention) or says that every step passed.
+    """
+    inner = unwrap_model(model)
+    summary = compression_summary(inner)
+    cascade = section.cascade
+    measure, target, source = "compression rate (layers)", None, "the stages' final targets"
+    if cascade.target_rate is not None:
+        measure, target = f"compression rate ({cascade.rate_scope})", float(cascade.target_rate)
+        source, reached = "cascade.target_rate", achieved_rate(inner, cascade.rate_scope)
+    elif "dare" in cascade.stages and section.dare.pruning_rate > 0:
+        measure, target, source = "sparsity of S", float(section.dare.pruning_rate), "dare.pruning_rate"
+        reached = summary["sparsity"] if summary["sparsity"] is not None else 1.0  # no S left: all of it pruned
+    else:
+        reached = summary["compression_rate"]
+        source = "; ".join(f"{st.name} {st.target_description(1.0, pipe.schedule)}" for st in pipe.stages)
+    steps = [r for r in pipe.records if "step" in r]
+    total = len(pipe.steps())
+    failed = next((r for r in steps if not r.get("passed", True)), None)
+    if failed is not None:
+        at = failed.get("error") or f"gate retention {failed['retention']:.4f} < threshold {failed['threshold']:.4f}"
+        back = failed.get("rolled_back_to_step", -1)
+        kept = f"kept step {back}, the smallest passing state" if back >= 0 else "kept the starting model"
+        why = (f"stopped at step {failed['step']} of {total} ({failed['stage']}, round {failed['round']}): {at}; "
+               f"{kept}")
+        status = "stopped early"
+    else:
+        why = f"all {len(steps)} of {total} steps passed the gate"
+        undone = [r for r in steps if r.get("undone")]
+        if undone:
+            why += f" ({len(undone)} recovery step(s) undone: they lowered retention)"
+        status = "met" if target is None or abs(reached - target) <= 0.01 or reached > target else "missed"
+        if status == "missed":
+            why += f"; the stages' targets did not translate exactly into {measure}"
+    return {"measure": measure, "target": target, "target_source": source, "reached": float(reached),
+            "compression_rate_layers": float(summary["compression_rate"]), "status": status, "why": why,
+            "steps_run": len(steps), "steps_total": total, "stopped_early": bool(pipe.stopped_early)}
+
+
+def outcome_sentence(outcome: dict[str, Any]) -> str:
+    """One line: target, reached, status and why (printed after the table and at the top of ``results.md``)."""
+    target = (f"target {outcome['measure']} {outcome['target']:.4f} ({outcome['target_source']})"
+              if outcome["target"] is not None else f"target: {outcome['target_source']}")
+    reached = f"reached {outcome['measure']} {outcome['reached']:.4f}"
+    if not outcome["measure"].startswith("compression rate"):
+        reached += f" (compression rate of the layers {outcome['compression_rate_layers']:.4f})"
+    return f"{outcome['status'].upper()}: {target}; {reached}. {outcome['why'][:1].upper()}{outcome['why'][1:]}."
+
+
+def outcome_rows(outcome: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    """The table's first rows: the target, what was reached (and the status), why."""
+    if not outcome:
+        return []
+    target = f"{outcome['target']:.4f}" if outcome["target"] is not None else outcome["target_source"]
+    return [(f"target: {outcome['measure']}", "-", target, "-"),
+            (f"reached: {outcome['measure']}", "0.0000", f"{outcome['reached']:.4f}", outcome["status"].upper()),
+            ("why", "-", outcome["why"], "-")]
+
+
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(metric, dense, compressed, compressed/dense) rows for the final table."""
-    rows: list[tuple[str, str, str, str]] = []
+    """(metric, dense, compressed, compressed/dense) rows for the final table, led by the outcome rows."""
+    rows: list[tuple[str, str, str, str]] = outcome_rows(results.get("outcome"))
     qd, qc = results["quality"]["dense"], results["quality"]["compressed"]
     for name in qd:
         if name in qc:
@@ -248,10 +314,12 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 def results_table_markdown(results: dict[str, Any]) -> str:
     """The final table as markdown."""
-    lines = [f"# {results['model']}: dense vs compressed ({' -> '.join(results['stages'])})", "",
-             "| metric | dense | compressed | compressed/dense |", "|---|---:|---:|---:|"]
+    lines = [f"# {results['model']}: dense vs compressed ({' -> '.join(results['stages'])})", ""]
+    if results.get("outcome"):
+        lines += [f"**{outcome_sentence(results['outcome'])}**", ""]
+    lines += ["| metric | dense | compressed | compressed/dense |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(results)]
-    if results.get("stopped_early"):
+    if results.get("stopped_early") and not results.get("outcome"):  # results written before the outcome block
         failed = next((r for r in results["records"] if not r.get("passed", True)), None)
         if failed:
             why = failed.get("error") or f"retention {failed['retention']:.4f}"
