@@ -475,6 +475,11 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
                               f"{', '.join(map(str, READABLE_VERSIONS))}")
     if not isinstance(manifest.get("encrypted", False), bool):
         raise CheckpointError(f"{where}: field 'encrypted' must be true or false")
+    inference = manifest.get("inference")
+    if inference is not None and not (isinstance(inference, dict)
+                                      and inference.get("dtype") in ("float32", "bfloat16", "float16")):
+        raise CheckpointError(f"{where}: field 'inference' must name a dtype (float32, bfloat16, float16), "
+                              f"got {_short(inference)}")
     for key, typ in (("files", dict), ("layers", dict), ("model", dict), ("aliases", dict)):
         if not isinstance(manifest.get(key), typ):
             raise CheckpointError(f"{where}: field {key!r} missing or not a {typ.__name__}")
@@ -616,6 +621,7 @@ def load_compressed(
     key: bytes | None = None,
     verify: bool = True,
     form: str = "inference",
+    dtype: str | torch.dtype | None = "recorded",
 ) -> nn.Module:
     """Load a compressed checkpoint; returns a wrapper when the checkpoint had processors, else the module.
 
@@ -625,6 +631,8 @@ def load_compressed(
     compressed layers come in their inference form (``form="inference"``: the model holds what the
     checkpoint stores, parts decoded per call; ``train()`` makes float parameters for training) or
     in the working form (``form="working"``: float parameters, as the compression stages use).
+    ``dtype`` is the compute dtype: ``"recorded"`` (the one the compress job measured fastest within
+    its gate, when the manifest records one; else as stored), ``None`` (as stored) or a dtype.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -640,6 +648,9 @@ def load_compressed(
     install_layers(inner, manifest, load_layer_tensors(path, manifest, key), reference, device)
     install_rest(path, manifest, inner, key)
     inner.to(device).eval()
+    target = (manifest.get("inference") or {}).get("dtype") if dtype == "recorded" else dtype
+    if target is not None:
+        inner.to(getattr(torch, target) if isinstance(target, str) else target)
     if form == "working":
         to_working(inner)
     elif form != "inference":

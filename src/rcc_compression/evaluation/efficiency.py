@@ -10,6 +10,7 @@ theoretical savings, because pruned is not the same as faster.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import statistics
@@ -258,6 +259,8 @@ CANDIDATES = {"cpu": ("merged", "w8a8", "csr", "int8_weight", "int4_weight"),
 #: kernels calling raw aten ops that have crashed the process on some shapes: first tried in a child process
 RISKY = frozenset({"int8_weight", "int4_weight"})
 _PROVEN: dict[tuple[Any, ...], str | None] = {}
+#: a kernel that holds bytes beyond the stored form must take at most this share of factored's time
+MIN_GAIN = 0.9
 
 
 def survives(fn: Callable[[], bool], timeout: float = 60.0) -> str | None:
@@ -269,9 +272,10 @@ def survives(fn: Callable[[], bool], timeout: float = 60.0) -> str | None:
     if not hasattr(os, "fork"):
         return "not proven (no fork on this platform)"
     pid = os.fork()
-    if pid == 0:  # the child: one thread, no cleanup handlers, only an exit status
+    if pid == 0:  # the child: one thread, no cleanup handlers, no crash report, only an exit status
         code = 2
         try:
+            faulthandler.disable()
             torch.set_num_threads(1)
             code = 0 if fn() else 3
         finally:
@@ -392,7 +396,10 @@ def _choose_kernel(layer: CompressedLinear, shape: tuple[int, ...], device: torc
             continue
         ms = measure_latency(lambda: layer(x), 2, iters, device)["median_ms"]
         tried[mode] = round(ms, 4)
-        if ms < best_ms:
+        extra = layer.held_bytes() - base_bytes
+        if extra > 0 and ms > MIN_GAIN * tried["factored"]:  # memory spent for a gain within the noise: no
+            tried[mode] = f"{ms:.4f} ms: not {1 / MIN_GAIN - 1:.0%} faster for {extra} bytes more"
+        elif ms < best_ms:
             best, best_ms = mode, ms
         layer.set_execution("factored")
     layer.set_execution(best)

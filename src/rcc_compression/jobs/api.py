@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..compression.cascade import CascadePipeline, compression_summary
+from ..compression.layers import to_inference
 from ..compression.rate import achieved_rate, apply_rate
 from ..compression.registry import STAGES
 from ..compression.stage import Distiller
@@ -127,6 +128,10 @@ def compress_model(
     ``preserve_data`` is AlphaEdit's preserve set (``alphaedit.mode: closed_form``: outputs on it
     must not move). ``reference_model`` (or ``compression.dare.reference_model``) is the base a
     fine-tune came from, for ``dare.target: delta`` (published DARE).
+
+    The model is compressed in place and returned in eval mode, its compressed layers in their
+    inference form: it holds what its checkpoint would store (``train()`` brings back the float
+    parameters recovery training needs, ``eval()`` gives them back).
     """
     cfg = _resolve_config(config)
     seed = cfg.experiment.seed if seed is None else seed
@@ -200,6 +205,7 @@ def compress_model(
                        f"{failed['round']}) at {at}")
             stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
             log.warning(stats["rate_note"])
+    to_inference(inner)  # what it stores and nothing more; train() makes float parameters again
     out.compression_stats = stats
     return out
 

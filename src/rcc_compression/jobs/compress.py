@@ -6,19 +6,22 @@ arguments and draws progress bars.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..compression.calibration import run_outputs
 from ..compression.cascade import compression_summary
 from ..compression.offload import materialize
 from ..compression.rate import achieved_rate, apply_rate
 from ..compression.storage import save_compressed
 from ..config import RCCConfig, dump_config
 from ..data.calibration import build_calibration_batches, calibration_items
-from ..evaluation.efficiency import compare_efficiency, kernel_mix, measured_storage, optimize_execution
+from ..evaluation.efficiency import compare_efficiency, measured_storage
+from ..evaluation.inference import DTYPES, prepare_for_inference
 from ..evaluation.suite import HEADLINE_NAMES, benchmark_datasets, evaluate_model
 from ..models.registry import get_model, unwrap_model
 from ..training.callbacks import TrackingCallback
@@ -171,18 +174,22 @@ def _run_compress(
             distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
         )
         pipe.run(wrapper, resume=resume)
-        tracker.log_event("phase", phase="evaluation")
+        tracker.log_event("phase", phase="inference form")
+        # timed with its weights resident: an offloaded teacher reads them from files on every call
+        dense = materialize(pipe.dense_model)
+        served, inference = inference_step(wrapper, dense, cfg, fit, holdout)
         out_dir = run_dir / "compressed"
         manifest = save_compressed(wrapper, out_dir, config=resolved, records=pipe.records, overwrite=True,
-                                   encrypt_key=encrypt_key)
-        comp_quality, comp_ci = quality_metrics(wrapper, cfg) if evaluate else ({}, {})
-        kernels: dict[str, int] = {}
+                                   encrypt_key=encrypt_key, extra={"inference": {"dtype": inference["dtype"]}})
+        tracker.log_event("phase", phase="evaluation")
+        comp_quality, comp_ci = quality_metrics(served, cfg) if evaluate else ({}, {})
         effs: dict[str, Any] = {}
         if evaluate and "efficiency" in cfg.evaluation.measures():
             probe = holdout[0] if holdout else fit[0]  # inputs for timing: any batch will do
-            kernels = kernel_mix(optimize_execution(wrapper, probe))
-            # timed with its weights resident: an offloaded teacher reads them from files on every call
-            effs = compare_efficiency({"dense": materialize(pipe.dense_model), "compressed": wrapper}, probe)
+            models = {"dense": dense, "compressed": served}
+            if inference["dtype"] != "float32":  # the dense model in the same compute dtype, for a fair ratio
+                models[f"dense {inference['dtype']}"] = copy.deepcopy(dense).to(DTYPES[inference["dtype"]])
+            effs = compare_efficiency(models, probe)
         results = {
             "model": cfg.model.name,
             "stages": section.cascade.stages,
@@ -191,9 +198,10 @@ def _run_compress(
             "records": pipe.records,
             "quality": {"dense": dense_quality, "compressed": comp_quality},
             "quality_ci": {"dense": dense_ci, "compressed": comp_ci},
-            "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
+            "efficiency": {k: effs.get(k, {}) for k in ("dense", "compressed", *effs)},
             "plan": plan,
-            "execution_kernels": kernels,
+            "inference": inference,
+            "execution_kernels": inference["kernels"],
             "stored_bytes_measured": measured_storage(out_dir),
             "stored_bytes_reported": manifest["stored_bytes"],
             "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
@@ -209,6 +217,18 @@ def _run_compress(
         else:
             finish_compress_tracking(tracker, cfg, run_dir, results)
         return results
+
+
+def inference_step(wrapper: nn.Module, dense: nn.Module, cfg: RCCConfig, fit: list[dict[str, Any]],
+                   holdout: list[dict[str, Any]]) -> tuple[nn.Module, dict[str, Any]]:
+    """The compressed model in its inference form, dtype and kernels chosen by measurement
+    (:func:`~rcc_compression.evaluation.inference.prepare_for_inference`, judged on the holdout by the
+    gate's agreement with the dense model and threshold); returns the model to evaluate and serve, and
+    the record. ``wrapper`` itself keeps its dtype (it is what is saved)."""
+    probe = holdout[0] if holdout else fit[0]
+    teacher = run_outputs(dense, holdout) if holdout else None
+    return prepare_for_inference(wrapper, probe, cfg.inference.dtype, cfg.inference.kernels, holdout or None,
+                                 teacher, cfg.compression.cascade.validation_threshold)
 
 
 def compress_outcome(section: Any, pipe: CompressionPipeline, model: nn.Module) -> dict[str, Any]:
@@ -297,14 +317,28 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      f"{sc['stored_bytes_model'] / sd['stored_bytes_model']:.3f}"))
         rows.append(("compression rate (layers)", "0.0000", f"{sc['compression_rate_layers']:.4f}", "-"))
         rows.append(("compression rate (model)", "0.0000", f"{sc['compression_rate_model']:.4f}", "-"))
+        md, mc = ed.get("memory", {}), ec.get("memory", {})
+        if "resident_bytes" in md and "resident_bytes" in mc:
+            rows.append(("resident MB (tensors held, loaded)", f"{md['resident_bytes'] / 1e6:.3f}",
+                         f"{mc['resident_bytes'] / 1e6:.3f}", f"{mc['resident_bytes'] / md['resident_bytes']:.3f}"))
+        inference = results.get("inference") or {}
+        same = results["efficiency"].get(f"dense {inference.get('dtype')}") or {}
+        where = "CPU latency" if ed["device"] == "cpu" else "latency"
         for bs in ed["per_batch_size"]:
             ld = ed["per_batch_size"][bs]["latency"]["median_ms"]
             lc = ec["per_batch_size"][bs]["latency"]["median_ms"]
-            rows.append((f"CPU latency bs={bs} (ms, median)" if ed["device"] == "cpu" else
-                         f"latency bs={bs} (ms, median)", f"{ld:.2f}", f"{lc:.2f}", f"{lc / ld:.3f}"))
+            rows.append((f"{where} bs={bs} (ms, median)", f"{ld:.2f}", f"{lc:.2f}", f"{lc / ld:.3f}"))
+            if bs in same.get("per_batch_size", {}):
+                ls = same["per_batch_size"][bs]["latency"]["median_ms"]
+                rows.append((f"{where} bs={bs}, dense in {inference['dtype']}", f"{ls:.2f}", f"{lc:.2f}",
+                             f"{lc / ls:.3f}"))
             fd = ed["per_batch_size"][bs]["flops"]["dense_flops"]
             fs = ec["per_batch_size"][bs]["flops"]["sparsity_aware_flops"]
             rows.append((f"GFLOPs bs={bs} (sparsity-aware)", f"{fd / 1e9:.4f}", f"{fs / 1e9:.4f}", f"{fs / fd:.3f}"))
+    inference = results.get("inference")
+    if inference:
+        rows.append(("compute dtype (measured: " + ", ".join(inference["tried"]) + ")", "float32",
+                     inference["dtype"], "-"))
     kernels = results.get("execution_kernels")
     if kernels:
         rows.append(("inference kernels (compressed layers)", "dense", ", ".join(f"{k} {v}" for k, v in

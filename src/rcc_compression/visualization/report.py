@@ -29,6 +29,11 @@ def _row(run: str, variant: str, metric: str, value: Any, lo: Any = None, hi: An
 def _compress_rows(run: RunRecords) -> list[dict[str, Any]]:
     res = run.results or {}
     rows: list[dict[str, Any]] = []
+    inference = res.get("inference") or {}
+    if inference:
+        mix = ", ".join(f"{k} {v}" for k, v in sorted((inference.get("kernels") or {}).items()))
+        rows.append(_row(run.name, "compressed", "compute dtype", str(inference.get("dtype"))))
+        rows.append(_row(run.name, "compressed", "inference kernels", mix))
     for variant in ("dense", "compressed"):
         ci = run.quality_ci(variant)
         for key, value in res.get("quality", {}).get(variant, {}).items():
@@ -47,6 +52,9 @@ def _compress_rows(run: RunRecords) -> list[dict[str, Any]]:
         params = eff.get("parameters", {})
         if "stored" in params:
             rows.append(_row(run.name, variant, "parameters stored", params["stored"]))
+        memory = eff.get("memory", {})
+        if "resident_bytes" in memory:
+            rows.append(_row(run.name, variant, "resident bytes (tensors held, loaded)", memory["resident_bytes"]))
         for bs, entry in eff.get("per_batch_size", {}).items():
             lat = entry.get("latency", {})
             if "median_ms" in lat:
@@ -115,6 +123,8 @@ def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
 def _fmt(value: Any, lo: Any = None, hi: Any = None) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str):
+        return value
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     v = float(value)
