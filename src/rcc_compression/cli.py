@@ -116,6 +116,7 @@ def compress(
         cfg = load_config(cfg_file)
         key = checkpoint_key(encrypt, key_file, resume)
         run_dir = resume
+        no_eval = no_eval or _recorded_no_eval(resume)  # a run started with --no-eval resumes without it too
     else:
         cfg = load_config(config, sets)
         key = checkpoint_key(encrypt, key_file)
@@ -131,6 +132,7 @@ def compress(
     ) as bar:
         if key is not None:
             record.update(encrypted=True)
+        record.update(options={"no_eval": no_eval})
         steps = bar.add_task("cascade steps", total=None)
         layers = bar.add_task("layers", total=None)
 
@@ -154,6 +156,16 @@ def compress(
     Console(width=max(Console().width, 110)).print(table)
     typer.secho(outcome_sentence(outcome), fg=None if outcome["status"] == "met" else typer.colors.YELLOW, bold=True)
     typer.echo(f"run directory: {run_dir}")
+
+
+def _recorded_no_eval(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` was started with ``--no-eval`` (its ``run.json`` says so)."""
+    try:
+        record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    options = record.get("options") if isinstance(record, dict) else None
+    return bool(options.get("no_eval")) if isinstance(options, dict) else False
 
 
 @app.command()
@@ -187,7 +199,12 @@ def train(
     if reference is not None:
         if output is None:
             raise ConfigError("rcc train --reference: --output DIR (the model directory to write) is required")
-        _train_reference(reference, output, None, seed or 0, 20.0, None, verbose, quiet)
+        if data is not None or val is not None or epochs is not None or resume or overwrite:
+            raise ConfigError("rcc train --reference trains on the world it generates; it takes --output, --steps, "
+                              "--seed, --config and --set (not --data, --val, --epochs, --resume, --overwrite)")
+        overrides = _reference_overrides(config, set_, steps, seed)
+        _train_reference(reference, output, None, overrides.get("seed", 0), 20.0, overrides.get("steps"),
+                         verbose, quiet, overrides)
         return
     sets = _overrides(set_, None, seed)
     for key, value in (("dataset.train", data), ("dataset.val", val), ("training.max_steps", steps),
@@ -204,16 +221,58 @@ def train(
     typer.echo(f"run directory: {run_dir}")
 
 
+#: the config keys ``rcc train --reference`` honours, and the recipe fields they set
+REFERENCE_KEYS = {"training.max_steps": "steps", "training.learning_rate": "lr", "training.batch_size": "batch_size",
+                  "training.weight_decay": "weight_decay", "training.warmup_steps": "warmup",
+                  "experiment.seed": "seed"}
+
+
+def _reference_overrides(config: Path | None, sets: list[str] | None, steps: int | None, seed: int | None
+                         ) -> dict[str, Any]:
+    """Recipe fields from --config (its keys that differ from the defaults), --set and --steps/--seed (last wins).
+
+    Only the keys of :data:`REFERENCE_KEYS` mean something for a reference model; any other key a
+    user sets is refused (not silently ignored).
+    """
+    from .config import dump_config, load_config
+
+    def flat(d: dict[str, Any], pre: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    defaults = flat(dump_config(load_config(None)))
+    chosen = {k: v for k, v in flat(dump_config(load_config(config))).items() if defaults.get(k) != v} if config else {}
+    for item in sets or []:
+        key = item.partition("=")[0].strip()
+        chosen[key] = flat(dump_config(load_config(config, [item])))[key] if key in defaults else None
+    unknown = sorted(k for k in chosen if k not in REFERENCE_KEYS and not k.startswith("experiment.name"))
+    if unknown:
+        raise ConfigError(f"rcc train --reference: {', '.join(unknown)} do not apply to a reference model; it "
+                          f"honours {', '.join(REFERENCE_KEYS)} (--steps and --seed set the first and last)")
+    out = {REFERENCE_KEYS[k]: v for k, v in chosen.items() if k in REFERENCE_KEYS and v is not None}
+    out.update({k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None})
+    return out
+
+
 def _train_reference(kind: str, out: Path, world: Path | None, seed: int, minutes: float, steps: int | None,
-                     verbose: int, quiet: bool) -> None:
+                     verbose: int, quiet: bool, overrides: dict[str, Any] | None = None) -> None:
     from .jobs.reference import train_reference
     from .utils.logging import setup_logging
 
     if kind not in ("clip", "blip"):
         raise ConfigError(f"reference kind: got {kind!r}; allowed: clip, blip")
     setup_logging(_verbosity(verbose, quiet), out)
+    recipe = None
+    if overrides:
+        from dataclasses import replace
+
+        from .jobs.reference import default_recipe
+
+        recipe = replace(default_recipe(kind, seed), **overrides)
     record = train_reference(kind, out, world_dir=world, seed=seed, time_budget_s=minutes * 60, steps=steps,
-                             progress=not quiet)
+                             progress=not quiet, recipe=recipe)
     for name, value in record["figures"].items():
         typer.echo(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     typer.echo(f"model written to {out}")
@@ -287,7 +346,7 @@ def evaluate(
     from .config import load_config
     from .evaluation.suite import results_table
     from .jobs.common import evaluation_datasets
-    from .jobs.evaluate import evaluate_job
+    from .jobs.evaluate import check_datasets_exist, evaluate_job
     from .utils.logging import setup_logging
     from .utils.runs import new_run_dir
 
@@ -298,10 +357,12 @@ def evaluate(
     ev = cfg.evaluation
     benchmarks = ev.benchmarks + (["efficiency"] if "efficiency" in (ev.metrics or ()) and
                                   "efficiency" not in ev.benchmarks else [])
+    datasets = dataset or evaluation_datasets(cfg)
+    check_datasets_exist(datasets, cfg.dataset.root)  # a missing dataset makes no run directory
     run_dir = output or new_run_dir(cfg.experiment.output_dir, "evaluate")
     setup_logging(_verbosity(verbose, quiet), run_dir)
     results = evaluate_job(
-        cfg, run_dir, benchmarks=benchmarks, datasets=dataset or evaluation_datasets(cfg),
+        cfg, run_dir, benchmarks=benchmarks, datasets=datasets,
         split=split, batch_size=ev.batch_size,
         bootstrap_samples=ev.bootstrap_samples if bootstrap is None else bootstrap, max_items=max_items,
         templates=templates, world_seed=world_seed, skip_bad=skip_bad or cfg.dataset.skip_bad,
@@ -369,10 +430,16 @@ def serve(
     batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", help="Wait budget for a batch to fill.")] = 5.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Request timeout in seconds.")] = 30.0,
     threads: Annotated[int | None, typer.Option("--threads", help="torch intra-op threads.")] = None,
+    key_out: Annotated[Path | None, typer.Option("--key-out", help="Write the generated API key to FILE (mode 0600) instead of showing it on the terminal.")] = None,  # noqa: E501
+    allow_download: Annotated[bool, typer.Option("--allow-download", help="Let a source that is not bundled or local be fetched from the Hugging Face hub.")] = False,  # noqa: E501
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
-    """Serve models over HTTP: embeddings, similarity, zero-shot (CLIP), captions and VQA (BLIP)."""
+    """Serve models over HTTP: embeddings, similarity, zero-shot (CLIP), captions and VQA (BLIP).
+
+    Without --keys a key is generated: shown once on the terminal, or written to --key-out FILE;
+    with standard output redirected (a log) --key-out or --keys is required.
+    """
     from .serving.inputs import ServeLimits
     from .serving.server import run_server
     from .utils.crypto import load_key
@@ -384,7 +451,8 @@ def serve(
 
         torch.set_num_threads(threads)
     run_server(list(sources), host, port, str(keys) if keys else None, no_auth, load_key(key_file),
-               ServeLimits(request_timeout_s=timeout), max_batch, batch_wait_ms, echo=lambda s: typer.echo(s))
+               ServeLimits(request_timeout_s=timeout), max_batch, batch_wait_ms, echo=lambda s: typer.echo(s),
+               key_out=str(key_out) if key_out else None, allow_download=allow_download)
 
 
 @app.command("export")
@@ -578,9 +646,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     Bad input (config, model, data: :class:`RCCError`) prints one line; a usage error (unknown
     option or command, missing or bad argument) prints Click's usage line and message. Both exit 2.
     """
+    from .utils.runs import Terminated, terminate_gracefully
+
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=args, prog_name="rcc", standalone_mode=False)
+        with terminate_gracefully():  # SIGTERM unwinds: run.json records it, children stop, temp folders go
+            app(args=args, prog_name="rcc", standalone_mode=False)
+    except Terminated as exc:
+        typer.echo(f"stopped: {exc}", err=True)
+        return 128 + exc.signum
     except RCCError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2

@@ -91,3 +91,72 @@ def test_queue_is_bounded_and_cancelled_requests_are_dropped():
 
     run(main())
     assert ran == [0, 2]
+
+
+def test_a_bad_item_fails_only_its_own_request():
+    """A batch that fails is run again request by request: only the request whose own items fail gets the error."""
+    from rcc_compression.serving.batching import ItemFailed
+
+    def work(key, items):
+        if "bad" in items:
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return [x.upper() for x in items]
+
+    async def main():
+        b = DynamicBatcher(work, max_batch=16, max_wait_s=0.05)
+        b.start()
+        reqs = [b.submit("k", [f"t{i}"]) for i in range(8)] + [b.submit("k", ["bad"])]
+        out = await asyncio.gather(*reqs, return_exceptions=True)
+        await b.close()
+        return out
+
+    for _ in range(3):
+        out = run(main())
+        assert out[:8] == [[f"T{i}"] for i in range(8)]
+        assert isinstance(out[8], ItemFailed) and "UnicodeEncodeError" in str(out[8])
+
+
+def test_large_requests_take_turns_and_abandoned_ones_stop():
+    """A request over max_batch runs a batch per turn; a small one arriving meanwhile goes next; a cancelled
+    one runs no further batch."""
+    calls = []
+
+    def work(key, items):
+        calls.append(list(items))
+        time.sleep(0.02)
+        return items
+
+    async def main():
+        b = DynamicBatcher(work, max_batch=4, max_wait_s=0.0)
+        b.start()
+        big = asyncio.ensure_future(b.submit("k", list(range(100, 116))))
+        await asyncio.sleep(0.005)
+        small = await b.submit("k", ["s"])
+        big.cancel()
+        await asyncio.sleep(0.1)
+        await b.close()
+        return small
+
+    assert run(main()) == ["s"]
+    assert calls[0] == [100, 101, 102, 103] and "s" in calls[1], calls
+    assert sum(len(c) for c in calls) < 16, "the cancelled request kept running"
+
+
+def test_a_request_that_cannot_finish_in_time_is_refused_before_it_runs():
+    from rcc_compression.serving.batching import WouldTimeOut
+
+    def work(key, items):
+        time.sleep(0.01 * len(items))
+        return items
+
+    async def main():
+        b = DynamicBatcher(work, max_batch=8, max_wait_s=0.0)
+        b.start()
+        await b.submit("k", list(range(8)))  # measures about 0.01 s per item
+        with pytest.raises(WouldTimeOut, match="need about"):
+            await b.submit("k", list(range(64)), deadline=time.monotonic() + 0.2)
+        ok = await b.submit("k", [1, 2], deadline=time.monotonic() + 0.2)
+        await b.close()
+        return ok
+
+    assert run(main()) == [1, 2]

@@ -56,5 +56,7 @@ def test_cli_with_nothing_to_evaluate_exits_2_with_the_reasons(tmp_path, capsys,
     assert main(["evaluate", "-m", "rcc-clip-world", "-d", "imagenet", "-d", "mscoco", "-o", str(tmp_path / "e"),
                  "-q"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: no benchmark ran (zero_shot on imagenet: cannot open: ")
-    assert "zero_shot on mscoco: zero_shot needs a classification dataset" in last
+    # checked before the run directory is made: nothing of an evaluation that cannot run is left behind
+    assert last.startswith("error: dataset not found: imagenet (a known name: set dataset.root or $RCC_DATA_ROOT")
+    assert "mscoco (a known name: set dataset.root or $RCC_DATA_ROOT to the directory that holds coco/)" in last
+    assert not (tmp_path / "e").exists()

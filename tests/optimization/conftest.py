@@ -57,7 +57,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one cluster for every module that needs it
 def postgres_url():
     """A PostgreSQL cluster in a temporary directory on 127.0.0.1 and its own port; removed afterwards.
 

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
 import json
 import os
 import reprlib
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,10 @@ from ..utils.io import (
     atomic_save_safetensors,
     atomic_write_bytes,
     atomic_write_json,
-    load_safetensors,
     sha256_bytes,
     sha256_file,
 )
+from ..utils.logging import get_logger
 from .layers import (
     ACT_BITS,
     CompressedLinear,
@@ -59,6 +61,8 @@ from .layers import (
     unpack_codes,
 )
 from .quant import BITS, part_bytes
+
+log = get_logger("storage")
 
 FORMAT = "rcc-compressed"
 FORMAT_VERSION = 3
@@ -416,15 +420,42 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], key: bytes | No
     atomic_write_bytes(path, encrypt_bytes(data, key), mode=0o600)
 
 
-def _read_tensors(path: Path, key: bytes | None, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+def verified_bytes(root: Path, rel: str, manifest: dict[str, Any], verify: bool = True) -> bytes:
+    """The bytes of the listed file ``rel``, read once and checked (size, sha256) as read: what is hashed is
+    what is used, so a file replaced between the check and the use cannot slip in. An unlisted file is refused."""
+    entry = manifest["files"].get(rel)
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{root}: file {rel} is not listed in the manifest")
+    f = root / rel
+    try:
+        data = f.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{root}: file {rel} listed in the manifest is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{f}: cannot read: {exc.strerror or exc}") from None
+    if verify:
+        recorded = entry.get("bytes")
+        if isinstance(recorded, int) and len(data) != recorded:
+            how = "truncated" if len(data) < recorded else "longer than saved"
+            raise CheckpointError(f"{root}: file {rel} is {how} ({len(data)} bytes, the manifest records {recorded})")
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise CheckpointError(f"{root}: file {rel} is corrupt (sha256 mismatch; truncated or modified)")
+    return data
+
+
+def _read_tensors(path: Path, key: bytes | None, manifest: dict[str, Any], verify: bool = False
+                  ) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` (a listed file of the checkpoint), checked against the manifest as read when
+    ``verify``."""
     from safetensors import SafetensorError
+    from safetensors.torch import load
 
     try:
+        data = verified_bytes(path.parent, path.name, manifest, verify)
         if not manifest.get("encrypted"):
-            with open(path, "rb") as fh:
-                if fh.read(len(MAGIC)) == MAGIC:
-                    raise CheckpointError(f"{path}: file is encrypted but the manifest says it is not")
-            return load_safetensors(path)
+            if data[:len(MAGIC)] == MAGIC:
+                raise CheckpointError(f"{path}: file is encrypted but the manifest says it is not")
+            return load(data)
         if key is None:
             raise CheckpointError(f"{path.parent}: checkpoint is encrypted; give the key "
                                   "(RCC_CHECKPOINT_KEY or a key file)")
@@ -432,9 +463,7 @@ def _read_tensors(path: Path, key: bytes | None, manifest: dict[str, Any]) -> di
         if isinstance(stored_id, str) and stored_id != key_id(key):
             raise CheckpointError(f"{path.parent}: wrong key: the checkpoint was encrypted with key id {stored_id}, "
                                   f"the given key has id {key_id(key)}")
-        from safetensors.torch import load
-
-        return load(decrypt_bytes(path.read_bytes(), key, what=str(path)))
+        return load(decrypt_bytes(data, key, what=str(path)))
     except SafetensorError as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
     except OSError as exc:
@@ -550,10 +579,10 @@ def _skeleton(manifest: dict[str, Any]) -> nn.Module:
         return model_cls(cfg)
 
 
-def load_layer_tensors(path: Path, manifest: dict[str, Any], key: bytes | None = None
+def load_layer_tensors(path: Path, manifest: dict[str, Any], key: bytes | None = None, verify: bool = True
                        ) -> dict[str, dict[str, torch.Tensor]]:
-    """Stored tensors grouped by layer name."""
-    flat = _read_tensors(path / LAYERS_FILE, key, manifest)
+    """Stored tensors grouped by layer name (with ``verify``, the bytes read are checked against the manifest)."""
+    flat = _read_tensors(path / LAYERS_FILE, key, manifest, verify)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in flat.items():
         name, _, part = k.rpartition("::")
@@ -589,9 +618,10 @@ def install_layers(model: nn.Module, manifest: dict[str, Any], grouped: dict[str
         replace_module(model, name, layer.to(target) if target is not None else layer)
 
 
-def install_rest(path: Path, manifest: dict[str, Any], model: nn.Module, key: bytes | None = None) -> None:
+def install_rest(path: Path, manifest: dict[str, Any], model: nn.Module, key: bytes | None = None,
+                 verify: bool = True) -> None:
     """Load ``rest.safetensors`` (every parameter and buffer outside the compressed layers) into ``model``."""
-    rest = _read_tensors(path / REST_FILE, key, manifest)
+    rest = _read_tensors(path / REST_FILE, key, manifest, verify)
     for alias, original in manifest["aliases"].items():
         if original in rest:
             rest[alias] = rest[original]
@@ -627,17 +657,22 @@ def load_compressed(
 
     ``model`` supplies the architecture for custom modules; HF CLIP/BLIP are rebuilt from the
     manifest, with their parameters on the meta device until the stored tensors take their place
-    (nothing dense is ever allocated). Every file's sha256 is checked first (``verify``). The
-    compressed layers come in their inference form (``form="inference"``: the model holds what the
-    checkpoint stores, parts decoded per call; ``train()`` makes float parameters for training) or
-    in the working form (``form="working"``: float parameters, as the compression stages use).
-    ``dtype`` is the compute dtype: ``"recorded"`` (the one the compress job measured fastest within
-    its gate, when the manifest records one; else as stored), ``None`` (as stored) or a dtype.
+    (nothing dense is ever allocated). Only the files the manifest lists are read, each once, and
+    with ``verify`` the bytes read are checked against its size and sha256 before they are used (no
+    gap between check and use); files added to the directory (a ``processor_config.json``, an
+    ``added_tokens.json``) are ignored, with a warning. The compressed layers come in their
+    inference form (``form="inference"``: the model holds what the checkpoint stores, parts decoded
+    per call; ``train()`` makes float parameters for training) or in the working form
+    (``form="working"``: float parameters, as the compression stages use). ``dtype`` is the compute
+    dtype: ``"recorded"`` (the one the compress job measured fastest within its gate, when the
+    manifest records one; else as stored), ``None`` (as stored) or a dtype.
     """
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
-        verify_files(path, manifest)
+        for rel in manifest["files"]:  # every listed file there before anything is read
+            if not (path / rel).is_file():
+                raise CheckpointError(f"{path}: file {rel} listed in the manifest is missing")
     wrapper = model if isinstance(model, ModelWrapper) else None
     inner = wrapper.model if wrapper is not None else (model if model is not None else _skeleton(manifest))
     reference = None
@@ -645,8 +680,8 @@ def load_compressed(
         ref_inner = unwrap_model(reference_model)
         reference = {n: m.weight.detach() for n, m in ref_inner.named_modules() if isinstance(m, nn.Linear)}
         reference.update({n: m.inner_weight().detach() for n, m in compressed_layers(ref_inner).items()})
-    install_layers(inner, manifest, load_layer_tensors(path, manifest, key), reference, device)
-    install_rest(path, manifest, inner, key)
+    install_layers(inner, manifest, load_layer_tensors(path, manifest, key, verify), reference, device)
+    install_rest(path, manifest, inner, key, verify)
     inner.to(device).eval()
     target = (manifest.get("inference") or {}).get("dtype") if dtype == "recorded" else dtype
     if target is not None:
@@ -657,11 +692,32 @@ def load_compressed(
         raise ValueError(f"form must be 'inference' or 'working', got {form!r}")
     if wrapper is not None:
         return wrapper
-    proc_dir = path / "processor"
-    if manifest.get("wrapper") and proc_dir.is_dir():
-        img, tok = _load_processors(str(proc_dir), manifest["wrapper"])
+    listed = [rel for rel in manifest["files"] if rel.startswith("processor/")]
+    if manifest.get("wrapper") and listed:
+        img, tok = load_listed_processors(path, manifest, verify)
         return wrap_model(inner, img, tok, name=str(path))
     return inner
+
+
+def load_listed_processors(path: Path, manifest: dict[str, Any], verify: bool = True) -> tuple[Any, Any]:
+    """(image processor, tokenizer) from the checkpoint's listed ``processor/`` files only.
+
+    Each listed file is read once (and checked, with ``verify``) and written to a private temporary
+    directory the processors load from, so neither an unlisted file beside them nor a file changed
+    after its check reaches them.
+    """
+    listed = sorted(rel for rel in manifest["files"] if rel.startswith("processor/"))
+    proc_dir = path / "processor"
+    present = (p.relative_to(path).as_posix() for p in proc_dir.rglob("*") if p.is_file()) if proc_dir.is_dir() else ()
+    extra = sorted(rel for rel in present if rel not in manifest["files"])
+    if extra:
+        log.warning("%s: ignoring %d file(s) the manifest does not list: %s", path, len(extra), ", ".join(extra[:5]))
+    with tempfile.TemporaryDirectory(prefix="rcc-processor-") as tmp:
+        for rel in listed:
+            target = Path(tmp) / rel.removeprefix("processor/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(verified_bytes(path, rel, manifest, verify))
+        return _load_processors(tmp, manifest["wrapper"])
 
 
 def export_dense(model: nn.Module, path: str | os.PathLike[str], overwrite: bool = False) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -81,10 +82,19 @@ def _open(fp: Any, formats: tuple[str, ...] | list[str] | None, what: str) -> An
     try:
         return Image.open(fp, formats=list(formats) if formats is not None else None)
     except Image.DecompressionBombError as exc:  # over twice Pillow's global MAX_IMAGE_PIXELS
-        raise ImageTooLarge(f"{what}: {exc}", "max_pixels", -1, int(Image.MAX_IMAGE_PIXELS or 0)) from None
+        raise _bomb(exc, what) from None
     except Exception:  # noqa: BLE001 - Pillow raises many types for junk input
         allowed = f" (allowed: {', '.join(formats)})" if formats is not None else ""
         raise ImageError(f"{what}: not a readable image{allowed}") from None
+
+
+def _bomb(exc: Exception, what: str) -> ImageTooLarge:
+    """Pillow's own refusal (over twice ``Image.MAX_IMAGE_PIXELS``) as :class:`ImageTooLarge`."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    limit = 2 * int(Image.MAX_IMAGE_PIXELS or 0)
+    pixels = int(found.group(1)) if found else -1
+    return ImageTooLarge(f"{what}: {pixels} pixels exceeds max_pixels={limit} (Pillow's decompression-bomb bound)",
+                         "max_pixels", pixels, limit)
 
 
 @contextlib.contextmanager
@@ -143,7 +153,7 @@ def open_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
             img.load()  # the pixels now live in memory: the image outlives the file
             return img.convert(mode) if mode is not None and img.mode != mode else img
         except Image.DecompressionBombError as exc:
-            raise ImageTooLarge(f"{what}: {exc}", "max_pixels", -1, int(Image.MAX_IMAGE_PIXELS or 0)) from None
+            raise _bomb(exc, what) from None
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageError(f"{what}: image data is truncated or corrupt ({str(exc)[:120]})") from None
 

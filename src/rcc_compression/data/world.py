@@ -24,6 +24,7 @@ of a split can be regenerated in memory (:func:`world_scenes`) exactly as it is 
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import hashlib
 import io
 import json
@@ -40,6 +41,10 @@ import numpy as np
 
 from ..errors import DataError
 from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.logging import get_logger
+from ..utils.progress import interactive, progress_bar
+
+log = get_logger("data")
 
 #: bump when rendering or captions change, so recorded figures name the world they were measured on
 WORLD_VERSION = 1
@@ -879,13 +884,32 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RCC_CACHE") or Path.home() / ".cache" / "rcc_compression")
 
 
+@contextlib.contextmanager
+def generation_progress(what: str, bar: bool | None = None) -> Iterator[Callable[[str, int, int], None]]:
+    """A ``report(stage, done, total)`` for :func:`generate_world` that shows where it is: a progress bar on a
+    terminal (``bar``; default: when standard error is one) and a log line per stage at every tenth."""
+    log.info("generating %s (once; later runs reuse it)", what)
+    seen: dict[str, int] = {}
+
+    with progress_bar(interactive() if bar is None else bar, by_first_word=False) as show:
+        def report(stage: str, done: int, total: int) -> None:
+            show(f"world {stage}", done, total)
+            tenth = (10 * done) // max(total, 1)
+            if tenth > seen.get(stage, -1):
+                seen[stage] = tenth
+                log.info("world %s: %d/%d images", stage, done, total)
+
+        yield report
+
+
 def ensure_world(
     seed: int = DEFAULT_SEED,
     splits: Sequence[str] = ("test",),
     cache_dir: str | os.PathLike[str] | None = None,
     spec: WorldSpec | None = None,
 ) -> Path:
-    """A generated world with ``splits`` at default sizes, made once and then reused from the cache."""
+    """A generated world with ``splits`` at default sizes, made once and then reused from the cache (with
+    progress shown while it is generated: the train split takes minutes)."""
     spec = spec or WorldSpec(seed=seed)
     spec.seed = seed
     spec.splits = tuple(s for s in SPLITS if s in set(splits))
@@ -895,7 +919,8 @@ def ensure_world(
         # generate beside the target and rename, so concurrent callers never see half a world
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        generate_world(tmp, spec)
+        with generation_progress(f"the reference world ({', '.join(spec.splits)}; seed {seed}) in {path}") as report:
+            generate_world(tmp, spec, progress=report)
         try:
             os.replace(tmp, path)
         except OSError:  # another process finished first (or a stale partial directory is in the way)

@@ -13,11 +13,36 @@ from typing import Any
 
 from ..compression.export import checkpoint_dir, load_deployable
 from ..config import RCCConfig, dump_config
+from ..data.datasets import KNOWN_DATASETS, data_root
+from ..data.splits import parse_spec
+from ..errors import DataError
 from ..evaluation.suite import benchmark_datasets, evaluate_model, results_table
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.runs import RunRecord
 from .data import check_against_lineage
 from .tracking import log_evaluation, start_tracker
+
+
+def check_datasets_exist(datasets: Sequence[Any], root: str | None = None) -> None:
+    """Raise :class:`DataError` naming every dataset spec that points nowhere (a path that does not exist, a
+    known name without its directory), before a run directory is made. ``world`` and ``hf:`` specs pass."""
+    missing = []
+    for spec in datasets:
+        if not isinstance(spec, (str, os.PathLike)):
+            continue
+        base, _ = parse_spec(str(spec), "test")
+        if base == "world" or base.startswith(("world:", "hf:")):
+            continue
+        path = Path(os.path.expanduser(base.split("#", 1)[0]))
+        if base.lower() in KNOWN_DATASETS and not path.exists():
+            where = data_root(root)
+            if where is None or not (where / KNOWN_DATASETS[base.lower()]).exists():
+                missing.append(f"{base} (a known name: set dataset.root or $RCC_DATA_ROOT to the directory that "
+                               f"holds {KNOWN_DATASETS[base.lower()]}/)")
+        elif not path.exists():
+            missing.append(f"{base}: no such file or directory")
+    if missing:
+        raise DataError(f"dataset not found: {'; '.join(missing)}")
 
 
 def run_suite(

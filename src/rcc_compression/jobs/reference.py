@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -55,6 +54,7 @@ from ..data.world import (
     caption_from_objects,
     classification_scenes,
     generate_world,
+    generation_progress,
     load_world_info,
     render_scene,
 )
@@ -71,7 +71,7 @@ from ..training.settings import TrainingSection
 from ..training.trainer import CompressionTrainer
 from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
-from ..utils.runs import RunRecord
+from ..utils.runs import RunRecord, process_tempdir
 from ..utils.seeding import seed_everything
 
 log = get_logger("reference")
@@ -487,7 +487,8 @@ def train_model(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = Fals
 def measure_figures(wrapper: Any, kind: str, spec: Any, bootstrap_samples: int = 1000) -> dict[str, Any]:
     """Evaluate on a test split generated afresh from ``spec`` (a ``WorldSpec``); keys read ``world:PART``."""
     benches = ["zero_shot", "retrieval"] if kind == "clip" else ["captioning"]
-    with tempfile.TemporaryDirectory(prefix="rcc-world-test-") as tmp:
+    with process_tempdir("rcc-world-test-") as tmp_path:
+        tmp = str(tmp_path)
         spec.splits = ("test",)
         spec.parts = ("captions", "classification") if kind == "clip" else ("captions",)
         generate_world(tmp, spec)
@@ -588,11 +589,13 @@ def train_reference(
     torch.set_num_threads(recipe.threads or _free_cores())
     seed_everything(recipe.seed)
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="rcc-world-") as tmp:
+    # named by pid: a run killed outright (no clean-up) has its folder removed by the next one
+    with process_tempdir("rcc-world-") as tmp:
         generated = world_dir is None
         if world_dir is None:
             world_dir = Path(tmp) / "world"
-            generate_world(world_dir, WorldSpec(seed=seed, splits=("train",), parts=("captions",)))
+            with generation_progress(f"the world's train split (seed {seed})", bar=progress) as report:
+                generate_world(world_dir, WorldSpec(seed=seed, splits=("train",), parts=("captions",)), progress=report)
         info = load_world_info(world_dir)
         where = f"generated in a temporary directory (seed {seed}, train split)" if generated else str(world_dir)
         with RunRecord(out / "training_run", {"recipe": asdict(recipe), "world": where}, recipe.seed) as run:

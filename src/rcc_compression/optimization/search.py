@@ -75,7 +75,20 @@ def storage_url(url: str | None, out_dir: Path) -> str:
         return f"sqlite:///{(out_dir / 'study.db').resolve()}"
     if not url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg2://", "postgresql+psycopg://")):
         raise ConfigError(f"--storage {url.split('@')[-1]!r}: expected sqlite:///PATH or postgresql://...")
+    if url.startswith("postgresql://"):  # SQLAlchemy's default driver differs between versions: name one installed
+        return f"postgresql+{postgres_driver()}://" + url.removeprefix("postgresql://")
     return url
+
+
+def postgres_driver() -> str:
+    """The PostgreSQL driver to use: ``psycopg`` (3) when installed, else ``psycopg2``."""
+    import importlib.util
+
+    for name in ("psycopg", "psycopg2"):
+        if importlib.util.find_spec(name) is not None:
+            return name
+    raise SearchError("a postgresql:// storage needs a PostgreSQL driver: pip install 'rcc-compression[search]' "
+                      "(psycopg)")
 
 
 def open_storage(url: str, search: SearchConfig) -> Any:

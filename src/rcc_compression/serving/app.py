@@ -9,16 +9,24 @@ Endpoints (JSON in and out; images as base64):
 
 Every ``/v1`` route and ``/metrics`` needs an API key (``Authorization: Bearer KEY`` or
 ``X-API-Key``) unless the app was built without a key store; the key must be allowed the model
-(401 without a valid key, 403 for a model it may not use). Limits are checked before any work:
-the body size and read time in the outer ASGI guard, the rest per field (413 for size, 422 for
-content, both as ``{"error": {"code", "message", "limit", "value", "max"}}``).
+(401 without a valid key, 403 for a model it may not use). ``/metrics`` shows the per-model
+figures of the models the key may use only, and ``/readyz`` names models only to a valid key
+(those it may use). Limits are checked before any work: the body size and read time in the outer
+ASGI guard (which reads no body of a public path), the rest per field (413 for size, 422 for
+content, both as ``{"error": {"code", "message", "limit", "value", "max"}}``); every error,
+404 and 405 included, has that ``{"error": ...}`` form. One request cannot take the others down:
+a bad item fails only its own request (4xx), a request whose estimated model time exceeds what
+its deadline leaves is refused before it runs (503), and a request that times out stops taking
+the model's time at the next batch boundary (see :mod:`.batching`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -28,10 +36,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import KeyRecord, KeyStore, bearer_key
-from .batching import DynamicBatcher, QueueFull
-from .inputs import LimitError, ServeLimits, check_batch, check_texts, decode_image, over
+from .batching import DynamicBatcher, ItemFailed, QueueFull, WouldTimeOut
+from .inputs import (
+    LimitError,
+    ServeLimits,
+    check_batch,
+    check_texts,
+    decode_image,
+    expand_templates,
+    over,
+    probe_images,
+)
 from .models import ServedModel
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -59,7 +77,8 @@ class SimilarityRequest(ImagesRequest):
 
 class ZeroShotRequest(ImagesRequest):
     labels: list[str] = Field(description="Class names.")
-    templates: list[str] | None = Field(None, description="Prompt templates with '{}' for the class name.")
+    templates: list[str] | None = Field(None, description="Prompt templates, each with exactly one placeholder, "
+                                                         "'{}' or '{label}', for the class name and no other brace.")
 
 
 class CaptionRequest(ImagesRequest):
@@ -80,8 +99,61 @@ class ApiError(Exception):
         self.status, self.code, self.headers = status, code, headers
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: text a client sent (a lone surrogate in a field name
+    echoed by a validation error) can always be written."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    return SafeJSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 413: "limit_exceeded", 415: "unsupported_media_type"}
+
+
+class PixelBudget:
+    """Pixels of decoded images each key holds right now (a request holds its images' until it is answered).
+
+    Only the event loop touches it, so it needs no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, who: str, pixels: int) -> Any:
+        used = self.used.get(who, 0)
+        if used + pixels > self.limit:
+            raise ApiError(429, "too_many_pixels", f"this key has {used} image pixels in flight; {pixels} more "
+                                                   f"exceed max_key_pixels={self.limit}; retry when its other "
+                                                   "requests are answered", {"Retry-After": "1"})
+        self.used[who] = used + pixels
+        try:
+            yield
+        finally:
+            self.used[who] -= pixels
+            if not self.used[who]:
+                del self.used[who]
+
+
+_MODEL_LABEL = re.compile(r'model="((?:[^"\\]|\\.)*)"')
+
+
+def scoped_metrics(text: str, record: KeyRecord) -> str:
+    """The Prometheus text without the samples of models ``record`` may not use."""
+    if "*" in record.models:
+        return text
+    keep = []
+    for line in text.splitlines():
+        found = _MODEL_LABEL.search(line)
+        if found is None or line.startswith("#") or record.allows(found.group(1)):
+            keep.append(line)
+    return "\n".join(keep) + "\n"
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -119,12 +191,17 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _Disconnected(Exception):
+    pass
+
+
 class Guard:
     """ASGI middleware run before routing: API key, body size and read time, request metrics.
 
     A request without a valid key is refused before its body is read; the body is read whole (up
     to ``max_body_bytes``, within the request timeout) and handed on, so no handler ever sees an
-    over-long body.
+    over-long body. No body of a public path is read (they take none: 405 at once). A client that
+    disconnects while its body is read is dropped quietly.
     """
 
     def __init__(self, app: Any, keys: KeyStore | None, limits: ServeLimits, metrics: Metrics) -> None:
@@ -160,17 +237,21 @@ class Guard:
         await send({"type": "http.response.body", "body": data})
 
     async def _guarded(self, scope: dict, receive: Callable, send: Callable, endpoint: str) -> None:
-        if scope["path"] not in PUBLIC_PATHS:
-            if self.keys is None:
-                scope[_SCOPE_KEY] = ANONYMOUS
-            else:
-                record = self.keys.verify(bearer_key(scope["headers"]))
-                if record is None:
-                    await self._reply(send, 401, {"error": {"code": "unauthorized", "message":
-                                      "a valid API key is required (Authorization: Bearer KEY or X-API-Key)"}},
-                                      endpoint, {"WWW-Authenticate": "Bearer"})
-                    return
-                scope[_SCOPE_KEY] = record
+        if scope["path"] in PUBLIC_PATHS:
+            # a key is optional here; given and valid, /readyz names the models it may use
+            scope[_SCOPE_KEY] = ANONYMOUS if self.keys is None else self.keys.verify(bearer_key(scope["headers"]))
+            await self.app(scope, receive, send)  # public paths take no body: it is never read
+            return
+        if self.keys is None:
+            scope[_SCOPE_KEY] = ANONYMOUS
+        else:
+            record = self.keys.verify(bearer_key(scope["headers"]))
+            if record is None:
+                await self._reply(send, 401, {"error": {"code": "unauthorized", "message":
+                                  "a valid API key is required (Authorization: Bearer KEY or X-API-Key)"}},
+                                  endpoint, {"WWW-Authenticate": "Bearer"})
+                return
+            scope[_SCOPE_KEY] = record
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
@@ -182,6 +263,8 @@ class Guard:
             return
         try:
             body = await asyncio.wait_for(self._read(receive, limit), self.limits.request_timeout_s)
+        except _Disconnected:
+            return  # nobody to answer; not an error of the server
         except _BodyTooLarge:
             await self._reply(send, 413, over("max_body_bytes", f">{limit}", limit, "request body").body(), endpoint)
             return
@@ -206,7 +289,7 @@ class Guard:
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                raise asyncio.CancelledError
+                raise _Disconnected
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -217,6 +300,90 @@ class Guard:
 
 
 # ------------------------------------------------------------------------------ the app
+class _Runtime:
+    """What the endpoints share: the models, limits, batchers, the pixel budget and the decoding threads."""
+
+    def __init__(self, models: list[ServedModel], limits: ServeLimits, batchers: dict[str, DynamicBatcher]) -> None:
+        self.models, self.limits, self.batchers = models, limits, batchers
+        self.by_name = {m.name: m for m in models}
+        self.budget = PixelBudget(limits.max_key_pixels)
+        # image decoding runs on two threads of its own: a burst of large images cannot take every core
+        self.decoder = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rcc-decode")
+
+    def resolve(self, request: Request, name: str | None, task: str) -> ServedModel:
+        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
+        if name is None:
+            offering = [m for m in self.models if task in m.tasks and record.allows(m.name)]
+            if not offering:
+                raise ApiError(400, "unsupported_task", f"no served model this key may use offers {task}")
+            return offering[0]
+        if not record.allows(name):  # before the lookup: a key learns nothing about models it may not use
+            raise ApiError(403, "forbidden", f"this API key may not use model {name[:100]!r}")
+        served = self.by_name.get(name)
+        if served is None:
+            allowed = [n for n in self.by_name if record.allows(n)]
+            raise ApiError(404, "unknown_model", f"no served model {name[:100]!r}; served: {allowed}")
+        if task not in served.tasks:
+            raise ApiError(400, "unsupported_task", f"model {name!r} ({served.kind}) does not offer {task}; "
+                                                     f"it offers {list(served.tasks)}")
+        return served
+
+    async def run(self, request: Request, served: ServedModel, key: tuple, items: list[Any]) -> list[Any]:
+        deadline = request.scope.get(_SCOPE_T0, time.monotonic()) + self.limits.request_timeout_s
+        left = deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(self.batchers[served.name].submit(key, items, deadline), max(left, 0.001))
+        except asyncio.TimeoutError:
+            raise ApiError(504, "timeout", f"no answer within request_timeout_s={self.limits.request_timeout_s}"
+                           ) from None
+        except WouldTimeOut as exc:
+            raise ApiError(503, "would_time_out", f"not started: {exc} (request_timeout_s="
+                                                  f"{self.limits.request_timeout_s}); send fewer items") from None
+        except QueueFull as exc:
+            raise ApiError(503, "overloaded", str(exc), {"Retry-After": "1"}) from None
+        except ItemFailed as exc:  # the batch's other requests were answered
+            raise ApiError(422, "unprocessable_input", f"the model failed on this request's input ({exc})") from None
+        except ValueError as exc:  # the model refused the parameters (same for the whole batch: same key)
+            raise ApiError(422, "invalid_request", str(exc).splitlines()[0][:300]) from None
+
+    @contextlib.asynccontextmanager
+    async def images(self, request: Request, data: list[str]) -> AsyncIterator[list[Any]]:
+        """The request's images decoded, their pixels counted against its key until the request is answered."""
+        check_batch(len(data), self.limits, "images")
+        loop = asyncio.get_running_loop()
+        raws, infos = await loop.run_in_executor(self.decoder, probe_images, data, self.limits)
+        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
+        with self.budget.hold(record.id, sum(i.pixels for i in infos)):
+            yield await loop.run_in_executor(
+                self.decoder, lambda: [decode_image(r, self.limits, i) for i, r in enumerate(raws)])
+
+    def texts(self, data: list[str], what: str) -> list[str]:
+        check_batch(len(data), self.limits, what)
+        check_texts(data, self.limits, what)
+        return data
+
+    def generation(self, max_length: int, num_beams: int) -> None:
+        if max_length > self.limits.max_caption_tokens:
+            raise over("max_caption_tokens", max_length, self.limits.max_caption_tokens, "max_length", status=422)
+        if num_beams > self.limits.max_beams:
+            raise over("max_beams", num_beams, self.limits.max_beams, "num_beams", status=422)
+
+    @staticmethod
+    def rows(vectors: list[np.ndarray]) -> list[list[float]]:
+        return [v.astype(float).tolist() for v in vectors]
+
+    async def embed_pair(self, request: Request, served: ServedModel, imgs: list[str], txts: list[str]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        async with self.images(request, imgs) as pics:
+            img, txt = await asyncio.gather(self.run(request, served, ("embed_image",), pics),
+                                            self.run(request, served, ("embed_text",), txts))
+        return np.stack(img), np.stack(txt)
+
+    @staticmethod
+    def logit_scale(served: ServedModel) -> float:
+        return float(served.wrapper.logit_scale.detach())
+
+
 def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLimits | None = None,
                max_batch: int = 16, batch_wait_ms: float = 5.0, max_queue: int = 256) -> FastAPI:
     """The FastAPI app serving ``models``. ``keys=None`` turns authentication off (``--no-auth``)."""
@@ -227,7 +394,6 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
         raise ValueError(f"served model names must differ: {names}")
     limits = limits or ServeLimits()
     metrics = Metrics()
-    by_name = {m.name: m for m in models}
 
     def observer(name: str) -> Callable[[Any, int], None]:
         return lambda key, n: metrics.batch.labels(name, key[0]).observe(n)
@@ -236,6 +402,7 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
                                        max_queue=max_queue, name=m.name, on_batch=observer(m.name))
                 for m in models}
     state = {"ready": False}
+    rt = _Runtime(models, limits, batchers)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -248,10 +415,122 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
             state["ready"] = False
             for b in batchers.values():
                 await b.close()
+            rt.decoder.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="rcc-compression model server", lifespan=lifespan,
+    app = FastAPI(title="rcc-compression model server", lifespan=lifespan, default_response_class=SafeJSONResponse,
                   description="Embeddings, similarity and zero-shot (CLIP); captions and answers (BLIP).")
-    app.state.metrics, app.state.limits, app.state.models = metrics, limits, by_name
+    app.state.metrics, app.state.limits, app.state.models = metrics, limits, rt.by_name
+
+    _install_error_handlers(app, metrics)
+    _install_routes(app, rt, metrics, state)
+    app.add_middleware(Guard, keys=keys, limits=limits, metrics=metrics)
+    return app
+
+
+def _install_routes(app: FastAPI, rt: _Runtime, metrics: Metrics, state: dict[str, bool]) -> None:
+    """The endpoints of :func:`create_app`."""
+    names = [m.name for m in rt.models]
+
+    @app.post("/v1/embed/image")
+    async def embed_image(body: ImagesRequest, request: Request) -> dict[str, Any]:
+        """L2-normalised image embeddings (CLIP)."""
+        served = rt.resolve(request, body.model, "embed_image")
+        async with rt.images(request, body.images) as pics:
+            vecs = await rt.run(request, served, ("embed_image",), pics)
+        return {"model": served.name, "embeddings": rt.rows(vecs)}
+
+    @app.post("/v1/embed/text")
+    async def embed_text(body: TextsRequest, request: Request) -> dict[str, Any]:
+        """L2-normalised text embeddings (CLIP)."""
+        served = rt.resolve(request, body.model, "embed_text")
+        vecs = await rt.run(request, served, ("embed_text",), rt.texts(body.texts, "texts"))
+        return {"model": served.name, "embeddings": rt.rows(vecs)}
+
+    @app.post("/v1/similarity")
+    async def similarity(body: SimilarityRequest, request: Request) -> dict[str, Any]:
+        """Cosine similarity and logit-scaled scores, images x texts (CLIP)."""
+        served = rt.resolve(request, body.model, "embed_image")
+        img, txt = await rt.embed_pair(request, served, body.images, rt.texts(body.texts, "texts"))
+        cos = img @ txt.T
+        return {"model": served.name, "cosine": cos.astype(float).tolist(),
+                "logits_per_image": (rt.logit_scale(served) * cos).astype(float).tolist()}
+
+    @app.post("/v1/zero-shot")
+    async def zero_shot(body: ZeroShotRequest, request: Request) -> dict[str, Any]:
+        """Class probabilities of each image over ``labels`` (prompt-ensembled over ``templates``)."""
+        served = rt.resolve(request, body.model, "embed_image")
+        templates = list(body.templates or DEFAULT_TEMPLATES)
+        rt.texts(templates, "templates")
+        labels = rt.texts(body.labels, "labels")
+        check_batch(len(body.images), rt.limits, "images")
+        prompts = expand_templates(templates, labels, rt.limits)  # checked, then built: no str.format
+        img, txt = await rt.embed_pair(request, served, body.images, prompts)
+        cls = txt.reshape(len(labels), len(templates), -1).mean(axis=1)
+        cls /= np.linalg.norm(cls, axis=-1, keepdims=True)
+        logits = rt.logit_scale(served) * (img @ cls.T)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        return {"model": served.name, "labels": labels, "probs": probs.astype(float).tolist(),
+                "top": [labels[i] for i in probs.argmax(axis=1)]}
+
+    @app.post("/v1/caption")
+    async def caption(body: CaptionRequest, request: Request) -> dict[str, Any]:
+        """Captions (BLIP; greedy with num_beams=1, beam search otherwise)."""
+        served = rt.resolve(request, body.model, "caption")
+        rt.generation(body.max_length, body.num_beams)
+        if body.prompt is not None:
+            rt.texts([body.prompt], "prompt")
+        async with rt.images(request, body.images) as pics:
+            out = await rt.run(request, served, ("caption", body.max_length, body.num_beams, body.prompt or ""), pics)
+        return {"model": served.name, "captions": out}
+
+    @app.post("/v1/vqa")
+    async def vqa(body: VQARequest, request: Request) -> dict[str, Any]:
+        """Answers to questions about images (BLIP VQA)."""
+        served = rt.resolve(request, body.model, "vqa")
+        rt.generation(body.max_length, body.num_beams)
+        questions = rt.texts(body.questions, "questions")
+        if len(questions) not in (1, len(body.images)):
+            raise LimitError(422, "invalid_request", f"give one question per image ({len(body.images)}) or one "
+                                                     f"for all, not {len(questions)}")
+        async with rt.images(request, body.images) as pics:
+            qs = questions * len(pics) if len(questions) == 1 else questions
+            out = await rt.run(request, served, ("vqa", body.max_length, body.num_beams),
+                            list(zip(pics, qs, strict=True)))
+        return {"model": served.name, "answers": out}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        """The served models this key may use."""
+        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
+        return {"models": [m.describe() for m in rt.models if record.allows(m.name)]}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        """Readiness: models loaded and every batcher running; with a valid key, the models it may use."""
+        ok = state["ready"] and all(b.running for b in rt.batchers.values())
+        body: dict[str, Any] = {"ready": ok}
+        record: KeyRecord | None = request.scope.get(_SCOPE_KEY)
+        if record is not None:
+            body["models"] = [n for n in names if record.allows(n)]
+        return SafeJSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        """Prometheus metrics: requests, latency histogram, batch sizes, errors (per-model ones of the key's
+        models only)."""
+        data, ctype = metrics.render()
+        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
+        return Response(scoped_metrics(data.decode(), record), media_type=ctype)
+
+
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every error answer as ``{"error": {"code", "message", ...}}`` (FastAPI's 404/405/422 included)."""
 
     def fail(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
              ) -> JSONResponse:
@@ -261,171 +540,30 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
     @app.exception_handler(LimitError)
     async def _limit(request: Request, exc: LimitError) -> JSONResponse:
         metrics.errors.labels(metrics.endpoint(request.url.path), exc.code).inc()
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return SafeJSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
         return fail(request, exc.status, exc.code, str(exc), exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no endpoint {request.url.path[:100]!r}; see /docs"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path[:100]!r}"
+        return fail(request, exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), message,
+                    dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                    for e in exc.errors()[:10]]
         metrics.errors.labels(metrics.endpoint(request.url.path), "invalid_request").inc()
-        return JSONResponse({"error": {"code": "invalid_request", "message": "request does not match the schema",
+        return SafeJSONResponse({"error": {"code": "invalid_request", "message": "request does not match the schema",
                                        "details": details}}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         return fail(request, 500, "internal", f"{type(exc).__name__} while serving the request")
-
-    def resolve(request: Request, name: str | None, task: str) -> ServedModel:
-        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
-        if name is None:
-            offering = [m for m in models if task in m.tasks and record.allows(m.name)]
-            if not offering:
-                raise ApiError(400, "unsupported_task", f"no served model this key may use offers {task}")
-            return offering[0]
-        if not record.allows(name):  # before the lookup: a key learns nothing about models it may not use
-            raise ApiError(403, "forbidden", f"this API key may not use model {name[:100]!r}")
-        served = by_name.get(name)
-        if served is None:
-            allowed = [n for n in by_name if record.allows(n)]
-            raise ApiError(404, "unknown_model", f"no served model {name[:100]!r}; served: {allowed}")
-        if task not in served.tasks:
-            raise ApiError(400, "unsupported_task", f"model {name!r} ({served.kind}) does not offer {task}; "
-                                                     f"it offers {list(served.tasks)}")
-        return served
-
-    async def run(request: Request, served: ServedModel, key: tuple, items: list[Any]) -> list[Any]:
-        left = limits.request_timeout_s - (time.monotonic() - request.scope.get(_SCOPE_T0, time.monotonic()))
-        try:
-            return await asyncio.wait_for(batchers[served.name].submit(key, items), max(left, 0.001))
-        except asyncio.TimeoutError:
-            raise ApiError(504, "timeout", f"no answer within request_timeout_s={limits.request_timeout_s}") from None
-        except QueueFull as exc:
-            raise ApiError(503, "overloaded", str(exc), {"Retry-After": "1"}) from None
-        except ValueError as exc:  # the model refused the parameters (same for the whole batch: same key)
-            raise ApiError(422, "invalid_request", str(exc).splitlines()[0][:300]) from None
-
-    async def images(data: list[str]) -> list[Any]:
-        check_batch(len(data), limits, "images")
-        return await asyncio.to_thread(lambda: [decode_image(d, limits, i) for i, d in enumerate(data)])
-
-    def texts(data: list[str], what: str) -> list[str]:
-        check_batch(len(data), limits, what)
-        check_texts(data, limits, what)
-        return data
-
-    def generation(max_length: int, num_beams: int) -> None:
-        if max_length > limits.max_caption_tokens:
-            raise over("max_caption_tokens", max_length, limits.max_caption_tokens, "max_length", status=422)
-        if num_beams > limits.max_beams:
-            raise over("max_beams", num_beams, limits.max_beams, "num_beams", status=422)
-
-    def rows(vectors: list[np.ndarray]) -> list[list[float]]:
-        return [v.astype(float).tolist() for v in vectors]
-
-    async def embed_pair(request: Request, served: ServedModel, imgs: list[str], txts: list[str]
-                         ) -> tuple[np.ndarray, np.ndarray]:
-        pics = await images(imgs)
-        img, txt = await asyncio.gather(run(request, served, ("embed_image",), pics),
-                                        run(request, served, ("embed_text",), txts))
-        return np.stack(img), np.stack(txt)
-
-    def logit_scale(served: ServedModel) -> float:
-        return float(served.wrapper.logit_scale.detach())
-
-    @app.post("/v1/embed/image")
-    async def embed_image(body: ImagesRequest, request: Request) -> dict[str, Any]:
-        """L2-normalised image embeddings (CLIP)."""
-        served = resolve(request, body.model, "embed_image")
-        vecs = await run(request, served, ("embed_image",), await images(body.images))
-        return {"model": served.name, "embeddings": rows(vecs)}
-
-    @app.post("/v1/embed/text")
-    async def embed_text(body: TextsRequest, request: Request) -> dict[str, Any]:
-        """L2-normalised text embeddings (CLIP)."""
-        served = resolve(request, body.model, "embed_text")
-        vecs = await run(request, served, ("embed_text",), texts(body.texts, "texts"))
-        return {"model": served.name, "embeddings": rows(vecs)}
-
-    @app.post("/v1/similarity")
-    async def similarity(body: SimilarityRequest, request: Request) -> dict[str, Any]:
-        """Cosine similarity and logit-scaled scores, images x texts (CLIP)."""
-        served = resolve(request, body.model, "embed_image")
-        img, txt = await embed_pair(request, served, body.images, texts(body.texts, "texts"))
-        cos = img @ txt.T
-        return {"model": served.name, "cosine": cos.astype(float).tolist(),
-                "logits_per_image": (logit_scale(served) * cos).astype(float).tolist()}
-
-    @app.post("/v1/zero-shot")
-    async def zero_shot(body: ZeroShotRequest, request: Request) -> dict[str, Any]:
-        """Class probabilities of each image over ``labels`` (prompt-ensembled over ``templates``)."""
-        served = resolve(request, body.model, "embed_image")
-        templates = list(body.templates or DEFAULT_TEMPLATES)
-        texts(templates, "templates")
-        if any("{}" not in t for t in templates):
-            raise LimitError(422, "invalid_request", "every template needs '{}' for the class name")
-        labels = texts(body.labels, "labels")
-        prompts = [t.format(c) for c in labels for t in templates]
-        check_batch(len(prompts), limits, "prompts (labels x templates)")
-        img, txt = await embed_pair(request, served, body.images, prompts)
-        cls = txt.reshape(len(labels), len(templates), -1).mean(axis=1)
-        cls /= np.linalg.norm(cls, axis=-1, keepdims=True)
-        logits = logit_scale(served) * (img @ cls.T)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        return {"model": served.name, "labels": labels, "probs": probs.astype(float).tolist(),
-                "top": [labels[i] for i in probs.argmax(axis=1)]}
-
-    @app.post("/v1/caption")
-    async def caption(body: CaptionRequest, request: Request) -> dict[str, Any]:
-        """Captions (BLIP; greedy with num_beams=1, beam search otherwise)."""
-        served = resolve(request, body.model, "caption")
-        generation(body.max_length, body.num_beams)
-        if body.prompt is not None:
-            texts([body.prompt], "prompt")
-        pics = await images(body.images)
-        out = await run(request, served, ("caption", body.max_length, body.num_beams, body.prompt or ""), pics)
-        return {"model": served.name, "captions": out}
-
-    @app.post("/v1/vqa")
-    async def vqa(body: VQARequest, request: Request) -> dict[str, Any]:
-        """Answers to questions about images (BLIP VQA)."""
-        served = resolve(request, body.model, "vqa")
-        generation(body.max_length, body.num_beams)
-        questions = texts(body.questions, "questions")
-        if len(questions) not in (1, len(body.images)):
-            raise LimitError(422, "invalid_request", f"give one question per image ({len(body.images)}) or one "
-                                                     f"for all, not {len(questions)}")
-        pics = await images(body.images)
-        qs = questions * len(pics) if len(questions) == 1 else questions
-        out = await run(request, served, ("vqa", body.max_length, body.num_beams), list(zip(pics, qs, strict=True)))
-        return {"model": served.name, "answers": out}
-
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> dict[str, Any]:
-        """The served models this key may use."""
-        record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
-        return {"models": [m.describe() for m in models if record.allows(m.name)]}
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz() -> Response:
-        """Readiness: models loaded and every batcher running."""
-        ok = state["ready"] and all(b.running for b in batchers.values())
-        return JSONResponse({"ready": ok, "models": names}, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        """Prometheus metrics: requests, latency histogram, batch sizes, errors."""
-        data, ctype = metrics.render()
-        return Response(data, media_type=ctype)
-
-    app.add_middleware(Guard, keys=keys, limits=limits, metrics=metrics)
-    return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,7 +12,10 @@ import torch.nn.functional as F
 
 from ..compression.export import Deployable, load_deployable
 from ..compression.layers import compressed_layers, held_tensor_bytes
+from ..errors import ConfigError
 from ..evaluation.efficiency import kernel_mix, optimize_execution
+from ..models.registry import BUNDLED
+from ..models.tiny import RANDOM_MODELS, TINY_MODELS
 
 TASKS = {
     "clip": ("embed_image", "embed_text"),
@@ -82,14 +86,45 @@ class ServedModel:
         raise ValueError(f"unknown task {task!r}")
 
 
+def parse_source(spec: str) -> tuple[str, str]:
+    """(served name, source) of ``DIR``, a bundled name or ``NAME=DIR``, named as :func:`load_deployable` names it."""
+    name, sep, src = spec.partition("=")
+    if not sep or not name or "/" in name:
+        name, src = "", spec
+    if not name:
+        local = src in BUNDLED or src in TINY_MODELS or src in RANDOM_MODELS
+        name = src if local else Path(src).resolve().name
+    return name, src
+
+
+def check_sources(sources: list[str], allow_download: bool = False) -> list[tuple[str, str]]:
+    """Every source's (name, source), checked before anything loads: served names differ, and without
+    ``allow_download`` each source is a bundled/tiny name or an existing local path (no hub lookup)."""
+    parsed = [parse_source(s) for s in sources]
+    names = [n for n, _ in parsed]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"served model names must differ: {', '.join(dupes)} given more than once; name them "
+                          "with NAME=DIR")
+    if not allow_download:
+        for _, src in parsed:
+            known = src in BUNDLED or src in TINY_MODELS or src in RANDOM_MODELS
+            if not known and not Path(src).exists():
+                raise ConfigError(f"{src}: not a bundled model name ({', '.join(sorted(BUNDLED))}), a tiny test model "
+                                  "or a local path; rcc serve does not download models unless asked "
+                                  "(--allow-download)")
+    return parsed
+
+
 def load_models(sources: list[str], key: bytes | None = None, choose_kernels: bool = True,
-                kernel_batch: int = 8) -> list[ServedModel]:
-    """Load every ``DIR``, bundled name or ``NAME=DIR`` and (for compressed ones) choose its kernels."""
+                kernel_batch: int = 8, allow_download: bool = True) -> list[ServedModel]:
+    """Load every ``DIR``, bundled name or ``NAME=DIR`` and (for compressed ones) choose its kernels.
+
+    Names must differ; ``allow_download=False`` refuses a source that is neither bundled nor local
+    (see :func:`check_sources`).
+    """
     out = []
-    for spec in sources:
-        name, sep, src = spec.partition("=")
-        if not sep or not name or "/" in name:
-            name, src = None, spec
+    for name, src in check_sources(sources, allow_download):
         served = ServedModel(load_deployable(src, key=key, name=name))
         if choose_kernels:
             served.choose_kernels(kernel_batch)

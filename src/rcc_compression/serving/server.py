@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from typing import Any
 
 from ..errors import ConfigError
+from ..utils.io import atomic_write_text
 from .app import create_app
 from .auth import KeyStore
-from .models import load_models
+from .models import check_sources, load_models
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -69,11 +71,15 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 def run_server(sources: list[str], host: str = DEFAULT_HOST, port: int = 8000, keys_file: str | None = None,
                no_auth: bool = False, checkpoint_key: bytes | None = None, limits: Any = None,
-               max_batch: int = 16, batch_wait_ms: float = 5.0, echo: Any = print) -> None:
+               max_batch: int = 16, batch_wait_ms: float = 5.0, echo: Any = print, key_out: str | None = None,
+               terminal: bool | None = None, allow_download: bool = False) -> None:
     """Load the models, set up authentication and serve until interrupted (what ``rcc serve`` runs).
 
-    Without ``keys_file`` and without ``no_auth`` a random key is made, shown once through ``echo``
-    and only its hash kept. ``no_auth`` is refused on a non-loopback host.
+    Without ``keys_file`` and without ``no_auth`` a random key is made and only its hash kept; the
+    plain key is written to ``key_out`` (mode 0600) or, when standard output is a terminal, shown
+    there once; it never goes to a log (a non-terminal output without ``key_out`` is refused).
+    ``no_auth`` is refused on a non-loopback host. A key file whose keys name models that are not
+    served is refused, and so is a source that would need a download, unless ``allow_download``.
     """
     import uvicorn
 
@@ -81,16 +87,34 @@ def run_server(sources: list[str], host: str = DEFAULT_HOST, port: int = 8000, k
         raise ConfigError("give --keys FILE or --no-auth, not both")
     if no_auth and host not in LOOPBACK:
         raise ConfigError(f"--no-auth serves without keys; refused on a non-loopback host ({host})")
+    if key_out and (keys_file or no_auth):
+        raise ConfigError("--key-out writes a generated key; it goes without --keys and --no-auth")
+    terminal = sys.stdout.isatty() if terminal is None else terminal
+    if not (keys_file or no_auth or key_out or terminal):
+        raise ConfigError("standard output is not a terminal: a generated API key would end up in a log; pass "
+                          "--key-out FILE (written with mode 0600) or --keys FILE (make one with `rcc keys add`)")
+    names = [n for n, _ in check_sources(sources, allow_download)]
     keys = None if no_auth else (KeyStore.load(keys_file) if keys_file else KeyStore())
-    if keys is not None and not keys_file:
-        echo(f"API key (shown once; only its hash is kept): {keys.add('generated', ['*'])}")
-    if keys is not None and not keys.records:
-        raise ConfigError(f"{keys_file}: the key file holds no key")
-    models = load_models(sources, key=checkpoint_key)
+    if keys is not None and keys_file:
+        if not keys.records:
+            raise ConfigError(f"{keys_file}: the key file holds no key")
+        for rec in keys.records:
+            unknown = [m for m in rec.models if m != "*" and m not in names]
+            if unknown:
+                raise ConfigError(f"{keys_file}: key {rec.id!r} names model(s) {unknown} that are not served; "
+                                  f"served: {names}")
+    models = load_models(sources, key=checkpoint_key, allow_download=allow_download)
     for m in models:
         d = m.describe()
         kernels = ", ".join(f"{k} x{v}" for k, v in d["kernels"].items()) or "dense"
         echo(f"model {d['name']}: {d['type']} ({d['source_kind']}; kernels: {kernels}); tasks: {', '.join(d['tasks'])}")
     app = create_app(models, keys, limits, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    if keys is not None and not keys_file:
+        plain = keys.add("generated", ["*"])
+        if key_out:
+            atomic_write_text(key_out, plain + "\n", mode=0o600)
+            echo(f"API key written to {key_out} (mode 0600; only its hash is kept here)")
+        else:
+            echo(f"API key (shown once; only its hash is kept): {plain}")
     echo(f"serving on http://{host}:{port} (auth: {'OFF' if keys is None else 'API keys'})")
     uvicorn.Server(uvicorn_config(app, host, port, log_level="info")).run()

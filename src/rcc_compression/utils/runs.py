@@ -7,13 +7,19 @@ result can always be traced to exactly what produced it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata as _md
 import os
 import platform
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +119,14 @@ class RunRecord:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.record["end_time"] = _now()
-        self.record["status"] = "ok" if exc_type is None else f"failed: {exc_type.__name__}: {exc}"
+        if exc_type is None:
+            self.record["status"] = "ok"
+        elif issubclass(exc_type, Terminated):
+            self.record["status"] = f"terminated: {exc}"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.record["status"] = "interrupted: KeyboardInterrupt"
+        else:
+            self.record["status"] = f"failed: {exc_type.__name__}: {exc}"
         self.save()
 
 
@@ -127,6 +140,59 @@ def new_run_dir(output_dir: str | os.PathLike[str], name: str) -> Path:
         n += 1
     path.mkdir(parents=True)
     return path
+
+
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) arrived: raised in the main thread so that every ``finally`` and context manager
+    runs (run records say how the run ended, children are stopped, temporary directories go)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} received")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_gracefully() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread (elsewhere: no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def remove_orphan_dirs(root: str | os.PathLike[str], prefix: str) -> list[Path]:
+    """Remove this user's directories ``root/<prefix><pid>-*`` whose process is gone (it was killed: no
+    clean-up ran); returns what was removed."""
+    removed = []
+    for path in Path(root).glob(f"{prefix}*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        try:
+            if not path.is_dir() or not pid.isdigit() or path.stat().st_uid != os.getuid() or pid_alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def process_tempdir(prefix: str) -> Iterator[Path]:
+    """A temporary directory ``<tmp>/<prefix><pid>-XXXX``, removed on exit; those left by killed processes
+    with the same prefix are removed first (the pid in the name tells)."""
+    root = tempfile.gettempdir()
+    remove_orphan_dirs(root, prefix)
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-", dir=root) as tmp:
+        yield Path(tmp)
 
 
 def pid_alive(pid: int) -> bool:

@@ -31,4 +31,21 @@ def launch(runs: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 85
         import streamlit  # noqa: F401
     except ImportError as exc:
         raise ConfigError("the dashboard needs streamlit: pip install 'rcc-compression[observe]'") from exc
-    return subprocess.call(streamlit_command(runs, host, port, refresh))
+    return run_child(streamlit_command(runs, host, port, refresh))
+
+
+def run_child(command: list[str], grace_s: float = 10.0) -> int:
+    """Run ``command`` until it exits; if this process is stopped first (SIGTERM raised as ``Terminated``,
+    Ctrl-C), the child is sent SIGTERM, given ``grace_s`` to exit, then killed: it never outlives us."""
+    proc = subprocess.Popen(command)
+    try:
+        return proc.wait()
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
