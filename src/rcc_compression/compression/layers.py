@@ -35,6 +35,7 @@ Execution kernels (eval mode only; chosen per layer by measurement in
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -375,7 +376,8 @@ class CompressedLinear(nn.Module):
         self.bias: nn.Parameter | None = None
         self.register_buffer("mask_bits", None)  # the mask packed by pack_bits
         self.register_buffer("base", None)
-        self.register_buffer("s_values", None)  # inference form: the kept values of a sparse float S
+        # inference form: the kept values of a sparse float S (the state dict shows S itself, as in either form)
+        self.register_buffer("s_values", None, persistent=False)
         self._dtype = dtype
         self._device = torch.device(device)
         self._mask_cache: torch.Tensor | None = None  # the unpacked mask while training (read every step)
@@ -678,6 +680,33 @@ class CompressedLinear(nn.Module):
         """Bytes of :meth:`held_tensors`, each storage counted once (a kernel's view of the codes is free)."""
         return unique_bytes(self.held_tensors(kernel))
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        """The state dict is the working form's in either form (parts held as codes are decoded into it),
+        so it loads into any compressed layer of the same structure."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._compact:
+            for part in QUANTIZABLE:
+                if part not in self._parameters:
+                    value = self._decoded(part)
+                    if value is not None:
+                        destination[prefix + part] = value
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        compact = self._compact
+        self.materialize()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._invalidate()
+        if compact:  # back to the inference form, the loaded values rounded onto the codes
+            self.compact()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompressedLinear:
+        """A copy without the kernel's state (some, CSR for one, cannot be copied): it is rebuilt on use."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            object.__setattr__(new, k, None if k in ("_kernel_state", "_kernel_key") else copy.deepcopy(v, memo))
+        return new
+
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
         out = super()._apply(fn, recurse)
         probe = fn(torch.empty(0, dtype=self._dtype, device=self._device))
@@ -685,6 +714,8 @@ class CompressedLinear(nn.Module):
         self.quant = {k: q.apply(fn) for k, q in self.quant.items()}
         self._invalidate()
         self._mask_cache = None
+        if KERNELS[self._kernel].refuse(self) is not None:  # e.g. csr after a cast to bfloat16
+            self._kernel = "factored"
         return out
 
     def train(self, mode: bool = True) -> CompressedLinear:

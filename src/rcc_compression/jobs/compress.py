@@ -15,6 +15,7 @@ from torch import nn
 
 from ..compression.calibration import run_outputs
 from ..compression.cascade import compression_summary
+from ..compression.layers import to_inference
 from ..compression.offload import materialize
 from ..compression.rate import achieved_rate, apply_rate
 from ..compression.storage import save_compressed
@@ -177,7 +178,7 @@ def _run_compress(
         tracker.log_event("phase", phase="inference form")
         # timed with its weights resident: an offloaded teacher reads them from files on every call
         dense = materialize(pipe.dense_model)
-        served, inference = inference_step(wrapper, dense, cfg, fit, holdout)
+        served, inference = inference_step(wrapper, dense, cfg, fit, holdout, evaluate)
         out_dir = run_dir / "compressed"
         manifest = save_compressed(wrapper, out_dir, config=resolved, records=pipe.records, overwrite=True,
                                    encrypt_key=encrypt_key, extra={"inference": {"dtype": inference["dtype"]}})
@@ -220,11 +221,16 @@ def _run_compress(
 
 
 def inference_step(wrapper: nn.Module, dense: nn.Module, cfg: RCCConfig, fit: list[dict[str, Any]],
-                   holdout: list[dict[str, Any]]) -> tuple[nn.Module, dict[str, Any]]:
+                   holdout: list[dict[str, Any]], measure: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """The compressed model in its inference form, dtype and kernels chosen by measurement
     (:func:`~rcc_compression.evaluation.inference.prepare_for_inference`, judged on the holdout by the
     gate's agreement with the dense model and threshold); returns the model to evaluate and serve, and
-    the record. ``wrapper`` itself keeps its dtype (it is what is saved)."""
+    the record. ``wrapper`` itself keeps its dtype (it is what is saved). Without ``measure``
+    (``--no-eval``) the model only takes its inference form: dtype as stored, kernels not chosen."""
+    if not measure:
+        to_inference(unwrap_model(wrapper))
+        dtype = str(next(unwrap_model(wrapper).parameters()).dtype).removeprefix("torch.")
+        return wrapper, {"dtype": dtype, "kernels": {}, "tried": {}, "note": "not measured (no evaluation)"}
     probe = holdout[0] if holdout else fit[0]
     teacher = run_outputs(dense, holdout) if holdout else None
     return prepare_for_inference(wrapper, probe, cfg.inference.dtype, cfg.inference.kernels, holdout or None,
@@ -336,7 +342,7 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             fs = ec["per_batch_size"][bs]["flops"]["sparsity_aware_flops"]
             rows.append((f"GFLOPs bs={bs} (sparsity-aware)", f"{fd / 1e9:.4f}", f"{fs / 1e9:.4f}", f"{fs / fd:.3f}"))
     inference = results.get("inference")
-    if inference:
+    if inference.get("tried"):
         rows.append(("compute dtype (measured: " + ", ".join(inference["tried"]) + ")", "float32",
                      inference["dtype"], "-"))
     kernels = results.get("execution_kernels")

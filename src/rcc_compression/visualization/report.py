@@ -29,11 +29,6 @@ def _row(run: str, variant: str, metric: str, value: Any, lo: Any = None, hi: An
 def _compress_rows(run: RunRecords) -> list[dict[str, Any]]:
     res = run.results or {}
     rows: list[dict[str, Any]] = []
-    inference = res.get("inference") or {}
-    if inference:
-        mix = ", ".join(f"{k} {v}" for k, v in sorted((inference.get("kernels") or {}).items()))
-        rows.append(_row(run.name, "compressed", "compute dtype", str(inference.get("dtype"))))
-        rows.append(_row(run.name, "compressed", "inference kernels", mix))
     for variant in ("dense", "compressed"):
         ci = run.quality_ci(variant)
         for key, value in res.get("quality", {}).get(variant, {}).items():
@@ -60,6 +55,11 @@ def _compress_rows(run: RunRecords) -> list[dict[str, Any]]:
             if "median_ms" in lat:
                 where = "CPU" if eff.get("device") == "cpu" else str(eff.get("device", ""))
                 rows.append(_row(run.name, variant, f"{where} latency ms bs={bs} (median)".strip(), lat["median_ms"]))
+    inference = res.get("inference") or {}
+    if inference.get("tried"):
+        mix = ", ".join(f"{k} {v}" for k, v in sorted((inference.get("kernels") or {}).items()))
+        rows.append(_row(run.name, "compressed", "compute dtype", str(inference.get("dtype"))))
+        rows.append(_row(run.name, "compressed", "inference kernels", mix))
     return rows
 
 
