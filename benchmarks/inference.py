@@ -304,6 +304,57 @@ def time_all(calls: dict[str, Callable[[], Any]], rounds: int, iters: int) -> di
     return {k: statistics.median(v) for k, v in runs.items()}
 
 
+# ------------------------------------------------------------------------------ single layers
+LAYER_SHAPES = {"ViT-B/32 fc1 768->3072, 400 tokens (batch 8)": (768, 3072, 400),
+                "ViT-B/32 fc2 3072->768, 400 tokens": (3072, 768, 400),
+                "MiniLM fc1 384->1536, 1024 tokens": (384, 1536, 1024),
+                "ViT-B/32 fc1, 50 tokens (batch 1)": (768, 3072, 50),
+                "ViT-B/32 fc1, 1 token": (768, 3072, 1)}
+
+
+@torch.no_grad()
+def layer_table(rounds: int) -> dict[str, dict[str, float]]:
+    """One Linear of each shape through every kernel: dense fp32/bf16, our layer's kernels (factored decode,
+    w8a8, int8/int4 weight-only) and fbgemm's dynamic int8 Linear (per-tensor activation scale)."""
+    from rcc_compression.compression.layers import CompressedLinear
+    from rcc_compression.compression.quant import quantize_nearest
+
+    out: dict[str, dict[str, float]] = {}
+    print(f"\n## single layers (threads {torch.get_num_threads()}): median ms, ratio to dense fp32, relative error\n")
+    for label, (n, m, tokens) in LAYER_SHAPES.items():
+        lin = nn.Linear(n, m)
+        x = torch.randn(tokens, n)
+        ref = lin(x)
+        calls: dict[str, tuple[Callable[[], Any], Any]] = {"dense fp32": (lambda lin=lin, x=x: lin(x), None)}
+        lin16 = copy.deepcopy(lin).to(torch.bfloat16)
+        x16 = x.bfloat16()
+        calls["dense bf16"] = (lambda lin16=lin16, x16=x16: lin16(x16), None)
+        for label2, bits, group, act, dtype, mode in (
+                ("int8 codes, decoded per call fp32", 8, None, None, torch.float32, "factored"),
+                ("W8A8 per-token (w8a8 kernel)", 8, None, 8, torch.float32, "w8a8"),
+                ("int8 weight-only kernel bf16", 8, None, None, torch.bfloat16, "int8_weight"),
+                ("int4 g128 weight-only kernel bf16", 4, 128, None, torch.bfloat16, "int4_weight")):
+            layer = CompressedLinear.from_linear(lin)
+            layer.set_quantized("weight", quantize_nearest(layer.weight.detach(), bits, group, group is None))
+            layer.set_activations(act)
+            layer = layer.to(dtype).eval().compact()
+            if layer.set_execution(mode):
+                xi = x.to(dtype)
+                calls[label2] = (lambda la=layer, xi=xi: la(xi), layer)
+        dq = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(lin)), {nn.Linear},
+                                                    dtype=torch.qint8)
+        calls["fbgemm dynamic int8 (per-tensor activations)"] = (lambda dq=dq, x=x: dq(x), None)
+        times = time_all({k: v[0] for k, v in calls.items()}, rounds, 5)
+        print(f"{label}")
+        rows = {}
+        for name, ms in times.items():
+            err = float((calls[name][0]().float() - ref).norm() / ref.norm())
+            rows[name] = {"ms": ms, "vs_fp32": ms / times["dense fp32"], "rel_error": err}
+            print(f"  {name:<46} {ms:9.3f} ms  {ms / times['dense fp32']:6.3f}x  error {err:.4f}")
+        out[label] = rows
+    return out
+
+
 # ------------------------------------------------------------------------------ the run
 def run_case(case: Case, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
@@ -389,6 +440,7 @@ def main() -> None:
     ap.add_argument("--no-tools", action="store_true")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--rss", action="store_true", help="fresh-process resident sets (vit-b32)")
+    ap.add_argument("--layers", action="store_true", help="also the single-layer kernel table")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -398,8 +450,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work or tempfile.mkdtemp(prefix="rcc-inference-"))
-    results = {}
-    for name in args.models.split(","):
+    results: dict[str, Any] = {}
+    if args.layers:
+        results["layers"] = layer_table(args.rounds)
+    for name in [m for m in args.models.split(",") if m]:
         rows = run_case(CASES[name](), args, work)
         print_table(name, rows)
         results[name] = {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in rows.items()}

@@ -9,7 +9,9 @@ run one (:meth:`Kernel.refuse`) from the parts, dtype and device it was proven o
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,8 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     amax = x.abs().amax(-1, keepdim=True).float()
     scale = amax.div_(127.0).clamp_(min=torch.finfo(torch.float32).tiny)
-    q = torch.div(x, scale).round_().clamp_(-127, 127).to(torch.int8)
+    # |x / scale| <= 127 up to one rounding of the division, so round() never reaches 128: no clamp needed
+    q = torch.div(x, scale).round_().to(torch.int8)
     return q, scale
 
 
@@ -141,32 +144,56 @@ class _W8A8(Kernel):
 
     def prepare(self, layer: CompressedLinear) -> Any:
         state: dict[str, Any] = {}
+        a_out = layer.a_out.detach().float() if layer.a_out is not None else None
         for part in ("weight", "lr_A"):
             q = layer.quant.get(part)
             if q is not None and (part == "weight" or layer.rank):
-                codes = q.int8_codes()
-                state[part] = codes.t()  # K x N, a transposed view: the layout oneDNN reads fastest
-                state[part + "_scale"] = q.scale[:, 0].float()
+                state[part] = q.int8_codes().t()  # K x N, a transposed view: the layout oneDNN reads fastest
+                scale = q.scale[:, 0].float()
+                # S's scales carry a_out too (one multiply fewer per output); the factors' output takes it apart
+                state[part + "_scale"] = scale * a_out if (part == "weight" and a_out is not None) else scale
+        if layer.bias is not None and layer.dtype != torch.float32:
+            state["bias"] = layer.bias.detach().float()
         return state
 
     def run(self, layer: CompressedLinear, state: Any, x: torch.Tensor) -> torch.Tensor:
-        if layer.a_in is not None:
-            x = x * layer.a_in
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        rows = x2.shape[0]
-        if x.device.type == "cuda" and rows <= 16:  # cuBLASLt's int8 GEMM wants more than 16 rows
-            x2 = torch.cat([x2, x2.new_zeros(17 - rows, x2.shape[1])])
-        xq, xs = quantize_tokens(x2)
+        rows = x.numel() // x.shape[-1]
+        xq, xs = _shared_tokens(x, layer.a_in)
+        bias = state.get("bias", layer.bias)
         y = None
         if "weight" in state:
-            y = torch._int_mm(xq, state["weight"]).to(torch.float32).mul_(xs).mul_(state["weight_scale"])
+            acc = torch._int_mm(xq, state["weight"]).to(torch.float32).mul_(xs)
+            y = torch.addcmul(bias, acc, state["weight_scale"]) if bias is not None else acc.mul_(state["weight_scale"])
         if "lr_A" in state:
             z = torch._int_mm(xq, state["lr_A"]).to(torch.float32).mul_(xs).mul_(state["lr_A_scale"])
             z = F.linear(z.to(layer.dtype), layer.lr_B).float()
-            y = z if y is None else y.add_(z)
-        y = y[:rows].to(layer.dtype).reshape(*lead, layer.out_features)
-        return _finish(layer, y)
+            if layer.a_out is not None:
+                z = z.mul_(layer.a_out.float())
+            if y is None:
+                y = z.add_(bias) if bias is not None else z
+            else:
+                y = y.add_(z)
+        return y[:rows].to(layer.dtype).reshape(*lead, layer.out_features)
+
+
+_LAST_TOKENS = threading.local()
+
+
+def _shared_tokens(x: torch.Tensor, a_in: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_tokens` of ``x * a_in`` (2-D), reusing the last result when a sibling layer reads the very
+    same input tensor, unchanged and unscaled (CLIP's q, k and v projections): one quantization for three GEMMs."""
+    if a_in is None:
+        last = getattr(_LAST_TOKENS, "entry", None)
+        if last is not None and last[0]() is x and last[1] == x._version:
+            return last[2], last[3]
+    x2 = (x if a_in is None else x * a_in).reshape(-1, x.shape[-1])
+    if x.device.type == "cuda" and x2.shape[0] <= 16:  # cuBLASLt's int8 GEMM wants more than 16 rows
+        x2 = torch.cat([x2, x2.new_zeros(17 - x2.shape[0], x2.shape[1])])
+    xq, xs = quantize_tokens(x2)
+    if a_in is None:
+        _LAST_TOKENS.entry = (weakref.ref(x), x._version, xq, xs)
+    return xq, xs
 
 
 class _CSR(Kernel):
