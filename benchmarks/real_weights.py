@@ -13,16 +13,19 @@ Text, all real and all shipped with Python itself, so the run works offline:
   every document for every query (R@1, MRR), and the embedding cosine to the dense model is taken
   over queries and documents.
 
-Methods, each at 2x, 4x and 10x (dense bytes of the 36 layers in fp32 / stored bytes, planned by
-``compress_model``), no fine-tuning anywhere: the baselines magnitude pruning, Wanda, SVD and
-whitened SVD (SVD-LLM: activation-aware), SVD-LLM with the sequential refit, ``quant`` alone (per-
-layer bits by the planner, GPTQ rounding) and the cascade (bits x rank x sparsity per layer).
+Methods, each at 2x, 4x, 8x, 10x and 16x (dense bytes of the 36 layers in fp32 / stored bytes,
+planned by ``compress_model``), no fine-tuning anywhere: the baselines magnitude pruning, Wanda,
+SVD and whitened SVD (SVD-LLM: activation-aware), SVD-LLM with the sequential refit, round-to-
+nearest (``quant`` with ``rounding: nearest``, bits per layer by the planner), ``quant`` alone
+(per-layer bits by the planner, GPTQ rounding) and the cascade (bits x rank x sparsity per layer,
+checked end to end against each of its single-stage plans).
 
-Last, the one-call API as a new user calls it, with the default configuration and progress shown:
-``compress_model(model, compression_rate=0.5, method="cascade", calibration_data=...)``, timed.
+Last, the one-call API as a new user calls it, with the default configuration, at each of
+``--api-ratios``: ``compress_model(model, compression_rate=1 - 1/ratio, method="cascade",
+calibration_data=...)``, timed, with the time of each phase (first to last progress report).
 
-Usage: HF_HUB_OFFLINE=1 python benchmarks/real_weights.py [--ratios 2,4,10] [--methods ...]
-       [--eval-items 400] [--threads N] [--no-api] [--json out.json]
+Usage: HF_HUB_OFFLINE=1 python benchmarks/real_weights.py [--ratios 2,4,8,10,16] [--methods ...]
+       [--eval-items 400] [--threads N] [--api-ratios 2,4,8,10] [--no-api] [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,11 +54,12 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "svd": ("nullu", {"nullu": {"decomposition_method": "svd"}}),
     "svd-llm": ("nullu", {"nullu": {"decomposition_method": "activation_aware"}}),
     "svd-llm+refit": ("nullu", {"nullu": REFIT}),
+    "rtn": ("quant", {"quant": {"rounding": "nearest"}}),
     "quant": ("quant", {}),
     "cascade": ("cascade", {"dare": {**NO_FT, "scorer": "wanda"}, "nullu": REFIT,
                             "cascade": {"stages": ["dare", "nullu"]}}),
 }
-BASELINES = ("magnitude", "wanda", "svd", "svd-llm")
+BASELINES = ("magnitude", "wanda", "svd", "svd-llm", "svd-llm+refit", "rtn")
 STDLIB = ("os", "os.path", "json", "collections", "itertools", "functools", "pathlib", "re", "string", "textwrap",
           "argparse", "logging", "subprocess", "shutil", "datetime", "statistics", "random", "math", "decimal",
           "fractions", "csv", "email.utils", "urllib.parse", "zipfile", "tarfile", "typing", "inspect", "threading",
@@ -141,9 +145,48 @@ def scores(model: nn.Module, q: list[dict[str, torch.Tensor]], d: list[dict[str,
     return out
 
 
+def one_call(ratio: float, calib: list[dict[str, torch.Tensor]], qb: list[dict[str, torch.Tensor]],
+             db: list[dict[str, torch.Tensor]], dense_emb: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """``compress_model`` as a new user calls it (default configuration), timed phase by phase."""
+    from rcc_compression import compress_model
+
+    model, _ = load_encoder()
+    rate = 1.0 - 1.0 / ratio
+    print(f"one-call API with the defaults: compress_model(model, compression_rate={rate:.4f}, method='cascade', "
+          "calibration_data=...)")
+    phases: dict[str, list[float]] = {}  # first and last progress report of each phase, seconds from the start
+
+    def seen(what: str, done: int, total: int) -> None:
+        span = phases.setdefault(what.split(" ")[0].rstrip(":"), [time.perf_counter() - t0] * 2)
+        span[1] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model = compress_model(model, compression_rate=rate, method="cascade", calibration_data=calib,
+                           progress_callback=seen)
+    seconds = time.perf_counter() - t0
+    s = scores(model, qb, db, dense_emb)
+    stats = model.compression_stats
+    choice = stats.get("plan_choice") or {}
+    out = {"seconds": round(seconds, 1), "achieved_rate": stats["achieved_rate"], **s,
+           "stages": (stats.get("plan") or {}).get("stages"), "kept": choice.get("chosen"),
+           "skipped": [r["skipped"] for r in stats["records"] if r.get("skipped")],
+           "rate_note": stats.get("rate_note"),
+           "phases": {k: [round(a, 1), round(b, 1)] for k, (a, b) in phases.items()}}
+    print(f"API default {ratio:g}x: {seconds:.1f} s, size {1 / (1 - stats['achieved_rate']):.2f}x, stages "
+          f"{out['stages']}, kept {out['kept']}, cosine {s['cosine']:.4f}, R@1 {s['R@1']:.4f}, MRR {s['MRR']:.4f}")
+    if out["rate_note"]:
+        print(f"  {out['rate_note']}")
+    for why in out["skipped"]:
+        print(f"  skipped: {why}")
+    print("  phases (first..last progress report, s): " +
+          ", ".join(f"{k} {a:.0f}..{b:.0f}" for k, (a, b) in out["phases"].items()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ratios", default="2,4,10")
+    ap.add_argument("--ratios", default="2,4,8,10,16")
+    ap.add_argument("--api-ratios", default="2,4,8,10", help="ratios of the one-call API with the defaults")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--eval-items", type=int, default=400)
     ap.add_argument("--calib-texts", type=int, default=256)
@@ -192,37 +235,23 @@ def main() -> None:
             plan = model.compression_stats.get("plan") or {}
             if plan.get("method") == "layers":
                 row["plan"] = sorted({v["choice"] for v in plan["layers"].values()})
+            choice = model.compression_stats.get("plan_choice")
+            if choice:
+                row["kept"] = choice["chosen"]
+                row["candidates"] = {k: v.get("retention") for k, v in choice["candidates"].items()}
             report["rows"][f"{ratio:g}x {label}"] = row
             print(f"{ratio:>4g}x {label:<14} size {1 / (1 - achieved):5.2f}x  cosine {s['cosine']:.4f}  "
                   f"R@1 {s['R@1']:.4f} ({row['R@1 retention'] * 100:5.1f}%)  MRR {s['MRR']:.4f} "
-                  f"({row['MRR retention'] * 100:5.1f}%)  {seconds:6.1f} s", flush=True)
+                  f"({row['MRR retention'] * 100:5.1f}%)  {seconds:6.1f} s" +
+                  (f"  kept: {row['kept']}" if row.get("kept") else ""), flush=True)
         best = max((report["rows"].get(f"{ratio:g}x {b}", {}).get("MRR", 0.0), b) for b in BASELINES)
         casc = report["rows"].get(f"{ratio:g}x cascade", {}).get("MRR")
         if casc is not None:
             print(f"{ratio:g}x: cascade MRR {casc:.4f} vs best baseline ({best[1]}) {best[0]:.4f}")
     if not args.no_api:
-        model, _ = load_encoder()
-        print("one-call API with the defaults: compress_model(model, compression_rate=0.5, method='cascade', "
-              "calibration_data=...)")
-        phases: dict[str, list[float]] = {}  # first and last progress report of each phase, seconds from the start
-
-        def seen(what: str, done: int, total: int) -> None:
-            span = phases.setdefault(what.split(" ")[0].rstrip(":"), [time.perf_counter() - t0] * 2)
-            span[1] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        model = compress_model(model, compression_rate=0.5, method="cascade", calibration_data=calib,
-                               progress_callback=seen)
-        seconds = time.perf_counter() - t0
-        s = scores(model, qb, db, dense_emb)
-        stats = model.compression_stats
-        report["api"] = {"seconds": round(seconds, 1), "achieved_rate": stats["achieved_rate"], **s,
-                         "stages": (stats.get("plan") or {}).get("stages"),
-                         "phases": {k: [round(a, 1), round(b, 1)] for k, (a, b) in phases.items()}}
-        print(f"API default 2x: {seconds:.1f} s, size {1 / (1 - stats['achieved_rate']):.2f}x, stages "
-              f"{report['api']['stages']}, cosine {s['cosine']:.4f}, R@1 {s['R@1']:.4f}, MRR {s['MRR']:.4f}")
-        print("  phases (first..last progress report, s): " +
-              ", ".join(f"{k} {a:.0f}..{b:.0f}" for k, (a, b) in report["api"]["phases"].items()))
+        report["api"] = {}
+        for ratio in [float(r) for r in args.api_ratios.split(",") if r]:
+            report["api"][f"{ratio:g}x"] = one_call(ratio, calib, qb, db, dense_emb)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)

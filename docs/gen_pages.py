@@ -29,6 +29,7 @@ GUIDES = [
     ("Compress your own CLIP or BLIP", "guides/compress-your-model.md"),
     ("Your own dataset", "guides/your-dataset.md"),
     ("Recovery training", "guides/recovery-training.md"),
+    ("Data privacy", "guides/privacy.md"),
     ("Reading the results", "guides/reading-results.md"),
     ("The three stages and their papers", "guides/stages.md"),
     ("Notebooks", "guides/notebooks.md"),

@@ -80,7 +80,7 @@ def test_compress_to_a_target_rate(tmp_path):
     # a per-layer plan (bits x rank x sparsity) lands exactly where its byte model says, at or past the rate;
     # a recovery step undone after it (its scales not stored) only stores less
     assert achieved >= 0.6
-    if any(r.get("undone") for r in results["records"]):
+    if any(r.get("undone") or r.get("skipped") for r in results["records"]):
         assert achieved >= results["plan"]["predicted_rate"] - 1e-6
     else:
         assert abs(achieved - results["plan"]["predicted_rate"]) < 1e-6

@@ -148,9 +148,10 @@ def test_compress_model_reaches_rate_within_one_percent(method, scorer, planner)
         # a per-layer plan is a budget: it lands exactly where its byte model says, at or past the rate
         # (less, when a smaller storage leaves less error than any that fills the budget), or stores
         # less still when a recovery step after it is undone
-        undone = any(r.get("undone") for r in stats["records"])
+        undone = any(r.get("undone") or r.get("skipped") for r in stats["records"])
         if undone:
-            assert stats["achieved_rate"] >= stats["plan"]["predicted_rate"] and "undone" in stats["rate_note"]
+            assert stats["achieved_rate"] >= stats["plan"]["predicted_rate"]
+            assert "undone" in stats["rate_note"] or "skipped" in stats["rate_note"]
         else:
             assert stats["achieved_rate"] == pytest.approx(stats["plan"]["predicted_rate"], abs=1e-9)
         assert stats["achieved_rate"] >= 0.6
@@ -186,7 +187,11 @@ def test_compress_model_accepts_any_module_and_the_design_documents_pipeline_api
                            config={"compression": {**FAST, "cascade": {"validation_threshold": 0.0}}})
     assert set(compressed_layers(model)) == {"fc1", "fc2"}  # the head is left alone by default
     stats = model.compression_stats  # per-layer plan: at or past the rate, exactly where it predicted
-    assert stats["achieved_rate"] >= 0.5 and stats["achieved_rate"] == pytest.approx(stats["plan"]["predicted_rate"])
+    assert stats["achieved_rate"] >= 0.5
+    if any(r.get("skipped") or r.get("undone") for r in stats["records"]):  # no scales stored: less
+        assert stats["achieved_rate"] >= stats["plan"]["predicted_rate"]
+    else:
+        assert stats["achieved_rate"] == pytest.approx(stats["plan"]["predicted_rate"])
     assert torch.isfinite(model(x)).all()
     pipe = CompressionPipeline()
     pipe.add_stage("dare", config={"pruning_rate": 0.9, "iterations": 1, "fine_tune_epochs": 0})

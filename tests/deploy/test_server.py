@@ -238,7 +238,12 @@ def test_key_file_holds_hashes_only(tmp_path):
 def test_a_saved_int8_checkpoint_is_served_in_its_inference_form_with_the_pytorch_outputs(tmp_path):
     """save -> load -> serve -> request: the server answers with what PyTorch computes from the same checkpoint,
     holding only what the checkpoint stores (W8A8 layers on the int8 GEMM)."""
-    from rcc_compression.compression.layers import CompressedLinear, compressed_layers, held_tensor_bytes, replace_module
+    from rcc_compression.compression.layers import (
+        CompressedLinear,
+        compressed_layers,
+        held_tensor_bytes,
+        replace_module,
+    )
     from rcc_compression.compression.quant import quantize_nearest
     from rcc_compression.compression.storage import load_compressed, save_compressed
     from rcc_compression.models import get_model

@@ -176,8 +176,8 @@ def test_data_corrupt_image(tmp_path, capsys):
     src = _captions_dir(tmp_path / "data", corrupt=2)
     assert main(["compress", *FAST, "--set", f"calibration.source={src}", "--output", str(tmp_path / "r")]) == 2
     assert _error_line(capsys) == (
-        f"error: {src / 'images' / '2.png'}: cannot read image: UnidentifiedImageError: cannot identify image file "
-        f"'{src / 'images' / '2.png'}'; pass skip_bad=True / --skip-bad to skip unreadable images")
+        f"error: {src / 'images' / '2.png'}: not a readable image (allowed: PNG, JPEG, WEBP, BMP, GIF, TIFF, PPM); "
+        "pass skip_bad=True / --skip-bad to skip unreadable images")
     # dataset.skip_bad: the unreadable image is left out and the run completes
     run = tmp_path / "r2"
     assert main(["compress", *FAST, "--set", f"calibration.source={src}", "--set", "dataset.skip_bad=true",

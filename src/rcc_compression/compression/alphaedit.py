@@ -189,6 +189,10 @@ class AlphaEditStage(Stage):
     recovery = True
     config: AlphaEditConfig
 
+    def reserved_bytes(self, out_features: int, in_features: int, element_size: int) -> int:
+        c = self.config
+        return (out_features + in_features) * element_size if (c.mode == "scaling" and c.num_epochs > 0) else 0
+
     def target_description(self, progress: float, schedule: str) -> dict[str, Any]:
         return {"mode": self.config.mode}
 

@@ -281,6 +281,76 @@ def iter_grams(
         del stats
 
 
+def output_sensitivity(
+    model: nn.Module, layer_names: Sequence[str], batches: Iterable[Mapping[str, Any]], probes: int = 2,
+    seed: int = 0, device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """Per output channel of each layer, how much the model's outputs move per unit of error there.
+
+    ``f[c] = E_v ||(J^T v)_c||^2 / (T E_out)``: ``J`` is the Jacobian of the model's primary outputs
+    (those :func:`output_agreement` compares) with respect to the layer's output, ``v`` Gaussian
+    probes (``E_v J^T v v^T J = J^T J``, Hutchinson's estimator of the Gauss-Newton diagonal), ``T``
+    the layer's input rows and ``E_out`` the outputs' energy. A weight error ``D`` of the layer then
+    moves the model's outputs by about ``sum_c f[c] (D G D^T)_cc`` of their energy, ``G = X^T X``
+    its calibration second moment. This is the output-gradient (Fisher) weighting of HAWQ-V3 (Yao
+    et al., ICML 2021) with these departures: the Gauss-Newton matrix of the outputs (no labels) in
+    place of the loss Hessian, its diagonal over output channels with tokens averaged (not a trace
+    per layer), and one estimate per layer used to weight every candidate of it. Returns ``None``
+    where the model cannot be differentiated (the planner then weighs layers by their own outputs).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    anchor = torch.zeros((), device=device, requires_grad=True)
+    outs: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def make_hook(name: str):
+        def hook(_mod: nn.Module, _args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            out = out + anchor  # joins the graph (no parameter needs a gradient) without changing a value
+            outs[name] = out
+            return out
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in layer_names]
+    fisher: dict[str, torch.Tensor] = {}
+    energy = 0.0
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                outs.clear()
+                flat = flatten_outputs(model(**to_device(batch, device)))
+                primary = [k for k in PRIMARY_OUTPUTS if k in flat] or list(flat)
+                targets = [flat[k] for k in primary if flat[k].requires_grad]
+                names = [n for n in layer_names if n in outs]
+                if not targets or not names:
+                    return None
+                energy += sum(float(t.detach().double().pow(2).sum()) for t in targets)
+                for p in range(probes):
+                    vs = [torch.randn(t.shape, generator=g).to(t) for t in targets]
+                    grads = torch.autograd.grad(targets, [outs[n] for n in names], vs, retain_graph=p + 1 < probes,
+                                                allow_unused=True)
+                    for n, gr in zip(names, grads, strict=True):
+                        if gr is None:
+                            continue
+                        gr = gr.detach().reshape(-1, gr.shape[-1]).double()
+                        fisher[n] = fisher.get(n, 0) + gr.pow(2).sum(0) / probes
+                        if p == 0:
+                            rows[n] = rows.get(n, 0) + gr.shape[0]
+    except RuntimeError as exc:  # e.g. an operation without a derivative
+        log.warning("output sensitivity not measured (%s): layers weighed by their own outputs", exc)
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not fisher or energy <= 0:
+        return None
+    return {n: (fisher[n] / (rows[n] * energy)).float().cpu() for n in layer_names if n in fisher}
+
+
 def flatten_outputs(out: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """The floating-point tensors of a model output (``ModelOutput``, tuple, dict or tensor) by key."""
     flat: dict[str, torch.Tensor] = {}
@@ -348,6 +418,46 @@ def output_agreement(student: Sequence[Mapping[str, torch.Tensor]], teacher: Seq
     if not scores:
         raise ValueError("no comparable floating outputs between the compressed and the dense model")
     return float(torch.stack(scores).mean())
+
+
+def sample_output_errors(student: Sequence[Mapping[str, torch.Tensor]],
+                         teacher: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """Per-sample relative squared error ``||s - t||^2 / ||t||^2`` of the outputs :func:`output_agreement` compares.
+
+    One value per sample (row of the outputs' first dimension), the outputs of a sample summed; a
+    continuous measure that still moves where the cosine reads 1.0000 (the gate's second metric).
+    """
+    errs = []
+    for s_out, t_out in zip(student, teacher, strict=True):
+        primary = [k for k in PRIMARY_OUTPUTS if k in t_out]
+        num = den = None
+        for key in primary or list(t_out):
+            t, s = t_out[key], s_out.get(key)
+            if s is None or s.shape != t.shape or not t.is_floating_point():
+                continue
+            t2 = t.reshape(t.shape[0], -1).double()
+            s2 = s.reshape(s.shape[0], -1).double().to(t2.device)
+            n_, d_ = (s2 - t2).pow(2).sum(1), t2.pow(2).sum(1)
+            num, den = (n_, d_) if num is None else (num + n_, den + d_)
+        if num is not None:
+            errs.append(torch.where(den > 0, num / den.clamp_min(1e-300), (num > 0).double()))
+    if not errs:
+        raise ValueError("no comparable floating outputs between the compressed and the dense model")
+    return torch.cat(errs)
+
+
+def mean_interval(values: torch.Tensor, samples: int = 1000, level: float = 0.95, seed: int = 0
+                  ) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values`` with a percentile bootstrap interval."""
+    v = values.double().flatten()
+    if v.numel() < 2:
+        m = float(v.mean()) if v.numel() else float("nan")
+        return m, m, m
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, v.numel(), (samples, v.numel()), generator=g)
+    means = v[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype)).tolist()
+    return float(v.mean()), lo, hi
 
 
 def relative_output_error(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -25,16 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
+from ..data.datasets import load_image
 from ..errors import CheckpointError, CompressionError
 from ..models.base import ModelWrapper
 from ..models.registry import unwrap_model, wrap_model
 from ..utils.io import atomic_write_json, directory_lock, remove_stale_temp_files
 from ..utils.logging import get_logger
 from ..utils.memory import release_memory
-from .calibration import output_agreement, run_outputs
+from .calibration import mean_interval, output_agreement, run_outputs, sample_output_errors
 from .layers import CompressedLinear, LayerState, compressed_layers, replace_module, to_working, unpack_bits
 from .offload import Handle, StoredTensors, TeacherWeights, TensorStore, teacher_copy
 from .planner import LayerShape
@@ -117,6 +117,8 @@ class CascadePipeline:
         num_synthetic_batches: int = 6,
         encrypt_key: bytes | None = None,
         distill: Distiller | None = None,
+        plan: Mapping[str, Any] | None = None,
+        alternatives: Mapping[str, Any] | None = None,
     ) -> None:
         if config is None:
             section = None
@@ -162,6 +164,18 @@ class CascadePipeline:
         #: (caps, scale reserve) of the current round: what each layer stored when it began
         self._round_caps: tuple[dict[str, int], dict[str, int]] | None = None
         self.stopped_early = False
+        self._last_detail: dict[str, Any] | None = None
+        #: steps before this index belong to a per-layer plan whose parts only make sense together (S rounded
+        #: to 2 bits before its low-rank correction): they are measured, not gated; the plan is gated whole
+        self._deferred_until = -1
+        #: label -> compression section of each single-stage plan at the same bytes (:func:`.rate.alternative_sections`)
+        self.alternatives = dict(alternatives or {})
+        #: what the end-to-end choice measured: the plan and each alternative on the holdout, and the one kept
+        self.plan_choice: dict[str, Any] | None = None
+        self._initial_snap: dict[str, dict[str, Any]] | None = None
+        if plan is not None and plan.get("method") == "layers" and self.rounds == 1:
+            shrink = [j for j, st in enumerate(self.stages) if not st.recovery]
+            self._deferred_until = max(shrink) if shrink else -1
 
     # ------------------------------------------------------------------ building
     def add_stage(self, stage: str | Stage, config: dict[str, Any] | Any = None) -> CascadePipeline:
@@ -173,15 +187,13 @@ class CascadePipeline:
     def rounds(self) -> int:
         if self.cascade.rounds is not None:
             return self.cascade.rounds
-        dare = next((s for s in self.stages if s.name == "dare"), None)
-        return dare.config.iterations if dare is not None else 1
+        return next((r for r in (s.default_rounds() for s in self.stages) if r is not None), 1)
 
     @property
     def schedule(self) -> str:
         if self.cascade.schedule is not None:
             return self.cascade.schedule
-        dare = next((s for s in self.stages if s.name == "dare"), None)
-        return dare.config.pruning_schedule if dare is not None else "linear"
+        return next((r for r in (s.default_schedule() for s in self.stages) if r is not None), "linear")
 
     def steps(self) -> list[tuple[int, int]]:
         """(round, stage index) pairs in execution order."""
@@ -290,13 +302,15 @@ class CascadePipeline:
         layers = compressed_layers(self._model)
         caps = {n: stored_bytes(m) for n, m in layers.items()}
         reserve: dict[str, int] = {}
+        if not self._ctx.batches:
+            return caps, reserve
         for st in self.stages:
-            cfg = st.config
-            if st.name == "alphaedit" and cfg.mode == "scaling" and cfg.num_epochs > 0 and self._ctx.batches:
-                for n in st.layer_names(self._model):
-                    m = layers.get(n)
-                    if m is not None and m.a_in is None and m.a_out is None:
-                        reserve[n] = (m.in_features + m.out_features) * m.element_size
+            for n in st.layer_names(self._model):
+                m = layers.get(n)
+                if m is not None and m.a_in is None and m.a_out is None:
+                    extra = st.reserved_bytes(m.out_features, m.in_features, m.element_size)
+                    if extra:
+                        reserve[n] = reserve.get(n, 0) + extra
         return caps, reserve
 
     @property
@@ -307,13 +321,21 @@ class CascadePipeline:
     # ------------------------------------------------------------------ the gate
     @torch.no_grad()
     def _score(self, model: nn.Module) -> float | None:
-        """The gate's metric, or ``None`` where nothing measures it (no holdout, no ``metric_fn``)."""
+        """The gate's metric, or ``None`` where nothing measures it (no holdout, no ``metric_fn``).
+
+        With the default gate, the continuous second metric (per-sample relative squared output
+        error to the dense model, its mean and a 95 % bootstrap interval) is kept in ``_last_detail``.
+        """
+        self._last_detail = None
         if self.metric_fn is not None:
             return float(self.metric_fn(model))
         ctx = self._ctx
         if not ctx.holdout:
             return None
-        return output_agreement(run_outputs(model, ctx.holdout, ctx.device), ctx.teacher_holdout())
+        outs, teacher = run_outputs(model, ctx.holdout, ctx.device), ctx.teacher_holdout()
+        mean, lo, hi = mean_interval(sample_output_errors(outs, teacher), seed=self.seed)
+        self._last_detail = {"output_error": mean, "output_error_ci": [lo, hi]}
+        return output_agreement(outs, teacher)
 
     def _retention(self, model: nn.Module) -> tuple[float | None, float | None, bool]:
         """``(metric, retention, finite)``; metric and retention are ``None`` where the gate is not measured."""
@@ -393,7 +415,8 @@ class CascadePipeline:
         """Every step's record and each stage's latest statistics."""
         return {"records": list(self.records), "stages": dict(self.stage_results),
                 "stopped_early": self.stopped_early, "rounds": self.rounds,
-                "calibration": self.calibration_source, "gate": self.gate_note or "measured"}
+                "calibration": self.calibration_source, "gate": self.gate_note or "measured",
+                "plan_choice": self.plan_choice}
 
     # ------------------------------------------------------------------ checkpoints
     def _write_checkpoint(self, step: int, done: bool = False) -> None:
@@ -503,11 +526,14 @@ class CascadePipeline:
         steps = self.steps()
         start = self._resume_state() if resume else 0
         last_pass = self._snapshot(initial=start == 0)
+        self._initial_snap = last_pass if start == 0 else None
         # the smallest passing state (stored bytes, step, snapshot): where a failed gate goes back to
         best: tuple[int, int, dict[str, dict[str, Any]]] = (self._stored_bytes(), start - 1, last_pass)
         last_retention = next((r.get("retention") for r in reversed(self.records)
                                if r.get("passed") and "step" in r), 1.0 if start == 0 else None)
         since_ckpt, saved_current, last_step = 0, start > 0, start - 1
+        last_gate: dict[str, Any] | None = next((r for r in reversed(self.records) if r.get("passed") and "step" in r
+                                                 and "skipped" not in r), None)
         for idx in range(start, len(steps)):
             k, j = steps[idx]
             stage = self.stages[j]
@@ -517,14 +543,19 @@ class CascadePipeline:
                 if j == 0 or self._round_caps is None:
                     self._round_caps = self._byte_caps()
                 ctx.byte_caps, ctx.scale_reserve = self._round_caps
-            record = self._run_step(stage, idx, k)
+            margin = self._recovery_margin(stage, last_gate)
+            if margin is not None:  # nothing for a recovery step to win that the gate could see: skip it
+                record = self._skipped_step(stage, idx, k, margin, last_retention)
+                last_step = idx
+                if self.step_callback is not None:
+                    self.step_callback(record)
+                continue
+            record = self._run_step(stage, idx, k, deferred=idx < self._deferred_until)
             last_step = idx
-            worse = (record["passed"] and stage.recovery and record["retention"] is not None
-                     and last_retention is not None and record["retention"] < last_retention)
+            worse = record["passed"] and stage.recovery and self._lowered(record, last_retention, last_gate)
             if worse:  # a recovery step that lowers the gate metric is undone; the run goes on
                 self._restore(last_pass)
-                record.update(undone=f"recovery lowered retention from {last_retention:.4f} to "
-                                     f"{record['retention']:.4f}; the step was undone",
+                record.update(undone=f"recovery {worse}; the step was undone",
                               rejected_retention=record["retention"], retention=last_retention,
                               achieved=compression_summary(inner))
                 log.warning("step %d (%s, round %d): %s", idx, stage.name, k, record["undone"])
@@ -543,10 +574,13 @@ class CascadePipeline:
             if worse:
                 continue
             self.stage_results[stage.name] = stage.get_statistics()
+            if idx == self._deferred_until and self.alternatives and self._initial_snap is not None:
+                record = self._choose_plan(record)
             last_pass = self._snapshot()
             self._snapshots[stage.name] = last_pass
             last_retention = record["retention"]
-            if record["achieved"]["stored_bytes"] <= best[0]:
+            last_gate = record
+            if record["achieved"]["stored_bytes"] <= best[0] and not record.get("deferred"):
                 best = (record["achieved"]["stored_bytes"], idx, last_pass)
             ret = "not measured" if record["retention"] is None else f"{record['retention']:.4f}"
             log.info("step %d/%d %s round %d: retention %s, layer compression %.4f", idx + 1, len(steps),
@@ -565,8 +599,104 @@ class CascadePipeline:
                 self._write_checkpoint(max(last_step, 0), done=True)
         return wrapper if wrapper is not None else inner
 
-    def _run_step(self, stage: Stage, idx: int, k: int) -> dict[str, Any]:
-        """Apply one stage once, gate it, and record what happened."""
+    @staticmethod
+    def _rank(r: Mapping[str, Any]) -> tuple[float, float]:
+        """Order of candidates on the holdout: the gate's metric, then the continuous output error (lower)."""
+        ret = r.get("retention")
+        err = r.get("output_error")
+        return (-1.0 if ret is None else float(ret), -(float("inf") if err is None else float(err)))
+
+    def _choose_plan(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The end-to-end choice: measure each single-stage plan at the same bytes where the plan's steps left
+        the model, keep the best on the holdout by the gate's metric, record all of them.
+
+        Each alternative runs from the dense start (the teacher's weights) and is gated like the plan;
+        the returned model is never worse on the holdout than any of them. Returns the record of the
+        state kept (``record`` itself when the plan wins).
+        """
+        inner, ctx = self._model, self._ctx
+        keys = ("retention", "metric", "output_error", "output_error_ci")
+        results = {"per-layer plan": {"stages": [st.name for st in self.stages[:self._deferred_until + 1]],
+                                      "stored_bytes": record["achieved"]["stored_bytes"],
+                                      **{k: record.get(k) for k in keys}}}
+        best = ("per-layer plan", self._rank(record), self._snapshot(), record)
+        for label, sec in self.alternatives.items():
+            self._restore(self._initial_snap)
+            t0 = time.perf_counter()
+            stages = [build_stage(n, getattr(sec, n)) for n in sec.cascade.stages]
+            error = None
+            try:
+                for st in stages:
+                    st.compress(inner, ctx)
+                    for layer in compressed_layers(inner).values():
+                        layer.sync_quant()
+            except (RuntimeError, torch.linalg.LinAlgError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            score, retention, finite = (float("nan"), 0.0, False) if error else self._retention(inner)
+            res: dict[str, Any] = {"stages": list(sec.cascade.stages), "stored_bytes": self._stored_bytes(),
+                                   "metric": score, "retention": retention,
+                                   "seconds": round(time.perf_counter() - t0, 2),
+                                   **((self._last_detail or {}) if not error else {})}
+            passed = self._passes(retention, finite) and not error
+            if error:
+                res["error"] = error
+            res["passed"] = passed
+            results[label] = res
+            if passed and self._rank(res) > best[1]:
+                best = (label, self._rank(res), self._snapshot(), {**record, **{k: res.get(k) for k in keys}})
+            ctx.tick(f"choice {label}", len(results) - 1, len(self.alternatives))
+        self._restore(best[2])
+        label, _, _, kept = best
+        kept = {**kept, "achieved": compression_summary(inner)}
+        self.plan_choice = {"chosen": label, "candidates": results, "metric": "gate retention, then output error"}
+        kept["plan_choice"] = self.plan_choice
+        self.records[-1] = kept
+        log.info("end-to-end choice on the holdout: %s kept (%s)", label, ", ".join(
+            f"{k} {v['retention']:.4f}" if v.get("retention") is not None else f"{k} not measured"
+            for k, v in results.items()))
+        return kept
+
+    def _recovery_margin(self, stage: Stage, last: dict[str, Any] | None) -> str | None:
+        """Why a recovery step can be skipped (the model passes with margin), or ``None`` to run it.
+
+        It is skipped when the default gate measured the model before it within
+        ``cascade.recovery_skip_error`` of the dense outputs (upper end of the 95 % interval of the
+        relative squared output error): distillation has nothing left to win that the gate could see.
+        """
+        limit = self.cascade.recovery_skip_error
+        if not stage.recovery or not limit or last is None or last.get("output_error_ci") is None:
+            return None
+        hi = last["output_error_ci"][1]
+        if hi > limit:
+            return None
+        return (f"the model already passes with margin: held-out relative output error {last['output_error']:.2e} "
+                f"(95 % interval up to {hi:.2e}) <= cascade.recovery_skip_error {limit:g}")
+
+    def _skipped_step(self, stage: Stage, idx: int, k: int, why: str, retention: float | None) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": idx, "round": k, "stage": stage.name, "skipped": why, "passed": True,
+                                  "retention": retention, "threshold": self.cascade.validation_threshold,
+                                  "achieved": compression_summary(self._model), "seconds": 0.0, "targets": {},
+                                  "summary": {}, "metric": None}
+        self.records.append(record)
+        log.info("step %d (%s, round %d) skipped: %s", idx, stage.name, k, why)
+        return record
+
+    @staticmethod
+    def _lowered(record: dict[str, Any], last_retention: float | None, last: dict[str, Any] | None) -> str:
+        """How a recovery step made the gate's metric worse ("" if it did not).
+
+        With the default gate the continuous metric judges (the mean relative output error must not
+        rise); with a task metric, retention must not fall.
+        """
+        if record.get("output_error") is not None and last is not None and last.get("output_error") is not None:
+            before, after = last["output_error"], record["output_error"]
+            return f"raised the held-out output error from {before:.3e} to {after:.3e}" if after > before else ""
+        if record["retention"] is not None and last_retention is not None and record["retention"] < last_retention:
+            return f"lowered retention from {last_retention:.4f} to {record['retention']:.4f}"
+        return ""
+
+    def _run_step(self, stage: Stage, idx: int, k: int, deferred: bool = False) -> dict[str, Any]:
+        """Apply one stage once, gate it (or only measure it: ``deferred``), and record what happened."""
         ctx, inner = self._ctx, self._model
         t0 = time.perf_counter()
         error = None
@@ -577,7 +707,8 @@ class CascadePipeline:
         except (RuntimeError, torch.linalg.LinAlgError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         score, retention, finite = (float("nan"), 0.0, False) if error else self._retention(inner)
-        passed = self._passes(retention, finite)
+        detail = None if error else self._last_detail
+        passed = finite if (deferred and not error) else self._passes(retention, finite)
         stats = stage.get_statistics()
         record: dict[str, Any] = {
             "step": idx, "round": k, "stage": stage.name,
@@ -588,7 +719,13 @@ class CascadePipeline:
             "passed": passed, "seconds": round(time.perf_counter() - t0, 4),
             "summary": {key: v for key, v in stats.items() if key != "layers"},
         }
-        if retention is None and not error:
+        if detail:
+            record.update(detail)
+        if deferred and not error:
+            record["deferred"] = True
+            record["gate"] = ("deferred: a part of the per-layer plan, measured but not gated; the plan is gated "
+                              f"whole after step {self._deferred_until}")
+        elif retention is None and not error:
             record["gate"] = self.gate_note
         if error:
             record["error"] = error
@@ -661,7 +798,7 @@ def _synthetic_batches(model: nn.Module, wrapper: Any, n: int, seed: int) -> lis
 def _load_images(wrapper: Any, images: list[Any]) -> torch.Tensor:
     if any(i is None for i in images):
         raise CompressionError("BLIP hallu_space pairs need an 'image' path for every pair")
-    return wrapper.prepare_images([Image.open(i).convert("RGB") for i in images])
+    return wrapper.prepare_images([load_image(i) for i in images])  # bounded, allow-listed formats
 
 
 __all__ = ["STAGES", "CascadeConfig", "CascadePipeline", "compression_summary", "select_layers"]

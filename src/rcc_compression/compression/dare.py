@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -184,6 +185,32 @@ class DareStage(Stage):
     name = "dare"
     config_class = DareConfig
     config: DareConfig
+
+    planned = ("sparsity",)
+
+    def plan_dimensions(self) -> tuple[str, ...]:
+        c = self.config
+        return self.planned if (c.nm is None and c.target == "weights" and c.scorer in ("magnitude", "wanda")) else ()
+
+    def unplannable_reason(self) -> str:
+        c = self.config
+        if c.nm is not None:
+            return f"N:M sparsity (dare.nm: {c.nm!r}) has no per-layer rate; set dare.nm: null"
+        if c.target != "weights":
+            return "pruning deltas to a reference model (dare.target: delta) has no per-layer byte plan"
+        return f"the {c.scorer!r} scorer is not one the planner models (magnitude, wanda)"
+
+    def apply_plan(self, layers: Mapping[str, Mapping[str, Any]], calibrated: bool) -> bool:
+        rates = {n: float(v["pruning_rate"]) for n, v in layers.items() if v.get("pruning_rate", 0) > 0}
+        if rates:
+            self.config.layer_rates, self.config.nm, self.config.fine_tune_epochs = rates, None, 0
+        return bool(rates)
+
+    def default_rounds(self) -> int | None:
+        return self.config.iterations
+
+    def default_schedule(self) -> str | None:
+        return self.config.pruning_schedule
 
     def rate_at(self, progress: float, schedule: str | None = None) -> float:
         """Cumulative pruning rate reached at ``progress`` of the schedule."""

@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -295,6 +296,22 @@ class NulluStage(Stage):
     name = "nullu"
     config_class = NulluConfig
     config: NulluConfig
+
+    planned = ("rank",)
+
+    def plan_dimensions(self) -> tuple[str, ...]:
+        return self.planned if self.config.mode == "lowrank" else ()
+
+    def unplannable_reason(self) -> str:
+        return "the hallu_space edit (nullu.mode: hallu_space) stores no fewer bytes; use mode: lowrank"
+
+    def apply_plan(self, layers: Mapping[str, Mapping[str, Any]], calibrated: bool) -> bool:
+        ranks = {n: int(v["rank"]) for n, v in layers.items() if v.get("rank", 0) > 0}
+        if ranks:
+            self.config.layer_ranks, self.config.mode = ranks, "lowrank"
+            if calibrated:
+                self.config.decomposition_method = "activation_aware"
+        return bool(ranks)
 
     def targets_at(self, progress: float, schedule: str) -> dict[str, float | None]:
         """rank_reduction, energy_threshold and param_budget reached at ``progress``."""

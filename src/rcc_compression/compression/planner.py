@@ -10,7 +10,7 @@ weights (whitened by calibration statistics when given).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from ..utils.memory import release_memory
 from .dare import keep_count, magnitude_scores, topk_mask, wanda_scores
 from .lowrank import whitening
 from .nullu import allocate_ranks, budget_rank, factorisable, spectral_energy, svd
-from .quant import format_bytes, gptq_formats, quantize_nearest
+from .quant import format_bytes, gptq_formats, inverse_factor, quantize_nearest
 from .storage import sparse_encoding_bytes
 
 
@@ -305,9 +305,15 @@ def choice_bytes(shape: LayerShape, c: Choice, prune_scope: str = "layer") -> in
 def layer_choices(
     weight: torch.Tensor, gram: torch.Tensor | None, shape: LayerShape, *, sparse: bool, lowrank: bool,
     quant: bool = True, scorer: str = "magnitude", prune_scope: str = "layer", damping: float = 1e-2,
-    rounding: str = "gptq",
+    rounding: str = "gptq", row_weight: torch.Tensor | None = None, act_order: bool = False,
+    clip_search: bool = False,
 ) -> list[Choice]:
     """Every candidate storage of one layer, each with its bytes and its calibration output error.
+
+    The error is ``tr(D G D^T) / tr(W G W^T)`` (the layer's own relative output error), or with
+    ``row_weight`` (:func:`~rcc_compression.compression.calibration.output_sensitivity`)
+    ``sum_c row_weight[c] (D G D^T)_cc``: the share of the model's output energy the error moves,
+    so errors of different layers are weighed by their effect on the model's output.
 
     S is rounded the way the ``quant`` stage will round it (GPTQ against ``gram``, so its error
     correction is in the estimate); a low-rank part is fitted by activation-aware SVD to the
@@ -318,18 +324,29 @@ def layer_choices(
     W = weight.detach().float()
     m, n = W.shape
     H = gram.float() if gram is not None else torch.eye(n, device=W.device)
-    ref = float(((W @ H) * W).sum(dtype=torch.float64).clamp_min(1e-300))
+    rw = None if row_weight is None else row_weight.to(W.device, torch.float64)[:, None]
+
+    def wsum(t: torch.Tensor) -> float:
+        """Sum over output rows, weighted by their output sensitivity when known."""
+        t = t.double()
+        return float(t.sum() if rw is None else (t * rw).sum())
+
+    ref = 1.0 if rw is not None else max(wsum((W @ H) * W), 1e-300)
 
     def error(approx: torch.Tensor) -> float:
         D = W - approx
-        return max(0.0, float(((D @ H) * D).sum(dtype=torch.float64)) / ref)
+        return max(0.0, wsum((D @ H) * D) / ref)
+
+    gptq_on = rounding == "gptq" and gram is not None
+    inverse = inverse_factor(H, damping) if gptq_on else None  # one Cholesky factor for every rounding of the layer
 
     def rounded(s: torch.Tensor, fmts: Sequence[tuple[int, int | None, bool]], mask: torch.Tensor | None
                 ) -> list[torch.Tensor]:
-        if rounding == "gptq" and gram is not None:
-            parts = gptq_formats(s, H, fmts, mask, damping)
+        if gptq_on:
+            parts = gptq_formats(s, H, fmts, mask, damping, act_order=act_order, clip_search=clip_search,
+                                 inverse=inverse)
         else:
-            parts = [quantize_nearest(s, b, g, sym, mask) for b, g, sym in fmts]
+            parts = [quantize_nearest(s, b, g, sym, mask, clip_search) for b, g, sym in fmts]
         return [q.dequantize(torch.float32, mask).to(W.device) for q in parts]
 
     out: list[Choice] = []
@@ -338,21 +355,25 @@ def layer_choices(
         e = err if err is not None else (0.0 if approx is None else error(approx))
         out.append(Choice(**{**c.__dict__, "nbytes": choice_bytes(shape, c, prune_scope), "error": e}))
 
-    root = None
+    root = root32 = None
     if lowrank:
         root = whitening(H.double(), damping)
+        root32 = (root[0].float(), root[1].float())
     full = min(m, n)
     ranks = sorted({max(1, round(full * s)) for s in RANK_SHARES})
 
     def with_factors(base: Choice, s_hat: torch.Tensor | None, rank_list: list[int],
-                     factor_bits: Sequence[int] = FACTOR_BITS) -> None:
-        """Factors of each rank fitted to what ``s_hat`` leaves; errors from r x r and m x r products only."""
+                     factor_bits: Sequence[int] = FACTOR_BITS, e0: float | None = None) -> None:
+        """Factors of each rank fitted to what ``s_hat`` leaves; errors from r x r and m x r products only.
+
+        ``e0``: the (unnormalised) error ``s_hat`` leaves, when known; ``R H`` is never formed (``R (H A^T)``).
+        """
         if not rank_list:
             return
         R = W - s_hat if s_hat is not None else W
-        RH = R @ H
-        e0 = float((RH * R).sum(dtype=torch.float64))
-        M = R.double() @ root[0]
+        if e0 is None:
+            e0 = wsum((R @ H) * R)
+        M = R @ root32[0]  # float32: the decomposition only ranks directions; errors are float64 sums
         q = max(rank_list)
         if q + 8 < min(m, n) // 2:  # a few directions of a large matrix: randomized SVD is plenty
             U, sv, V = torch.svd_lowrank(M, q=q + 8, niter=2)
@@ -361,12 +382,12 @@ def layer_choices(
             U, sv, Vh = torch.linalg.svd(M, full_matrices=False)
         for r in rank_list:
             B = (U[:, :r] * sv[:r]).float()
-            A = (Vh[:r] @ root[1]).float()
+            A = (Vh[:r] @ root32[1]).float()
             for fb in factor_bits:
                 A_q = quantize_nearest(A, fb, base.group_size, base.symmetric).dequantize(torch.float32)
-                AH = A_q @ H
-                HB = (AH @ A_q.t()).double()
-                rhs = (RH @ A_q.t()).double()  # R H A^T
+                HA = H @ A_q.t()
+                HB = (A_q @ HA).double()
+                rhs = (R @ HA).double()  # R H A^T
                 if gram is not None:  # B re-solved on the rounded A: least squares with a small ridge
                     lam = damping * float(HB.diagonal().mean().clamp_min(1e-300))
                     B_c = torch.linalg.solve(HB + lam * torch.eye(r, dtype=HB.dtype, device=HB.device),
@@ -374,34 +395,45 @@ def layer_choices(
                 else:
                     B_c = B
                 B_q = quantize_nearest(B_c, fb, base.group_size, base.symmetric).dequantize(torch.float64)
-                num = e0 - 2 * float((B_q * rhs).sum()) + float(((B_q @ HB) * B_q).sum())
+                num = e0 - 2 * wsum(B_q * rhs) + wsum((B_q @ HB) * B_q)
                 add(Choice(**{**base.__dict__, "rank": r, "factor_bits": fb}), None, max(0.0, num) / ref)
 
     add(Choice(), None)  # left as it is
     if quant:
         fmts = [f for f in QUANT_FORMATS if f[1] is None or f[1] < n]
         cached = dict(zip(fmts, rounded(W, fmts, None), strict=True))
+        plain = {}
         for fmt, s_hat in cached.items():
             add(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat)
+            plain[fmt] = out[-1]
         if lowrank:
-            # a low-rank correction of the rounding error, in steps of doubling rank: small ranks also
-            # let the byte budget be filled closely
+            # a low-rank correction of the rounding error (LQER / L2QER, SVDQuant: factors fitted to the
+            # whitened residual the quantizer leaves), in steps of doubling rank: small ranks also let the
+            # byte budget be filled closely. A format with more bytes and more error than another gets none.
             small = [2**k for k in range(max(1, full // 8).bit_length()) if 2**k <= max(1, full // 8)]
             for fmt, s_hat in cached.items():
-                with_factors(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat, small, (8,))
+                c0 = plain[fmt]
+                if any(o.nbytes <= c0.nbytes and o.error < c0.error for o in plain.values()):
+                    continue
+                with_factors(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat, small, (8,),
+                             e0=c0.error * ref)
     if sparse:
         score = (wanda_scores(W, H.diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and gram is not None)
                  else magnitude_scores(W))
-        for p in sorted(set(FLOAT_SPARSITIES) | set(SPARSITIES)):
-            mask = topk_mask(score, p, prune_scope)
-            S = W * mask
-            add(Choice(pruning_rate=p), S)
-            fmts = [f for f in SPARSE_FORMATS if f[1] is None or f[1] < n] if (quant and p in SPARSITIES) else []
-            for fmt, s_hat in zip(fmts, rounded(S, fmts, mask) if fmts else [], strict=True):
-                base = Choice(pruning_rate=p, bits=fmt[0], group_size=fmt[1], symmetric=fmt[2])
-                add(base, s_hat)
-                if lowrank and p == SPARSITIES[-1] and fmt == SPARSE_FORMATS[-1]:
-                    with_factors(base, s_hat, [r for r in ranks if r <= full // 8])
+        masks = {p: topk_mask(score, p, prune_scope) for p in sorted(set(FLOAT_SPARSITIES) | set(SPARSITIES))}
+        for p, mask in masks.items():
+            add(Choice(pruning_rate=p), W * mask)
+        fmts = [f for f in SPARSE_FORMATS if f[1] is None or f[1] < n] if quant else []
+        if fmts:  # every sparse S of the layer rounded in one pass: GPTQ rounds rows independently
+            stack = torch.cat([masks[p] for p in SPARSITIES])
+            parts = rounded(W.repeat(len(SPARSITIES), 1) * stack, fmts, stack)
+            for fmt, part in zip(fmts, parts, strict=True):
+                for j, p in enumerate(SPARSITIES):
+                    s_hat = part[j * m:(j + 1) * m]
+                    base = Choice(pruning_rate=p, bits=fmt[0], group_size=fmt[1], symmetric=fmt[2])
+                    add(base, s_hat)
+                    if lowrank and p == SPARSITIES[-1] and fmt == SPARSE_FORMATS[-1]:
+                        with_factors(base, s_hat, [r for r in ranks if r <= full // 8])
     if lowrank:
         lr_ranks = [r for r in ranks if factorisable(r, m, n) and r < full]  # float factors below dense
         if quant:
@@ -411,6 +443,60 @@ def layer_choices(
             for r in lr_ranks:
                 add(Choice(keep_s=False, rank=r), ((U[:, :r] * sv[:r]) @ Vh[:r] @ root[1]).float())
     return out
+
+
+@torch.no_grad()
+def choice_weight(
+    weight: torch.Tensor, gram: torch.Tensor | None, c: Choice, *, scorer: str = "magnitude",
+    prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq", act_order: bool = False,
+    clip_search: bool = False,
+) -> torch.Tensor:
+    """The weight a layer computes with under choice ``c``, built as :func:`layer_choices` scores it.
+
+    S pruned (magnitude or wanda) and rounded (GPTQ against ``gram``, or to nearest), then factors of
+    ``c.rank`` fitted by activation-aware SVD to what S leaves, rounded to nearest with ``B``
+    re-solved on the rounded ``A``. The sequential planner installs it while it measures the
+    inputs of the layers after this one.
+    """
+    W = weight.detach().float()
+    m, n = W.shape
+    H = gram.float() if gram is not None else torch.eye(n, device=W.device)
+    approx = torch.zeros_like(W)
+    if c.keep_s:
+        mask = None
+        if c.pruning_rate:
+            score = (wanda_scores(W, H.diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and gram is not None)
+                     else magnitude_scores(W))
+            mask = topk_mask(score, c.pruning_rate, prune_scope)
+        S = W * mask if mask is not None else W
+        if c.bits is not None:
+            fmt = (c.bits, c.group_size, c.symmetric)
+            q = (gptq_formats(S, H, [fmt], mask, damping, act_order=act_order, clip_search=clip_search)[0]
+                 if (rounding == "gptq" and gram is not None) else quantize_nearest(S, *fmt, mask, clip_search))
+            S = q.dequantize(torch.float32, mask).to(W.device)
+        approx = S
+    if c.rank:
+        R = W - approx
+        root = whitening(H.double(), damping)
+        M = R.double() @ root[0]
+        r = min(c.rank, m, n)
+        if r + 8 < min(m, n) // 2:
+            U, sv, V = torch.svd_lowrank(M, q=r + 8, niter=2)
+            Vh = V.t()
+        else:
+            U, sv, Vh = torch.linalg.svd(M, full_matrices=False)
+        B = (U[:, :r] * sv[:r]).float()
+        A = (Vh[:r] @ root[1]).float()
+        if c.factor_bits is not None:
+            A = quantize_nearest(A, c.factor_bits, c.group_size, c.symmetric).dequantize(torch.float32)
+            if gram is not None:
+                HB = (A @ H @ A.t()).double()
+                lam = damping * float(HB.diagonal().mean().clamp_min(1e-300))
+                rhs = (R @ H @ A.t()).double()
+                B = torch.linalg.solve(HB + lam * torch.eye(r, dtype=HB.dtype, device=HB.device), rhs.t()).t().float()
+            B = quantize_nearest(B, c.factor_bits, c.group_size, c.symmetric).dequantize(torch.float32)
+        approx = approx + B @ A
+    return approx
 
 
 def allocate(options: Sequence[Sequence[Choice]], budget: float) -> list[int]:
@@ -472,51 +558,94 @@ def allocate(options: Sequence[Sequence[Choice]], budget: float) -> list[int]:
 
 def plan_layers(
     names: Sequence[str], weights: Sequence[torch.Tensor], grams: Iterable[torch.Tensor | None],
-    shapes: Sequence[LayerShape], rate: float, *, sparse: bool, lowrank: bool, quant: bool = True,
-    scales: bool = False, rest_bytes: int = 0, scope: str = "layers", scorer: str = "magnitude",
-    prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq",
-    progress: Any = None,
+    shapes: Sequence[LayerShape], rate: float, *, dims: Sequence[Collection[str]],
+    reserved: Sequence[int] | None = None, rest_bytes: int = 0, scope: str = "layers", scorer: str = "magnitude",
+    prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq", act_order: bool = False,
+    clip_search: bool = False, progress: Any = None, sensitivity: Sequence[torch.Tensor | None] | None = None,
+    on_layer: Callable[[int, list[list[Choice]], float], None] | None = None,
 ) -> dict[str, Any]:
     """One storage choice per layer (bits x rank x sparsity) minimising the summed calibration output
     error within the bytes ``rate`` leaves (:func:`layer_choices`, then :func:`allocate`).
 
-    Returns the plan: per layer its choice, bytes and estimated error, the predicted rate and
-    the mean estimated error. Raises :class:`CompressionError` when the rate is out of reach.
+    ``dims`` are each layer's plan dimensions (``bits``, ``sparsity``, ``rank``: those of the stages
+    that target it; none: the layer stays as it is); ``reserved`` the bytes each layer will gain
+    after the plan (channel scales), kept out of the budget; ``sensitivity`` each layer's output
+    sensitivity per output channel (errors are then weighed by their effect on the model's output,
+    see :func:`layer_choices`); ``on_layer(i, options so far, budget)`` is called after each layer's
+    candidates are scored, before the next layer's second moment is read (the sequential planner
+    installs provisional choices there). Returns the plan: per layer its choice,
+    bytes and estimated error, the predicted rate and the mean estimated error. Raises
+    :class:`CompressionError` when the rate is out of reach.
     """
     if not 0.0 <= rate < 1.0:
         raise CompressionError(f"compression_rate must be in [0, 1), got {rate}")
+    reserved = list(reserved) if reserved is not None else [0] * len(shapes)
     dense = sum(s.dense_bytes for s in shapes)
-    fixed = sum((s.out_features + s.in_features) * s.element_size for s in shapes) if scales else 0
+    fixed = sum(reserved)
     total_dense = dense + (rest_bytes if scope == "model" else 0)
     budget = (1.0 - rate) * total_dense - (rest_bytes if scope == "model" else 0) - fixed
     options = []
-    for i, (w, g, shape) in enumerate(zip(weights, grams, shapes, strict=True)):
-        options.append(layer_choices(w, g, shape, sparse=sparse, lowrank=lowrank, quant=quant, scorer=scorer,
-                                     prune_scope=prune_scope, damping=damping, rounding=rounding))
+    sens = list(sensitivity) if sensitivity is not None else [None] * len(shapes)
+    weighted = all(x is not None for x in sens)
+    for i, (w, g, shape, d) in enumerate(zip(weights, grams, shapes, dims, strict=True)):
+        options.append(layer_choices(w, g, shape, sparse="sparsity" in d, lowrank="rank" in d, quant="bits" in d,
+                                     scorer=scorer, prune_scope=prune_scope, damping=damping, rounding=rounding,
+                                     row_weight=sens[i] if weighted else None, act_order=act_order,
+                                     clip_search=clip_search))
         release_memory()  # the candidates' temporaries: hand their pages back before the next layer
+        if on_layer is not None:
+            on_layer(i, options, budget)
         if progress is not None:
             progress("plan", i + 1, len(shapes))
+    used = [k for k in ("bits", "sparsity", "rank") if any(k in d for d in dims)]
     floor = sum(min(c.nbytes for c in opts) for opts in options)
     if floor > budget:
         best = 1.0 - (floor + fixed + (rest_bytes if scope == "model" else 0)) / total_dense
-        kinds = ", ".join(k for k, on in (("bits", quant), ("sparsity", sparse), ("rank", lowrank)) if on)
         raise CompressionError(
-            f"rate {rate:.4f} is out of reach: the smallest storage over {kinds} the planner knows reaches "
-            f"{best:.4f} (biases{', scales' if scales else ''}, scales of the codes and the smallest formats "
-            "are the floor)")
-    sel = allocate(options, budget)
-    chosen = [opts[k] for opts, k in zip(options, sel, strict=True)]
-    stored = sum(c.nbytes for c in chosen) + fixed
-    layers = {
-        name: {"choice": c.label(), "pruning_rate": c.pruning_rate, "bits": c.bits, "group_size": c.group_size,
-               "symmetric": c.symmetric, "rank": c.rank, "factor_bits": c.factor_bits, "keep_s": c.keep_s,
-               "bytes": c.nbytes, "dense_bytes": s.dense_bytes, "error": c.error}
-        for name, c, s in zip(names, chosen, shapes, strict=True)
-    }
-    return {
-        "method": "layers", "requested_rate": rate, "scope": scope,
-        "predicted_rate": 1.0 - (stored + (rest_bytes if scope == "model" else 0)) / total_dense,
-        "predicted_error": sum(c.error for c in chosen) / max(len(chosen), 1),
-        "dimensions": [k for k, on in (("bits", quant), ("sparsity", sparse), ("rank", lowrank)) if on],
-        "rounding": rounding, "candidates": sum(len(o) for o in options), "layers": layers,
-    }
+            f"rate {rate:.4f} is out of reach: the smallest storage over {', '.join(used) or 'nothing'} the planner "
+            f"knows reaches {best:.4f} (biases{', scales' if fixed else ''}, scales of the codes, the smallest "
+            "formats and layers no stage may shrink are the floor)")
+    rest = rest_bytes if scope == "model" else 0
+
+    def planned(opts_: Sequence[Sequence[Choice]]) -> dict[str, Any]:
+        sel = allocate(opts_, budget)
+        chosen = [o[k] for o, k in zip(opts_, sel, strict=True)]
+        stored = sum(c.nbytes for c in chosen) + fixed
+        return {
+            "predicted_rate": 1.0 - (stored + rest) / total_dense,
+            # weighted: the estimated share of output energy moved (a sum); else the mean relative layer error
+            "predicted_error": sum(c.error for c in chosen) / (1 if weighted else max(len(chosen), 1)),
+            "layers": {name: {"choice": c.label(), "pruning_rate": c.pruning_rate, "bits": c.bits,
+                              "group_size": c.group_size, "symmetric": c.symmetric, "rank": c.rank,
+                              "factor_bits": c.factor_bits, "keep_s": c.keep_s, "bytes": c.nbytes,
+                              "dense_bytes": s.dense_bytes, "error": c.error}
+                       for name, c, s in zip(names, chosen, shapes, strict=True)},
+        }
+
+    out = {"method": "layers", "requested_rate": rate, "scope": scope, **planned(options), "dimensions": used,
+           "error_model": "output-weighted" if weighted else "per layer",
+           "rounding": rounding, "candidates": sum(len(o) for o in options)}
+    # every single-stage plan at the same bytes, from the same candidates: the end-to-end choice measures them
+    alternatives: dict[str, Any] = {}
+    kinds = [d for d in used if len(used) > 1]
+    if {"bits", "rank", "sparsity"} <= set(used):
+        kinds.append("bits+rank")  # quantization with low-rank corrections of its error (LQER), no pruning
+    for dim in kinds:
+        only = [[c for c in opts if SINGLE[dim](c)] for opts in options]
+        if any(not o for o in only) or sum(min(c.nbytes for c in o) for o in only) > budget:
+            alternatives[dim] = {"error": f"out of reach with {dim} alone"}
+            continue
+        alt = planned(only)
+        if alt["layers"] != out["layers"]:
+            alternatives[dim] = alt
+    out["alternatives"] = alternatives
+    return out
+
+
+#: which candidates each single-stage plan may use (a layer may also stay as it is)
+SINGLE: dict[str, Any] = {
+    "bits": lambda c: c.keep_s and not c.rank and not c.pruning_rate,
+    "rank": lambda c: not c.keep_s or (c.bits is None and not c.rank and not c.pruning_rate),
+    "sparsity": lambda c: c.keep_s and c.bits is None and not c.rank,
+    "bits+rank": lambda c: c.keep_s and not c.pruning_rate,
+}

@@ -25,7 +25,7 @@ low-rank part absorbs the rounding error of S and of ``A`` where that lowers the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -184,8 +184,11 @@ def quantize_nearest(w: torch.Tensor, bits: int, group_size: int | None = None, 
     return QuantizedPart(bits, g, codes, scale, zero, "nearest")
 
 
-def _inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damping * mean(diag H) I)^-1`` (float64), inputs never reached made unit."""
+def inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damping * mean(diag H) I)^-1`` (float64), inputs never reached made unit.
+
+    What :func:`gptq_formats` rounds against; computed once per layer, it can be handed to every call
+    on that layer (``inverse=``)."""
     H = hessian.double().clone()
     dead = H.diagonal() <= 0
     H[dead, :] = 0
@@ -216,7 +219,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | No
 @torch.no_grad()
 def gptq_formats(w: torch.Tensor, hessian: torch.Tensor, formats: Sequence[tuple[int, int | None, bool]],
                  mask: torch.Tensor | None = None, damping: float = 0.01, block_size: int = 128,
-                 act_order: bool = False, clip_search: bool = False) -> list[QuantizedPart]:
+                 act_order: bool = False, clip_search: bool = False, inverse: torch.Tensor | None = None
+                 ) -> list[QuantizedPart]:
     """:func:`gptq` for several ``(bits, group_size, symmetric)`` formats of one weight in one pass.
 
     The column order and the inverse Cholesky factor are the same for every format, so the copies
@@ -245,7 +249,7 @@ def gptq_formats(w: torch.Tensor, hessian: torch.Tensor, formats: Sequence[tuple
             scales[f], zeros[f] = grid(w.detach().float(), bits, g, sym, mask, clip_search)
     perm = torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order else None
     H = hessian if perm is None else hessian[perm][:, perm]
-    U = _inverse_factor(H, damping).to(W.dtype)
+    U = (inverse if (inverse is not None and perm is None) else inverse_factor(H, damping)).to(W.dtype)
     if perm is not None:
         W = W[:, perm]
         m = m[:, perm] if m is not None else None
@@ -424,6 +428,15 @@ class QuantStage(Stage):
     name = "quant"
     config_class = QuantConfig
     config: QuantConfig
+
+    planned = ("bits",)
+
+    def apply_plan(self, layers: Mapping[str, Mapping[str, Any]], calibrated: bool) -> bool:
+        self.config.layers = {
+            n: LayerQuant(bits=v["bits"] if v.get("keep_s", True) else None, factor_bits=v.get("factor_bits"),
+                          group_size=v.get("group_size"), symmetric=v.get("symmetric", True))
+            for n, v in layers.items() if v.get("bits") is not None or v.get("factor_bits") is not None}
+        return bool(self.config.layers)
 
     def layer_format(self, name: str) -> LayerQuant:
         """The format of layer ``name``: its entry in ``layers`` (float when a plan leaves it out), else the keys."""

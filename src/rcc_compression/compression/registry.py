@@ -38,6 +38,10 @@ class CascadeConfig(StrictModel):
     validation_threshold: float = Field(
         0.95, ge=0.0, le=1.0,
         description="retention (compressed / dense) the gate demands after every step")
+    recovery_skip_error: float | None = Field(
+        0.005, ge=0.0, description="a recovery step (alphaedit) is skipped, and the run says so, when the model "
+        "before it is within this relative squared output error of the dense model on the holdout (upper end of "
+        "the 95 % interval): it passes with margin and distillation has nothing to win; None or 0: never skipped")
     rounds: int | None = Field(None, ge=1, description="None: dare.iterations when dare runs, else 1")
     schedule: Literal["linear", "cubic"] | None = Field(None, description="None: dare.pruning_schedule")
     target_rate: float | None = Field(
@@ -51,6 +55,9 @@ class CascadeConfig(StrictModel):
     planner: Literal["layers", "split"] = Field(
         "layers", description="for a target rate: layers = per-layer bits x rank x sparsity (adds quant); "
                               "split = one pruning rate and one low-rank budget for all layers")
+    plan_inputs: Literal["sequential", "dense"] = Field(
+        "sequential", description="the per-layer planner scores each layer's candidates on the inputs the already "
+        "planned layers produce (sequential, as GPTQ) or on the dense model's (dense: one pass, less time)")
     offload: Literal["disk", "memory"] = Field(
         "disk", description="where the dense teacher's weights and rollback copies live while the cascade runs: "
                             "disk = files in a private temporary directory, read back when used (peak memory about "

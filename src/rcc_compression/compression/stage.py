@@ -255,6 +255,47 @@ class Stage(ABC):
         self.config = config
         self.statistics: dict[str, Any] = {}
 
+    # -------------------------------------------------------------- what the rate planner may set
+    #: the plan dimensions this stage can carry out per layer: ``sparsity`` (a pruning rate), ``bits``
+    #: (a storage format of S and of the factors) or ``rank`` (factors fitted to what S leaves); see
+    #: :meth:`plan_dimensions` and CONTRIBUTING.md ("A stage in a planned run")
+    planned: ClassVar[tuple[str, ...]] = ()
+
+    def plan_dimensions(self) -> tuple[str, ...]:
+        """The dimensions of a per-layer plan this stage carries out as configured (empty: none).
+
+        A stage in a run with a target rate either offers dimensions, or is a recovery stage (it
+        runs after the plan, as configured); any other stage makes the planned run an error
+        (:meth:`unplannable_reason` says why), never a dropped stage.
+        """
+        return self.planned
+
+    def unplannable_reason(self) -> str:
+        """Why this stage, as configured, cannot take a per-layer plan (for the error message)."""
+        return "it has no plan dimension (bits, rank or sparsity) and is not a recovery stage"
+
+    def apply_plan(self, layers: Mapping[str, Mapping[str, Any]], calibrated: bool) -> bool:
+        """Write this stage's part of a per-layer plan into its config; returns whether it has work left.
+
+        ``layers`` maps each planned layer to its choice (``pruning_rate``, ``bits``, ``group_size``,
+        ``symmetric``, ``rank``, ``factor_bits``, ``keep_s``); ``calibrated``: the plan was measured
+        on calibration data.
+        """
+        raise CompressionError(f"stage {self.name!r} offers plan dimensions but does not apply a plan")
+
+    def reserved_bytes(self, out_features: int, in_features: int, element_size: int) -> int:
+        """Bytes this stage adds to one of its layers after a plan (e.g. channel scales); the planner
+        keeps them out of the budget it hands out."""
+        return 0
+
+    def default_rounds(self) -> int | None:
+        """The cascade's number of rounds when ``cascade.rounds`` is not set (``None``: no opinion)."""
+        return None
+
+    def default_schedule(self) -> str | None:
+        """The cascade's schedule when ``cascade.schedule`` is not set (``None``: no opinion)."""
+        return None
+
     def layer_names(self, model: nn.Module) -> list[str]:
         """The layers this stage acts on."""
         names = select_layers(model, self.config.targets, self.config.ignore)

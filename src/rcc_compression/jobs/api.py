@@ -17,7 +17,7 @@ from torch import nn
 
 from ..compression.cascade import CascadePipeline, compression_summary
 from ..compression.layers import to_inference
-from ..compression.rate import achieved_rate, apply_rate
+from ..compression.rate import achieved_rate, alternative_sections, apply_rate
 from ..compression.registry import STAGES
 from ..compression.stage import Distiller
 from ..config import CalibrationSection, RCCConfig, load_config
@@ -38,9 +38,11 @@ def distiller(training: TrainingSection | None = None, callbacks: Sequence[Callb
     """The engine's distiller: :func:`~rcc_compression.training.recovery.finetune_on_batches` with ``training``.
 
     ``None`` trains as the default ``training`` section does, with a constant learning rate;
-    ``callbacks`` join every trainer (e.g. one that sends each step to the run's tracker).
+    ``callbacks`` join every trainer (e.g. one that sends each step to the run's tracker). With
+    ``training.privacy`` every distillation of the pipeline draws on one privacy budget (one ledger).
     """
-    return functools.partial(finetune_on_batches, config=training, callbacks=tuple(callbacks))
+    ledger: list | None = [] if training is not None and training.privacy is not None else None
+    return functools.partial(finetune_on_batches, config=training, callbacks=tuple(callbacks), ledger=ledger)
 
 
 class CompressionPipeline(CascadePipeline):
@@ -167,11 +169,15 @@ def compress_model(
             if progress_callback is not None:
                 progress_callback(what, done, total)
 
+        alternatives: dict[str, Any] = {}
         if compression_rate is not None:
             share = lowrank_share if lowrank_share is not None else section.cascade.lowrank_share
+            before = section.model_copy(deep=True)
             # the holdout stays unseen
             plan = apply_rate(inner, section, compression_rate, scope, share, fit, progress=report)
+            alternatives = alternative_sections(before, plan, calibrated=bool(fit))
         pipe = CompressionPipeline(section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve_data,
+                                   plan=plan, alternatives=alternatives,
                                    reference_model=reference_model, metric_fn=metric_fn, run_dir=run_dir,
                                    seed=seed, device=device, progress_callback=report,
                                    step_callback=lambda r: bar(f"steps: {r['stage']} round {r['round']}",
@@ -185,7 +191,7 @@ def compress_model(
         achieved = achieved_rate(inner, scope)
         stats["achieved_rate"] = achieved
         layered = plan.get("method") == "layers"
-        undone = next((r for r in pipe.records if r.get("undone")), None)
+        undone = next((r for r in pipe.records if r.get("undone") or r.get("skipped")), None)
         if layered and achieved >= compression_rate - 1e-9 and abs(achieved - plan["predicted_rate"]) < 1e-6:
             if achieved > compression_rate + 0.01:
                 stats["rate_note"] = (f"reached {achieved:.4f}, past the requested {compression_rate:.4f}: no "
@@ -193,8 +199,9 @@ def compress_model(
                 log.info(stats["rate_note"])
         elif layered and undone is not None and achieved > plan["predicted_rate"]:
             # a plan is a budget: a step undone after it (recovery that did not help) only stores less
+            how = f"undone ({undone['undone']})" if undone.get("undone") else f"skipped ({undone['skipped']})"
             stats["rate_note"] = (f"reached {achieved:.4f}, past the planned {plan['predicted_rate']:.4f}: step "
-                                  f"{undone['step']} ({undone['stage']}) was undone ({undone['undone']})")
+                                  f"{undone['step']} ({undone['stage']}) was {how}")
             log.info(stats["rate_note"])
         elif abs(achieved - compression_rate) > 0.01:
             failed = next((r for r in pipe.records if not r.get("passed", True)), None)

@@ -17,7 +17,7 @@ from ..compression.calibration import run_outputs
 from ..compression.cascade import compression_summary
 from ..compression.layers import to_inference
 from ..compression.offload import materialize
-from ..compression.rate import achieved_rate, apply_rate
+from ..compression.rate import achieved_rate, alternative_sections, apply_rate
 from ..compression.storage import save_compressed
 from ..config import RCCConfig, dump_config
 from ..data.calibration import build_calibration_batches, calibration_items
@@ -149,11 +149,12 @@ def _run_compress(
     fit, holdout, _ = compress_data(wrapper, cfg, run_dir, evaluate)
     preserve = calibration_batches(wrapper, cfg, cfg.calibration.preserve_source) if (
         cfg.calibration.preserve_source) else None
-    section, plan = cfg.compression, None
+    section, plan, alternatives = cfg.compression, None, {}
     if section.cascade.target_rate is not None:
         section = section.model_copy(deep=True)
         plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope,
                           section.cascade.lowrank_share, calibration_data=fit)
+        alternatives = alternative_sections(cfg.compression, plan, calibrated=bool(fit))
         log.info("planned for rate %.4f: %s", section.cascade.target_rate,
                  {k: v for k, v in plan.items() if k in ("pruning_rate", "param_budget", "lowrank_share", "stages",
                                                          "predicted_rate", "predicted_error")})
@@ -171,7 +172,7 @@ def _run_compress(
             section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve, run_dir=run_dir,
             reference_model=reference, seed=cfg.experiment.seed, device=device, progress_callback=progress,
             step_callback=chain(step_callback, cascade_logger(tracker)), run_config=resolved,
-            encrypt_key=encrypt_key, training=cfg.training,
+            encrypt_key=encrypt_key, training=cfg.training, plan=plan, alternatives=alternatives,
             distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
         )
         pipe.run(wrapper, resume=resume)
@@ -201,6 +202,7 @@ def _run_compress(
             "quality_ci": {"dense": dense_ci, "compressed": comp_ci},
             "efficiency": {k: effs.get(k, {}) for k in ("dense", "compressed", *effs)},
             "plan": plan,
+            "plan_choice": pipe.plan_choice,
             "inference": inference,
             "execution_kernels": inference["kernels"],
             "stored_bytes_measured": measured_storage(out_dir),
@@ -272,7 +274,12 @@ def compress_outcome(section: Any, pipe: CompressionPipeline, model: nn.Module) 
         why = f"all {len(steps)} of {total} steps passed the gate"
         undone = [r for r in steps if r.get("undone")]
         if undone:
-            why += f" ({len(undone)} recovery step(s) undone: they lowered retention)"
+            why += f" ({len(undone)} recovery step(s) undone: they made the gate's metric worse)"
+        skipped = [r for r in steps if r.get("skipped")]
+        if skipped:
+            why += f" ({len(skipped)} recovery step(s) skipped: the model passed with margin)"
+        if pipe.plan_choice and pipe.plan_choice["chosen"] != "per-layer plan":
+            why += f"; the holdout kept the {pipe.plan_choice['chosen']} plan over the per-layer plan"
         status = "met" if target is None or abs(reached - target) <= 0.01 or reached > target else "missed"
         if status == "missed":
             why += f"; the stages' targets did not translate exactly into {measure}"
