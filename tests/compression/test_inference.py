@@ -463,3 +463,25 @@ def test_fake_quant_is_the_identity_on_already_quantized_tokens():
     x = torch.randint(-127, 128, (6, 32)).float() * 0.25
     x[:, 0] = 127 * 0.25
     torch.testing.assert_close(fake_quant_tokens(x), x)
+
+
+def test_siblings_share_one_quantization_of_the_same_input_and_never_a_stale_one():
+    """q, k and v read one tensor: it is quantized once; an in-place change between two calls is seen."""
+    a, b = _int8_layer(seed=1), _int8_layer(seed=2)
+    for layer in (a, b):
+        layer.set_activations(8)
+        assert layer.set_execution("w8a8")
+    x = torch.randn(6, 96)
+    with torch.no_grad():
+        ya = a(x)
+        x.mul_(3.0)  # between the siblings: the shared quantization must not be reused
+        yb = b(x)
+        b.set_execution("factored")
+        torch.testing.assert_close(yb, b(x), rtol=1e-5, atol=1e-5)
+        with torch.inference_mode():  # no version counter there: quantized each time
+            xi = torch.randn(6, 96)
+            a.set_execution("factored")
+            want = a(xi)
+            a.set_execution("w8a8")
+            torch.testing.assert_close(a(xi), want, rtol=1e-5, atol=1e-5)
+    assert ya.shape == (6, 64)

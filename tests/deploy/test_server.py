@@ -272,7 +272,9 @@ def test_a_saved_int8_checkpoint_is_served_in_its_inference_form_with_the_pytorc
     texts = ["a red circle", "two blue squares on the left"]
     with BackgroundServer(app) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
                                                     timeout=30) as c, torch.no_grad():
-        img = np.array(c.post("/v1/embed/image", json={"model": "w8a8", "images": IMGS}).json()["embeddings"])
+        answer = c.post("/v1/embed/image", json={"model": "w8a8", "images": IMGS})
+        assert answer.status_code == 200, answer.text
+        img = np.array(answer.json()["embeddings"])
         txt = np.array(c.post("/v1/embed/text", json={"model": "w8a8", "texts": texts}).json()["embeddings"])
         want_img = reference.encode_image([decoded(s) for s in IMGS]).numpy()
         want_txt = reference.encode_text(texts).numpy()

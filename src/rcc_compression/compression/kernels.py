@@ -182,8 +182,11 @@ _LAST_TOKENS = threading.local()
 
 def _shared_tokens(x: torch.Tensor, a_in: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_tokens` of ``x * a_in`` (2-D), reusing the last result when a sibling layer reads the very
-    same input tensor, unchanged and unscaled (CLIP's q, k and v projections): one quantization for three GEMMs."""
-    if a_in is None:
+    same input tensor, unchanged and unscaled (CLIP's q, k and v projections): one quantization for three GEMMs.
+    Tensors made under ``torch.inference_mode`` carry no version counter, so an in-place change could not be
+    seen: they are quantized every time."""
+    shareable = a_in is None and not x.is_inference()
+    if shareable:
         last = getattr(_LAST_TOKENS, "entry", None)
         if last is not None and last[0]() is x and last[1] == x._version:
             return last[2], last[3]
@@ -191,7 +194,7 @@ def _shared_tokens(x: torch.Tensor, a_in: torch.Tensor | None) -> tuple[torch.Te
     if x.device.type == "cuda" and x2.shape[0] <= 16:  # cuBLASLt's int8 GEMM wants more than 16 rows
         x2 = torch.cat([x2, x2.new_zeros(17 - x2.shape[0], x2.shape[1])])
     xq, xs = quantize_tokens(x2)
-    if a_in is None:
+    if shareable:
         _LAST_TOKENS.entry = (weakref.ref(x), x._version, xq, xs)
     return xq, xs
 

@@ -887,7 +887,8 @@ class CompressedLinear(nn.Module):
         tensors = [*self._parameters.values(), *self._buffers.values()]
         for q in self.quant.values():
             tensors += [q.codes, q.packed, q.scale, q.zero]
-        return (self.act_bits, *((id(t), t._version) if t is not None else None for t in tensors))
+        return (self.act_bits, *((id(t), 0 if t.is_inference() else t._version) if t is not None else None
+                                 for t in tensors))
 
     def _prepared(self) -> Any:
         key = self._key()

@@ -24,6 +24,8 @@ from ..models.registry import unwrap_model
 from .efficiency import kernel_mix, measure_latency, memory_report, optimize_execution
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: another dtype is taken only where it takes at most this share of the model's own dtype's time
+MIN_GAIN = 0.9
 
 
 def dtype_candidates(dtype: str, device: torch.device) -> list[str]:
@@ -94,6 +96,8 @@ def prepare_for_inference(
             tried[name]["ms"] = statistics.median(times[name])
     ok = [n for n in trials if tried[n].get("passes", True)] or [current if current in trials else names[0]]
     chosen = min(ok, key=lambda n: tried[n].get("ms", 0.0))
+    if current in ok and chosen != current and tried[chosen]["ms"] > MIN_GAIN * tried[current]["ms"]:
+        chosen = current  # within the noise of the measurement: keep the model's own dtype
     out = trials[chosen]
     record = {"dtype": chosen, "asked": dtype, "kernel_policy": kernels, "tried": tried,
               "kernels": tried[chosen]["kernels"], "threshold": threshold if judged else None,

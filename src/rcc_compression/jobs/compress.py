@@ -21,7 +21,7 @@ from ..compression.rate import achieved_rate, alternative_sections, apply_rate
 from ..compression.storage import save_compressed
 from ..config import RCCConfig, dump_config
 from ..data.calibration import build_calibration_batches, calibration_items
-from ..evaluation.efficiency import compare_efficiency, measured_storage
+from ..evaluation.efficiency import compare_efficiency, measured_storage, parameter_report, storage_report
 from ..evaluation.inference import DTYPES, prepare_for_inference
 from ..evaluation.suite import HEADLINE_NAMES, benchmark_datasets, evaluate_model
 from ..models.registry import get_model, unwrap_model
@@ -179,19 +179,22 @@ def _run_compress(
         tracker.log_event("phase", phase="inference form")
         # timed with its weights resident: an offloaded teacher reads them from files on every call
         dense = materialize(pipe.dense_model)
-        served, inference = inference_step(wrapper, dense, cfg, fit, holdout, evaluate)
+        timed = evaluate and "efficiency" in cfg.evaluation.measures()
+        served, inference = inference_step(wrapper, dense, cfg, fit, holdout, timed)
         out_dir = run_dir / "compressed"
         manifest = save_compressed(wrapper, out_dir, config=resolved, records=pipe.records, overwrite=True,
                                    encrypt_key=encrypt_key, extra={"inference": {"dtype": inference["dtype"]}})
         tracker.log_event("phase", phase="evaluation")
         comp_quality, comp_ci = quality_metrics(served, cfg) if evaluate else ({}, {})
         effs: dict[str, Any] = {}
-        if evaluate and "efficiency" in cfg.evaluation.measures():
+        if timed:
             probe = holdout[0] if holdout else fit[0]  # inputs for timing: any batch will do
             models = {"dense": dense, "compressed": served}
             if inference["dtype"] != "float32":  # the dense model in the same compute dtype, for a fair ratio
                 models[f"dense {inference['dtype']}"] = copy.deepcopy(dense).to(DTYPES[inference["dtype"]])
             effs = compare_efficiency(models, probe)
+            # what is stored is the saved model's (the served one may be a copy in another compute dtype)
+            effs["compressed"].update(storage=storage_report(wrapper), parameters=parameter_report(wrapper))
         results = {
             "model": cfg.model.name,
             "stages": section.cascade.stages,
@@ -227,8 +230,8 @@ def inference_step(wrapper: nn.Module, dense: nn.Module, cfg: RCCConfig, fit: li
     """The compressed model in its inference form, dtype and kernels chosen by measurement
     (:func:`~rcc_compression.evaluation.inference.prepare_for_inference`, judged on the holdout by the
     gate's agreement with the dense model and threshold); returns the model to evaluate and serve, and
-    the record. ``wrapper`` itself keeps its dtype (it is what is saved). Without ``measure``
-    (``--no-eval``) the model only takes its inference form: dtype as stored, kernels not chosen."""
+    the record. ``wrapper`` itself keeps its dtype (it is what is saved). Without ``measure`` (``--no-eval``,
+    or no efficiency metric) the model only takes its inference form: dtype as stored, kernels not chosen."""
     if not measure:
         to_inference(unwrap_model(wrapper))
         dtype = str(next(unwrap_model(wrapper).parameters()).dtype).removeprefix("torch.")
