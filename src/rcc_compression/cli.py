@@ -85,6 +85,10 @@ def compress(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
     seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip quality and efficiency evaluation.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Compress nothing: print every Linear layer with its tower, the pattern that selected or "
+                          "excluded it, and its planned format and bytes (with --output: also dry_run.json there).",
+    )] = False,
     encrypt: Annotated[bool, typer.Option(
         "--encrypt", help="Encrypt the checkpoints (AES-256-GCM); the key comes from RCC_CHECKPOINT_KEY or --key-file.",
     )] = False,
@@ -107,6 +111,9 @@ def compress(
     from .utils.runs import RunRecord, new_run_dir
 
     sets = _overrides(set_, model, seed)
+    if dry_run:
+        _dry_run(load_config(config, sets), output, verbose, quiet)
+        return
     if resume is not None:
         if config is not None or sets:
             raise typer.BadParameter("--resume takes the run's own config; drop --config/--set/--model/--seed")
@@ -158,6 +165,21 @@ def compress(
     typer.echo(f"run directory: {run_dir}")
 
 
+def _dry_run(cfg: Any, output: Path | None, verbose: int, quiet: bool) -> None:
+    from .compression.dryrun import format_report
+    from .jobs.compress import dry_run
+    from .utils.io import atomic_write_json
+    from .utils.logging import setup_logging
+
+    setup_logging(_verbosity(verbose, quiet))
+    report = dry_run(cfg)
+    typer.echo(format_report(report), nl=False)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(output / "dry_run.json", report)
+        typer.echo(f"written to {output / 'dry_run.json'}")
+
+
 def _recorded_no_eval(run_dir: Path) -> bool:
     """Whether the run in ``run_dir`` was started with ``--no-eval`` (its ``run.json`` says so)."""
     try:
@@ -171,7 +193,7 @@ def _recorded_no_eval(run_dir: Path) -> bool:
 @app.command()
 def train(
     source: Annotated[Path | None, typer.Option("--from", "-f", help="Compressed run directory (or checkpoint) to recover.")] = None,  # noqa: E501
-    reference: Annotated[str | None, typer.Option("--reference", help="Train a reference model instead: clip or blip.")] = None,  # noqa: E501
+    reference: Annotated[str | None, typer.Option("--reference", help="Train a reference model instead: clip, blip or llava.")] = None,  # noqa: E501
     config: ConfigOpt = None,
     set_: SetOpt = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory (--reference: model directory).")] = None,  # noqa: E501
@@ -266,8 +288,8 @@ def _train_reference(kind: str, out: Path, world: Path | None, seed: int, minute
     from .jobs.reference import train_reference
     from .utils.logging import setup_logging
 
-    if kind not in ("clip", "blip"):
-        raise ConfigError(f"reference kind: got {kind!r}; allowed: clip, blip")
+    if kind not in ("clip", "blip", "llava"):
+        raise ConfigError(f"reference kind: got {kind!r}; allowed: clip, blip, llava")
     setup_logging(_verbosity(verbose, quiet), out)
     recipe = None
     if overrides:
@@ -378,7 +400,7 @@ def world_generate(
 
 @world_app.command("train-reference")
 def world_train_reference(
-    kind: Annotated[str, typer.Option("--kind", help="clip or blip.")],
+    kind: Annotated[str, typer.Option("--kind", help="clip, blip or llava.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write (Hugging Face layout).")],
     world: Annotated[Path | None, typer.Option("--world", help="A generated world (default: generate one).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="World and training seed.")] = 0,
