@@ -119,9 +119,12 @@ def test_train_then_eval_keeps_the_model_exact_and_gives_the_floats_back(tiny_cl
     loaded.train()
     layers = compressed_layers(loaded.model)
     assert not any(m.is_compact for m in layers.values())
-    assert all(isinstance(m._parameters.get(p), nn.Parameter) for m in layers.values() for p in m.quant)
+    params = {id(m._parameters[p]) for m in layers.values() for p in m.quant}
+    assert len(params) == sum(len(m.quant) for m in layers.values())  # float parameters an optimizer can hold
     assert held_tensor_bytes(loaded.model) > held  # float parameters while training
-    loaded.eval()
+    loaded.eval()  # a validation pass in the middle of training keeps them (an optimizer holds them)
+    assert {id(m._parameters[p]) for m in layers.values() for p in m.quant} == params
+    to_inference(loaded.model)  # training over: back to what the checkpoint stores
     assert all(m.is_compact for m in layers.values())
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits_per_image, before)
@@ -136,7 +139,7 @@ def test_a_trained_step_is_rounded_back_onto_the_codes_on_eval(tiny_clip, tmp_pa
     loaded.train()
     with torch.no_grad():
         layer.weight.add_(0.3 * layer.weight.abs().max())  # moves every value off its grid
-    loaded.eval()
+    to_inference(loaded.model)
     q = layer.quant["weight"]
     assert q.is_packed and q.info.get("resynced") == 1
     save_compressed(loaded, tmp_path / "after")

@@ -18,7 +18,8 @@ A layer lives in one of two forms:
   (``layer.weight``) decodes it; ``forward`` decodes each part for the call (freed after it, like an
   activation), unless an execution kernel (:meth:`CompressedLinear.set_execution`) holds a faster form,
   whose bytes :meth:`CompressedLinear.held_bytes` counts. ``train()`` brings the float parameters
-  back and ``eval()`` gives them back again (codes re-synced to the trained values first).
+  back (training moves them; a trainer's ``eval()`` for validation leaves them), and
+  :func:`to_inference` gives them back once training is over (codes re-synced to the trained values).
 
 Execution kernels (eval mode only; chosen per layer by measurement in
 :func:`rcc_compression.evaluation.efficiency.optimize_execution`):
@@ -385,7 +386,6 @@ class CompressedLinear(nn.Module):
         self._kernel_state: Any = None
         self._kernel_key: tuple | None = None
         self._compact = False
-        self._recompact = False  # compact again on eval(): train() materialised a compact layer
         #: parts stored as integer codes (:mod:`.quant`)
         self.quant: dict[str, QuantizedPart] = {}
         #: bits of the per-token activation quantization of the input (None: float activations)
@@ -719,12 +719,8 @@ class CompressedLinear(nn.Module):
         return out
 
     def train(self, mode: bool = True) -> CompressedLinear:
-        if mode and self._compact:
-            self.materialize()
-            self._recompact = True
-        elif not mode and self._recompact:
-            self._recompact = False
-            self.compact()
+        if mode:
+            self.materialize()  # training moves float values; :func:`to_inference` gives them back
         out = super().train(mode)
         if mode:
             self._invalidate()  # the kernel's copy would go stale while training: rebuilt on eval()

@@ -166,7 +166,8 @@ def compress_model(
 
     The model is compressed in place and returned in eval mode, its compressed layers in their
     inference form: it holds what its checkpoint would store (``train()`` brings back the float
-    parameters recovery training needs, ``eval()`` gives them back).
+    parameters recovery training needs, :func:`~rcc_compression.compression.layers.to_inference` gives
+    them back).
     """
     cfg = _resolve_config(config)
     seed = cfg.experiment.seed if seed is None else seed
