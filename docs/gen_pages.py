@@ -27,8 +27,10 @@ PACKAGE = "rcc_compression"
 
 GUIDES = [
     ("Compress your own CLIP or BLIP", "guides/compress-your-model.md"),
+    ("Compress a generative VLM (LLaVA) or a SigLIP", "guides/compress-a-generative-vlm.md"),
     ("Your own dataset", "guides/your-dataset.md"),
     ("Recovery training", "guides/recovery-training.md"),
+    ("Data privacy", "guides/privacy.md"),
     ("Reading the results", "guides/reading-results.md"),
     ("The three stages and their papers", "guides/stages.md"),
     ("Notebooks", "guides/notebooks.md"),

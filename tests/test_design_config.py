@@ -96,8 +96,9 @@ def test_metrics_default_to_what_the_benchmarks_measure():
 def _sections() -> list:
     out = [pytest.param(name, field.annotation, id=name)
            for name, field in RCCConfig.model_fields.items() if name != "compression"]
-    cascade = RCCConfig.model_fields["compression"].annotation.model_fields["cascade"].annotation
-    return [*out, pytest.param("compression.cascade", cascade, id="compression.cascade")]
+    compression = RCCConfig.model_fields["compression"].annotation.model_fields
+    return [*out, *(pytest.param(f"compression.{k}", compression[k].annotation, id=f"compression.{k}")
+                    for k in ("cascade", "towers"))]
 
 
 def _reads(module: str, key: str) -> bool:

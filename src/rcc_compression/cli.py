@@ -85,6 +85,10 @@ def compress(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
     seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip quality and efficiency evaluation.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Compress nothing: print every Linear layer with its tower, the pattern that selected or "
+                          "excluded it, and its planned format and bytes (with --output: also dry_run.json there).",
+    )] = False,
     encrypt: Annotated[bool, typer.Option(
         "--encrypt", help="Encrypt the checkpoints (AES-256-GCM); the key comes from RCC_CHECKPOINT_KEY or --key-file.",
     )] = False,
@@ -107,6 +111,9 @@ def compress(
     from .utils.runs import RunRecord, new_run_dir
 
     sets = _overrides(set_, model, seed)
+    if dry_run:
+        _dry_run(load_config(config, sets), output, verbose, quiet)
+        return
     if resume is not None:
         if config is not None or sets:
             raise typer.BadParameter("--resume takes the run's own config; drop --config/--set/--model/--seed")
@@ -158,6 +165,21 @@ def compress(
     typer.echo(f"run directory: {run_dir}")
 
 
+def _dry_run(cfg: Any, output: Path | None, verbose: int, quiet: bool) -> None:
+    from .compression.dryrun import format_report
+    from .jobs.compress import dry_run
+    from .utils.io import atomic_write_json
+    from .utils.logging import setup_logging
+
+    setup_logging(_verbosity(verbose, quiet))
+    report = dry_run(cfg)
+    typer.echo(format_report(report), nl=False)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(output / "dry_run.json", report)
+        typer.echo(f"written to {output / 'dry_run.json'}")
+
+
 def _recorded_no_eval(run_dir: Path) -> bool:
     """Whether the run in ``run_dir`` was started with ``--no-eval`` (its ``run.json`` says so)."""
     try:
@@ -171,7 +193,7 @@ def _recorded_no_eval(run_dir: Path) -> bool:
 @app.command()
 def train(
     source: Annotated[Path | None, typer.Option("--from", "-f", help="Compressed run directory (or checkpoint) to recover.")] = None,  # noqa: E501
-    reference: Annotated[str | None, typer.Option("--reference", help="Train a reference model instead: clip or blip.")] = None,  # noqa: E501
+    reference: Annotated[str | None, typer.Option("--reference", help="Train a reference model instead: clip, blip or llava.")] = None,  # noqa: E501
     config: ConfigOpt = None,
     set_: SetOpt = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory (--reference: model directory).")] = None,  # noqa: E501
@@ -218,6 +240,11 @@ def train(
     for key in ("val_loss", "val_agreement"):
         if key in results["before"]:
             typer.echo(f"{key}: {results['before'][key]:.5f} -> {results['after'][key]:.5f}")
+    private = results.get("privacy")
+    if private:
+        typer.echo(f"privacy: epsilon {private['epsilon_spent']:.3f} of {private['epsilon_budget']:g} spent "
+                   f"(delta {private['delta']:g}), {private['steps']} steps at noise multiplier "
+                   f"{private['noise_multiplier']:.3f}" + (f"; {private['stopped']}" if private["stopped"] else ""))
     typer.echo(f"run directory: {run_dir}")
 
 
@@ -261,8 +288,8 @@ def _train_reference(kind: str, out: Path, world: Path | None, seed: int, minute
     from .jobs.reference import train_reference
     from .utils.logging import setup_logging
 
-    if kind not in ("clip", "blip"):
-        raise ConfigError(f"reference kind: got {kind!r}; allowed: clip, blip")
+    if kind not in ("clip", "blip", "llava"):
+        raise ConfigError(f"reference kind: got {kind!r}; allowed: clip, blip, llava")
     setup_logging(_verbosity(verbose, quiet), out)
     recipe = None
     if overrides:
@@ -281,6 +308,68 @@ def _train_reference(kind: str, out: Path, world: Path | None, seed: int, minute
 world_app = typer.Typer(help="The reference world: generate it; train the bundled reference models on it.",
                         no_args_is_help=True)
 app.add_typer(world_app, name="world")
+
+
+data_app = typer.Typer(help="Datasets: anonymise a copy; write or check a manifest of file digests.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("anonymize")
+def data_anonymize(
+    spec: Annotated[str, typer.Argument(help="Dataset: a directory or file of any supported format, world, hf:NAME.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the anonymised copy into.")],
+    entities: Annotated[str | None, typer.Option("--entities", help="Comma-separated Presidio entity types "
+                                                 "(default: names, places, e-mails, phones, cards, IBANs, IPs).")] = None,  # noqa: E501
+    nlp_model: Annotated[str, typer.Option("--nlp-model", help="spaCy pipeline for names and places; 'none': "
+                                           "patterns and the capitalised-name heuristic only.")] = "en_core_web_sm",
+    keep_faces: Annotated[bool, typer.Option("--keep-faces", help="Do not blur faces.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Copy a dataset with personal data removed from its texts, metadata from its images and faces blurred."""
+    from .data.anonymize import DEFAULT_ENTITIES, REPORT_NAME, anonymize_dataset
+    from .utils.logging import setup_logging
+
+    setup_logging(_verbosity(verbose, quiet))
+    wanted = tuple(e.strip() for e in entities.split(",") if e.strip()) if entities else DEFAULT_ENTITIES
+    with _progress(quiet) as report:
+        result = anonymize_dataset(spec, output, entities=wanted, nlp_model=None if nlp_model == "none" else nlp_model,
+                                   blur_faces=not keep_faces, overwrite=overwrite, progress=report)
+    text, images = result["text"], result["images"]
+    replaced = ", ".join(f"{k} {v}" for k, v in text["replaced"].items()) or "none"
+    typer.echo(f"texts: {text['texts_changed']} of {text['texts_scanned']} changed; replaced: {replaced} "
+               f"({text['engine']})")
+    removed = ", ".join(f"{k} {v}" for k, v in images["metadata_removed"].items()) or "none"
+    typer.echo(f"images: {images['images']} rewritten; metadata removed: {removed}; faces blurred: "
+               f"{images['faces_blurred']} in {images['images_with_faces']} image(s)")
+    typer.echo(f"report: {Path(output) / REPORT_NAME}")
+
+
+@data_app.command("manifest")
+def data_manifest(
+    root: Annotated[Path, typer.Argument(help="Dataset root directory.")],
+    check: Annotated[bool, typer.Option("--check", help="Compare the files with the manifest instead.")] = False,
+) -> None:
+    """Write ROOT/rcc-manifest.json (sha256 of every file), or --check the files against it."""
+    from .data.secure import MANIFEST_NAME, manifest_mismatches, write_manifest
+    from .errors import DataError
+
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    if not check:
+        manifest = write_manifest(root)
+        typer.echo(f"{root / MANIFEST_NAME}: {len(manifest['files'])} files")
+        return
+    if not (root / MANIFEST_NAME).is_file():
+        raise DataError(f"{root}: no {MANIFEST_NAME} to check against (write one with: rcc data manifest {root})")
+    diff = manifest_mismatches(root)
+    bad = {k: v for k, v in diff.items() if v}
+    if bad:
+        raise DataError(f"{root}: differs from its manifest: " + "; ".join(
+            f"{k} {len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in bad.items()))
+    typer.echo(f"{root}: every file matches {MANIFEST_NAME}")
 
 
 @world_app.command("generate")
@@ -311,7 +400,7 @@ def world_generate(
 
 @world_app.command("train-reference")
 def world_train_reference(
-    kind: Annotated[str, typer.Option("--kind", help="clip or blip.")],
+    kind: Annotated[str, typer.Option("--kind", help="clip, blip or llava.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write (Hugging Face layout).")],
     world: Annotated[Path | None, typer.Option("--world", help="A generated world (default: generate one).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="World and training seed.")] = 0,

@@ -45,7 +45,8 @@ class ModelSection(StrictModel):
     """Which model to compress: a bundled short name, a local directory or a hub id."""
 
     name: str = Field("rcc-clip-world", description="bundled name, local Hugging Face directory or hub id")
-    type: Literal["clip", "blip", "blip_vqa"] | None = Field(None, description="model family; None: from its config")
+    type: Literal["clip", "siglip", "blip", "blip_vqa", "llava"] | None = Field(
+        None, description="model family; None: from its config")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype the weights load in")
 
 
@@ -112,6 +113,8 @@ class CalibrationSection(StrictModel):
     holdout_batches: int = Field(2, ge=0, description="batches held out for the validation gate (from dataset.val "
                                  "when it is set)")
     preserve_source: str | None = Field(None, description="alphaedit closed_form: data whose outputs must not move")
+    allow_unpaired: bool = Field(False, description="let a model that calibrates on image-text pairs (SigLIP, LLaVA) "
+                                 "calibrate on synthetic noise or on batches without images")
 
 
 class EvaluationSection(StrictModel):
@@ -220,6 +223,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "calibration.batch_size": (_J + "common", _J + "train"),
     "calibration.holdout_batches": (_J + "common", _J + "compress", _J + "api"),
     "calibration.preserve_source": (_J + "compress",),
+    "calibration.allow_unpaired": (_J + "common", _J + "compress", _J + "api"),
     "compression.dare.iterations": ("rcc_compression.compression.dare",),
     "compression.dare.reference_model": (_J + "train", _J + "compress", _J + "api"),
     "compression.cascade.stages": ("rcc_compression.compression.cascade", _J + "api", _J + "compress"),
@@ -235,6 +239,12 @@ READERS: dict[str, tuple[str, ...]] = {
     "compression.cascade.plan_inputs": ("rcc_compression.compression.rate",),
     "compression.cascade.offload": ("rcc_compression.compression.cascade",),
     "compression.cascade.offload_dir": ("rcc_compression.compression.cascade",),
+    "compression.towers.protect": ("rcc_compression.compression.towers",),
+    "compression.towers.protect_bits": ("rcc_compression.compression.towers",),
+    "compression.towers.sensitivity": ("rcc_compression.compression.towers",),
+    "compression.towers.lift": ("rcc_compression.compression.towers",),
+    "compression.towers.probe_bits": ("rcc_compression.compression.towers",),
+    "compression.towers.batches": ("rcc_compression.compression.towers",),
     "training.batch_size": (_J + "train",),
     "training.learning_rate": (_T + "trainer", _T + "recovery"),
     "training.num_epochs": (_T + "trainer", _T + "recovery"),
@@ -264,6 +274,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "training.monitor": (_J + "train",),
     "training.val_benchmarks": (_J + "train",),
     "training.val_max_items": (_J + "data",),
+    "training.privacy": (_T + "trainer", _T + "recovery", _J + "train"),
     "evaluation.benchmarks": (_J + "compress", "rcc_compression.cli"),
     "evaluation.datasets": (_J + "common",),
     "evaluation.metrics": (_J + "compress", "rcc_compression.cli"),

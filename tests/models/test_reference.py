@@ -23,7 +23,8 @@ def _record(name: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "name,cls", [("rcc-clip-world", "CLIPModel"), ("rcc-blip-world", "BlipForConditionalGeneration")]
+    "name,cls", [("rcc-clip-world", "CLIPModel"), ("rcc-blip-world", "BlipForConditionalGeneration"),
+                 ("rcc-llava-world", "LlavaForConditionalGeneration")]
 )
 def test_bundled_models_load_by_name_and_are_small(name: str, cls: str) -> None:
     assert name in BUNDLED
@@ -70,6 +71,39 @@ def test_bundled_blip_describes_world_scenes() -> None:
     right_colour = sum(it.scene.objects[0].colour in c for it, c in zip(items, caps, strict=True))
     assert right_colour >= 0.75 * len(items), list(zip(caps, [it.captions[0] for it in items], strict=True))
     assert _record("rcc-blip-world")["figures"]["captioning_CIDEr"] > 0.5
+
+
+def test_bundled_llava_describes_and_answers_world_scenes() -> None:
+    """The reference LLaVA names the colour of single objects in its captions and answers colour questions."""
+    from rcc_compression.data.world import world_scenes
+
+    wrapper = get_model("rcc-llava-world")
+    items = [it for it in world_scenes(0, "test", 60) if len(it.scene.objects) == 1][:16]
+    pixels = torch.stack([transform_for(wrapper)(it.image) for it in items])
+    caps = wrapper.generate_caption(pixels, num_beams=3, max_length=30)
+    right = sum(it.scene.objects[0].colour in c for it, c in zip(items, caps, strict=True))
+    assert right >= 0.75 * len(items), list(zip(caps, [it.captions[0] for it in items], strict=True))
+    answers = wrapper.answer(pixels, [f"what colour is the {it.scene.objects[0].shape}?" for it in items])
+    right = sum(a == it.scene.objects[0].colour for it, a in zip(items, answers, strict=True))
+    assert right >= 0.75 * len(items), answers
+    # the vision tower is the bundled CLIP's, unchanged (LLaVA trains only the projector and the language model)
+    clip = get_model("rcc-clip-world").model.vision_model.state_dict()
+    tower = wrapper.model.model.vision_tower.state_dict()
+    assert all(torch.equal(clip[k], tower[k]) for k in clip if k in tower)
+
+
+@pytest.mark.slow
+def test_bundled_llava_reproduces_its_recorded_figures() -> None:
+    from rcc_compression.jobs.reference import measure_figures
+
+    rec = _record("rcc-llava-world")
+    sizes = rec["world"]["test_sizes"]
+    spec = WorldSpec(seed=rec["world"]["seed"], test=sizes["test"], vqa_test=sizes["vqa_test"])
+    res = measure_figures(get_model("rcc-llava-world"), "llava", spec, bootstrap_samples=0)
+    cider = res["results"]["captioning"]["world:captions"]["metrics"]["CIDEr"]["value"]
+    vqa = res["results"]["vqa"]["world:vqa"]["metrics"]["accuracy"]["value"]
+    assert abs(cider - rec["figures"]["captioning_CIDEr"]) <= 0.01
+    assert abs(vqa - rec["figures"]["vqa_accuracy"]) <= 0.01
 
 
 @pytest.mark.slow
@@ -147,6 +181,39 @@ def test_recipe_runs_on_the_trainer_and_repeats_exactly(tmp_path: Path, kind: st
     build = build_clip if kind == "clip" else build_blip
     init = build(_tiny_recipe(kind), build_world_tokenizer(kind)).model.state_dict()
     assert any(not torch.equal(init[k], w1[k]) for k in w1)  # it trained
+
+
+def test_llava_recipe_repeats_exactly_and_its_feature_loss_is_the_models(tmp_path: Path) -> None:
+    """Frozen-tower features computed once give the loss the model computes from pixels; same seed, same weights."""
+    from rcc_compression.data.transforms import normalize
+    from rcc_compression.data.world import build_world_tokenizer
+    from rcc_compression.jobs.reference import load_train_split, train_model
+    from rcc_compression.jobs.reference_llava import LlavaBatches, build_llava, image_features, llava_loss
+
+    world = tmp_path / "world"
+    generate_world(world, WorldSpec(seed=1, splits=("train",), parts=("captions",), train=40))
+    data = load_train_split(world, tmp_path / "cache")
+    recipe = _tiny_recipe("llava", vision_from=None, lm_hidden=32, lm_mlp_ratio=2)
+    wrapper = build_llava(recipe, build_world_tokenizer("llava", 128), 64)
+    batch = LlavaBatches(recipe, data, wrapper, image_features(wrapper, data.pixels))[0]
+    assert batch["features"].shape[1:] == (wrapper.num_image_tokens, 32)
+    pix = data.pixels[:4]
+    feats = image_features(wrapper, pix)
+    inputs = wrapper.training_inputs(["", "what colour is the circle?", "", "how many shapes are there?"],
+                                     ["a red circle.", "red", "two stars.", "2"])
+    with torch.no_grad():
+        via_features = llava_loss(wrapper.model, {**inputs, "features": feats.float()})
+        proc = wrapper.image_processor
+        via_pixels = wrapper.model(pixel_values=normalize(pix, tuple(proc.image_mean), tuple(proc.image_std)),
+                                   **inputs).loss
+    torch.testing.assert_close(via_features, via_pixels, rtol=1e-5, atol=1e-5)
+    runs = []
+    for _ in range(2):
+        trained, log = train_model(_tiny_recipe("llava", vision_from=None, lm_hidden=32, lm_mlp_ratio=2), data)
+        runs.append({k: v.clone() for k, v in trained.model.state_dict().items()})
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]) and log["steps_done"] == 3
+    tower = {k for k in runs[0] if "vision_tower" in k}
+    assert all(torch.equal(runs[0][k], wrapper.model.state_dict()[k]) for k in tower)  # the tower stays frozen
 
 
 def test_recipe_stops_within_its_time_budget(tmp_path: Path) -> None:

@@ -96,9 +96,9 @@ def test_config_missing_file(tmp_path, capsys):
 def test_model_unreachable_hub_id(tmp_path, capsys):
     assert main(["compress", *FAST, "--model", "no-such-org/no-such-model", "--output", str(tmp_path / "r")]) == 2
     assert _error_line(capsys) == (
-        "error: cannot load 'no-such-org/no-such-model': it is not a bundled name (rcc-blip-world, rcc-clip-world), "
-        "not a tiny test model "
-        "(tiny-clip, tiny-blip, tiny-blip-vqa), not a local directory, and the Hugging Face hub could not be reached "
+        "error: cannot load 'no-such-org/no-such-model': it is not a bundled name (rcc-blip-world, rcc-clip-world, "
+        "rcc-llava-world), not a tiny test model (tiny-clip, tiny-siglip, tiny-blip, tiny-blip-vqa, tiny-llava), not a "
+        "local directory, and the Hugging Face hub could not be reached "
         "(this machine may have no network). Download it where there is network (huggingface-cli download "
         "no-such-org/no-such-model --local-dir DIR) and pass the local directory instead. [OSError]")
 
@@ -116,13 +116,13 @@ def test_model_type_that_does_not_match_the_model(tmp_path, capsys):
 def test_model_of_the_wrong_type_for_a_benchmark(tmp_path, capsys):
     out = tmp_path / "ev"
     assert main(["evaluate", "--model", "tiny-clip", "--benchmark", "captioning", "--output", str(out), "-q"]) == 2
-    assert _error_line(capsys) == ("error: no benchmark ran (captioning on *: captioning needs a BLIP captioning "
-                                   f"model); see {out / 'results.md'}")
+    assert _error_line(capsys) == ("error: no benchmark ran (captioning on *: captioning needs a captioning model "
+                                   f"(BLIP captioning, LLaVA); this is clip); see {out / 'results.md'}")
     results = json.loads((out / "results.json").read_text())
     assert results["results"] == {}
-    assert results["skipped"] == [{"benchmark": "captioning", "dataset": "*",
-                                   "reason": "captioning needs a BLIP captioning model"}]
-    assert "- captioning on *: captioning needs a BLIP captioning model" in (out / "results.md").read_text()
+    reason = "captioning needs a captioning model (BLIP captioning, LLaVA); this is clip"
+    assert results["skipped"] == [{"benchmark": "captioning", "dataset": "*", "reason": reason}]
+    assert f"- captioning on *: {reason}" in (out / "results.md").read_text()
 
 
 class ConvOnly(nn.Module):
@@ -176,8 +176,8 @@ def test_data_corrupt_image(tmp_path, capsys):
     src = _captions_dir(tmp_path / "data", corrupt=2)
     assert main(["compress", *FAST, "--set", f"calibration.source={src}", "--output", str(tmp_path / "r")]) == 2
     assert _error_line(capsys) == (
-        f"error: {src / 'images' / '2.png'}: cannot read image: UnidentifiedImageError: cannot identify image file "
-        f"'{src / 'images' / '2.png'}'; pass skip_bad=True / --skip-bad to skip unreadable images")
+        f"error: {src / 'images' / '2.png'}: not a readable image (allowed: PNG, JPEG, WEBP, BMP, GIF, TIFF, PPM); "
+        "pass skip_bad=True / --skip-bad to skip unreadable images")
     # dataset.skip_bad: the unreadable image is left out and the run completes
     run = tmp_path / "r2"
     assert main(["compress", *FAST, "--set", f"calibration.source={src}", "--set", "dataset.skip_bad=true",

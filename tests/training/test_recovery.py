@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -188,9 +189,10 @@ def test_rcc_train_needs_data_and_holds_out_val_when_the_source_has_none(tmp_pat
     assert main(["train", "--from", str(run), "-q", "--output", str(tmp_path / "none")]) == 2
     assert "rcc train needs training data: --data SPEC" in capsys.readouterr().err
     # a Conceptual Captions tsv has no val split: 5 % of it (at least one item) is held out, never trained on
-    images = sorted((small_world / "images" / "train").iterdir())
+    # (the images copied beside the tsv: a dataset's paths stay inside its root)
+    images = [shutil.copy(p, tmp_path) for p in sorted((small_world / "images" / "train").iterdir())]
     tsv = tmp_path / "cc.tsv"
-    tsv.write_text("".join(f"a picture number {i}\t{p}\n" for i, p in enumerate(images)))
+    tsv.write_text("".join(f"a picture number {i}\t{Path(p).name}\n" for i, p in enumerate(images)))
     out = tmp_path / "carved"
     assert main(["train", "--from", str(run), "--output", str(out), "-q", "--data", str(tsv),
                  "--set", "training.batch_size=8", "--set", "training.max_steps=2"]) == 0

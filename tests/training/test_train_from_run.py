@@ -82,3 +82,29 @@ def test_rcc_train_from_a_run_with_a_broken_config_is_one_line(run: Path, tmp_pa
     assert main(["train", "--from", str(broken), "--output", str(tmp_path / "o"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expected in err and "\n" not in err and str(broken / "config.yaml") in err
+
+
+def test_private_rcc_train_from_a_compress_run(run: Path, tmp_path: Path, capsys) -> None:
+    """``training.privacy`` through the command line: Poisson batches of the world's train split, the epsilon spent
+    printed and recorded, no membership list in data.json."""
+    from rcc_compression.data.world import WorldSpec, generate_world
+
+    world = tmp_path / "world"
+    generate_world(world, WorldSpec(seed=0, train=32, val=8, test=8, splits=("train", "val"), parts=("captions",)))
+    out = tmp_path / "private"
+    assert main(["train", "--from", str(run), "--data", str(world), "--output", str(out), "-q", "--steps", "3",
+                 "--set", "training.batch_size=8", "--set", "training.kd_weight=0",
+                 "--set", "training.privacy.epsilon=8", "--set", "training.privacy.delta=0.001"]) == 0
+    assert "privacy: epsilon" in capsys.readouterr().out
+    results = json.loads((out / "train_results.json").read_text())
+    private = results["privacy"]
+    assert results["steps"] == 3 and private["steps"] == 3 and 0 < private["epsilon_spent"] <= 8
+    assert private["items"] == 32 and private["sample_rate"] == 0.25
+    assert "train" not in json.loads((out / "data.json").read_text())["identities"]
+    manifest = json.loads((out / "compressed" / "manifest.json").read_text())
+    assert manifest["stages"][-1]["privacy"]["epsilon_spent"] == private["epsilon_spent"]
+    # the contrastive terms are refused, in one line
+    assert main(["train", "--from", str(run), "--data", str(world), "--output", str(tmp_path / "no"), "-q",
+                 "--set", "training.batch_size=8", "--set", "training.privacy.epsilon=8",
+                 "--set", "training.privacy.delta=0.001"]) == 2
+    assert "training.kd_weight" in capsys.readouterr().err

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
+from ..data.datasets import load_image
 from ..errors import CheckpointError, CompressionError
 from ..models.base import ModelWrapper
 from ..models.registry import unwrap_model, wrap_model
@@ -822,7 +822,7 @@ def _synthetic_batches(model: nn.Module, wrapper: Any, n: int, seed: int) -> lis
 def _load_images(wrapper: Any, images: list[Any]) -> torch.Tensor:
     if any(i is None for i in images):
         raise CompressionError("BLIP hallu_space pairs need an 'image' path for every pair")
-    return wrapper.prepare_images([Image.open(i).convert("RGB") for i in images])
+    return wrapper.prepare_images([load_image(i) for i in images])  # bounded, allow-listed formats
 
 
 __all__ = ["STAGES", "CascadeConfig", "CascadePipeline", "compression_summary", "select_layers"]

@@ -348,7 +348,9 @@ class _ClipImage(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.visual_projection(self.model.vision_model(pixel_values=pixel_values).pooler_output)
+        pooled = self.model.vision_model(pixel_values=pixel_values).pooler_output
+        proj = getattr(self.model, "visual_projection", None)  # SigLIP's pooled output is its embedding
+        return proj(pooled) if proj is not None else pooled
 
 
 class _ClipText(nn.Module):
@@ -358,7 +360,8 @@ class _ClipText(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         pooled = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return self.model.text_projection(pooled)
+        proj = getattr(self.model, "text_projection", None)
+        return proj(pooled) if proj is not None else pooled
 
 
 class _BlipVision(nn.Module):
@@ -389,7 +392,12 @@ def _graphs(wrapper: Any, batch: int) -> list[dict[str, Any]]:
     mask = torch.ones_like(ids)
     mask[0, ids.shape[1] // 2:] = 0  # a padded row, so the exported graph is checked on padding too
     seq = {0: "batch", 1: "sequence"}
-    if wrapper.model_type == "clip":
+    if wrapper.model_type == "llava":
+        raise CheckpointError(
+            "ONNX export of a LLaVA-style generative model is not supported: it needs the language model exported "
+            "with key/value-cache inputs and outputs and the image features written into its input embeddings, "
+            "which this exporter does not build (use --format hf for a dense Hugging Face directory)")
+    if wrapper.model_type in ("clip", "siglip"):
         return [
             {"file": "vision_model.onnx", "module": _ClipImage(wrapper.model), "inputs": (sb["pixel_values"],),
              "input_names": ["pixel_values"], "output_names": ["image_embeds"],
@@ -410,7 +418,8 @@ def _graphs(wrapper: Any, batch: int) -> list[dict[str, Any]]:
              "dynamic_axes": {"input_ids": seq, "attention_mask": seq, "encoder_hidden_states": {0: "batch"},
                               "logits": seq}},
         ]
-    raise CheckpointError(f"ONNX export supports CLIP and captioning BLIP; this is {type(wrapper.model).__name__} "
+    raise CheckpointError(f"ONNX export supports CLIP, SigLIP and captioning BLIP; this is "
+                          f"{type(wrapper.model).__name__} "
                           "(use --format hf for a dense Hugging Face directory)")
 
 
@@ -518,6 +527,7 @@ def export_onnx(wrapper: Any, path: str | os.PathLike[str], opset: int = OPSET, 
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "model_type": wrapper.model_type, "opset": opset, "graphs": records, "files": files,
                 "logit_scale": float(wrapper.logit_scale.detach()) if hasattr(wrapper, "logit_scale") else None,
+                "logit_bias": float(wrapper.logit_bias.detach()) if hasattr(wrapper, "logit_bias") else None,
                 "tokens": _blip_tokens(wrapper) if wrapper.model_type == "blip" else None,
                 "compressed_layers": len(compressed_layers(wrapper.model)),
                 "onnx_bytes": sum(v["bytes"] for k, v in files.items() if k.endswith(".onnx")),

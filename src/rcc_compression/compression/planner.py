@@ -10,7 +10,7 @@ weights (whitened by calibration statistics when given).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -563,6 +563,7 @@ def plan_layers(
     prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq", act_order: bool = False,
     clip_search: bool = False, progress: Any = None, sensitivity: Sequence[torch.Tensor | None] | None = None,
     on_layer: Callable[[int, list[list[Choice]], float], None] | None = None,
+    min_bits: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """One storage choice per layer (bits x rank x sparsity) minimising the summed calibration output
     error within the bytes ``rate`` leaves (:func:`layer_choices`, then :func:`allocate`).
@@ -573,7 +574,10 @@ def plan_layers(
     sensitivity per output channel (errors are then weighed by their effect on the model's output,
     see :func:`layer_choices`); ``on_layer(i, options so far, budget)`` is called after each layer's
     candidates are scored, before the next layer's second moment is read (the sequential planner
-    installs provisional choices there). Returns the plan: per layer its choice,
+    installs provisional choices there). ``min_bits`` keeps the named layers at that precision or
+    more (:func:`keeps_precision`; the towers' protections, most important first): where the rate is
+    out of reach with all of them, the last ones are released until it is not (``released``
+    in the plan). Returns the plan: per layer its choice,
     bytes and estimated error, the predicted rate and the mean estimated error. Raises
     :class:`CompressionError` when the rate is out of reach.
     """
@@ -585,6 +589,7 @@ def plan_layers(
     total_dense = dense + (rest_bytes if scope == "model" else 0)
     budget = (1.0 - rate) * total_dense - (rest_bytes if scope == "model" else 0) - fixed
     options = []
+    full: dict[int, list[Choice]] = {}  # protected layers' unfiltered candidates
     sens = list(sensitivity) if sensitivity is not None else [None] * len(shapes)
     weighted = all(x is not None for x in sens)
     for i, (w, g, shape, d) in enumerate(zip(weights, grams, shapes, dims, strict=True)):
@@ -592,12 +597,21 @@ def plan_layers(
                                      scorer=scorer, prune_scope=prune_scope, damping=damping, rounding=rounding,
                                      row_weight=sens[i] if weighted else None, act_order=act_order,
                                      clip_search=clip_search))
+        if min_bits and names[i] in min_bits:
+            full[i] = options[-1]
+            options[-1] = [c for c in options[-1] if keeps_precision(c, min_bits[names[i]])] or options[-1]
         release_memory()  # the candidates' temporaries: hand their pages back before the next layer
         if on_layer is not None:
             on_layer(i, options, budget)
         if progress is not None:
             progress("plan", i + 1, len(shapes))
     used = [k for k in ("bits", "sparsity", "rank") if any(k in d for d in dims)]
+    released: list[str] = []
+    order = [names.index(n) for n in (min_bits or {}) if n in names and names.index(n) in full]
+    while order and sum(min(c.nbytes for c in opts) for opts in options) > budget:
+        i = order.pop()  # the least important protection goes first
+        options[i] = full[i]
+        released.append(names[i])
     floor = sum(min(c.nbytes for c in opts) for opts in options)
     if floor > budget:
         best = 1.0 - (floor + fixed + (rest_bytes if scope == "model" else 0)) / total_dense
@@ -624,7 +638,7 @@ def plan_layers(
 
     out = {"method": "layers", "requested_rate": rate, "scope": scope, **planned(options), "dimensions": used,
            "error_model": "output-weighted" if weighted else "per layer",
-           "rounding": rounding, "candidates": sum(len(o) for o in options)}
+           "rounding": rounding, "candidates": sum(len(o) for o in options), "released": released}
     # every single-stage plan at the same bytes, from the same candidates: the end-to-end choice measures them
     alternatives: dict[str, Any] = {}
     kinds = [d for d in used if len(used) > 1]
@@ -640,6 +654,12 @@ def plan_layers(
             alternatives[dim] = alt
     out["alternatives"] = alternatives
     return out
+
+
+def keeps_precision(c: Choice, bits: int) -> bool:
+    """Whether a choice stores the layer at ``bits`` or more: its own values unpruned, codes and factors that wide."""
+    return (c.keep_s and not c.pruning_rate and (c.bits is None or c.bits >= bits)
+            and (not c.rank or c.factor_bits is None or c.factor_bits >= bits))
 
 
 #: which candidates each single-stage plan may use (a layer may also stay as it is)

@@ -24,6 +24,7 @@ from .layers import compressed_layers
 from .planner import Choice, LayerShape, allocate, choice_weight, plan_layers, plan_rate, split_error
 from .registry import STAGES, build_stage
 from .stage import Stage, select_layers
+from .towers import plan_constraints
 
 log = get_logger("rate")
 
@@ -160,6 +161,7 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
              # the estimates round as the bits stage will
              "act_order": bool(getattr(bits.config, "act_order", False)) if bits else False,
              "clip_search": bool(getattr(bits.config, "clip_search", False)) if bits else False}
+    towers = plan_constraints(inner, names, section.towers, fit, progress)  # protections, per-tower sensitivity
     sens = output_sensitivity(inner, names, fit) if fit else None
     if progress is not None and fit:
         progress("sensitivity", 1, 1)
@@ -172,11 +174,14 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
         plan = plan_layers(names, weights, grams, shapes, rate, dims=dims, reserved=reserved,
                            sensitivity=[sens.get(n) for n in names] if sens else None,
                            rest_bytes=rest_bytes(inner, names), scope=scope, progress=progress,
-                           on_layer=sequential.planned if sequential is not None else None, **build)
+                           on_layer=sequential.planned if sequential is not None else None,
+                           min_bits=towers["min_bits"], **build)
     finally:
         if sequential is not None:
             sequential.restore()
     plan["inputs"] = "sequential" if sequential is not None else ("dense" if fit else "none (weights only)")
+    plan["towers"] = {k: v for k, v in towers.items() if k != "min_bits"}
+    plan["towers"]["protection"]["released"] = plan.pop("released", [])
     _write_plan(section, plan, providers, recovery, bool(fit))
     counts: dict[str, int] = {}
     for v in plan["layers"].values():

@@ -19,6 +19,7 @@ from .dare import DareConfig, DareStage
 from .nullu import NulluConfig, NulluStage
 from .quant import QuantConfig, QuantStage
 from .stage import Stage, StageConfig
+from .towers import TowerBudgetConfig
 
 STAGES: dict[str, tuple[type[StageConfig], type[Stage]]] = {
     "dare": (DareConfig, DareStage),
@@ -81,10 +82,11 @@ def _compression_section() -> type[StrictModel]:
         name: (cfg_cls, Field(default_factory=cfg_cls)) for name, (cfg_cls, _) in STAGES.items()
     }
     fields["cascade"] = (CascadeConfig, Field(default_factory=CascadeConfig))
+    fields["towers"] = (TowerBudgetConfig, Field(default_factory=TowerBudgetConfig))
     return create_model("CompressionSection", __base__=StrictModel, **fields)
 
 
-#: the ``compression:`` section: one key per registered stage plus ``cascade``
+#: the ``compression:`` section: one key per registered stage plus ``cascade`` and ``towers``
 CompressionSection = _compression_section()
 
 

@@ -9,7 +9,6 @@ from a :class:`CompressionContext`, which computes each of them once, on first u
 from __future__ import annotations
 
 import json
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,19 +20,16 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import CompressionError
-from ..models.blip import BLIPWrapper
-from ..models.clip import CLIPWrapper
 from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
 from ..utils.memory import release_memory
 from ..utils.schema import StrictModel
 from .calibration import LayerStats, collect_layer_stats, run_outputs
 from .layers import CompressedLinear
+from .matching import select
 
 log = get_logger("compression")
 
-#: targets for any model that is not CLIP or BLIP: every Linear but the usual output heads
-GENERIC_IGNORE = (r"(^|\.)(lm_head|head|classifier|visual_projection|text_projection|output_projection)$",)
 
 
 class StageConfig(StrictModel):
@@ -43,30 +39,15 @@ class StageConfig(StrictModel):
     ignore: list[str] | None = Field(None, description="regexes of layers to leave alone; None: the model's default")
 
 
-def default_patterns(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Default (targets, ignore) regexes: the encoders' (and BLIP decoder's) Linear layers."""
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    if mtype == "clip":
-        return CLIPWrapper.default_targets, CLIPWrapper.default_ignore
-    if mtype == "blip":
-        return BLIPWrapper.default_targets, BLIPWrapper.default_ignore
-    return (r".",), GENERIC_IGNORE
-
-
 def select_layers(
     model: nn.Module, targets: Sequence[str] | None = None, ignore: Sequence[str] | None = None
 ) -> list[str]:
-    """Names of the Linear (or already compressed) layers of ``model`` the patterns select."""
-    dt, di = default_patterns(model)
-    tpat = [re.compile(p) for p in (dt if targets is None else targets)]
-    ipat = [re.compile(p) for p in (di if ignore is None else ignore)]
-    names = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, CompressedLinear)) or not name:
-            continue
-        if any(p.search(name) for p in tpat) and not any(p.search(name) for p in ipat):
-            names.append(name)
-    return names
+    """Names of the Linear (or already compressed) layers of ``model`` the patterns select.
+
+    ``None`` patterns are the model family's defaults; a given pattern that matches no Linear
+    layer raises, naming the nearest module names (:func:`~.matching.check_patterns`).
+    """
+    return select(model, targets, ignore)
 
 
 def schedule_fraction(progress: float, kind: str) -> float:

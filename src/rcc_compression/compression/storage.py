@@ -74,6 +74,8 @@ MODEL_CLASSES = {
     "CLIPModel": ("CLIPModel", "CLIPConfig"),
     "BlipForConditionalGeneration": ("BlipForConditionalGeneration", "BlipConfig"),
     "BlipForQuestionAnswering": ("BlipForQuestionAnswering", "BlipConfig"),
+    "SiglipModel": ("SiglipModel", "SiglipConfig"),
+    "LlavaForConditionalGeneration": ("LlavaForConditionalGeneration", "LlavaConfig"),
 }
 
 _REPR = reprlib.Repr()

@@ -2,13 +2,22 @@
 
 Sources: ``synthetic`` (random inputs shaped for the model), ``world`` (reference-world scenes
 generated in memory from the seed; no files), or a dataset path/spec any loader here understands.
-CLIP and BLIP captioning batches hold ``pixel_values``, ``input_ids`` and ``attention_mask``; BLIP
-VQA batches also ``labels`` (the answer tokens).
+CLIP, SigLIP and BLIP captioning batches hold ``pixel_values``, ``input_ids`` and ``attention_mask``; BLIP
+VQA batches also ``labels`` (the answer tokens). LLaVA batches are an image, the model's prompt (its
+caption instruction, or a question) and the target text (the caption, or the answer), with
+``labels`` scoring the target only; the world's calibration for LLaVA alternates captions and
+questions, so both tasks' inputs are seen.
+
+A model whose calibration must be image-text pairs (``paired_calibration``: SigLIP, LLaVA) refuses
+``synthetic`` calibration (random images and token ids: statistics of noise, not of the pairs the
+model is used on) unless ``allow_unpaired`` asks for it.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,9 +38,33 @@ def _kind(wrapper: Any) -> str:
     mtype = getattr(wrapper, "model_type", "")
     if mtype == "blip" and getattr(wrapper, "is_vqa", False):
         return "blip_vqa"
-    if mtype in ("clip", "blip"):
+    if mtype in ("clip", "blip", "llava"):
         return mtype
-    raise DataError(f"calibration data needs a CLIP or BLIP wrapper, got {type(wrapper).__name__}")
+    if mtype == "siglip":
+        return "clip"  # the same pairs: an image and a caption
+    raise DataError(f"calibration data needs a CLIP, SigLIP, BLIP or LLaVA wrapper, got {type(wrapper).__name__}")
+
+
+def check_paired(wrapper: Any, source: str, allow_unpaired: bool = False) -> None:
+    """Refuse noise calibration for a model that calibrates on image-text pairs, unless asked for."""
+    if source == "synthetic" and getattr(wrapper, "paired_calibration", False) and not allow_unpaired:
+        raise DataError(
+            f"a {getattr(wrapper, 'model_type', '')} model calibrates on image-text pairs: calibration source "
+            "'synthetic' (random images and token ids) is refused; use 'world' or your own image-text data "
+            "(calibration.source), or set calibration.allow_unpaired: true to calibrate on noise anyway")
+
+
+def check_paired_batches(wrapper: Any, batches: Sequence[Mapping[str, Any]], allow_unpaired: bool = False) -> None:
+    """Refuse calibration batches without images or without text for a model that calibrates on pairs."""
+    if allow_unpaired or not getattr(wrapper, "paired_calibration", False):
+        return
+    for i, batch in enumerate(batches):
+        missing = [k for k in ("pixel_values", "input_ids") if k not in batch]
+        if missing:
+            raise DataError(
+                f"calibration batch {i} has no {' and no '.join(missing)}: a {getattr(wrapper, 'model_type', '')} "
+                "model calibrates on image-text pairs (text-only or image-only batches measure statistics it "
+                "never sees in use); give pairs, or set calibration.allow_unpaired: true to use them anyway")
 
 
 def _world_dataset(wrapper: Any, count: int, seed: int, kind: str) -> ArrayDataset:
@@ -39,10 +72,11 @@ def _world_dataset(wrapper: Any, count: int, seed: int, kind: str) -> ArrayDatas
     for item in world_scenes(seed, "train", count):
         images.append(item.image)
         rec = Record(image=len(records), image_id=str(item.index), captions=item.captions)
-        if kind == "blip_vqa":
+        if kind == "blip_vqa" or (kind == "llava" and item.index % 2):
             q, answers, _ = random.Random(seed * 1_000_003 + item.index).choice(
                 questions_for(item.scene, scene_rng(seed, "vqa", "train", item.index), SEEN_PAIRS))
-            rec = Record(image=len(records), image_id=str(item.index), question=q, answers=answers)
+            rec = Record(image=len(records), image_id=str(item.index), question=q, answers=answers,
+                         captions=item.captions if kind == "llava" else [])
         records.append(rec)
     return ArrayDataset(images, records, transform=transform_for(wrapper), source=f"world(seed={seed})",
                         task="vqa" if kind == "blip_vqa" else "captions")
@@ -103,17 +137,20 @@ def build_calibration_batches(
     skip_bad: bool = False,
     root: str | None = None,
     items: tuple[MultimodalDataset, list[int]] | None = None,
+    allow_unpaired: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """``num_batches`` batches of ``batch_size`` for ``wrapper.model(**batch)``, deterministic per seed.
 
     ``source``: ``synthetic``, ``world``, or a dataset spec (path, ``hf:NAME``, ``world:PART``,
     known name, each optionally ``@SPLIT``; the train split by default). ``items`` reuses a
     :func:`calibration_items` draw (a job that leak-checks them first). Bad items raise a
-    ``DataError`` naming the file unless ``skip_bad``.
+    ``DataError`` naming the file unless ``skip_bad``. ``synthetic`` for a model that calibrates
+    on image-text pairs needs ``allow_unpaired`` (:func:`check_paired`).
     """
     if num_batches < 1 or batch_size < 1:
         raise ValueError(f"num_batches and batch_size must be >= 1, got {num_batches} and {batch_size}")
     kind = _kind(wrapper)
+    check_paired(wrapper, source, allow_unpaired)
     if source == "synthetic":
         gen = torch.Generator().manual_seed(seed)
         return [wrapper.synthetic_batch(batch_size, generator=gen) for _ in range(num_batches)]
@@ -121,7 +158,7 @@ def build_calibration_batches(
     ds, order = items if items is not None else calibration_items(wrapper, source, total, seed, skip_bad, root)
     subset = torch.utils.data.Subset(ds, order)
     collate = Collator(
-        tokenizer=wrapper.tokenizer,
+        tokenizer=None if kind == "llava" else wrapper.tokenizer,
         max_length=wrapper.max_text_length,
         caption="random",
         mean=ds.transform.mean,
@@ -130,10 +167,12 @@ def build_calibration_batches(
         answers_as_labels=kind == "blip_vqa",
         seed=seed,
     )
+    if kind == "llava":
+        collate = PairCollator(wrapper, collate)
     loader = build_loader(subset, batch_size, shuffle=False, collate_fn=collate, seed=seed, skip_bad=skip_bad)
     keys = (
         ("pixel_values", "input_ids", "attention_mask", "labels")
-        if kind == "blip_vqa"
+        if kind in ("blip_vqa", "llava")
         else ("pixel_values", "input_ids", "attention_mask")
     )
     batches = []
@@ -148,3 +187,35 @@ def build_calibration_batches(
     if skipped:
         log.warning("calibration: %d unreadable item(s) of %s skipped (--skip-bad)", skipped, source)
     return batches
+
+
+class PairCollator:
+    """A LLaVA batch: each sample's image, prompt and target tokens (``wrapper.training_inputs``).
+
+    A sample with a question is prompted with it and answered with its most common answer; any
+    other sample is prompted with the model's caption instruction and continued with one of its
+    captions (drawn as the wrapped :class:`Collator` draws).
+    """
+
+    def __init__(self, wrapper: Any, base: Collator) -> None:
+        self.wrapper, self.base = wrapper, base
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.base(samples)
+        if "pixel_values" not in batch:
+            return batch
+        good = [s for s in samples if not s.get("error")]
+        prompts, targets = [], []
+        for s in good:
+            if s.get("question") is not None and s.get("answers"):
+                prompts.append(s["question"])
+                targets.append(Counter(s["answers"]).most_common(1)[0][0])
+            elif s.get("captions"):
+                prompts.append(self.wrapper.caption_prompt)
+                targets.append(self.base._choose(s))
+            else:
+                raise DataError(f"item {s.get('image_id')}: a LLaVA model calibrates on image-text pairs; this "
+                                "item has neither captions nor a question with answers")
+        batch.update(self.wrapper.training_inputs(prompts, targets))
+        return batch
+

@@ -121,6 +121,8 @@ class Collator:
         }
         if errors and not self.skip_bad:
             return batch
+        if not samples:
+            batch["empty"] = True  # an empty Poisson sample
         if not good:
             return batch
         batch["pixel_values"] = self._pixels(good)

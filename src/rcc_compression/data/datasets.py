@@ -40,6 +40,8 @@ from ..errors import DataError
 from ..utils.logging import get_logger
 from .cache import CachedPixels, build_cache
 from .collate import Collator
+from .images import open_image
+from .secure import DATASET_FORMATS, DATASET_MAX_PIXELS, DatasetGuard
 from .transforms import ImageTransform, clean_caption
 from .world import ensure_world, load_world_info
 
@@ -75,13 +77,24 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise DataError(f"{p}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
 
 
-def load_image(path: str | os.PathLike[str]) -> Any:
-    """An RGB PIL image, fully decoded (so a truncated file fails here, not later)."""
-    from PIL import Image
+def load_image(source: str | os.PathLike[str] | bytes) -> Any:
+    """An RGB PIL image, fully decoded (so a truncated file fails here, not later).
 
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+    Only the formats of :data:`~rcc_compression.data.secure.DATASET_FORMATS` are decoded, and an
+    image declaring more than :data:`~rcc_compression.data.secure.DATASET_MAX_PIXELS` pixels is
+    refused from its header, before decoding (a decompression bomb reads a few bytes, no pixel).
+    """
+    return open_image(source, max_pixels=DATASET_MAX_PIXELS, formats=DATASET_FORMATS)
+
+
+def _annotation(guard: DatasetGuard, path: Path) -> None:
+    """Check an annotation file against the root's manifest when it lies under the root."""
+    if guard.manifest is not None:
+        try:
+            Path(os.path.realpath(path)).relative_to(guard.root)
+        except ValueError:
+            return
+        guard.verify(os.path.realpath(path))
 
 
 class MultimodalDataset(Dataset):
@@ -114,6 +127,8 @@ class MultimodalDataset(Dataset):
         self.templates = templates
         self.skipped: Counter[str] = getattr(self, "skipped", Counter())
         self._pixels: Any = None  # a CachedPixels when cache_data() ran
+        #: confines the image paths to the dataset's root and checks its manifest (formats read from disk)
+        self.guard: DatasetGuard | None = getattr(self, "guard", None)
         if not self.records:
             extra = f" ({sum(self.skipped.values())} skipped as bad)" if self.skipped else ""
             raise DataError(f"{source or self.format_name}: no usable items{extra}")
@@ -133,7 +148,8 @@ class MultimodalDataset(Dataset):
 
     def load_raw(self, index: int) -> Any:
         """The decoded image of record ``index`` (PIL); formats with images in memory override."""
-        return load_image(self.records[index].image)
+        path = self.records[index].image
+        return load_image(self.guard.verify(path) if self.guard is not None else path)
 
     def image_key(self, index: int) -> str:
         """What identifies the image of a record (several records may share one, as in VQA)."""
@@ -201,8 +217,10 @@ class MultimodalDataset(Dataset):
 
     def describe(self) -> dict[str, Any]:
         """A short description for reports: format, source, size, skipped counts."""
-        return {"format": self.format_name, "source": self.source, "items": len(self),
-                "skipped": dict(self.skipped)}
+        out = {"format": self.format_name, "source": self.source, "items": len(self), "skipped": dict(self.skipped)}
+        if self.guard is not None:
+            out["guard"] = self.guard.describe()
+        return out
 
 
 # --------------------------------------------------------------------------------- formats
@@ -261,7 +279,8 @@ class ImageFolderDataset(MultimodalDataset):
         base = Path(root)
         if not base.is_dir():
             raise DataError(f"{base}: not a directory")
-        data_dir = base / split if split else base
+        self.guard = guard = DatasetGuard(base)
+        data_dir = guard.resolve(split) if split else base
         if not data_dir.is_dir():
             have = sorted(p.name for p in base.iterdir() if p.is_dir())
             raise DataError(f"{data_dir}: no such split directory (found: {', '.join(have) or 'none'})")
@@ -276,6 +295,7 @@ class ImageFolderDataset(MultimodalDataset):
                     cn_path = cand
                     break
         if cn_path is not None:
+            _annotation(guard, cn_path)
             order, names = _read_classnames(cn_path, folders)
             unknown = sorted(set(folders) - set(order))
             if unknown:
@@ -285,10 +305,13 @@ class ImageFolderDataset(MultimodalDataset):
         index = {f: i for i, f in enumerate(order)}
         records = []
         for folder in folders:
-            for p in sorted((data_dir / folder).iterdir()):
+            for p in sorted(guard.resolve(data_dir / folder).iterdir()):
                 if p.suffix.lower() in IMAGE_EXTENSIONS:
-                    records.append(Record(image=str(p), image_id=f"{folder}/{p.name}", label=index[folder]))
+                    records.append(Record(image=str(guard.resolve(p)), image_id=f"{folder}/{p.name}",
+                                          label=index[folder]))
         meta_file = base / "dataset.json"
+        if meta_file.is_file():
+            _annotation(guard, meta_file)
         meta = read_json(meta_file) if meta_file.is_file() else {}
         if not isinstance(meta, dict):
             raise DataError(f"{meta_file}: expected a JSON object")
@@ -337,13 +360,15 @@ class KarpathyCaptionsDataset(MultimodalDataset):
         wanted = {"train": {"train", "restval"}}.get(split, {split})
         root = Path(image_root) if image_root is not None else (
             _karpathy_image_root(path, images[0]) if images and isinstance(images[0], dict) else path.parent)
+        self.guard = guard = DatasetGuard(root)
+        _annotation(guard, path)
         records = []
         for n, entry in enumerate(images):
             if not isinstance(entry, dict) or "filename" not in entry or not isinstance(entry.get("sentences"), list):
                 raise DataError(f"{path}: images[{n}]: expected an object with 'filename' and a 'sentences' list")
             if split != "all" and entry.get("split") not in wanted:
                 continue
-            img = root / str(entry.get("filepath", "")) / str(entry["filename"])
+            img = guard.resolve(Path(str(entry.get("filepath", ""))) / str(entry["filename"]))
             caps = []
             for k, sent in enumerate(entry["sentences"]):
                 raw = sent.get("raw") if isinstance(sent, dict) else None
@@ -419,6 +444,8 @@ class ConceptualCaptionsDataset(MultimodalDataset):
         if not path.is_file():
             raise DataError(f"{path}: file not found")
         root = Path(image_root) if image_root is not None else path.parent
+        self.guard = guard = DatasetGuard(root)
+        _annotation(guard, path)
         try:
             with open(path, encoding="utf-8", newline="") as fh:
                 rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -449,7 +476,7 @@ class ConceptualCaptionsDataset(MultimodalDataset):
             if not text:
                 self._bad(f"{path}:{lineno}: empty caption for {rel}", "empty caption")
                 continue
-            img = Path(rel) if Path(rel).is_absolute() else root / rel
+            img = guard.resolve(rel)
             if str(img) not in grouped and not img.is_file():
                 self._bad(f"{img}: image file not found (listed in {path}:{lineno})", "missing image")
                 continue
@@ -500,6 +527,10 @@ class VQADataset(MultimodalDataset):
                         f"{apath}: annotations[{n}]: expected 'question_id' and an 'answers' list of {{'answer': ...}}"
                     ) from None
         root = Path(image_root) if image_root is not None else qpath.parent.parent
+        self.guard = guard = DatasetGuard(root)
+        for annotation in (qpath, annotations_json):
+            if annotation is not None:
+                _annotation(guard, Path(annotation))
         records = []
         for n, q in enumerate(qdata["questions"]):
             if not isinstance(q, dict) or not {"question", "question_id", "image_id"} <= set(q):
@@ -510,7 +541,7 @@ class VQADataset(MultimodalDataset):
                 continue
             qid = int(q["question_id"])
             rel = q.get("image") or image_pattern.format(image_id=int(q["image_id"]))
-            img = root / rel
+            img = guard.resolve(rel)
             if not img.is_file():
                 self._bad(f"{img}: image file not found (question {qid} in {qpath})", "missing image")
                 continue
@@ -567,7 +598,10 @@ class HFDataset(MultimodalDataset):
         for col in (text_column, label_column):
             if col is not None and col not in cols:
                 raise DataError(f"{name_or_path}: no column {col!r} (columns: {', '.join(cols)})")
+        ds = _undecoded(ds, image_column)
         self._ds = ds
+        local = Path(os.path.expanduser(str(name_or_path)))
+        self.guard = DatasetGuard(local) if local.is_dir() else None
         self.task = "captions" if text_column else "classification"
         classnames = None
         records = []
@@ -594,14 +628,27 @@ class HFDataset(MultimodalDataset):
 
     def load_raw(self, index: int) -> Any:
         value = self._ds[int(self.records[index].image)][self.image_column]
-        if isinstance(value, str):
-            return load_image(value)
-        if isinstance(value, dict) and value.get("path"):
-            return load_image(value["path"])
-        return value
+        if isinstance(value, dict) and value.get("bytes"):
+            return load_image(value["bytes"])  # embedded bytes, decoded here (bounded), not by ``datasets``
+        path = value.get("path") if isinstance(value, dict) else value
+        if isinstance(path, str) and path:
+            return load_image(self.guard.verify(path) if self.guard is not None else path)
+        if hasattr(value, "convert"):  # a decoded image from a column that is not an Image feature
+            return value.convert("RGB")
+        raise DataError(f"{self.source}: row {self.records[index].image}: no image in column {self.image_column!r}")
 
     def image_key(self, index: int) -> str:
         return f"{self.source}#{self.records[index].image}"
+
+
+def _undecoded(ds: Any, column: str) -> Any:
+    """``ds`` with an ``Image`` column left as bytes/paths, so images are decoded by :func:`load_image` (bounded)."""
+    import datasets
+
+    feature = ds.features.get(column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return ds.cast_column(column, datasets.Image(decode=False))
+    return ds
 
 
 def _open_hf(name_or_path: str, split: str) -> Any:

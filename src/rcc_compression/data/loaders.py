@@ -177,6 +177,35 @@ class DynamicBatchSampler(Sampler[list[Any]]):
             yield [SampleKey(i, draw_seed(self.seed, self.epoch, i)) for i in batch] if self.draws else list(batch)
 
 
+class PoissonBatchSampler(Sampler[list[Any]]):
+    """Poisson samples for DP-SGD: every item in every batch independently with probability ``sample_rate``.
+
+    Batch sizes vary (an empty batch is yielded as an empty list: the private step still adds its
+    noise). ``generator`` draws the samples and each item's draw seed; for privacy it must not be
+    derivable from anything recorded (:class:`~rcc_compression.training.privacy.PrivateTraining`
+    seeds it from the operating system's entropy). An epoch is ``steps`` batches.
+    """
+
+    def __init__(self, items: int, sample_rate: float, steps: int, generator: torch.Generator) -> None:
+        if not 0 < sample_rate < 1:
+            raise ValueError(f"sample_rate must be in (0, 1), got {sample_rate}")
+        self.items, self.sample_rate, self.steps, self.generator = int(items), float(sample_rate), int(steps), generator
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """A new epoch, of which ``start`` batches are already done (resume)."""
+        self.epoch, self.start = int(epoch), int(start)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for _ in range(self.start, self.steps):
+            chosen = (torch.rand(self.items, generator=self.generator) < self.sample_rate).nonzero().flatten()
+            draws = torch.randint(0, 2**62, (len(chosen),), generator=self.generator)
+            yield [SampleKey(int(i), int(d)) for i, d in zip(chosen, draws, strict=True)]
+
+
 # ----------------------------------------------------------------------------------- the loader
 class SafeLoader:
     """A ``DataLoader`` whose bad items surface in the main process, as one ``DataError`` or a count.
@@ -216,7 +245,7 @@ class SafeLoader:
         A :class:`DynamicBatchSampler` skips them without loading anything (returns ``start``); a
         ``DistributedSampler`` is reshuffled and nothing is skipped (returns 0).
         """
-        if isinstance(self.loader.batch_sampler, DynamicBatchSampler):
+        if isinstance(self.loader.batch_sampler, DynamicBatchSampler | PoissonBatchSampler):
             self.loader.batch_sampler.set_epoch(epoch, start)
             return start
         if hasattr(self.loader.sampler, "set_epoch"):
@@ -235,6 +264,8 @@ class SafeLoader:
             self.skipped += int(batch.pop("skipped", 0))
             if "pixel_values" in batch:
                 yield model_inputs(batch, self.keys) if self.keys is not None else batch
+            elif batch.get("empty"):  # an empty Poisson sample (private training): its step still happens
+                yield {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.device is not None and self.device.type == "cuda":
@@ -363,12 +394,14 @@ def split_loader(
     keys: Sequence[str] | None = None,
     device: torch.device | str | None = None,
     lengths: Sequence[int] | None = None,
+    poisson: PoissonBatchSampler | None = None,
 ) -> SafeLoader:
     """The loader of one split: ``train`` shuffles, buckets by length, picks random captions, augments.
 
     Training batches come from a :class:`DynamicBatchSampler` (seeded per epoch, sharded across
     ranks, the last partial batch dropped); ``val``/``test`` are in order, first caption, no
-    augmentation, every item once (each rank a disjoint share under ``torchrun``).
+    augmentation, every item once (each rank a disjoint share under ``torchrun``). ``poisson``
+    replaces the training batches by Poisson samples (private training).
     """
     train = split == "train"
     rank, world = _rank_and_world()
@@ -376,6 +409,10 @@ def split_loader(
                        mean=dataset.transform.mean, std=dataset.transform.std,
                        augment=augment if train else None, skip_bad=dataset.skip_bad,
                        answers_as_labels=answers_as_labels, seed=seed)
+    if poisson is not None:
+        return build_loader(dataset, 1, num_workers=num_workers, collate_fn=collate, seed=seed,
+                            persistent_workers=num_workers > 0, batch_sampler=poisson,
+                            prefetch_factor=prefetch_factor, keys=keys, device=device)
     if lengths is None:
         lengths = text_lengths(dataset, tokenizer, collate.text_limit) if (train and bucket) or max_tokens else \
             [1] * len(dataset)

@@ -585,20 +585,24 @@ def world_vocabulary() -> list[str]:
 
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[DEC]")
+#: the token a LLaVA prompt holds where the image's features go
+IMAGE_TOKEN = "<image>"
 
 
 def build_world_tokenizer(kind: str = "clip", max_length: int = 40) -> Any:
     """A word-level ``PreTrainedTokenizerFast`` over :func:`world_vocabulary`.
 
     ``kind="clip"`` wraps texts as ``[BOS] ... [EOS]``; ``"blip"`` as ``[DEC] ... [EOS]``, so the
-    training inputs start with the decoder start token that BLIP's ``generate`` begins with.
+    training inputs start with the decoder start token that BLIP's ``generate`` begins with;
+    ``"llava"`` starts texts with ``[BOS]`` only (a causal model continues them) and knows
+    ``<image>``, the position a LLaVA model writes image features to, as a special token.
     """
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    if kind not in ("clip", "blip"):
-        raise ValueError(f"kind must be 'clip' or 'blip', got {kind!r}")
+    if kind not in ("clip", "blip", "llava"):
+        raise ValueError(f"kind must be 'clip', 'blip' or 'llava', got {kind!r}")
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for w in world_vocabulary():
         vocab.setdefault(w, len(vocab))
@@ -606,9 +610,10 @@ def build_world_tokenizer(kind: str = "clip", max_length: int = 40) -> Any:
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # "circle ." -> "circle."
-    start = "[BOS]" if kind == "clip" else "[DEC]"
+    start = "[DEC]" if kind == "blip" else "[BOS]"
+    single = f"{start} $A" if kind == "llava" else f"{start} $A [EOS]"
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{start} $A [EOS]", special_tokens=[(start, vocab[start]), ("[EOS]", vocab["[EOS]"])]
+        single=single, special_tokens=[(start, vocab[start]), ("[EOS]", vocab["[EOS]"])]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -621,6 +626,8 @@ def build_world_tokenizer(kind: str = "clip", max_length: int = 40) -> Any:
     if kind == "blip":
         fast.sep_token = "[EOS]"
         fast.cls_token = "[DEC]"
+    if kind == "llava":
+        fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return fast
 
 

@@ -170,12 +170,12 @@ def evaluate_captioning(
     examples: int = 5,
     meteor: bool | None = None,
 ) -> dict[str, Any]:
-    """Caption every image of a captions dataset with a BLIP captioner and score against its references.
+    """Caption every image of a captions dataset with a BLIP or LLaVA captioner and score against its references.
 
     ``meteor=None`` runs METEOR when Java is present (it starts a JVM: tens of seconds).
     """
-    if getattr(wrapper, "model_type", "") != "blip" or getattr(wrapper, "is_vqa", False):
-        raise DataError("captioning needs a BLIP captioning model")
+    if "captioning" not in getattr(wrapper, "tasks", ()):
+        raise DataError("captioning needs a captioning model (BLIP captioning, LLaVA)")
     preds = generate_captions(wrapper, dataset, batch_size, num_beams, max_length, progress)
     gts = {k: dataset.records[int(k)].captions for k in preds}
     result = caption_metrics(gts, {k: [v] for k, v in preds.items()}, samples=samples, seed=seed, meteor=meteor)

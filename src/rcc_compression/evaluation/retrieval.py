@@ -82,13 +82,15 @@ def evaluate_retrieval(
     progress: bool = False,
     per_item: bool = False,
 ) -> dict[str, Any]:
-    """Retrieval on a captions dataset with a CLIP wrapper (all captions of every image are texts).
+    """Retrieval on a captions dataset with a CLIP or SigLIP wrapper (all captions of every image are texts).
+
+    Candidates are ranked by cosine similarity; SigLIP's sigmoid score ranks them the same way.
 
     ``per_item=True`` adds ``per_item``: the R@1 hit of every image query (``i2t_R@1``) and every
     caption query (``t2i_R@1``), in dataset order (for paired tests between two models).
     """
-    if getattr(wrapper, "model_type", "") != "clip":
-        raise DataError("retrieval needs a CLIP model")
+    if "retrieval" not in getattr(wrapper, "tasks", ()):
+        raise DataError("retrieval needs a contrastive model (CLIP, SigLIP)")
     images, index = embed_images(wrapper, dataset, batch_size, progress=progress, what="retrieval images")
     texts, owner = [], []
     for row, i in enumerate(index.tolist()):

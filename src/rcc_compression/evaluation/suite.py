@@ -77,17 +77,18 @@ _WORLD_PARTS = {"zero_shot": ("shape", "colour", "colour_shape"), "retrieval": (
                 "captioning": ("captions",), "vqa": ("vqa",)}
 
 
+#: what each benchmark needs of a model, for the reason a pair is skipped
+_NEEDS = {"zero_shot": "a contrastive model (CLIP, SigLIP)", "retrieval": "a contrastive model (CLIP, SigLIP)",
+          "captioning": "a captioning model (BLIP captioning, LLaVA)",
+          "vqa": "a question-answering model (BLIP VQA, LLaVA)"}
+
+
 def _model_fits(benchmark: str, wrapper: Any) -> str | None:
-    """Why ``benchmark`` cannot run on this model, or ``None`` when it can."""
-    mtype = getattr(wrapper, "model_type", "")
-    vqa = bool(getattr(wrapper, "is_vqa", False))
-    if benchmark in ("zero_shot", "retrieval") and mtype != "clip":
-        return f"{benchmark} needs a CLIP model (this is {mtype or type(wrapper).__name__})"
-    if benchmark == "captioning" and (mtype != "blip" or vqa):
-        return "captioning needs a BLIP captioning model"
-    if benchmark == "vqa" and not vqa:
-        return "vqa needs a BLIP question-answering model"
-    return None
+    """Why ``benchmark`` cannot run on this model, or ``None`` when it can (the wrapper's ``tasks`` say)."""
+    if benchmark not in _NEEDS or benchmark in getattr(wrapper, "tasks", ()):
+        return None
+    kind = "blip_vqa" if getattr(wrapper, "is_vqa", False) else getattr(wrapper, "model_type", "")
+    return f"{benchmark} needs {_NEEDS[benchmark]}; this is {kind or type(wrapper).__name__}"
 
 
 def expand_datasets(benchmark: str, datasets: Sequence[Any]) -> list[Any]:
@@ -217,6 +218,7 @@ def evaluate_model(
     out: dict[str, Any] = {
         "model": getattr(wrapper, "name", "") or type(wrapper).__name__,
         "model_type": "blip_vqa" if getattr(wrapper, "is_vqa", False) else getattr(wrapper, "model_type", ""),
+        "tasks": sorted(getattr(wrapper, "tasks", ())),
         "split": split, "seed": seed, "bootstrap_samples": bootstrap_samples, "ci_level": DEFAULT_LEVEL,
         "datasets": [dataset_name(d) for d in datasets], "results": {}, "skipped": [], "notes": [],
     }

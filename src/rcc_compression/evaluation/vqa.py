@@ -128,9 +128,9 @@ def evaluate_vqa(
     progress: bool = False,
     examples: int = 5,
 ) -> dict[str, Any]:
-    """Answer every question of a VQA dataset with a BLIP VQA model and score with soft accuracy."""
-    if not getattr(wrapper, "is_vqa", False):
-        raise DataError("VQA needs a BLIP question-answering model (BlipForQuestionAnswering)")
+    """Answer every question of a VQA dataset with a BLIP VQA or LLaVA model and score with soft accuracy."""
+    if "vqa" not in getattr(wrapper, "tasks", ()):
+        raise DataError("VQA needs a question-answering model (BlipForQuestionAnswering, LLaVA)")
     preds, answers, types, index = [], [], [], []
     for batch in image_batches(dataset, batch_size, progress, "vqa"):
         out = wrapper.answer(batch["pixel_values"].to(wrapper.device, wrapper.dtype), batch["question"],

@@ -115,13 +115,16 @@ def evaluate_zero_shot(
     progress: bool = False,
     per_item: bool = False,
 ) -> dict[str, Any]:
-    """Zero-shot classification of a class-folder (or labelled HF) dataset with a CLIP wrapper.
+    """Zero-shot classification of a class-folder (or labelled HF) dataset with a CLIP or SigLIP wrapper.
+
+    Classes are ranked by cosine similarity, which is SigLIP's ranking too (its sigmoid score is
+    monotone in it).
 
     ``per_item=True`` adds ``per_item``: each image's dataset index, label and top-1 hit (for
     paired significance tests between two models on the same images).
     """
-    if getattr(wrapper, "model_type", "") != "clip":
-        raise DataError("zero-shot classification needs a CLIP model")
+    if "zero_shot" not in getattr(wrapper, "tasks", ()):
+        raise DataError("zero-shot classification needs a contrastive model (CLIP, SigLIP)")
     if not dataset.classnames:
         raise DataError(f"{dataset.source}: no class names; zero-shot needs a class-name file")
     tpl_spec = templates if templates is not None else getattr(dataset, "templates", None)

@@ -16,11 +16,14 @@ import torch
 from torch import nn
 
 from ..compression.cascade import CascadePipeline, compression_summary
+from ..compression.dryrun import dry_run_report, format_report, stage_formats
+from ..compression.matching import check_section_patterns
 from ..compression.rate import achieved_rate, alternative_sections, apply_rate
 from ..compression.registry import STAGES
 from ..compression.stage import Distiller
+from ..compression.towers import tower_record
 from ..config import CalibrationSection, RCCConfig, load_config
-from ..data.calibration import build_calibration_batches
+from ..data.calibration import build_calibration_batches, check_paired_batches
 from ..errors import CompressionError
 from ..models.registry import BUNDLED, get_model, unwrap_model
 from ..models.tiny import TINY_MODELS
@@ -37,9 +40,11 @@ def distiller(training: TrainingSection | None = None, callbacks: Sequence[Callb
     """The engine's distiller: :func:`~rcc_compression.training.recovery.finetune_on_batches` with ``training``.
 
     ``None`` trains as the default ``training`` section does, with a constant learning rate;
-    ``callbacks`` join every trainer (e.g. one that sends each step to the run's tracker).
+    ``callbacks`` join every trainer (e.g. one that sends each step to the run's tracker). With
+    ``training.privacy`` every distillation of the pipeline draws on one privacy budget (one ledger).
     """
-    return functools.partial(finetune_on_batches, config=training, callbacks=tuple(callbacks))
+    ledger: list | None = [] if training is not None and training.privacy is not None else None
+    return functools.partial(finetune_on_batches, config=training, callbacks=tuple(callbacks), ledger=ledger)
 
 
 class CompressionPipeline(CascadePipeline):
@@ -58,9 +63,28 @@ class CompressionPipeline(CascadePipeline):
     """
 
     def __init__(self, config: Any = None, *, training: TrainingSection | None = None,
-                 distill: Distiller | None = None, **kwargs: Any) -> None:
+                 distill: Distiller | None = None, allow_unpaired: bool = False, **kwargs: Any) -> None:
         super().__init__(config, distill=distill or distiller(training), **kwargs)
         self.training = training
+        self.allow_unpaired = allow_unpaired
+
+    def run(self, model: nn.Module, resume: bool = False) -> nn.Module:
+        """Run the cascade; a model that calibrates on image-text pairs refuses to run on noise.
+
+        Without ``calibration_data`` a model that is not bundled would calibrate on random inputs;
+        for SigLIP and LLaVA that is refused unless ``allow_unpaired=True``.
+        """
+        noise = self.calibration is None and _bundled_name(model, model) is None
+        if noise and getattr(model, "paired_calibration", False) and not self.allow_unpaired:
+            raise CompressionError(
+                f"a {model.model_type} model calibrates on image-text pairs: pass calibration_data=... (for the "
+                "bundled models: build_calibration_batches(model, 'world', ...)), or allow_unpaired=True to "
+                "calibrate on random inputs anyway")
+        if self.calibration is not None:
+            check_paired_batches(model, self.calibration, self.allow_unpaired)
+        return super().run(model, resume=resume)
+
+    compress = run
 
     def _prepare(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
         world = None
@@ -107,7 +131,8 @@ def compress_model(
     device: str | torch.device | None = None,
     progress_callback: Callable[[str, int, int], None] | None = None,
     progress: bool | None = None,
-) -> nn.Module:
+    dry_run: bool = False,
+) -> Any:
     """Compress a model to ``compression_rate`` and return it, with ``.compression_stats`` attached.
 
     ``model`` is a bundled name, a local directory, a hub id, a wrapper, or any ``nn.Module``.
@@ -118,6 +143,16 @@ def compress_model(
     the rate it did reach and the step that failed. ``progress`` shows progress bars (planning,
     each stage over its layers, the cascade's steps) on standard error; ``None``: when it is a
     terminal.
+
+    ``dry_run=True`` compresses nothing: it prints every Linear layer with its tower, the pattern
+    that selected or excluded it, and the format and bytes the plan gives it, and returns that
+    report (a dict; see :func:`~rcc_compression.compression.dryrun.dry_run_report`). The layers it
+    marks as compressed are exactly those a run with the same arguments compresses. Any
+    ``targets``/``ignore`` pattern of the config that matches no Linear layer raises, naming the
+    nearest module names.
+
+    The result's ``compression_stats["towers"]`` holds each tower's dense and stored bytes (they
+    sum to the model) and the output agreement with only that tower compressed.
 
     ``calibration_data`` (batches of keyword arguments for ``model(**batch)``) is needed for any
     model but the bundled ones (``rcc-clip-world``, ``rcc-blip-world`` and the tiny test models),
@@ -138,6 +173,7 @@ def compress_model(
     if calibration_data is None:
         calibration_data, calibration_source = _default_calibration(model, wrapper_or_module, cfg, seed)
     calibration_data = list(calibration_data)
+    check_paired_batches(wrapper_or_module, calibration_data, cfg.calibration.allow_unpaired)
     fit, holdout = calibration_data, (list(holdout_data) if holdout_data is not None else None)
     if holdout is None and calibration_source == "world":
         n_hold = cfg.calibration.holdout_batches
@@ -148,6 +184,7 @@ def compress_model(
     section = cfg.compression
     stages = list(section.cascade.stages) if method == "cascade" else [method]
     section.cascade.stages = stages
+    check_section_patterns(inner, section)  # a pattern that matches nothing: refused before any work
     plan: dict[str, Any] | None = None
     if compression_rate is None and section.cascade.target_rate is not None:
         compression_rate, scope = section.cascade.target_rate, section.cascade.rate_scope
@@ -169,49 +206,64 @@ def compress_model(
             # the holdout stays unseen
             plan = apply_rate(inner, section, compression_rate, scope, share, fit, progress=report)
             alternatives = alternative_sections(before, plan, calibrated=bool(fit))
+        if dry_run:
+            formats = None if (plan or {}).get("method") == "layers" else stage_formats(inner, section)
+            found = dry_run_report(inner, section, plan, formats)
+            print(format_report(found), end="")
+            return found
         pipe = CompressionPipeline(section, calibration_data=fit, holdout_data=holdout, preserve_data=preserve_data,
                                    plan=plan, alternatives=alternatives,
                                    reference_model=reference_model, metric_fn=metric_fn, run_dir=run_dir,
                                    seed=seed, device=device, progress_callback=report,
                                    step_callback=lambda r: bar(f"steps: {r['stage']} round {r['round']}",
                                                                r["step"] + 1, len(pipe.steps())),
-                                   run_config=cfg.model_dump(mode="json"), training=cfg.training)
+                                   run_config=cfg.model_dump(mode="json"), training=cfg.training,
+                                   allow_unpaired=cfg.calibration.allow_unpaired)
         out = pipe.run(wrapper_or_module)
     summary = compression_summary(inner)
     stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results(),
-                             "calibration": calibration_source}
+                             "calibration": calibration_source,
+                             "towers": tower_record(inner, pipe.dense_model, holdout or [])}
     if plan is not None:
-        achieved = achieved_rate(inner, scope)
-        stats["achieved_rate"] = achieved
-        layered = plan.get("method") == "layers"
-        undone = next((r for r in pipe.records if r.get("undone") or r.get("skipped")), None)
-        if layered and achieved >= compression_rate - 1e-9 and abs(achieved - plan["predicted_rate"]) < 1e-6:
-            if achieved > compression_rate + 0.01:
-                stats["rate_note"] = (f"reached {achieved:.4f}, past the requested {compression_rate:.4f}: no "
-                                      "storage that fills the budget leaves less calibration output error")
-                log.info(stats["rate_note"])
-        elif layered and undone is not None and achieved > plan["predicted_rate"]:
-            # a plan is a budget: a step undone after it (recovery that did not help) only stores less
-            how = f"undone ({undone['undone']})" if undone.get("undone") else f"skipped ({undone['skipped']})"
-            stats["rate_note"] = (f"reached {achieved:.4f}, past the planned {plan['predicted_rate']:.4f}: step "
-                                  f"{undone['step']} ({undone['stage']}) was {how}")
-            log.info(stats["rate_note"])
-        elif abs(achieved - compression_rate) > 0.01:
-            failed = next((r for r in pipe.records if not r.get("passed", True)), None)
-            why = "the stages' targets did not translate exactly into stored bytes"
-            if failed:
-                at = failed.get("error") or f"retention {failed['retention']:.4f} < {failed['threshold']}"
-                why = (f"the validation gate stopped step {failed['step']} ({failed['stage']}, round "
-                       f"{failed['round']}) at {at}")
-            choice = pipe.plan_choice or {}
-            if choice.get("why"):
-                best = max((v["retention"] for v in choice["candidates"].values() if v.get("retention") is not None),
-                           default=None)
-                why += f"; {choice['why']}" + (f" (best measured retention {best:.4f})" if best is not None else "")
-            stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
-            log.warning(stats["rate_note"])
+        stats.update(_rate_outcome(inner, plan, pipe, compression_rate, scope))
     out.compression_stats = stats
     return out
+
+
+def _rate_outcome(inner: nn.Module, plan: dict[str, Any], pipe: CascadePipeline, compression_rate: float,
+                  scope: str) -> dict[str, Any]:
+    """``achieved_rate`` and, where it differs from the request, a ``rate_note`` saying why."""
+    stats: dict[str, Any] = {}
+    achieved = achieved_rate(inner, scope)
+    stats["achieved_rate"] = achieved
+    layered = plan.get("method") == "layers"
+    undone = next((r for r in pipe.records if r.get("undone") or r.get("skipped")), None)
+    if layered and achieved >= compression_rate - 1e-9 and abs(achieved - plan["predicted_rate"]) < 1e-6:
+        if achieved > compression_rate + 0.01:
+            stats["rate_note"] = (f"reached {achieved:.4f}, past the requested {compression_rate:.4f}: no "
+                                  "storage that fills the budget leaves less calibration output error")
+            log.info(stats["rate_note"])
+    elif layered and undone is not None and achieved > plan["predicted_rate"]:
+        # a plan is a budget: a step undone after it (recovery that did not help) only stores less
+        how = f"undone ({undone['undone']})" if undone.get("undone") else f"skipped ({undone['skipped']})"
+        stats["rate_note"] = (f"reached {achieved:.4f}, past the planned {plan['predicted_rate']:.4f}: step "
+                              f"{undone['step']} ({undone['stage']}) was {how}")
+        log.info(stats["rate_note"])
+    elif abs(achieved - compression_rate) > 0.01:
+        failed = next((r for r in pipe.records if not r.get("passed", True)), None)
+        why = "the stages' targets did not translate exactly into stored bytes"
+        if failed:
+            at = failed.get("error") or f"retention {failed['retention']:.4f} < {failed['threshold']}"
+            why = (f"the validation gate stopped step {failed['step']} ({failed['stage']}, round "
+                   f"{failed['round']}) at {at}")
+        choice = pipe.plan_choice or {}
+        if choice.get("why"):
+            best = max((v["retention"] for v in choice["candidates"].values() if v.get("retention") is not None),
+                       default=None)
+            why += f"; {choice['why']}" + (f" (best measured retention {best:.4f})" if best is not None else "")
+        stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
+        log.warning(stats["rate_note"])
+    return stats
 
 
 def _bundled_name(model: Any, wrapper: nn.Module) -> str | None:

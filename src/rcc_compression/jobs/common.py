@@ -29,7 +29,8 @@ def calibration_batches(wrapper: nn.Module, cfg: RCCConfig, source: str | None =
     total = cal.num_batches + cal.holdout_batches
     src = source or cal.source
     return build_calibration_batches(wrapper, src, total, cal.batch_size, cfg.experiment.seed,
-                                     skip_bad=cfg.dataset.skip_bad, root=cfg.dataset.root)
+                                     skip_bad=cfg.dataset.skip_bad, root=cfg.dataset.root,
+                                     allow_unpaired=cal.allow_unpaired)
 
 
 def evaluation_datasets(cfg: RCCConfig) -> list[str]:

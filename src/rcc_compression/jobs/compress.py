@@ -14,11 +14,14 @@ from typing import Any
 from torch import nn
 
 from ..compression.cascade import compression_summary
+from ..compression.dryrun import dry_run_report, stage_formats
+from ..compression.matching import check_section_patterns
 from ..compression.offload import materialize
 from ..compression.rate import achieved_rate, alternative_sections, apply_rate
 from ..compression.storage import save_compressed
+from ..compression.towers import tower_record
 from ..config import RCCConfig, dump_config
-from ..data.calibration import build_calibration_batches, calibration_items
+from ..data.calibration import build_calibration_batches, calibration_items, check_paired
 from ..evaluation.efficiency import compare_efficiency, measured_storage, optimize_execution
 from ..evaluation.suite import HEADLINE_NAMES, benchmark_datasets, evaluate_model
 from ..models.registry import get_model, unwrap_model
@@ -50,7 +53,8 @@ def compress_data(wrapper: nn.Module, cfg: RCCConfig, run_dir: Path | None, eval
     n_fit = cal.num_batches + (0 if from_val else cal.holdout_batches)
     roles: dict[str, list[Any]] = {}
     if cal.source == "synthetic":
-        batches = build_calibration_batches(wrapper, "synthetic", n_fit, cal.batch_size, seed)
+        batches = build_calibration_batches(wrapper, "synthetic", n_fit, cal.batch_size, seed,
+                                            allow_unpaired=cal.allow_unpaired)
     else:
         items = calibration_items(wrapper, cal.source, n_fit * cal.batch_size, seed, **kw)
         roles["calibration"] = [items]
@@ -71,6 +75,25 @@ def compress_data(wrapper: nn.Module, cfg: RCCConfig, run_dir: Path | None, eval
         roles["test"] = list({id(ds): ds for _, _, ds in tests}.values())
     record = check_and_record(run_dir, roles, cfg.dataset.leak_check) if roles else {}
     return fit, holdout, record
+
+
+def dry_run(cfg: RCCConfig) -> dict[str, Any]:
+    """What ``rcc compress`` would compress, and how, without compressing (``rcc compress --dry-run``).
+
+    Loads the model, and with ``cascade.target_rate`` draws the calibration batches and plans
+    exactly as the run does; returns :func:`~rcc_compression.compression.dryrun.dry_run_report`.
+    """
+    seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
+    wrapper = get_model(cfg.model.name, cfg.model.type, cfg.model.dtype, seed=cfg.experiment.seed)
+    check_paired(wrapper, cfg.calibration.source, cfg.calibration.allow_unpaired)  # what the run would refuse
+    section, plan = cfg.compression.model_copy(deep=True), None
+    check_section_patterns(wrapper.model, section)
+    if section.cascade.target_rate is not None:
+        fit, _, _ = compress_data(wrapper, cfg, None, evaluate=False)
+        plan = apply_rate(wrapper.model, section, section.cascade.target_rate, section.cascade.rate_scope,
+                          section.cascade.lowrank_share, calibration_data=fit)
+    formats = None if (plan or {}).get("method") == "layers" else stage_formats(wrapper.model, section)
+    return dry_run_report(wrapper.model, section, plan, formats)
 
 
 HEADLINE_METRICS = ("top1", "top5", "mean_per_class_recall", "i2t_R@1", "t2i_R@1", "CIDEr", "BLEU-4", "accuracy")
@@ -143,6 +166,7 @@ def _run_compress(
     device = resolve_device(cfg.experiment.device)
     wrapper = get_model(cfg.model.name, cfg.model.type, cfg.model.dtype, seed=cfg.experiment.seed)
     wrapper.to(device)
+    check_section_patterns(wrapper.model, cfg.compression)  # refused before calibration data is drawn
     fit, holdout, _ = compress_data(wrapper, cfg, run_dir, evaluate)
     preserve = calibration_batches(wrapper, cfg, cfg.calibration.preserve_source) if (
         cfg.calibration.preserve_source) else None
@@ -170,6 +194,7 @@ def _run_compress(
             reference_model=reference, seed=cfg.experiment.seed, device=device, progress_callback=progress,
             step_callback=chain(step_callback, cascade_logger(tracker)), run_config=resolved,
             encrypt_key=encrypt_key, training=cfg.training, plan=plan, alternatives=alternatives,
+            allow_unpaired=cfg.calibration.allow_unpaired,
             distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
         )
         pipe.run(wrapper, resume=resume)
@@ -196,6 +221,7 @@ def _run_compress(
             "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
             "plan": plan,
             "plan_choice": pipe.plan_choice,
+            "towers": tower_record(wrapper.model, pipe.dense_model, holdout),
             "execution_kernels": kernels,
             "stored_bytes_measured": measured_storage(out_dir),
             "stored_bytes_reported": manifest["stored_bytes"],
@@ -313,6 +339,15 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             fd = ed["per_batch_size"][bs]["flops"]["dense_flops"]
             fs = ec["per_batch_size"][bs]["flops"]["sparsity_aware_flops"]
             rows.append((f"GFLOPs bs={bs} (sparsity-aware)", f"{fd / 1e9:.4f}", f"{fs / 1e9:.4f}", f"{fs / fd:.3f}"))
+    for tower, t in (results.get("towers") or {}).items():
+        if not t.get("compressed_layers"):
+            continue
+        d, c = t["dense_bytes"], t["stored_bytes"]
+        rows.append((f"stored MB, {tower} tower ({t['compressed_layers']} layers compressed)", f"{d / 1e6:.3f}",
+                     f"{c / 1e6:.3f}", f"{c / d:.3f}" if d else "-"))
+        if "agreement_alone" in t:
+            rows.append((f"output agreement, only the {tower} tower compressed", "1.0000",
+                         f"{t['agreement_alone']:.4f}", f"{t['agreement_alone']:.3f}"))
     kernels = results.get("execution_kernels")
     if kernels:
         rows.append(("inference kernels (compressed layers)", "dense", ", ".join(f"{k} {v}" for k, v in

@@ -95,11 +95,20 @@ def training_splits(cfg: RCCConfig, wrapper: Any, fallback: str | None = None
 
 
 def check_and_record(run_dir: Path | None, roles: Mapping[str, Sequence[Any]], mode: str,
-                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Leak-check ``roles`` (see :func:`~rcc_compression.data.splits.check_splits`) and write ``data.json``."""
+                     extra: Mapping[str, Any] | None = None, withhold: Sequence[str] = ()) -> dict[str, Any]:
+    """Leak-check ``roles`` (see :func:`~rcc_compression.data.splits.check_splits`) and write ``data.json``.
+
+    The identities of the roles in ``withhold`` are not written (private training: a list of the
+    pixel hashes or paths of every training image would tell anyone holding a photo whether it
+    was trained on); the lineage check of ``rcc evaluate`` then cannot see them.
+    """
     record = check_splits(roles, mode, identities=True)
-    identities = {role: ids for role, ids in record.pop("identities", {}).items() if len(ids) <= MAX_LISTED}
+    identities = {role: ids for role, ids in record.pop("identities", {}).items()
+                  if len(ids) <= MAX_LISTED and role not in withhold}
     out = {"leak_check": record, "roles": describe_parts(roles), "identities": identities, **(extra or {})}
+    if withhold:
+        out["identities_withheld"] = {role: "training.privacy: a membership list is not recorded"
+                                      for role in withhold if role in roles}
     if run_dir is not None:
         atomic_write_json(Path(run_dir) / DATA_FILE, out)
     return out

@@ -1,6 +1,6 @@
-"""Training recipes of the bundled reference models: a tiny CLIP and a tiny BLIP on the world.
+"""Training recipes of the bundled reference models: a tiny CLIP, a tiny BLIP and a tiny LLaVA on the world.
 
-``rcc world train-reference --kind clip|blip --out DIR`` trains on the world's train split (read
+``rcc world train-reference --kind clip|blip|llava --out DIR`` trains on the world's train split (read
 through the Karpathy-json loader and the tensor cache), within a wall-clock budget on a CPU, then
 records its quality on a freshly generated test split in ``DIR/reference.json``:
 
@@ -14,6 +14,8 @@ records its quality on a freshly generated test split in ``DIR/reference.json``:
   transfer to colours the shape was never seen in).
 * BLIP: the captioning language-model loss of ``BlipForConditionalGeneration`` on a random caption
   per image; decoder inputs start with ``[DEC]``, as generation does.
+* LLaVA: the bundled CLIP's vision tower, a projector and a small Llama, trained on captions and
+  questions about the same images (:mod:`.reference_llava`).
 
 Both run as steps of :class:`~..training.trainer.CompressionTrainer` (the trainer recovery uses),
 with AdamW, linear warm-up and a cosine decay fitted to the time budget, and brightness/contrast
@@ -73,6 +75,7 @@ from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
 from ..utils.runs import RunRecord, process_tempdir
 from ..utils.seeding import seed_everything
+from .reference_llava import LlavaBatches, build_llava, freeze_tower, image_features, llava_loss
 
 log = get_logger("reference")
 
@@ -104,6 +107,12 @@ class ReferenceRecipe:
     grey_fraction: float = 0.3
     time_budget_s: float = 1200.0
     eval_every: int = 250
+    #: LLaVA: the CLIP whose vision tower starts the model (None: a fresh tower of the sizes above)
+    vision_from: str | None = None
+    #: LLaVA: the language model's width and MLP ratio, and the share of questions among the targets
+    lm_hidden: int = 128
+    lm_mlp_ratio: int = 3
+    vqa_fraction: float = 0.5
     #: CPU threads; 0 picks the cores the machine's load leaves free
     threads: int = 0
 
@@ -116,7 +125,11 @@ def default_recipe(kind: str, seed: int = 0) -> ReferenceRecipe:
         return ReferenceRecipe(kind="blip", seed=seed, steps=2500, batch_size=96, lr=1e-3, hidden=96,
                                vision_layers=4, text_layers=2, patch=8, hard_negatives=False, grouped_fraction=0.0,
                                grey_fraction=0.0)
-    raise DataError(f"--kind must be clip or blip, got {kind!r}")
+    if kind == "llava":
+        return ReferenceRecipe(kind="llava", seed=seed, steps=2000, batch_size=48, lr=1e-3, text_layers=3, heads=4,
+                               hard_negatives=False, grouped_fraction=0.0, grey_fraction=0.0,
+                               vision_from="rcc-clip-world", lm_hidden=128, lm_mlp_ratio=3, vqa_fraction=0.5)
+    raise DataError(f"--kind must be clip, blip or llava, got {kind!r}")
 
 
 # ------------------------------------------------------------------------------- model builders
@@ -419,6 +432,8 @@ class ReferenceObjective(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         if self.kind == "blip":
             return model(**batch).loss, {}
+        if self.kind == "llava":
+            return llava_loss(model, batch), {}
         texts, negs = batch["texts"], batch["negatives"]
         img = F.normalize(model.visual_projection(model.vision_model(pixel_values=batch["pixel_values"]).pooler_output),
                           dim=-1)
@@ -460,8 +475,15 @@ def train_model(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = Fals
     One epoch of ``recipe.steps`` lazily drawn batches, AdamW (betas 0.9/0.98) with gradient
     clipping at 1, and the time-budget :class:`Schedule`; returns the wrapper and a log of the run.
     """
-    tok = build_world_tokenizer(recipe.kind)
-    wrapper = (build_clip if recipe.kind == "clip" else build_blip)(recipe, tok)
+    tok = build_world_tokenizer(recipe.kind, max_length=128 if recipe.kind == "llava" else 40)
+    if recipe.kind == "llava":
+        wrapper = build_llava(recipe, tok, IMAGE_SIZE)
+        freeze_tower(wrapper)
+        log.info("vision tower features of %d training images", len(data.pixels))
+        batches: Sequence[dict[str, Any]] = LlavaBatches(recipe, data, wrapper, image_features(wrapper, data.pixels))
+    else:
+        wrapper = (build_clip if recipe.kind == "clip" else build_blip)(recipe, tok)
+        batches = _Batches(recipe, data, tok)
     wrapper.train()
     cfg = TrainingSection(batch_size=recipe.batch_size, learning_rate=recipe.lr, num_epochs=1, optimizer="adamw",
                           weight_decay=recipe.weight_decay, betas=(0.9, 0.98), grad_clip=1.0, dropout=True,
@@ -470,7 +492,7 @@ def train_model(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = Fals
     budget = _Budget(recipe, schedule, wrapper)
     callbacks: list[Callback] = [budget] + ([ProgressBar(f"training {recipe.kind.upper()}")] if progress else [])
     with CompressionTrainer(wrapper.model, ReferenceObjective(recipe.kind, tok), cfg,
-                            train_data=_Batches(recipe, data, tok), order=lambda epoch: range(recipe.steps),
+                            train_data=batches, order=lambda epoch: range(recipe.steps),
                             callbacks=callbacks, seed=recipe.seed, dist=DistInfo(),
                             scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)) as trainer:
         state = trainer.fit()
@@ -486,11 +508,12 @@ def train_model(recipe: ReferenceRecipe, data: TrainSplit, progress: bool = Fals
 # ---------------------------------------------------------------------------- figures, saving
 def measure_figures(wrapper: Any, kind: str, spec: Any, bootstrap_samples: int = 1000) -> dict[str, Any]:
     """Evaluate on a test split generated afresh from ``spec`` (a ``WorldSpec``); keys read ``world:PART``."""
-    benches = ["zero_shot", "retrieval"] if kind == "clip" else ["captioning"]
+    benches = {"clip": ["zero_shot", "retrieval"], "blip": ["captioning"], "llava": ["captioning", "vqa"]}[kind]
     with process_tempdir("rcc-world-test-") as tmp_path:
         tmp = str(tmp_path)
         spec.splits = ("test",)
-        spec.parts = ("captions", "classification") if kind == "clip" else ("captions",)
+        spec.parts = {"clip": ("captions", "classification"), "blip": ("captions",),
+                      "llava": ("captions", "vqa")}[kind]
         generate_world(tmp, spec)
         results = evaluate_model(wrapper, benches, [tmp], bootstrap_samples=bootstrap_samples, seed=spec.seed)
     results["datasets"] = ["world"]
@@ -522,6 +545,10 @@ def headline_figures(results: dict[str, Any]) -> dict[str, float]:
         for key in ("CIDEr", "BLEU-4", "BLEU-1", "ROUGE-L", "METEOR"):
             if key in r["metrics"]:
                 out[f"captioning_{key}"] = r["metrics"][key]["value"]
+    r = res.get("vqa", {}).get("world:vqa")
+    if r:
+        for key, m in r["metrics"].items():
+            out[f"vqa_{key}"] = m["value"]
     return out
 
 
@@ -541,8 +568,9 @@ def remeasure_reference(model_dir: str | os.PathLike[str], bootstrap_samples: in
     path = Path(model_dir)
     record = json.loads((path / "reference.json").read_text())
     world = record["world"]
-    spec = WorldSpec(seed=int(world["seed"]), test=int(world["test_sizes"]["test"]),
-                     cls_test_per_class=int(world["test_sizes"]["cls_test_per_class"]))
+    sizes = world["test_sizes"]
+    spec = WorldSpec(seed=int(world["seed"]), test=int(sizes["test"]),
+                     cls_test_per_class=int(sizes["cls_test_per_class"]), vqa_test=int(sizes.get("vqa_test", 1000)))
     wrapper = get_model(str(path))
     wrapper.name = record["model"]
     results = measure_figures(wrapper, record["kind"], spec, bootstrap_samples)
@@ -616,7 +644,8 @@ def train_reference(
                     "train_split": "train",
                     "train_images": len(data.captions),
                     "test_split": "test",
-                    "test_sizes": {"test": spec.test, "cls_test_per_class": spec.cls_test_per_class},
+                    "test_sizes": {"test": spec.test, "cls_test_per_class": spec.cls_test_per_class,
+                                   "vqa_test": spec.vqa_test},
                 },
                 "evaluation": results,
                 "training": {"recipe": asdict(recipe), **train_log},

@@ -18,7 +18,7 @@ from torch import nn
 from ..compression.calibration import PRIMARY_OUTPUTS, flatten_outputs, output_agreement, to_device
 from ..compression.storage import MANIFEST, load_compressed, read_manifest, save_compressed
 from ..config import RCCConfig, dump_config, load_config, validate_config
-from ..data.loaders import split_loader
+from ..data.loaders import PoissonBatchSampler, split_loader
 from ..data.splits import augment_from_config
 from ..errors import CheckpointError, ConfigError, DataError
 from ..evaluation.suite import evaluate_model
@@ -43,6 +43,7 @@ from ..training.distributed import (
     init_distributed,
 )
 from ..training.losses import DistillationLoss, LossWeights, model_family
+from ..training.privacy import PrivateTraining, steps_per_epoch
 from ..training.recovery import trainable_parameters
 from ..training.teacher import Teacher
 from ..training.trainer import CompressionTrainer, DistillationObjective
@@ -154,15 +155,18 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
     roles: dict[str, list[Any]] = {"train": [train_ds], "val": [val_ds]}
     if cfg.dataset.test:
         roles["test"] = [open_role(cfg, teacher_w, cfg.dataset.test, "test")]
-    check_and_record(run_dir if dist.is_main else None, roles, cfg.dataset.leak_check)
+    check_and_record(run_dir if dist.is_main else None, roles, cfg.dataset.leak_check,
+                     withhold=("train",) if tcfg.privacy is not None else ())
     keys = model_keys(teacher_w)
     vqa = getattr(teacher_w, "is_vqa", False)
     common = {"tokenizer": teacher_w.tokenizer, "max_length": teacher_w.max_text_length, "seed": cfg.experiment.seed,
               "num_workers": cfg.dataset.num_workers, "prefetch_factor": cfg.dataset.prefetch_factor,
               "answers_as_labels": vqa, "keys": keys, "device": device}
+    private, poisson = _private_training(cfg, len(train_ds))
     train_loader = split_loader(train_ds, "train", tcfg.batch_size // dist.world_size,
                                 augment=augment_from_config(cfg.dataset, train_ds.transform),
-                                max_tokens=cfg.dataset.max_tokens, bucket=cfg.dataset.bucket_by_length, **common)
+                                max_tokens=cfg.dataset.max_tokens, bucket=cfg.dataset.bucket_by_length,
+                                poisson=poisson, **common)
     val_loader = split_loader(val_ds, "val", max(1, cfg.dataset.batch_size // dist.world_size), **common)
     if len(train_loader) == 0:
         raise DataError(f"{train_ds.source}: {len(train_ds)} items make no training batch of "
@@ -217,7 +221,8 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
         callbacks.append(ProgressBar("recovery"))
     trainer = CompressionTrainer(student, objective, tcfg, train_data=train_loader, val_data=val_loader,
                                  params=trainable_parameters(student, tcfg.trainable), callbacks=callbacks,
-                                 seed=cfg.experiment.seed, device=device, dist=dist, metric_fn=val_metrics)
+                                 seed=cfg.experiment.seed, device=device, dist=dist, metric_fn=val_metrics,
+                                 privacy=private)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
     before = trainer.validate()
     if monitor not in before:
@@ -254,15 +259,30 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
                  "val": val_ds.describe() | {"split": val_ds.split, "spec": val_ds.spec},
                  "batches_per_epoch": len(train_loader), "skipped_items": train_loader.skipped},
         "teacher_cache": {"hits": teacher_fn.cache_hits, "forward_calls": teacher_fn.forward_calls},
+        "privacy": private.record() if private is not None else None,
     }
     if dist.is_main:
         records = list(read_manifest(ckpt).get("stages") or [])
         records.append({"stage": "train", "steps": steps, "epochs": state.epoch, "kept": kept, "before": before,
-                        "after": after})
+                        "after": after, **({"privacy": results["privacy"]} if private is not None else {})})
         save_compressed(student_w, run_dir / "compressed", config=dump_config(cfg), records=records, overwrite=True)
         atomic_write_json(run_dir / "train_results.json", results)
     return results
 
+
+
+def _private_training(cfg: RCCConfig, items: int) -> tuple[PrivateTraining | None, PoissonBatchSampler | None]:
+    """``training.privacy``'s DP-SGD engine and the Poisson sampler of its batches (``(None, None)`` without)."""
+    tcfg = cfg.training
+    if tcfg.privacy is None:
+        return None, None
+    per_epoch = steps_per_epoch(items, tcfg.batch_size)
+    planned = tcfg.max_steps if tcfg.max_steps is not None else tcfg.num_epochs * per_epoch
+    private = PrivateTraining(tcfg.privacy, items, tcfg.batch_size, planned)
+    log.info("private training: %d items, sample rate %.4g, noise multiplier %.4g, %d steps planned (epsilon %.3f "
+             "of %g, delta %g)", items, private.sample_rate, private.noise_multiplier, planned,
+             private.planned_epsilon, tcfg.privacy.epsilon, tcfg.privacy.delta)
+    return private, PoissonBatchSampler(items, private.sample_rate, per_epoch, private.generator)
 
 
 def _primary(out: Any) -> dict[str, torch.Tensor]:
@@ -293,7 +313,7 @@ def train_job(cfg: RCCConfig, source: str | Path, output: Path | None = None, re
             results = run_train(cfg, source, run_dir, resume=resume, progress=progress and dist.is_main, dist=dist)
             if record is not None:
                 record.update(results={k: results[k] for k in ("source", "teacher", "steps", "epochs", "before",
-                                                                "after", "stopped_early", "world_size")})
+                                                                "after", "stopped_early", "world_size", "privacy")})
     finally:
         cleanup()
     return run_dir, results if dist.is_main else None

@@ -22,6 +22,11 @@ class ModelWrapper(nn.Module):
     """
 
     model_type: str = "generic"
+    #: what the model does, as the evaluation suite and the server name it (zero_shot, retrieval,
+    #: embed, captioning, vqa)
+    tasks: frozenset[str] = frozenset()
+    #: whether calibration must be image-text pairs (noise or text alone refused unless asked for)
+    paired_calibration: bool = False
     #: regexes (``re.search`` on module names of ``self.model``) compression targets by default
     default_targets: tuple[str, ...] = ()
     #: regexes compression leaves alone by default
@@ -124,14 +129,18 @@ class ModelWrapper(nn.Module):
 
 
 def image_processor_class(kind: str) -> Any:
-    """``CLIPImageProcessor`` or ``BlipImageProcessor``; their PIL versions when torchvision is absent.
+    """``CLIPImageProcessor``, ``SiglipImageProcessor`` or ``BlipImageProcessor`` (``kind``: clip, siglip,
+    blip, or a class name); their PIL versions when torchvision is absent.
 
     transformers 5 falls back to the PIL versions itself, with a warning on every load; asking
     for them directly keeps stderr clean. Older transformers have only the plain classes.
     """
     import transformers
 
-    name = {"clip": "CLIPImageProcessor", "blip": "BlipImageProcessor"}[kind]
+    name = {"clip": "CLIPImageProcessor", "siglip": "SiglipImageProcessor", "blip": "BlipImageProcessor"}.get(
+        kind, kind.removesuffix("Pil"))
     if importlib.util.find_spec("torchvision") is None and hasattr(transformers, name + "Pil"):
         return getattr(transformers, name + "Pil")
+    if not hasattr(transformers, name):
+        raise ValueError(f"unknown image processor {kind!r}")
     return getattr(transformers, name)

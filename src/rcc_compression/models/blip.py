@@ -28,6 +28,10 @@ class BLIPWrapper(ModelWrapper):
         return type(self.model).__name__ == "BlipForQuestionAnswering"
 
     @property
+    def tasks(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"vqa"} if self.is_vqa else {"captioning"})
+
+    @property
     def max_text_length(self) -> int:
         return int(getattr(self.model.config.text_config, "max_position_embeddings", 40) or 40)
 

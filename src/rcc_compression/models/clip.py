@@ -16,6 +16,7 @@ class CLIPWrapper(ModelWrapper):
     """Image and text encoders, logit-scaled similarity, and the processors, for one CLIP model."""
 
     model_type = "clip"
+    tasks = frozenset({"zero_shot", "retrieval", "embed"})
     default_targets = (r"^(vision_model|text_model)" + _CLIP_LINEAR,)
     default_ignore = (r"(^|\.)(visual_projection|text_projection)$", r"embeddings", r"logit_scale")
 

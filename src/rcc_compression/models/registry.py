@@ -1,7 +1,7 @@
 """Resolve a model by bundled short name, tiny test name, local directory or hub id.
 
 ``get_model`` always returns a :class:`~rcc_compression.models.base.ModelWrapper`; the model type
-(``clip``, ``blip``, ``blip_vqa``) is read from the Hugging Face config when not given.
+(``clip``, ``siglip``, ``blip``, ``blip_vqa``, ``llava``) is read from the Hugging Face config when not given.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from ..errors import ModelLoadError
 from .base import ModelWrapper, image_processor_class
 from .blip import BLIPWrapper
 from .clip import CLIPWrapper
+from .llava import LlavaWrapper
+from .siglip import SigLIPWrapper
 from .tiny import RANDOM_MODELS, TINY_MODELS, build_tiny
 
 #: bundled reference models: short name -> directory inside the package (filled by models/reference)
@@ -42,39 +44,71 @@ def _discover_bundled() -> None:
 _discover_bundled()
 
 
+#: model type -> the ``transformers`` class it loads as, and the wrapper around it
+FAMILIES: dict[str, tuple[str, type[ModelWrapper]]] = {
+    "clip": ("CLIPModel", CLIPWrapper),
+    "siglip": ("SiglipModel", SigLIPWrapper),
+    "blip": ("BlipForConditionalGeneration", BLIPWrapper),
+    "blip_vqa": ("BlipForQuestionAnswering", BLIPWrapper),
+    "llava": ("LlavaForConditionalGeneration", LlavaWrapper),
+}
+
+
 def detect_model_type(config: Any) -> str:
-    """``clip``, ``blip`` or ``blip_vqa`` from a Hugging Face config object or dict."""
+    """``clip``, ``siglip``, ``blip``, ``blip_vqa`` or ``llava`` from a Hugging Face config object or dict."""
     d = config if isinstance(config, dict) else config.to_dict()
     mtype = d.get("model_type", "")
     archs = d.get("architectures") or []
-    if mtype == "clip":
-        return "clip"
+    if mtype in ("clip", "siglip", "llava"):
+        return mtype
     if mtype == "blip":
         return "blip_vqa" if any("QuestionAnswering" in a for a in archs) else "blip"
-    raise ModelLoadError(f"unsupported model type {mtype!r} (architectures {archs}); supported: clip, blip, blip_vqa")
+    raise ModelLoadError(f"unsupported model type {mtype!r} (architectures {archs}); supported: "
+                         f"{', '.join(FAMILIES)}")
+
+
+def wrapper_class(model: nn.Module) -> type[ModelWrapper] | None:
+    """The wrapper class for a ``transformers`` model (by its config's model type), or ``None``."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    family = FAMILIES.get(str(mtype)) if mtype else None
+    return family[1] if family else None
+
+
+#: targets for any model that is not one of the families: every Linear but the usual output heads
+GENERIC_IGNORE = (r"(^|\.)(lm_head|head|classifier|visual_projection|text_projection|output_projection)$",)
+
+
+def default_patterns(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Default (targets, ignore) regexes of a model: its family's encoder and decoder Linear layers.
+
+    A model of no known family gets every Linear but the usual output heads.
+    """
+    cls = wrapper_class(unwrap_model(model))
+    if cls is None:
+        return (r".",), GENERIC_IGNORE
+    return cls.default_targets, cls.default_ignore
 
 
 def _model_class(model_type: str) -> Any:
     import transformers
 
-    names = {"clip": "CLIPModel", "blip": "BlipForConditionalGeneration", "blip_vqa": "BlipForQuestionAnswering"}
-    if model_type not in names:
-        raise ModelLoadError(f"unknown model type {model_type!r}; allowed: {', '.join(names)}")
-    return getattr(transformers, names[model_type])
+    if model_type not in FAMILIES:
+        raise ModelLoadError(f"unknown model type {model_type!r}; allowed: {', '.join(FAMILIES)}")
+    return getattr(transformers, FAMILIES[model_type][0])
 
 
 def wrap_model(model: nn.Module, image_processor: Any = None, tokenizer: Any = None, name: str = "") -> ModelWrapper:
-    """Wrap a ``transformers`` CLIP or BLIP model (or return a wrapper unchanged)."""
+    """Wrap a ``transformers`` CLIP, SigLIP, BLIP or LLaVA model (or return a wrapper unchanged)."""
     if isinstance(model, ModelWrapper):
         return model
 
     cls_name = type(model).__name__
-    if cls_name == "CLIPModel":
-        return CLIPWrapper(model, image_processor, tokenizer, name)
-    if cls_name in ("BlipForConditionalGeneration", "BlipForQuestionAnswering"):
-        return BLIPWrapper(model, image_processor, tokenizer, name)
-    raise ModelLoadError(f"cannot wrap {cls_name}: supported are CLIPModel, BlipForConditionalGeneration, "
-                         "BlipForQuestionAnswering (any nn.Module can still be compressed directly)")
+    for class_name, wrapper in FAMILIES.values():
+        if cls_name == class_name:
+            return wrapper(model, image_processor, tokenizer, name)
+    raise ModelLoadError(f"cannot wrap {cls_name}: supported are "
+                         f"{', '.join(dict.fromkeys(c for c, _ in FAMILIES.values()))} "
+                         "(any nn.Module can still be compressed directly)")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -91,10 +125,24 @@ def _load_processors(path: str, model_type: str) -> tuple[Any, Any]:
     except (OSError, ValueError, KeyError, TypeError):
         tok = None
     try:
-        img = image_processor_class("clip" if model_type == "clip" else "blip").from_pretrained(path)
+        img = image_processor_class(_processor_kind(path, model_type)).from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError):
         img = None
     return img, tok
+
+
+def _processor_kind(path: str, model_type: str) -> str:
+    """The image processor a model directory names (``preprocessor_config.json``), else its family's."""
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        named = json.loads(Path(found).read_text()).get("image_processor_type") if found else None
+    except (OSError, ValueError):
+        named = None
+    if isinstance(named, str) and named:
+        return named
+    return {"clip": "clip", "siglip": "siglip", "llava": "clip"}.get(model_type, "blip")
 
 
 def _from_directory(path: Path, model_type: str | None, dtype: str, name: str) -> ModelWrapper:

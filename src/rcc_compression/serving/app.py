@@ -383,6 +383,17 @@ class _Runtime:
     def logit_scale(served: ServedModel) -> float:
         return float(served.wrapper.logit_scale.detach())
 
+    @staticmethod
+    def pair_logits(served: ServedModel, cos: np.ndarray) -> np.ndarray:
+        """The model's image-text logits from cosines: ``scale * cos`` (CLIP), ``scale * cos + bias`` (SigLIP)."""
+        bias = getattr(served.wrapper, "logit_bias", None)
+        return _Runtime.logit_scale(served) * cos + (float(bias.detach()) if bias is not None else 0.0)
+
+    @staticmethod
+    def sigmoid_scores(served: ServedModel) -> bool:
+        """Whether the model scores each pair on its own (SigLIP's sigmoid) rather than a softmax over texts."""
+        return served.kind == "siglip"
+
 
 def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLimits | None = None,
                max_batch: int = 16, batch_wait_ms: float = 5.0, max_queue: int = 256) -> FastAPI:
@@ -448,12 +459,16 @@ def _install_routes(app: FastAPI, rt: _Runtime, metrics: Metrics, state: dict[st
 
     @app.post("/v1/similarity")
     async def similarity(body: SimilarityRequest, request: Request) -> dict[str, Any]:
-        """Cosine similarity and logit-scaled scores, images x texts (CLIP)."""
+        """Cosine similarity and the model's scores, images x texts (SigLIP adds each pair's probability)."""
         served = rt.resolve(request, body.model, "embed_image")
         img, txt = await rt.embed_pair(request, served, body.images, rt.texts(body.texts, "texts"))
         cos = img @ txt.T
-        return {"model": served.name, "cosine": cos.astype(float).tolist(),
-                "logits_per_image": (rt.logit_scale(served) * cos).astype(float).tolist()}
+        logits = rt.pair_logits(served, cos)
+        out = {"model": served.name, "cosine": cos.astype(float).tolist(),
+               "logits_per_image": logits.astype(float).tolist()}
+        if rt.sigmoid_scores(served):
+            out["pair_probabilities"] = (1 / (1 + np.exp(-logits))).astype(float).tolist()
+        return out
 
     @app.post("/v1/zero-shot")
     async def zero_shot(body: ZeroShotRequest, request: Request) -> dict[str, Any]:
@@ -467,9 +482,12 @@ def _install_routes(app: FastAPI, rt: _Runtime, metrics: Metrics, state: dict[st
         img, txt = await rt.embed_pair(request, served, body.images, prompts)
         cls = txt.reshape(len(labels), len(templates), -1).mean(axis=1)
         cls /= np.linalg.norm(cls, axis=-1, keepdims=True)
-        logits = rt.logit_scale(served) * (img @ cls.T)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        logits = rt.pair_logits(served, img @ cls.T)
+        if rt.sigmoid_scores(served):  # SigLIP: each label's own probability (they need not sum to 1)
+            probs = 1 / (1 + np.exp(-logits))
+        else:
+            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
         return {"model": served.name, "labels": labels, "probs": probs.astype(float).tolist(),
                 "top": [labels[i] for i in probs.argmax(axis=1)]}
 

@@ -20,8 +20,10 @@ from ..models.tiny import RANDOM_MODELS, TINY_MODELS
 
 TASKS = {
     "clip": ("embed_image", "embed_text"),
+    "siglip": ("embed_image", "embed_text"),
     "blip": ("caption",),
     "blip_vqa": ("vqa",),
+    "llava": ("caption", "vqa"),
 }
 
 

@@ -13,6 +13,19 @@ from pydantic import Field, model_validator
 from ..utils.schema import StrictModel
 
 
+class PrivacySection(StrictModel):
+    """Differentially private training (DP-SGD): per-sample clipping, Gaussian noise, an accountant."""
+
+    epsilon: float = Field(gt=0, description="privacy budget: the run never spends more than this epsilon")
+    delta: float = Field(gt=0, lt=1, description="privacy budget: delta (well below 1 / training items)")
+    max_grad_norm: float = Field(1.0, gt=0, description="each sample's gradient is clipped to this L2 norm")
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="noise std / max_grad_norm; None: the smallest that keeps the planned steps "
+                                "within (epsilon, delta)")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="privacy accountant: rdp (Renyi DP) or prv "
+                                              "(privacy random variables, tighter)")
+
+
 class TrainingSection(StrictModel):
     """Recovery fine-tuning and distillation hyper-parameters."""
 
@@ -58,10 +71,22 @@ class TrainingSection(StrictModel):
     val_benchmarks: list[Literal["zero_shot", "retrieval", "captioning", "vqa"]] = Field(
         default_factory=list, description="task benchmarks evaluated on the val split at every validation")
     val_max_items: int | None = Field(None, ge=1, description="validate on a seeded subset of this many items")
+    privacy: PrivacySection | None = Field(
+        None, description="differentially private training (DP-SGD through Opacus); None: ordinary training")
 
     @model_validator(mode="after")
     def _some_loss(self) -> TrainingSection:
         if not (self.kd_weight or self.feature_weight or self.attention_weight or self.task_weight):
             raise ValueError("every loss weight (kd_weight, feature_weight, attention_weight, task_weight) is 0: "
                              "at least one must be > 0")
+        if self.privacy is not None:
+            if self.grad_accumulation != 1:
+                raise ValueError("privacy: training.grad_accumulation must be 1 (each Poisson-sampled batch is "
+                                 "one DP-SGD step)")
+            if self.precision != "fp32":
+                raise ValueError("privacy: training.precision must be fp32 (per-sample gradients are clipped "
+                                 "in full precision)")
+            if self.trainable != "compressed":
+                raise ValueError("privacy: training.trainable must be 'compressed' (per-sample gradients are "
+                                 "computed for the compressed layers)")
         return self

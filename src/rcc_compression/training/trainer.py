@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from ..compression.calibration import flatten_outputs, to_device
 from ..compression.layers import CompressedLinear
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..utils.io import atomic_save_safetensors, atomic_write_json, load_safetensors, sha256_file
 from ..utils.logging import get_logger
 from ..utils.seeding import get_rng_state, set_rng_state
@@ -47,6 +47,7 @@ from .callbacks import Callback, CallbackHandler
 from .distributed import DistInfo, all_reduce_grads, all_reduce_mean, barrier, current, wrap_model
 from .losses import DistillationLoss, LossWeights
 from .optim import Precision, build_optimizer, build_scheduler, checkpointing_modules, enable_activation_checkpointing
+from .privacy import PrivateTraining, validate_objective
 from .settings import TrainingSection
 from .teacher import Teacher, model_extras
 
@@ -169,6 +170,7 @@ class CompressionTrainer:
         dist: DistInfo | None = None,
         metric_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+        privacy: PrivateTraining | None = None,
     ) -> None:
         self.config = cfg = config or TrainingSection()
         self.dist = dist or current()
@@ -206,6 +208,12 @@ class CompressionTrainer:
         self.scheduler = (scheduler(self.optimizer) if scheduler is not None else
                           build_scheduler(self.optimizer, cfg.scheduler, self.total_steps, cfg.warmup_steps,
                                           cfg.min_lr_ratio))
+        self.privacy = privacy
+        if privacy is not None:  # DP-SGD: per-sample gradients clipped and noised by the wrapped optimiser
+            if self.dist.enabled:
+                raise ConfigError("training.privacy: private training runs in one process (not under torchrun)")
+            validate_objective(objective, getattr(getattr(objective, "loss", None), "family", "generic"))
+            self.optimizer = privacy.attach(model, self.optimizer, self.params)
         self.state = TrainingState()
         self.callbacks = CallbackHandler(callbacks)
         self._pending_rng: dict[str, torch.Tensor] | None = None
@@ -270,12 +278,19 @@ class CompressionTrainer:
             start = (i // accum) * accum
             size = min(accum, n - start)
             last = i == start + size - 1
+            if self.privacy is not None and not self.privacy.may_step():
+                st.should_stop = True  # the next step would spend more than the privacy budget
+                break
             batch = to_device(batch, self.device)
-            sync = self.net.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
-            with sync:
-                with self.precision.autocast():
-                    loss, terms = self.objective(self.net, batch, index)
-                self.precision.backward(loss / size)
+            if self.privacy is not None and _empty(batch):
+                self.privacy.empty_batch()  # an empty Poisson sample: the step adds noise only
+                loss, terms = torch.zeros(()), {}
+            else:
+                sync = self.net.no_sync() if (self.dist.enabled and not last) else contextlib.nullcontext()
+                with sync:
+                    with self.precision.autocast():
+                        loss, terms = self.objective(self.net, batch, index)
+                    self.precision.backward(loss / size)
             for k, v in {"loss": float(loss.detach()), **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v
             micro += 1
@@ -285,9 +300,11 @@ class CompressionTrainer:
             all_reduce_grads(self.extra_params, self.dist)
             self.precision.unscale(self.optimizer)
             logs = {k: v / micro for k, v in sums.items()}
-            if cfg.grad_clip is not None:
+            if cfg.grad_clip is not None and self.privacy is None:  # private: each sample's gradient is clipped
                 logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
             self.precision.step(self.optimizer)
+            if self.privacy is not None:
+                logs.update(self.privacy.after_step())
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self._reapply_masks()
@@ -369,7 +386,9 @@ class CompressionTrainer:
         return st
 
     def close(self) -> None:
-        """Give the model back as it came: requires_grad flags and train/eval mode."""
+        """Give the model back as it came: requires_grad flags and train/eval mode (and no privacy hooks)."""
+        if self.privacy is not None:
+            self.privacy.close()
         for p, flag in self._flags.items():
             p.requires_grad_(flag)
         self.model.train(self._was_training)
@@ -412,6 +431,7 @@ class CompressionTrainer:
                 "numpy_rng": [np_state[0], np_state[1].tolist(), *[_plain(x) for x in np_state[2:]]],
                 "aliases": aliases,
                 "config": self.config.model_dump(mode="json"),
+                "privacy": self.privacy.state_dict() if self.privacy is not None else None,
                 "files": {name: sha256_file(tmp / name) for name in tensors},
             }
             atomic_write_json(tmp / STATE_FILE, meta)
@@ -451,6 +471,8 @@ class CompressionTrainer:
         self.scheduler.load_state_dict(meta["scheduler"])
         self.precision.load_state_dict(meta["scaler"])
         self.callbacks.load_state_dict(meta["callbacks"])
+        if self.privacy is not None and meta.get("privacy"):
+            self.privacy.load_state_dict(meta["privacy"])
         self.state = TrainingState.from_dict(meta["state"])
         py = meta["python_rng"]
         random.setstate((py[0], tuple(py[1]), py[2]))
@@ -463,6 +485,12 @@ class CompressionTrainer:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _empty(batch: Batch) -> bool:
+    """Whether a batch holds no item (an empty Poisson sample)."""
+    first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    return not batch or (first is not None and first.shape[0] == 0)
+
+
 def _plain(x: Any) -> Any:
     return x.item() if hasattr(x, "item") else x
 

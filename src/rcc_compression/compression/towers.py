@@ -1,0 +1,286 @@
+"""Per-tower budgets: bytes and quality per tower, measured sensitivity, and which layers keep precision.
+
+A vision-language model is several networks in one (:mod:`rcc_compression.models.towers`): a
+vision tower, a text tower or a language model, and the projector between them. They do not
+tolerate compression alike, so a run measures them apart:
+
+* :func:`tower_bytes`: dense and stored bytes of every tower (every parameter and buffer counted
+  once, in the tower its module belongs to), which sum to what the checkpoint stores;
+* :func:`measure_sensitivity`: each selected layer (and each tower at once) rounded to a probe
+  format on its own, the relative error it causes in the model's outputs, and that per unit of
+  the relative error of the layer's own output (the record of where a model is fragile; the
+  planner weighs its errors with its own gradient-based output sensitivity);
+* :func:`protected_layers`: the layers the defaults keep at ``protect_bits`` or more (the patch
+  embedding, the projector, the first and last block of every stack) unless the measurement shows
+  they matter no more than a typical layer ("lifted", with the numbers recorded);
+* :func:`tower_quality`: the output agreement of the model with only one tower compressed, so
+  a run says which tower its loss comes from.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..models.registry import unwrap_model
+from ..models.towers import TOWERS, classify_modules, family, tower_of
+from ..utils.schema import StrictModel
+from .calibration import PRIMARY_OUTPUTS, output_agreement, relative_output_error, run_outputs
+from .layers import compressed_layers, replace_module
+from .offload import materialize
+from .quant import quantize_nearest
+from .storage import dense_bytes, stored_bytes
+
+ROLES = ("patch_embedding", "projector", "first_block", "last_block", "embedding", "head")
+
+
+class TowerBudgetConfig(StrictModel):
+    """``compression.towers``: how a rate plan treats the towers of a vision-language model."""
+
+    protect: list[Literal["patch_embedding", "projector", "first_block", "last_block", "embedding", "head"]] = Field(
+        default_factory=lambda: ["patch_embedding", "projector", "first_block", "last_block"],
+        description="roles whose Linear layers keep protect_bits or more (no pruning, no low rank alone)")
+    protect_bits: int = Field(8, ge=2, le=16, description="fewest bits a protected layer may be stored with")
+    sensitivity: bool = Field(True, description="before a rate plan, measure each layer's and each tower's effect on "
+                                                "the outputs (a probe rounding); lift protections it shows idle")
+    lift: Literal["median", "never"] = Field(
+        "median", description="median: a protected layer whose measured sensitivity is at most the median of the "
+                              "unprotected layers' is planned like any other; never: always protected")
+    probe_bits: int = Field(4, ge=2, le=8, description="bits of the round-to-nearest probe sensitivity is measured at")
+    batches: int = Field(2, ge=1, description="calibration batches the sensitivity measurement reads")
+
+
+# ------------------------------------------------------------------------------------------- bytes
+def tower_bytes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Dense and stored bytes, and layer counts, of every tower; the towers sum to the whole model.
+
+    A compressed layer counts its stored form (what the checkpoint writes) against the dense layer
+    it replaced; every other tensor of the ``state_dict`` counts once (tied tensors once, in the
+    tower of the first name that holds them), in both columns.
+    """
+    inner = unwrap_model(model)
+    kind = family(inner)
+    layers = compressed_layers(inner)
+    out: dict[str, dict[str, Any]] = {}
+
+    def entry(tower: str) -> dict[str, Any]:
+        return out.setdefault(tower, {"dense_bytes": 0, "stored_bytes": 0, "compressed_layers": 0,
+                                      "linear_layers": 0})
+
+    for name, layer in layers.items():
+        e = entry(tower_of(kind, name))
+        e["dense_bytes"] += dense_bytes(layer)
+        e["stored_bytes"] += stored_bytes(layer)
+        e["compressed_layers"] += 1
+    for name, mod in inner.named_modules():
+        if isinstance(mod, nn.Linear):
+            entry(tower_of(kind, name))["linear_layers"] += 1
+    for name in layers:
+        entry(tower_of(kind, name))["linear_layers"] += 1
+    skip = tuple(f"{n}." for n in layers)
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for key, t in inner.state_dict().items():
+        if key.startswith(skip):
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen and t.numel() > 0:
+            continue
+        seen.add(ident)
+        e = entry(tower_of(kind, key))
+        e["dense_bytes"] += t.numel() * t.element_size()
+        e["stored_bytes"] += t.numel() * t.element_size()
+    for e in out.values():
+        e["rate"] = 1.0 - e["stored_bytes"] / e["dense_bytes"] if e["dense_bytes"] else 0.0
+    return {t: out[t] for t in TOWERS if t in out}
+
+
+# ------------------------------------------------------------------------------------- sensitivity
+def _probe(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    return quantize_nearest(weight.detach().float(), bits, None, False).dequantize(torch.float32).to(weight.dtype)
+
+
+def _weight_of(mod: nn.Module) -> torch.Tensor:
+    return mod.weight if isinstance(mod, nn.Linear) else mod.effective_weight()
+
+
+def primary_error(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``||s - t||^2 / ||t||^2`` of the outputs the gate compares (embeddings, logits), averaged over them."""
+    keys = [k for k in PRIMARY_OUTPUTS if k in teacher] or list(teacher)
+    return relative_output_error({k: student[k] for k in keys if k in student}, {k: teacher[k] for k in keys})
+
+
+@torch.no_grad()
+def _perturbed_error(inner: nn.Module, names: Sequence[str], probe_bits: int, batches: Sequence[Mapping[str, Any]],
+                     dense_out: Sequence[Mapping[str, torch.Tensor]]) -> tuple[float, dict[str, float]]:
+    """(relative error of the model's outputs, each layer's own relative output error) with ``names`` probed."""
+    originals: dict[str, nn.Module] = {}
+    layer_err: dict[str, list[float]] = {n: [0.0, 0.0] for n in names}
+    hooks = []
+    for n in names:
+        mod = inner.get_submodule(n)
+        originals[n] = mod
+        w = _weight_of(mod).detach()
+        probe = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None, device=w.device, dtype=w.dtype)
+        probe.weight.copy_(_probe(w, probe_bits))
+        if mod.bias is not None:
+            probe.bias.copy_(mod.bias.detach())
+
+        def hook(m: nn.Module, args: tuple[Any, ...], y: torch.Tensor, n: str = n, w: torch.Tensor = w) -> None:
+            ref = nn.functional.linear(args[0], w, m.bias)
+            layer_err[n][0] += float((y - ref).float().pow(2).sum())
+            layer_err[n][1] += float(ref.float().pow(2).sum())
+
+        hooks.append(probe.register_forward_hook(hook))
+        replace_module(inner, n, probe)
+    try:
+        outs = run_outputs(inner, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, mod in originals.items():
+            replace_module(inner, n, mod)
+    err = float(torch.stack([primary_error(s, t) for s, t in zip(outs, dense_out, strict=True)]).mean())
+    return err, {n: (a / b if b > 0 else 0.0) for n, (a, b) in layer_err.items()}
+
+
+@torch.no_grad()
+def measure_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]],
+                        probe_bits: int = 4, progress: Any = None) -> dict[str, Any]:
+    """Each layer of ``names``, and each tower's layers together, rounded to ``probe_bits`` alone.
+
+    Per layer: ``output_error`` (relative error of the model's primary outputs, those the gate
+    compares: :func:`primary_error`), ``layer_error`` (relative error of the layer's own output on the same inputs) and
+    ``weight = output_error / layer_error``, the model's output error per unit of the layer's
+    (what protections are lifted and released by). Per tower: the output
+    error with all of its layers probed at once, and the sum of its layers' errors.
+    """
+    inner = unwrap_model(model)
+    kind = family(inner)
+    batches = list(batches)
+    dense_out = run_outputs(inner, batches)
+    layers: dict[str, dict[str, float]] = {}
+    for i, n in enumerate(names):
+        out_err, own = _perturbed_error(inner, [n], probe_bits, batches, dense_out)
+        layer_err = own[n]
+        layers[n] = {"tower": tower_of(kind, n), "output_error": out_err, "layer_error": layer_err,
+                     "weight": out_err / layer_err if layer_err > 1e-12 else 0.0}
+        if progress is not None:
+            progress("sensitivity", i + 1, len(names))
+    towers: dict[str, dict[str, Any]] = {}
+    for t in TOWERS:
+        members = [n for n in names if layers[n]["tower"] == t]
+        if not members:
+            continue
+        err, _ = _perturbed_error(inner, members, probe_bits, batches, dense_out)
+        towers[t] = {"layers": len(members), "output_error": err,
+                     "sum_of_layer_output_errors": sum(layers[n]["output_error"] for n in members)}
+    return {"probe": f"int{probe_bits} round to nearest, one scale per row", "batches": len(batches),
+            "layers": layers, "towers": towers}
+
+
+# -------------------------------------------------------------------------------------- protection
+def protected_layers(model: nn.Module, names: Sequence[str], config: TowerBudgetConfig,
+                     sensitivity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Which of ``names`` keep ``protect_bits`` or more, and why; which protections were lifted, and why.
+
+    A layer is protected by its role (``config.protect``). With a sensitivity measurement and
+    ``lift: median``, a protected layer whose weight is at most the median weight of the
+    unprotected layers is planned like the others: the measurement shows its precision does not
+    matter more than theirs. Roles that hold no Linear layer (the patch embedding is a convolution)
+    are reported as such.
+    """
+    inner = unwrap_model(model)
+    places = classify_modules(inner)
+    wanted = set(config.protect)
+    by_role = {n: places[n].position for n in names if n in places}
+    candidates = {n: r for n, r in by_role.items() if r in wanted or (r == "projector" and "projector" in wanted)}
+    lifted: dict[str, str] = {}
+    if sensitivity is not None and config.lift == "median":
+        weights = {n: float(v["weight"]) for n, v in sensitivity["layers"].items()}
+        others = [weights[n] for n in names if n not in candidates and n in weights]
+        if others:
+            median = statistics.median(others)
+            for n in list(candidates):
+                if n in weights and weights[n] <= median:
+                    lifted[n] = (f"sensitivity {weights[n]:.3g} <= median {median:.3g} of the unprotected layers")
+    protected = {n: r for n, r in candidates.items() if n not in lifted}
+    unmatched = {}
+    for role in sorted(wanted):
+        holders = [n for n, p in places.items() if p.position == role]
+        if not any(h in by_role for h in holders):
+            kinds = sorted({type(inner.get_submodule(h)).__name__ for h in holders})
+            unmatched[role] = (f"no compressed Linear layer has this role ({', '.join(kinds)}: left as it is)"
+                               if holders else "the model has no such module")
+    return {"protected": protected, "lifted": lifted, "roles_without_targets": unmatched,
+            "bits": config.protect_bits}
+
+
+# ---------------------------------------------------------------------------------------- quality
+@torch.no_grad()
+def tower_quality(compressed: nn.Module, dense: nn.Module, batches: Sequence[Mapping[str, Any]]
+                  ) -> dict[str, dict[str, float]]:
+    """Output agreement with the dense model when only one tower's layers are compressed, per tower.
+
+    ``dense`` is the dense model (its Linear layers where ``compressed`` has compressed ones);
+    ``batches`` the held-out batches the gate reads. Also ``all``: every tower compressed.
+    """
+    comp = unwrap_model(compressed)
+    den = unwrap_model(dense)
+    kind = family(comp)
+    layers = compressed_layers(comp)
+    if not layers or not batches:
+        return {}
+    teacher = run_outputs(den, batches)
+    out: dict[str, dict[str, float]] = {}
+    for t in TOWERS:
+        members = {n for n in layers if tower_of(kind, n) == t}
+        if not members:
+            continue
+        probe = copy.deepcopy(comp)
+        for n in layers:
+            if n not in members:
+                replace_module(probe, n, copy.deepcopy(den.get_submodule(n)))
+        out[t] = {"agreement": output_agreement(run_outputs(probe, batches), teacher), "layers": len(members)}
+        del probe
+    out["all"] = {"agreement": output_agreement(run_outputs(comp, batches), teacher), "layers": len(layers)}
+    return out
+
+
+def tower_record(compressed: nn.Module, dense: nn.Module | None, holdout: Sequence[Mapping[str, Any]]
+                 ) -> dict[str, dict[str, Any]]:
+    """Per tower: dense and stored bytes, layer counts, and (with a dense model and held-out batches)
+    the output agreement with only that tower compressed (``agreement_alone``)."""
+    record = tower_bytes(compressed)
+    if dense is not None and holdout:
+        for tower, q in tower_quality(compressed, materialize(dense), holdout).items():
+            if tower in record:
+                record[tower]["agreement_alone"] = q["agreement"]
+    return record
+
+
+def plan_constraints(model: nn.Module, names: Sequence[str], config: TowerBudgetConfig,
+                     batches: Sequence[Mapping[str, Any]], progress: Any = None) -> dict[str, Any]:
+    """What a rate plan must respect for ``names`` (the layers it plans): the measured sensitivity and the protections.
+
+    Returns ``{"sensitivity": ... or None, "protection": ..., "min_bits": {layer: bits}}``;
+    ``min_bits`` is what the planner reads (a protected layer's storage keeps at least that many
+    bits, unpruned, with its own values: no choice that drops S for low rank alone), most
+    sensitive layer first: where the rate cannot be reached with every protection, the planner
+    releases them from the end of that order.
+    """
+    sens = None
+    if config.sensitivity and batches and config.protect:
+        sens = measure_sensitivity(model, names, list(batches)[: config.batches], config.probe_bits, progress)
+    protection = protected_layers(model, names, config, sens)
+    rank = {r: i for i, r in enumerate(("projector", "patch_embedding", "first_block", "last_block"))}
+    if sens is not None:
+        order = sorted(protection["protected"], key=lambda n: -sens["layers"][n]["weight"])
+    else:
+        order = sorted(protection["protected"], key=lambda n: rank.get(protection["protected"][n], len(rank)))
+    return {"sensitivity": sens, "protection": protection, "min_bits": dict.fromkeys(order, config.protect_bits)}
