@@ -282,7 +282,7 @@ def iter_grams(
 
 
 def output_sensitivity(
-    model: nn.Module, layer_names: Sequence[str], batches: Iterable[Mapping[str, Any]], probes: int = 2,
+    model: nn.Module, layer_names: Sequence[str], batches: Iterable[Mapping[str, Any]], probes: int = 1,
     seed: int = 0, device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """Per output channel of each layer, how much the model's outputs move per unit of error there.

@@ -559,6 +559,11 @@ class CascadePipeline:
                               rejected_retention=record["retention"], retention=last_retention,
                               achieved=compression_summary(inner))
                 log.warning("step %d (%s, round %d): %s", idx, stage.name, k, record["undone"])
+            choose = (idx == self._deferred_until and bool(self.alternatives) and self._initial_snap is not None
+                      and "error" not in record)
+            if choose and not record["passed"]:  # a single-stage plan may pass where the per-layer plan does not
+                record = self._choose_plan(record)
+                choose = False
             if self.step_callback is not None:
                 self.step_callback(record)
             if not record["passed"]:
@@ -574,7 +579,7 @@ class CascadePipeline:
             if worse:
                 continue
             self.stage_results[stage.name] = stage.get_statistics()
-            if idx == self._deferred_until and self.alternatives and self._initial_snap is not None:
+            if choose:
                 record = self._choose_plan(record)
             last_pass = self._snapshot()
             self._snapshots[stage.name] = last_pass
@@ -617,9 +622,9 @@ class CascadePipeline:
         inner, ctx = self._model, self._ctx
         keys = ("retention", "metric", "output_error", "output_error_ci")
         results = {"per-layer plan": {"stages": [st.name for st in self.stages[:self._deferred_until + 1]],
-                                      "stored_bytes": record["achieved"]["stored_bytes"],
+                                      "stored_bytes": record["achieved"]["stored_bytes"], "passed": record["passed"],
                                       **{k: record.get(k) for k in keys}}}
-        best = ("per-layer plan", self._rank(record), self._snapshot(), record)
+        best = ("per-layer plan", self._rank(record), self._snapshot(), record) if record["passed"] else None
         for label, sec in self.alternatives.items():
             self._restore(self._initial_snap)
             t0 = time.perf_counter()
@@ -642,11 +647,20 @@ class CascadePipeline:
                 res["error"] = error
             res["passed"] = passed
             results[label] = res
-            if passed and self._rank(res) > best[1]:
-                best = (label, self._rank(res), self._snapshot(), {**record, **{k: res.get(k) for k in keys}})
+            if passed and (best is None or self._rank(res) > best[1]):
+                best = (label, self._rank(res), self._snapshot(),
+                        {**record, **{k: res.get(k) for k in keys}, "passed": True})
             ctx.tick(f"choice {label}", len(results) - 1, len(self.alternatives))
+        if best is None:  # none passes the gate: the caller goes back to the last passing state
+            self.plan_choice = {"chosen": None, "candidates": results, "metric": "gate retention, then output error",
+                                "why": "no plan at this rate keeps the gate's threshold on the holdout"}
+            record["plan_choice"] = self.plan_choice
+            log.warning("end-to-end choice: no plan at this rate passes the gate (%s)", ", ".join(
+                f"{k} {v['retention']:.4f}" for k, v in results.items() if v.get("retention") is not None))
+            return record
         self._restore(best[2])
         label, _, _, kept = best
+        kept.pop("error", None)
         kept = {**kept, "achieved": compression_summary(inner)}
         self.plan_choice = {"chosen": label, "candidates": results, "metric": "gate retention, then output error"}
         kept["plan_choice"] = self.plan_choice

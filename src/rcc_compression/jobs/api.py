@@ -263,6 +263,11 @@ def _rate_outcome(inner: nn.Module, plan: dict[str, Any], pipe: CascadePipeline,
             at = failed.get("error") or f"retention {failed['retention']:.4f} < {failed['threshold']}"
             why = (f"the validation gate stopped step {failed['step']} ({failed['stage']}, round "
                    f"{failed['round']}) at {at}")
+        choice = pipe.plan_choice or {}
+        if choice.get("why"):
+            best = max((v["retention"] for v in choice["candidates"].values() if v.get("retention") is not None),
+                       default=None)
+            why += f"; {choice['why']}" + (f" (best measured retention {best:.4f})" if best is not None else "")
         stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
         log.warning(stats["rate_note"])
     return stats
