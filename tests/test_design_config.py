@@ -150,6 +150,15 @@ def test_compress_measures_what_the_metrics_name(tmp_path):
     assert only["efficiency"] == {"dense": {}, "compressed": {}} and not only["execution_kernels"]
     default = run_compress(load_config(None, base), tmp_path / "b")
     assert default["efficiency"]["compressed"]["storage"]["compression_rate_layers"] > 0
+    # what it holds loaded, how fast at batch 1 and 8, on which kernels and in which dtype, measured
+    comp = default["efficiency"]["compressed"]
+    assert comp["memory"]["resident_bytes"] > 0 and comp["memory"]["inference_form_layers"] > 0
+    assert set(comp["per_batch_size"]) == {"1", "8"} == set(default["efficiency"]["dense"]["per_batch_size"])
+    assert default["inference"]["dtype"] in default["inference"]["tried"] and default["execution_kernels"]
+    table = (tmp_path / "b" / "results.md").read_text()
+    for row in ("resident MB (tensors held, loaded)", "CPU latency bs=1", "CPU latency bs=8",
+                "inference kernels (compressed layers)", "compute dtype (measured"):
+        assert row in table, row
 
 
 def test_evaluate_runs_the_efficiency_metric_and_the_alias(tmp_path, capsys):

@@ -175,6 +175,22 @@ class EvaluationSection(StrictModel):
         return [m for m in METRICS if m in wanted]
 
 
+class InferenceSection(StrictModel):
+    """How the compressed model runs once compressed (timed, evaluated, saved for serving).
+
+    Every compressed layer is put in its inference form (it holds what its checkpoint stores);
+    ``dtype`` is its compute dtype (``auto``: the fastest of float32 and, where the device runs it,
+    bfloat16, among those whose outputs on the holdout keep the gate's threshold); ``kernels`` is
+    ``fastest`` (each layer's fastest execution kernel, whatever it holds) or ``memory`` (only
+    kernels that hold nothing beyond the stored form).
+    """
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype: auto (measured), float32, bfloat16 or float16")
+    kernels: Literal["fastest", "memory"] = Field(
+        "fastest", description="fastest: by latency; memory: nothing held beyond the stored form")
+
+
 class RCCConfig(StrictModel):
     """The whole configuration of a run."""
 
@@ -185,6 +201,7 @@ class RCCConfig(StrictModel):
     compression: CompressionSection = Field(default_factory=CompressionSection)  # type: ignore[valid-type]
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    inference: InferenceSection = Field(default_factory=InferenceSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
@@ -280,6 +297,8 @@ READERS: dict[str, tuple[str, ...]] = {
     "evaluation.metrics": (_J + "compress", "rcc_compression.cli"),
     "evaluation.batch_size": (_J + "compress", "rcc_compression.cli"),
     "evaluation.bootstrap_samples": ("rcc_compression.cli",),
+    "inference.dtype": (_J + "compress",),
+    "inference.kernels": (_J + "compress",),
     "tracking.backends": ("rcc_compression.utils.tracking",),
     "tracking.project": ("rcc_compression.utils.tracking",),
     "tracking.run_name": ("rcc_compression.utils.tracking",),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rcc_compression import CascadePipeline, compress_model
-from rcc_compression.compression.layers import compressed_layers, layer_snapshot
+from rcc_compression.compression.layers import compressed_layers
 from rcc_compression.compression.planner import LayerShape, plan_rate
 from rcc_compression.config import load_config
 from rcc_compression.errors import CheckpointError, CompressionError
@@ -23,8 +23,11 @@ def _section(**cascade):
 
 
 def _state(model):
-    return {n: {k: (None if v is None else v.clone()) for k, v in layer_snapshot(m).items()}
-            for n, m in compressed_layers(model).items()}
+    def parts(m):
+        st = m.state()
+        return {**st.params, "mask_bits": st.mask_bits, "base": st.base}
+
+    return {n: parts(m) for n, m in compressed_layers(model).items()}
 
 
 def _same(a, b):

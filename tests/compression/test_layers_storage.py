@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from rcc_compression.compression.layers import CompressedLinear, compressed_layers, merge_all, replace_module
-from rcc_compression.compression.storage import (
-    export_dense,
-    load_compressed,
+from rcc_compression.compression.layers import (
+    CompressedLinear,
+    compressed_layers,
+    merge_all,
     pack_bits,
-    save_compressed,
-    stored_bytes,
+    replace_module,
     unpack_bits,
 )
+from rcc_compression.compression.storage import export_dense, load_compressed, save_compressed, stored_bytes
 from rcc_compression.errors import CheckpointError
 
 
@@ -199,8 +199,16 @@ def test_execution_modes_compute_the_same(mode):
     expected = layer(x)
     assert layer.set_execution(mode) and layer.execution == mode
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    layer.train()
-    assert layer.execution == "factored"  # training drops the inference kernel
+    layer.train()  # training computes with the parameters themselves; the kernel's copy goes stale
+    with torch.no_grad():
+        layer.a_out.mul_(2)
+        layer.lr_B.add_(0.5)
+    trained = layer(x)
+    layer.eval()
+    assert layer.execution == mode  # the choice stays, its state is rebuilt from the moved parameters
+    torch.testing.assert_close(layer(x), trained, rtol=1e-5, atol=1e-5)
+    layer.set_execution("factored")
+    torch.testing.assert_close(layer(x), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_optimize_execution_keeps_outputs(tiny_clip):
@@ -210,19 +218,23 @@ def test_optimize_execution_keeps_outputs(tiny_clip):
     batch = model.synthetic_batch(2, torch.Generator().manual_seed(6))
     expected = model(**batch).logits_per_image
     chosen = optimize_execution(model, batch, iters=2)
-    assert set(chosen) == set(compressed_layers(model.model)) and set(chosen.values()) <= {"factored", "merged", "csr"}
+    assert set(chosen) == set(compressed_layers(model.model))
+    assert {r["kernel"] for r in chosen.values()} <= {"factored", "merged", "csr"}
+    for name, rec in chosen.items():  # what each layer runs and holds, as measured
+        layer = model.model.get_submodule(name)
+        assert rec["kernel"] == layer.execution and rec["held_bytes"] == layer.held_bytes()
+        assert rec["tried"]["factored"] > 0 and "w8a8" in rec["tried"]  # refused, with the reason
     torch.testing.assert_close(model(**batch).logits_per_image, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_kernels_survive_an_evaluation(tiny_clip):
     """A wrapper's mode follows its model: evaluating (which restores the caller's mode) keeps the kernels."""
     from rcc_compression import evaluate_model
-    from rcc_compression.evaluation.efficiency import optimize_execution
 
     model = _compress_some(tiny_clip, rate=0.95)
     assert not model.training and not model.model.training
-    batch = model.synthetic_batch(2, torch.Generator().manual_seed(6))
-    optimize_execution(model, batch, iters=1, modes=["merged"])
+    for layer in compressed_layers(model.model).values():
+        assert layer.set_execution("merged")
     evaluate_model(model, benchmarks=["efficiency"], bootstrap_samples=0)
     assert not model.model.training
     assert {m.execution for m in compressed_layers(model.model).values()} == {"merged"}

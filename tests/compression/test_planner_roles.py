@@ -267,3 +267,23 @@ def test_a_planned_run_leaves_the_given_weights_alone_until_the_stages_run():
     assert plan["inputs"] == "sequential" and plan["error_model"] == "output-weighted"
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_single_stage_plan_that_passes_the_gate_is_kept_when_the_per_layer_plan_fails_it():
+    torch.manual_seed(0)
+    model = MLP(n=64, hidden=128, out=16)
+    fit, holdout = _shifted_data()
+    cfg = {"compression": {"cascade": {"stages": ["dare", "nullu"], "validation_threshold": 0.98}}}
+    out = compress_model(model, 0.9, "cascade", calibration_data=fit, holdout_data=holdout, config=cfg)
+    stats = out.compression_stats
+    cands = stats["plan_choice"]["candidates"]
+    assert not cands["per-layer plan"]["passed"] and cands["quant only"]["passed"]
+    assert stats["plan_choice"]["chosen"] == "quant only" and not stats["stopped_early"]
+    assert stats["achieved_rate"] >= 0.9 - 0.01
+    # and where no plan passes, the run goes back to where it started and says why
+    model = MLP(n=64, hidden=128, out=16)
+    cfg["compression"]["cascade"]["validation_threshold"] = 0.9999
+    out = compress_model(model, 0.9, "cascade", calibration_data=fit, holdout_data=holdout, config=cfg)
+    stats = out.compression_stats
+    assert stats["stopped_early"] and stats["plan_choice"]["chosen"] is None
+    assert "no plan at this rate keeps the gate's threshold" in stats["rate_note"]

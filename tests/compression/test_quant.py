@@ -132,7 +132,8 @@ def test_save_load_exact_and_stored_bytes_match_the_file(tmp_path, dtype):
     for (name, a), b in zip(compressed_layers(model).items(), compressed_layers(loaded).values(), strict=True):
         assert set(a.quant) == set(b.quant), name
         for part, q in a.quant.items():
-            assert torch.equal(q.codes, b.quant[part].codes) and torch.equal(q.scale, b.quant[part].scale)
+            assert b.quant[part].is_packed  # loaded in the inference form: the stored codes, packed
+            assert torch.equal(q.codes, b.quant[part].grid_codes()) and torch.equal(q.scale, b.quant[part].scale)
             assert torch.equal(getattr(a, part), getattr(b, part))
         assert (a.mask is None) == (b.mask is None) and (a.mask is None or torch.equal(a.mask, b.mask))
         assert a.rank == b.rank
@@ -183,11 +184,11 @@ def test_int8_kernel_matches_the_float_path():
     layer.eval()
     x = torch.randn(3, 7, 64)
     reference = layer(x)
-    assert layer.set_execution("int8")
+    assert layer.set_execution("int8_weight")
     torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
     g4 = CompressedLinear.from_linear(lin)
     g4.set_quantized("weight", quantize_nearest(g4.weight.detach(), 4, 32))
-    assert not g4.set_execution("int8")  # only 8-bit per-channel parts have the kernel
+    assert not g4.set_execution("int8_weight")  # only 8-bit per-channel parts have the kernel
 
 
 def test_onnx_export_of_quantized_layers_matches_pytorch(tmp_path):

@@ -56,7 +56,8 @@ def onnx_layer_bytes(directory, layers) -> dict[str, int]:
         for init in onnx.load(str(directory / f)).graph.initializer:
             name, _, part = init.name.rpartition(".")
             if name in layers and (part in ("dense", "weight_T", "values", "mask_bits", "col_idx", "row_nnz", "A_T",
-                                            "B_T", "a_in", "a_out", "bias") or part.endswith(("_codes", "_scale"))):
+                                            "B_T", "a_in", "a_out", "bias")
+                                   or part.endswith(("_codes", "_scale", "_nbits", "_nscale", "_nzero"))):
                 per_layer[name] = per_layer.get(name, 0) + numpy_helper.to_array(init).nbytes
     return per_layer
 
@@ -67,9 +68,13 @@ def test_compressed_layers_are_stored_as_compactly_as_the_checkpoint(exported):
     assert onnx_layer_bytes(exported["dir"], layers) == {n: info["stored_bytes"] for n, info in layers.items()}
 
 
-@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (3, None, True)])
-def test_quantized_layers_keep_their_bit_width(tmp_path, bits, group, symmetric):
-    """Integer codes go in packed as stored and are decoded by DequantizeLinear: same bytes, same outputs."""
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (3, None, True), (8, None, True)])
+@pytest.mark.parametrize("weight_only", ["dequantize", "matmulnbits"])
+def test_quantized_layers_keep_their_bit_width(tmp_path, bits, group, symmetric, weight_only):
+    """Integer codes go in packed as stored, decoded by DequantizeLinear or multiplied by MatMulNBits (dense 4-
+    and 8-bit codes, whose float16 scales it takes as float32): the same code bytes, the same outputs."""
+    from onnx import numpy_helper
+
     from rcc_compression.compression.layers import compressed_layers
     from rcc_compression.compression.onnx_export import export_onnx
     from rcc_compression.compression.quant import quantize_nearest
@@ -83,12 +88,27 @@ def test_quantized_layers_keep_their_bit_width(tmp_path, bits, group, symmetric)
         layer.set_quantized("lr_A", quantize_nearest(layer.lr_A.detach(), bits, group, symmetric))
         layer.set_quantized("lr_B", quantize_nearest(layer.lr_B.detach(), 8))
     manifest = save_compressed(w, tmp_path / "ckpt")
-    report = export_onnx(w, tmp_path / "onnx")
+    report = export_onnx(w, tmp_path / "onnx", weight_only=weight_only)
     assert all(g["max_abs_diff"] < 1e-4 for g in report["graphs"].values())
     layers = manifest["layers"]
-    assert onnx_layer_bytes(tmp_path / "onnx", layers) == {n: info["stored_bytes"] for n, info in layers.items()}
+    nbits = weight_only == "matmulnbits" and bits in (4, 8)
+    # MatMulNBits takes float32 scales (2 bytes more per scale than stored) and pads each row's packed
+    # 4-bit zero points to whole bytes
+    widened: dict[str, int] = {}
+    if nbits:
+        for f in ("vision_model.onnx", "text_model.onnx"):
+            inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "onnx" / f)).graph.initializer}
+            for key, arr in inits.items():
+                name, _, part = key.rpartition(".")
+                if part == "dense_nscale":
+                    widened[name] = arr.size * 2
+                    if f"{name}.dense_nzero" in inits:
+                        widened[name] += inits[f"{name}.dense_nzero"].size - (arr.size * bits + 7) // 8
+    counted = onnx_layer_bytes(tmp_path / "onnx", layers)
+    assert counted == {n: info["stored_bytes"] + widened.get(n, 0) for n, info in layers.items()}
     ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "vision_model.onnx")).graph.node}
-    assert "DequantizeLinear" in ops
+    assert "DequantizeLinear" in ops  # sparse S and factors are decoded
+    assert ("MatMulNBits" in ops) == nbits
 
 
 def test_onnx_runtime_folds_the_sparse_rebuild_at_load(exported, tmp_path):
@@ -185,3 +205,75 @@ def test_one_layer_subgraph_with_padded_groups_matches_the_layer(sparse):
     with torch.no_grad():
         ref = layer(x).numpy()
     assert np.abs(sess.run(None, {"x": x.numpy()})[0] - ref).max() < 1e-4
+
+
+def _int8_activation_clip(group: int | None = None):
+    """tiny-clip with 8-bit per-row codes (or grouped 4-bit ones) and int8 activations on every target layer."""
+    from rcc_compression.compression.layers import CompressedLinear, replace_module
+    from rcc_compression.compression.quant import quantize_nearest
+    from rcc_compression.models import get_model
+
+    torch.manual_seed(0)
+    w = get_model("tiny-clip")
+    for i, name in enumerate([n for n, m in w.model.named_modules() if isinstance(m, torch.nn.Linear)]):
+        layer = CompressedLinear.from_linear(w.model.get_submodule(name))
+        if i % 3 == 1:
+            layer.set_low_rank(torch.randn(layer.out_features, 2) * 0.1, torch.randn(2, layer.in_features) * 0.1)
+            layer.set_quantized("lr_A", quantize_nearest(layer.lr_A.detach(), 8))
+        bits, g = (8, None) if group is None else (4, group)
+        layer.set_quantized("weight", quantize_nearest(layer.weight.detach(), bits, g, g is None))
+        layer.set_activations(8)
+        replace_module(w.model, name, layer)
+    return w.eval()
+
+
+@pytest.mark.parametrize("group", [None, 16])
+def test_int8_activation_layers_export_as_integer_matmuls_and_match_pytorch(tmp_path, group):
+    """W8A8 layers: per-token DynamicQuantize built from ReduceMax/Round/Cast, MatMulInteger, both scales; layers
+    whose codes have no integer GEMM round their input the same way and multiply in float."""
+    from rcc_compression.compression.onnx_export import export_onnx, run_onnx
+
+    w = _int8_activation_clip(group)
+    report = export_onnx(w, tmp_path / "onnx")
+    assert all(g["relative_error"] < 1e-2 for g in report["graphs"].values())
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "onnx" / "vision_model.onnx")).graph.node]
+    assert ("MatMulInteger" in ops) == (group is None)
+    assert "Round" in ops
+    pixels = torch.randn(3, 3, w.image_size, w.image_size, generator=torch.Generator().manual_seed(2))
+    for layer_mode in ("factored", "w8a8"):  # the integer kernel and the float path agree with ONNX Runtime
+        from rcc_compression.compression.layers import compressed_layers
+
+        for m in compressed_layers(w.model).values():
+            m.set_execution(layer_mode)
+        with torch.no_grad():
+            ref = w.encode_image(pixels, normalize=False).numpy()
+        got = run_onnx(tmp_path / "onnx" / "vision_model.onnx", {"pixel_values": pixels.numpy()})
+        # one int8 code may flip where ONNX Runtime's float ops round differently: most outputs are exact
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2
+        assert np.mean(np.abs(got - ref) < 1e-4) > 0.5
+
+
+def test_layers_with_nothing_to_multiply_and_bfloat16_models_export(tmp_path):
+    """Issue 22 item 5: a bias-only layer (a global budget makes them), an all-pruned S and a bfloat16 model
+    raised "nothing to export" or "unsupported ScalarType BFloat16"."""
+    from rcc_compression.compression.layers import CompressedLinear, compressed_layers, replace_module
+    from rcc_compression.compression.onnx_export import export_onnx
+    from rcc_compression.models import get_model
+
+    torch.manual_seed(0)
+    w = compress_quick(get_model("tiny-clip"), rank=4, densities=(0.2, None))
+    names = list(compressed_layers(w.model))
+    bias_only = CompressedLinear.from_linear(w.model.get_submodule(names[0]).merge())
+    bias_only.set_sparse(None)
+    replace_module(w.model, names[0], bias_only)
+    pruned = w.model.get_submodule(names[1])
+    pruned.set_low_rank(None, None)
+    pruned.set_sparse(pruned.weight.detach(), torch.zeros(pruned.weight.shape, dtype=torch.bool))
+    assert pruned.nnz() == 0
+    report = export_onnx(w, tmp_path / "f32")
+    assert all(g["max_abs_diff"] < 1e-4 for g in report["graphs"].values())
+    w.to(torch.bfloat16)
+    report = export_onnx(w, tmp_path / "bf16")
+    assert report["model_dtype"] == "bfloat16" and report["graph_dtype"] == "float32"
+    assert all(g["max_abs_diff"] < 1e-4 for g in report["graphs"].values())
+    assert next(w.model.parameters()).dtype == torch.bfloat16  # the model itself is left as it was

@@ -156,7 +156,7 @@ def test_file_log_holds_results_exactly_and_training_steps(small_run):
     assert [m["train_step"] for m in marks] == sorted(m["train_step"] for m in marks)
     assert marks[-1]["train_step"] == len(train)
     phases = [e["phase"] for e in lines if e.get("event") == "phase"]
-    assert phases[:3] == ["dense evaluation", "cascade", "evaluation"]
+    assert phases[:4] == ["dense evaluation", "cascade", "inference form", "evaluation"]
     assert lines[-1] == {**lines[-1], "event": "end", "status": "ok"}
 
 

@@ -246,10 +246,9 @@ class AlphaEditStage(Stage):
         no_room = []
         for name, m in list(layers.items()):
             if m.a_in is None or m.a_out is None:
-                ref = m._ref
                 m.set_scales(
-                    m.a_in.detach() if m.a_in is not None else torch.ones(m.in_features, device=ref.device),
-                    m.a_out.detach() if m.a_out is not None else torch.ones(m.out_features, device=ref.device),
+                    m.a_in.detach() if m.a_in is not None else torch.ones(m.in_features, device=m.device),
+                    m.a_out.detach() if m.a_out is not None else torch.ones(m.out_features, device=m.device),
                 )
                 cap = ctx.byte_cap(name, for_scales=True)
                 if cap is not None and stored_bytes(m) > cap:  # scales would store more than the last round
@@ -345,7 +344,7 @@ class AlphaEditStage(Stage):
                       inputs: Any) -> dict[str, Any]:
         """The closed-form update of one layer, on dense-input moments ``C`` or paired moments (refit)."""
         cfg = self.config
-        dev = layer._ref.device
+        dev = layer.device
         a_in = layer.a_in.detach().double() if layer.a_in is not None else None
         T = ctx.target_weight(name, layer).double()
         E = layer.sparse_part().double() + layer.low_rank_part().double()

@@ -2,7 +2,8 @@
 
 A batch is a dict of keyword arguments for ``model(**batch)``, so any ``nn.Module`` works. Forward
 hooks accumulate, per target layer, the count of input vectors, the per-channel sums of squares
-and of absolute values (for wanda and asvd) and, when asked, the input second moment ``X^T X``
+and of absolute values (for wanda and asvd), the largest absolute values (SmoothQuant) and, when
+asked, the input second moment ``X^T X``
 (for activation-aware SVD and AlphaEdit). Memory is bounded by one ``n x n`` matrix per layer,
 whatever the number of batches.
 
@@ -38,6 +39,8 @@ class LayerStats:
     sum_sq: torch.Tensor
     sum_abs: torch.Tensor
     gram: torch.Tensor | None = None
+    #: ``max |x_j|`` per input channel (SmoothQuant's activation range)
+    max_abs: torch.Tensor | None = None
 
     @property
     def col_norm(self) -> torch.Tensor:
@@ -198,11 +201,14 @@ def collect_layer_stats(
             if st is None:
                 n = x.shape[1]
                 st = stats[name] = LayerStats(
-                    0, x.new_zeros(n), x.new_zeros(n), x.new_zeros(n, n, dtype=torch.float32) if gram else None
+                    0, x.new_zeros(n), x.new_zeros(n), x.new_zeros(n, n, dtype=torch.float32) if gram else None,
+                    x.new_zeros(n),
                 )
             st.count += x.shape[0]
             st.sum_sq += (x * x).sum(0)
-            st.sum_abs += x.abs().sum(0)
+            ax = x.abs()
+            st.sum_abs += ax.sum(0)
+            torch.maximum(st.max_abs, ax.amax(0), out=st.max_abs)
             if st.gram is not None:
                 xf = x.float()
                 st.gram.addmm_(xf.t(), xf)
@@ -276,7 +282,7 @@ def iter_grams(
 
 
 def output_sensitivity(
-    model: nn.Module, layer_names: Sequence[str], batches: Iterable[Mapping[str, Any]], probes: int = 2,
+    model: nn.Module, layer_names: Sequence[str], batches: Iterable[Mapping[str, Any]], probes: int = 1,
     seed: int = 0, device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """Per output channel of each layer, how much the model's outputs move per unit of error there.

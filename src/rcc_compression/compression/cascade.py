@@ -35,7 +35,7 @@ from ..utils.io import atomic_write_json, directory_lock, remove_stale_temp_file
 from ..utils.logging import get_logger
 from ..utils.memory import release_memory
 from .calibration import mean_interval, output_agreement, run_outputs, sample_output_errors
-from .layers import CompressedLinear, compressed_layers, replace_module, restore_layer
+from .layers import CompressedLinear, LayerState, compressed_layers, replace_module, to_working, unpack_bits
 from .offload import Handle, StoredTensors, TeacherWeights, TensorStore, teacher_copy
 from .planner import LayerShape
 from .registry import STAGES, CascadeConfig, CompressionSection, build_stage
@@ -49,7 +49,6 @@ from .storage import (
     read_manifest,
     save_compressed,
     stored_bytes,
-    unpack_bits,
     verify_files,
 )
 
@@ -71,7 +70,7 @@ def compression_summary(model: nn.Module) -> dict[str, Any]:
     with_s = [m for m in layers.values() if m.weight is not None]
     numel = sum(m.in_features * m.out_features for m in with_s)
     nnz = sum(m.nnz() for m in with_s)
-    dtypes = sorted({str(m._ref.dtype).removeprefix("torch.") for m in layers.values()})
+    dtypes = sorted({str(m.dtype).removeprefix("torch.") for m in layers.values()})
     return {
         "layers": len(layers),
         "dense_dtype": ",".join(dtypes),
@@ -221,7 +220,7 @@ class CascadePipeline:
         for name in names:
             mod = inner.get_submodule(name)
             if isinstance(mod, nn.Linear):
-                replace_module(inner, name, _adopt_linear(mod))
+                replace_module(inner, name, CompressedLinear.adopt(mod))
                 self._fresh.add(name)
         batches = self.calibration
         self.calibration_source = "given"
@@ -287,7 +286,7 @@ class CascadePipeline:
         shapes = []
         for n in names:
             m = inner.get_submodule(n)
-            shapes.append(LayerShape(m.out_features, m.in_features, m._ref.element_size(), m.bias is not None))
+            shapes.append(LayerShape(m.out_features, m.in_features, m.element_size, m.bias is not None))
         fractions = [schedule_fraction(k / self.rounds, self.schedule) for k in range(1, self.rounds + 1)]
         return joint_schedule(shapes, dare.config.pruning_rate, nc.param_budget, fractions,
                               dare.config.resolved_scope(), nc.budget_allocation)
@@ -309,7 +308,7 @@ class CascadePipeline:
             for n in st.layer_names(self._model):
                 m = layers.get(n)
                 if m is not None and m.a_in is None and m.a_out is None:
-                    extra = st.reserved_bytes(m.out_features, m.in_features, m._ref.element_size())
+                    extra = st.reserved_bytes(m.out_features, m.in_features, m.element_size)
                     if extra:
                         reserve[n] = reserve.get(n, 0) + extra
         return caps, reserve
@@ -399,7 +398,8 @@ class CascadePipeline:
             s = snap[n]
             if "teacher" in s:  # the dense layer it started as: the teacher's copy
                 t = self._ctx.dense_model.get_submodule(n)
-                restore_layer(m, {"weight": t.weight.detach(), "bias": None if t.bias is None else t.bias.detach()})
+                bias = None if t.bias is None else t.bias.detach()
+                m.load_state(LayerState({"weight": t.weight.detach(), "bias": bias}, None, None, {}))
             else:
                 _unsnap_layer(m, s)
 
@@ -492,6 +492,7 @@ class CascadePipeline:
         verify_files(ckpt, manifest)
         install_layers(self._model, manifest, load_layer_tensors(ckpt, manifest, self.encrypt_key), self._ctx.reference)
         install_rest(ckpt, manifest, self._model, self.encrypt_key)
+        to_working(self._model)  # the stages work on float parameters
         self._checkpoint = progress["checkpoint"]
         caps = progress.get("round_caps")
         if isinstance(caps, dict) and isinstance(caps.get("caps"), dict):
@@ -558,6 +559,11 @@ class CascadePipeline:
                               rejected_retention=record["retention"], retention=last_retention,
                               achieved=compression_summary(inner))
                 log.warning("step %d (%s, round %d): %s", idx, stage.name, k, record["undone"])
+            choose = (idx == self._deferred_until and bool(self.alternatives) and self._initial_snap is not None
+                      and "error" not in record)
+            if choose and not record["passed"]:  # a single-stage plan may pass where the per-layer plan does not
+                record = self._choose_plan(record)
+                choose = False
             if self.step_callback is not None:
                 self.step_callback(record)
             if not record["passed"]:
@@ -573,7 +579,7 @@ class CascadePipeline:
             if worse:
                 continue
             self.stage_results[stage.name] = stage.get_statistics()
-            if idx == self._deferred_until and self.alternatives and self._initial_snap is not None:
+            if choose:
                 record = self._choose_plan(record)
             last_pass = self._snapshot()
             self._snapshots[stage.name] = last_pass
@@ -616,9 +622,9 @@ class CascadePipeline:
         inner, ctx = self._model, self._ctx
         keys = ("retention", "metric", "output_error", "output_error_ci")
         results = {"per-layer plan": {"stages": [st.name for st in self.stages[:self._deferred_until + 1]],
-                                      "stored_bytes": record["achieved"]["stored_bytes"],
+                                      "stored_bytes": record["achieved"]["stored_bytes"], "passed": record["passed"],
                                       **{k: record.get(k) for k in keys}}}
-        best = ("per-layer plan", self._rank(record), self._snapshot(), record)
+        best = ("per-layer plan", self._rank(record), self._snapshot(), record) if record["passed"] else None
         for label, sec in self.alternatives.items():
             self._restore(self._initial_snap)
             t0 = time.perf_counter()
@@ -641,11 +647,20 @@ class CascadePipeline:
                 res["error"] = error
             res["passed"] = passed
             results[label] = res
-            if passed and self._rank(res) > best[1]:
-                best = (label, self._rank(res), self._snapshot(), {**record, **{k: res.get(k) for k in keys}})
+            if passed and (best is None or self._rank(res) > best[1]):
+                best = (label, self._rank(res), self._snapshot(),
+                        {**record, **{k: res.get(k) for k in keys}, "passed": True})
             ctx.tick(f"choice {label}", len(results) - 1, len(self.alternatives))
+        if best is None:  # none passes the gate: the caller goes back to the last passing state
+            self.plan_choice = {"chosen": None, "candidates": results, "metric": "gate retention, then output error",
+                                "why": "no plan at this rate keeps the gate's threshold on the holdout"}
+            record["plan_choice"] = self.plan_choice
+            log.warning("end-to-end choice: no plan at this rate passes the gate (%s)", ", ".join(
+                f"{k} {v['retention']:.4f}" for k, v in results.items() if v.get("retention") is not None))
+            return record
         self._restore(best[2])
         label, _, _, kept = best
+        kept.pop("error", None)
         kept = {**kept, "achieved": compression_summary(inner)}
         self.plan_choice = {"chosen": label, "candidates": results, "metric": "gate retention, then output error"}
         kept["plan_choice"] = self.plan_choice
@@ -737,17 +752,6 @@ class CascadePipeline:
 
 
 
-def _adopt_linear(linear: nn.Linear) -> CompressedLinear:
-    """A :class:`CompressedLinear` holding ``linear``'s own parameters (no copy: ``linear`` leaves the model)."""
-    if not linear.weight.is_contiguous():
-        return CompressedLinear.from_linear(linear)
-    layer = CompressedLinear(linear.in_features, linear.out_features)
-    layer.weight = linear.weight
-    if linear.bias is not None:
-        layer.bias = linear.bias
-    return layer
-
-
 _SNAP_PARTS = ("weight", "lr_A", "lr_B", "a_in", "a_out", "bias")
 
 
@@ -755,7 +759,8 @@ def _snap_layer(layer: CompressedLinear, prev: dict[str, Any] | None, store: Ten
     """A compact rollback copy of a layer in ``store``: S as its kept values and a bit mask (about its stored
     bytes, not a dense tensor and a byte per mask entry), and any part equal to ``prev``'s shared with it."""
     out: dict[str, Any] = {"base": layer.base,  # frozen: a reference will do
-                           "quant": {k: q.clone() for k, q in layer.quant.items()} if layer.quant else None}
+                           "quant": {k: q.clone() for k, q in layer.quant.items()} if layer.quant else None,
+                           "act_bits": layer.act_bits}
     for k in _SNAP_PARTS:
         t = getattr(layer, k)
         if t is None:
@@ -777,22 +782,21 @@ def _snap_layer(layer: CompressedLinear, prev: dict[str, Any] | None, store: Ten
 
 
 def _unsnap_layer(layer: CompressedLinear, snap: dict[str, Any]) -> None:
-    full: dict[str, Any] = {"base": snap["base"], "mask": None}
-    if snap.get("quant"):
-        full["quant"] = snap["quant"]
+    params: dict[str, torch.Tensor | None] = {}
+    bits = None
     for k in _SNAP_PARTS:
         e = snap[k]
         if e is None:
-            full[k] = None
+            params[k] = None
         elif "dense" in e:
-            full[k] = e["dense"].load()
+            params[k] = e["dense"].load()
         else:
             v = e["values"].load()
             mask = unpack_bits(e["bits"], e["shape"]).to(v.device)
             w = torch.zeros(e["shape"], dtype=v.dtype, device=v.device)
             w[mask] = v
-            full[k], full["mask"] = w, mask
-    restore_layer(layer, full)
+            params[k], bits = w, e["bits"]
+    layer.load_state(LayerState(params, bits, snap["base"], snap.get("quant") or {}, snap.get("act_bits")))
 
 
 def _synthetic_batches(model: nn.Module, wrapper: Any, n: int, seed: int) -> list[dict[str, Any]]:

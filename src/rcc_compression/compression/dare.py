@@ -231,7 +231,7 @@ class DareStage(Stage):
                     f"dare target 'delta' needs a reference model holding layer {name!r} "
                     "(set compression.dare.reference_model or pass reference_model=...)"
                 )
-            ref = ctx.reference[name].to(layer._ref)
+            ref = ctx.reference[name].to(layer.device, layer.dtype)
             if layer.weight is not None and layer.mask is None:
                 layer.set_sparse(layer.weight.detach() - ref)
             layer.set_base(ref)

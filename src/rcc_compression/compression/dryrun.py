@@ -139,8 +139,8 @@ def stage_formats(model: nn.Module, section: Any) -> dict[str, tuple[str, int | 
     for name, by in chosen.items():
         mod = layers[name]
         m, n = mod.out_features, mod.in_features
-        w = mod.weight if isinstance(mod, nn.Linear) else mod._ref
-        shape = LayerShape(m, n, w.element_size(), getattr(mod, "bias", None) is not None)
+        es = mod.weight.element_size() if isinstance(mod, nn.Linear) else mod.element_size
+        shape = LayerShape(m, n, es, getattr(mod, "bias", None) is not None)
         parts, pruning, rank, known = [], 0.0, 0, True
         keep_s = True
         if "dare" in by:

@@ -139,8 +139,7 @@ def match_layers(model: nn.Module, targets: Sequence[str] | None = None, ignore:
             selected, rule = False, f"{i_src}: {miss}"
         else:
             selected, rule = True, f"{t_src}: {hit}"
-        w = mod.weight if isinstance(mod, nn.Linear) else mod._ref
-        es = w.element_size()
+        es = mod.weight.element_size() if isinstance(mod, nn.Linear) else mod.element_size
         bias = getattr(mod, "bias", None) is not None
         dense = (mod.out_features * mod.in_features + (mod.out_features if bias else 0)) * es
         out.append(LayerMatch(name, type(mod).__name__, place.tower, place.position, mod.out_features,

@@ -525,7 +525,7 @@ class NulluStage(Stage):
                         layer.set_sparse(ctx.target_weight(name, layer))
                 else:
                     # the parts this step replaces (references, not copies: the setters make new tensors)
-                    before = (layer.weight, layer.mask, layer.lr_A, layer.lr_B, dict(layer.quant))
+                    before = layer.state(copy=False)
                     B, A = balanced_factors(U, S, Vh, r)
                     if w["right_inv"] is not None:
                         A = A @ w["right_inv"]
@@ -537,15 +537,14 @@ class NulluStage(Stage):
                     if excess > 0:
                         # no step stores more than the previous round: fewer directions (the factors are
                         # fresh and unquantized, so each costs (m + n) values)
-                        per_rank = (m + n) * layer._ref.element_size()
+                        per_rank = (m + n) * layer.element_size
                         r = r - -(-excess // per_rank)
                         info["byte_capped_rank"] = max(r, 0)
                         if r > 0:
                             B, A = B[:, :r], A[:r]
                             layer.set_low_rank(B, A)
                         else:
-                            layer.weight, layer.mask, layer.lr_A, layer.lr_B, layer.quant = before
-                            layer._fast = None
+                            layer.load_state(before, copy=False)
                             info["skipped"] = "no factors fit in the bytes the previous round stored"
                             per_layer[name] = info
                             ctx.tick(f"nullu {name}", done, len(layers))

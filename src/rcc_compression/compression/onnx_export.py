@@ -33,6 +33,7 @@ decoder's token ids, each file's sha256 and the measured difference to PyTorch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import io
 import os
@@ -52,8 +53,14 @@ from .storage import _check_target, choose_encoding, encode_layer
 
 OPSET = 18
 DOMAIN = "rcc"
+#: ONNX Runtime's contrib domain (``MatMulNBits``)
+CONTRIB = "com.microsoft"
 MANIFEST = "onnx_manifest.json"
 TOLERANCE = 1e-4
+#: relative error allowed where layers quantize their inputs: ONNX Runtime's float ops (LayerNorm, GELU,
+#: attention) differ from PyTorch's by rounding, and an input that lands next to a rounding boundary takes the
+#: neighbouring int8 code in one of them, a step of 1/127 of its token's largest value
+TOLERANCE_ACTIVATIONS = 1e-2
 
 
 def _require_onnx() -> tuple[Any, Any]:
@@ -262,47 +269,157 @@ def _quant_matrix(b: _Builder, key: str, enc: dict[str, torch.Tensor], q: Any, r
     return w if dtype == np.float32 else b.op("Cast", [w], to=TensorProto.FLOAT16)
 
 
-def layer_subgraph(name: str, layer: CompressedLinear, x: str, y: str, short: str = "cl"
-                   ) -> tuple[list[Any], list[Any]]:
-    """Nodes and initializers computing ``y = a_out * ((S + B A)(a_in * x)) + bias`` from compact tensors."""
+def _token_quantized(b: _Builder, x: str) -> tuple[str, str]:
+    """Per-token symmetric int8 codes of ``x`` and their float scales, as :func:`~.kernels.quantize_tokens`
+    computes them (``max|x| / 127`` per row, round half to even): the same codes bit for bit."""
+    from onnx import TensorProto
+
+    amax = b.op("ReduceMax", [b.op("Abs", [x]), b.const("last_axis", np.array([-1], np.int64))], keepdims=1)
+    scale = b.op("Max", [b.op("Div", [amax, b.const("c127", np.array(127.0, np.float32))]),
+                         b.const("tiny", np.array(np.finfo(np.float32).tiny, np.float32))])
+    rounded = b.op("Round", [b.op("Div", [x, scale])])
+    rounded = b.op("Clip", [rounded, b.const("lo", np.array(-127.0, np.float32)),
+                            b.const("hi", np.array(127.0, np.float32))])
+    return b.op("Cast", [rounded], to=TensorProto.INT8), scale
+
+
+def _int8_transposed(b: _Builder, key: str, enc: dict[str, torch.Tensor], q: Any, rows: int, cols: int) -> str:
+    """Signed codes ``code - 2**(bits-1)`` of a symmetric per-row part as int8, transposed (cols x rows);
+    unpacked from the stored bytes by ops ONNX Runtime folds once, at load."""
+    from onnx import TensorProto
+
+    codes = _unpacked_codes(b, key, enc[f"{key}_codes"], q.bits, rows * cols)
+    signed = b.op("Sub", [b.op("Cast", [codes], to=TensorProto.INT16),
+                          b.const(f"{key}_half", np.array(1 << (q.bits - 1), np.int16))])
+    signed = b.op("Reshape", [b.op("Cast", [signed], to=TensorProto.INT8),
+                              b.const(f"{key}_rc8", np.array([rows, cols], np.int64))])
+    return b.op("Transpose", [signed], perm=[1, 0])
+
+
+def _integer_product(b: _Builder, key: str, enc: dict[str, torch.Tensor], q: Any, rows: int, cols: int,
+                     xq: str, xs: str) -> str:
+    """``(x_q W_q^T) * x_scale * w_scale`` through ``MatMulInteger`` (int8 x int8, int32 accumulation)."""
+    from onnx import TensorProto
+
+    acc = b.op("MatMulInteger", [xq, _int8_transposed(b, key, enc, q, rows, cols)])
+    w_scale = b.const(f"{key}_rowscale", _np(q.scale[:, 0].float()))
+    return b.op("Mul", [b.op("Mul", [b.op("Cast", [acc], to=TensorProto.FLOAT), xs]), w_scale])
+
+
+def _nbits_block(q: Any, cols: int) -> int | None:
+    """The ``MatMulNBits`` block size for a part's groups (a power of two from 16 dividing ``cols``), if any."""
+    if q.bits not in (4, 8):
+        return None
+    if q.group_size < cols:
+        return q.group_size if cols % q.group_size == 0 else None
+    return next((blk for blk in (256, 128, 64, 32, 16) if cols % blk == 0), None)
+
+
+def _matmul_nbits(b: _Builder, key: str, layer: CompressedLinear, q: Any, x: str, block: int) -> str:
+    """``x W^T`` of a dense quantized S as one ``MatMulNBits`` (ONNX Runtime's contrib op): the codes stay in
+    memory, packed as it wants them (low nibble first), and are decoded block by block in the product."""
+    rows, cols = layer.out_features, layer.in_features
+    codes = q.grid_codes().cpu().numpy().astype(np.uint8)  # rows x cols
+    blocks = cols // block
+    grouped = codes.reshape(rows, blocks, block)
+    blob = (grouped[..., 0::2] | (grouped[..., 1::2] << 4)).astype(np.uint8) if q.bits == 4 else grouped
+    per_group = q.group_size < cols
+    scales = q.scale.float().cpu().numpy()
+    scales = scales if per_group else np.repeat(scales[:, :1], blocks, axis=1)
+    inputs = [x, b.const(f"{key}_nbits", np.ascontiguousarray(blob)),
+              b.const(f"{key}_nscale", np.ascontiguousarray(scales.reshape(-1).astype(np.float32)))]
+    if q.zero is not None:
+        zero = q.zero.cpu().numpy().astype(np.uint8)
+        zero = zero if per_group else np.repeat(zero[:, :1], blocks, axis=1)
+        if q.bits == 4:
+            if blocks % 2:
+                zero = np.concatenate([zero, np.zeros((rows, 1), np.uint8)], axis=1)
+            zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+        inputs.append(b.const(f"{key}_nzero", np.ascontiguousarray(zero.reshape(-1))))
+    out = b.name()
+    from onnx import helper
+
+    b.nodes.append(helper.make_node("MatMulNBits", inputs, [out], domain="com.microsoft", K=cols, N=rows,
+                                    bits=q.bits, block_size=block))
+    return out
+
+
+def layer_subgraph(name: str, layer: CompressedLinear, x: str, y: str, short: str = "cl",
+                   weight_only: str = "matmulnbits") -> tuple[list[Any], list[Any]]:
+    """Nodes and initializers computing ``y = a_out * ((S + B A) q(a_in * x)) + bias`` from compact tensors.
+
+    A layer with int8 activations whose codes allow an integer GEMM (symmetric per-row) runs
+    ``MatMulInteger`` on per-token int8 inputs (:func:`_token_quantized`), as the ``w8a8`` kernel does;
+    one with int8 activations and other codes rounds its input the same way and multiplies in float.
+    A dense S of 4- or 8-bit codes without quantized activations is one ``MatMulNBits``
+    (``weight_only="matmulnbits"``) or, with ``"dequantize"``, decoded by ``DequantizeLinear``
+    (folded into a float matrix at load when the session sets ``session.disable_quant_qdq``).
+    """
     b = _Builder(name, short)
-    dtype = _np(layer._ref[:1]).dtype
+    dtype = np.float32 if layer.dtype in (torch.float32, torch.bfloat16) else np.float16
     enc = encode_layer(layer)
     kind = choose_encoding(layer)
-    if layer.a_in is not None:
-        x = b.op("Mul", [x, b.const("a_in", _np(layer.a_in))])
-    terms = []
     m, n = layer.out_features, layer.in_features
     qw = layer.quant.get("weight")
+    if layer.a_in is not None:
+        x = b.op("Mul", [x, b.const("a_in", _np(layer.a_in).astype(dtype))])
+    xq = xs = None
+    if layer.act_bits == 8:
+        xq, xs = _token_quantized(b, x if dtype == np.float32 else b.op("Cast", [x], to=1))
+        if layer.execution_support("w8a8") is not None or dtype != np.float32:
+            # no integer GEMM for these codes (or a float16 graph): the input rounded the same way, in float
+            x = b.op("Mul", [b.op("Cast", [xq], to=1), xs])
+            x = x if dtype == np.float32 else b.op("Cast", [x], to=10)
+            xq = None
+    terms = []
     if layer.base is not None:  # delta layers: the frozen base has no compact form; S is folded into it
-        terms.append(b.op("MatMul", [x, b.const("weight_T", _np((layer.base + layer.sparse_part()).t()))]))
+        terms.append(b.op("MatMul", [x, b.const("weight_T", _np((layer.base + layer.sparse_part()).t())
+                                                .astype(dtype))]))
+    elif kind == "dense" and qw is not None and xq is not None:
+        terms.append(_integer_product(b, "dense", enc, qw, m, n, xq, xs))
+    elif kind == "dense" and qw is not None and weight_only == "matmulnbits" and dtype == np.float32 and (
+            _nbits_block(qw, n) is not None):
+        terms.append(_matmul_nbits(b, "dense", layer, qw, x, _nbits_block(qw, n)))
     elif kind == "dense" and qw is not None:
         w = _quant_matrix(b, "dense", enc, qw, m, n, dtype)
         terms.append(b.op("MatMul", [x, b.op("Transpose", [w], perm=[1, 0])]))
     elif kind == "dense":
-        terms.append(b.op("MatMul", [x, b.const("weight_T", _np(layer.weight.t()))]))
+        terms.append(b.op("MatMul", [x, b.const("weight_T", _np(layer.weight.t()).astype(dtype))]))
     elif kind in ("bitmask", "csr") and layer.nnz() > 0:
         terms.append(b.op("MatMul", [x, _sparse_transposed(b, layer, enc, kind, dtype)]))
     if layer.rank:
         r = layer.rank
         qa, qb = layer.quant.get("lr_A"), layer.quant.get("lr_B")
-        a = _quant_matrix(b, "A", enc, qa, r, n, dtype) if qa is not None else None
-        z = b.op("MatMul", [x, b.op("Transpose", [a], perm=[1, 0]) if a else b.const("A_T", _np(layer.lr_A.t()))])
+        if xq is not None:
+            z = _integer_product(b, "A", enc, qa, r, n, xq, xs)
+        else:
+            a = _quant_matrix(b, "A", enc, qa, r, n, dtype) if qa is not None else None
+            z = b.op("MatMul", [x, b.op("Transpose", [a], perm=[1, 0]) if a else
+                                b.const("A_T", _np(layer.lr_A.t()).astype(dtype))])
         bm = _quant_matrix(b, "B", enc, qb, m, r, dtype) if qb is not None else None
         terms.append(b.op("MatMul", [z, b.op("Transpose", [bm], perm=[1, 0]) if bm else
-                                     b.const("B_T", _np(layer.lr_B.t()))]))
-    if not terms:
-        raise CheckpointError(f"layer {name}: nothing to export (no sparse, dense or low-rank part)")
-    out = terms[0] if len(terms) == 1 else b.op("Add", terms)
+                                     b.const("B_T", _np(layer.lr_B.t()).astype(dtype))]))
+    if not terms:  # nothing multiplies the input (every entry pruned, or a bias-only layer): zeros of the output
+        shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [x]), b.const("s0", np.array([0], np.int64)),
+                                               b.const("s1", np.array([-1], np.int64))]),
+                                b.const("out_dim", np.array([m], np.int64))], axis=0)
+        terms.append(b.op("ConstantOfShape", [shape], value=_zero_value(dtype)))
+    out = terms[0] if len(terms) == 1 else b.op("Sum", terms)
     if layer.a_out is not None:
-        out = b.op("Mul", [out, b.const("a_out", _np(layer.a_out))])
+        out = b.op("Mul", [out, b.const("a_out", _np(layer.a_out).astype(dtype))])
     if layer.bias is not None:
-        out = b.op("Add", [out, b.const("bias", _np(layer.bias))])
+        out = b.op("Add", [out, b.const("bias", _np(layer.bias).astype(dtype))])
     b.op("Identity", [out], out=y)
     return b.nodes, b.inits
 
 
-def expand_placeholders(proto: Any, layers: dict[str, CompressedLinear]) -> Any:
+def _zero_value(dtype: np.dtype) -> Any:
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor("zero", TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16, [1], [0.0])
+
+
+def expand_placeholders(proto: Any, layers: dict[str, CompressedLinear], weight_only: str = "matmulnbits") -> Any:
     """Replace every ``rcc::CompressedLinear`` node of ``proto`` by its compact subgraph (in place)."""
     graph = proto.graph
     nodes = list(graph.node)
@@ -312,13 +429,17 @@ def expand_placeholders(proto: Any, layers: dict[str, CompressedLinear]) -> Any:
             graph.node.append(node)
             continue
         name = next(a.s.decode() for a in node.attribute if a.name == "layer")
-        new_nodes, inits = layer_subgraph(name, layers[name], node.input[0], node.output[0], f"rcc{i}")
+        new_nodes, inits = layer_subgraph(name, layers[name], node.input[0], node.output[0], f"rcc{i}", weight_only)
         graph.node.extend(new_nodes)
         graph.initializer.extend(inits)
     _compact_names(graph)
     keep = [o for o in proto.opset_import if o.domain != DOMAIN]
     del proto.opset_import[:]
     proto.opset_import.extend(keep)
+    if any(n.domain == CONTRIB for n in graph.node) and not any(o.domain == CONTRIB for o in keep):
+        from onnx import helper
+
+        proto.opset_import.append(helper.make_opsetid(CONTRIB, 1))
     return proto
 
 
@@ -447,7 +568,7 @@ def onnx_greedy_caption(directory: str | os.PathLike[str], pixel_values: np.ndar
     return ids
 
 
-def _export_graph(spec: dict[str, Any], opset: int) -> Any:
+def _export_graph(spec: dict[str, Any], opset: int, weight_only: str = "matmulnbits") -> Any:
     onnx, _ = _require_onnx()
     module = spec["module"].eval()
     with _placeholders(module.model) as layers, torch.no_grad(), warnings.catch_warnings():
@@ -458,7 +579,7 @@ def _export_graph(spec: dict[str, Any], opset: int) -> Any:
                           opset_version=opset, do_constant_folding=True, dynamo=False,
                           custom_opsets={DOMAIN: 1} if layers else None)
         proto = onnx.load_from_string(buf.getvalue())
-        expand_placeholders(proto, layers)
+        expand_placeholders(proto, layers, weight_only)
     onnx.checker.check_model(proto)
     return proto
 
@@ -489,22 +610,33 @@ def ort_session(path: str | os.PathLike[str], threads: int | None = None, decode
 
 
 def export_onnx(wrapper: Any, path: str | os.PathLike[str], opset: int = OPSET, batch: int = 2,
-                verify: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                verify: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None,
+                weight_only: str = "matmulnbits") -> dict[str, Any]:
     """Export a (compressed) CLIP wrapper to ONNX in ``path``; returns the written manifest.
 
     With ``verify`` each graph runs in ONNX Runtime on the example inputs and the largest absolute
-    difference to PyTorch is recorded; above :data:`TOLERANCE` (float32) the export fails.
+    difference to PyTorch is recorded; above :data:`TOLERANCE` (float32) the export fails. A
+    bfloat16 model (which ONNX Runtime's CPU kernels do not take) is exported in float32, its codes
+    unchanged; the manifest says so. ``weight_only`` is how dense 4/8-bit codes without quantized
+    activations are exported: ``matmulnbits`` (codes in memory, ONNX Runtime's ``MatMulNBits``)
+    or ``dequantize`` (``DequantizeLinear``, a float matrix once the session folds it).
     """
+    if weight_only not in ("matmulnbits", "dequantize"):
+        raise ValueError(f"weight_only must be 'matmulnbits' or 'dequantize', got {weight_only!r}")
     path = Path(path)
     _check_target(path, overwrite)
+    model_dtype = next((p.dtype for p in wrapper.model.parameters() if p.is_floating_point()), torch.float32)
+    if model_dtype == torch.bfloat16:
+        wrapper = copy.deepcopy(wrapper).to(torch.float32)
     specs = _graphs(wrapper, batch)
+    quantized_inputs = any(m.act_bits for m in compressed_layers(wrapper.model).values())
     was_training = wrapper.model.training
     wrapper.model.eval()
     records: dict[str, Any] = {}
     try:
         with atomic_dir(path) as stage:
             for spec in specs:
-                proto = _export_graph(spec, opset)
+                proto = _export_graph(spec, opset, weight_only)
                 f = stage / spec["file"]
                 _save(proto, f)
                 rec: dict[str, Any] = {"inputs": spec["input_names"], "outputs": spec["output_names"]}
@@ -512,12 +644,18 @@ def export_onnx(wrapper: Any, path: str | os.PathLike[str], opset: int = OPSET, 
                     feed = {n: _np(t) for n, t in zip(spec["input_names"], spec["inputs"], strict=True)}
                     with torch.no_grad():
                         ref = _np(spec["module"](*spec["inputs"]))
-                    diff = float(np.abs(run_onnx(f, feed) - ref).max())
-                    tol = TOLERANCE if ref.dtype == np.float32 else 1e-2
-                    if not diff <= tol:
+                    got = run_onnx(f, feed)
+                    diff = float(np.abs(got - ref).max())
+                    rel = float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(ref)), 1e-30))
+                    if quantized_inputs:  # a code a float rounding apart flips: compared as a relative error
+                        if not rel <= TOLERANCE_ACTIVATIONS:
+                            raise CheckpointError(f"{spec['file']}: ONNX Runtime differs from PyTorch by {rel:.3g} "
+                                                  f"relative (tolerance {TOLERANCE_ACTIVATIONS:g})")
+                    elif not diff <= (TOLERANCE if ref.dtype == np.float32 else 1e-2):
                         raise CheckpointError(f"{spec['file']}: ONNX Runtime differs from PyTorch by {diff:.3g} "
-                                              f"(tolerance {tol:g})")
+                                              f"(tolerance {TOLERANCE if ref.dtype == np.float32 else 1e-2:g})")
                     rec["max_abs_diff"] = diff
+                    rec["relative_error"] = rel
                 records[spec["file"]] = rec
             wrapper.save_processors(stage / "processor")
             files = {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -530,6 +668,9 @@ def export_onnx(wrapper: Any, path: str | os.PathLike[str], opset: int = OPSET, 
                 "logit_bias": float(wrapper.logit_bias.detach()) if hasattr(wrapper, "logit_bias") else None,
                 "tokens": _blip_tokens(wrapper) if wrapper.model_type == "blip" else None,
                 "compressed_layers": len(compressed_layers(wrapper.model)),
+                "model_dtype": str(model_dtype).removeprefix("torch."),
+                "graph_dtype": "float32" if model_dtype == torch.bfloat16 else str(model_dtype).removeprefix("torch."),
+                "weight_only": weight_only,
                 "onnx_bytes": sum(v["bytes"] for k, v in files.items() if k.endswith(".onnx")),
                 **(extra or {}),
             }

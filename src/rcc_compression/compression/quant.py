@@ -33,7 +33,7 @@ from pydantic import Field
 
 from ..errors import CompressionError
 from ..utils.schema import StrictModel
-from .layers import CompressedLinear, QuantizedPart
+from .layers import CompressedLinear, QuantizedPart, code_bytes, pack_codes, unpack_codes  # noqa: F401 - re-exported
 from .stage import CompressionContext, Stage, StageConfig
 
 BITS = (2, 3, 4, 8)
@@ -45,6 +45,9 @@ Bits = Literal[2, 3, 4, 8]
 GroupSize = Literal[32, 64, 128]
 
 
+Activations = Literal["none", "int8"]
+
+
 class LayerQuant(StrictModel):
     """The format of one layer (what a planner writes into ``quant.layers``)."""
 
@@ -52,6 +55,8 @@ class LayerQuant(StrictModel):
     factor_bits: Bits | None = Field(None, description="bits of the low-rank factors; None: as bits")
     group_size: GroupSize | None = Field(None, description="columns per scale; None: one scale per row")
     symmetric: bool = True
+    activations: Activations | None = Field(None, description="int8: the layer's input quantized per token "
+                                            "(within activation_error); None: the stage's setting")
 
 
 class QuantConfig(StageConfig):
@@ -74,6 +79,17 @@ class QuantConfig(StageConfig):
         True, description="re-solve B on the rounded S and A before rounding B (needs calibration data)")
     layers: dict[str, LayerQuant] | None = Field(
         None, description="per-layer formats by module name (a plan): layers not named are left alone")
+    activations: Activations = Field(
+        "none", description="int8: quantize each layer's input per token (dynamic scales) where the added output "
+        "error stays within activation_error and the weights allow an int8 GEMM (symmetric per-row codes); "
+        "none: float activations (weight-only)")
+    activation_error: float = Field(
+        2e-3, ge=0.0, description="the most relative output error (squared-norm ratio, as output_error) int8 "
+        "activations may add to a layer, measured on calibration inputs; layers above keep float activations")
+    smoothing: float | None = Field(
+        None, ge=0.0, le=1.0, description="SmoothQuant's migration strength alpha for layers with int8 activations "
+        "(activation outliers moved into the weights before rounding; 0.5 in the paper); None: off")
+    activation_batches: int = Field(4, ge=1, description="calibration batches the activation error is measured on")
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -310,39 +326,6 @@ def sqnr_db(w: torch.Tensor, q: torch.Tensor) -> float:
     return float("inf") if noise == 0 else 10.0 * math.log10(float(w.double().pow(2).sum()) / noise)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``bits``-bit codes (any shape) -> uint8 bytes, most significant bit first, row-major, zero-padded."""
-    flat = codes.flatten().to(torch.uint8).cpu()
-    if bits == 8:
-        return flat.clone()
-    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.uint8)
-    planes = ((flat.unsqueeze(1) >> shifts) & 1).flatten()
-    pad = (-planes.numel()) % 8
-    if pad:
-        planes = torch.cat([planes, planes.new_zeros(pad)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-    return (planes.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: the first ``numel`` codes (uint8, flat)."""
-    packed = packed.to(torch.uint8).flatten()
-    if packed.numel() != code_bytes(numel, bits):
-        raise ValueError(f"{packed.numel()} bytes hold {packed.numel() * 8 // bits} codes of {bits} bits, "
-                         f"{numel} expected")
-    if bits == 8:
-        return packed.clone()
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-    planes = (packed.unsqueeze(1) & weights).ne(0).flatten()[: numel * bits].view(numel, bits).to(torch.uint8)
-    values = torch.tensor([1 << k for k in range(bits - 1, -1, -1)], dtype=torch.uint8)
-    return (planes * values).sum(1, dtype=torch.uint8)
-
-
-def code_bytes(count: int, bits: int) -> int:
-    """Bytes of ``count`` packed ``bits``-bit codes."""
-    return (count * bits + 7) // 8
-
-
 def format_bytes(rows: int, cols: int, stored: int, bits: int, group_size: int | None, symmetric: bool) -> int:
     """Bytes of a quantized part: ``stored`` codes, float16 scales and packed zero points per group."""
     _, ng = groups_of(cols, group_size)
@@ -351,7 +334,7 @@ def format_bytes(rows: int, cols: int, stored: int, bits: int, group_size: int |
 
 def part_bytes(q: QuantizedPart, stored: int) -> int:
     """Bytes a :class:`QuantizedPart` takes on disk when ``stored`` of its codes are kept."""
-    rows, cols = q.codes.shape
+    rows, cols = q.shape
     return format_bytes(rows, cols, stored, q.bits, q.group_size, q.symmetric)
 
 
@@ -369,6 +352,62 @@ def quantize_weight(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, gr
         return gptq(w, hessian, bits, group_size, symmetric, mask, cfg.damping, cfg.block_size, cfg.act_order,
                     cfg.clip_search)
     return quantize_nearest(w, bits, group_size, symmetric, mask, cfg.clip_search)
+
+
+def smoothing_factors(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors ``s_j = max|X_j|^alpha / max|W_:j|^(1 - alpha)``.
+
+    Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language
+    Models", ICML 2023 (reference ``smooth.py``): dividing the activations by ``s`` and multiplying
+    the weight columns by it leaves the product unchanged and moves activation outliers into the
+    weights. Departure: a channel the calibration data never reaches (``max|X_j| = 0``), or whose
+    weights are all zero, keeps ``s_j = 1`` instead of the reference's clamp to 1e-5.
+    """
+    a = act_max.float()
+    w = weight_max.float()
+    s = a.clamp_min(1e-5).pow(alpha) / w.clamp_min(1e-5).pow(1.0 - alpha)
+    return torch.where((a > 0) & (w > 0), s.clamp_min(1e-5), torch.ones_like(s))
+
+
+@torch.no_grad()
+def activation_errors(teacher: torch.nn.Module, layers: dict[str, CompressedLinear], batches: list[dict[str, Any]],
+                      device: torch.device) -> dict[str, float]:
+    """Per layer, the relative output error (squared-norm ratio) int8 per-token activations add.
+
+    Each layer is fed the inputs its dense counterpart in ``teacher`` receives on ``batches``
+    (forward pre-hooks, streamed: nothing but two sums per layer is kept) and computed with and
+    without quantizing them; the weights are the layer's own (already rounded) in both.
+    """
+    num = dict.fromkeys(layers, 0.0)
+    den = dict.fromkeys(layers, 0.0)
+
+    def make_hook(name: str):  # noqa: ANN202 - a forward pre-hook
+        layer = layers[name]
+
+        def hook(_mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].to(layer.dtype)
+            keep = layer.act_bits
+            layer.act_bits = None
+            y = layer.forward_factored(x).float()
+            layer.act_bits = 8
+            yq = layer.forward_factored(x).float()
+            layer.act_bits = keep
+            num[name] += float((yq - y).pow(2).sum())
+            den[name] += float(y.pow(2).sum())
+
+        return hook
+
+    handles = [teacher.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in layers]
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for batch in batches:
+            teacher(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    finally:
+        for h in handles:
+            h.remove()
+        teacher.train(was_training)
+    return {n: num[n] / den[n] if den[n] > 0 else 0.0 for n in layers}
 
 
 def corrected_factor(target: torch.Tensor, A_q: torch.Tensor, hessian: torch.Tensor, damping: float
@@ -413,6 +452,11 @@ class QuantStage(Stage):
             desc["planned_layers"] = len(c.layers)
         return desc
 
+    def layer_activations(self, name: str) -> str:
+        """``int8`` or ``none``: whether layer ``name`` is to have its input quantized (a plan's entry wins)."""
+        act = self.layer_format(name).activations
+        return act if act is not None else self.config.activations
+
     def compress(self, model: torch.nn.Module, ctx: CompressionContext) -> torch.nn.Module:
         cfg = self.config
         layers = ctx.layers(self.layer_names(model))
@@ -420,27 +464,84 @@ class QuantStage(Stage):
             # a later round would change the values again: codes are only worth making once
             self.statistics = {"skipped": "quant rounds in the final round of the cascade", "layers": {}}
             return model
+        act_layers = {n for n in layers if self.layer_activations(n) == "int8"}
         use_h = cfg.rounding == "gptq" or (cfg.correct_factors and bool(ctx.batches) and ctx.dense_model is not None)
-        stats = ctx.stats(gram=True) if use_h else None
+        smooth = cfg.smoothing is not None and bool(act_layers) and bool(ctx.batches)
+        stats = ctx.stats(gram=True) if (use_h or smooth) else None
         per_layer: dict[str, Any] = {}
         with torch.no_grad():
             for i, (name, layer) in enumerate(layers.items()):
+                smoothing = None
+                if smooth and name in act_layers:
+                    smoothing = self._smooth(layer, stats[name].max_abs)
                 H = None
-                if stats is not None:
-                    H = stats[name].gram.to(layer._ref.device).float()
+                if stats is not None and use_h:
+                    H = stats[name].gram.to(layer.device).float()
                     if layer.a_in is not None:
                         a = layer.a_in.detach().float()
                         H = a[:, None] * H * a[None, :]
                 per_layer[name] = self._quantize_layer(layer, self.layer_format(name), H)
+                if smoothing is not None:
+                    per_layer[name]["smoothing"] = smoothing
                 ctx.tick(f"quant {name}", i + 1, len(layers))
+        act_summary = self._choose_activations(layers, act_layers, ctx, per_layer)
         errors = [v["output_error"] for v in per_layer.values() if v.get("output_error") is not None]
         self.statistics = {
             "rounding": cfg.rounding, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
             "quantized_layers": sum(1 for v in per_layer.values() if v["parts"]),
             "mean_output_error": sum(errors) / len(errors) if errors else None,
+            "activations": act_summary,
             "layers": per_layer,
         }
         return model
+
+    def _smooth(self, layer: CompressedLinear, act_max: torch.Tensor | None) -> dict[str, Any] | None:
+        """Move activation outliers of ``layer``'s input into its weights (SmoothQuant), before rounding."""
+        if act_max is None or layer.base is not None:
+            return None
+        a_in = layer.a_in.detach().float() if layer.a_in is not None else 1.0
+        inner = (layer.sparse_part() + layer.low_rank_part()).float()
+        alpha = float(self.config.smoothing)
+        s = smoothing_factors(act_max.to(inner.device).float() * a_in, inner.abs().amax(0), alpha)
+        layer.scale_inputs(s)
+        return {"alpha": self.config.smoothing, "min_factor": float(s.min()), "max_factor": float(s.max())}
+
+    def _choose_activations(self, layers: dict[str, CompressedLinear], wanted: set[str], ctx: CompressionContext,
+                            per_layer: dict[str, Any]) -> dict[str, Any]:
+        """Quantize the input of each layer in ``wanted`` where an int8 GEMM can run it and the error it adds,
+        measured on calibration inputs, is within ``activation_error``; record the decision per layer."""
+        cfg = self.config
+        for layer in layers.values():
+            layer.set_activations(None)
+        if not wanted:
+            return {"requested": 0}
+        runnable = {}
+        for name in wanted:
+            layer = layers[name]
+            layer.set_activations(8)
+            why = layer.execution_support("w8a8")
+            layer.set_activations(None)
+            if why is None:
+                runnable[name] = layer
+            else:
+                per_layer[name].update(activations="none", activation_note=f"no int8 GEMM: {why}")
+        if not runnable:
+            return {"requested": len(wanted), "int8": 0}
+        if not ctx.batches or ctx.dense_model is None:
+            raise CompressionError("quant.activations 'int8' measures the error it adds on calibration data: "
+                                   "give calibration batches")
+        errors = activation_errors(ctx.dense_model, runnable, ctx.batches[:cfg.activation_batches], ctx.device)
+        chosen = 0
+        for name, err in errors.items():
+            ok = err <= cfg.activation_error
+            if ok:
+                layers[name].set_activations(8)
+                chosen += 1
+            per_layer[name].update(activations="int8" if ok else "none", activation_error=err)
+            if not ok:
+                per_layer[name]["activation_note"] = f"error {err:.2e} over activation_error {cfg.activation_error:g}"
+        return {"requested": len(wanted), "int8": chosen, "budget": cfg.activation_error,
+                "mean_error": sum(errors.values()) / len(errors)}
 
     def _quantize_layer(self, layer: CompressedLinear, fmt: LayerQuant, H: torch.Tensor | None) -> dict[str, Any]:
         cfg = self.config

@@ -120,8 +120,8 @@ class CompressionContext:
     def layers(self, names: Iterable[str] | None = None) -> dict[str, CompressedLinear]:
         """The compressed layers of the model (optionally only ``names``)."""
         wanted = set(names) if names is not None else None
-        return {
-            n: m for n, m in self.model.named_modules()
+        return {  # in the working form: stages change float parameters
+            n: m.materialize() for n, m in self.model.named_modules()
             if isinstance(m, CompressedLinear) and (wanted is None or n in wanted)
         }
 
@@ -183,7 +183,7 @@ class CompressionContext:
 
     def target_weight(self, name: str, layer: CompressedLinear) -> torch.Tensor:
         """The dense weight in the layer's inner (unscaled) space, minus its base: what S + B A should equal."""
-        w = self.dense[name].to(layer._ref.device, torch.float32)
+        w = self.dense[name].to(layer.device, torch.float32)
         if layer.a_out is not None:
             w = w / _safe(layer.a_out.detach().float())[:, None]
         if layer.a_in is not None:

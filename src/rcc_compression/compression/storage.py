@@ -47,22 +47,27 @@ from ..utils.io import (
 )
 from ..utils.logging import get_logger
 from .layers import (
+    ACT_BITS,
     CompressedLinear,
     QuantizedPart,
+    code_bytes,
     compressed_layers,
+    count_bits,
     merge_all,
     pack_bits,
+    pack_codes,
     replace_module,
-    unpack_bits,
+    to_working,
+    unpack_codes,
 )
-from .quant import BITS, pack_codes, part_bytes, unpack_codes
+from .quant import BITS, part_bytes
 
 log = get_logger("storage")
 
 FORMAT = "rcc-compressed"
-FORMAT_VERSION = 2
-#: versions this code reads (1: no quantized parts)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: versions this code reads (1: no quantized parts; 2: no quantized activations)
+READABLE_VERSIONS = (1, 2, 3)
 #: the stored name of each quantizable part
 _QPREFIX = {"lr_A": "A", "lr_B": "B"}
 MANIFEST = "manifest.json"
@@ -106,28 +111,30 @@ def sparse_encoding_bytes(m: int, n: int, nnz: int, value_bytes: int) -> dict[st
 
 def choose_encoding(layer: CompressedLinear) -> str | None:
     """The smallest encoding of the layer's S (``None`` when S is absent)."""
-    if layer.weight is None:
+    if not layer.has_sparse:
         return None
-    if layer.mask is None:
+    if layer.mask_bits is None:
         return "dense"
     quantized = "weight" in layer.quant  # codes of the kept entries: only the index differs
     sizes = sparse_encoding_bytes(layer.out_features, layer.in_features, layer.nnz(),
-                                  0 if quantized else layer.weight.element_size())
-    if quantized:
-        sizes.pop("dense")
+                                  0 if quantized else layer.element_size)
+    sizes.pop("dense")  # dense values would lose the mask (a kept zero and a pruned entry look the same)
     return min(sizes, key=sizes.get)
 
 
 def _encode_quant(out: dict[str, torch.Tensor], key: str, q: QuantizedPart, mask: torch.Tensor | None) -> None:
-    codes = q.codes[mask] if mask is not None else q.codes
-    out[f"{key}_codes"] = pack_codes(codes, q.bits)
+    if q.is_packed:  # the inference form holds the stored codes already (8-bit symmetric ones as int8)
+        codes = q.packed.view(torch.uint8) ^ 0x80 if (q.bits == 8 and q.symmetric) else q.packed
+        out[f"{key}_codes"] = codes.reshape(-1).cpu()
+    else:
+        out[f"{key}_codes"] = pack_codes(q.codes[mask] if mask is not None else q.codes, q.bits).cpu()
     out[f"{key}_scale"] = q.scale.detach().half()
     if q.zero is not None:
         out[f"{key}_zero"] = pack_codes(q.zero, q.bits)
 
 
 def encode_layer(layer: CompressedLinear) -> dict[str, torch.Tensor]:
-    """The tensors that store one compressed layer (keys without the layer prefix)."""
+    """The tensors that store one compressed layer (keys without the layer prefix), from either form."""
     out: dict[str, torch.Tensor] = {}
     layer.sync_quant()
     enc = choose_encoding(layer)
@@ -138,16 +145,16 @@ def encode_layer(layer: CompressedLinear) -> dict[str, torch.Tensor]:
         else:
             out["dense"] = layer.weight.detach()
     elif enc is not None:
-        mask = layer.mask.bool()
+        mask = None if (layer.is_compact or qw is not None and qw.is_packed) else layer.mask
         if qw is not None:
-            _encode_quant(out, "values", qw, mask.to(qw.codes.device))
+            _encode_quant(out, "values", qw, None if mask is None else mask.to(qw.device))
         else:
-            out["values"] = layer.weight.detach()[mask]
+            out["values"] = layer.s_values.detach() if layer.is_compact else layer.weight.detach()[mask]
         if enc == "bitmask":
-            out["mask_bits"] = pack_bits(mask).cpu()
+            out["mask_bits"] = layer.mask_bits.detach().cpu()
         else:
-            cols = mask.nonzero()[:, 1].to(_index_dtype(layer.in_features))
-            out["col_idx"] = cols
+            mask = layer.mask
+            out["col_idx"] = mask.nonzero()[:, 1].to(_index_dtype(layer.in_features))
             out["row_nnz"] = mask.sum(1).to(torch.int32)
     if layer.rank:
         for part, key in _QPREFIX.items():
@@ -169,20 +176,20 @@ def quant_spec(layer: CompressedLinear) -> dict[str, Any]:
 
 
 def stored_bytes(layer: CompressedLinear) -> int:
-    """Bytes the saved form of a layer holds (exactly what :func:`encode_layer` writes)."""
+    """Bytes the saved form of a layer holds (exactly what :func:`encode_layer` writes), from shapes alone."""
     total = 0
     enc = choose_encoding(layer)
     qw = layer.quant.get("weight")
+    es = layer.element_size
     if enc is not None:
         m, n, nnz = layer.out_features, layer.in_features, layer.nnz()
         if qw is not None:
             total += sparse_encoding_bytes(m, n, nnz, 0)[enc] + part_bytes(qw, nnz)
         else:
-            total += sparse_encoding_bytes(m, n, nnz, layer.weight.element_size())[enc]
-    es = layer._ref.element_size()
-    for part in ("lr_A", "lr_B") if layer.rank else ():
+            total += sparse_encoding_bytes(m, n, nnz, es)[enc]
+    r = layer.rank
+    for part, numel in (("lr_A", r * layer.in_features), ("lr_B", r * layer.out_features)) if r else ():
         q = layer.quant.get(part)
-        numel = getattr(layer, part).numel()
         total += part_bytes(q, numel) if q is not None else numel * es
     for k in ("a_in", "a_out", "bias"):
         t = getattr(layer, k)
@@ -200,89 +207,95 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 def dense_bytes(layer: CompressedLinear | nn.Linear, dtype: torch.dtype | None = None) -> int:
     """Bytes of the dense layer it replaces: weight and bias in the dtype the model was given
     (the layer's own), or in ``dtype`` (``torch.float32`` for the rate against fp32)."""
-    ref = layer._ref if isinstance(layer, CompressedLinear) else layer.weight
-    es = ref.element_size() if dtype is None else torch.empty(0, dtype=dtype).element_size()
+    if dtype is not None:
+        es = torch.empty(0, dtype=dtype).element_size()
+    else:
+        es = layer.element_size if isinstance(layer, CompressedLinear) else layer.weight.element_size()
     return (layer.in_features * layer.out_features + (layer.out_features if layer.bias is not None else 0)) * es
 
 
 def decode_layer(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> CompressedLinear:
-    """Rebuild a :class:`CompressedLinear` from its stored tensors and manifest entry."""
+    """Rebuild a :class:`CompressedLinear` from its stored tensors and manifest entry, in its inference
+    form: the stored tensors are held as they are (codes packed, kept values, mask bits), nothing is
+    decoded to floats (:meth:`CompressedLinear.materialize` does that, for training)."""
     m, n = int(info["out_features"]), int(info["in_features"])
     dtype = getattr(torch, info["dtype"])
     enc = info.get("encoding")
-    layer = CompressedLinear(n, m)
-
-    def param(t: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(t.to(dtype).clone())
-
+    where = f"layer {info.get('name')}"
     quant = info.get("quant") or {}
-    codes: dict[str, torch.Tensor] = {}
 
-    def qpart(part: str, key: str, rows: int, cols: int, stored: torch.Tensor | None) -> QuantizedPart:
-        """A quantized part from its packed codes (``stored``: where the kept codes go)."""
+    def qpart(part: str, key: str, rows: int, cols: int, kept: torch.Tensor | None) -> QuantizedPart:
+        """A quantized part from its packed codes (``kept``: the mask bits of the stored codes)."""
         spec = quant[part]
         bits, g = int(spec["bits"]), int(spec["group_size"])
-        count = rows * cols if stored is None else int(stored.sum())
-        flat = unpack_codes(tensors[f"{key}_codes"], bits, count)
-        if stored is None:
-            full = flat.view(rows, cols)
-        else:
-            full = torch.zeros(rows, cols, dtype=torch.uint8)
-            full[stored] = flat
+        g = min(g, cols)
+        count = rows * cols if kept is None else count_bits(kept)
+        packed = tensors[f"{key}_codes"].reshape(-1)
+        if packed.dtype != torch.uint8 or packed.numel() != code_bytes(count, bits):
+            raise CheckpointError(f"{where}: {key} holds {packed.numel()} bytes of codes, {count} codes of "
+                                  f"{bits} bits take {code_bytes(count, bits)}")
         scale = tensors[f"{key}_scale"].to(torch.float16)
         groups = -(-cols // g)
         if tuple(scale.shape) != (rows, groups):
-            raise CheckpointError(f"layer {info.get('name')}: {key} scales of shape {tuple(scale.shape)}, "
-                                  f"expected {(rows, groups)}")
+            raise CheckpointError(f"{where}: {key} scales of shape {tuple(scale.shape)}, expected {(rows, groups)}")
         zero = None
         if not spec.get("symmetric", True):
             zero = unpack_codes(tensors[f"{key}_zero"], bits, rows * groups).view(rows, groups)
-        return QuantizedPart(bits, g, full, scale.clone(), zero, str(spec.get("method", "nearest")))
+        if bits == 8 and zero is None:  # held as int8 (code - 128): the bytes integer kernels read
+            packed = (packed ^ 0x80).view(torch.int8)
+        return QuantizedPart(bits, g, None, scale, zero, str(spec.get("method", "nearest")), shape=(rows, cols),
+                             packed=packed, kept=kept)
 
+    params: dict[str, torch.Tensor | None] = {}
+    parts: dict[str, QuantizedPart] = {}
+    mask_bits = s_values = None
     try:
         if enc == "dense" and "weight" in quant:
-            codes["weight"] = qpart("weight", "dense", m, n, None)
-            layer.weight = param(torch.zeros(m, n))
+            parts["weight"] = qpart("weight", "dense", m, n, None)
         elif enc == "dense":
-            layer.weight = param(tensors["dense"].reshape(m, n))
+            params["weight"] = tensors["dense"].reshape(m, n).to(dtype)
         elif enc in ("bitmask", "csr"):
-            if enc == "bitmask":
-                mask = unpack_bits(tensors["mask_bits"], (m, n))
-            else:
-                counts = tensors["row_nnz"].long()
-                if counts.numel() != m or int(counts.sum()) != tensors["col_idx"].numel():
-                    raise CheckpointError(f"layer {info.get('name')}: row counts do not match the column indices")
-                rows = torch.repeat_interleave(torch.arange(m), counts)
-                mask = torch.zeros(m, n, dtype=torch.bool)
-                mask[rows, tensors["col_idx"].long()] = True
-            values = torch.zeros(m, n, dtype=dtype)
+            mask_bits = tensors["mask_bits"].reshape(-1) if enc == "bitmask" else _csr_mask_bits(tensors, m, n, where)
+            if mask_bits.numel() != (m * n + 7) // 8:
+                raise CheckpointError(f"{where}: {mask_bits.numel()} mask bytes for a {m} x {n} layer")
             if "weight" in quant:
-                codes["weight"] = qpart("weight", "values", m, n, mask)
+                parts["weight"] = qpart("weight", "values", m, n, mask_bits)
             else:
-                if int(mask.sum()) != tensors["values"].numel():
-                    raise CheckpointError(f"layer {info.get('name')}: mask holds {int(mask.sum())} entries, "
-                                          f"values {tensors['values'].numel()}")
-                values[mask] = tensors["values"].to(dtype)
-            layer.weight = nn.Parameter(values)
-            layer.mask = mask
+                kept = count_bits(mask_bits)
+                if kept != tensors["values"].numel():
+                    raise CheckpointError(f"{where}: mask holds {kept} entries, values {tensors['values'].numel()}")
+                s_values = tensors["values"].reshape(-1).to(dtype)
         rank = int(info.get("rank") or 0)
         if "B" in tensors or "B_codes" in tensors:
             for part, key in _QPREFIX.items():
                 rows, cols = (m, rank) if part == "lr_B" else (rank, n)
                 if part in quant:
-                    codes[part] = qpart(part, key, rows, cols, None)
-                    setattr(layer, part, param(torch.zeros(rows, cols)))
+                    parts[part] = qpart(part, key, rows, cols, None)
                 else:
-                    setattr(layer, part, param(tensors[key]))
+                    params[part] = tensors[key].reshape(rows, cols).to(dtype)
         for k in ("a_in", "a_out", "bias"):
             if k in tensors:
-                setattr(layer, k, param(tensors[k]))
-        for part, q in codes.items():
-            layer.set_quantized(part, q)
+                params[k] = tensors[k].to(dtype)
+        act = info.get("activations") or {}
+        return CompressedLinear.inference_form(n, m, dtype, params=params, quant=parts, mask_bits=mask_bits,
+                                               s_values=s_values, act_bits=act.get("bits"))
     except (KeyError, RuntimeError, IndexError, ValueError) as exc:
-        raise CheckpointError(
-            f"layer {info.get('name')}: stored tensors do not fit its manifest entry ({exc})") from None
-    return layer
+        raise CheckpointError(f"{where}: stored tensors do not fit its manifest entry ({exc})") from None
+
+
+def _csr_mask_bits(tensors: dict[str, torch.Tensor], m: int, n: int, where: str) -> torch.Tensor:
+    """The packed mask of an S stored as CSR column indices and row counts."""
+    counts = tensors["row_nnz"].long()
+    cols = tensors["col_idx"].long()
+    if counts.numel() != m or int(counts.sum()) != cols.numel() or bool((counts < 0).any()):
+        raise CheckpointError(f"{where}: row counts do not match the column indices")
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= n):
+        raise CheckpointError(f"{where}: column index out of range")
+    mask = torch.zeros(m, n, dtype=torch.bool)
+    mask[torch.repeat_interleave(torch.arange(m), counts), cols] = True
+    if int(mask.sum()) != cols.numel():
+        raise CheckpointError(f"{where}: a column index repeats within a row")
+    return pack_bits(mask)
 
 
 # ------------------------------------------------------------------------------ save / load
@@ -329,12 +342,14 @@ def save_compressed(
         layer_tensors.update({f"{name}::{k}": v for k, v in enc.items()})
         layer_info[name] = {
             "in_features": layer.in_features, "out_features": layer.out_features,
-            "dtype": str(layer._ref.dtype).removeprefix("torch."), "encoding": choose_encoding(layer),
+            "dtype": str(layer.dtype).removeprefix("torch."), "encoding": choose_encoding(layer),
             "nnz": layer.nnz(), "rank": layer.rank,
             "scales": [k for k in ("a_in", "a_out") if getattr(layer, k) is not None],
             "bias": layer.bias is not None, "stored_bytes": stored_bytes(layer), "dense_bytes": dense_bytes(layer),
             "base": None, "quant": quant_spec(layer),
         }
+        if layer.act_bits is not None:
+            layer_info[name]["activations"] = {"bits": layer.act_bits, "granularity": "token", "symmetric": True}
         if layer.base is not None:
             layer_info[name]["base"] = {"sha256": tensor_sha256(layer.base)}
     skip = {f"{name}." for name in layers}
@@ -363,7 +378,7 @@ def save_compressed(
             manifest = {
                 "format": FORMAT,
                 # version 1 readers read every checkpoint without integer codes
-                "format_version": FORMAT_VERSION if any(layer.quant for layer in layers.values()) else 1,
+                "format_version": _format_version(layers.values()),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "model": _model_entry(inner),
                 "wrapper": None if wrapper is None else wrapper.model_type,
@@ -387,6 +402,14 @@ def save_compressed(
         kept = "the checkpoint already there is unchanged" if replacing else "nothing was saved"
         raise CheckpointError(f"{path}: could not write the checkpoint: {exc.strerror or exc}; {kept}") from exc
     return manifest
+
+
+def _format_version(layers: Any) -> int:
+    """The oldest format that holds these layers, so older readers read whatever they can."""
+    layers = list(layers)
+    if any(layer.act_bits is not None for layer in layers):
+        return FORMAT_VERSION
+    return 2 if any(layer.quant for layer in layers) else 1
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], key: bytes | None) -> None:
@@ -483,6 +506,11 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
                               f"{', '.join(map(str, READABLE_VERSIONS))}")
     if not isinstance(manifest.get("encrypted", False), bool):
         raise CheckpointError(f"{where}: field 'encrypted' must be true or false")
+    inference = manifest.get("inference")
+    if inference is not None and not (isinstance(inference, dict)
+                                      and inference.get("dtype") in ("float32", "bfloat16", "float16")):
+        raise CheckpointError(f"{where}: field 'inference' must name a dtype (float32, bfloat16, float16), "
+                              f"got {_short(inference)}")
     for key, typ in (("files", dict), ("layers", dict), ("model", dict), ("aliases", dict)):
         if not isinstance(manifest.get(key), typ):
             raise CheckpointError(f"{where}: field {key!r} missing or not a {typ.__name__}")
@@ -516,6 +544,11 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
             if not ok:
                 raise CheckpointError(f"{where}: layer {_short(name)}: bad quantized part {_short(part)}: "
                                       f"{_short(spec)} (bits one of {BITS}, a positive group_size)")
+        act = info.get("activations")
+        if act is not None and not (isinstance(act, dict) and act.get("bits") in ACT_BITS
+                                    and act.get("granularity", "token") == "token"):
+            raise CheckpointError(f"{where}: layer {_short(name)}: bad activations entry {_short(act)} "
+                                  f"(bits one of {ACT_BITS}, granularity 'token')")
     return manifest
 
 
@@ -540,10 +573,12 @@ def _skeleton(manifest: dict[str, Any]) -> nn.Module:
     if cls_name not in MODEL_CLASSES or not isinstance(entry.get("config"), dict):
         raise CheckpointError("checkpoint holds a custom nn.Module; pass model=<an instance of the same architecture>")
     import transformers
+    from accelerate import init_empty_weights
 
     model_cls, cfg_cls = (getattr(transformers, n) for n in MODEL_CLASSES[cls_name])
     cfg = cfg_cls.from_dict(entry["config"])
-    return model_cls(cfg)
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device: nothing dense is made
+        return model_cls(cfg)
 
 
 def load_layer_tensors(path: Path, manifest: dict[str, Any], key: bytes | None = None, verify: bool = True
@@ -558,8 +593,10 @@ def load_layer_tensors(path: Path, manifest: dict[str, Any], key: bytes | None =
 
 
 def install_layers(model: nn.Module, manifest: dict[str, Any], grouped: dict[str, dict[str, torch.Tensor]],
-                   reference: dict[str, torch.Tensor] | None = None) -> None:
-    """Put the stored compressed layers into ``model`` (replacing Linear or compressed layers)."""
+                   reference: dict[str, torch.Tensor] | None = None, device: str | torch.device | None = None
+                   ) -> None:
+    """Put the stored compressed layers, in their inference form, into ``model`` (replacing Linear or
+    compressed layers) on ``device`` (default: the device of the module each replaces)."""
     for name, info in manifest["layers"].items():
         try:
             current = model.get_submodule(name)
@@ -579,7 +616,8 @@ def install_layers(model: nn.Module, manifest: dict[str, Any], grouped: dict[str
                     f"layer {name!r}: the reference model given is not the base this checkpoint was compressed "
                     f"against (sha256 of its {info.get('dtype')} weight differs); pass the same base model")
         ref = next(current.parameters(), None)
-        replace_module(model, name, layer.to(ref.device) if ref is not None else layer)
+        target = device if device is not None else (ref.device if ref is not None and not ref.is_meta else None)
+        replace_module(model, name, layer.to(target) if target is not None else layer)
 
 
 def install_rest(path: Path, manifest: dict[str, Any], model: nn.Module, key: bytes | None = None,
@@ -589,8 +627,9 @@ def install_rest(path: Path, manifest: dict[str, Any], model: nn.Module, key: by
     for alias, original in manifest["aliases"].items():
         if original in rest:
             rest[alias] = rest[original]
+    skeleton = any(p.is_meta for p in model.parameters())  # a model made on the meta device takes the tensors
     try:
-        missing, unexpected = model.load_state_dict(rest, strict=False)
+        missing, unexpected = model.load_state_dict(rest, strict=False, assign=skeleton)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: state does not fit the model: {str(exc).splitlines()[-1].strip()[:300]}"
                               ) from None
@@ -598,6 +637,12 @@ def install_rest(path: Path, manifest: dict[str, Any], model: nn.Module, key: by
     if missing or unexpected:
         raise CheckpointError(f"{path}: state does not match the model: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
+    if skeleton:
+        left = [n for n, p in model.named_parameters() if p.is_meta]
+        if left:
+            raise CheckpointError(f"{path}: the checkpoint holds no values for {left[:3]}")
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
 
 
 def load_compressed(
@@ -607,14 +652,22 @@ def load_compressed(
     device: str | torch.device = "cpu",
     key: bytes | None = None,
     verify: bool = True,
+    form: str = "inference",
+    dtype: str | torch.dtype | None = "recorded",
 ) -> nn.Module:
     """Load a compressed checkpoint; returns a wrapper when the checkpoint had processors, else the module.
 
     ``model`` supplies the architecture for custom modules; HF CLIP/BLIP are rebuilt from the
-    manifest. Only the files the manifest lists are read, each once, and with ``verify`` the bytes
-    read are checked against its size and sha256 before they are used (no gap between check and
-    use); files added to the directory (a ``processor_config.json``, an ``added_tokens.json``) are
-    ignored, with a warning.
+    manifest, with their parameters on the meta device until the stored tensors take their place
+    (nothing dense is ever allocated). Only the files the manifest lists are read, each once, and
+    with ``verify`` the bytes read are checked against its size and sha256 before they are used (no
+    gap between check and use); files added to the directory (a ``processor_config.json``, an
+    ``added_tokens.json``) are ignored, with a warning. The compressed layers come in their
+    inference form (``form="inference"``: the model holds what the checkpoint stores, parts decoded
+    per call; ``train()`` makes float parameters for training) or in the working form
+    (``form="working"``: float parameters, as the compression stages use). ``dtype`` is the compute
+    dtype: ``"recorded"`` (the one the compress job measured fastest within its gate, when the
+    manifest records one; else as stored), ``None`` (as stored) or a dtype.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -629,9 +682,16 @@ def load_compressed(
         ref_inner = unwrap_model(reference_model)
         reference = {n: m.weight.detach() for n, m in ref_inner.named_modules() if isinstance(m, nn.Linear)}
         reference.update({n: m.inner_weight().detach() for n, m in compressed_layers(ref_inner).items()})
-    install_layers(inner, manifest, load_layer_tensors(path, manifest, key, verify), reference)
+    install_layers(inner, manifest, load_layer_tensors(path, manifest, key, verify), reference, device)
     install_rest(path, manifest, inner, key, verify)
     inner.to(device).eval()
+    target = (manifest.get("inference") or {}).get("dtype") if dtype == "recorded" else dtype
+    if target is not None:
+        inner.to(getattr(torch, target) if isinstance(target, str) else target)
+    if form == "working":
+        to_working(inner)
+    elif form != "inference":
+        raise ValueError(f"form must be 'inference' or 'working', got {form!r}")
     if wrapper is not None:
         return wrapper
     listed = [rel for rel in manifest["files"] if rel.startswith("processor/")]

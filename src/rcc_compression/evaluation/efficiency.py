@@ -10,9 +10,13 @@ theoretical savings, because pruned is not the same as faster.
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import signal
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ from torch import nn
 
 from ..compression.calibration import to_device
 from ..compression.dare import nm_mask
-from ..compression.layers import CompressedLinear, compressed_layers
+from ..compression.layers import CompressedLinear, compressed_layers, held_tensor_bytes
 from ..compression.storage import dense_bytes, stored_bytes
 from ..models.registry import unwrap_model
 
@@ -65,7 +69,7 @@ def storage_report(model: nn.Module) -> dict[str, Any]:
     d32 = sum(dense_bytes(m, torch.float32) for m in layers.values())
     s_layers = sum(stored_bytes(m) for m in layers.values())
     return {
-        "dense_dtype": ",".join(sorted({str(m._ref.dtype).removeprefix("torch.") for m in layers.values()})),
+        "dense_dtype": ",".join(sorted({str(m.dtype).removeprefix("torch.") for m in layers.values()})),
         "dense_bytes_layers": d_layers,
         "stored_bytes_layers": s_layers,
         "rest_bytes": rest,
@@ -76,6 +80,18 @@ def storage_report(model: nn.Module) -> dict[str, Any]:
         "compression_rate_layers_vs_fp32": 1.0 - s_layers / d32 if d32 else 0.0,
         "compression_rate_model_vs_fp32": 1.0 - (s_layers + rest) / (d32 + rest32) if d32 + rest32 else 0.0,
     }
+
+
+def memory_report(model: nn.Module) -> dict[str, Any]:
+    """What the loaded model holds: ``resident_bytes`` (every tensor, each storage once: parameters,
+    buffers, codes, kernel copies, decode scratch), its ratio to the stored bytes, and the kernel mix."""
+    inner = _inner(model)
+    layers = compressed_layers(inner)
+    held = held_tensor_bytes(inner)
+    stored = storage_report(inner)["stored_bytes_model"]
+    return {"resident_bytes": held, "stored_bytes": stored, "resident_vs_stored": held / stored if stored else None,
+            "inference_form_layers": sum(1 for m in layers.values() if m.is_compact),
+            "kernels": dict(Counter(m.execution for m in layers.values()))}
 
 
 def measured_storage(path: str | Path) -> dict[str, int]:
@@ -206,7 +222,7 @@ def profile_model(
     inner.eval()
     try:
         report: dict[str, Any] = {"parameters": parameter_report(inner), "storage": storage_report(inner),
-                                  "device": str(device), "per_batch_size": {}}
+                                  "memory": memory_report(inner), "device": str(device), "per_batch_size": {}}
         for bs in batch_sizes:
             b = to_device(resize_batch(batch, bs), device)
             entry = {"flops": flops_report(inner, b)}
@@ -237,84 +253,185 @@ def benchmark_2to4(out_features: int, in_features: int, tokens: int, device: tor
     return {"dense_ms": dense, "sparse_2to4_ms": sparse, "speedup": dense / sparse}
 
 
-@torch.no_grad()
-def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 10,
-                       modes: Sequence[str] | None = None) -> dict[str, str]:
-    """Give every compressed layer its fastest eval kernel, measured on its real input shape.
+#: kernels tried on each device, in order (``factored`` is the baseline every layer has)
+CANDIDATES = {"cpu": ("merged", "w8a8", "csr", "int8_weight", "int4_weight"),
+              "cuda": ("merged", "w8a8", "semi_structured", "torchao")}
+#: kernels calling raw aten ops that have crashed the process on some shapes: first tried in a child process
+RISKY = frozenset({"int8_weight", "int4_weight"})
+_PROVEN: dict[tuple[Any, ...], str | None] = {}
+#: a kernel that holds bytes beyond the stored form must take at most this share of factored's time
+MIN_GAIN = 0.9
 
-    Candidates: ``factored`` and ``merged`` everywhere, ``csr`` for sparse layers on the CPU,
-    ``semi_structured`` for 2:4 layers on CUDA (kept only where it measures faster, as 2:4 is
-    fragile on Hopper), ``int8`` for layers with 8-bit per-channel parts (the int8 weight-only
-    kernel, against dequantize-then-matmul, which ``factored`` and ``merged`` are) and, on CUDA
-    with the ``gpu`` extra, ``torchao`` for quantized dense layers. A candidate
-    whose output differs from the factored one beyond rounding is discarded. The stored (saved)
-    form does not change. Returns ``{layer: mode}``.
+
+def survives(fn: Callable[[], bool], timeout: float = 60.0) -> str | None:
+    """Run ``fn`` in a forked child process; ``None`` when it returned True, else why not.
+
+    A kernel that segfaults or aborts takes only the child down. Without ``fork`` (Windows) nothing
+    is proven and the answer says so.
     """
-    inner = _inner(model)
-    device = next(inner.parameters()).device
-    layers = compressed_layers(inner)
+    if not hasattr(os, "fork"):
+        return "not proven (no fork on this platform)"
+    pid = os.fork()
+    if pid == 0:  # the child: one thread, no cleanup handlers, no crash report, only an exit status
+        code = 2
+        try:
+            faulthandler.disable()
+            torch.set_num_threads(1)
+            code = 0 if fn() else 3
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return f"did not finish in {timeout:.0f} s"
+        time.sleep(0.01)
+    if os.WIFSIGNALED(status):
+        return f"crashed the process (signal {os.WTERMSIG(status)})"
+    code = os.WEXITSTATUS(status)
+    return None if code == 0 else ("raised an error" if code == 2 else "gave wrong or non-finite outputs")
+
+
+def _close(out: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> bool:
+    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    return bool(torch.isfinite(out).all()) and torch.allclose(
+        out.float(), reference.float(), rtol=tol, atol=tol * float(reference.abs().max().clamp_min(1)))
+
+
+def _layer_inputs(model: nn.Module, layers: Mapping[str, CompressedLinear], batch: Mapping[str, Any],
+                  device: torch.device) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
 
-    def remember(name: str):
-        def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+    def remember(name: str) -> Callable[..., None]:
+        def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:  # returns None: the inputs stay as they are
             shapes.setdefault(name, tuple(args[0].shape))
 
         return hook
 
     hooks = [m.register_forward_pre_hook(remember(n)) for n, m in layers.items()]
-    was_training = inner.training
-    inner.eval()
     try:
-        inner(**to_device(batch, device))
+        model(**to_device(batch, device))
     finally:
         for h in hooks:
             h.remove()
-    chosen: dict[str, str] = {}
+    return shapes
+
+
+@torch.no_grad()
+def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 10,
+                       modes: Sequence[str] | None = None, max_extra_bytes: float | None = None,
+                       ) -> dict[str, dict[str, Any]]:
+    """Give every compressed layer its fastest eval kernel, measured on its real input shape.
+
+    Candidates (:data:`CANDIDATES`, or ``modes``) are the kernels a layer's parts, dtype and device
+    allow (:meth:`~rcc_compression.compression.layers.CompressedLinear.execution_support`): ``merged``
+    everywhere, ``w8a8`` for layers whose activations are quantized, ``csr`` for sparse float S,
+    the int8/int4 weight-only kernels, 2:4 and torchao on CUDA. A candidate whose output differs from
+    ``factored`` beyond rounding is discarded, and one of the raw aten kernels (:data:`RISKY`) is
+    first run in a child process, so a crash cannot take the job down. ``max_extra_bytes`` (a share
+    of the layer's held bytes) excludes kernels that hold more than that on top, e.g. ``merged``'s
+    float copy: ``0`` keeps the model at its stored size. The stored (saved) form does not change.
+
+    Returns, per layer: ``kernel``, its median ``ms``, ``held_bytes`` with it, and ``tried``
+    (each candidate's ms, or why it was not used).
+    """
+    inner = _inner(model)
+    device = next(inner.parameters()).device
+    layers = compressed_layers(inner)
+    was_training = inner.training
+    inner.eval()
+    shapes = _layer_inputs(inner, layers, batch, device)
+    records: dict[str, dict[str, Any]] = {}
     for name, layer in layers.items():
-        x = torch.randn(shapes[name], device=device, dtype=layer._ref.dtype)
+        if name not in shapes:
+            continue
+        records[name] = _choose_kernel(layer, shapes[name], device, iters, modes, max_extra_bytes)
+    _whole_model_check(inner, layers, records, batch, device, iters)
+    inner.train(was_training)
+    return records
+
+
+def _choose_kernel(layer: CompressedLinear, shape: tuple[int, ...], device: torch.device, iters: int,
+                   modes: Sequence[str] | None, max_extra_bytes: float | None) -> dict[str, Any]:
+    """Time every applicable kernel of one layer on an input of ``shape``; keep the fastest that agrees."""
+    x = torch.randn(shape, device=device, dtype=layer.dtype)
+    layer.set_execution("factored")
+    reference = layer(x)
+    base_bytes = layer.held_bytes()
+    best, best_ms = "factored", measure_latency(lambda: layer(x), 2, iters, device)["median_ms"]
+    tried: dict[str, Any] = {"factored": round(best_ms, 4)}
+    for mode in modes or CANDIDATES.get(device.type, ()):
+        if mode == "factored":
+            continue
+        why = layer.execution_support(mode)
+        if why is None and mode in RISKY:
+            key = (mode, layer.dtype, device.type, layer.in_features, layer.out_features, shape[:-1] != (1,))
+            if key not in _PROVEN:
+                _PROVEN[key] = survives(lambda m=mode: layer.set_execution(m) and _close(layer(x), reference,
+                                                                                         layer.dtype))
+            why = _PROVEN[key]
+        if why is None and not layer.set_execution(mode):
+            why = "could not be prepared"
+        if why is None:
+            extra = layer.held_bytes() - base_bytes
+            if max_extra_bytes is not None and extra > max_extra_bytes * base_bytes:
+                why = f"holds {extra} bytes more than the layer"
+        if why is None:
+            _sync(device)
+            t0 = time.perf_counter()
+            out = layer(x)
+            _sync(device)
+            first_ms = (time.perf_counter() - t0) * 1e3
+            if not _close(out, reference, layer.dtype):
+                why = "outputs differ from factored"
+            elif first_ms > 20 * best_ms + 1.0:  # far slower even allowing for a first call: not worth timing
+                why = f"first call {first_ms:.1f} ms"
+        if why is not None:
+            tried[mode] = why
+            layer.set_execution("factored")
+            continue
+        ms = measure_latency(lambda: layer(x), 2, iters, device)["median_ms"]
+        tried[mode] = round(ms, 4)
+        extra = layer.held_bytes() - base_bytes
+        if extra > 0 and ms > MIN_GAIN * tried["factored"]:  # memory spent for a gain within the noise: no
+            tried[mode] = f"{ms:.4f} ms: not {1 / MIN_GAIN - 1:.0%} faster for {extra} bytes more"
+        elif ms < best_ms:
+            best, best_ms = mode, ms
         layer.set_execution("factored")
-        reference = layer(x)
-        best, best_ms = "factored", measure_latency(lambda layer=layer, x=x: layer(x), 2, iters, device)["median_ms"]
-        candidates = modes or (["merged", "csr", "int8"] if device.type == "cpu" else
-                               ["merged", "semi_structured", "int8", "torchao"])
-        for mode in candidates:
-            if mode == "factored" or not layer.set_execution(mode):
-                continue
-            try:
-                _sync(device)
-                t0 = time.perf_counter()
-                out = layer(x)
-                _sync(device)
-                first_ms = (time.perf_counter() - t0) * 1e3
-            except RuntimeError:
-                continue
-            tol = 1e-2 if layer._ref.dtype in (torch.float16, torch.bfloat16) else 1e-4
-            if not torch.allclose(out, reference, rtol=tol, atol=tol * float(reference.abs().max().clamp_min(1))):
-                continue
-            if first_ms > 20 * best_ms + 1.0:  # far slower even allowing for a first call: not worth timing
-                continue
-            ms = measure_latency(lambda layer=layer, x=x: layer(x), 2, iters, device)["median_ms"]
-            if ms < best_ms:
-                best, best_ms = mode, ms
-        layer.set_execution(best)
-        chosen[name] = best
-    # layers timed alone can mislead (caches, dispatch): keep the per-layer choice only if the whole
-    # model runs faster with it than with every layer merged (the dense speed)
-    if any(mode != "merged" for mode in chosen.values()):
-        b = to_device(batch, device)
-        merged_all = {n: "merged" for n in layers}
-        times: dict[str, list[float]] = {"chosen": [], "merged": []}
-        for _ in range(3):
-            for label, plan in (("chosen", chosen), ("merged", merged_all)):
-                for n, m in layers.items():
-                    m.set_execution(plan[n])
-                times[label].append(measure_latency(lambda: inner(**b), 1, iters, device)["median_ms"])
-        if statistics.median(times["merged"]) <= statistics.median(times["chosen"]):
-            chosen = merged_all
-        for n, m in layers.items():
-            m.set_execution(chosen[n])
-    inner.train(was_training)  # training mode drops the kernels again
-    return chosen
+    layer.set_execution(best)
+    return {"kernel": best, "ms": best_ms, "held_bytes": layer.held_bytes(), "tried": tried}
+
+
+def _whole_model_check(inner: nn.Module, layers: Mapping[str, CompressedLinear], records: dict[str, dict[str, Any]],
+                       batch: Mapping[str, Any], device: torch.device, iters: int) -> None:
+    """Layers timed alone can mislead (caches, dispatch): keep the per-layer choice only if the whole
+    model runs at least as fast with it as with every layer ``factored``."""
+    if all(r["kernel"] == "factored" for r in records.values()):
+        return
+    b = to_device(batch, device)
+    plans = {"chosen": {n: r["kernel"] for n, r in records.items()}, "factored": dict.fromkeys(records, "factored")}
+    times: dict[str, list[float]] = {k: [] for k in plans}
+    for _ in range(3):
+        for label, plan in plans.items():
+            for n, kernel in plan.items():
+                layers[n].set_execution(kernel)
+            times[label].append(measure_latency(lambda: inner(**b), 1, iters, device)["median_ms"])
+    keep = statistics.median(times["chosen"]) < statistics.median(times["factored"])
+    for n, r in records.items():
+        if not keep:
+            r["tried"]["whole model"] = "the chosen kernels were not faster together"
+            r["kernel"] = "factored"
+        layers[n].set_execution(r["kernel"])
+        r["held_bytes"] = layers[n].held_bytes()
+
+
+def kernel_mix(records: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """How many layers run each kernel (from :func:`optimize_execution`'s records)."""
+    return dict(Counter(r["kernel"] for r in records.values()))
 
 
 @torch.no_grad()
@@ -338,7 +455,7 @@ def compare_efficiency(
         inner.eval()
         device = next(inner.parameters()).device
         rep: dict[str, Any] = {"parameters": parameter_report(inner), "storage": storage_report(inner),
-                               "device": str(device), "per_batch_size": {}}
+                               "memory": memory_report(inner), "device": str(device), "per_batch_size": {}}
         for bs in batch_sizes:
             b = to_device(resize_batch(batch, bs), device)
             rep["per_batch_size"][str(bs)] = {"flops": flops_report(inner, b),

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..compression.cascade import CascadePipeline, compression_summary
 from ..compression.dryrun import dry_run_report, format_report, stage_formats
+from ..compression.layers import to_inference
 from ..compression.matching import check_section_patterns
 from ..compression.rate import achieved_rate, alternative_sections, apply_rate
 from ..compression.registry import STAGES
@@ -162,6 +163,11 @@ def compress_model(
     ``preserve_data`` is AlphaEdit's preserve set (``alphaedit.mode: closed_form``: outputs on it
     must not move). ``reference_model`` (or ``compression.dare.reference_model``) is the base a
     fine-tune came from, for ``dare.target: delta`` (published DARE).
+
+    The model is compressed in place and returned in eval mode, its compressed layers in their
+    inference form: it holds what its checkpoint would store (``train()`` brings back the float
+    parameters recovery training needs, :func:`~rcc_compression.compression.layers.to_inference` gives
+    them back).
     """
     cfg = _resolve_config(config)
     seed = cfg.experiment.seed if seed is None else seed
@@ -226,6 +232,7 @@ def compress_model(
                              "towers": tower_record(inner, pipe.dense_model, holdout or [])}
     if plan is not None:
         stats.update(_rate_outcome(inner, plan, pipe, compression_rate, scope))
+    to_inference(inner)  # what it stores and nothing more; train() makes float parameters again
     out.compression_stats = stats
     return out
 
@@ -256,6 +263,11 @@ def _rate_outcome(inner: nn.Module, plan: dict[str, Any], pipe: CascadePipeline,
             at = failed.get("error") or f"retention {failed['retention']:.4f} < {failed['threshold']}"
             why = (f"the validation gate stopped step {failed['step']} ({failed['stage']}, round "
                    f"{failed['round']}) at {at}")
+        choice = pipe.plan_choice or {}
+        if choice.get("why"):
+            best = max((v["retention"] for v in choice["candidates"].values() if v.get("retention") is not None),
+                       default=None)
+            why += f"; {choice['why']}" + (f" (best measured retention {best:.4f})" if best is not None else "")
         stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
         log.warning(stats["rate_note"])
     return stats

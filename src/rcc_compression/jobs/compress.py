@@ -6,15 +6,17 @@ arguments and draws progress bars.
 
 from __future__ import annotations
 
-from collections import Counter
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..compression.calibration import run_outputs
 from ..compression.cascade import compression_summary
 from ..compression.dryrun import dry_run_report, stage_formats
+from ..compression.layers import to_inference
 from ..compression.matching import check_section_patterns
 from ..compression.offload import materialize
 from ..compression.rate import achieved_rate, alternative_sections, apply_rate
@@ -22,7 +24,8 @@ from ..compression.storage import save_compressed
 from ..compression.towers import tower_record
 from ..config import RCCConfig, dump_config
 from ..data.calibration import build_calibration_batches, calibration_items, check_paired
-from ..evaluation.efficiency import compare_efficiency, measured_storage, optimize_execution
+from ..evaluation.efficiency import compare_efficiency, measured_storage, parameter_report, storage_report
+from ..evaluation.inference import DTYPES, prepare_for_inference
 from ..evaluation.suite import HEADLINE_NAMES, benchmark_datasets, evaluate_model
 from ..models.registry import get_model, unwrap_model
 from ..training.callbacks import TrackingCallback
@@ -198,18 +201,25 @@ def _run_compress(
             distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
         )
         pipe.run(wrapper, resume=resume)
-        tracker.log_event("phase", phase="evaluation")
+        tracker.log_event("phase", phase="inference form")
+        # timed with its weights resident: an offloaded teacher reads them from files on every call
+        dense = materialize(pipe.dense_model)
+        timed = evaluate and "efficiency" in cfg.evaluation.measures()
+        served, inference = inference_step(wrapper, dense, cfg, fit, holdout, timed)
         out_dir = run_dir / "compressed"
         manifest = save_compressed(wrapper, out_dir, config=resolved, records=pipe.records, overwrite=True,
-                                   encrypt_key=encrypt_key)
-        comp_quality, comp_ci = quality_metrics(wrapper, cfg) if evaluate else ({}, {})
-        kernels: dict[str, int] = {}
+                                   encrypt_key=encrypt_key, extra={"inference": {"dtype": inference["dtype"]}})
+        tracker.log_event("phase", phase="evaluation")
+        comp_quality, comp_ci = quality_metrics(served, cfg) if evaluate else ({}, {})
         effs: dict[str, Any] = {}
-        if evaluate and "efficiency" in cfg.evaluation.measures():
+        if timed:
             probe = holdout[0] if holdout else fit[0]  # inputs for timing: any batch will do
-            kernels = dict(Counter(optimize_execution(wrapper, probe).values()))
-            # timed with its weights resident: an offloaded teacher reads them from files on every call
-            effs = compare_efficiency({"dense": materialize(pipe.dense_model), "compressed": wrapper}, probe)
+            models = {"dense": dense, "compressed": served}
+            if inference["dtype"] != "float32":  # the dense model in the same compute dtype, for a fair ratio
+                models[f"dense {inference['dtype']}"] = copy.deepcopy(dense).to(DTYPES[inference["dtype"]])
+            effs = compare_efficiency(models, probe)
+            # what is stored is the saved model's (the served one may be a copy in another compute dtype)
+            effs["compressed"].update(storage=storage_report(wrapper), parameters=parameter_report(wrapper))
         results = {
             "model": cfg.model.name,
             "stages": section.cascade.stages,
@@ -218,11 +228,12 @@ def _run_compress(
             "records": pipe.records,
             "quality": {"dense": dense_quality, "compressed": comp_quality},
             "quality_ci": {"dense": dense_ci, "compressed": comp_ci},
-            "efficiency": {"dense": effs.get("dense", {}), "compressed": effs.get("compressed", {})},
+            "efficiency": {k: effs.get(k, {}) for k in ("dense", "compressed", *effs)},
             "plan": plan,
             "plan_choice": pipe.plan_choice,
+            "inference": inference,
             "towers": tower_record(wrapper.model, pipe.dense_model, holdout),
-            "execution_kernels": kernels,
+            "execution_kernels": inference["kernels"],
             "stored_bytes_measured": measured_storage(out_dir),
             "stored_bytes_reported": manifest["stored_bytes"],
             "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
@@ -238,6 +249,23 @@ def _run_compress(
         else:
             finish_compress_tracking(tracker, cfg, run_dir, results)
         return results
+
+
+def inference_step(wrapper: nn.Module, dense: nn.Module, cfg: RCCConfig, fit: list[dict[str, Any]],
+                   holdout: list[dict[str, Any]], measure: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The compressed model in its inference form, dtype and kernels chosen by measurement
+    (:func:`~rcc_compression.evaluation.inference.prepare_for_inference`, judged on the holdout by the
+    gate's agreement with the dense model and threshold); returns the model to evaluate and serve, and
+    the record. ``wrapper`` itself keeps its dtype (it is what is saved). Without ``measure`` (``--no-eval``,
+    or no efficiency metric) the model only takes its inference form: dtype as stored, kernels not chosen."""
+    if not measure:
+        to_inference(unwrap_model(wrapper))
+        dtype = str(next(unwrap_model(wrapper).parameters()).dtype).removeprefix("torch.")
+        return wrapper, {"dtype": dtype, "kernels": {}, "tried": {}, "note": "not measured (no evaluation)"}
+    probe = holdout[0] if holdout else fit[0]
+    teacher = run_outputs(dense, holdout) if holdout else None
+    return prepare_for_inference(wrapper, probe, cfg.inference.dtype, cfg.inference.kernels, holdout or None,
+                                 teacher, cfg.compression.cascade.validation_threshold)
 
 
 def compress_outcome(section: Any, pipe: CompressionPipeline, model: nn.Module) -> dict[str, Any]:
@@ -331,11 +359,21 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      f"{sc['stored_bytes_model'] / sd['stored_bytes_model']:.3f}"))
         rows.append(("compression rate (layers)", "0.0000", f"{sc['compression_rate_layers']:.4f}", "-"))
         rows.append(("compression rate (model)", "0.0000", f"{sc['compression_rate_model']:.4f}", "-"))
+        md, mc = ed.get("memory", {}), ec.get("memory", {})
+        if "resident_bytes" in md and "resident_bytes" in mc:
+            rows.append(("resident MB (tensors held, loaded)", f"{md['resident_bytes'] / 1e6:.3f}",
+                         f"{mc['resident_bytes'] / 1e6:.3f}", f"{mc['resident_bytes'] / md['resident_bytes']:.3f}"))
+        inference = results.get("inference") or {}
+        same = results["efficiency"].get(f"dense {inference.get('dtype')}") or {}
+        where = "CPU latency" if ed["device"] == "cpu" else "latency"
         for bs in ed["per_batch_size"]:
             ld = ed["per_batch_size"][bs]["latency"]["median_ms"]
             lc = ec["per_batch_size"][bs]["latency"]["median_ms"]
-            rows.append((f"CPU latency bs={bs} (ms, median)" if ed["device"] == "cpu" else
-                         f"latency bs={bs} (ms, median)", f"{ld:.2f}", f"{lc:.2f}", f"{lc / ld:.3f}"))
+            rows.append((f"{where} bs={bs} (ms, median)", f"{ld:.2f}", f"{lc:.2f}", f"{lc / ld:.3f}"))
+            if bs in same.get("per_batch_size", {}):
+                ls = same["per_batch_size"][bs]["latency"]["median_ms"]
+                rows.append((f"{where} bs={bs}, dense in {inference['dtype']}", f"{ls:.2f}", f"{lc:.2f}",
+                             f"{lc / ls:.3f}"))
             fd = ed["per_batch_size"][bs]["flops"]["dense_flops"]
             fs = ec["per_batch_size"][bs]["flops"]["sparsity_aware_flops"]
             rows.append((f"GFLOPs bs={bs} (sparsity-aware)", f"{fd / 1e9:.4f}", f"{fs / 1e9:.4f}", f"{fs / fd:.3f}"))
@@ -348,6 +386,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         if "agreement_alone" in t:
             rows.append((f"output agreement, only the {tower} tower compressed", "1.0000",
                          f"{t['agreement_alone']:.4f}", f"{t['agreement_alone']:.3f}"))
+    inference = results.get("inference") or {}
+    if inference.get("tried"):
+        rows.append(("compute dtype (measured: " + ", ".join(inference["tried"]) + ")", "float32",
+                     inference["dtype"], "-"))
     kernels = results.get("execution_kernels")
     if kernels:
         rows.append(("inference kernels (compressed layers)", "dense", ", ".join(f"{k} {v}" for k, v in

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..compression.calibration import PRIMARY_OUTPUTS, flatten_outputs, output_agreement, to_device
+from ..compression.layers import to_inference
 from ..compression.storage import MANIFEST, load_compressed, read_manifest, save_compressed
 from ..config import RCCConfig, dump_config, load_config, validate_config
 from ..data.loaders import PoissonBatchSampler, split_loader
@@ -251,6 +252,7 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
         after = trainer.validate()
         log.warning("%s was best at the %s; keeping that model", monitor, kept)
     trainer.close()
+    to_inference(student)  # the float parameters training needed go; the codes take the trained values
     results = {
         "source": str(ckpt), "teacher": run_cfg.model.name, "family": family, "world_size": dist.world_size,
         "steps": steps, "epochs": state.epoch, "stopped_early": stopped, "kept": kept, "monitor": monitor,

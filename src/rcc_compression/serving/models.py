@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ..compression.export import Deployable, load_deployable
-from ..compression.layers import compressed_layers
+from ..compression.layers import compressed_layers, held_tensor_bytes
 from ..errors import ConfigError
-from ..evaluation.efficiency import optimize_execution
+from ..evaluation.efficiency import kernel_mix, optimize_execution
 from ..models.registry import BUNDLED
 from ..models.tiny import RANDOM_MODELS, TINY_MODELS
 
@@ -53,12 +52,7 @@ class ServedModel:
 
     def memory_bytes(self) -> int:
         """Bytes the model's tensors hold in memory: parameters, buffers and the inference kernels' copies."""
-        model = self.wrapper.model
-        total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        for layer in compressed_layers(model).values():
-            if layer._fast is not None:
-                total += _tensor_bytes(layer._fast[1])
-        return total
+        return held_tensor_bytes(self.wrapper.model)
 
     def describe(self) -> dict[str, Any]:
         n_params = sum(p.numel() for p in self.wrapper.model.parameters())
@@ -72,7 +66,7 @@ class ServedModel:
             return {}
 
         batch = self.wrapper.synthetic_batch(batch_size, torch.Generator().manual_seed(0))
-        self.kernels = dict(Counter(optimize_execution(self.wrapper.model, batch).values()))
+        self.kernels = kernel_mix(optimize_execution(self.wrapper.model, batch))
         return self.kernels
 
     @torch.inference_mode()
@@ -138,18 +132,3 @@ def load_models(sources: list[str], key: bytes | None = None, choose_kernels: bo
             served.choose_kernels(kernel_batch)
         out.append(served)
     return out
-
-
-def _tensor_bytes(obj: Any) -> int:
-    """Bytes held by a tensor (strided or sparse CSR) or a tuple/list/dict of them."""
-    if isinstance(obj, (tuple, list)):
-        return sum(_tensor_bytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(o) for o in obj.values())
-    if not isinstance(obj, torch.Tensor):
-        return 0
-    if obj.layout == torch.sparse_csr:
-        return sum(_tensor_bytes(t) for t in (obj.values(), obj.col_indices(), obj.crow_indices()))
-    if obj.layout == torch.strided:
-        return obj.numel() * obj.element_size()
-    return 0

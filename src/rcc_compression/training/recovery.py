@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..compression.calibration import flatten_outputs, to_device
-from ..compression.layers import compressed_layers
+from ..compression.layers import compressed_layers, to_working
 from ..errors import ConfigError
 from ..utils.logging import get_logger
 from .callbacks import Callback
@@ -151,7 +151,12 @@ def private_finetune_on_batches(
 
 
 def trainable_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
-    """``compressed``: every parameter of the compressed layers; ``all``: every parameter."""
+    """``compressed``: every parameter of the compressed layers; ``all``: every parameter.
+
+    Compressed layers in their inference form get their float parameters first (they are what an
+    optimizer holds); :func:`~rcc_compression.compression.layers.to_inference` gives them back.
+    """
+    to_working(model)
     if which == "all":
         return list(model.parameters())
     params = [p for m in compressed_layers(model).values() for p in m.parameters()]

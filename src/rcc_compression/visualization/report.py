@@ -47,11 +47,19 @@ def _compress_rows(run: RunRecords) -> list[dict[str, Any]]:
         params = eff.get("parameters", {})
         if "stored" in params:
             rows.append(_row(run.name, variant, "parameters stored", params["stored"]))
+        memory = eff.get("memory", {})
+        if "resident_bytes" in memory:
+            rows.append(_row(run.name, variant, "resident bytes (tensors held, loaded)", memory["resident_bytes"]))
         for bs, entry in eff.get("per_batch_size", {}).items():
             lat = entry.get("latency", {})
             if "median_ms" in lat:
                 where = "CPU" if eff.get("device") == "cpu" else str(eff.get("device", ""))
                 rows.append(_row(run.name, variant, f"{where} latency ms bs={bs} (median)".strip(), lat["median_ms"]))
+    inference = res.get("inference") or {}
+    if inference.get("tried"):
+        mix = ", ".join(f"{k} {v}" for k, v in sorted((inference.get("kernels") or {}).items()))
+        rows.append(_row(run.name, "compressed", "compute dtype", str(inference.get("dtype"))))
+        rows.append(_row(run.name, "compressed", "inference kernels", mix))
     return rows
 
 
@@ -115,6 +123,8 @@ def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
 def _fmt(value: Any, lo: Any = None, hi: Any = None) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str):
+        return value
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     v = float(value)

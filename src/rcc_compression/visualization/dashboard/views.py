@@ -60,21 +60,22 @@ def run_row(run: RunRecords) -> dict[str, Any]:
     quality = run.quality("compressed")
     dense = run.quality("dense")
     head = next(iter(quality), None)
-    lat = None
+    memory = res.get("efficiency", {}).get("compressed", {}).get("memory", {})
     per_bs = res.get("efficiency", {}).get("compressed", {}).get("per_batch_size", {})
-    if per_bs:
-        lat = next(iter(per_bs.values())).get("latency", {}).get("median_ms")
+    latency = {f"latency ms bs={bs}": per_bs.get(bs, {}).get("latency", {}).get("median_ms") for bs in ("1", "8")}
     return {
         "run": run.name, "kind": run.kind, "status": run.status, "model": run.model,
         "stages": " -> ".join(res.get("stages", []) or []),
         "started": str(run.run.get("start_time") or ""),
         "rate (layers)": storage.get("compression_rate_layers"),
         "stored MB": (storage["stored_bytes_model"] / 1e6) if "stored_bytes_model" in storage else None,
+        "resident MB": (memory["resident_bytes"] / 1e6) if "resident_bytes" in memory else None,
+        "kernels": ", ".join(f"{k} {v}" for k, v in sorted((res.get("execution_kernels") or {}).items())),
         "gate retention": gate,
         "headline": head or "",
         "dense": dense.get(head) if head else None,
         "compressed": quality.get(head) if head else None,
-        "latency ms": lat,
+        **latency,
         "seed": run.run.get("seed"),
     }
 
@@ -101,8 +102,8 @@ def _runs_table(runs: list[RunRecords]) -> list[dict[str, Any]]:
     text = c1.text_input("Filter (run, model, stages)", key="filter_text")
     kinds = c2.multiselect("Kind", sorted({r["kind"] for r in rows}), key="filter_kind")
     statuses = c3.multiselect("Status", sorted({r["status"].split(":")[0] for r in rows}), key="filter_status")
-    sort_by = c4.selectbox("Sort by", ["started", "run", "rate (layers)", "stored MB", "gate retention", "compressed",
-                                       "latency ms"], key="sort_by")
+    sort_by = c4.selectbox("Sort by", ["started", "run", "rate (layers)", "stored MB", "resident MB", "gate retention",
+                                       "compressed", "latency ms bs=1", "latency ms bs=8"], key="sort_by")
     shown = filter_rows(rows, text, kinds, statuses, sort_by, descending=sort_by in ("started", "rate (layers)",
                                                                                      "gate retention", "compressed"))
     st.dataframe(shown, hide_index=True, key="runs_table")
