@@ -20,7 +20,6 @@ _EXPORTS = {
     "compress_model": ("rcc_compression.jobs.api", "compress_model"),
     "evaluate_model": ("rcc_compression.evaluation.suite", "evaluate_model"),
     "CompressionPipeline": ("rcc_compression.jobs.api", "CompressionPipeline"),
-    "CascadePipeline": ("rcc_compression.jobs.api", "CompressionPipeline"),
     "save_compressed": ("rcc_compression.compression.storage", "save_compressed"),
     "load_compressed": ("rcc_compression.compression.storage", "load_compressed"),
     "export_dense": ("rcc_compression.compression.storage", "export_dense"),

@@ -88,7 +88,7 @@ def test_sequential_refit_lowers_model_output_error(mlp):
             "cascade": {"stages": ["nullu"], "validation_threshold": 0.0}}}).compression
         model = copy.deepcopy(mlp)
         pipe = CascadePipeline(cfg, calibration_data=batches, holdout_data=held[:1])
-        pipe.run(model)
+        pipe.compress(model)
         out = torch.cat([model(**b) for b in held]).detach()
         errors.append(float((out - dense_out).norm() / dense_out.norm()))
         reports.append(pipe.stage_results["nullu"])

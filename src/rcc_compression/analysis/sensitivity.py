@@ -73,7 +73,7 @@ def layer_sensitivity(
         work = copy.deepcopy(model)
         pipe = pipeline(sec, calibration_data=calibration_data, holdout_data=holdout_data, seed=seed,
                         **pipeline_kwargs)
-        pipe.run(work)
+        pipe.compress(work)
         last = next((r for r in reversed(pipe.records) if "retention" in r), None)
         retention = float(last["retention"]) if last is not None else 1.0
         inner = getattr(work, "model", work)

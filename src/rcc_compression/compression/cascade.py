@@ -507,7 +507,7 @@ class CascadePipeline:
         return int(progress["next_step"])
 
     # ------------------------------------------------------------------ run
-    def run(self, model: nn.Module, resume: bool = False) -> nn.Module:
+    def compress(self, model: nn.Module, resume: bool = False) -> nn.Module:
         """Compress ``model`` in place through every step; returns it (the wrapper, if given one).
 
         With ``resume=True`` and a run directory holding a checkpoint, continue from it.
@@ -747,9 +747,6 @@ class CascadePipeline:
             record["error"] = "non-finite weights or outputs"
         self.records.append(record)
         return record
-
-    compress = run
-
 
 
 _SNAP_PARTS = ("weight", "lr_A", "lr_B", "a_in", "a_out", "bias")

@@ -69,7 +69,7 @@ class CompressionPipeline(CascadePipeline):
         self.training = training
         self.allow_unpaired = allow_unpaired
 
-    def run(self, model: nn.Module, resume: bool = False) -> nn.Module:
+    def compress(self, model: nn.Module, resume: bool = False) -> nn.Module:
         """Run the cascade; a model that calibrates on image-text pairs refuses to run on noise.
 
         Without ``calibration_data`` a model that is not bundled would calibrate on random inputs;
@@ -83,9 +83,7 @@ class CompressionPipeline(CascadePipeline):
                 "calibrate on random inputs anyway")
         if self.calibration is not None:
             check_paired_batches(model, self.calibration, self.allow_unpaired)
-        return super().run(model, resume=resume)
-
-    compress = run
+        return super().compress(model, resume=resume)
 
     def _prepare(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
         world = None
@@ -225,7 +223,7 @@ def compress_model(
                                                                r["step"] + 1, len(pipe.steps())),
                                    run_config=cfg.model_dump(mode="json"), training=cfg.training,
                                    allow_unpaired=cfg.calibration.allow_unpaired)
-        out = pipe.run(wrapper_or_module)
+        out = pipe.compress(wrapper_or_module)
     summary = compression_summary(inner)
     stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results(),
                              "calibration": calibration_source,

@@ -200,7 +200,7 @@ def _run_compress(
             allow_unpaired=cfg.calibration.allow_unpaired,
             distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
         )
-        pipe.run(wrapper, resume=resume)
+        pipe.compress(wrapper, resume=resume)
         tracker.log_event("phase", phase="inference form")
         # timed with its weights resident: an offloaded teacher reads them from files on every call
         dense = materialize(pipe.dense_model)

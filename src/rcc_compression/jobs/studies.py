@@ -442,13 +442,6 @@ def generate_report(spec: StudySpec, results: Mapping[str, Any], run_dir: Path) 
                         ylabel="retention (mean and 95 % CI over seeds)")
 
 
-def run_ablation(config: RCCConfig, run_dir: str | Path, seeds: int | Sequence[int] = 3,
-                 variants: Sequence[Variant] = (), split: str = "test", resume: bool = False,
-                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Every subset of ``config``'s stages, plus ``variants``, at its target rate over ``seeds`` (``rcc ablate``)."""
-    return run_study(make_spec("ablate", config, seeds, variants, split), run_dir, resume, progress)
-
-
 def run_ordering(config: RCCConfig, run_dir: str | Path, seeds: int | Sequence[int] = 3,
                  variants: Sequence[Variant] = (), split: str = "test", resume: bool = False,
                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from torch import nn
 from ..analysis.snapshots import record_model_views
 from ..config import RCCConfig
 from ..models.base import ModelWrapper
+from ..tracking import ExperimentTracker, metric_key
 from ..utils.logging import get_logger
-from ..utils.tracking import ExperimentTracker, metric_key
 from ..visualization.figures import write_run_figures
 from ..visualization.records import load_run
 

@@ -25,6 +25,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..evaluation.suite import evaluate_model
 from ..models.base import ModelWrapper
 from ..models.registry import get_model
+from ..tracking import ExperimentTracker
 from ..training.callbacks import (
     Callback,
     EarlyStopping,
@@ -52,7 +53,6 @@ from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger, setup_logging
 from ..utils.runs import RunRecord, new_run_dir
 from ..utils.seeding import seed_everything
-from ..utils.tracking import ExperimentTracker
 from .common import prepare_run_dir, resolve_device
 from .compress import HEADLINE_METRICS
 from .data import check_and_record, model_keys, open_role, training_splits
