@@ -1,6 +1,6 @@
 """rcc-compression: recursive cascade compression of vision-language models.
 
-The public API (design document section 11)::
+The public API (README's quick start; docs/guides/compress-your-model.md)::
 
     from rcc_compression import compress_model, CompressionPipeline, evaluate_model
     compressed = compress_model(model="rcc-clip-world", compression_rate=0.9, method="cascade")

@@ -1,7 +1,7 @@
 """Typed configuration: pydantic models, YAML ``inherit``/``override``, and ``--set`` overrides.
 
 A configuration is a YAML mapping with the sections ``experiment``, ``model``, ``dataset``,
-``calibration``, ``compression``, ``training``, ``evaluation`` and ``tracking``; the design document's layout,
+``calibration``, ``compression``, ``training``, ``evaluation`` and ``tracking``; the nested layout,
 with the other sections inside ``experiment:``, is read the same. Any mapping may carry
 ``inherit: path`` (or a list of paths, relative to the file; chains allowed, cycles refused) and
 ``override: {...}`` (deep-merged last). When an inherited file has the section's own key at its
@@ -270,7 +270,7 @@ def _merge(dst: dict, dprov: dict, src: Mapping, sprov: Mapping, prefix: KeyPath
                 dprov[p] = f
 
 
-#: sections that may also sit inside ``experiment:`` (the design document's layout, section 6.2)
+#: sections that may also sit inside ``experiment:`` (the nested layout of docs/guides/compress-your-model.md)
 NESTABLE = ("model", "dataset", "calibration", "compression", "training", "evaluation", "tracking")
 
 
@@ -281,7 +281,7 @@ class _Loader:
         self.nested: dict[str, set[str]] = {}
 
     def unnest(self, raw: dict, file: str) -> dict:
-        """The design document's layout (sections inside ``experiment:``) as the flat one.
+        """The nested layout (sections inside ``experiment:``) as the flat one.
 
         A section given both inside ``experiment:`` and at the top of one file is refused.
         """
@@ -292,7 +292,7 @@ class _Loader:
         twice = [k for k in inner if k in raw]
         if twice:
             raise ConfigError(f"config error: {show(file)}: experiment.{twice[0]} and {twice[0]}: the section is given "
-                              f"twice (inside experiment, as in the design document's layout, and at the top level); "
+                              f"twice (inside experiment, as in the nested layout, and at the top level); "
                               f"keep one")
         out = {k: v for k, v in raw.items() if k != "experiment"}
         out["experiment"] = {k: v for k, v in exp.items() if k not in inner}

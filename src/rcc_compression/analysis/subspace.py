@@ -240,7 +240,7 @@ def _layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class GrassmannAnalyzer:
-    """Subspace analysis of compressed models, layer by layer (design document section 3.6).
+    """Subspace analysis of compressed models, layer by layer (docs/analysis.md).
 
     >>> report = GrassmannAnalyzer(energy=0.9).compare_models(dense, compressed)  # doctest: +SKIP
     >>> report["layers"]["vision_model.encoder.layers.0.mlp.fc1"]["rows"]["geodesic"]  # doctest: +SKIP

@@ -1,6 +1,7 @@
 """Stage ``nullu``: low rank (the layer's input projected onto a subspace) and HalluSpace projection.
 
-Default (design document): replace the layer's weight, or the residual left by ``dare``, by
+Default (docs/glossary.md; Eckart & Young, 1936, for the truncated SVD): replace the layer's weight, or the
+residual left by ``dare``, by
 ``B A`` of rank r chosen by ``rank_reduction``, ``energy_threshold`` or a parameter budget;
 ``decomposition_method`` is ``svd`` (exact), ``randomized`` (``torch.svd_lowrank``),
 ``activation_aware`` (SVD-LLM, Wang et al. 2024: SVD of ``W L`` with ``L L^T = X^T X`` so each
@@ -49,7 +50,7 @@ log = get_logger("nullu")
 
 
 class NulluConfig(StageConfig):
-    """Keys of the ``nullu`` stage (defaults from the design document)."""
+    """Keys of the ``nullu`` stage (defaults: docs/glossary.md)."""
 
     mode: Literal["lowrank", "hallu_space"] = Field(
         "lowrank",

@@ -1,4 +1,5 @@
-"""The public API (design document section 11.1): ``compress_model`` and ``CompressionPipeline``.
+"""The public API (README's quick start, docs/guides/compress-your-model.md): ``compress_model`` and
+``CompressionPipeline``.
 
 Both run the engine (:mod:`rcc_compression.compression`) with distillation wired in: the engine
 does not train, so the stages' distillation (``dare`` between rounds, ``alphaedit`` scaling)

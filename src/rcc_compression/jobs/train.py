@@ -9,6 +9,7 @@ run record and the process group of a ``torchrun`` launch.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -309,7 +310,8 @@ def train_job(cfg: RCCConfig, source: str | Path, output: Path | None = None, re
         else:
             run_dir = prepare_run_dir(output, overwrite, resume) if dist.is_main else output
         barrier(dist)
-        setup_logging(verbosity if dist.is_main else -1, run_dir if dist.is_main else None)
+        setup_logging(verbosity if dist.is_main else -1, run_dir if dist.is_main else None,
+                      default=logging.WARNING)  # the console shows the bar and the result; run.log the steps
         record = RunRecord(run_dir, dump_config(cfg), cfg.experiment.seed) if dist.is_main else None
         with record if record is not None else contextlib.nullcontext():
             results = run_train(cfg, source, run_dir, resume=resume, progress=progress and dist.is_main, dist=dist)

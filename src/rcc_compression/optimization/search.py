@@ -420,7 +420,7 @@ def optimize(search: SearchConfig, out_dir: str | os.PathLike[str], storage: str
              ) -> dict[str, Any]:
     """Run one worker of the study until it holds ``search.study.trials`` finished trials; returns the report.
 
-    The design document's ``optimize()``: start it in as many processes or machines as you like
+    ``optimize()`` of the search API (docs/analysis.md): start it in as many processes or machines as you like
     with one ``storage`` URL.
     """
     return Search(search, out_dir, storage, study_name, progress).run()
