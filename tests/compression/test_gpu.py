@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_svd_driver_choice_matches_cpu():
-    from rcc_compression.compression.nullu import svd
+    from rcc_compression.compression.lowrank import svd
 
     w = torch.randn(3, 96, 64, dtype=torch.float64)
     _, s_cpu, _ = svd(w)

@@ -9,17 +9,17 @@ import torch
 from torch import nn
 
 from rcc_compression.compression.layers import CompressedLinear, compressed_layers
-from rcc_compression.compression.nullu import (
+from rcc_compression.compression.lowrank import (
     balanced_factors,
     budget_rank,
     dropped_input_energy,
     factorisable,
-    hallu_project_layer,
     rank_for,
     svd,
     warm_subspace_svd,
     whitening,
 )
+from rcc_compression.compression.nullu import hallu_project_layer
 
 
 def _with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -99,7 +99,7 @@ def test_input_null_space_is_dropped_at_no_cost(mlp):
     info = pipe.stage_results["nullu"]["layers"]["fc1"]
     assert info["dropped_input_energy"] < 1e-6 and info["output_error"] < 1e-6
     from rcc_compression.compression.calibration import collect_layer_stats
-    from rcc_compression.compression.nullu import input_null_dim
+    from rcc_compression.compression.lowrank import input_null_dim
 
     assert input_null_dim(collect_layer_stats(pipe.dense_model, ["fc1"], batches, gram=True)["fc1"].gram) == 18
 
@@ -213,7 +213,7 @@ def test_hallu_space_mode_on_tiny_clip(tiny_clip, tmp_path):
 
 
 def test_spectral_energy_matches_singular_values():
-    from rcc_compression.compression.nullu import spectral_energy
+    from rcc_compression.compression.lowrank import spectral_energy
 
     for shape in ((3, 20, 30), (2, 30, 20)):
         w = torch.randn(*shape, dtype=torch.float64)
@@ -221,7 +221,7 @@ def test_spectral_energy_matches_singular_values():
 
 
 def test_allocate_ranks_global_greedy():
-    from rcc_compression.compression.nullu import allocate_ranks
+    from rcc_compression.compression.lowrank import allocate_ranks
 
     # layer 0 has all its energy in one direction, layer 1 spread evenly: the budget goes where it removes most
     e0 = torch.tensor([100.0, 1e-3, 1e-3, 1e-3])
@@ -242,7 +242,7 @@ def test_global_budget_hits_rate_exactly_on_tiny_clip():
 
 
 def test_warm_subspace_svd_matches_the_exact_svd_and_survives_rank_deficiency():
-    from rcc_compression.compression.nullu import warm_subspace_svd
+    from rcc_compression.compression.lowrank import warm_subspace_svd
 
     g = torch.Generator().manual_seed(3)
     U, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))

@@ -7,7 +7,7 @@ import copy
 import torch
 
 from rcc_compression.compression.cascade import CascadePipeline
-from rcc_compression.compression.nullu import balanced_factors, whitening
+from rcc_compression.compression.lowrank import balanced_factors, whitening
 from rcc_compression.compression.refit import execution_groups, layer_output_error, refit_low_rank
 from rcc_compression.config import load_config
 

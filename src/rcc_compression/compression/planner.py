@@ -19,8 +19,7 @@ import torch
 from ..errors import CompressionError
 from ..utils.memory import release_memory
 from .dare import keep_count, magnitude_scores, topk_mask, wanda_scores
-from .lowrank import whitening
-from .nullu import allocate_ranks, budget_rank, factorisable, spectral_energy, svd
+from .lowrank import allocate_ranks, budget_rank, factorisable, spectral_energy, svd, whitening
 from .quant import format_bytes, gptq_formats, inverse_factor, quantize_nearest
 from .storage import sparse_encoding_bytes
 
