@@ -61,6 +61,7 @@ from .layers import (
     unpack_codes,
 )
 from .quant import BITS, part_bytes
+from .records import step_records
 
 log = get_logger("storage")
 
@@ -503,6 +504,9 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
     for key, typ in (("files", dict), ("layers", dict), ("model", dict), ("aliases", dict)):
         if not isinstance(manifest.get(key), typ):
             raise CheckpointError(f"{where}: field {key!r} missing or not a {typ.__name__}")
+    if not isinstance(manifest.get("stages") or [], list):
+        raise CheckpointError(f"{where}: field 'stages' must be a list of records")
+    step_records(manifest.get("stages") or [], where=f"{where}: stages")  # typed, versioned step records
     for rel, entry in manifest["files"].items():
         if (not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\x00" in rel or "\\" in rel
                 or any(part in ("", ".", "..") for part in rel.split("/"))):

@@ -179,13 +179,7 @@ def compress_model(
         calibration_data, calibration_source = _default_calibration(model, wrapper_or_module, cfg, seed)
     calibration_data = list(calibration_data)
     check_paired_batches(wrapper_or_module, calibration_data, cfg.calibration.allow_unpaired)
-    fit, holdout = calibration_data, (list(holdout_data) if holdout_data is not None else None)
-    if holdout is None and calibration_source == "world":
-        n_hold = cfg.calibration.holdout_batches
-        fit, holdout = (calibration_data[:-n_hold], calibration_data[-n_hold:]) if n_hold else (fit, [])
-    elif holdout is None and len(calibration_data) >= 3:
-        n_hold = min(2, len(calibration_data) // 3)
-        fit, holdout = calibration_data[:-n_hold], calibration_data[-n_hold:]
+    fit, holdout = _split_holdout(calibration_data, holdout_data, calibration_source, cfg)
     section = cfg.compression
     stages = list(section.cascade.stages) if method == "cascade" else [method]
     section.cascade.stages = stages
@@ -234,6 +228,20 @@ def compress_model(
     to_inference(inner)  # what it stores and nothing more; train() makes float parameters again
     out.compression_stats = stats
     return out
+
+
+def _split_holdout(calibration_data: list[Any], holdout_data: Iterable[Mapping[str, Any]] | None, source: str,
+                   cfg: RCCConfig) -> tuple[list[Any], list[Any] | None]:
+    """The calibration batches planning fits on and the holdout the gate scores (kept apart before any planning)."""
+    if holdout_data is not None:
+        return calibration_data, list(holdout_data)
+    if source == "world":
+        n_hold = cfg.calibration.holdout_batches
+        return (calibration_data[:-n_hold], calibration_data[-n_hold:]) if n_hold else (calibration_data, [])
+    if len(calibration_data) >= 3:
+        n_hold = min(2, len(calibration_data) // 3)
+        return calibration_data[:-n_hold], calibration_data[-n_hold:]
+    return calibration_data, None
 
 
 def _rate_outcome(inner: nn.Module, plan: dict[str, Any], pipe: CascadePipeline, compression_rate: float,

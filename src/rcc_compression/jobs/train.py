@@ -20,6 +20,7 @@ from torch import nn
 
 from ..compression.calibration import PRIMARY_OUTPUTS, flatten_outputs, output_agreement, to_device
 from ..compression.layers import to_inference
+from ..compression.records import step_records
 from ..compression.storage import MANIFEST, load_compressed, read_manifest, save_compressed
 from ..config import RCCConfig, dump_config, load_config, validate_config
 from ..data.loaders import PoissonBatchSampler, split_loader
@@ -337,6 +338,7 @@ def _fit(cfg: RCCConfig, trainer: CompressionTrainer, ckpt_cb: ModelCheckpoint, 
 def _save_recovered(cfg: RCCConfig, run_dir: Path, models: _Models, results: dict[str, Any]) -> None:
     """The recovered model as a compressed checkpoint (its stage records plus this training's), and the results."""
     records = list(read_manifest(models.ckpt).get("stages") or [])
+    step_records(records, where=str(models.ckpt / MANIFEST))  # the steps it carries on are checked, not trusted
     records.append({"stage": "train", "steps": results["steps"], "epochs": results["epochs"],
                     "kept": results["kept"], "before": results["before"], "after": results["after"],
                     **({"privacy": results["privacy"]} if results["privacy"] is not None else {})})

@@ -46,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from ..compression.records import last_passed
 from ..compression.storage import load_compressed
 from ..config import RCCConfig, dump_config
 from ..errors import ConfigError, RCCError
@@ -167,13 +168,13 @@ def _task_metrics(wrapper: Any, cfg: RCCConfig, split: str, max_items: int | Non
 def trial_metrics(cfg: RCCConfig, trial_dir: Path, results: dict[str, Any], search: SearchConfig,
                   dense: dict[str, float]) -> dict[str, Any]:
     """Everything a trial is judged by: retention (task, on the search split), gate retention, bytes, rate."""
+    last = last_passed(results["records"])
     metrics: dict[str, Any] = {
         "gate_retention": results["gate"]["retention"] if results["gate"]["retention"] is not None else 0.0,
         "stored_bytes": int(results["stored_bytes_reported"]["layers"] + results["stored_bytes_reported"]["rest"]),
         "stored_bytes_layers": int(results["stored_bytes_reported"]["layers"]),
         "stored_bytes_measured": int(results["stored_bytes_measured"]["total"]),
-        "compression_rate": float(next((r["achieved"]["compression_rate"] for r in reversed(results["records"])
-                                        if r.get("passed") and "achieved" in r), 0.0)),
+        "compression_rate": float(last.achieved.compression_rate) if last is not None else 0.0,
         "stopped_early": bool(results["stopped_early"]),
     }
     wanted = {o.metric for o in search.objectives} | set(search.constraints.active())
