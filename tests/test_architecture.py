@@ -31,6 +31,7 @@ def _lint(package_parent: Path, tmp_path: Path) -> subprocess.CompletedProcess[s
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_import_contract_is_kept(tmp_path: Path) -> None:
     """``lint-imports`` (the layers and the no-cycle contracts) passes on this package."""
     res = _lint(PACKAGE.parent, tmp_path)
@@ -38,6 +39,7 @@ def test_import_contract_is_kept(tmp_path: Path) -> None:
     assert "2 kept, 0 broken" in res.stdout
 
 
+@pytest.mark.integration
 def test_import_contract_catches_an_upward_import(tmp_path: Path) -> None:
     """The same check fails, naming the import, when the engine imports the training layer."""
     copy = tmp_path / "tree" / "rcc_compression"
