@@ -22,6 +22,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.integration
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install 'rcc-compression[docs]'")
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
@@ -40,6 +41,7 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         assert (site / "reference" / "api" / name / "index.html").is_file(), name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(notebook: Path, tmp_path: Path) -> None:
     nbformat = pytest.importorskip("nbformat", reason="the docs extra is not installed")
@@ -109,3 +111,31 @@ def test_the_layer_order_is_the_same_in_pyproject_contributing_and_architecture(
     sentence = text[text.index("**Layers one way.**"):].split(". ", 1)[0]
     named = re.findall(r"`(\w+)`", sentence)
     assert named == [name for row in layers for name in row], sentence
+
+
+def _python_snippets() -> list[tuple[str, str]]:
+    import re
+
+    out = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.S | re.M):
+            out.append((f"{page.relative_to(ROOT)}:{text[:m.start()].count(chr(10)) + 1}", m.group(1)))
+    return out
+
+
+def test_python_snippets_in_the_docs_import_what_they_use() -> None:
+    """A snippet a reader copies runs as far as names go: everything it uses is imported or defined in it."""
+    import json
+
+    ruff = pytest.importorskip("ruff.__main__", reason="ruff is in the dev extra").find_ruff_bin()
+    snippets = _python_snippets()
+    assert len(snippets) >= 5
+    bad = {}
+    for where, code in snippets:
+        proc = subprocess.run([ruff, "check", "--isolated", "--select", "F821", "--output-format", "json",
+                               "--stdin-filename", "snippet.py", "-"], input=code, capture_output=True, text=True,
+                              timeout=60)
+        if proc.returncode:
+            bad[where] = [e["message"] for e in json.loads(proc.stdout or "[]")] or proc.stderr[-500:]
+    assert not bad, bad
