@@ -331,11 +331,14 @@ def layer_choices(
         t = t.double()
         return float(t.sum() if rw is None else (t * rw).sum())
 
-    ref = 1.0 if rw is not None else max(wsum((W @ H) * W), 1e-300)
+    def energy(M: torch.Tensor) -> float:
+        """``sum (M H M^T)_cc`` (row-weighted); without a second moment ``H = I``: no n x n product."""
+        return wsum((M @ H) * M) if gram is not None else wsum(M * M)
+
+    ref = 1.0 if rw is not None else max(energy(W), 1e-300)
 
     def error(approx: torch.Tensor) -> float:
-        D = W - approx
-        return max(0.0, wsum((D @ H) * D) / ref)
+        return max(0.0, energy(W - approx) / ref)
 
     gptq_on = rounding == "gptq" and gram is not None
     inverse = inverse_factor(H, damping) if gptq_on else None  # one Cholesky factor for every rounding of the layer
@@ -372,7 +375,7 @@ def layer_choices(
             return
         R = W - s_hat if s_hat is not None else W
         if e0 is None:
-            e0 = wsum((R @ H) * R)
+            e0 = energy(R)
         M = R @ root32[0]  # float32: the decomposition only ranks directions; errors are float64 sums
         q = max(rank_list)
         if q + 8 < min(m, n) // 2:  # a few directions of a large matrix: randomized SVD is plenty
@@ -556,6 +559,33 @@ def allocate(options: Sequence[Sequence[Choice]], budget: float) -> list[int]:
     return sel
 
 
+def plan_budget(shapes: Sequence[LayerShape], rate: float, reserved: Sequence[int], rest_bytes: int = 0,
+                scope: str = "layers") -> tuple[float, int, int]:
+    """``(bytes the planned layers may store, bytes reserved after the plan, dense bytes rates count against)``."""
+    if not 0.0 <= rate < 1.0:
+        raise CompressionError(f"compression_rate must be in [0, 1), got {rate}")
+    dense = sum(s.dense_bytes for s in shapes)
+    fixed = sum(reserved)
+    total_dense = dense + (rest_bytes if scope == "model" else 0)
+    budget = (1.0 - rate) * total_dense - (rest_bytes if scope == "model" else 0) - fixed
+    return budget, fixed, total_dense
+
+
+def score_layer(weight: torch.Tensor, gram: torch.Tensor | None, shape: LayerShape, dims: Collection[str], *,
+                min_bits: int | None = None, row_weight: torch.Tensor | None = None, scorer: str = "magnitude",
+                prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq", act_order: bool = False,
+                clip_search: bool = False) -> tuple[list[Choice], list[Choice] | None]:
+    """``(candidates the plan may pick, all candidates when ``min_bits`` filtered them, else None)`` of one layer
+    over its plan dimensions (:func:`layer_choices`); ``min_bits``: the layer keeps that precision
+    (:func:`keeps_precision`) unless the rate needs its bytes (:func:`finish_plan` releases it)."""
+    options = layer_choices(weight, gram, shape, sparse="sparsity" in dims, lowrank="rank" in dims,
+                            quant="bits" in dims, scorer=scorer, prune_scope=prune_scope, damping=damping,
+                            rounding=rounding, row_weight=row_weight, act_order=act_order, clip_search=clip_search)
+    if min_bits is None:
+        return options, None
+    return [c for c in options if keeps_precision(c, min_bits)] or options, options
+
+
 def plan_layers(
     names: Sequence[str], weights: Sequence[torch.Tensor], grams: Iterable[torch.Tensor | None],
     shapes: Sequence[LayerShape], rate: float, *, dims: Sequence[Collection[str]],
@@ -578,34 +608,45 @@ def plan_layers(
     more (:func:`keeps_precision`; the towers' protections, most important first): where the rate is
     out of reach with all of them, the last ones are released until it is not (``released``
     in the plan); the plan over the same candidates without them is an alternative (``without
-    protections``) the cascade measures end to end. Returns the plan: per layer its choice,
-    bytes and estimated error, the predicted rate and the mean estimated error. Raises
+    protections``) the cascade measures end to end. Returns the plan (:func:`finish_plan`). Raises
     :class:`CompressionError` when the rate is out of reach.
     """
-    if not 0.0 <= rate < 1.0:
-        raise CompressionError(f"compression_rate must be in [0, 1), got {rate}")
     reserved = list(reserved) if reserved is not None else [0] * len(shapes)
-    dense = sum(s.dense_bytes for s in shapes)
-    fixed = sum(reserved)
-    total_dense = dense + (rest_bytes if scope == "model" else 0)
-    budget = (1.0 - rate) * total_dense - (rest_bytes if scope == "model" else 0) - fixed
-    options = []
+    budget, _, _ = plan_budget(shapes, rate, reserved, rest_bytes, scope)
+    options: list[list[Choice]] = []
     full: dict[int, list[Choice]] = {}  # protected layers' unfiltered candidates
     sens = list(sensitivity) if sensitivity is not None else [None] * len(shapes)
     weighted = all(x is not None for x in sens)
+    build = {"scorer": scorer, "prune_scope": prune_scope, "damping": damping, "rounding": rounding,
+             "act_order": act_order, "clip_search": clip_search}
     for i, (w, g, shape, d) in enumerate(zip(weights, grams, shapes, dims, strict=True)):
-        options.append(layer_choices(w, g, shape, sparse="sparsity" in d, lowrank="rank" in d, quant="bits" in d,
-                                     scorer=scorer, prune_scope=prune_scope, damping=damping, rounding=rounding,
-                                     row_weight=sens[i] if weighted else None, act_order=act_order,
-                                     clip_search=clip_search))
-        if min_bits and names[i] in min_bits:
-            full[i] = options[-1]
-            options[-1] = [c for c in options[-1] if keeps_precision(c, min_bits[names[i]])] or options[-1]
+        opts, unfiltered = score_layer(w, g, shape, d, min_bits=(min_bits or {}).get(names[i]),
+                                       row_weight=sens[i] if weighted else None, **build)
+        options.append(opts)
+        if unfiltered is not None:
+            full[i] = unfiltered
         release_memory()  # the candidates' temporaries: hand their pages back before the next layer
         if on_layer is not None:
             on_layer(i, options, budget)
         if progress is not None:
             progress("plan", i + 1, len(shapes))
+    return finish_plan(names, options, full, shapes, rate, dims=dims, reserved=reserved, rest_bytes=rest_bytes,
+                       scope=scope, rounding=rounding, weighted=weighted, min_bits=min_bits)
+
+
+def finish_plan(names: Sequence[str], options: list[list[Choice]], full: Mapping[int, list[Choice]],
+                shapes: Sequence[LayerShape], rate: float, *, dims: Sequence[Collection[str]],
+                reserved: Sequence[int], rest_bytes: int = 0, scope: str = "layers", rounding: str = "gptq",
+                weighted: bool = False, min_bits: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The plan from every layer's scored candidates (``options``; ``full``: protected layers' unfiltered ones).
+
+    Protections are released from the least important while the rate is out of reach with them;
+    then :func:`allocate` picks one candidate per layer, and every single-stage plan at the same
+    bytes (and the plan without protections) is listed as an alternative. Returns per layer its
+    choice, bytes and estimated error, the predicted rate and the mean estimated error.
+    """
+    budget, fixed, total_dense = plan_budget(shapes, rate, reserved, rest_bytes, scope)
+    options = list(options)
     used = [k for k in ("bits", "sparsity", "rank") if any(k in d for d in dims)]
     released: list[str] = []
     order = [names.index(n) for n in (min_bits or {}) if n in names and names.index(n) in full]
