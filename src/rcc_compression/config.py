@@ -256,7 +256,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "compression.cascade.plan_inputs": ("rcc_compression.compression.rate",),
     "compression.cascade.offload": ("rcc_compression.compression.cascade",),
     "compression.cascade.offload_dir": ("rcc_compression.compression.cascade",),
-    "compression.cascade.pipeline": (_J + "api",),
+    "compression.cascade.pipeline": (_J + "api", "rcc_compression.cli"),
     "compression.cascade.sequential_memory_share": (_J + "sequential",),
     "compression.cascade.activation_buffer_mb": ("rcc_compression.compression.sequential",
                                                  "rcc_compression.compression.streamplan"),

@@ -271,3 +271,45 @@ def test_sequential_needs_somewhere_to_write_a_model_read_from_disk(saved_clip):
     pipe = SequentialPipeline(CompressionSection.model_validate(GPTQ4), calibration_data=_batches(wrapper, 4))
     with pytest.raises(CompressionError, match="needs a run_dir"):
         pipe.run(CheckpointSource(dense))
+
+
+# ------------------------------------------------------------------------------ choosing, rcc compress
+def test_auto_chooses_sequential_when_the_model_exceeds_the_share_and_says_so(saved_clip, caplog):
+    from rcc_compression.config import load_config
+    from rcc_compression.jobs.sequential import choose_pipeline
+
+    wrapper, dense = saved_clip
+    cfg = load_config(None, ["compression.cascade.sequential_memory_share=1e-9"])
+    with caplog.at_level("WARNING"):
+        chosen = choose_pipeline(str(dense), "auto", cfg)
+    assert chosen.name == "sequential" and chosen.model_bytes == (dense / "model.safetensors").stat().st_size
+    assert "compressed a block at a time" in chosen.why and chosen.why in caplog.text
+    assert choose_pipeline(str(dense), "auto", load_config(None)).name == "whole"  # a few MB: well within
+    assert choose_pipeline(wrapper, "whole", cfg).name == "whole"
+    with pytest.raises(CompressionError, match="pipeline must be one of"):
+        choose_pipeline(wrapper, "blocks", cfg)
+    with pytest.raises(CompressionError, match="does not take dry_run"):
+        compress_model(str(dense), 0.5, calibration_data=_batches(wrapper, 4), pipeline="sequential", dry_run=True)
+
+
+def test_rcc_compress_takes_the_sequential_pipeline_and_records_every_block(saved_clip, tmp_path, capsys):
+    import json
+
+    from rcc_compression.cli import main
+
+    _, dense = saved_clip
+    run = tmp_path / "run"
+    assert main(["compress", "--model", str(dense), "--set", "compression.cascade.pipeline=auto",
+                 "--set", "compression.cascade.sequential_memory_share=1e-9", "--set", "calibration.source=synthetic",
+                 "--set", "calibration.num_batches=3", "--set", "calibration.batch_size=4",
+                 "--set", "compression.cascade.stages=[quant]", "--set", "compression.cascade.target_rate=0.7",
+                 "--set", "evaluation.benchmarks=[]", "--no-eval", "-q", "--output", str(run)]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["pipeline"]["name"] == "sequential" and "block at a time" in results["pipeline"]["why"]
+    blocks = results["pipeline"]["blocks"]
+    assert len(blocks) == 4 and all(b["seconds"] > 0 and b["peak_rss"] > 0 and b["stored_bytes"] > 0 for b in blocks)
+    assert 0.69 <= results["outcome"]["reached"] <= 0.76 and results["outcome"]["status"] == "met"  # int bit widths
+    assert read_manifest(run / "compressed")["format_version"] == 4
+    assert len(compressed_layers(load_compressed(run / "compressed"))) == 24
+    assert json.loads((run / "run.json").read_text())["pipeline"]["name"] == "sequential"
+    assert "MET: target compression rate (layers) 0.7000" in capsys.readouterr().out

@@ -88,11 +88,11 @@ def choose_pipeline(model: Any, requested: str, cfg: RCCConfig) -> PipelineChoic
     available = psutil.virtual_memory().available
     share = cfg.compression.cascade.sequential_memory_share
     if nbytes > share * available:
-        why = (f"auto: the model's {nbytes / GIB:.2f} GiB exceed {share:.0%} of the {available / GIB:.2f} GiB of "
+        why = (f"auto: the model's {nbytes / GIB:.2f} GiB exceed {share * 100:g} % of the {available / GIB:.2f} GiB of "
                "memory available (compression.cascade.sequential_memory_share): compressed a block at a time")
         log.warning(why)
         return PipelineChoice("sequential", why, nbytes, available)
-    why = (f"auto: the model's {nbytes / GIB:.2f} GiB are within {share:.0%} of the {available / GIB:.2f} GiB of "
+    why = (f"auto: the model's {nbytes / GIB:.2f} GiB are within {share * 100:g} % of the {available / GIB:.2f} GiB of "
            "memory available: compressed whole")
     log.info(why)
     return PipelineChoice("whole", why, nbytes, available)
