@@ -2,8 +2,8 @@
 
 For each depth N a randomly initialised CLIP with N blocks in each tower (width W, MLP 4W, patch 32
 on 224 px images) is written to disk as sharded safetensors (a shard at a time: the writer never
-holds the model), then compressed in a *fresh process* that reports its own peak resident set
-(``ru_maxrss``) and wall time:
+holds more than one shard of up to 1 GiB), then compressed in a *fresh process* that reports its own peak resident set
+(Linux ``VmHWM``: this program's own, not the parent's size at ``fork`` that ``ru_maxrss`` carries) and wall time:
 
 - ``sequential``: :class:`~rcc_compression.compression.sequential.SequentialPipeline` reading the
   checkpoint a block at a time (the model skeleton on the meta device) and writing the compressed
@@ -134,8 +134,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     directory = Path(args.child)
     config = CLIPConfig.from_pretrained(directory)
-    data = batches(config, args.batches + 1, args.batch_size, 0)
-    fit, hold = data[:-1], data[-1:]
+    data = batches(config, args.batches + 1, args.batch_size, 0) if args.batches else []
+    fit, hold = data[:-1], data[-1:]  # --batches 0: from the weights alone (round to nearest), no gate
     work = Path(tempfile.mkdtemp(prefix="rcc-scale-", dir=args.workdir))
     base = resident_bytes()
     t0 = time.perf_counter()
@@ -201,7 +201,8 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=None, help="plan this rate (default: int8 quant, fixed)")
     p.add_argument("--stages", nargs="+", default=["quant"])
     p.add_argument("--rounding", choices=["nearest", "gptq"], default="gptq")
-    p.add_argument("--batches", type=int, default=2, help="calibration batches (one more is held out)")
+    p.add_argument("--batches", type=int, default=2,
+                   help="calibration batches (one more is held out); 0: none, the weights alone (--rounding nearest)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--workdir", default=None, help="where checkpoints and run directories go (default: /tmp)")
     p.add_argument("--keep", default=None, help="keep the dense checkpoints in this directory")
@@ -213,7 +214,8 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; compression: "
           + (f"rate {args.rate} over {args.stages}" if args.rate is not None else "quant int8 (fixed)")
-          + f", {args.rounding} rounding; {args.batches} calibration batches of {args.batch_size} + 1 held out")
+          + f", {args.rounding} rounding; " + (f"{args.batches} calibration batches of {args.batch_size} + 1 held out"
+                                                if args.batches else "no calibration data (the weights alone)"))
     models = [(f"W{args.width} N{n}", clip_config(args.width, n)) for n in args.blocks]
     if args.bigg:
         models.append(("bigG", bigg_config()))

@@ -305,9 +305,10 @@ class SequentialPipeline:
                         device: torch.device, writer: ShardWriter | None, g: int, total: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         block = source.materialize(name, device)
-        fit_in = walk.batches(stack, "fit_dense")
+        fit_in = walk.batches(stack, "fit_dense") if walk.boundary.has("fit_dense") else []
         hold_in = walk.batches(stack, "hold_dense") if walk.boundary.has("hold_dense") else []
-        walk.note_output_kind(stack, block, fit_in[0], device)
+        if fit_in:
+            walk.note_output_kind(stack, block, fit_in[0], device)
         teacher = _frozen_copy(block)
         teacher_view = BlockView(name, teacher)
         fit_out = block_forward(teacher, fit_in, device)

@@ -78,6 +78,8 @@ class Walk:
     def begin_stack(self, fresh: bool) -> Stack:
         """Catch the next stack's inputs on every stream: its blocks' other arguments always, and with ``fresh``
         (not resumed inside it) its first hidden states into the boundary. Returns the stack."""
+        if not self.inputs:  # no calibration data: the stacks in module order, nothing caught
+            return next(s for s in self.stacks if s.name not in self.done)
         found = None
         for stream in self.inputs:
             name, calls = self.catch(stream)
