@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,7 +20,40 @@ from . import __version__
 from .errors import CheckpointError, ConfigError, EvaluationError, RCCError
 from .utils.progress import progress_bar
 
+
+def _value_names(command: Any, ctx: Any) -> None:
+    """What an option's help shows as its value: nothing for a flag or a counter (Typer would print ``<bool>``,
+    ``<int>``), the item type for a repeatable option (not ``<list[str]>``)."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is None or getattr(param, "metavar", None) is not None:
+            continue
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        elif getattr(param, "multiple", False) or param.nargs != 1:
+            item = param.display_type(ctx).replace("<list[", "<").replace("]>", ">")
+            if isinstance(param, typer.core.TyperArgument):  # NAME... and the item type, each in its column
+                param.metavar = param.name.upper()
+                param.display_type_rich = lambda ctx, item=item: item
+            else:
+                param.metavar = item
+
+
+class _Group(typer.core.TyperGroup):
+    """Commands whose ``--help`` names each option's value plainly (:func:`_value_names`)."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _value_names(command, ctx)
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _value_names(self, ctx)
+        super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="rcc",
     help="Recursive cascade compression of vision-language models (CLIP, BLIP).",
     no_args_is_help=True,
@@ -27,7 +61,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")]
+Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                      help="More log output (-v: the step log, -vv: debug).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML file.")]
 SetOpt = Annotated[
@@ -99,7 +134,6 @@ def compress(
     quiet: Quiet = False,
 ) -> None:
     """Compress a model through the configured cascade and print dense vs compressed."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -109,6 +143,7 @@ def compress(
     from .jobs.compress_sequential import run_compress_sequential
     from .jobs.sequential import choose_pipeline
     from .utils.io import directory_lock
+    from .utils.logging import console as new_console
     from .utils.logging import setup_logging
     from .utils.runs import RunRecord, new_run_dir
 
@@ -133,8 +168,8 @@ def compress(
             cfg.experiment.output_dir, cfg.experiment.name)
     run_lock = contextlib.ExitStack()  # held before anything is written: one process per run directory
     run_lock.enter_context(directory_lock(run_dir))
-    setup_logging(_verbosity(verbose, quiet), run_dir)
-    console = Console(stderr=True, quiet=quiet)
+    setup_logging(_verbosity(verbose, quiet), run_dir, default=logging.WARNING)  # the step log: run.log, or -v
+    console = new_console(stderr=True, quiet=quiet)
     with run_lock, RunRecord(run_dir, dump_config(cfg), cfg.experiment.seed) as record, Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
@@ -168,8 +203,9 @@ def compress(
         table.add_column(col, justify=just)
     for row in summary_rows(results):
         table.add_row(*row)
-    Console(width=max(Console().width, 110)).print(table)
-    typer.secho(outcome_sentence(outcome), fg=None if outcome["status"] == "met" else typer.colors.YELLOW, bold=True)
+    new_console(width=max(new_console().width, 110)).print(table)
+    typer.secho(outcome_sentence(outcome), fg=None if outcome["status"] == "met" else typer.colors.YELLOW, bold=True,
+                color=sys.stdout.isatty())
     typer.echo(f"run directory: {run_dir}")
 
 
@@ -313,12 +349,12 @@ def _train_reference(kind: str, out: Path, world: Path | None, seed: int, minute
     typer.echo(f"model written to {out}")
 
 
-world_app = typer.Typer(help="The reference world: generate it; train the bundled reference models on it.",
+world_app = typer.Typer(cls=_Group, help="The reference world: generate it; train the bundled reference models on it.",
                         no_args_is_help=True)
 app.add_typer(world_app, name="world")
 
 
-data_app = typer.Typer(help="Datasets: anonymise a copy; write or check a manifest of file digests.",
+data_app = typer.Typer(cls=_Group, help="Datasets: anonymise a copy; write or check a manifest of file digests.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -580,7 +616,8 @@ def export_cmd(
     typer.echo(line)
 
 
-keys_app = typer.Typer(help="API keys of the model server (the key file stores hashes only).", no_args_is_help=True)
+keys_app = typer.Typer(cls=_Group, help="API keys of the model server (the key file stores hashes only).",
+                       no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
 
@@ -784,7 +821,7 @@ def _alias(command: str) -> int:
 
 
 def compress_main() -> int:
-    """``rcc-compress``: the design document's alias of ``rcc compress``."""
+    """``rcc-compress``: an alias of ``rcc compress`` (README, "Command line")."""
     return _alias("compress")
 
 

@@ -30,7 +30,7 @@ STAGES: dict[str, tuple[type[StageConfig], type[Stage]]] = {
 
 
 class CascadeConfig(StrictModel):
-    """Keys of the cascade (defaults from the design document)."""
+    """Keys of the cascade (defaults: docs/guides/stages.md, "The cascade")."""
 
     stages: list[str] = Field(
         default_factory=lambda: ["dare", "nullu", "alphaedit"],

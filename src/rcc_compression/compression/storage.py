@@ -28,7 +28,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import reprlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from ..utils.io import (
     sha256_file,
 )
 from ..utils.logging import get_logger
+from ..utils.schema import short
 from .layers import (
     ACT_BITS,
     CompressedLinear,
@@ -64,6 +64,7 @@ from .layers import (
     unpack_codes,
 )
 from .quant import BITS, part_bytes
+from .records import step_records
 
 log = get_logger("storage")
 
@@ -89,17 +90,6 @@ MODEL_CLASSES = {
     "SiglipModel": ("SiglipModel", "SiglipConfig"),
     "LlavaForConditionalGeneration": ("LlavaForConditionalGeneration", "LlavaConfig"),
 }
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 4, 4, 4, 4
-
-
-def _short(value: Any) -> str:
-    """A bounded repr for error messages (a manifest field may hold anything)."""
-    text = _REPR.repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
 
 # ------------------------------------------------------------------------------ encodings
 def _index_dtype(n: int) -> torch.dtype:
@@ -548,10 +538,10 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{where}: manifest must be a JSON object")
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: not an {FORMAT} manifest (format={_short(manifest.get('format'))})")
+        raise CheckpointError(f"{where}: not an {FORMAT} manifest (format={short(manifest.get('format'))})")
     version = manifest.get("format_version")
     if version not in READABLE_VERSIONS or isinstance(version, bool):
-        raise CheckpointError(f"{where}: unknown format_version {_short(version)}; this version reads "
+        raise CheckpointError(f"{where}: unknown format_version {short(version)}; this version reads "
                               f"{', '.join(map(str, READABLE_VERSIONS))}")
     if not isinstance(manifest.get("encrypted", False), bool):
         raise CheckpointError(f"{where}: field 'encrypted' must be true or false")
@@ -559,47 +549,50 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
     if inference is not None and not (isinstance(inference, dict)
                                       and inference.get("dtype") in ("float32", "bfloat16", "float16")):
         raise CheckpointError(f"{where}: field 'inference' must name a dtype (float32, bfloat16, float16), "
-                              f"got {_short(inference)}")
+                              f"got {short(inference)}")
     for key, typ in (("files", dict), ("layers", dict), ("model", dict), ("aliases", dict)):
         if not isinstance(manifest.get(key), typ):
             raise CheckpointError(f"{where}: field {key!r} missing or not a {typ.__name__}")
     shards = manifest.get("shards", [])
     if not isinstance(shards, list) or any(not isinstance(r, str) or r not in manifest["files"] for r in shards):
-        raise CheckpointError(f"{where}: field 'shards' must list files the manifest lists, got {_short(shards)}")
+        raise CheckpointError(f"{where}: field 'shards' must list files the manifest lists, got {short(shards)}")
+    if not isinstance(manifest.get("stages") or [], list):
+        raise CheckpointError(f"{where}: field 'stages' must be a list of records")
+    step_records(manifest.get("stages") or [], where=f"{where}: stages")  # typed, versioned step records
     for rel, entry in manifest["files"].items():
         if (not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\x00" in rel or "\\" in rel
                 or any(part in ("", ".", "..") for part in rel.split("/"))):
-            raise CheckpointError(f"{where}: illegal file path {_short(rel)}")
+            raise CheckpointError(f"{where}: illegal file path {short(rel)}")
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            raise CheckpointError(f"{where}: file entry {_short(rel)} needs a sha256")
+            raise CheckpointError(f"{where}: file entry {short(rel)} needs a sha256")
         size = entry.get("bytes")
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise CheckpointError(f"{where}: file entry {_short(rel)}: bytes must be a non-negative integer")
+            raise CheckpointError(f"{where}: file entry {short(rel)}: bytes must be a non-negative integer")
     for name, info in manifest["layers"].items():
         if not isinstance(info, dict):
-            raise CheckpointError(f"{where}: layer entry {_short(name)} must be an object")
+            raise CheckpointError(f"{where}: layer entry {short(name)} must be an object")
         for k in ("in_features", "out_features"):
             v = info.get(k)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise CheckpointError(f"{where}: layer {_short(name)}: {k} must be a positive integer")
+                raise CheckpointError(f"{where}: layer {short(name)}: {k} must be a positive integer")
         if info.get("dtype") not in ("float32", "float16", "bfloat16", "float64"):
-            raise CheckpointError(f"{where}: layer {_short(name)}: unsupported dtype {_short(info.get('dtype'))}")
+            raise CheckpointError(f"{where}: layer {short(name)}: unsupported dtype {short(info.get('dtype'))}")
         if info.get("encoding") not in (None, "dense", "bitmask", "csr"):
-            raise CheckpointError(f"{where}: layer {_short(name)}: unknown encoding {_short(info.get('encoding'))}")
+            raise CheckpointError(f"{where}: layer {short(name)}: unknown encoding {short(info.get('encoding'))}")
         quant = info.get("quant") or {}
         if not isinstance(quant, dict):
-            raise CheckpointError(f"{where}: layer {_short(name)}: field 'quant' must be an object")
+            raise CheckpointError(f"{where}: layer {short(name)}: field 'quant' must be an object")
         for part, spec in quant.items():
             ok = (part in ("weight", "lr_A", "lr_B") and isinstance(spec, dict) and spec.get("bits") in BITS
                   and isinstance(spec.get("group_size"), int) and not isinstance(spec.get("group_size"), bool)
                   and spec["group_size"] > 0 and isinstance(spec.get("symmetric", True), bool))
             if not ok:
-                raise CheckpointError(f"{where}: layer {_short(name)}: bad quantized part {_short(part)}: "
-                                      f"{_short(spec)} (bits one of {BITS}, a positive group_size)")
+                raise CheckpointError(f"{where}: layer {short(name)}: bad quantized part {short(part)}: "
+                                      f"{short(spec)} (bits one of {BITS}, a positive group_size)")
         act = info.get("activations")
         if act is not None and not (isinstance(act, dict) and act.get("bits") in ACT_BITS
                                     and act.get("granularity", "token") == "token"):
-            raise CheckpointError(f"{where}: layer {_short(name)}: bad activations entry {_short(act)} "
+            raise CheckpointError(f"{where}: layer {short(name)}: bad activations entry {short(act)} "
                                   f"(bits one of {ACT_BITS}, granularity 'token')")
     return manifest
 

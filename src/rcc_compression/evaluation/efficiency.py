@@ -1,4 +1,4 @@
-"""Efficiency metrics (design document section 3.5): parameters, bytes, FLOPs, latency, memory.
+"""Efficiency metrics (docs/evaluation.md): parameters, bytes, FLOPs, latency, memory.
 
 Counts distinguish what a compressed model *stores* from the dense model it replaces, and FLOPs
 come in three labelled kinds: ``dense`` (the uncompressed model, ``FlopCounterMode``),

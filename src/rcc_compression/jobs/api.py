@@ -1,4 +1,5 @@
-"""The public API (design document section 11.1): ``compress_model`` and ``CompressionPipeline``.
+"""The public API (README's quick start, docs/guides/compress-your-model.md): ``compress_model`` and
+``CompressionPipeline``.
 
 Both run the engine (:mod:`rcc_compression.compression`) with distillation wired in: the engine
 does not train, so the stages' distillation (``dare`` between rounds, ``alphaedit`` scaling)
@@ -70,7 +71,7 @@ class CompressionPipeline(CascadePipeline):
         self.training = training
         self.allow_unpaired = allow_unpaired
 
-    def run(self, model: nn.Module, resume: bool = False) -> nn.Module:
+    def compress(self, model: nn.Module, resume: bool = False) -> nn.Module:
         """Run the cascade; a model that calibrates on image-text pairs refuses to run on noise.
 
         Without ``calibration_data`` a model that is not bundled would calibrate on random inputs;
@@ -84,9 +85,7 @@ class CompressionPipeline(CascadePipeline):
                 "calibrate on random inputs anyway")
         if self.calibration is not None:
             check_paired_batches(model, self.calibration, self.allow_unpaired)
-        return super().run(model, resume=resume)
-
-    compress = run
+        return super().compress(model, resume=resume)
 
     def _prepare(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
         world = None
@@ -230,7 +229,7 @@ def compress_model(
                                                                r["step"] + 1, len(pipe.steps())),
                                    run_config=cfg.model_dump(mode="json"), training=cfg.training,
                                    allow_unpaired=cfg.calibration.allow_unpaired)
-        out = pipe.run(wrapper_or_module)
+        out = pipe.compress(wrapper_or_module)
     summary = compression_summary(inner)
     stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results(),
                              "calibration": calibration_source,

@@ -123,11 +123,19 @@ def fit_and_holdout(model: Any, wrapper: nn.Module, cfg: RCCConfig, seed: int,
         calibration_data, source = default_calibration(model, wrapper, cfg, seed)
     calibration_data = list(calibration_data)
     check_paired_batches(wrapper, calibration_data, cfg.calibration.allow_unpaired)
-    fit, holdout = calibration_data, (list(holdout_data) if holdout_data is not None else None)
-    if holdout is None and source == "world":
-        n_hold = cfg.calibration.holdout_batches
-        fit, holdout = (calibration_data[:-n_hold], calibration_data[-n_hold:]) if n_hold else (fit, [])
-    elif holdout is None and len(calibration_data) >= 3:
-        n_hold = min(2, len(calibration_data) // 3)
-        fit, holdout = calibration_data[:-n_hold], calibration_data[-n_hold:]
+    fit, holdout = split_holdout(calibration_data, holdout_data, source, cfg)
     return fit, holdout, source
+
+
+def split_holdout(calibration_data: list[Any], holdout_data: Iterable[Mapping[str, Any]] | None, source: str,
+                  cfg: RCCConfig) -> tuple[list[Any], list[Any] | None]:
+    """The calibration batches planning fits on and the holdout the gate scores (kept apart before any planning)."""
+    if holdout_data is not None:
+        return calibration_data, list(holdout_data)
+    if source == "world":
+        n_hold = cfg.calibration.holdout_batches
+        return (calibration_data[:-n_hold], calibration_data[-n_hold:]) if n_hold else (calibration_data, [])
+    if len(calibration_data) >= 3:
+        n_hold = min(2, len(calibration_data) // 3)
+        return calibration_data[:-n_hold], calibration_data[-n_hold:]
+    return calibration_data, None

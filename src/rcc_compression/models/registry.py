@@ -199,7 +199,7 @@ def _from_hub(model_id: str, model_type: str | None, dtype: str) -> ModelWrapper
 
 def get_model(
     name_or_path: str | os.PathLike[str] | nn.Module,
-    type: str | None = None,  # noqa: A002 - the design document's keyword
+    type: str | None = None,  # noqa: A002 - the config's key name (model.type)
     dtype: str = "float32",
     seed: int = 0,
 ) -> ModelWrapper:
