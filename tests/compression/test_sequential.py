@@ -121,7 +121,7 @@ def test_fixed_config_gives_the_whole_pipelines_codes(tiny_clip):
     seq, whole = copy.deepcopy(tiny_clip.model), copy.deepcopy(tiny_clip.model)
     res = SequentialPipeline(CompressionSection.model_validate(GPTQ4), calibration_data=fit,
                              holdout_data=hold).run(ResidentSource(seq))
-    CascadePipeline(CompressionSection.model_validate(GPTQ4), calibration_data=fit, holdout_data=hold).run(whole)
+    CascadePipeline(CompressionSection.model_validate(GPTQ4), calibration_data=fit, holdout_data=hold).compress(whole)
     a, b = compressed_layers(seq), compressed_layers(whole)
     assert a.keys() == b.keys() and len(a) == 24
     for name in a:
@@ -144,6 +144,7 @@ def test_rate_zero_checkpoints_are_identical(saved_clip, tmp_path, method):
                          run_dir=tmp_path / "run")
     manifest = read_manifest(tmp_path / "run" / "compressed")
     assert manifest["format_version"] == 4 and len(manifest["shards"]) == 4
+    assert [b["index"] for b in manifest["pipeline"]["blocks"]] == [0, 1, 2, 3] and manifest["stages"] == []
     _same_checkpoint(tmp_path / "whole", tmp_path / "run" / "compressed")
     assert isinstance(seq, CLIPWrapper) and seq.tokenizer is not None  # processors saved and loaded
     assert [b["block"] for b in seq.compression_stats["pipeline"]["blocks"]] == [
@@ -339,7 +340,7 @@ def test_without_calibration_data_blocks_are_walked_in_module_order(tiny_clip):
                "quant": {"bits": 8, "rounding": "nearest"}}
     seq, whole = copy.deepcopy(tiny_clip.model), copy.deepcopy(tiny_clip.model)
     res = SequentialPipeline(CompressionSection.model_validate(section)).run(ResidentSource(seq))
-    CascadePipeline(CompressionSection.model_validate(section), num_synthetic_batches=0).run(whole)
+    CascadePipeline(CompressionSection.model_validate(section), num_synthetic_batches=0).compress(whole)
     assert [b["block"] for b in res.blocks][0] == "text_model.encoder.layers.0"  # module order, nothing caught
     a, b = compressed_layers(seq), compressed_layers(whole)
     assert a.keys() == b.keys() and len(a) == 24

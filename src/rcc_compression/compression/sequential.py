@@ -270,8 +270,9 @@ class SequentialPipeline:
         manifest = None
         if writer is not None:
             manifest = writer.finish(wrapper if wrapper is not None else model, self.output_dir, self.shards,
-                                     config=self.run_config, records=self.records,
-                                     extra={"pipeline": "sequential", "gate": gate, "plan": self.plan})
+                                     config=self.run_config, records=[],  # no cascade steps: per-block records
+                                     extra={"pipeline": {"name": "sequential", "blocks": self.records},
+                                            "gate": gate, "plan": self.plan})
             progress.update(phase="done", gate=gate)
             self.write_progress(progress)
         return SequentialResult(model, self.records, self.plan, gate, self.output_dir if writer else None,
