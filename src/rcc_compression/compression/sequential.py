@@ -30,6 +30,7 @@ need a backward pass through the whole model; protections apply by role).
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import re
 import time
@@ -345,6 +346,7 @@ class SequentialPipeline:
             self.shards.append(writer.write_block(g, name, block))
         del teacher, teacher_view, ctx, view, layers, block
         source.release(name)
+        gc.collect()  # a block's modules hold reference cycles: free them now, not at some later collection
         release_memory()
         record.update(seconds=round(time.perf_counter() - t0, 3), peak_rss=peak_resident_bytes(),
                       rss=resident_bytes(), resident_tensor_bytes=source.resident_bytes())
