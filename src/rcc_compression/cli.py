@@ -140,6 +140,8 @@ def compress(
     from .config import dump_config, load_config
     from .jobs.common import checkpoint_key, prepare_run_dir
     from .jobs.compress import outcome_sentence, run_compress, summary_rows
+    from .jobs.compress_sequential import run_compress_sequential
+    from .jobs.sequential import choose_pipeline
     from .utils.io import directory_lock
     from .utils.logging import console as new_console
     from .utils.logging import setup_logging
@@ -184,8 +186,14 @@ def compress(
         def on_step(rec: dict) -> None:
             bar.update(steps, advance=1, description=f"step {rec['step'] + 1}: {rec['stage']} round {rec['round']}")
 
-        results = run_compress(cfg, run_dir, resume=resume is not None, progress=on_layer, step_callback=on_step,
-                               evaluate=not no_eval, encrypt_key=key)
+        chosen = choose_pipeline(cfg.model.name, cfg.compression.cascade.pipeline, cfg)
+        record.update(pipeline={"name": chosen.name, "why": chosen.why})
+        if chosen.name == "sequential":  # a block at a time: the bar shows each block's time and peak memory
+            results = run_compress_sequential(cfg, run_dir, chosen, resume=resume is not None, progress=on_layer,
+                                              evaluate=not no_eval, encrypt_key=key)
+        else:
+            results = run_compress(cfg, run_dir, resume=resume is not None, progress=on_layer,
+                                   step_callback=on_step, evaluate=not no_eval, encrypt_key=key)
         record.update(results={"stopped_early": results["stopped_early"], "gate": results["gate"],
                                "quality": results["quality"], "outcome": results["outcome"]})
     outcome = results["outcome"]

@@ -84,7 +84,7 @@ def _edit_manifest(**fields):
         m.update(fields)
         (path / "manifest.json").write_text(json.dumps(m))
         return {
-            "format_version": f"{path / 'manifest.json'}: unknown format_version 4; this version reads 1, 2, 3",
+            "format_version": f"{path / 'manifest.json'}: unknown format_version 5; this version reads 1, 2, 3, 4",
             "format": f"{path / 'manifest.json'}: not an rcc-compressed manifest (format='safetensors')",
             "files": f"{path / 'manifest.json'}: illegal file path '../../etc/passwd'",
         }[next(iter(fields))]
@@ -103,9 +103,9 @@ def _not_utf8(path: Path) -> str:
 
 
 @pytest.mark.parametrize("damage", [
-    _truncate, _flip_bit, _remove, _no_manifest, _edit_manifest(format_version=4), _edit_manifest(format="safetensors"),
+    _truncate, _flip_bit, _remove, _no_manifest, _edit_manifest(format_version=5), _edit_manifest(format="safetensors"),
     _edit_manifest(files={"../../etc/passwd": {"sha256": "0" * 64}}), _malformed_json, _not_utf8,
-], ids=["truncated", "bit-flip", "missing-file", "no-manifest", "format-version-4", "foreign-format",
+], ids=["truncated", "bit-flip", "missing-file", "no-manifest", "format-version-5", "foreign-format",
         "path-escape", "malformed-json", "not-utf8"])
 def test_damaged_checkpoint_is_refused_with_a_clear_error(ckpt, damage):
     path, _ = ckpt

@@ -614,28 +614,70 @@ def plan_layers(
     bytes and estimated error, the predicted rate and the mean estimated error. Raises
     :class:`CompressionError` when the rate is out of reach.
     """
-    if not 0.0 <= rate < 1.0:
-        raise CompressionError(f"compression_rate must be in [0, 1), got {rate}")
     reserved = list(reserved) if reserved is not None else [0] * len(shapes)
-    rest = rest_bytes if scope == "model" else 0
-    budget = _Budget(sum(s.dense_bytes for s in shapes) + rest, rest, sum(reserved), rate)
+    budget = _budget(shapes, rate, reserved, rest_bytes, scope)
     sens = list(sensitivity) if sensitivity is not None else [None] * len(shapes)
     weighted = all(x is not None for x in sens)
+    build = {"scorer": scorer, "prune_scope": prune_scope, "damping": damping, "rounding": rounding,
+             "act_order": act_order, "clip_search": clip_search}
     options: list[list[Choice]] = []
     full: dict[int, list[Choice]] = {}  # protected layers' unfiltered candidates
     for i, (w, g, shape, d) in enumerate(zip(weights, grams, shapes, dims, strict=True)):
-        options.append(layer_choices(w, g, shape, sparse="sparsity" in d, lowrank="rank" in d, quant="bits" in d,
-                                     scorer=scorer, prune_scope=prune_scope, damping=damping, rounding=rounding,
-                                     row_weight=sens[i] if weighted else None, act_order=act_order,
-                                     clip_search=clip_search))
-        if min_bits and names[i] in min_bits:
-            full[i] = options[-1]
-            options[-1] = [c for c in options[-1] if keeps_precision(c, min_bits[names[i]])] or options[-1]
+        opts, unfiltered = score_layer(w, g, shape, d, min_bits=(min_bits or {}).get(names[i]),
+                                       row_weight=sens[i] if weighted else None, **build)
+        options.append(opts)
+        if unfiltered is not None:
+            full[i] = unfiltered
         release_memory()  # the candidates' temporaries: hand their pages back before the next layer
         if on_layer is not None:
             on_layer(i, options, budget.layers)
         if progress is not None:
             progress("plan", i + 1, len(shapes))
+    return finish_plan(names, options, full, shapes, rate, dims=dims, reserved=reserved, rest_bytes=rest_bytes,
+                       scope=scope, rounding=rounding, weighted=weighted, min_bits=min_bits)
+
+
+def score_layer(weight: torch.Tensor, gram: torch.Tensor | None, shape: LayerShape, dims: Collection[str], *,
+                min_bits: int | None = None, row_weight: torch.Tensor | None = None, scorer: str = "magnitude",
+                prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq", act_order: bool = False,
+                clip_search: bool = False) -> tuple[list[Choice], list[Choice] | None]:
+    """``(candidates the plan may pick, all candidates when ``min_bits`` filtered them, else None)`` of one layer
+    over its plan dimensions (:func:`layer_choices`); ``min_bits``: the layer keeps that precision
+    (:func:`keeps_precision`) unless the rate needs its bytes (:func:`finish_plan` releases it)."""
+    options = layer_choices(weight, gram, shape, sparse="sparsity" in dims, lowrank="rank" in dims,
+                            quant="bits" in dims, scorer=scorer, prune_scope=prune_scope, damping=damping,
+                            rounding=rounding, row_weight=row_weight, act_order=act_order, clip_search=clip_search)
+    if min_bits is None:
+        return options, None
+    return [c for c in options if keeps_precision(c, min_bits)] or options, options
+
+
+def plan_budget(shapes: Sequence[LayerShape], rate: float, reserved: Sequence[int], rest_bytes: int = 0,
+                scope: str = "layers") -> tuple[float, int, int]:
+    """``(bytes the planned layers may store, bytes reserved after the plan, dense bytes rates count against)``."""
+    budget = _budget(shapes, rate, reserved, rest_bytes, scope)
+    return budget.layers, budget.fixed, budget.total_dense
+
+
+def _budget(shapes: Sequence[LayerShape], rate: float, reserved: Sequence[int], rest_bytes: int, scope: str
+            ) -> _Budget:
+    if not 0.0 <= rate < 1.0:
+        raise CompressionError(f"compression_rate must be in [0, 1), got {rate}")
+    rest = rest_bytes if scope == "model" else 0
+    return _Budget(sum(s.dense_bytes for s in shapes) + rest, rest, sum(reserved), rate)
+
+
+def finish_plan(names: Sequence[str], options: list[list[Choice]], full: dict[int, list[Choice]],
+                shapes: Sequence[LayerShape], rate: float, *, dims: Sequence[Collection[str]],
+                reserved: Sequence[int], rest_bytes: int = 0, scope: str = "layers", rounding: str = "gptq",
+                weighted: bool = False, min_bits: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The plan from every layer's scored candidates (``options``; ``full``: protected layers' unfiltered ones):
+    protections released from the least important while the rate is out of reach with them, one allocation
+    (:func:`allocate`), and the single-stage plans at the same bytes (and the plan without protections) listed
+    as alternatives. Used by :func:`plan_layers` and by the sequential pipeline's survey (candidates scored a
+    block at a time)."""
+    budget = _budget(shapes, rate, reserved, rest_bytes, scope)
+    options = list(options)
     used = [k for k in ("bits", "sparsity", "rank") if any(k in d for d in dims)]
     released = _release_protections(names, options, full, min_bits or {}, budget.layers)
     budget.check(options, used)
