@@ -86,8 +86,10 @@ def test_every_config_key_has_a_meaning() -> None:
 
 
 def test_sources_cite_pages_and_papers() -> None:
-    """Docstrings cite a page of the docs or a paper, never a document that is not in the repository."""
-    hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "src").rglob("*.py"))
+    """Docstrings and docs cite a page of the docs or a paper, never a document that is not in the repository."""
+    files = [*(ROOT / "src").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "docs").rglob("*.md"),
+             ROOT / "README.md", ROOT / "CONTRIBUTING.md"]
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted(files)
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "design document" in line]
     assert not hits, hits
 
