@@ -13,6 +13,7 @@ without fine-tuning:
 
 Each compression prints its per-tower bytes and the output agreement with only that tower
 compressed. Calibration: 8 batches of 16 world train images (captions and questions), 2 held out.
+``--no-protect`` turns the towers' default protections off (``compression.towers.protect: []``).
 
 Usage: python benchmarks/generative_vlm.py [--ratios 4,8] [--model-ratios 2,3] [--max-items N] [--json out.json]
 """
@@ -43,9 +44,11 @@ def quality(model: Any, max_items: int | None) -> dict[str, float]:
             "VQA": r["vqa"]["world:vqa"]["metrics"]["accuracy"]["value"]}
 
 
-def compress(rate: float, scope: str, skip_vision: bool) -> tuple[Any, float]:
+def compress(rate: float, scope: str, skip_vision: bool, protect: bool = True) -> tuple[Any, float]:
     """A compressed copy of the reference model and the seconds it took."""
     comp: dict[str, Any] = {k: dict(v) for k, v in STAGES.items()}
+    if not protect:
+        comp["towers"] = {"protect": []}
     if skip_vision:
         for stage in ("dare", "nullu", "quant"):
             comp.setdefault(stage, {})["ignore"] = SKIP_VISION
@@ -69,6 +72,7 @@ def main() -> None:
     ap.add_argument("--model-ratios", default="2,3", help="whole-model size ratios: vision quantized vs skipped")
     ap.add_argument("--max-items", type=int, default=None, help="evaluate a seeded subset (default: all)")
     ap.add_argument("--json", default=None, help="write every figure here")
+    ap.add_argument("--no-protect", action="store_true", help="compression.towers.protect: [] (no protected layers)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dense = quality(get_model(MODEL), args.max_items)
@@ -80,13 +84,15 @@ def main() -> None:
         runs += [(float(r), rate, "model", False, "vision quantized"), (float(r), rate, "model", True,
                                                                          "vision skipped")]
     for ratio, rate, scope, skip, label in runs:
-        model, secs = compress(rate, scope, skip)
+        model, secs = compress(rate, scope, skip, protect=not args.no_protect)
         q = quality(model, args.max_items)
         row = {"ratio": ratio, "rate": rate, "scope": scope, "method": label,
                "achieved_rate": model.compression_stats["achieved_rate"], "seconds": round(secs, 1),
                "CIDEr": q["CIDEr"], "VQA": q["VQA"], "CIDEr_retention": q["CIDEr"] / dense["CIDEr"],
                "VQA_retention": q["VQA"] / dense["VQA"], "towers": model.compression_stats["towers"],
-               "stages": model.compression_stats.get("plan", {}).get("stages")}
+               "stages": model.compression_stats.get("plan", {}).get("stages"),
+               "plan_choice": (model.compression_stats.get("plan_choice") or {}).get("chosen"),
+               "protection": (model.compression_stats.get("plan") or {}).get("towers", {}).get("protection")}
         rows.append(row)
         target = TARGETS.get(int(ratio)) if scope == "layers" else None
         kept = min(row["CIDEr_retention"], row["VQA_retention"])
@@ -95,6 +101,10 @@ def main() -> None:
               f"CIDEr {q['CIDEr']:.4f} ({row['CIDEr_retention']:.2%}), VQA {q['VQA']:.4f} "
               f"({row['VQA_retention']:.2%}){verdict}")
         print("\n".join(tower_lines(model)))
+        prot = row["protection"] or {}
+        print(f"    plan kept after the end-to-end check: {row['plan_choice'] or 'per-layer plan'}; protected "
+              f"{len(prot.get('protected', {}))} layers (lifted {len(prot.get('lifted', {}))}, released "
+              f"{len(prot.get('released', []))})")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"model": MODEL, "dense": dense, "rows": rows}, fh, indent=1, default=str)

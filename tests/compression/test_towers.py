@@ -189,6 +189,11 @@ def test_plan_keeps_protected_layers_at_8_bits_unless_measured_idle():
                                                                       "symmetric", "rank", "factor_bits",
                                                                       "keep_s")}), 8)]
     assert below
+    # the protections are a prior: the same bytes without them are measured end to end, and the run records it
+    assert "without protections" in plan["alternatives"]
+    candidates = model.compression_stats["plan_choice"]["candidates"]
+    assert {"per-layer plan", "without protections"} <= set(candidates)
+    assert all(c["output_error"] >= 0 for c in candidates.values())
 
 
 

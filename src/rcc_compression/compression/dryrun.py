@@ -90,8 +90,11 @@ def dry_run_report(model: nn.Module, section: Any, plan: Mapping[str, Any] | Non
               "dense_bytes": sum(r.dense_bytes for r in rows),
               "planned_bytes": sum(r.planned_bytes or 0 for r in rows) if known else None,
               "stages": stages}
-    return {"layers": [r.to_dict() for r in rows], "towers": towers, "totals": totals,
-            "plan": {k: v for k, v in (plan or {}).items() if k != "layers"} or None}
+    summary = {k: v for k, v in (plan or {}).items() if k not in ("layers", "alternatives")} or None
+    if summary is not None:  # the other plans at the same bytes, which the run measures end to end
+        summary["alternatives"] = sorted(k for k, v in (plan or {}).get("alternatives", {}).items()
+                                         if "layers" in v)
+    return {"layers": [r.to_dict() for r in rows], "towers": towers, "totals": totals, "plan": summary}
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -116,6 +119,10 @@ def format_report(report: Mapping[str, Any]) -> str:
     planned = f"{tot['planned_bytes']:,}" if tot["planned_bytes"] is not None else "decided at run time"
     lines.append(f"total: {tot['selected']}/{tot['linear']} Linear layers compressed by "
                  f"{' -> '.join(tot['stages'])}; {tot['dense_bytes']:,} dense bytes -> {planned}")
+    alts = (report.get("plan") or {}).get("alternatives")
+    if alts:
+        lines.append("the run also measures, end to end at the same bytes, the plans " + ", ".join(alts)
+                     + ", and keeps the one the gate and the output error favour (formats above: the per-layer plan)")
     return "\n".join(lines) + "\n"
 
 

@@ -577,7 +577,8 @@ def plan_layers(
     installs provisional choices there). ``min_bits`` keeps the named layers at that precision or
     more (:func:`keeps_precision`; the towers' protections, most important first): where the rate is
     out of reach with all of them, the last ones are released until it is not (``released``
-    in the plan). Returns the plan: per layer its choice,
+    in the plan); the plan over the same candidates without them is an alternative (``without
+    protections``) the cascade measures end to end. Returns the plan: per layer its choice,
     bytes and estimated error, the predicted rate and the mean estimated error. Raises
     :class:`CompressionError` when the rate is out of reach.
     """
@@ -652,8 +653,16 @@ def plan_layers(
         alt = planned(only)
         if alt["layers"] != out["layers"]:
             alternatives[dim] = alt
+    if full:  # the protections are a prior: the same bytes without them are measured end to end too
+        alt = planned([full.get(i, o) for i, o in enumerate(options)])
+        if alt["layers"] != out["layers"]:
+            alternatives[UNPROTECTED] = alt
     out["alternatives"] = alternatives
     return out
+
+
+#: the alternative plan without the towers' protections
+UNPROTECTED = "without protections"
 
 
 def keeps_precision(c: Choice, bits: int) -> bool:

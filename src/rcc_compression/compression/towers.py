@@ -12,7 +12,9 @@ tolerate compression alike, so a run measures them apart:
   planner weighs its errors with its own gradient-based output sensitivity);
 * :func:`protected_layers`: the layers the defaults keep at ``protect_bits`` or more (the patch
   embedding, the projector, the first and last block of every stack) unless the measurement shows
-  they matter no more than a typical layer ("lifted", with the numbers recorded);
+  they matter no more than a typical layer ("lifted", with the numbers recorded); the planner
+  releases the least sensitive where the rate needs their bytes, and the plan without them is
+  measured end to end beside the protected one (the protections are a prior, not a rule);
 * :func:`tower_quality`: the output agreement of the model with only one tower compressed, so
   a run says which tower its loss comes from.
 """
