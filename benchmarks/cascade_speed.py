@@ -81,7 +81,7 @@ def memory_child(rounds: int | None, device: torch.device, offload: str) -> dict
         torch.cuda.reset_peak_memory_stats()
     pipe = default_cascade(rounds, device, offload)
     t0 = time.perf_counter()
-    pipe.run(model)
+    pipe.compress(model)
     out = {"rounds": pipe.rounds, "offload": offload, "seconds": time.perf_counter() - t0,
            "model_bytes": model_bytes, "rss_after_import": base, "rss_model_loaded": loaded,
            "peak_rss": peak_resident_bytes()}
@@ -148,7 +148,7 @@ def main() -> None:
     svd_s = svd_baseline(model.model, names, device)
     sync(device)
     t0 = time.perf_counter()
-    pipe.run(model)
+    pipe.compress(model)
     sync(device)
     cascade_s = time.perf_counter() - t0
     per_stage: dict[str, float] = {}

@@ -45,7 +45,7 @@ def pruned(wrapper: Any, batch: dict[str, torch.Tensor], device: torch.device) -
     student = copy.deepcopy(wrapper)
     cfg = {"cascade": {"stages": ["dare"], "validation_threshold": 0.0},
            "dare": {"pruning_rate": 0.5, "iterations": 1, "fine_tune_epochs": 0}}
-    CascadePipeline(cfg, calibration_data=[batch], holdout_data=[batch], device=device).run(student)
+    CascadePipeline(cfg, calibration_data=[batch], holdout_data=[batch], device=device).compress(student)
     return student.model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,35 @@ def test_help_lists_only_registered_commands(capsys):
     for name in names:
         assert name in out
     assert "compress" in names
+
+
+def _commands(group, prefix=()):
+    import click
+
+    ctx = click.Context(group, info_name="rcc")
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        yield (*prefix, name)
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*prefix, name))
+
+
+def test_help_names_option_values_plainly(capsys):
+    """Flags and counters show no value, repeatable options and arguments their item type: no ``<bool>``,
+    ``<int>`` on ``-v`` or ``<list[str]>``."""
+    import typer
+
+    commands = [(), *_commands(typer.main.get_command(app))]
+    assert len(commands) > 15
+    for path in commands:
+        assert main([*path, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "Show this message and exit." in out, path
+        for bad in ("<bool>", "<list["):
+            assert bad not in out, (path, bad)
+        assert not re.search(r"--verbose\s+-v\s+<", out), path
+        if path == ("compress",):
+            assert "--set        -s      <str>" in out and "--overwrite                  Replace" in out
 
 
 @pytest.mark.parametrize("setting,expected", [

@@ -6,22 +6,24 @@ The design's files are copied verbatim under ``tests/fixtures/design`` (section 
 
 from __future__ import annotations
 
-import ast
 import json
+import types
+import typing
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
-import rcc_compression
-from rcc_compression.compression.registry import STAGES
-from rcc_compression.config import READERS, RCCConfig, dump_config, load_config
+from rcc_compression.config import RCCConfig, dump_config, load_config
 from rcc_compression.errors import ConfigError
+from rcc_compression.utils.runs import RunRecord
 
 from .conftest import write
 
 DESIGN = Path(__file__).resolve().parent / "fixtures" / "design" / "experiments" / "clip_full_pipeline.yaml"
-PACKAGE = Path(rcc_compression.__file__).resolve().parent
 
 
 # ------------------------------------------------------------------------------------ the design's own file
@@ -92,48 +94,134 @@ def test_metrics_default_to_what_the_benchmarks_measure():
     assert c.evaluation.measures() == ["accuracy"]  # no efficiency profile asked for
 
 
-# ------------------------------------------------------------------------------- every key is read by someone
-def _sections() -> list:
-    out = [pytest.param(name, field.annotation, id=name)
-           for name, field in RCCConfig.model_fields.items() if name != "compression"]
-    compression = RCCConfig.model_fields["compression"].annotation.model_fields
-    return [*out, *(pytest.param(f"compression.{k}", compression[k].annotation, id=f"compression.{k}")
-                    for k in ("cascade", "towers"))]
+# ------------------------------------------------------------------ every key reaches the run's record
+#: keys whose non-default value the generator below cannot invent (other keys' constraints, cross-checks)
+OTHER_VALUES: dict[str, Any] = {
+    "experiment.device": "cpu",
+    "model.name": "tiny-clip",
+    "compression.cascade.stages": ["nullu", "dare"],
+    "evaluation.benchmarks": ["retrieval"],
+    "evaluation.metrics": ["accuracy", "retrieval"],
+    "training.monitor": "val_agreement",
+    "training.privacy": {"epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 0.5, "noise_multiplier": 1.1,
+                         "accountant": "prv"},
+    "compression.dare.nm": "2:4",
+    "compression.quant.layers": {"fc1": {"bits": 4, "factor_bits": 8, "group_size": 32, "symmetric": False,
+                                         "activations": "int8"}},
+    "compression.nullu.layers": [1],
+}
 
 
-def _reads(module: str, key: str) -> bool:
-    """Whether ``module`` reads ``key``: an attribute access ``x.key`` or the name as a string (``getattr``)."""
-    source = PACKAGE.parent / (module.replace(".", "/") + ".py")
-    if not source.is_file():
-        source = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
-    tree = ast.parse(source.read_text(encoding="utf-8"))
-    return any((isinstance(n, ast.Attribute) and n.attr == key and isinstance(n.ctx, ast.Load))
-               or (isinstance(n, ast.Constant) and n.value == key) for n in ast.walk(tree))
+def _leaves(model: type[BaseModel], prefix: str = "") -> list[tuple[str, FieldInfo]]:
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _leaves(ann, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", field))
+    return out
 
 
-@pytest.mark.parametrize(("section", "model"), _sections())
-def test_every_key_of_a_section_has_a_reader(section, model):
-    """Each key is listed in ``config.READERS`` with the modules that read it, and those modules do read it."""
-    for key in model.model_fields:
-        path = f"{section}.{key}"
-        assert path in READERS, f"{path}: no job reads this key; use it or refuse it, and list it in config.READERS"
-        readers = READERS[path]
-        assert readers, path
-        missing = [m for m in readers if not _reads(m, key)]
-        assert not missing, f"{path}: listed readers {missing} never read it"
-    stale = [p for p in READERS if p.startswith(section + ".") and p[len(section) + 1:] not in model.model_fields]
-    assert not stale, f"READERS lists keys that do not exist: {stale}"
+def _number(kind: type, default: Any, metadata: list) -> Any:
+    lo = next((m.ge if hasattr(m, "ge") else m.gt for m in metadata if hasattr(m, "ge") or hasattr(m, "gt")), None)
+    hi = next((m.le if hasattr(m, "le") else m.lt for m in metadata if hasattr(m, "le") or hasattr(m, "lt")), None)
+    cands = [0.3, 0.6, 0.05, 2.0, 7.0] if kind is float else [3, 1, 2, 5, 17, 2048]
+    ok = [c for c in cands if c != default and (lo is None or c > lo) and (hi is None or c < hi)]
+    return kind(ok[0])
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_every_stage_key_is_read_by_its_stage(stage):
-    """A stage's config keys are read in its module (``targets``/``ignore`` by the shared stage code), or where
-    ``config.READERS`` says."""
-    cfg_cls, stage_cls = STAGES[stage]
-    own = (stage_cls.__module__, cfg_cls.__module__, "rcc_compression.compression.stage")
-    for key in cfg_cls.model_fields:
-        modules = READERS.get(f"compression.{stage}.{key}", own)
-        assert any(_reads(m, key) for m in modules), f"compression.{stage}.{key}: never read by {sorted(modules)}"
+def _other(ann: Any, default: Any, metadata: list) -> Any:
+    """A valid value of a field's type that differs from ``default``."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _other(inner[0], default, metadata)
+    if origin is Literal:
+        return next(a for a in args if a != default)
+    if origin is typing.Annotated:
+        return _other(args[0], default, [*metadata, *args[1].metadata])
+    if origin in (list, tuple):
+        if origin is tuple:  # a fixed-length tuple of bounded numbers: each one moved inside its bounds
+            return [_number(float, d, typing.get_args(a)[1].metadata) for a, d in zip(args, default, strict=True)]
+        item = _other(args[0], None, [])
+        return [item] if default != [item] else [_other(args[0], item, [])]
+    if origin is dict:
+        return {"fc1": _other(args[1], None, [])}
+    if ann is bool:
+        return not default
+    if ann in (int, float):
+        return _number(ann, default, metadata)
+    if ann is str:
+        return "other-value"
+    raise AssertionError(f"no non-default value for {ann}")
+
+
+def _get(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def test_every_key_set_reaches_the_run_record(tmp_path):
+    """Each key of every section and stage, set to a value other than its default, is what the run's resolved
+    record (``config.yaml``, ``run.json``) holds and what a run resumed from that record reads back.
+
+    A key the schema drops, renames or resets on its way to the record (so a resumed or reproduced run would
+    silently use the default) fails here, naming the key.
+    """
+    keys = _leaves(RCCConfig)
+    assert len(keys) > 150 and any(k.startswith("compression.quant.") for k, _ in keys)
+    wrong = []
+    for path, field in keys:
+        value = OTHER_VALUES.get(path)
+        if value is None:
+            value = _other(field.annotation, field.get_default(call_default_factory=True), field.metadata)
+        try:
+            cfg = load_config(None, [f"{path}={json.dumps(value)}"])
+        except ConfigError as exc:
+            wrong.append(f"{path}={value!r}: refused ({exc})")
+            continue
+        if _plain(_get(cfg, path)) != _plain(value):
+            wrong.append(f"{path}: set {value!r}, resolved {_get(cfg, path)!r}")
+            continue
+        run_dir = tmp_path / path
+        RunRecord(run_dir, dump_config(cfg), cfg.experiment.seed, command="rcc compress")
+        recorded = json.loads((run_dir / "run.json").read_text())["config"]
+        again = load_config(run_dir / "config.yaml")
+        node = recorded
+        for part in path.split("."):
+            node = node[part]
+        if _plain(node) != _plain(value) or _plain(_get(again, path)) != _plain(value):
+            wrong.append(f"{path}: set {value!r}; run.json holds {node!r}, config.yaml reads back "
+                         f"{_get(again, path)!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_a_run_records_the_values_it_ran_with(small_compressed_run):
+    """A real ``rcc compress`` run: the non-default keys it was given are in its ``config.yaml``, ``run.json``
+    and the checkpoint's manifest, and each stage's record shows the targets it compressed to."""
+    run, sets = small_compressed_run
+    recorded = json.loads((run / "run.json").read_text())["config"]
+    manifest = json.loads((run / "compressed" / "manifest.json").read_text())
+    again = load_config(run / "config.yaml")
+    for key, value in sets.items():
+        node, mnode = recorded, manifest["config"]
+        for part in key.split("."):
+            node, mnode = node[part], mnode[part]
+        assert _plain(node) == _plain(mnode) == _plain(_get(again, key)) == _plain(value), key
+    steps = [r for r in manifest["stages"] if r.get("stage") == "dare"]
+    assert steps and steps[-1]["targets"]["pruning_rate"] == sets["compression.dare.pruning_rate"]
 
 
 # ------------------------------------------------------------------------------- the metrics act on the jobs

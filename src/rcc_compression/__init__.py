@@ -1,6 +1,6 @@
 """rcc-compression: recursive cascade compression of vision-language models.
 
-The public API (design document section 11)::
+The public API (README's quick start; docs/guides/compress-your-model.md)::
 
     from rcc_compression import compress_model, CompressionPipeline, evaluate_model
     compressed = compress_model(model="rcc-clip-world", compression_rate=0.9, method="cascade")
@@ -20,7 +20,6 @@ _EXPORTS = {
     "compress_model": ("rcc_compression.jobs.api", "compress_model"),
     "evaluate_model": ("rcc_compression.evaluation.suite", "evaluate_model"),
     "CompressionPipeline": ("rcc_compression.jobs.api", "CompressionPipeline"),
-    "CascadePipeline": ("rcc_compression.jobs.api", "CompressionPipeline"),
     "save_compressed": ("rcc_compression.compression.storage", "save_compressed"),
     "load_compressed": ("rcc_compression.compression.storage", "load_compressed"),
     "export_dense": ("rcc_compression.compression.storage", "export_dense"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,7 +20,40 @@ from . import __version__
 from .errors import CheckpointError, ConfigError, EvaluationError, RCCError
 from .utils.progress import progress_bar
 
+
+def _value_names(command: Any, ctx: Any) -> None:
+    """What an option's help shows as its value: nothing for a flag or a counter (Typer would print ``<bool>``,
+    ``<int>``), the item type for a repeatable option (not ``<list[str]>``)."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is None or getattr(param, "metavar", None) is not None:
+            continue
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        elif getattr(param, "multiple", False) or param.nargs != 1:
+            item = param.display_type(ctx).replace("<list[", "<").replace("]>", ">")
+            if isinstance(param, typer.core.TyperArgument):  # NAME... and the item type, each in its column
+                param.metavar = param.name.upper()
+                param.display_type_rich = lambda ctx, item=item: item
+            else:
+                param.metavar = item
+
+
+class _Group(typer.core.TyperGroup):
+    """Commands whose ``--help`` names each option's value plainly (:func:`_value_names`)."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _value_names(command, ctx)
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _value_names(self, ctx)
+        super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="rcc",
     help="Recursive cascade compression of vision-language models (CLIP, BLIP).",
     no_args_is_help=True,
@@ -27,7 +61,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")]
+Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                      help="More log output (-v: the step log, -vv: debug).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment YAML file.")]
 SetOpt = Annotated[
@@ -99,14 +134,16 @@ def compress(
     quiet: Quiet = False,
 ) -> None:
     """Compress a model through the configured cascade and print dense vs compressed."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from .config import dump_config, load_config
     from .jobs.common import checkpoint_key, prepare_run_dir
     from .jobs.compress import outcome_sentence, run_compress, summary_rows
+    from .jobs.compress_sequential import run_compress_sequential
+    from .jobs.sequential import choose_pipeline
     from .utils.io import directory_lock
+    from .utils.logging import console as new_console
     from .utils.logging import setup_logging
     from .utils.runs import RunRecord, new_run_dir
 
@@ -131,8 +168,8 @@ def compress(
             cfg.experiment.output_dir, cfg.experiment.name)
     run_lock = contextlib.ExitStack()  # held before anything is written: one process per run directory
     run_lock.enter_context(directory_lock(run_dir))
-    setup_logging(_verbosity(verbose, quiet), run_dir)
-    console = Console(stderr=True, quiet=quiet)
+    setup_logging(_verbosity(verbose, quiet), run_dir, default=logging.WARNING)  # the step log: run.log, or -v
+    console = new_console(stderr=True, quiet=quiet)
     with run_lock, RunRecord(run_dir, dump_config(cfg), cfg.experiment.seed) as record, Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
@@ -149,8 +186,14 @@ def compress(
         def on_step(rec: dict) -> None:
             bar.update(steps, advance=1, description=f"step {rec['step'] + 1}: {rec['stage']} round {rec['round']}")
 
-        results = run_compress(cfg, run_dir, resume=resume is not None, progress=on_layer, step_callback=on_step,
-                               evaluate=not no_eval, encrypt_key=key)
+        chosen = choose_pipeline(cfg.model.name, cfg.compression.cascade.pipeline, cfg)
+        record.update(pipeline={"name": chosen.name, "why": chosen.why})
+        if chosen.name == "sequential":  # a block at a time: the bar shows each block's time and peak memory
+            results = run_compress_sequential(cfg, run_dir, chosen, resume=resume is not None, progress=on_layer,
+                                              evaluate=not no_eval, encrypt_key=key)
+        else:
+            results = run_compress(cfg, run_dir, resume=resume is not None, progress=on_layer,
+                                   step_callback=on_step, evaluate=not no_eval, encrypt_key=key)
         record.update(results={"stopped_early": results["stopped_early"], "gate": results["gate"],
                                "quality": results["quality"], "outcome": results["outcome"]})
     outcome = results["outcome"]
@@ -160,8 +203,9 @@ def compress(
         table.add_column(col, justify=just)
     for row in summary_rows(results):
         table.add_row(*row)
-    Console(width=max(Console().width, 110)).print(table)
-    typer.secho(outcome_sentence(outcome), fg=None if outcome["status"] == "met" else typer.colors.YELLOW, bold=True)
+    new_console(width=max(new_console().width, 110)).print(table)
+    typer.secho(outcome_sentence(outcome), fg=None if outcome["status"] == "met" else typer.colors.YELLOW, bold=True,
+                color=sys.stdout.isatty())
     typer.echo(f"run directory: {run_dir}")
 
 
@@ -305,12 +349,12 @@ def _train_reference(kind: str, out: Path, world: Path | None, seed: int, minute
     typer.echo(f"model written to {out}")
 
 
-world_app = typer.Typer(help="The reference world: generate it; train the bundled reference models on it.",
+world_app = typer.Typer(cls=_Group, help="The reference world: generate it; train the bundled reference models on it.",
                         no_args_is_help=True)
 app.add_typer(world_app, name="world")
 
 
-data_app = typer.Typer(help="Datasets: anonymise a copy; write or check a manifest of file digests.",
+data_app = typer.Typer(cls=_Group, help="Datasets: anonymise a copy; write or check a manifest of file digests.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -572,7 +616,8 @@ def export_cmd(
     typer.echo(line)
 
 
-keys_app = typer.Typer(help="API keys of the model server (the key file stores hashes only).", no_args_is_help=True)
+keys_app = typer.Typer(cls=_Group, help="API keys of the model server (the key file stores hashes only).",
+                       no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
 
@@ -776,7 +821,7 @@ def _alias(command: str) -> int:
 
 
 def compress_main() -> int:
-    """``rcc-compress``: the design document's alias of ``rcc compress``."""
+    """``rcc-compress``: an alias of ``rcc compress`` (README, "Command line")."""
     return _alias("compress")
 
 

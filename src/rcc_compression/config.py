@@ -1,7 +1,7 @@
 """Typed configuration: pydantic models, YAML ``inherit``/``override``, and ``--set`` overrides.
 
 A configuration is a YAML mapping with the sections ``experiment``, ``model``, ``dataset``,
-``calibration``, ``compression``, ``training``, ``evaluation`` and ``tracking``; the design document's layout,
+``calibration``, ``compression``, ``training``, ``evaluation`` and ``tracking``; the nested layout,
 with the other sections inside ``experiment:``, is read the same. Any mapping may carry
 ``inherit: path`` (or a list of paths, relative to the file; chains allowed, cycles refused) and
 ``override: {...}`` (deep-merged last). When an inherited file has the section's own key at its
@@ -24,9 +24,9 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from .compression.registry import CompressionSection, validate_stage_config
 from .errors import ConfigError, DataError
 from .evaluation.suite import METRICS, canonical_benchmark, metric_of
+from .tracking import TrackingConfig
 from .training.settings import TrainingSection
 from .utils.schema import KeyPath, StrictModel, error_line, fmt_path, short, show
-from .utils.tracking import TrackingConfig
 
 
 # ----------------------------------------------------------------------------------- sections
@@ -208,110 +208,6 @@ class RCCConfig(StrictModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
-# ------------------------------------------------------------------------------ who reads what
-_J = "rcc_compression.jobs."
-_T = "rcc_compression.training."
-#: every key of the plain sections, the training section and the cascade -> the modules that read it (a
-#: stage's own keys are read by its stage module unless listed here). A key that no job reads is refused, not
-#: listed; ``tests/test_design_config.py`` checks that each listed module reads the key and that no key is
-#: missing, so a section cannot gain a key nobody reads.
-READERS: dict[str, tuple[str, ...]] = {
-    "experiment.name": ("rcc_compression.cli", _J + "train"),
-    "experiment.seed": (_J + "compress", _J + "train", _J + "common"),
-    "experiment.deterministic": (_J + "compress", _J + "train"),
-    "experiment.output_dir": ("rcc_compression.cli", _J + "train"),
-    "experiment.device": (_J + "compress", _J + "train"),
-    "model.name": (_J + "compress", _J + "train", "rcc_compression.cli"),
-    "model.type": (_J + "compress", _J + "train", _J + "api"),
-    "model.dtype": (_J + "compress", _J + "train", _J + "api"),
-    "dataset.train": (_J + "data",),
-    "dataset.val": (_J + "data", _J + "compress"),
-    "dataset.test": (_J + "train", _J + "common"),
-    "dataset.root": ("rcc_compression.cli", _J + "data", _J + "compress", _J + "common"),
-    "dataset.task": (_J + "data",),
-    "dataset.batch_size": (_J + "train",),
-    "dataset.num_workers": (_J + "train",),
-    "dataset.prefetch_factor": (_J + "train",),
-    "dataset.max_tokens": (_J + "train",),
-    "dataset.bucket_by_length": (_J + "train",),
-    "dataset.augment": ("rcc_compression.data.splits",),
-    "dataset.leak_check": (_J + "train", _J + "compress"),
-    "dataset.cache_dir": (_J + "data",),
-    "dataset.skip_bad": (_J + "common", _J + "data", _J + "compress", "rcc_compression.cli"),
-    "calibration.source": (_J + "compress", _J + "train"),
-    "calibration.num_batches": (_J + "common",),
-    "calibration.batch_size": (_J + "common", _J + "train"),
-    "calibration.holdout_batches": (_J + "common", _J + "compress", _J + "api"),
-    "calibration.preserve_source": (_J + "compress",),
-    "calibration.allow_unpaired": (_J + "common", _J + "compress", _J + "api"),
-    "compression.dare.iterations": ("rcc_compression.compression.dare",),
-    "compression.dare.reference_model": (_J + "train", _J + "compress", _J + "api"),
-    "compression.cascade.stages": ("rcc_compression.compression.cascade", _J + "api", _J + "compress"),
-    "compression.cascade.checkpoint_frequency": ("rcc_compression.compression.cascade",),
-    "compression.cascade.validation_threshold": ("rcc_compression.compression.cascade", _J + "compress"),
-    "compression.cascade.recovery_skip_error": ("rcc_compression.compression.cascade",),
-    "compression.cascade.rounds": ("rcc_compression.compression.cascade",),
-    "compression.cascade.schedule": ("rcc_compression.compression.cascade",),
-    "compression.cascade.target_rate": (_J + "api", _J + "compress"),
-    "compression.cascade.rate_scope": (_J + "api", _J + "compress"),
-    "compression.cascade.lowrank_share": (_J + "api", _J + "compress"),
-    "compression.cascade.planner": ("rcc_compression.compression.rate",),
-    "compression.cascade.plan_inputs": ("rcc_compression.compression.rate",),
-    "compression.cascade.offload": ("rcc_compression.compression.cascade",),
-    "compression.cascade.offload_dir": ("rcc_compression.compression.cascade",),
-    "compression.towers.protect": ("rcc_compression.compression.towers",),
-    "compression.towers.protect_bits": ("rcc_compression.compression.towers",),
-    "compression.towers.sensitivity": ("rcc_compression.compression.towers",),
-    "compression.towers.lift": ("rcc_compression.compression.towers",),
-    "compression.towers.probe_bits": ("rcc_compression.compression.towers",),
-    "compression.towers.batches": ("rcc_compression.compression.towers",),
-    "training.batch_size": (_J + "train",),
-    "training.learning_rate": (_T + "trainer", _T + "recovery"),
-    "training.num_epochs": (_T + "trainer", _T + "recovery"),
-    "training.optimizer": (_T + "trainer",),
-    "training.weight_decay": (_T + "trainer",),
-    "training.scheduler": (_T + "trainer",),
-    "training.warmup_steps": (_T + "trainer",),
-    "training.grad_clip": (_T + "trainer",),
-    "training.grad_accumulation": (_T + "trainer",),
-    "training.precision": (_T + "trainer",),
-    "training.temperature": (_T + "recovery", _J + "train"),
-    "training.momentum": (_T + "trainer",),
-    "training.betas": (_T + "trainer",),
-    "training.min_lr_ratio": (_T + "trainer",),
-    "training.kd_weight": (_T + "losses",),
-    "training.feature_weight": (_T + "losses",),
-    "training.attention_weight": (_T + "losses", _J + "train"),
-    "training.task_weight": (_T + "losses",),
-    "training.trainable": (_J + "train",),
-    "training.dropout": (_T + "trainer",),
-    "training.gradient_checkpointing": (_T + "trainer",),
-    "training.teacher_cache": (_J + "train",),
-    "training.checkpoint_every_steps": (_J + "train",),
-    "training.early_stopping_patience": (_J + "train",),
-    "training.max_steps": (_T + "trainer", _J + "train"),
-    "training.eval_every_steps": (_T + "trainer", _J + "train"),
-    "training.monitor": (_J + "train",),
-    "training.val_benchmarks": (_J + "train",),
-    "training.val_max_items": (_J + "data",),
-    "training.privacy": (_T + "trainer", _T + "recovery", _J + "train"),
-    "evaluation.benchmarks": (_J + "compress", "rcc_compression.cli"),
-    "evaluation.datasets": (_J + "common",),
-    "evaluation.metrics": (_J + "compress", "rcc_compression.cli"),
-    "evaluation.batch_size": (_J + "compress", "rcc_compression.cli"),
-    "evaluation.bootstrap_samples": ("rcc_compression.cli",),
-    "inference.dtype": (_J + "compress",),
-    "inference.kernels": (_J + "compress",),
-    "inference.max_held": (_J + "compress",),
-    "tracking.backends": ("rcc_compression.utils.tracking",),
-    "tracking.project": ("rcc_compression.utils.tracking",),
-    "tracking.run_name": ("rcc_compression.utils.tracking",),
-    "tracking.tags": ("rcc_compression.utils.tracking",),
-    "tracking.log_model": (_J + "tracking",),
-    "tracking.figures": (_J + "tracking",),
-}
-
-
 # ------------------------------------------------------------------------------ YAML loading
 _DIRECTIVES = ("inherit", "override")
 #: deeper mappings than this are refused (a YAML alias can make a mapping contain itself)
@@ -377,7 +273,7 @@ def _merge(dst: dict, dprov: dict, src: Mapping, sprov: Mapping, prefix: KeyPath
                 dprov[p] = f
 
 
-#: sections that may also sit inside ``experiment:`` (the design document's layout, section 6.2)
+#: sections that may also sit inside ``experiment:`` (the nested layout of docs/guides/compress-your-model.md)
 NESTABLE = ("model", "dataset", "calibration", "compression", "training", "evaluation", "tracking")
 
 
@@ -388,7 +284,7 @@ class _Loader:
         self.nested: dict[str, set[str]] = {}
 
     def unnest(self, raw: dict, file: str) -> dict:
-        """The design document's layout (sections inside ``experiment:``) as the flat one.
+        """The nested layout (sections inside ``experiment:``) as the flat one.
 
         A section given both inside ``experiment:`` and at the top of one file is refused.
         """
@@ -399,7 +295,7 @@ class _Loader:
         twice = [k for k in inner if k in raw]
         if twice:
             raise ConfigError(f"config error: {show(file)}: experiment.{twice[0]} and {twice[0]}: the section is given "
-                              f"twice (inside experiment, as in the design document's layout, and at the top level); "
+                              f"twice (inside experiment, as in the nested layout, and at the top level); "
                               f"keep one")
         out = {k: v for k, v in raw.items() if k != "experiment"}
         out["experiment"] = {k: v for k, v in exp.items() if k not in inner}
@@ -565,6 +461,6 @@ def dump_config(cfg: RCCConfig) -> dict[str, Any]:
 
 __all__ = [
     "CalibrationSection", "CompressionSection", "DatasetSection", "EvaluationSection", "ExperimentSection",
-    "ModelSection", "READERS", "RCCConfig", "TrainingSection", "dump_config", "load_config", "parse_set",
+    "ModelSection", "RCCConfig", "TrainingSection", "dump_config", "load_config", "parse_set",
     "validate_config", "validate_stage_config",
 ]

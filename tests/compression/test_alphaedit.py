@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rcc_compression import CascadePipeline
+from rcc_compression import CompressionPipeline
 from rcc_compression.compression.alphaedit import low_rank_update, null_space_ridge, preserve_basis
 from rcc_compression.compression.layers import compressed_layers
 from rcc_compression.config import load_config
@@ -85,9 +85,9 @@ def test_closed_form_stage_on_compressed_mlp(mlp):
             snap["preserve_out"] = {n: layers[n](x0 if n == "fc1" else torch.tanh(pipe.dense_model.fc1(x0))).detach()
                                     for n in layers}
 
-    pipe = CascadePipeline(cfg, calibration_data=fit, holdout_data=fit[:1], preserve_data=preserve,
+    pipe = CompressionPipeline(cfg, calibration_data=fit, holdout_data=fit[:1], preserve_data=preserve,
                            step_callback=remember)
-    pipe.run(mlp)
+    pipe.compress(mlp)
     stats = pipe.stage_results["alphaedit"]
     layers = compressed_layers(mlp)
     x0 = torch.cat([b["x"] for b in preserve])
@@ -110,9 +110,9 @@ def test_scaling_mode_lowers_distillation_loss_and_keeps_structure(tiny_clip):
         "alphaedit": {"num_epochs": 6, "learning_rate": 0.01, "scale_fraction": 0.5},
         "cascade": {"stages": ["dare", "alphaedit"], "validation_threshold": 0.0}}}).compression
     masks = {}
-    pipe = CascadePipeline(cfg, step_callback=lambda r: masks.update(
+    pipe = CompressionPipeline(cfg, step_callback=lambda r: masks.update(
         {n: m.mask.clone() for n, m in compressed_layers(tiny_clip.model).items()}) if r["stage"] == "dare" else None)
-    pipe.run(tiny_clip)
+    pipe.compress(tiny_clip)
     stats = pipe.stage_results["alphaedit"]
     assert stats["kd_loss_last_epoch"] < stats["kd_loss_first_epoch"]
     assert pipe.records[-1]["retention"] > pipe.records[0]["retention"]
@@ -139,7 +139,7 @@ def test_stage_distillation_follows_the_run_training_section(tiny_clip, monkeypa
     results = []
     for training in (full.training, None):
         pipe = CompressionPipeline(full.compression, training=training)
-        pipe.run(copy.deepcopy(tiny_clip))
+        pipe.compress(copy.deepcopy(tiny_clip))
         results.append(pipe.stage_results["alphaedit"]["kd_loss_last_epoch"])
     assert seen == [full.training, None]
     assert results[0] != results[1]  # SGD on features only is another run than the default AdamW on KD + features
@@ -167,8 +167,8 @@ def test_closed_form_on_the_compressed_models_own_inputs(mlp):
             if rec["stage"] == "nullu":
                 masks.update({n: (m.mask.clone(), m.rank) for n, m in compressed_layers(model).items()})
 
-        pipe = CascadePipeline(cfg, calibration_data=fit, holdout_data=held[:1], step_callback=remember)
-        pipe.run(model)
+        pipe = CompressionPipeline(cfg, calibration_data=fit, holdout_data=held[:1], step_callback=remember)
+        pipe.compress(model)
         out = torch.cat([model(**b) for b in held]).detach()
         errors[fit_inputs] = float((out - dense_out).norm() / dense_out.norm())
         stats[fit_inputs] = pipe.stage_results["alphaedit"]
@@ -232,10 +232,14 @@ def test_closed_form_never_keeps_an_update_that_raises_the_error(mlp, mlp_batche
         "alphaedit": {"mode": "closed_form", "targets": ["^fc"]},
         "cascade": {"stages": ["dare", "alphaedit"], "validation_threshold": 0.0}}}).compression
     snap = {}
-    pipe = CascadePipeline(cfg, calibration_data=mlp_batches, holdout_data=mlp_batches[:1], step_callback=lambda r: (
-        snap.update({n: m.weight.detach().clone() for n, m in compressed_layers(mlp).items()})
-        if r["stage"] == "dare" else None))
-    pipe.run(mlp)
+
+    def after_dare(r):
+        if r["stage"] == "dare":
+            snap.update({n: m.weight.detach().clone() for n, m in compressed_layers(mlp).items()})
+
+    pipe = CompressionPipeline(cfg, calibration_data=mlp_batches, holdout_data=mlp_batches[:1],
+                               step_callback=after_dare)
+    pipe.compress(mlp)
     stats = pipe.stage_results["alphaedit"]
     assert stats["rejected_layers"] == ["fc1", "fc2"]
     for name, layer in compressed_layers(mlp).items():
@@ -257,7 +261,7 @@ def test_channels_without_a_learnable_scale_do_not_move_under_weight_decay(tiny_
                         "cascade": {"stages": ["dare", "alphaedit"], "validation_threshold": 0.0}},
         "training": {"weight_decay": 0.5}})
     model = copy.deepcopy(tiny_clip)
-    CascadePipeline(full.compression, training=full.training).run(model)
+    CompressionPipeline(full.compression, training=full.training).compress(model)
     for layer in compressed_layers(model.model).values():
         for scale in (layer.a_in, layer.a_out):
             moved = int((scale.detach() != 1).sum())
@@ -265,6 +269,6 @@ def test_channels_without_a_learnable_scale_do_not_move_under_weight_decay(tiny_
     calls = []
     monkeypatch.setattr(AlphaEditStage, "_importance", lambda self, *a: calls.append(1) or {})
     full.compression.alphaedit.scale_fraction = 1.0
-    pipe = CascadePipeline(full.compression, training=full.training)
-    pipe.run(tiny_clip)
+    pipe = CompressionPipeline(full.compression, training=full.training)
+    pipe.compress(tiny_clip)
     assert not calls and pipe.stage_results["alphaedit"]["importance_metric"].startswith("not computed")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rcc_compression import CascadePipeline, compress_model
+from rcc_compression import CompressionPipeline, compress_model
 from rcc_compression.compression.layers import compressed_layers
 from rcc_compression.compression.planner import LayerShape, plan_rate
 from rcc_compression.config import load_config
@@ -42,9 +42,9 @@ def _same(a, b):
 
 def test_failed_gate_rolls_back_and_stops(tiny_clip):
     states = []
-    pipe = CascadePipeline(_section(validation_threshold=0.9, stages=["dare"]),
+    pipe = CompressionPipeline(_section(validation_threshold=0.9, stages=["dare"]),
                            step_callback=lambda r: states.append(_state(tiny_clip.model)))
-    pipe.run(tiny_clip)
+    pipe.compress(tiny_clip)
     failed = [r for r in pipe.records if not r["passed"]]
     assert pipe.stopped_early and len(failed) == 1 and pipe.records[-1] is failed[0]
     assert failed[0]["rolled_back"] and failed[0]["retention"] < 0.9
@@ -64,9 +64,9 @@ def test_rollback_to_stage_and_metric_fn(tiny_clip):
     batch = tiny_clip.synthetic_batch(4, torch.Generator().manual_seed(0))
     dense_out = tiny_clip(**batch).image_embeds.detach()
     states = {}
-    pipe = CascadePipeline(_section(validation_threshold=0.0, stages=["dare", "nullu"], rounds=1), metric_fn=metric,
+    pipe = CompressionPipeline(_section(validation_threshold=0.0, stages=["dare", "nullu"], rounds=1), metric_fn=metric,
                            step_callback=lambda r: states.setdefault(r["stage"], _state(tiny_clip.model)))
-    pipe.run(tiny_clip)
+    pipe.compress(tiny_clip)
     assert calls and pipe.records[0]["metric"] == pytest.approx(pipe.records[0]["retention"], rel=1e-5)
     after_dare = states["dare"]
     pipe.rollback_to_stage("dare")
@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_to_same_result(tiny_clip, tmp_path):
 
     section = _section(validation_threshold=0.0, rounds=2)
     ref_model = get_model("tiny-clip")
-    CascadePipeline(section, run_dir=tmp_path / "full", seed=3).run(ref_model)
+    CompressionPipeline(section, run_dir=tmp_path / "full", seed=3).compress(ref_model)
     reference = _state(ref_model.model)
 
     class Stop(Exception):
@@ -92,14 +92,14 @@ def test_interrupted_run_resumes_to_same_result(tiny_clip, tmp_path):
 
     model = get_model("tiny-clip")
     with pytest.raises(Stop):
-        CascadePipeline(section, run_dir=tmp_path / "run", seed=3, step_callback=stop_at_step_4).run(model)
+        CompressionPipeline(section, run_dir=tmp_path / "run", seed=3, step_callback=stop_at_step_4).compress(model)
     progress = json.loads((tmp_path / "run" / "progress.json").read_text())
     assert progress["next_step"] == 3 and not progress["done"]
     with pytest.raises(CheckpointError, match="earlier run"):
-        CascadePipeline(section, run_dir=tmp_path / "run", seed=3).run(get_model("tiny-clip"))
+        CompressionPipeline(section, run_dir=tmp_path / "run", seed=3).compress(get_model("tiny-clip"))
     fresh = get_model("tiny-clip")
-    pipe = CascadePipeline(section, run_dir=tmp_path / "run", seed=3)
-    pipe.run(fresh, resume=True)
+    pipe = CompressionPipeline(section, run_dir=tmp_path / "run", seed=3)
+    pipe.compress(fresh, resume=True)
     _same(_state(fresh.model), reference)
     assert [r["step"] for r in pipe.records] == list(range(6))
     assert json.loads((tmp_path / "run" / "progress.json").read_text())["done"]
@@ -111,7 +111,7 @@ def test_nullu_first_keeps_largest_residual_entries(mlp, mlp_batches):
         "nullu": {"param_budget": 0.2, "rank_reduction": None, "energy_threshold": None, "targets": ["^fc"]},
         "cascade": {"stages": ["nullu", "dare"], "validation_threshold": 0.0}}}).compression
     w = mlp.fc1.weight.detach().clone()
-    CascadePipeline(section, calibration_data=mlp_batches).run(mlp)
+    CompressionPipeline(section, calibration_data=mlp_batches).compress(mlp)
     layer = compressed_layers(mlp)["fc1"]
     residual = w - layer.low_rank_part().detach()
     kept = layer.mask
@@ -219,8 +219,8 @@ def test_no_step_stores_more_than_the_previous_round(tiny_clip, nullu, order):
     cfg = load_config(None, data={"compression": {
         "dare": {"pruning_rate": 0.7, "iterations": 4, "fine_tune_epochs": 0},
         "nullu": nullu, "cascade": {"stages": order, "validation_threshold": 0.0}}}).compression
-    pipe = CascadePipeline(cfg)
-    pipe.run(tiny_clip)
+    pipe = CompressionPipeline(cfg)
+    pipe.compress(tiny_clip)
     steps = _bytes_by_step(pipe)
     dense = steps[0][3]
     round_end = {0: dense}
@@ -243,14 +243,14 @@ def test_gate_without_holdout_says_not_measured_and_never_gates_on_the_fit_set(m
     section = load_config(None, data={"compression": {
         "dare": {"pruning_rate": 0.93, "iterations": 1, "fine_tune_epochs": 0, "targets": ["^fc"]},
         "cascade": {"stages": ["dare"], "validation_threshold": 0.95}}}).compression
-    pipe = CascadePipeline(section, calibration_data=two)
-    pipe.run(mlp)
+    pipe = CompressionPipeline(section, calibration_data=two)
+    pipe.compress(mlp)
     rec = pipe.records[-1]
     assert rec["retention"] is None and rec["metric"] is None and rec["passed"]
     assert rec["gate"].startswith("not measured") and "fewer than 3" in rec["gate"]
     assert pipe.get_stage_results()["gate"] == rec["gate"] and pipe._ctx.holdout == []
-    pipe = CascadePipeline(section, calibration_data=two, holdout_data=[])
-    pipe.run(type(mlp)())
+    pipe = CompressionPipeline(section, calibration_data=two, holdout_data=[])
+    pipe.compress(type(mlp)())
     assert pipe.records[-1]["retention"] is None and "holdout_data is empty" in pipe.records[-1]["gate"]
 
 
@@ -324,9 +324,9 @@ def test_a_recovery_step_that_lowers_the_gate_metric_is_undone(mlp, mlp_batches)
         "alphaedit": {"num_epochs": 3, "learning_rate": 5.0, "targets": ["^fc"]},  # a step size that wrecks it
         "cascade": {"stages": ["dare", "alphaedit"], "validation_threshold": 0.0}}}).compression
     states = {}
-    pipe = CascadePipeline(section, calibration_data=mlp_batches, distill=_distiller(),
+    pipe = CompressionPipeline(section, calibration_data=mlp_batches, distill=_distiller(),
                            step_callback=lambda r: states.setdefault(r["step"], _state(mlp)))
-    pipe.run(mlp)
+    pipe.compress(mlp)
     dare, alpha = pipe.records
     assert "undone" in alpha and alpha["rejected_retention"] < dare["retention"]
     assert alpha["retention"] == dare["retention"] and alpha["passed"]

@@ -110,7 +110,7 @@ def test_dare_stage_delta_mode_end_to_end(mlp, mlp_batches):
     expected = mlp(x)
     pipe = CascadePipeline(load_config(None, data=cfg).compression, calibration_data=mlp_batches,
                            reference_model=base)
-    pipe.run(mlp)
+    pipe.compress(mlp)
     layers = compressed_layers(mlp)
     assert set(layers) == {"fc1", "fc2"} and all(m.base is not None for m in layers.values())
     torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)  # rate 0: the delta is kept whole
@@ -125,7 +125,7 @@ def test_dare_iterations_shrink_masks_monotonically(mlp, mlp_batches):
         "cascade": {"stages": ["dare"], "validation_threshold": 0.0}}}).compression
     pipe = CascadePipeline(cfg, calibration_data=mlp_batches,
                            step_callback=lambda r: masks.append(compressed_layers(mlp)["fc1"].mask.clone()))
-    pipe.run(mlp)
+    pipe.compress(mlp)
     rates = [r["summary"]["achieved_sparsity"] for r in pipe.records]
     assert rates == pytest.approx([0.2, 0.4, 0.6, 0.8], abs=1e-3)
     for a, b in zip(masks, masks[1:], strict=False):
@@ -148,7 +148,7 @@ def test_zero_rate_leaves_clip_unchanged(tiny_clip):
         "nullu": {"rank_reduction": 0.0, "energy_threshold": None},
         "alphaedit": {"num_epochs": 0},
         "cascade": {"validation_threshold": 0.999}}}).compression
-    out = CascadePipeline(cfg).run(tiny_clip)
+    out = CascadePipeline(cfg).compress(tiny_clip)
     got = out(**batch)
     assert torch.equal(got.logits_per_image, expected.logits_per_image)
     assert torch.equal(got.text_embeds, expected.text_embeds)

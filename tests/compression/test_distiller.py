@@ -14,7 +14,7 @@ def test_engine_refuses_distillation_it_was_not_given(mlp, mlp_batches) -> None:
     pipe = EngineCascade(calibration_data=mlp_batches).add_stage("dare", {"pruning_rate": 0.5, "iterations": 1,
                                                                           "fine_tune_epochs": 2})
     with pytest.raises(CompressionError, match="no distiller"):
-        pipe.run(mlp)
+        pipe.compress(mlp)
 
 
 def test_engine_calls_the_distiller_it_is_given(mlp, mlp_batches) -> None:
@@ -28,7 +28,7 @@ def test_engine_calls_the_distiller_it_is_given(mlp, mlp_batches) -> None:
 
     pipe = EngineCascade(calibration_data=mlp_batches, distill=distill).add_stage(
         "dare", {"pruning_rate": 0.5, "iterations": 1, "fine_tune_epochs": 3, "fine_tune_lr": 0.01})
-    pipe.run(mlp)
+    pipe.compress(mlp)
     assert len(calls) == 1
     n_params, n_batches, n_teacher, epochs, lr, has_gen = calls[0]
     assert n_params > 0 and n_batches == n_teacher > 0 and (epochs, lr, has_gen) == (3, 0.01, True)

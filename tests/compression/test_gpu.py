@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_svd_driver_choice_matches_cpu():
-    from rcc_compression.compression.nullu import svd
+    from rcc_compression.compression.lowrank import svd
 
     w = torch.randn(3, 96, 64, dtype=torch.float64)
     _, s_cpu, _ = svd(w)
@@ -29,8 +29,8 @@ def test_cascade_runs_on_cuda_and_matches_cpu(tiny_clip):
         "alphaedit": {"num_epochs": 0}, "cascade": {"validation_threshold": 0.0}}}).compression
     cpu_model = copy.deepcopy(tiny_clip)
     gpu_model = tiny_clip.to("cuda")
-    CascadePipeline(section, device="cpu").run(cpu_model)
-    CascadePipeline(section, device="cuda").run(gpu_model)
+    CascadePipeline(section, device="cpu").compress(cpu_model)
+    CascadePipeline(section, device="cuda").compress(gpu_model)
     batch = cpu_model.synthetic_batch(2, torch.Generator().manual_seed(0))
     a = cpu_model(**batch).image_embeds
     b = gpu_model(**{k: v.cuda() for k, v in batch.items()}).image_embeds.cpu()

@@ -427,7 +427,7 @@ def test_a_resumed_cascade_keeps_a_lightly_pruned_s(tmp_path):
         torch.manual_seed(0)
         return MLP(64, 128, 16).half()
 
-    whole = CascadePipeline(section, calibration_data=batches).run(model())
+    whole = CascadePipeline(section, calibration_data=batches).compress(model())
 
     class Stop(Exception):
         pass
@@ -438,8 +438,8 @@ def test_a_resumed_cascade_keeps_a_lightly_pruned_s(tmp_path):
 
     run = tmp_path / "run"
     with pytest.raises(Stop):
-        CascadePipeline(section, calibration_data=batches, run_dir=run, step_callback=stop_in_step_1).run(model())
-    resumed = CascadePipeline(section, calibration_data=batches, run_dir=run).run(model(), resume=True)
+        CascadePipeline(section, calibration_data=batches, run_dir=run, step_callback=stop_in_step_1).compress(model())
+    resumed = CascadePipeline(section, calibration_data=batches, run_dir=run).compress(model(), resume=True)
     for (name, a), b in zip(compressed_layers(whole).items(), compressed_layers(resumed).values(), strict=True):
         assert a.mask is not None and b.mask is not None and torch.equal(a.mask, b.mask), name
         assert a.nnz() == b.nnz() and a.rank == b.rank, name

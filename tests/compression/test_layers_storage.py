@@ -261,7 +261,7 @@ def test_delta_checkpoint_checks_its_base_and_saves_bfloat16(tmp_path, dtype):
         "dare": {"pruning_rate": 0.5, "scorer": "random", "target": "delta", "iterations": 1, "fine_tune_epochs": 0,
                  "targets": ["^fc"]},
         "cascade": {"stages": ["dare"], "validation_threshold": 0.0}}}).compression
-    CascadePipeline(cfg, calibration_data=batches_for(24, 3), reference_model=base).run(model)
+    CascadePipeline(cfg, calibration_data=batches_for(24, 3), reference_model=base).compress(model)
     model.to(dtype)
     base.to(dtype)
     x = torch.randn(5, 24).to(dtype)

@@ -9,17 +9,17 @@ import torch
 from torch import nn
 
 from rcc_compression.compression.layers import CompressedLinear, compressed_layers
-from rcc_compression.compression.nullu import (
+from rcc_compression.compression.lowrank import (
     balanced_factors,
     budget_rank,
     dropped_input_energy,
     factorisable,
-    hallu_project_layer,
     rank_for,
     svd,
     warm_subspace_svd,
     whitening,
 )
+from rcc_compression.compression.nullu import hallu_project_layer
 
 
 def _with_spectrum(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -92,14 +92,14 @@ def test_input_null_space_is_dropped_at_no_cost(mlp):
                   "decomposition_method": "activation_aware", "damping": 1e-8, "targets": ["^fc1$"]},
         "cascade": {"stages": ["nullu"], "validation_threshold": 0.0}}}).compression
     pipe = CascadePipeline(cfg, calibration_data=batches, holdout_data=batches[:1])
-    pipe.run(mlp)
+    pipe.compress(mlp)
     layer = compressed_layers(mlp)["fc1"]
     assert layer.rank == 6 and layer.weight is None
     torch.testing.assert_close(layer(x), x @ w.t() + layer.bias, rtol=1e-4, atol=1e-4)
     info = pipe.stage_results["nullu"]["layers"]["fc1"]
     assert info["dropped_input_energy"] < 1e-6 and info["output_error"] < 1e-6
     from rcc_compression.compression.calibration import collect_layer_stats
-    from rcc_compression.compression.nullu import input_null_dim
+    from rcc_compression.compression.lowrank import input_null_dim
 
     assert input_null_dim(collect_layer_stats(pipe.dense_model, ["fc1"], batches, gram=True)["fc1"].gram) == 18
 
@@ -145,7 +145,7 @@ def test_not_factorised_where_it_does_not_save(mlp, mlp_batches):
         "nullu": {"rank_reduction": 0.1, "energy_threshold": None, "targets": ["^fc"]},
         "cascade": {"stages": ["nullu"], "validation_threshold": 0.0}}}).compression
     pipe = CascadePipeline(cfg, calibration_data=mlp_batches)
-    pipe.run(mlp)
+    pipe.compress(mlp)
     assert all(v["rank"] == 0 and "skipped" in v for v in pipe.stage_results["nullu"]["layers"].values())
     assert torch.equal(mlp(x), expected)
 
@@ -190,7 +190,7 @@ def test_hallu_space_mode_on_tiny_clip(tiny_clip, tmp_path):
         "nullu": {"mode": "hallu_space", "pairs_file": str(f), "top_k": 2, "layers": [1]},
         "cascade": {"stages": ["nullu"], "validation_threshold": 0.0}}}).compression
     pipe = CascadePipeline(cfg)
-    pipe.run(tiny_clip)
+    pipe.compress(tiny_clip)
     stats = pipe.stage_results["nullu"]
     assert list(stats["layers"]) == ["text_model.encoder.layers.1.mlp.fc2"]
     # the edited layer's weight has no component left along the recomputed HalluSpace
@@ -213,7 +213,7 @@ def test_hallu_space_mode_on_tiny_clip(tiny_clip, tmp_path):
 
 
 def test_spectral_energy_matches_singular_values():
-    from rcc_compression.compression.nullu import spectral_energy
+    from rcc_compression.compression.lowrank import spectral_energy
 
     for shape in ((3, 20, 30), (2, 30, 20)):
         w = torch.randn(*shape, dtype=torch.float64)
@@ -221,7 +221,7 @@ def test_spectral_energy_matches_singular_values():
 
 
 def test_allocate_ranks_global_greedy():
-    from rcc_compression.compression.nullu import allocate_ranks
+    from rcc_compression.compression.lowrank import allocate_ranks
 
     # layer 0 has all its energy in one direction, layer 1 spread evenly: the budget goes where it removes most
     e0 = torch.tensor([100.0, 1e-3, 1e-3, 1e-3])
@@ -242,7 +242,7 @@ def test_global_budget_hits_rate_exactly_on_tiny_clip():
 
 
 def test_warm_subspace_svd_matches_the_exact_svd_and_survives_rank_deficiency():
-    from rcc_compression.compression.nullu import warm_subspace_svd
+    from rcc_compression.compression.lowrank import warm_subspace_svd
 
     g = torch.Generator().manual_seed(3)
     U, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
@@ -283,7 +283,7 @@ def test_energy_rank_factorises_a_layer_the_rank_reduction_cap_leaves_unfactoris
                   "targets": ["^fc$"], "ignore": []},
         "cascade": {"stages": ["nullu"], "validation_threshold": 0.0, "rounds": 1}}}).compression
     pipe = CascadePipeline(cfg, calibration_data=[{"x": torch.randn(80, 64)}])
-    pipe.run(model)
+    pipe.compress(model)
     info = pipe.stage_results["nullu"]["layers"]["fc"]
     assert info["rank"] == expected and 0 < expected < 8
     assert compressed_layers(model)["fc"].rank == expected
@@ -303,7 +303,7 @@ def test_hallu_space_is_a_one_shot_edit_in_a_cascade_of_rounds(tiny_clip, tmp_pa
         "nullu": {"mode": "hallu_space", "pairs_file": str(f), "top_k": 2, "layers": [1]},
         "cascade": {"stages": ["dare", "nullu"], "validation_threshold": 0.0}}}).compression
     pipe = CascadePipeline(cfg)
-    pipe.run(tiny_clip)
+    pipe.compress(tiny_clip)
     name = "text_model.encoder.layers.1.mlp.fc2"
     assert pipe.rounds == 2 and compressed_layers(tiny_clip.model)[name].rank == 2
     nullu_records = [r for r in pipe.records if r["stage"] == "nullu"]
@@ -327,7 +327,7 @@ def test_zero_damping_with_fewer_tokens_than_channels_stays_finite():
                   "damping": 0.0, "targets": ["^fc$"], "ignore": []},
         "cascade": {"stages": ["nullu"], "validation_threshold": 0.0, "rounds": 1}}}).compression
     pipe = CascadePipeline(cfg, calibration_data=[{"x": x}], holdout_data=[{"x": x}])
-    pipe.run(model)
+    pipe.compress(model)
     layer = compressed_layers(model)["fc"]
     assert pipe.records[-1]["passed"] and layer.rank == 12
     assert all(torch.isfinite(p).all() for p in layer.parameters())
@@ -352,7 +352,7 @@ def test_warm_started_factors_end_at_the_exact_truncated_svd():
                   "ignore": []},
         "cascade": {"stages": ["dare", "nullu"], "validation_threshold": 0.0}}}).compression
     pipe = CascadePipeline(cfg)
-    pipe.run(model)
+    pipe.compress(model)
     layer = compressed_layers(model)["fc"]
     M = (w - layer.sparse_part().detach()).double()
     optimum = float(torch.linalg.svdvals(M)[layer.rank:].pow(2).sum())

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from rcc_compression import CascadePipeline
+from rcc_compression import CompressionPipeline
 from rcc_compression.compression.cascade import compression_summary
 from rcc_compression.compression.layers import CompressedLinear, compressed_layers, count_bits, pack_bits, unpack_bits
 from rcc_compression.compression.offload import (
@@ -123,8 +123,8 @@ def test_disk_and_memory_offload_give_the_same_run(tmp_path):
     results = {}
     for mode in ("disk", "memory"):
         model = get_model("tiny-clip")
-        pipe = CascadePipeline(_section(validation_threshold=0.0, offload=mode, offload_dir=str(tmp_path)), seed=1)
-        pipe.run(model)
+        pipe = CompressionPipeline(_section(validation_threshold=0.0, offload=mode, offload_dir=str(tmp_path)), seed=1)
+        pipe.compress(model)
         batch = model.synthetic_batch(3, torch.Generator().manual_seed(5))
         results[mode] = (model(**batch).image_embeds.detach(), [r["retention"] for r in pipe.records],
                          compression_summary(model.model))
@@ -140,8 +140,8 @@ def test_disk_and_memory_offload_give_the_same_run(tmp_path):
 
 def test_a_failed_gate_restores_from_offloaded_copies(tiny_clip):
     before = {n: m.weight.detach().clone() for n, m in tiny_clip.model.named_modules() if isinstance(m, nn.Linear)}
-    pipe = CascadePipeline(_section(validation_threshold=1.0, stages=["dare"], offload="disk"))
-    pipe.run(tiny_clip)
+    pipe = CompressionPipeline(_section(validation_threshold=1.0, stages=["dare"], offload="disk"))
+    pipe.compress(tiny_clip)
     assert pipe.stopped_early and pipe.records[-1]["rolled_back"]
     for name, layer in compressed_layers(tiny_clip.model).items():  # the dense start came back from the files
         assert torch.equal(layer.effective_weight(), before[name])
@@ -199,7 +199,7 @@ linear = sum(m.weight.numel() * 4 for m in model.model.modules() if isinstance(m
 sets = ["compression.dare.fine_tune_epochs=0", "compression.alphaedit.num_epochs=0",
         "compression.cascade.validation_threshold=0.0", "compression.cascade.rounds=1",
         f"compression.cascade.offload={sys.argv[1]}"]
-CascadePipeline(load_config(None, sets).compression, seed=0, num_synthetic_batches=3).run(model)
+CascadePipeline(load_config(None, sets).compression, seed=0, num_synthetic_batches=3).compress(model)
 print(json.dumps({"loaded": loaded, "peak": peak_resident_bytes(), "model": model_bytes, "linear": linear}))
 """
 

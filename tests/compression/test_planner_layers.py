@@ -121,7 +121,7 @@ def test_low_rank_fits_what_the_rounded_s_leaves():
         section = {"quant": {"layers": plan}, "nullu": {"layer_ranks": ranks or {}, "decomposition_method":
                                                         "activation_aware"},
                    "cascade": {"stages": stages, "validation_threshold": 0.0}}
-        CascadePipeline(section, calibration_data=batches).run(model)
+        CascadePipeline(section, calibration_data=batches).compress(model)
         for layer in compressed_layers(model).values():
             assert layer.quant["weight"].bits == 2 and layer.mask is None
             if ranks:

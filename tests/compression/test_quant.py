@@ -166,7 +166,7 @@ def test_cascade_with_quant_keeps_mask_and_rank_and_gptq_beats_nearest():
                    "quant": {"bits": 3, "group_size": None, "rounding": rounding, "targets": ["fc"], "ignore": []},
                    "cascade": {"stages": ["dare", "nullu", "quant"], "validation_threshold": 0.0}}
         pipe = CascadePipeline(section, calibration_data=batches)
-        pipe.run(model)
+        pipe.compress(model)
         before = {n: (m.mask.clone(), m.rank) for n, m in compressed_layers(model).items()}
         stats = pipe.stage_results["quant"]
         for name, layer in compressed_layers(model).items():

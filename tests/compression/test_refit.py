@@ -7,7 +7,7 @@ import copy
 import torch
 
 from rcc_compression.compression.cascade import CascadePipeline
-from rcc_compression.compression.nullu import balanced_factors, whitening
+from rcc_compression.compression.lowrank import balanced_factors, whitening
 from rcc_compression.compression.refit import execution_groups, layer_output_error, refit_low_rank
 from rcc_compression.config import load_config
 
@@ -88,7 +88,7 @@ def test_sequential_refit_lowers_model_output_error(mlp):
             "cascade": {"stages": ["nullu"], "validation_threshold": 0.0}}}).compression
         model = copy.deepcopy(mlp)
         pipe = CascadePipeline(cfg, calibration_data=batches, holdout_data=held[:1])
-        pipe.run(model)
+        pipe.compress(model)
         out = torch.cat([model(**b) for b in held]).detach()
         errors.append(float((out - dense_out).norm() / dense_out.norm()))
         reports.append(pipe.stage_results["nullu"])

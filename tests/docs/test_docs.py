@@ -81,3 +81,31 @@ def test_every_config_key_has_a_meaning() -> None:
 
     walk(RCCConfig, "")
     assert not missing, f"config keys without Field(description=...): {', '.join(missing)}"
+
+
+def test_sources_cite_pages_and_papers() -> None:
+    """Docstrings cite a page of the docs or a paper, never a document that is not in the repository."""
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "src").rglob("*.py"))
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "design document" in line]
+    assert not hits, hits
+
+
+def _pyproject_layers() -> list[list[str]]:
+    import tomllib
+
+    contract = next(c for c in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"][
+        "contracts"] if c["id"] == "layers")
+    return [[p.strip().strip("()") for p in row.split("|")] for row in contract["layers"] if row != "__main__"]
+
+
+def test_the_layer_order_is_the_same_in_pyproject_contributing_and_architecture() -> None:
+    import re
+
+    layers = _pyproject_layers()
+    arch = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = [re.findall(r"`(\w+)`", m) for m in re.findall(r"^\| \d+ \| ([^|]+) \|", arch, flags=re.M)]
+    assert [sorted(r for r in row if r != "__main__") for row in rows] == [sorted(r) for r in layers]
+    text = " ".join((ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8").split())
+    sentence = text[text.index("**Layers one way.**"):].split(". ", 1)[0]
+    named = re.findall(r"`(\w+)`", sentence)
+    assert named == [name for row in layers for name in row], sentence

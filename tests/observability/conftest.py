@@ -8,6 +8,7 @@ every kind of number a report shows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -65,12 +66,75 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _class_folders(tmp_path_factory.mktemp("classes"))
 
 
+class WandbCalls:
+    """What a job hands W&B's public API: ``wandb.init``'s arguments, every ``run.log`` row, the artifacts, and
+    the run's summary, config, name and tags as ``run.finish()`` finds them (W&B's offline log file is a
+    binary format with no public reader, so the calls are what a test can check)."""
+
+    def __init__(self) -> None:
+        self.init: dict = {}
+        self.history: list[dict] = []
+        self.artifacts: list[dict] = []
+        self.finished: dict = {}
+
+    def series(self, series: str) -> dict[int, dict[str, float]]:
+        """``{step: {name: value}}`` of one series, as the W&B UI plots it against ``<series>/step``."""
+        out: dict[int, dict[str, float]] = {}
+        prefix = f"{series}/"
+        for row in self.history:
+            if f"{series}/step" in row:
+                vals = {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix) and k != f"{series}/step"}
+                out.setdefault(int(row[f"{series}/step"]), {}).update(vals)
+        return dict(sorted(out.items()))
+
+    @contextlib.contextmanager
+    def recording(self):
+        import wandb
+
+        real_init = wandb.init
+
+        def init(*args, **kwargs):
+            self.init = dict(kwargs)
+            run = real_init(*args, **kwargs)
+            log, log_artifact, finish = run.log, run.log_artifact, run.finish
+
+            def logged(row, *a, **kw):
+                self.history.append(dict(row))
+                return log(row, *a, **kw)
+
+            def artifact(art, *a, **kw):
+                self.artifacts.append({"name": art.name, "type": art.type, "metadata": dict(art.metadata),
+                                       "files": sorted(art.manifest.entries)})
+                return log_artifact(art, *a, **kw)
+
+            def finished(*a, **kw):
+                self.finished = {"summary": {k: run.summary[k] for k in run.summary.keys()},
+                                 "config": dict(run.config), "name": run.name, "tags": list(run.tags),
+                                 "exit_code": kw.get("exit_code"), "dir": run.dir}
+                return finish(*a, **kw)
+
+            run.log, run.log_artifact, run.finish = logged, artifact, finished
+            return run
+
+        wandb.init = init
+        try:
+            yield self
+        finally:
+            wandb.init = real_init
+
+
 @pytest.fixture(scope="session")
-def small_run(runs_root: Path, image_folder: Path, wandb_env: Path) -> Path:
+def wandb_calls() -> WandbCalls:
+    return WandbCalls()
+
+
+@pytest.fixture(scope="session")
+def small_run(runs_root: Path, image_folder: Path, wandb_env: Path, wandb_calls: WandbCalls) -> Path:
     run = runs_root / "small"
-    code = main(["compress", *TINY, "--set", f"evaluation.datasets=[{image_folder}]",
-                 "--set", "tracking.backends=[file,tensorboard,wandb]", "--set", "tracking.tags=[test]",
-                 "--output", str(run)])
+    with wandb_calls.recording():
+        code = main(["compress", *TINY, "--set", f"evaluation.datasets=[{image_folder}]",
+                     "--set", "tracking.backends=[file,tensorboard,wandb]", "--set", "tracking.tags=[test]",
+                     "--output", str(run)])
     assert code == 0
     return run
 

@@ -79,8 +79,12 @@ def test_live_progress_of_a_running_job(tmp_path, monkeypatch):
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"status": "running", "host": {}}))
     (run / ".lock").write_text(str(os.getpid()))  # held by a live process
-    records = [{"step": 0, "round": 1, "stage": "dare", "retention": 0.97, "passed": True,
-                "achieved": {"compression_rate": 0.25}}]
+    achieved = {"layers": 4, "dense_dtype": "float32", "dense_bytes": 4000, "stored_bytes": 3000,
+                "compression_rate": 0.25, "dense_bytes_fp32": 4000, "compression_rate_vs_fp32": 0.25, "sparsity": 0.3,
+                "layers_with_sparse_part": 4, "layers_with_low_rank_part": 0, "mean_rank": 0.0}
+    records = [{"record_version": 1, "step": 0, "round": 1, "stage": "dare", "targets": {"pruning_rate": 0.3},
+                "achieved": achieved, "metric": 0.97, "retention": 0.97, "threshold": 0.9, "passed": True,
+                "seconds": 1.5, "summary": {}}]
     (run / "progress.json").write_text(json.dumps({"format": "rcc-cascade-progress", "next_step": 1, "total_steps": 4,
                                                    "records": records}))
     (run / "metrics.jsonl").write_text(json.dumps({"kind": "metrics", "series": "train", "step": 7,

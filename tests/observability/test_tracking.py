@@ -12,15 +12,13 @@ import yaml
 from rcc_compression.config import load_config
 from rcc_compression.errors import ConfigError
 from rcc_compression.jobs.tracking import results_metrics, step_metrics
-from rcc_compression.utils.tracking import (
+from rcc_compression.tracking import (
     Backend,
     ExperimentTracker,
     TrackingConfig,
     metric_key,
     read_metrics_file,
-    read_wandb_run,
     series_points,
-    wandb_series,
 )
 
 
@@ -99,16 +97,17 @@ def test_torn_metrics_line_is_skipped(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ a run, read back
-def test_offline_wandb_run_holds_what_results_json_says(small_run):
+def test_offline_wandb_run_holds_what_results_json_says(small_run, wandb_calls):
     results = json.loads((small_run / "results.json").read_text())
-    run = read_wandb_run(small_run / "wandb")
-    assert run["file"].startswith(str(small_run / "wandb" / "offline-run-"))
+    run = wandb_calls.finished
+    assert run["dir"].startswith(str(small_run / "wandb" / "offline-run-")) and run["exit_code"] == 0
+    assert list((small_run / "wandb").glob("offline-run-*/run-*.wandb"))  # the run's log, for wandb sync
     expected = results_metrics(results)
     assert set(expected) == {"eval/dense", "eval/compressed"} and len(expected["eval/compressed"]) >= 10
     for series, values in expected.items():
-        assert wandb_series(run, series) == {0: values}
+        assert wandb_calls.series(series) == {0: values}
     # every number of the results went in unchanged: quality with its CI, bytes, rate, latency, gate
-    comp = wandb_series(run, "eval/compressed")[0]
+    comp = wandb_calls.series("eval/compressed")[0]
     key = next(iter(results["quality"]["compressed"]))
     assert comp[metric_key(key)] == results["quality"]["compressed"][key]
     ci = [comp[metric_key(key, "ci_low")], comp[metric_key(key, "ci_high")]]
@@ -119,12 +118,12 @@ def test_offline_wandb_run_holds_what_results_json_says(small_run):
     assert comp["gate_retention"] == results["gate"]["retention"]
     # one point per cascade step, as recorded
     steps = [r for r in results["records"] if "achieved" in r]
-    assert wandb_series(run, "cascade") == {r["step"]: step_metrics(r) for r in steps}
+    assert wandb_calls.series("cascade") == {r["step"]: step_metrics(r) for r in steps}
     # the resolved config, the summary, and the compressed model as an artifact
     cfg = yaml.safe_load((small_run / "config.yaml").read_text())
     assert run["config"] == cfg and run["tags"] == ["test"] and run["name"] == "small"
     assert run["summary"]["eval/compressed/gate_retention"] == results["gate"]["retention"]
-    (art,) = run["artifacts"]
+    (art,) = wandb_calls.artifacts
     manifest = json.loads((small_run / "compressed" / "manifest.json").read_text())
     assert art["type"] == "model" and "manifest.json" in art["files"]
     assert set(manifest["files"]) <= set(art["files"])

@@ -42,7 +42,7 @@ def fresh_mlp() -> MLP:
 
 def compressed_mlp() -> MLP:
     model = fresh_mlp()
-    CascadePipeline(mlp_section(rounds=1), calibration_data=make_batches(), seed=1).run(model)
+    CascadePipeline(mlp_section(rounds=1), calibration_data=make_batches(), seed=1).compress(model)
     return model
 
 

@@ -140,7 +140,7 @@ def test_model_without_linear_layers():
 
     batches = [{"x": torch.randn(2, 3, 8, 8)}]
     with pytest.raises(CompressionError) as err:
-        CascadePipeline(load_config(None).compression, calibration_data=batches).run(ConvOnly())
+        CascadePipeline(load_config(None).compression, calibration_data=batches).compress(ConvOnly())
     assert str(err.value) == "stage 'dare': no Linear layer of ConvOnly matches targets default (ignore default)"
     with pytest.raises(CompressionError) as err:
         compress_model(ConvOnly(), compression_rate=0.5, calibration_data=batches)
@@ -249,11 +249,11 @@ def test_non_finite_stage_is_rolled_back(monkeypatch, kind):
     after: dict[int, dict[str, torch.Tensor]] = {}
     reference = fresh_mlp()
     CascadePipeline(mlp_section(rounds=2), calibration_data=make_batches(), seed=1,
-                    step_callback=lambda r: after.setdefault(r["step"], model_state(reference))).run(reference)
+                    step_callback=lambda r: after.setdefault(r["step"], model_state(reference))).compress(reference)
     _poison(monkeypatch, kind, on_call=2)  # nullu of round 2 (step 3) goes bad
     model = fresh_mlp()
     pipe = CascadePipeline(mlp_section(rounds=2), calibration_data=make_batches(), seed=1)
-    pipe.run(model)
+    pipe.compress(model)
     last = pipe.records[-1]
     assert [r["step"] for r in pipe.records] == [0, 1, 2, 3]
     assert last["stage"] == "nullu" and last["passed"] is False and last["rolled_back"] is True

@@ -84,7 +84,7 @@ def _edit_manifest(**fields):
         m.update(fields)
         (path / "manifest.json").write_text(json.dumps(m))
         return {
-            "format_version": f"{path / 'manifest.json'}: unknown format_version 4; this version reads 1, 2, 3",
+            "format_version": f"{path / 'manifest.json'}: unknown format_version 5; this version reads 1, 2, 3, 4",
             "format": f"{path / 'manifest.json'}: not an rcc-compressed manifest (format='safetensors')",
             "files": f"{path / 'manifest.json'}: illegal file path '../../etc/passwd'",
         }[next(iter(fields))]
@@ -103,9 +103,9 @@ def _not_utf8(path: Path) -> str:
 
 
 @pytest.mark.parametrize("damage", [
-    _truncate, _flip_bit, _remove, _no_manifest, _edit_manifest(format_version=4), _edit_manifest(format="safetensors"),
+    _truncate, _flip_bit, _remove, _no_manifest, _edit_manifest(format_version=5), _edit_manifest(format="safetensors"),
     _edit_manifest(files={"../../etc/passwd": {"sha256": "0" * 64}}), _malformed_json, _not_utf8,
-], ids=["truncated", "bit-flip", "missing-file", "no-manifest", "format-version-4", "foreign-format",
+], ids=["truncated", "bit-flip", "missing-file", "no-manifest", "format-version-5", "foreign-format",
         "path-escape", "malformed-json", "not-utf8"])
 def test_damaged_checkpoint_is_refused_with_a_clear_error(ckpt, damage):
     path, _ = ckpt
@@ -197,11 +197,12 @@ def test_disk_full_while_replacing_a_checkpoint_keeps_the_old_one(ckpt, disk_fil
 
 def test_disk_full_during_a_run_stops_it_cleanly_and_resume_finishes_it(tmp_path, disk_fills_up):
     reference = fresh_mlp()
-    CascadePipeline(mlp_section(), calibration_data=make_batches(), run_dir=tmp_path / "ref", seed=1).run(reference)
+    pipe = CascadePipeline(mlp_section(), calibration_data=make_batches(), run_dir=tmp_path / "ref", seed=1)
+    pipe.compress(reference)
     run = tmp_path / "run"
     state = disk_fills_up(5)  # the third checkpoint (two files each) fails in its first file
     with pytest.raises(CheckpointError) as err:
-        CascadePipeline(mlp_section(), calibration_data=make_batches(), run_dir=run, seed=1).run(fresh_mlp())
+        CascadePipeline(mlp_section(), calibration_data=make_batches(), run_dir=run, seed=1).compress(fresh_mlp())
     assert state["hits"] == 1
     assert str(err.value) == (
         f"{run / 'checkpoints' / 'step-00002'}: could not write the checkpoint: No space left on device; nothing "
@@ -213,7 +214,7 @@ def test_disk_full_during_a_run_stops_it_cleanly_and_resume_finishes_it(tmp_path
     verify_files(run / "checkpoints" / "step-00001", read_manifest(run / "checkpoints" / "step-00001"))
     state["left"] = None  # space freed
     resumed = fresh_mlp()
-    CascadePipeline(mlp_section(), calibration_data=make_batches(), run_dir=run, seed=1).run(resumed, resume=True)
+    CascadePipeline(mlp_section(), calibration_data=make_batches(), run_dir=run, seed=1).compress(resumed, resume=True)
     assert_same_state(model_state(resumed), model_state(reference))
 
 

@@ -120,12 +120,12 @@ def test_halver_keeps_the_size_that_fits():
 
 def test_a_cascade_runs_through_out_of_memory_to_the_same_model(warnings_seen):
     reference = fresh_mlp()
-    CascadePipeline(mlp_section(), calibration_data=make_batches(6, rows=8), seed=1).run(reference)
+    CascadePipeline(mlp_section(), calibration_data=make_batches(6, rows=8), seed=1).compress(reference)
     model, calls = fresh_mlp(), []
     _limit_rows(model.fc2, 4, calls)
     section = mlp_section()
     section.cascade.offload = "memory"  # the teacher is then a deep copy: the patched forward reaches it
-    CascadePipeline(section, calibration_data=make_batches(6, rows=8), seed=1).run(model)
+    CascadePipeline(section, calibration_data=make_batches(6, rows=8), seed=1).compress(model)
     assert warnings_seen and set(warnings_seen) <= {
         "CUDA out of memory on a batch of 8 in calibration statistics; halving the batch to 4",
         "CUDA out of memory on a batch of 8 in model outputs; halving the batch to 4"}

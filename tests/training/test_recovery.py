@@ -11,25 +11,25 @@ import pytest
 import torch
 import yaml
 
-from rcc_compression import CascadePipeline
+from rcc_compression import CompressionPipeline
 from rcc_compression.cli import main
 from rcc_compression.compression.calibration import flatten_outputs, output_agreement, run_outputs
 from rcc_compression.compression.layers import compressed_layers
 from rcc_compression.compression.storage import load_compressed, save_compressed
 from rcc_compression.config import TrainingSection, dump_config, load_config
+from rcc_compression.tracking import read_metrics_file, series_points
 from rcc_compression.training.losses import DistillationLoss, clip_contrastive_kd, model_family
 from rcc_compression.training.recovery import trainable_parameters
 from rcc_compression.training.teacher import Teacher
 from rcc_compression.training.trainer import CompressionTrainer, DistillationObjective
-from rcc_compression.utils.tracking import read_metrics_file, series_points
 
 
 def _compress(wrapper, batches, holdout, rate: float = 0.7, fine_tune_epochs: int = 0):
     cfg = {"cascade": {"stages": ["dare"], "validation_threshold": 0.0},
            "dare": {"pruning_rate": rate, "iterations": 1, "fine_tune_epochs": fine_tune_epochs,
                     "fine_tune_lr": 1e-3}}
-    pipe = CascadePipeline(cfg, calibration_data=batches, holdout_data=holdout)
-    pipe.run(wrapper)
+    pipe = CompressionPipeline(cfg, calibration_data=batches, holdout_data=holdout)
+    pipe.compress(wrapper)
     return pipe
 
 

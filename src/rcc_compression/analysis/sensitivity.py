@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..compression.cascade import CascadePipeline, compression_summary
+from ..compression.records import step_records
 from ..compression.registry import STAGES
 
 #: stages that change stored bytes; recovery stages are left out of sensitivity unless asked for
@@ -73,9 +74,9 @@ def layer_sensitivity(
         work = copy.deepcopy(model)
         pipe = pipeline(sec, calibration_data=calibration_data, holdout_data=holdout_data, seed=seed,
                         **pipeline_kwargs)
-        pipe.run(work)
-        last = next((r for r in reversed(pipe.records) if "retention" in r), None)
-        retention = float(last["retention"]) if last is not None else 1.0
+        pipe.compress(work)
+        steps = step_records(pipe.records)
+        retention = float(steps[-1].retention) if steps else 1.0
         inner = getattr(work, "model", work)
         summary = compression_summary(inner)
         row: dict[str, Any] = {

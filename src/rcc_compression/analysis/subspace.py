@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -131,22 +130,6 @@ def numerical_rank(singular_values: torch.Tensor, rel_tol: float = 1e-6) -> int:
     if s.numel() == 0 or float(s[0]) <= 0.0:
         return 0
     return int((s > rel_tol * s[0]).sum())
-
-
-@dataclass(frozen=True)
-class DominantSubspaces:
-    """Leading singular directions of a weight: ``columns`` (``m x k``, outputs), ``rows`` (``n x k``, inputs)."""
-
-    columns: torch.Tensor
-    rows: torch.Tensor
-    singular_values: torch.Tensor
-
-
-def dominant_subspaces(W: torch.Tensor, k: int | None = None) -> DominantSubspaces:
-    """Orthonormal bases of the leading ``k`` column and row directions of ``W`` (``k=None``: all)."""
-    U, S, Vh = torch.linalg.svd(W.detach().to(torch.float64), full_matrices=False)
-    k = S.numel() if k is None else max(0, min(k, S.numel()))
-    return DominantSubspaces(U[:, :k], Vh[:k].t(), S)
 
 
 def compare_weights(
@@ -257,7 +240,7 @@ def _layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class GrassmannAnalyzer:
-    """Subspace analysis of compressed models, layer by layer (design document section 3.6).
+    """Subspace analysis of compressed models, layer by layer (docs/analysis.md).
 
     >>> report = GrassmannAnalyzer(energy=0.9).compare_models(dense, compressed)  # doctest: +SKIP
     >>> report["layers"]["vision_model.encoder.layers.0.mlp.fc1"]["rows"]["geodesic"]  # doctest: +SKIP

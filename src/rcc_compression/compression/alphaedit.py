@@ -1,9 +1,10 @@
 """Stage ``alphaedit``: recovery of the compressed layers.
 
-Default (design document, mode ``scaling``): learnable per-channel scales ``a_in``/``a_out`` on
+Default (docs/glossary.md, mode ``scaling``): learnable per-channel scales ``a_in``/``a_out`` on
 the compressed layers, trained by distillation from the dense teacher on calibration batches;
 they keep the sparsity pattern and the rank. Channel importance ``|grad * weight|`` (first-order
-Taylor, here ``|a * dL/da|``) decides which channels get learnable scales (``scale_fraction``).
+Taylor, Molchanov et al., CVPR 2019; here ``|a * dL/da|``) decides which channels get learnable
+scales (``scale_fraction``).
 
 Mode ``closed_form`` is AlphaEdit (Fang et al., ICLR 2025, "Null-Space Constrained Knowledge
 Editing"; ``AlphaEdit_main.py``): the least-squares update that fits the layer back to the dense
@@ -37,7 +38,7 @@ log = get_logger("alphaedit")
 
 
 class AlphaEditConfig(StageConfig):
-    """Keys of the ``alphaedit`` stage (defaults from the design document and the AlphaEdit paper)."""
+    """Keys of the ``alphaedit`` stage (defaults: docs/glossary.md; ``closed_form``'s from the AlphaEdit paper)."""
 
     mode: Literal["scaling", "closed_form"] = Field(
         "scaling",

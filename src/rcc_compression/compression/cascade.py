@@ -38,6 +38,7 @@ from .calibration import mean_interval, output_agreement, run_outputs, sample_ou
 from .layers import CompressedLinear, LayerState, compressed_layers, replace_module, to_working, unpack_bits
 from .offload import Handle, StoredTensors, TeacherWeights, TensorStore, teacher_copy
 from .planner import LayerShape
+from .records import StepRecord, step_records
 from .registry import STAGES, CascadeConfig, CompressionSection, build_stage
 from .schedule import joint_schedule
 from .stage import CompressionContext, Distiller, Stage, schedule_fraction, select_layers
@@ -498,6 +499,7 @@ class CascadePipeline:
         if isinstance(caps, dict) and isinstance(caps.get("caps"), dict):
             self._round_caps = ({str(k): int(v) for k, v in caps["caps"].items()},
                                 {str(k): int(v) for k, v in caps.get("scale_reserve", {}).items()})
+        step_records(progress.get("records", []), where=str(self.run_dir / PROGRESS_FILE))  # refuses a bad record
         self.records = list(progress.get("records", []))
         self.stage_results = dict(progress.get("stage_results", {}))
         log.info("resuming from %s (step %d of %d)", ckpt, progress["next_step"], len(self.steps()))
@@ -507,7 +509,7 @@ class CascadePipeline:
         return int(progress["next_step"])
 
     # ------------------------------------------------------------------ run
-    def run(self, model: nn.Module, resume: bool = False) -> nn.Module:
+    def compress(self, model: nn.Module, resume: bool = False) -> nn.Module:
         """Compress ``model`` in place through every step; returns it (the wrapper, if given one).
 
         With ``resume=True`` and a run directory holding a checkpoint, continue from it.
@@ -691,6 +693,7 @@ class CascadePipeline:
                                   "retention": retention, "threshold": self.cascade.validation_threshold,
                                   "achieved": compression_summary(self._model), "seconds": 0.0, "targets": {},
                                   "summary": {}, "metric": None}
+        record = StepRecord.model_validate(record).as_json()
         self.records.append(record)
         log.info("step %d (%s, round %d) skipped: %s", idx, stage.name, k, why)
         return record
@@ -745,11 +748,9 @@ class CascadePipeline:
             record["error"] = error
         elif not finite:
             record["error"] = "non-finite weights or outputs"
+        record = StepRecord.model_validate(record).as_json()  # the typed form, checked as it is written
         self.records.append(record)
         return record
-
-    compress = run
-
 
 
 _SNAP_PARTS = ("weight", "lr_A", "lr_B", "a_in", "a_out", "bias")

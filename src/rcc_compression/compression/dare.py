@@ -1,6 +1,7 @@
 """Stage ``dare``: sparsify the weights (or a fine-tune's deltas).
 
-Default (design document): iterative unstructured magnitude pruning to ``pruning_rate`` over
+Default (docs/glossary.md): iterative unstructured magnitude pruning (Zhu & Gupta, "To prune, or not to
+prune", 2017) to ``pruning_rate`` over
 ``iterations`` along a ``linear``/``cubic`` schedule, with distillation from the dense model
 between iterations: ``fine_tune_epochs`` is 5 by default. After ``alphaedit`` has given a layer
 channel scales, its entries are scored with them (``|a_out_i S_ij a_in_j|``, the weight the layer
@@ -30,7 +31,7 @@ from .storage import stored_bytes
 
 
 class DareConfig(StageConfig):
-    """Keys of the ``dare`` stage (defaults from the design document)."""
+    """Keys of the ``dare`` stage (defaults: docs/glossary.md)."""
 
     pruning_rate: float = Field(0.9, ge=0.0, lt=1.0, description="final share of the weights (or deltas) set to zero")
     iterations: int = Field(

@@ -14,8 +14,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import CompressionError
+from .lowrank import budget_rank
 from .matching import linear_layers, match_layers, select
-from .nullu import budget_rank
 from .planner import Choice, LayerShape, choice_bytes
 
 

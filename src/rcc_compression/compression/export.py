@@ -21,7 +21,7 @@ from ..models.registry import BUNDLED, get_model
 from ..models.tiny import RANDOM_MODELS, TINY_MODELS
 from .layers import compressed_layers
 from .onnx_export import export_onnx
-from .storage import LAYERS_FILE, MANIFEST, REST_FILE, export_dense, load_compressed, read_manifest
+from .storage import MANIFEST, export_dense, load_compressed, read_manifest, tensor_files
 
 
 @dataclass
@@ -77,7 +77,7 @@ def load_deployable(source: str | os.PathLike[str], key: bytes | None = None, na
 
 def checkpoint_bytes(ckpt: str | os.PathLike[str]) -> int:
     """Bytes of a compressed checkpoint's tensor files (what its weights take on disk)."""
-    return sum((Path(ckpt) / f).stat().st_size for f in (LAYERS_FILE, REST_FILE))
+    return sum((Path(ckpt) / f).stat().st_size for f in tensor_files(read_manifest(ckpt)))
 
 
 def export_model(source: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str = "onnx",

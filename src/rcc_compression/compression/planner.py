@@ -19,8 +19,7 @@ import torch
 from ..errors import CompressionError
 from ..utils.memory import release_memory
 from .dare import keep_count, magnitude_scores, topk_mask, wanda_scores
-from .lowrank import whitening
-from .nullu import allocate_ranks, budget_rank, factorisable, spectral_energy, svd
+from .lowrank import allocate_ranks, budget_rank, factorisable, spectral_energy, svd, whitening
 from .quant import format_bytes, gptq_formats, inverse_factor, quantize_nearest
 from .storage import sparse_encoding_bytes
 
@@ -301,6 +300,149 @@ def choice_bytes(shape: LayerShape, c: Choice, prune_scope: str = "layer") -> in
     return total
 
 
+class _LayerScorer:
+    """Scores candidate storages of one layer: each one's bytes and its calibration output error.
+
+    The error is ``tr(D G D^T) / tr(W G W^T)``, or with ``row_weight`` ``sum_c row_weight[c] (D G D^T)_cc``
+    (see :func:`layer_choices`); ``choices`` collects the scored candidates in the order they are found.
+    """
+
+    def __init__(self, weight: torch.Tensor, gram: torch.Tensor | None, shape: LayerShape, *, lowrank: bool,
+                 prune_scope: str, damping: float, rounding: str, row_weight: torch.Tensor | None,
+                 act_order: bool, clip_search: bool) -> None:
+        self.W = W = weight.detach().float()
+        self.m, self.n = W.shape
+        self.gram, self.shape, self.prune_scope, self.damping = gram, shape, prune_scope, damping
+        self.act_order, self.clip_search = act_order, clip_search
+        self.H = gram.float() if gram is not None else torch.eye(self.n, device=W.device)
+        self.rw = None if row_weight is None else row_weight.to(W.device, torch.float64)[:, None]
+        self.ref = 1.0 if self.rw is not None else max(self.wsum((W @ self.H) * W), 1e-300)
+        self.gptq_on = rounding == "gptq" and gram is not None
+        # one Cholesky factor for every rounding of the layer
+        self.inverse = inverse_factor(self.H, damping) if self.gptq_on else None
+        self.root = self.root32 = None
+        if lowrank:
+            self.root = whitening(self.H.double(), damping)
+            self.root32 = (self.root[0].float(), self.root[1].float())
+        self.choices: list[Choice] = []
+
+    def wsum(self, t: torch.Tensor) -> float:
+        """Sum over output rows, weighted by their output sensitivity when known."""
+        t = t.double()
+        return float(t.sum() if self.rw is None else (t * self.rw).sum())
+
+    def error(self, approx: torch.Tensor) -> float:
+        D = self.W - approx
+        return max(0.0, self.wsum((D @ self.H) * D) / self.ref)
+
+    def rounded(self, s: torch.Tensor, fmts: Sequence[tuple[int, int | None, bool]], mask: torch.Tensor | None
+                ) -> list[torch.Tensor]:
+        """``s`` rounded to each format as the ``quant`` stage rounds it (GPTQ against the gram, or nearest)."""
+        if self.gptq_on:
+            parts = gptq_formats(s, self.H, fmts, mask, self.damping, act_order=self.act_order,
+                                 clip_search=self.clip_search, inverse=self.inverse)
+        else:
+            parts = [quantize_nearest(s, b, g, sym, mask, self.clip_search) for b, g, sym in fmts]
+        return [q.dequantize(torch.float32, mask).to(self.W.device) for q in parts]
+
+    def add(self, c: Choice, approx: torch.Tensor | None, err: float | None = None) -> Choice:
+        e = err if err is not None else (0.0 if approx is None else self.error(approx))
+        scored = Choice(**{**c.__dict__, "nbytes": choice_bytes(self.shape, c, self.prune_scope), "error": e})
+        self.choices.append(scored)
+        return scored
+
+    def with_factors(self, base: Choice, s_hat: torch.Tensor | None, rank_list: list[int],
+                     factor_bits: Sequence[int] = FACTOR_BITS, e0: float | None = None) -> None:
+        """Factors of each rank fitted to what ``s_hat`` leaves; errors from r x r and m x r products only.
+
+        ``e0``: the (unnormalised) error ``s_hat`` leaves, when known; ``R H`` is never formed (``R (H A^T)``).
+        """
+        if not rank_list:
+            return
+        W, H, m, n = self.W, self.H, self.m, self.n
+        R = W - s_hat if s_hat is not None else W
+        if e0 is None:
+            e0 = self.wsum((R @ H) * R)
+        M = R @ self.root32[0]  # float32: the decomposition only ranks directions; errors are float64 sums
+        q = max(rank_list)
+        if q + 8 < min(m, n) // 2:  # a few directions of a large matrix: randomized SVD is plenty
+            U, sv, V = torch.svd_lowrank(M, q=q + 8, niter=2)
+            Vh = V.t()
+        else:
+            U, sv, Vh = torch.linalg.svd(M, full_matrices=False)
+        for r in rank_list:
+            B = (U[:, :r] * sv[:r]).float()
+            A = (Vh[:r] @ self.root32[1]).float()
+            for fb in factor_bits:
+                A_q = quantize_nearest(A, fb, base.group_size, base.symmetric).dequantize(torch.float32)
+                HA = H @ A_q.t()
+                HB = (A_q @ HA).double()
+                rhs = (R @ HA).double()  # R H A^T
+                if self.gram is not None:  # B re-solved on the rounded A: least squares with a small ridge
+                    lam = self.damping * float(HB.diagonal().mean().clamp_min(1e-300))
+                    B_c = torch.linalg.solve(HB + lam * torch.eye(r, dtype=HB.dtype, device=HB.device),
+                                             rhs.t()).t().float()
+                else:
+                    B_c = B
+                B_q = quantize_nearest(B_c, fb, base.group_size, base.symmetric).dequantize(torch.float64)
+                num = e0 - 2 * self.wsum(B_q * rhs) + self.wsum((B_q @ HB) * B_q)
+                self.add(Choice(**{**base.__dict__, "rank": r, "factor_bits": fb}), None, max(0.0, num) / self.ref)
+
+    def quantized(self, lowrank: bool) -> None:
+        """S rounded to every format; with ``lowrank``, low-rank corrections of the rounding error."""
+        fmts = [f for f in QUANT_FORMATS if f[1] is None or f[1] < self.n]
+        cached = dict(zip(fmts, self.rounded(self.W, fmts, None), strict=True))
+        plain = {fmt: self.add(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat)
+                 for fmt, s_hat in cached.items()}
+        if not lowrank:
+            return
+        # a low-rank correction of the rounding error (LQER / L2QER, SVDQuant: factors fitted to the whitened
+        # residual the quantizer leaves), in steps of doubling rank: small ranks also let the byte budget be
+        # filled closely. A format with more bytes and more error than another gets none.
+        full = min(self.m, self.n)
+        small = [2**k for k in range(max(1, full // 8).bit_length()) if 2**k <= max(1, full // 8)]
+        for fmt, s_hat in cached.items():
+            c0 = plain[fmt]
+            if any(o.nbytes <= c0.nbytes and o.error < c0.error for o in plain.values()):
+                continue
+            self.with_factors(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat, small, (8,),
+                              e0=c0.error * self.ref)
+
+    def sparse(self, quant: bool, lowrank: bool, scorer: str, ranks: list[int]) -> None:
+        """S pruned at every rate (float), and at the sparse rates rounded; factors on the sparsest int S."""
+        W, m = self.W, self.m
+        score = (wanda_scores(W, self.H.diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and self.gram is not None)
+                 else magnitude_scores(W))
+        masks = {p: topk_mask(score, p, self.prune_scope) for p in sorted(set(FLOAT_SPARSITIES) | set(SPARSITIES))}
+        for p, mask in masks.items():
+            self.add(Choice(pruning_rate=p), W * mask)
+        fmts = [f for f in SPARSE_FORMATS if f[1] is None or f[1] < self.n] if quant else []
+        if not fmts:
+            return
+        # every sparse S of the layer rounded in one pass: GPTQ rounds rows independently
+        stack = torch.cat([masks[p] for p in SPARSITIES])
+        parts = self.rounded(W.repeat(len(SPARSITIES), 1) * stack, fmts, stack)
+        full = min(self.m, self.n)
+        for fmt, part in zip(fmts, parts, strict=True):
+            for j, p in enumerate(SPARSITIES):
+                s_hat = part[j * m:(j + 1) * m]
+                base = Choice(pruning_rate=p, bits=fmt[0], group_size=fmt[1], symmetric=fmt[2])
+                self.add(base, s_hat)
+                if lowrank and p == SPARSITIES[-1] and fmt == SPARSE_FORMATS[-1]:
+                    self.with_factors(base, s_hat, [r for r in ranks if r <= full // 8])
+
+    def low_rank_only(self, quant: bool, ranks: list[int]) -> None:
+        """No S: factors alone, rounded (with ``quant``) or float, at the ranks that store less than dense."""
+        m, n = self.m, self.n
+        lr_ranks = [r for r in ranks if factorisable(r, m, n) and r < min(m, n)]  # float factors below dense
+        if quant:
+            self.with_factors(Choice(keep_s=False), None, lr_ranks)
+            return
+        U, sv, Vh = torch.linalg.svd(self.W.double() @ self.root[0], full_matrices=False)
+        for r in lr_ranks:
+            self.add(Choice(keep_s=False, rank=r), ((U[:, :r] * sv[:r]) @ Vh[:r] @ self.root[1]).float())
+
+
 @torch.no_grad()
 def layer_choices(
     weight: torch.Tensor, gram: torch.Tensor | None, shape: LayerShape, *, sparse: bool, lowrank: bool,
@@ -321,128 +463,18 @@ def layer_choices(
     that rounding error; its factors are rounded to nearest with ``B`` re-solved on the rounded
     ``A`` (the stage's GPTQ rounding of them only lowers the error further).
     """
-    W = weight.detach().float()
-    m, n = W.shape
-    H = gram.float() if gram is not None else torch.eye(n, device=W.device)
-    rw = None if row_weight is None else row_weight.to(W.device, torch.float64)[:, None]
-
-    def wsum(t: torch.Tensor) -> float:
-        """Sum over output rows, weighted by their output sensitivity when known."""
-        t = t.double()
-        return float(t.sum() if rw is None else (t * rw).sum())
-
-    ref = 1.0 if rw is not None else max(wsum((W @ H) * W), 1e-300)
-
-    def error(approx: torch.Tensor) -> float:
-        D = W - approx
-        return max(0.0, wsum((D @ H) * D) / ref)
-
-    gptq_on = rounding == "gptq" and gram is not None
-    inverse = inverse_factor(H, damping) if gptq_on else None  # one Cholesky factor for every rounding of the layer
-
-    def rounded(s: torch.Tensor, fmts: Sequence[tuple[int, int | None, bool]], mask: torch.Tensor | None
-                ) -> list[torch.Tensor]:
-        if gptq_on:
-            parts = gptq_formats(s, H, fmts, mask, damping, act_order=act_order, clip_search=clip_search,
-                                 inverse=inverse)
-        else:
-            parts = [quantize_nearest(s, b, g, sym, mask, clip_search) for b, g, sym in fmts]
-        return [q.dequantize(torch.float32, mask).to(W.device) for q in parts]
-
-    out: list[Choice] = []
-
-    def add(c: Choice, approx: torch.Tensor | None, err: float | None = None) -> None:
-        e = err if err is not None else (0.0 if approx is None else error(approx))
-        out.append(Choice(**{**c.__dict__, "nbytes": choice_bytes(shape, c, prune_scope), "error": e}))
-
-    root = root32 = None
-    if lowrank:
-        root = whitening(H.double(), damping)
-        root32 = (root[0].float(), root[1].float())
-    full = min(m, n)
+    scorer_ = _LayerScorer(weight, gram, shape, lowrank=lowrank, prune_scope=prune_scope, damping=damping,
+                           rounding=rounding, row_weight=row_weight, act_order=act_order, clip_search=clip_search)
+    full = min(scorer_.m, scorer_.n)
     ranks = sorted({max(1, round(full * s)) for s in RANK_SHARES})
-
-    def with_factors(base: Choice, s_hat: torch.Tensor | None, rank_list: list[int],
-                     factor_bits: Sequence[int] = FACTOR_BITS, e0: float | None = None) -> None:
-        """Factors of each rank fitted to what ``s_hat`` leaves; errors from r x r and m x r products only.
-
-        ``e0``: the (unnormalised) error ``s_hat`` leaves, when known; ``R H`` is never formed (``R (H A^T)``).
-        """
-        if not rank_list:
-            return
-        R = W - s_hat if s_hat is not None else W
-        if e0 is None:
-            e0 = wsum((R @ H) * R)
-        M = R @ root32[0]  # float32: the decomposition only ranks directions; errors are float64 sums
-        q = max(rank_list)
-        if q + 8 < min(m, n) // 2:  # a few directions of a large matrix: randomized SVD is plenty
-            U, sv, V = torch.svd_lowrank(M, q=q + 8, niter=2)
-            Vh = V.t()
-        else:
-            U, sv, Vh = torch.linalg.svd(M, full_matrices=False)
-        for r in rank_list:
-            B = (U[:, :r] * sv[:r]).float()
-            A = (Vh[:r] @ root32[1]).float()
-            for fb in factor_bits:
-                A_q = quantize_nearest(A, fb, base.group_size, base.symmetric).dequantize(torch.float32)
-                HA = H @ A_q.t()
-                HB = (A_q @ HA).double()
-                rhs = (R @ HA).double()  # R H A^T
-                if gram is not None:  # B re-solved on the rounded A: least squares with a small ridge
-                    lam = damping * float(HB.diagonal().mean().clamp_min(1e-300))
-                    B_c = torch.linalg.solve(HB + lam * torch.eye(r, dtype=HB.dtype, device=HB.device),
-                                             rhs.t()).t().float()
-                else:
-                    B_c = B
-                B_q = quantize_nearest(B_c, fb, base.group_size, base.symmetric).dequantize(torch.float64)
-                num = e0 - 2 * wsum(B_q * rhs) + wsum((B_q @ HB) * B_q)
-                add(Choice(**{**base.__dict__, "rank": r, "factor_bits": fb}), None, max(0.0, num) / ref)
-
-    add(Choice(), None)  # left as it is
+    scorer_.add(Choice(), None)  # left as it is
     if quant:
-        fmts = [f for f in QUANT_FORMATS if f[1] is None or f[1] < n]
-        cached = dict(zip(fmts, rounded(W, fmts, None), strict=True))
-        plain = {}
-        for fmt, s_hat in cached.items():
-            add(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat)
-            plain[fmt] = out[-1]
-        if lowrank:
-            # a low-rank correction of the rounding error (LQER / L2QER, SVDQuant: factors fitted to the
-            # whitened residual the quantizer leaves), in steps of doubling rank: small ranks also let the
-            # byte budget be filled closely. A format with more bytes and more error than another gets none.
-            small = [2**k for k in range(max(1, full // 8).bit_length()) if 2**k <= max(1, full // 8)]
-            for fmt, s_hat in cached.items():
-                c0 = plain[fmt]
-                if any(o.nbytes <= c0.nbytes and o.error < c0.error for o in plain.values()):
-                    continue
-                with_factors(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat, small, (8,),
-                             e0=c0.error * ref)
+        scorer_.quantized(lowrank)
     if sparse:
-        score = (wanda_scores(W, H.diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and gram is not None)
-                 else magnitude_scores(W))
-        masks = {p: topk_mask(score, p, prune_scope) for p in sorted(set(FLOAT_SPARSITIES) | set(SPARSITIES))}
-        for p, mask in masks.items():
-            add(Choice(pruning_rate=p), W * mask)
-        fmts = [f for f in SPARSE_FORMATS if f[1] is None or f[1] < n] if quant else []
-        if fmts:  # every sparse S of the layer rounded in one pass: GPTQ rounds rows independently
-            stack = torch.cat([masks[p] for p in SPARSITIES])
-            parts = rounded(W.repeat(len(SPARSITIES), 1) * stack, fmts, stack)
-            for fmt, part in zip(fmts, parts, strict=True):
-                for j, p in enumerate(SPARSITIES):
-                    s_hat = part[j * m:(j + 1) * m]
-                    base = Choice(pruning_rate=p, bits=fmt[0], group_size=fmt[1], symmetric=fmt[2])
-                    add(base, s_hat)
-                    if lowrank and p == SPARSITIES[-1] and fmt == SPARSE_FORMATS[-1]:
-                        with_factors(base, s_hat, [r for r in ranks if r <= full // 8])
+        scorer_.sparse(quant, lowrank, scorer, ranks)
     if lowrank:
-        lr_ranks = [r for r in ranks if factorisable(r, m, n) and r < full]  # float factors below dense
-        if quant:
-            with_factors(Choice(keep_s=False), None, lr_ranks)
-        else:
-            U, sv, Vh = torch.linalg.svd(W.double() @ root[0], full_matrices=False)
-            for r in lr_ranks:
-                add(Choice(keep_s=False, rank=r), ((U[:, :r] * sv[:r]) @ Vh[:r] @ root[1]).float())
-    return out
+        scorer_.low_rank_only(quant, ranks)
+    return scorer_.choices
 
 
 @torch.no_grad()
@@ -582,52 +614,113 @@ def plan_layers(
     bytes and estimated error, the predicted rate and the mean estimated error. Raises
     :class:`CompressionError` when the rate is out of reach.
     """
-    if not 0.0 <= rate < 1.0:
-        raise CompressionError(f"compression_rate must be in [0, 1), got {rate}")
     reserved = list(reserved) if reserved is not None else [0] * len(shapes)
-    dense = sum(s.dense_bytes for s in shapes)
-    fixed = sum(reserved)
-    total_dense = dense + (rest_bytes if scope == "model" else 0)
-    budget = (1.0 - rate) * total_dense - (rest_bytes if scope == "model" else 0) - fixed
-    options = []
-    full: dict[int, list[Choice]] = {}  # protected layers' unfiltered candidates
+    budget = _budget(shapes, rate, reserved, rest_bytes, scope)
     sens = list(sensitivity) if sensitivity is not None else [None] * len(shapes)
     weighted = all(x is not None for x in sens)
+    build = {"scorer": scorer, "prune_scope": prune_scope, "damping": damping, "rounding": rounding,
+             "act_order": act_order, "clip_search": clip_search}
+    options: list[list[Choice]] = []
+    full: dict[int, list[Choice]] = {}  # protected layers' unfiltered candidates
     for i, (w, g, shape, d) in enumerate(zip(weights, grams, shapes, dims, strict=True)):
-        options.append(layer_choices(w, g, shape, sparse="sparsity" in d, lowrank="rank" in d, quant="bits" in d,
-                                     scorer=scorer, prune_scope=prune_scope, damping=damping, rounding=rounding,
-                                     row_weight=sens[i] if weighted else None, act_order=act_order,
-                                     clip_search=clip_search))
-        if min_bits and names[i] in min_bits:
-            full[i] = options[-1]
-            options[-1] = [c for c in options[-1] if keeps_precision(c, min_bits[names[i]])] or options[-1]
+        opts, unfiltered = score_layer(w, g, shape, d, min_bits=(min_bits or {}).get(names[i]),
+                                       row_weight=sens[i] if weighted else None, **build)
+        options.append(opts)
+        if unfiltered is not None:
+            full[i] = unfiltered
         release_memory()  # the candidates' temporaries: hand their pages back before the next layer
         if on_layer is not None:
-            on_layer(i, options, budget)
+            on_layer(i, options, budget.layers)
         if progress is not None:
             progress("plan", i + 1, len(shapes))
-    used = [k for k in ("bits", "sparsity", "rank") if any(k in d for d in dims)]
-    released: list[str] = []
-    order = [names.index(n) for n in (min_bits or {}) if n in names and names.index(n) in full]
-    while order and sum(min(c.nbytes for c in opts) for opts in options) > budget:
-        i = order.pop()  # the least important protection goes first
-        options[i] = full[i]
-        released.append(names[i])
-    floor = sum(min(c.nbytes for c in opts) for opts in options)
-    if floor > budget:
-        best = 1.0 - (floor + fixed + (rest_bytes if scope == "model" else 0)) / total_dense
-        raise CompressionError(
-            f"rate {rate:.4f} is out of reach: the smallest storage over {', '.join(used) or 'nothing'} the planner "
-            f"knows reaches {best:.4f} (biases{', scales' if fixed else ''}, scales of the codes, the smallest "
-            "formats and layers no stage may shrink are the floor)")
-    rest = rest_bytes if scope == "model" else 0
+    return finish_plan(names, options, full, shapes, rate, dims=dims, reserved=reserved, rest_bytes=rest_bytes,
+                       scope=scope, rounding=rounding, weighted=weighted, min_bits=min_bits)
 
-    def planned(opts_: Sequence[Sequence[Choice]]) -> dict[str, Any]:
-        sel = allocate(opts_, budget)
-        chosen = [o[k] for o, k in zip(opts_, sel, strict=True)]
-        stored = sum(c.nbytes for c in chosen) + fixed
+
+def score_layer(weight: torch.Tensor, gram: torch.Tensor | None, shape: LayerShape, dims: Collection[str], *,
+                min_bits: int | None = None, row_weight: torch.Tensor | None = None, scorer: str = "magnitude",
+                prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq", act_order: bool = False,
+                clip_search: bool = False) -> tuple[list[Choice], list[Choice] | None]:
+    """``(candidates the plan may pick, all candidates when ``min_bits`` filtered them, else None)`` of one layer
+    over its plan dimensions (:func:`layer_choices`); ``min_bits``: the layer keeps that precision
+    (:func:`keeps_precision`) unless the rate needs its bytes (:func:`finish_plan` releases it)."""
+    options = layer_choices(weight, gram, shape, sparse="sparsity" in dims, lowrank="rank" in dims,
+                            quant="bits" in dims, scorer=scorer, prune_scope=prune_scope, damping=damping,
+                            rounding=rounding, row_weight=row_weight, act_order=act_order, clip_search=clip_search)
+    if min_bits is None:
+        return options, None
+    return [c for c in options if keeps_precision(c, min_bits)] or options, options
+
+
+def plan_budget(shapes: Sequence[LayerShape], rate: float, reserved: Sequence[int], rest_bytes: int = 0,
+                scope: str = "layers") -> tuple[float, int, int]:
+    """``(bytes the planned layers may store, bytes reserved after the plan, dense bytes rates count against)``."""
+    budget = _budget(shapes, rate, reserved, rest_bytes, scope)
+    return budget.layers, budget.fixed, budget.total_dense
+
+
+def _budget(shapes: Sequence[LayerShape], rate: float, reserved: Sequence[int], rest_bytes: int, scope: str
+            ) -> _Budget:
+    if not 0.0 <= rate < 1.0:
+        raise CompressionError(f"compression_rate must be in [0, 1), got {rate}")
+    rest = rest_bytes if scope == "model" else 0
+    return _Budget(sum(s.dense_bytes for s in shapes) + rest, rest, sum(reserved), rate)
+
+
+def finish_plan(names: Sequence[str], options: list[list[Choice]], full: dict[int, list[Choice]],
+                shapes: Sequence[LayerShape], rate: float, *, dims: Sequence[Collection[str]],
+                reserved: Sequence[int], rest_bytes: int = 0, scope: str = "layers", rounding: str = "gptq",
+                weighted: bool = False, min_bits: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The plan from every layer's scored candidates (``options``; ``full``: protected layers' unfiltered ones):
+    protections released from the least important while the rate is out of reach with them, one allocation
+    (:func:`allocate`), and the single-stage plans at the same bytes (and the plan without protections) listed
+    as alternatives. Used by :func:`plan_layers` and by the sequential pipeline's survey (candidates scored a
+    block at a time)."""
+    budget = _budget(shapes, rate, reserved, rest_bytes, scope)
+    options = list(options)
+    used = [k for k in ("bits", "sparsity", "rank") if any(k in d for d in dims)]
+    released = _release_protections(names, options, full, min_bits or {}, budget.layers)
+    budget.check(options, used)
+    out = {"method": "layers", "requested_rate": rate, "scope": scope,
+           **budget.plan(names, shapes, options, weighted), "dimensions": used,
+           "error_model": "output-weighted" if weighted else "per layer",
+           "rounding": rounding, "candidates": sum(len(o) for o in options), "released": released}
+    out["alternatives"] = _alternatives(names, shapes, options, full, used, budget, weighted, out["layers"])
+    return out
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """The bytes a plan may spend on its layers: ``(1 - rate)`` of the dense total, less the rest of the model
+    (``scope: model``) and the bytes the layers gain after the plan (``fixed``)."""
+
+    total_dense: int
+    rest: int
+    fixed: int
+    rate: float
+
+    @property
+    def layers(self) -> float:
+        return (1.0 - self.rate) * self.total_dense - self.rest - self.fixed
+
+    def check(self, options: Sequence[Sequence[Choice]], used: list[str]) -> None:
+        """Raise :class:`CompressionError` when even the smallest choices do not fit."""
+        floor = sum(min(c.nbytes for c in opts) for opts in options)
+        if floor > self.layers:
+            best = 1.0 - (floor + self.fixed + self.rest) / self.total_dense
+            raise CompressionError(
+                f"rate {self.rate:.4f} is out of reach: the smallest storage over {', '.join(used) or 'nothing'} "
+                f"the planner knows reaches {best:.4f} (biases{', scales' if self.fixed else ''}, scales of the "
+                "codes, the smallest formats and layers no stage may shrink are the floor)")
+
+    def plan(self, names: Sequence[str], shapes: Sequence[LayerShape], options: Sequence[Sequence[Choice]],
+             weighted: bool) -> dict[str, Any]:
+        """The allocation over ``options``: per layer its choice, bytes and error; the predicted rate and error."""
+        sel = allocate(options, self.layers)
+        chosen = [o[k] for o, k in zip(options, sel, strict=True)]
+        stored = sum(c.nbytes for c in chosen) + self.fixed
         return {
-            "predicted_rate": 1.0 - (stored + rest) / total_dense,
+            "predicted_rate": 1.0 - (stored + self.rest) / self.total_dense,
             # weighted: the estimated share of output energy moved (a sum); else the mean relative layer error
             "predicted_error": sum(c.error for c in chosen) / (1 if weighted else max(len(chosen), 1)),
             "layers": {name: {"choice": c.label(), "pruning_rate": c.pruning_rate, "bits": c.bits,
@@ -637,28 +730,42 @@ def plan_layers(
                        for name, c, s in zip(names, chosen, shapes, strict=True)},
         }
 
-    out = {"method": "layers", "requested_rate": rate, "scope": scope, **planned(options), "dimensions": used,
-           "error_model": "output-weighted" if weighted else "per layer",
-           "rounding": rounding, "candidates": sum(len(o) for o in options), "released": released}
-    # every single-stage plan at the same bytes, from the same candidates: the end-to-end choice measures them
+
+def _release_protections(names: Sequence[str], options: list[list[Choice]], full: dict[int, list[Choice]],
+                         min_bits: Mapping[str, int], budget: float) -> list[str]:
+    """Give protected layers back their unfiltered candidates, least important first, until the smallest
+    choices fit ``budget``; returns the names released."""
+    released: list[str] = []
+    order = [names.index(n) for n in min_bits if n in names and names.index(n) in full]
+    while order and sum(min(c.nbytes for c in opts) for opts in options) > budget:
+        i = order.pop()  # the least important protection goes first
+        options[i] = full[i]
+        released.append(names[i])
+    return released
+
+
+def _alternatives(names: Sequence[str], shapes: Sequence[LayerShape], options: Sequence[Sequence[Choice]],
+                  full: dict[int, list[Choice]], used: list[str], budget: _Budget, weighted: bool,
+                  chosen: dict[str, Any]) -> dict[str, Any]:
+    """Every single-stage plan at the same bytes, from the same candidates (the end-to-end choice measures them),
+    and the plan without the towers' protections (they are a prior)."""
     alternatives: dict[str, Any] = {}
     kinds = [d for d in used if len(used) > 1]
     if {"bits", "rank", "sparsity"} <= set(used):
         kinds.append("bits+rank")  # quantization with low-rank corrections of its error (LQER), no pruning
     for dim in kinds:
         only = [[c for c in opts if SINGLE[dim](c)] for opts in options]
-        if any(not o for o in only) or sum(min(c.nbytes for c in o) for o in only) > budget:
+        if any(not o for o in only) or sum(min(c.nbytes for c in o) for o in only) > budget.layers:
             alternatives[dim] = {"error": f"out of reach with {dim} alone"}
             continue
-        alt = planned(only)
-        if alt["layers"] != out["layers"]:
+        alt = budget.plan(names, shapes, only, weighted)
+        if alt["layers"] != chosen:
             alternatives[dim] = alt
-    if full:  # the protections are a prior: the same bytes without them are measured end to end too
-        alt = planned([full.get(i, o) for i, o in enumerate(options)])
-        if alt["layers"] != out["layers"]:
+    if full:
+        alt = budget.plan(names, shapes, [full.get(i, o) for i, o in enumerate(options)], weighted)
+        if alt["layers"] != chosen:
             alternatives[UNPROTECTED] = alt
-    out["alternatives"] = alternatives
-    return out
+    return alternatives
 
 
 #: the alternative plan without the towers' protections

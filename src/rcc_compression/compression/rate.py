@@ -10,6 +10,7 @@ layers (``planner: split``, or a fixed ``lowrank_share``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -123,6 +124,51 @@ def rest_bytes(inner: nn.Module, layer_names: Iterable[str]) -> int:
     return total
 
 
+@dataclass
+class LayerPlanSetup:
+    """What a per-layer plan is made over: the layers, each one's dimensions, shape and reserved bytes, how the
+    candidates are built (``build``: keywords of :func:`~.planner.layer_choices`), the stages that carry it out."""
+
+    names: list[str]
+    dims: list[frozenset[str]]
+    shapes: list[LayerShape]
+    reserved: list[int]
+    build: dict[str, Any]
+    providers: dict[str, Stage]
+    recovery: list[Stage]
+
+
+def layer_plan_setup(inner: nn.Module, section: Any, calibrated: bool) -> LayerPlanSetup:
+    """The layers a per-layer plan covers and how it is built; reads module names and shapes only, so it works
+    on a model whose parameters are on the meta device. ``calibrated``: candidates are scored on calibration data."""
+    providers, recovery = plan_roles(section, list(section.cascade.stages))
+    targeted = {d: set(select_layers(inner, st.config.targets, st.config.ignore)) for d, st in providers.items()}
+    extra = set().union(*(select_layers(inner, st.config.targets, st.config.ignore) for st in recovery))
+    wanted = set().union(*targeted.values()) | extra
+    names = [n for n in select_layers(inner, [r"."], []) if n in wanted]
+    if not any(targeted.values()):
+        raise CompressionError("no Linear layer matches the stages' targets")
+    dims = [frozenset(d for d in DIMENSIONS if n in targeted.get(d, ())) for n in names]
+    mods = [inner.get_submodule(n) for n in names]
+    shapes = [LayerShape(m.out_features, m.in_features,
+                         m.weight.element_size() if isinstance(m, nn.Linear) else m.element_size, m.bias is not None)
+              for m in mods]
+    recovery_sets = [set(select_layers(inner, st.config.targets, st.config.ignore)) for st in recovery]
+    reserved = [sum(st.reserved_bytes(s.out_features, s.in_features, s.element_size)
+                    for st, chosen in zip(recovery, recovery_sets, strict=True) if n in chosen)
+                for n, s in zip(names, shapes, strict=True)]
+    sp = providers.get("sparsity")
+    bits = providers.get("bits")
+    build = {"scorer": getattr(sp.config, "scorer", "magnitude") if sp else "magnitude",
+             "prune_scope": sp.config.resolved_scope() if sp and hasattr(sp.config, "resolved_scope") else "layer",
+             "damping": getattr(bits.config, "damping", 1e-2) if bits else 1e-2,
+             "rounding": getattr(bits.config, "rounding", "gptq") if (bits and calibrated) else "nearest",
+             # the estimates round as the bits stage will
+             "act_order": bool(getattr(bits.config, "act_order", False)) if bits else False,
+             "clip_search": bool(getattr(bits.config, "clip_search", False)) if bits else False}
+    return LayerPlanSetup(names, dims, shapes, reserved, build, providers, recovery)
+
+
 def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "layers",
                      calibration_data: Iterable[Mapping[str, Any]] | None = None,
                      progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
@@ -135,32 +181,14 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     factors), then the recovery stages as configured; stages the plan does not use are left out.
     Errors are measured on ``calibration_data``: the batches the cascade fits on, without the gate's holdout.
     """
-    stages = list(section.cascade.stages)
-    providers, recovery = plan_roles(section, stages)
-    targeted = {d: set(select_layers(inner, st.config.targets, st.config.ignore)) for d, st in providers.items()}
-    extra = set().union(*(select_layers(inner, st.config.targets, st.config.ignore) for st in recovery))
-    wanted = set().union(*targeted.values()) | extra
-    names = [n for n in select_layers(inner, [r"."], []) if n in wanted]
-    if not any(targeted.values()):
-        raise CompressionError("no Linear layer matches the stages' targets")
-    dims = [frozenset(d for d in DIMENSIONS if n in targeted.get(d, ())) for n in names]
+    fit = list(calibration_data) if calibration_data is not None else []  # the callers keep the holdout out
+    calibrated = bool(fit)
+    if section.cascade.plan_inputs == "weights":  # the estimates read the weights alone; the stages still calibrate
+        fit = []
+    setup = layer_plan_setup(inner, section, bool(fit))
+    names, build = setup.names, setup.build
     mods = [inner.get_submodule(n) for n in names]
     weights = [m.weight.detach() if isinstance(m, nn.Linear) else m.effective_weight() for m in mods]
-    shapes = [LayerShape(w.shape[0], w.shape[1], w.element_size(), m.bias is not None)
-              for w, m in zip(weights, mods, strict=True)]
-    reserved = [sum(st.reserved_bytes(s.out_features, s.in_features, s.element_size) for st in recovery
-                    if n in set(select_layers(inner, st.config.targets, st.config.ignore)))
-                for n, s in zip(names, shapes, strict=True)]
-    fit = list(calibration_data) if calibration_data is not None else []  # the callers keep the holdout out
-    sp = providers.get("sparsity")
-    bits = providers.get("bits")
-    build = {"scorer": getattr(sp.config, "scorer", "magnitude") if sp else "magnitude",
-             "prune_scope": sp.config.resolved_scope() if sp and hasattr(sp.config, "resolved_scope") else "layer",
-             "damping": getattr(bits.config, "damping", 1e-2) if bits else 1e-2,
-             "rounding": getattr(bits.config, "rounding", "gptq") if (bits and fit) else "nearest",
-             # the estimates round as the bits stage will
-             "act_order": bool(getattr(bits.config, "act_order", False)) if bits else False,
-             "clip_search": bool(getattr(bits.config, "clip_search", False)) if bits else False}
     towers = plan_constraints(inner, names, section.towers, fit, progress)  # protections, per-tower sensitivity
     sens = output_sensitivity(inner, names, fit) if fit else None
     if progress is not None and fit:
@@ -171,7 +199,7 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     grams: Iterable[torch.Tensor | None] = (sequential.grams() if sequential is not None else
                                             iter_grams(inner, names, fit) if fit else [None] * len(names))
     try:
-        plan = plan_layers(names, weights, grams, shapes, rate, dims=dims, reserved=reserved,
+        plan = plan_layers(names, weights, grams, setup.shapes, rate, dims=setup.dims, reserved=setup.reserved,
                            sensitivity=[sens.get(n) for n in names] if sens else None,
                            rest_bytes=rest_bytes(inner, names), scope=scope, progress=progress,
                            on_layer=sequential.planned if sequential is not None else None,
@@ -182,7 +210,13 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     plan["inputs"] = "sequential" if sequential is not None else ("dense" if fit else "none (weights only)")
     plan["towers"] = {k: v for k, v in towers.items() if k != "min_bits"}
     plan["towers"]["protection"]["released"] = plan.pop("released", [])
-    _write_plan(section, plan, providers, recovery, bool(fit))
+    write_plan(section, plan, setup.providers, setup.recovery, calibrated)
+    log_plan(plan, rate)
+    return plan
+
+
+def log_plan(plan: Mapping[str, Any], rate: float) -> None:
+    """One log line: how many layers took each choice, and the estimated error."""
     counts: dict[str, int] = {}
     for v in plan["layers"].values():
         counts[v["choice"]] = counts.get(v["choice"], 0) + 1
@@ -190,7 +224,6 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
              " x ".join(plan["dimensions"]), ", ".join(f"{k} x{c}" for k, c in sorted(counts.items(),
                                                                                    key=lambda kv: -kv[1])),
              plan["predicted_error"])
-    return plan
 
 
 class SequentialInputs:
@@ -285,12 +318,12 @@ def alternative_sections(section: Any, plan: Mapping[str, Any], calibrated: bool
             continue
         sec = section.model_copy(deep=True)
         providers, _ = plan_roles(sec, list(sec.cascade.stages))
-        _write_plan(sec, dict(alt), providers, [], calibrated)
+        write_plan(sec, dict(alt), providers, [], calibrated)
         out[SINGLE_LABELS.get(dim, dim)] = sec
     return out
 
 
-def _write_plan(section: Any, plan: dict[str, Any], providers: Mapping[str, Stage], recovery: Sequence[Stage],
+def write_plan(section: Any, plan: dict[str, Any], providers: Mapping[str, Stage], recovery: Sequence[Stage],
                 calibrated: bool) -> None:
     """Each stage writes its part of ``plan`` into its config; the cascade becomes the planned steps, one round."""
     layers = plan["layers"]

@@ -30,7 +30,7 @@ STAGES: dict[str, tuple[type[StageConfig], type[Stage]]] = {
 
 
 class CascadeConfig(StrictModel):
-    """Keys of the cascade (defaults from the design document)."""
+    """Keys of the cascade (defaults: docs/guides/stages.md, "The cascade")."""
 
     stages: list[str] = Field(
         default_factory=lambda: ["dare", "nullu", "alphaedit"],
@@ -56,15 +56,27 @@ class CascadeConfig(StrictModel):
     planner: Literal["layers", "split"] = Field(
         "layers", description="for a target rate: layers = per-layer bits x rank x sparsity (adds quant); "
                               "split = one pruning rate and one low-rank budget for all layers")
-    plan_inputs: Literal["sequential", "dense"] = Field(
+    plan_inputs: Literal["sequential", "dense", "weights"] = Field(
         "sequential", description="the per-layer planner scores each layer's candidates on the inputs the already "
-        "planned layers produce (sequential, as GPTQ) or on the dense model's (dense: one pass, less time)")
+        "planned layers produce (sequential, as GPTQ), on the dense model's (dense: one pass, less time) or on the "
+        "weights alone (weights: no calibration pass in planning; the stages still round and fit on calibration data)")
     offload: Literal["disk", "memory"] = Field(
         "disk", description="where the dense teacher's weights and rollback copies live while the cascade runs: "
                             "disk = files in a private temporary directory, read back when used (peak memory about "
                             "the model and its compressed copy); memory = resident (faster, about twice the memory)")
     offload_dir: str | None = Field(
         None, description="the directory the offload directory is made in; None: the system temporary directory")
+    pipeline: Literal["auto", "whole", "sequential"] = Field(
+        "auto", description="whole: the cascade on the model held in memory (about 2.8x its bytes at the peak); "
+        "sequential: a transformer block at a time, read from the checkpoint and written when done (peak memory "
+        "flat in depth); auto: sequential when the model's bytes exceed sequential_memory_share of the memory "
+        "available, and the run says so")
+    sequential_memory_share: float = Field(
+        0.35, gt=0.0, le=1.0, description="pipeline auto: the share of the available memory a model may take and "
+        "still be compressed whole (the whole cascade peaks near 2.8x the model)")
+    activation_buffer_mb: int = Field(
+        256, ge=0, description="sequential pipeline: calibration activations between blocks held in memory up to "
+        "this many MiB, in files past it (always files with a run directory: a killed run resumes from them)")
 
     @field_validator("stages")
     @classmethod

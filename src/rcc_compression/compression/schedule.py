@@ -35,31 +35,22 @@ def _lowrank_bytes(shapes: Sequence[LayerShape], b: float, allocation: str) -> f
     return float(sum(layer_bytes(s, None, b, False, bias=False) for s in shapes))
 
 
-def _largest(f: Any, target: float, lo: float, hi: float, iters: int = 50) -> float:
-    """The largest ``x`` in ``[lo, hi]`` with ``f(x) <= target`` for non-decreasing ``f`` (``lo`` if none)."""
-    if f(hi) <= target:
-        return hi
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if f(mid) <= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+def _bisect(f: Any, target: float, good: float, bad: float, iters: int = 50) -> float:
+    """The point nearest ``bad`` on the segment from ``good`` to ``bad`` where a monotone ``f`` is ``<= target``.
 
-
-def _smallest_rate(f: Any, target: float, iters: int = 50) -> float:
-    """The smallest pruning rate ``p`` in ``[0, 1)`` with ``f(p) <= target`` for non-increasing ``f``."""
-    lo, hi = 0.0, 1.0 - 1e-9
-    if f(lo) <= target:
-        return lo
+    ``bad`` itself when ``f(bad) <= target``; else bisection that keeps ``f(good) <= target`` (``good``
+    is returned as it is when no point nearer ``bad`` qualifies). The largest budget within a byte
+    target is ``_bisect(f, t, lo, hi)``; the smallest pruning rate is ``_bisect(f, t, hi, lo)``.
+    """
+    if f(bad) <= target:
+        return bad
     for _ in range(iters):
-        mid = (lo + hi) / 2
+        mid = (good + bad) / 2
         if f(mid) <= target:
-            hi = mid
+            good = mid
         else:
-            lo = mid
-    return hi
+            bad = mid
+    return good
 
 
 def joint_schedule(
@@ -88,10 +79,10 @@ def joint_schedule(
             p, b = pruning_rate, param_budget
         else:
             c = (dense - f * (dense - t_final)) / t_final
-            b = _largest(lambda x: _lowrank_bytes(shapes, x, rank_allocation), c * l_final, param_budget, 1.0)
+            b = _bisect(lambda x: _lowrank_bytes(shapes, x, rank_allocation), c * l_final, param_budget, 1.0)
             b = min(b, prev_b)
             room = c * t_final - _lowrank_bytes(shapes, b, rank_allocation)
-            p = max(_smallest_rate(lambda x: _sparse_bytes(shapes, x, prune_scope), room), prev_p)
+            p = max(_bisect(lambda x: _sparse_bytes(shapes, x, prune_scope), room, 1.0 - 1e-9, 0.0), prev_p)
             p = min(p, pruning_rate) if f < 1.0 else p
             b = max(b, param_budget)
         prev_p, prev_b = p, b

@@ -9,7 +9,10 @@ A compressed checkpoint is a directory holding
 - ``rest.safetensors``: every other parameter and buffer of the model;
 - tokenizer / image-processor files, when the model came with them;
 - ``manifest.json`` (written last): format version, model class and config, resolved config,
-  per-layer structure, stage records, and the sha256 and size of every file.
+  per-layer structure, stage records, and the sha256 and size of every file;
+- in a checkpoint written a block at a time (format version 4, :mod:`.shards`), also one tensor
+  file per transformer block (``shards`` in the manifest), holding that block's compressed layers
+  and its other tensors; ``layers.safetensors``/``rest.safetensors`` hold what lies outside the blocks.
 
 A save is built in a staging directory next to the target and renamed into place whole, so the
 target holds either the previous checkpoint or the complete new one, never a mix; a failed write
@@ -25,7 +28,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import reprlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from ..utils.io import (
 )
 from ..utils.logging import get_logger
 from ..utils.memory import release_memory
+from ..utils.schema import short
 from .layers import (
     ACT_BITS,
     CompressedLinear,
@@ -62,18 +65,23 @@ from .layers import (
     unpack_codes,
 )
 from .quant import BITS, part_bytes
+from .records import step_records
 
 log = get_logger("storage")
 
 FORMAT = "rcc-compressed"
 FORMAT_VERSION = 3
-#: versions this code reads (1: no quantized parts; 2: no quantized activations)
-READABLE_VERSIONS = (1, 2, 3)
+#: the version of a checkpoint written a block at a time (``shards``: one tensor file per block)
+SHARDED_VERSION = 4
+#: versions this code reads (1: no quantized parts; 2: no quantized activations; 4: sharded)
+READABLE_VERSIONS = (1, 2, 3, 4)
 #: the stored name of each quantizable part
 _QPREFIX = {"lr_A": "A", "lr_B": "B"}
 MANIFEST = "manifest.json"
 LAYERS_FILE = "layers.safetensors"
 REST_FILE = "rest.safetensors"
+#: the folder of the block shards of a checkpoint written a block at a time
+SHARD_DIR = "blocks"
 
 #: model classes load_compressed may instantiate from a manifest (nothing else is ever constructed)
 MODEL_CLASSES = {
@@ -83,17 +91,6 @@ MODEL_CLASSES = {
     "SiglipModel": ("SiglipModel", "SiglipConfig"),
     "LlavaForConditionalGeneration": ("LlavaForConditionalGeneration", "LlavaConfig"),
 }
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 4, 4, 4, 4
-
-
-def _short(value: Any) -> str:
-    """A bounded repr for error messages (a manifest field may hold anything)."""
-    text = _REPR.repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
 
 # ------------------------------------------------------------------------------ encodings
 def _index_dtype(n: int) -> torch.dtype:
@@ -315,6 +312,103 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{path}: directory is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
+def layer_entry(layer: CompressedLinear) -> dict[str, Any]:
+    """The manifest entry of one compressed layer: shape, dtype, encoding, parts, bytes, quantized formats."""
+    info: dict[str, Any] = {
+        "in_features": layer.in_features, "out_features": layer.out_features,
+        "dtype": str(layer.dtype).removeprefix("torch."), "encoding": choose_encoding(layer),
+        "nnz": layer.nnz(), "rank": layer.rank,
+        "scales": [k for k in ("a_in", "a_out") if getattr(layer, k) is not None],
+        "bias": layer.bias is not None, "stored_bytes": stored_bytes(layer), "dense_bytes": dense_bytes(layer),
+        "base": None, "quant": quant_spec(layer),
+    }
+    if layer.act_bits is not None:
+        info["activations"] = {"bits": layer.act_bits, "granularity": "token", "symmetric": True}
+    if layer.base is not None:
+        info["base"] = {"sha256": tensor_sha256(layer.base)}
+    return info
+
+
+def encode_layers(layers: dict[str, CompressedLinear]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors keyed "<layer>::<part>", manifest entries by layer)`` of compressed layers."""
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict[str, Any] = {}
+    for name, layer in layers.items():
+        tensors.update({f"{name}::{k}": v for k, v in encode_layer(layer).items()})
+        info[name] = layer_entry(layer)
+    return tensors, info
+
+
+def rest_state(inner: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, aliases)``: the model's parameters and buffers outside the modules named by the ``skip``
+    prefixes (``"name."``), each storage once; a tensor that shares another's storage is an alias of it."""
+    rest: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, tensor in inner.state_dict(keep_vars=False).items():
+        if key.startswith(skip) or tensor.is_meta:
+            continue
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident in seen and tensor.numel() > 0:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        rest[key] = tensor
+    return rest, aliases
+
+
+def listed_files(stage: Path, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``{relative path: {sha256, bytes}}`` of every file under ``stage`` but the manifest, hidden files and
+    the relative paths in ``skip``."""
+    files: dict[str, Any] = {}
+    for f in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != MANIFEST
+                    and not p.name.startswith(".")):
+        rel = f.relative_to(stage).as_posix()
+        if rel not in skip:
+            files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    return files
+
+
+def build_manifest(inner: nn.Module, wrapper: ModelWrapper | None, layer_info: dict[str, Any],
+                   rest_bytes: int, aliases: dict[str, str], files: dict[str, Any], *,
+                   config: dict[str, Any] | None = None, records: list[dict[str, Any]] | None = None,
+                   shards: list[str] | None = None, extra: dict[str, Any] | None = None,
+                   encrypt_key: bytes | None = None, quantized: bool = False, activations: bool = False
+                   ) -> dict[str, Any]:
+    """The manifest of a checkpoint whose files are written (``files``: :func:`listed_files`).
+
+    ``shards``: tensor files written a block at a time (:mod:`.shards`), each holding the compressed
+    layers and the other tensors of its block; ``quantized``/``activations``: whether any layer has
+    integer codes / quantized activations (they decide the oldest format version that holds it).
+    """
+    version = FORMAT_VERSION if activations else 2 if quantized else 1
+    manifest = {
+        "format": FORMAT,
+        # version 1 readers read every checkpoint without integer codes; shards need version 4
+        "format_version": SHARDED_VERSION if shards else version,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": _model_entry(inner),
+        "wrapper": None if wrapper is None else wrapper.model_type,
+        "encrypted": encrypt_key is not None,
+        "config": config,
+        "stages": records or [],
+        "layers": layer_info,
+        "aliases": aliases,
+        "files": files,
+        "stored_bytes": {
+            "layers": sum(v["stored_bytes"] for v in layer_info.values()),
+            "layers_dense": sum(v["dense_bytes"] for v in layer_info.values()),
+            "rest": rest_bytes,
+        },
+        **(extra or {}),
+    }
+    if shards:
+        manifest["shards"] = list(shards)
+    if encrypt_key is not None:
+        manifest["key_id"] = key_id(encrypt_key)
+    return manifest
+
+
 def save_compressed(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -336,68 +430,19 @@ def save_compressed(
     _check_target(path, overwrite)
     replacing = path.is_dir() and any(path.iterdir())
     layers = compressed_layers(inner)
-    layer_tensors: dict[str, torch.Tensor] = {}
-    layer_info: dict[str, Any] = {}
-    for name, layer in layers.items():
-        enc = encode_layer(layer)
-        layer_tensors.update({f"{name}::{k}": v for k, v in enc.items()})
-        layer_info[name] = {
-            "in_features": layer.in_features, "out_features": layer.out_features,
-            "dtype": str(layer.dtype).removeprefix("torch."), "encoding": choose_encoding(layer),
-            "nnz": layer.nnz(), "rank": layer.rank,
-            "scales": [k for k in ("a_in", "a_out") if getattr(layer, k) is not None],
-            "bias": layer.bias is not None, "stored_bytes": stored_bytes(layer), "dense_bytes": dense_bytes(layer),
-            "base": None, "quant": quant_spec(layer),
-        }
-        if layer.act_bits is not None:
-            layer_info[name]["activations"] = {"bits": layer.act_bits, "granularity": "token", "symmetric": True}
-        if layer.base is not None:
-            layer_info[name]["base"] = {"sha256": tensor_sha256(layer.base)}
-    skip = {f"{name}." for name in layers}
-    rest: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for key, tensor in inner.state_dict(keep_vars=False).items():
-        if any(key.startswith(p) for p in skip):
-            continue
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if ident in seen and tensor.numel() > 0:
-            aliases[key] = seen[ident]
-            continue
-        seen[ident] = key
-        rest[key] = tensor
+    layer_tensors, layer_info = encode_layers(layers)
+    rest, aliases = rest_state(inner, tuple(f"{name}." for name in layers))
     try:
         with atomic_dir(path, mode=0o700 if encrypt_key is not None else None) as stage:
             for fname, tensors in ((LAYERS_FILE, layer_tensors), (REST_FILE, rest)):
-                _write_tensors(stage / fname, tensors, encrypt_key)
+                write_tensors(stage / fname, tensors, encrypt_key)
             if wrapper is not None:
                 wrapper.save_processors(stage / "processor")
-            files: dict[str, Any] = {}
-            for f in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != MANIFEST
-                            and not p.name.startswith(".")):
-                files[f.relative_to(stage).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-            manifest = {
-                "format": FORMAT,
-                # version 1 readers read every checkpoint without integer codes
-                "format_version": _format_version(layers.values()),
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "model": _model_entry(inner),
-                "wrapper": None if wrapper is None else wrapper.model_type,
-                "encrypted": encrypt_key is not None,
-                "config": config,
-                "stages": records or [],
-                "layers": layer_info,
-                "aliases": aliases,
-                "files": files,
-                "stored_bytes": {
-                    "layers": sum(v["stored_bytes"] for v in layer_info.values()),
-                    "layers_dense": sum(v["dense_bytes"] for v in layer_info.values()),
-                    "rest": sum(t.numel() * t.element_size() for t in rest.values()),
-                },
-                **(extra or {}),
-            }
-            if encrypt_key is not None:
-                manifest["key_id"] = key_id(encrypt_key)
+            manifest = build_manifest(
+                inner, wrapper, layer_info, sum(t.numel() * t.element_size() for t in rest.values()), aliases,
+                listed_files(stage), config=config, records=records, extra=extra, encrypt_key=encrypt_key,
+                quantized=any(m.quant for m in layers.values()),
+                activations=any(m.act_bits is not None for m in layers.values()))
             atomic_write_json(stage / MANIFEST, manifest, mode=0o600 if encrypt_key else None)
     except OSError as exc:
         kept = "the checkpoint already there is unchanged" if replacing else "nothing was saved"
@@ -405,15 +450,8 @@ def save_compressed(
     return manifest
 
 
-def _format_version(layers: Any) -> int:
-    """The oldest format that holds these layers, so older readers read whatever they can."""
-    layers = list(layers)
-    if any(layer.act_bits is not None for layer in layers):
-        return FORMAT_VERSION
-    return 2 if any(layer.quant for layer in layers) else 1
-
-
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], key: bytes | None) -> None:
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], key: bytes | None) -> None:
+    """Write ``tensors`` as a safetensors file atomically (AES-256-GCM encrypted, mode 0600, with ``key``)."""
     if key is None:
         atomic_save_safetensors(tensors, path)
         return
@@ -446,25 +484,26 @@ def verified_bytes(root: Path, rel: str, manifest: dict[str, Any], verify: bool 
     return data
 
 
-def _read_tensors(path: Path, key: bytes | None, manifest: dict[str, Any], verify: bool = False
+def _read_tensors(root: Path, rel: str, key: bytes | None, manifest: dict[str, Any], verify: bool = False
                   ) -> dict[str, torch.Tensor]:
-    """The tensors of ``path`` (a listed file of the checkpoint), checked against the manifest as read when
+    """The tensors of ``root / rel`` (a listed file of the checkpoint), checked against the manifest as read when
     ``verify``."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    path = root / rel
     try:
-        data = verified_bytes(path.parent, path.name, manifest, verify)
+        data = verified_bytes(root, rel, manifest, verify)
         if not manifest.get("encrypted"):
             if data[:len(MAGIC)] == MAGIC:
                 raise CheckpointError(f"{path}: file is encrypted but the manifest says it is not")
             return load(data)
         if key is None:
-            raise CheckpointError(f"{path.parent}: checkpoint is encrypted; give the key "
+            raise CheckpointError(f"{root}: checkpoint is encrypted; give the key "
                                   "(RCC_CHECKPOINT_KEY or a key file)")
         stored_id = manifest.get("key_id")
         if isinstance(stored_id, str) and stored_id != key_id(key):
-            raise CheckpointError(f"{path.parent}: wrong key: the checkpoint was encrypted with key id {stored_id}, "
+            raise CheckpointError(f"{root}: wrong key: the checkpoint was encrypted with key id {stored_id}, "
                                   f"the given key has id {key_id(key)}")
         return load(decrypt_bytes(data, key, what=str(path)))
     except SafetensorError as exc:
@@ -500,10 +539,10 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{where}: manifest must be a JSON object")
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: not an {FORMAT} manifest (format={_short(manifest.get('format'))})")
+        raise CheckpointError(f"{where}: not an {FORMAT} manifest (format={short(manifest.get('format'))})")
     version = manifest.get("format_version")
     if version not in READABLE_VERSIONS or isinstance(version, bool):
-        raise CheckpointError(f"{where}: unknown format_version {_short(version)}; this version reads "
+        raise CheckpointError(f"{where}: unknown format_version {short(version)}; this version reads "
                               f"{', '.join(map(str, READABLE_VERSIONS))}")
     if not isinstance(manifest.get("encrypted", False), bool):
         raise CheckpointError(f"{where}: field 'encrypted' must be true or false")
@@ -511,44 +550,50 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict[str, Any]:
     if inference is not None and not (isinstance(inference, dict)
                                       and inference.get("dtype") in ("float32", "bfloat16", "float16")):
         raise CheckpointError(f"{where}: field 'inference' must name a dtype (float32, bfloat16, float16), "
-                              f"got {_short(inference)}")
+                              f"got {short(inference)}")
     for key, typ in (("files", dict), ("layers", dict), ("model", dict), ("aliases", dict)):
         if not isinstance(manifest.get(key), typ):
             raise CheckpointError(f"{where}: field {key!r} missing or not a {typ.__name__}")
+    shards = manifest.get("shards", [])
+    if not isinstance(shards, list) or any(not isinstance(r, str) or r not in manifest["files"] for r in shards):
+        raise CheckpointError(f"{where}: field 'shards' must list files the manifest lists, got {short(shards)}")
+    if not isinstance(manifest.get("stages") or [], list):
+        raise CheckpointError(f"{where}: field 'stages' must be a list of records")
+    step_records(manifest.get("stages") or [], where=f"{where}: stages")  # typed, versioned step records
     for rel, entry in manifest["files"].items():
         if (not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\x00" in rel or "\\" in rel
                 or any(part in ("", ".", "..") for part in rel.split("/"))):
-            raise CheckpointError(f"{where}: illegal file path {_short(rel)}")
+            raise CheckpointError(f"{where}: illegal file path {short(rel)}")
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            raise CheckpointError(f"{where}: file entry {_short(rel)} needs a sha256")
+            raise CheckpointError(f"{where}: file entry {short(rel)} needs a sha256")
         size = entry.get("bytes")
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise CheckpointError(f"{where}: file entry {_short(rel)}: bytes must be a non-negative integer")
+            raise CheckpointError(f"{where}: file entry {short(rel)}: bytes must be a non-negative integer")
     for name, info in manifest["layers"].items():
         if not isinstance(info, dict):
-            raise CheckpointError(f"{where}: layer entry {_short(name)} must be an object")
+            raise CheckpointError(f"{where}: layer entry {short(name)} must be an object")
         for k in ("in_features", "out_features"):
             v = info.get(k)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise CheckpointError(f"{where}: layer {_short(name)}: {k} must be a positive integer")
+                raise CheckpointError(f"{where}: layer {short(name)}: {k} must be a positive integer")
         if info.get("dtype") not in ("float32", "float16", "bfloat16", "float64"):
-            raise CheckpointError(f"{where}: layer {_short(name)}: unsupported dtype {_short(info.get('dtype'))}")
+            raise CheckpointError(f"{where}: layer {short(name)}: unsupported dtype {short(info.get('dtype'))}")
         if info.get("encoding") not in (None, "dense", "bitmask", "csr"):
-            raise CheckpointError(f"{where}: layer {_short(name)}: unknown encoding {_short(info.get('encoding'))}")
+            raise CheckpointError(f"{where}: layer {short(name)}: unknown encoding {short(info.get('encoding'))}")
         quant = info.get("quant") or {}
         if not isinstance(quant, dict):
-            raise CheckpointError(f"{where}: layer {_short(name)}: field 'quant' must be an object")
+            raise CheckpointError(f"{where}: layer {short(name)}: field 'quant' must be an object")
         for part, spec in quant.items():
             ok = (part in ("weight", "lr_A", "lr_B") and isinstance(spec, dict) and spec.get("bits") in BITS
                   and isinstance(spec.get("group_size"), int) and not isinstance(spec.get("group_size"), bool)
                   and spec["group_size"] > 0 and isinstance(spec.get("symmetric", True), bool))
             if not ok:
-                raise CheckpointError(f"{where}: layer {_short(name)}: bad quantized part {_short(part)}: "
-                                      f"{_short(spec)} (bits one of {BITS}, a positive group_size)")
+                raise CheckpointError(f"{where}: layer {short(name)}: bad quantized part {short(part)}: "
+                                      f"{short(spec)} (bits one of {BITS}, a positive group_size)")
         act = info.get("activations")
         if act is not None and not (isinstance(act, dict) and act.get("bits") in ACT_BITS
                                     and act.get("granularity", "token") == "token"):
-            raise CheckpointError(f"{where}: layer {_short(name)}: bad activations entry {_short(act)} "
+            raise CheckpointError(f"{where}: layer {short(name)}: bad activations entry {short(act)} "
                                   f"(bits one of {ACT_BITS}, granularity 'token')")
     return manifest
 
@@ -582,15 +627,31 @@ def _skeleton(manifest: dict[str, Any]) -> nn.Module:
         return model_cls(cfg)
 
 
+def tensor_files(manifest: dict[str, Any]) -> list[str]:
+    """The checkpoint's tensor files: ``layers.safetensors``, ``rest.safetensors`` and the block shards."""
+    return [LAYERS_FILE, REST_FILE, *manifest.get("shards", [])]
+
+
+def read_tensors(path: Path, manifest: dict[str, Any], key: bytes | None = None, verify: bool = True
+                 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``(stored tensors grouped by layer name, every other tensor by state-dict key)``, each file read once
+    (with ``verify``, the bytes read are checked against the manifest)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for rel in tensor_files(manifest):
+        for k, v in _read_tensors(path, rel, key, manifest, verify).items():
+            name, sep, part = k.rpartition("::")
+            if sep:
+                grouped.setdefault(name, {})[part] = v
+            else:
+                rest[k] = v
+    return grouped, rest
+
+
 def load_layer_tensors(path: Path, manifest: dict[str, Any], key: bytes | None = None, verify: bool = True
                        ) -> dict[str, dict[str, torch.Tensor]]:
     """Stored tensors grouped by layer name (with ``verify``, the bytes read are checked against the manifest)."""
-    flat = _read_tensors(path / LAYERS_FILE, key, manifest, verify)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for k, v in flat.items():
-        name, _, part = k.rpartition("::")
-        grouped.setdefault(name, {})[part] = v
-    return grouped
+    return read_tensors(path, manifest, key, verify)[0]
 
 
 def install_layers(model: nn.Module, manifest: dict[str, Any], grouped: dict[str, dict[str, torch.Tensor]],
@@ -622,9 +683,11 @@ def install_layers(model: nn.Module, manifest: dict[str, Any], grouped: dict[str
 
 
 def install_rest(path: Path, manifest: dict[str, Any], model: nn.Module, key: bytes | None = None,
-                 verify: bool = True) -> None:
-    """Load ``rest.safetensors`` (every parameter and buffer outside the compressed layers) into ``model``."""
-    rest = _read_tensors(path / REST_FILE, key, manifest, verify)
+                 verify: bool = True, rest: dict[str, torch.Tensor] | None = None) -> None:
+    """Load every parameter and buffer outside the compressed layers (``rest.safetensors`` and the shards'
+    other tensors, or ``rest`` when already read by :func:`read_tensors`) into ``model``."""
+    if rest is None:
+        rest = read_tensors(path, manifest, key, verify)[1]
     for alias, original in manifest["aliases"].items():
         if original in rest:
             rest[alias] = rest[original]
@@ -683,8 +746,10 @@ def load_compressed(
         ref_inner = unwrap_model(reference_model)
         reference = {n: m.weight.detach() for n, m in ref_inner.named_modules() if isinstance(m, nn.Linear)}
         reference.update({n: m.inner_weight().detach() for n, m in compressed_layers(ref_inner).items()})
-    install_layers(inner, manifest, load_layer_tensors(path, manifest, key, verify), reference, device)
-    install_rest(path, manifest, inner, key, verify)
+    grouped, rest = read_tensors(path, manifest, key, verify)
+    install_layers(inner, manifest, grouped, reference, device)
+    install_rest(path, manifest, inner, key, verify, rest)
+    del grouped, rest
     inner.to(device).eval()
     target = (manifest.get("inference") or {}).get("dtype") if dtype == "recorded" else dtype
     if target is not None:

@@ -1,4 +1,4 @@
-"""Datasets in the common on-disk formats, one class per format (design document section 5.3).
+"""Datasets in the common on-disk formats, one class per format (docs/guides/your-dataset.md).
 
 * :class:`ImageFolderDataset` - ImageNet-style ``split/class_folder/image`` plus a class-name file
 * :class:`KarpathyCaptionsDataset` (:class:`COCOCaptionsDataset`, :class:`Flickr30kDataset`) -

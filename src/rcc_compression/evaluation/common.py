@@ -10,6 +10,7 @@ import torch
 
 from ..data.collate import Collator
 from ..data.loaders import build_loader
+from ..utils.logging import console
 
 T = TypeVar("T")
 
@@ -19,11 +20,10 @@ def progress_iter(items: Iterable[T], total: int | None, description: str, enabl
     if not enabled:
         yield from items
         return
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
+                  console=console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total)
         for item in items:
             yield item

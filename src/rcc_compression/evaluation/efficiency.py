@@ -1,4 +1,4 @@
-"""Efficiency metrics (design document section 3.5): parameters, bytes, FLOPs, latency, memory.
+"""Efficiency metrics (docs/evaluation.md): parameters, bytes, FLOPs, latency, memory.
 
 Counts distinguish what a compressed model *stores* from the dense model it replaces, and FLOPs
 come in three labelled kinds: ``dense`` (the uncompressed model, ``FlopCounterMode``),
@@ -27,7 +27,7 @@ from torch import nn
 from ..compression.calibration import to_device
 from ..compression.dare import nm_mask
 from ..compression.layers import CompressedLinear, compressed_layers, held_tensor_bytes
-from ..compression.storage import dense_bytes, stored_bytes
+from ..compression.storage import SHARD_DIR, dense_bytes, stored_bytes
 from ..models.registry import unwrap_model
 
 
@@ -98,8 +98,12 @@ def measured_storage(path: str | Path) -> dict[str, int]:
     """Bytes on disk of a saved compressed checkpoint (tensor files and everything)."""
     path = Path(path)
     files = {p.relative_to(path).as_posix(): p.stat().st_size for p in path.rglob("*") if p.is_file()}
-    return {"layers_file": files.get("layers.safetensors", 0), "rest_file": files.get("rest.safetensors", 0),
-            "total": sum(files.values())}
+    out = {"layers_file": files.get("layers.safetensors", 0), "rest_file": files.get("rest.safetensors", 0),
+           "total": sum(files.values())}
+    shards = sum(size for rel, size in files.items() if rel.startswith(f"{SHARD_DIR}/"))
+    if shards:  # written a block at a time: each block's tensors in a file of its own
+        out["shard_files"] = shards
+    return out
 
 
 def _layer_flops(layer: CompressedLinear, tokens: int) -> tuple[int, int, int]:

@@ -1,6 +1,6 @@
 """The evaluation suite: run selected benchmarks on selected datasets, write one JSON and a table.
 
-``evaluate_model(model, benchmarks=[...], datasets=[...])`` (design document section 11.2) runs
+``evaluate_model(model, benchmarks=[...], datasets=[...])`` (docs/evaluation.md) runs
 every benchmark on every dataset it applies to and returns a nested dict::
 
     {"model": ..., "results": {benchmark: {dataset: {"metrics": {name: {value, ci_low, ci_high, n,
@@ -45,7 +45,7 @@ from .zero_shot import evaluate_zero_shot
 log = get_logger("evaluation")
 
 BENCHMARKS = ("zero_shot", "retrieval", "captioning", "vqa", "efficiency")
-#: other names of benchmarks (the design document's)
+#: other names of benchmarks (``image_text_retrieval`` is the name older configs use)
 BENCHMARK_ALIASES = {"image_text_retrieval": "retrieval"}
 #: metric name -> the benchmarks that measure it (``evaluation.metrics`` in a config)
 METRICS = {"accuracy": ("zero_shot", "vqa"), "retrieval": ("retrieval",), "captioning": ("captioning",),
@@ -202,7 +202,7 @@ def evaluate_model(
     """Run ``benchmarks`` on ``datasets`` for ``model`` (a wrapper, ``nn.Module``, name or path).
 
     Every pair that fits runs; the others are listed under ``skipped`` with the reason (see the
-    module docstring), so the design document's call ``evaluate_model(model, ["zero_shot",
+    module docstring), so the call ``evaluate_model(model, ["zero_shot",
     "retrieval"], ["imagenet", "mscoco"])`` evaluates what is on this machine and says what is not.
     ``bootstrap_samples`` resamples per metric (0: point estimates only); ``max_items`` evaluates a
     seeded random subset of each dataset; ``templates`` overrides each dataset's prompt set;

@@ -1,4 +1,5 @@
-"""Zero-shot classification (design document section 3.5): prompt templates, top-k, per-class recall.
+"""Zero-shot classification (docs/evaluation.md; CLIP, Radford et al., ICML 2021): prompt templates, top-k,
+per-class recall.
 
 A class's text embedding is the mean of its L2-normalised template embeddings, normalised again
 (the OpenAI/CLIP_benchmark convention). Metrics: top-1 and top-5 accuracy and mean per-class

@@ -1,4 +1,5 @@
-"""The public API (design document section 11.1): ``compress_model`` and ``CompressionPipeline``.
+"""The public API (README's quick start, docs/guides/compress-your-model.md): ``compress_model`` and
+``CompressionPipeline``.
 
 Both run the engine (:mod:`rcc_compression.compression`) with distillation wired in: the engine
 does not train, so the stages' distillation (``dare`` between rounds, ``alphaedit`` scaling)
@@ -24,15 +25,16 @@ from ..compression.registry import STAGES
 from ..compression.stage import Distiller
 from ..compression.towers import tower_record
 from ..config import CalibrationSection, RCCConfig, load_config
-from ..data.calibration import build_calibration_batches, check_paired_batches
+from ..data.calibration import check_paired_batches
 from ..errors import CompressionError
-from ..models.registry import BUNDLED, get_model, unwrap_model
-from ..models.tiny import TINY_MODELS
+from ..models.registry import get_model, unwrap_model
 from ..training.callbacks import Callback
 from ..training.recovery import finetune_on_batches
 from ..training.settings import TrainingSection
 from ..utils.logging import get_logger
 from ..utils.progress import interactive, progress_bar
+from .common import bundled_name, fit_and_holdout, world_batches
+from .sequential import choose_pipeline, compress_sequential
 
 log = get_logger("api")
 
@@ -69,13 +71,13 @@ class CompressionPipeline(CascadePipeline):
         self.training = training
         self.allow_unpaired = allow_unpaired
 
-    def run(self, model: nn.Module, resume: bool = False) -> nn.Module:
+    def compress(self, model: nn.Module, resume: bool = False) -> nn.Module:
         """Run the cascade; a model that calibrates on image-text pairs refuses to run on noise.
 
         Without ``calibration_data`` a model that is not bundled would calibrate on random inputs;
         for SigLIP and LLaVA that is refused unless ``allow_unpaired=True``.
         """
-        noise = self.calibration is None and _bundled_name(model, model) is None
+        noise = self.calibration is None and bundled_name(model, model) is None
         if noise and getattr(model, "paired_calibration", False) and not self.allow_unpaired:
             raise CompressionError(
                 f"a {model.model_type} model calibrates on image-text pairs: pass calibration_data=... (for the "
@@ -83,15 +85,13 @@ class CompressionPipeline(CascadePipeline):
                 "calibrate on random inputs anyway")
         if self.calibration is not None:
             check_paired_batches(model, self.calibration, self.allow_unpaired)
-        return super().run(model, resume=resume)
-
-    compress = run
+        return super().compress(model, resume=resume)
 
     def _prepare(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
         world = None
-        if self.calibration is None and _bundled_name(model, model) is not None:
+        if self.calibration is None and bundled_name(model, model) is not None:
             cal = CalibrationSection()
-            world = _world_batches(model, cal, self.seed)
+            world = world_batches(model, cal, self.seed)
             n_hold = cal.holdout_batches if self.holdout is None else 0
             self.calibration = world[:-n_hold] if n_hold else world
             if self.holdout is None:
@@ -133,6 +133,7 @@ def compress_model(
     progress_callback: Callable[[str, int, int], None] | None = None,
     progress: bool | None = None,
     dry_run: bool = False,
+    pipeline: str | None = None,
 ) -> Any:
     """Compress a model to ``compression_rate`` and return it, with ``.compression_stats`` attached.
 
@@ -168,25 +169,28 @@ def compress_model(
     inference form: it holds what its checkpoint would store (``train()`` brings back the float
     parameters recovery training needs, :func:`~rcc_compression.compression.layers.to_inference` gives
     them back).
+    ``pipeline`` (``whole``, ``sequential``: a block at a time, :func:`~.sequential.compress_sequential`, or
+    ``auto``; default ``compression.cascade.pipeline``) says how the model is held while it is compressed.
     """
     cfg = _resolve_config(config)
     seed = cfg.experiment.seed if seed is None else seed
     if method != "cascade" and method not in STAGES:
         raise CompressionError(f"unknown method {method!r}; allowed: cascade, {', '.join(STAGES)}")
+    chosen = choose_pipeline(model, pipeline or cfg.compression.cascade.pipeline, cfg)
+    if chosen.name == "sequential":
+        unsupported = [k for k, v in (("dry_run", dry_run), ("metric_fn", metric_fn), ("preserve_data", preserve_data),
+                                      ("reference_model", reference_model), ("lowrank_share", lowrank_share)) if v]
+        if unsupported:
+            raise CompressionError(f"the sequential pipeline ({chosen.why}) does not take {', '.join(unsupported)}; "
+                                   "pass pipeline='whole' to use them")
+        return compress_sequential(model, compression_rate, method, calibration_data, cfg, chosen, scope=scope,
+                                   holdout_data=holdout_data, run_dir=run_dir, seed=seed, device=device,
+                                   progress=progress, progress_callback=progress_callback,
+                                   distill=distiller(cfg.training))
     wrapper_or_module = model if isinstance(model, nn.Module) else get_model(model, cfg.model.type, cfg.model.dtype)
     inner = unwrap_model(wrapper_or_module)
-    calibration_source = "given"
-    if calibration_data is None:
-        calibration_data, calibration_source = _default_calibration(model, wrapper_or_module, cfg, seed)
-    calibration_data = list(calibration_data)
-    check_paired_batches(wrapper_or_module, calibration_data, cfg.calibration.allow_unpaired)
-    fit, holdout = calibration_data, (list(holdout_data) if holdout_data is not None else None)
-    if holdout is None and calibration_source == "world":
-        n_hold = cfg.calibration.holdout_batches
-        fit, holdout = (calibration_data[:-n_hold], calibration_data[-n_hold:]) if n_hold else (fit, [])
-    elif holdout is None and len(calibration_data) >= 3:
-        n_hold = min(2, len(calibration_data) // 3)
-        fit, holdout = calibration_data[:-n_hold], calibration_data[-n_hold:]
+    fit, holdout, calibration_source = fit_and_holdout(model, wrapper_or_module, cfg, seed, calibration_data,
+                                                       holdout_data)
     section = cfg.compression
     stages = list(section.cascade.stages) if method == "cascade" else [method]
     section.cascade.stages = stages
@@ -225,7 +229,7 @@ def compress_model(
                                                                r["step"] + 1, len(pipe.steps())),
                                    run_config=cfg.model_dump(mode="json"), training=cfg.training,
                                    allow_unpaired=cfg.calibration.allow_unpaired)
-        out = pipe.run(wrapper_or_module)
+        out = pipe.compress(wrapper_or_module)
     summary = compression_summary(inner)
     stats: dict[str, Any] = {"plan": plan, "summary": summary, **pipe.get_stage_results(),
                              "calibration": calibration_source,
@@ -271,31 +275,3 @@ def _rate_outcome(inner: nn.Module, plan: dict[str, Any], pipe: CascadePipeline,
         stats["rate_note"] = f"reached {achieved:.4f} instead of {compression_rate:.4f}: {why}"
         log.warning(stats["rate_note"])
     return stats
-
-
-def _bundled_name(model: Any, wrapper: nn.Module) -> str | None:
-    """The name of a bundled model (one that calibrates on the world by itself), else ``None``."""
-    name = model if isinstance(model, (str, os.PathLike)) else getattr(wrapper, "name", None)
-    name = str(name) if name is not None else None
-    bundled = name is not None and (name in BUNDLED or name in TINY_MODELS)
-    return name if bundled and getattr(wrapper, "tokenizer", None) is not None else None
-
-
-def _world_batches(wrapper: nn.Module, cal: CalibrationSection, seed: int) -> list[dict[str, Any]]:
-    """``num_batches + holdout_batches`` world-data calibration batches (the holdout last)."""
-    batches = build_calibration_batches(wrapper, "world", cal.num_batches + cal.holdout_batches, cal.batch_size, seed)
-    log.info("calibrating %s on the world data: %d batches of %d (%d held out for the gate)",
-             getattr(wrapper, "name", "the model"), cal.num_batches, cal.batch_size, cal.holdout_batches)
-    return batches
-
-
-def _default_calibration(model: Any, wrapper: nn.Module, cfg: RCCConfig, seed: int
-                         ) -> tuple[list[dict[str, Any]], str]:
-    """World-data calibration batches for a bundled model; any other model gets a one-line refusal."""
-    if _bundled_name(model, wrapper) is None:
-        name = model if isinstance(model, (str, os.PathLike)) else getattr(wrapper, "name", None)
-        raise CompressionError(
-            f"compress_model needs calibration_data for {name or type(unwrap_model(wrapper)).__name__}: a list of "
-            f"batches (dicts of keyword arguments for model(**batch)); only the bundled models "
-            f"({', '.join(sorted(BUNDLED))} and the tiny test models) calibrate on the world data by themselves")
-    return _world_batches(wrapper, cfg.calibration, seed), "world"

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import RCCConfig
-from ..data.calibration import build_calibration_batches
-from ..errors import CheckpointError
+from ..config import CalibrationSection, RCCConfig
+from ..data.calibration import build_calibration_batches, check_paired_batches
+from ..errors import CheckpointError, CompressionError
+from ..models.registry import BUNDLED, unwrap_model
+from ..models.tiny import TINY_MODELS
 from ..utils.crypto import KEY_ENV, load_key
+from ..utils.logging import get_logger
+
+log = get_logger("jobs")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,3 +79,63 @@ def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def bundled_name(model: Any, wrapper: nn.Module) -> str | None:
+    """The name of a bundled model (one that calibrates on the world by itself), else ``None``."""
+    name = model if isinstance(model, (str, os.PathLike)) else getattr(wrapper, "name", None)
+    name = str(name) if name is not None else None
+    bundled = name is not None and (name in BUNDLED or name in TINY_MODELS)
+    return name if bundled and getattr(wrapper, "tokenizer", None) is not None else None
+
+
+def world_batches(wrapper: nn.Module, cal: CalibrationSection, seed: int) -> list[dict[str, Any]]:
+    """``num_batches + holdout_batches`` world-data calibration batches (the holdout last)."""
+    batches = build_calibration_batches(wrapper, "world", cal.num_batches + cal.holdout_batches, cal.batch_size, seed)
+    log.info("calibrating %s on the world data: %d batches of %d (%d held out for the gate)",
+             getattr(wrapper, "name", "the model"), cal.num_batches, cal.batch_size, cal.holdout_batches)
+    return batches
+
+
+def default_calibration(model: Any, wrapper: nn.Module, cfg: RCCConfig, seed: int) -> tuple[list[dict[str, Any]], str]:
+    """World-data calibration batches for a bundled model; any other model gets a one-line refusal."""
+    if bundled_name(model, wrapper) is None:
+        name = model if isinstance(model, (str, os.PathLike)) else getattr(wrapper, "name", None)
+        raise CompressionError(
+            f"compress_model needs calibration_data for {name or type(unwrap_model(wrapper)).__name__}: a list of "
+            f"batches (dicts of keyword arguments for model(**batch)); only the bundled models "
+            f"({', '.join(sorted(BUNDLED))} and the tiny test models) calibrate on the world data by themselves")
+    return world_batches(wrapper, cfg.calibration, seed), "world"
+
+
+def fit_and_holdout(model: Any, wrapper: nn.Module, cfg: RCCConfig, seed: int,
+                    calibration_data: Iterable[Mapping[str, Any]] | None,
+                    holdout_data: Iterable[Mapping[str, Any]] | None
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
+    """``(fit batches, gate batches, where the calibration data came from)`` of ``compress_model``.
+
+    Without ``calibration_data`` a bundled model calibrates on the world data (``calibration.holdout_batches``
+    of it held out); given batches without ``holdout_data`` keep their last ``min(2, n // 3)`` for the gate
+    (none below 3 batches: the gate then says "not measured"). Paired models refuse unpaired batches.
+    """
+    source = "given"
+    if calibration_data is None:
+        calibration_data, source = default_calibration(model, wrapper, cfg, seed)
+    calibration_data = list(calibration_data)
+    check_paired_batches(wrapper, calibration_data, cfg.calibration.allow_unpaired)
+    fit, holdout = split_holdout(calibration_data, holdout_data, source, cfg)
+    return fit, holdout, source
+
+
+def split_holdout(calibration_data: list[Any], holdout_data: Iterable[Mapping[str, Any]] | None, source: str,
+                  cfg: RCCConfig) -> tuple[list[Any], list[Any] | None]:
+    """The calibration batches planning fits on and the holdout the gate scores (kept apart before any planning)."""
+    if holdout_data is not None:
+        return calibration_data, list(holdout_data)
+    if source == "world":
+        n_hold = cfg.calibration.holdout_batches
+        return (calibration_data[:-n_hold], calibration_data[-n_hold:]) if n_hold else (calibration_data, [])
+    if len(calibration_data) >= 3:
+        n_hold = min(2, len(calibration_data) // 3)
+        return calibration_data[:-n_hold], calibration_data[-n_hold:]
+    return calibration_data, None

@@ -20,6 +20,7 @@ from ..compression.layers import to_inference
 from ..compression.matching import check_section_patterns
 from ..compression.offload import materialize
 from ..compression.rate import achieved_rate, alternative_sections, apply_rate
+from ..compression.records import last_passed, step_records
 from ..compression.storage import save_compressed
 from ..compression.towers import tower_record
 from ..config import RCCConfig, dump_config
@@ -200,7 +201,7 @@ def _run_compress(
             allow_unpaired=cfg.calibration.allow_unpaired,
             distill=distiller(cfg.training, [TrackingCallback(tracker)]) if tracker.enabled else None,
         )
-        pipe.run(wrapper, resume=resume)
+        pipe.compress(wrapper, resume=resume)
         tracker.log_event("phase", phase="inference form")
         # timed with its weights resident: an offloaded teacher reads them from files on every call
         dense = materialize(pipe.dense_model)
@@ -236,7 +237,7 @@ def _run_compress(
             "execution_kernels": inference["kernels"],
             "stored_bytes_measured": measured_storage(out_dir),
             "stored_bytes_reported": manifest["stored_bytes"],
-            "gate": {"retention": next((r["retention"] for r in reversed(pipe.records) if r.get("passed")), None),
+            "gate": {"retention": last.retention if (last := last_passed(pipe.records)) is not None else None,
                      "threshold": cfg.compression.cascade.validation_threshold,
                      "measured": pipe.gate_note or "yes"},
         }
@@ -290,22 +291,22 @@ def compress_outcome(section: Any, pipe: CompressionPipeline, model: nn.Module) 
     else:
         reached = summary["compression_rate"]
         source = "; ".join(f"{st.name} {st.target_description(1.0, pipe.schedule)}" for st in pipe.stages)
-    steps = [r for r in pipe.records if "step" in r]
+    steps = step_records(pipe.records)
     total = len(pipe.steps())
-    failed = next((r for r in steps if not r.get("passed", True)), None)
+    failed = next((r for r in steps if not r.passed), None)
     if failed is not None:
-        at = failed.get("error") or f"gate retention {failed['retention']:.4f} < threshold {failed['threshold']:.4f}"
-        back = failed.get("rolled_back_to_step", -1)
+        at = failed.error or (f"gate retention {failed.retention:.4f} < threshold {failed.threshold:.4f}"
+                              if failed.retention is not None else "gate not measured")
+        back = failed.rolled_back_to_step if failed.rolled_back_to_step is not None else -1
         kept = f"kept step {back}, the smallest passing state" if back >= 0 else "kept the starting model"
-        why = (f"stopped at step {failed['step']} of {total} ({failed['stage']}, round {failed['round']}): {at}; "
-               f"{kept}")
+        why = f"stopped at step {failed.step} of {total} ({failed.stage}, round {failed.round}): {at}; {kept}"
         status = "stopped early"
     else:
         why = f"all {len(steps)} of {total} steps passed the gate"
-        undone = [r for r in steps if r.get("undone")]
+        undone = [r for r in steps if r.undone]
         if undone:
             why += f" ({len(undone)} recovery step(s) undone: they made the gate's metric worse)"
-        skipped = [r for r in steps if r.get("skipped")]
+        skipped = [r for r in steps if r.skipped]
         if skipped:
             why += f" ({len(skipped)} recovery step(s) skipped: the model passed with margin)"
         if pipe.plan_choice and pipe.plan_choice["chosen"] != "per-layer plan":
@@ -406,9 +407,10 @@ def results_table_markdown(results: dict[str, Any]) -> str:
     lines += ["| metric | dense | compressed | compressed/dense |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(results)]
     if results.get("stopped_early") and not results.get("outcome"):  # results written before the outcome block
-        failed = next((r for r in results["records"] if not r.get("passed", True)), None)
+        failed = next((r for r in step_records(results["records"]) if not r.passed), None)
         if failed:
-            why = failed.get("error") or f"retention {failed['retention']:.4f}"
-            lines += ["", f"The validation gate stopped step {failed['step']} ({failed['stage']}, round "
-                          f"{failed['round']}) at {why}; the model went back to the smallest passing state."]
+            why = failed.error or (f"retention {failed.retention:.4f}" if failed.retention is not None
+                                   else "an unmeasured gate")
+            lines += ["", f"The validation gate stopped step {failed.step} ({failed.stage}, round "
+                          f"{failed.round}) at {why}; the model went back to the smallest passing state."]
     return "\n".join(lines) + "\n"

@@ -25,7 +25,6 @@ augmentation only: no hue changes or flips (they would falsify colours and relat
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -66,7 +65,6 @@ from ..evaluation.zero_shot import classifier_weights
 from ..models.base import image_processor_class
 from ..models.blip import BLIPWrapper
 from ..models.clip import CLIPWrapper
-from ..models.registry import get_model
 from ..training.callbacks import Callback, ProgressBar
 from ..training.distributed import DistInfo
 from ..training.settings import TrainingSection
@@ -558,25 +556,6 @@ def save_reference(wrapper: Any, out: str | os.PathLike[str], record: dict[str, 
     wrapper.save_pretrained(path)
     atomic_write_json(path / "reference.json", record)
     return path
-
-
-def remeasure_reference(model_dir: str | os.PathLike[str], bootstrap_samples: int = 1000) -> dict[str, Any]:
-    """Re-evaluate a saved reference model on its recorded world and rewrite its figures.
-
-    For when the evaluation code changes: the weights and the training record stay as they are.
-    """
-    path = Path(model_dir)
-    record = json.loads((path / "reference.json").read_text())
-    world = record["world"]
-    sizes = world["test_sizes"]
-    spec = WorldSpec(seed=int(world["seed"]), test=int(sizes["test"]),
-                     cls_test_per_class=int(sizes["cls_test_per_class"]), vqa_test=int(sizes.get("vqa_test", 1000)))
-    wrapper = get_model(str(path))
-    wrapper.name = record["model"]
-    results = measure_figures(wrapper, record["kind"], spec, bootstrap_samples)
-    record["evaluation"], record["figures"] = results, headline_figures(results)
-    atomic_write_json(path / "reference.json", record)
-    return record
 
 
 def _free_cores() -> int:

@@ -45,6 +45,7 @@ from ..analysis.significance import (
     paired_permutation_test,
     wilcoxon_test,
 )
+from ..compression.records import last_passed
 from ..compression.storage import load_compressed
 from ..config import RCCConfig, dump_config, load_config, nest_keys
 from ..errors import CheckpointError, CompressionError, ConfigError
@@ -273,14 +274,14 @@ def _run_unit(spec: StudySpec, variant: Variant, seed: int, run_dir: Path) -> di
     wrapper = load_compressed(unit / "compressed", model=base)
     scores = item_scores(wrapper, cfg, spec.split)
     sb = results["stored_bytes_reported"]
-    last = next((r for r in reversed(results["records"]) if r.get("passed") and "achieved" in r), None)
+    last = last_passed(results["records"])
     record.update(
         applicable=True, stages_run=list(results["stages"]), plan=results.get("plan"),
         stored_bytes=int(sb["layers"] + sb["rest"]), stored_bytes_layers=int(sb["layers"]),
         dense_bytes_layers=int(sb["layers_dense"]),
         compression_rate_layers=1.0 - sb["layers"] / sb["layers_dense"] if sb["layers_dense"] else 0.0,
         gate_retention=results["gate"]["retention"], stopped_early=results["stopped_early"],
-        cascade_rate=last["achieved"]["compression_rate"] if last else None, **scores,
+        cascade_rate=last.achieved.compression_rate if last else None, **scores,
     )
     atomic_write_json(done, record)
     return record
@@ -440,13 +441,6 @@ def generate_report(spec: StudySpec, results: Mapping[str, Any], run_dir: Path) 
         plot_comparison(rows, m, run_dir / f"retention_{i}_{slug(m.split(' ')[-1])}.png",
                         title=f"{spec.kind}: {m}", reference=spec.reference.name,
                         ylabel="retention (mean and 95 % CI over seeds)")
-
-
-def run_ablation(config: RCCConfig, run_dir: str | Path, seeds: int | Sequence[int] = 3,
-                 variants: Sequence[Variant] = (), split: str = "test", resume: bool = False,
-                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Every subset of ``config``'s stages, plus ``variants``, at its target rate over ``seeds`` (``rcc ablate``)."""
-    return run_study(make_spec("ablate", config, seeds, variants, split), run_dir, resume, progress)
 
 
 def run_ordering(config: RCCConfig, run_dir: str | Path, seeds: int | Sequence[int] = 3,

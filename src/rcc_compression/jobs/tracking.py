@@ -8,17 +8,18 @@ equals the results file (the tests read W&B's and TensorBoard's files back to ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..analysis.snapshots import record_model_views
+from ..compression.records import StepRecord
 from ..config import RCCConfig
 from ..models.base import ModelWrapper
+from ..tracking import ExperimentTracker, metric_key
 from ..utils.logging import get_logger
-from ..utils.tracking import ExperimentTracker, metric_key
 from ..visualization.figures import write_run_figures
 from ..visualization.records import load_run
 
@@ -33,12 +34,13 @@ def start_tracker(cfg: RCCConfig, run_dir: Path, resolved: dict[str, Any]) -> Ex
     return ExperimentTracker(cfg.tracking, run_dir, run_config=resolved)
 
 
-def step_metrics(record: dict[str, Any]) -> dict[str, float]:
+def step_metrics(record: StepRecord | Mapping[str, Any]) -> dict[str, float]:
     """The numbers of one cascade step record that the ``cascade`` series logs."""
-    out = {k: float(record[k]) for k in CASCADE_VALUES if isinstance(record.get(k), (int, float))}
-    achieved = record.get("achieved", {})  # a value may be None (sparsity where no layer holds an S)
-    out.update({k: float(achieved[k]) for k in ACHIEVED_VALUES if achieved.get(k) is not None})
-    out["passed"] = float(bool(record.get("passed")))
+    step = record if isinstance(record, StepRecord) else StepRecord.model_validate(dict(record))
+    out = {k: float(v) for k in CASCADE_VALUES if isinstance(v := getattr(step, k), (int, float))}
+    # a value may be None (sparsity where no layer holds an S)
+    out.update({k: float(v) for k in ACHIEVED_VALUES if (v := getattr(step.achieved, k)) is not None})
+    out["passed"] = float(step.passed)
     return out
 
 

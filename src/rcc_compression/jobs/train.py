@@ -9,6 +9,9 @@ run record and the process group of a ``torchrun`` launch.
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from torch import nn
 
 from ..compression.calibration import PRIMARY_OUTPUTS, flatten_outputs, output_agreement, to_device
 from ..compression.layers import to_inference
+from ..compression.records import step_records
 from ..compression.storage import MANIFEST, load_compressed, read_manifest, save_compressed
 from ..config import RCCConfig, dump_config, load_config, validate_config
 from ..data.loaders import PoissonBatchSampler, split_loader
@@ -25,6 +29,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..evaluation.suite import evaluate_model
 from ..models.base import ModelWrapper
 from ..models.registry import get_model
+from ..tracking import ExperimentTracker
 from ..training.callbacks import (
     Callback,
     EarlyStopping,
@@ -52,7 +57,6 @@ from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger, setup_logging
 from ..utils.runs import RunRecord, new_run_dir
 from ..utils.seeding import seed_everything
-from ..utils.tracking import ExperimentTracker
 from .common import prepare_run_dir, resolve_device
 from .compress import HEADLINE_METRICS
 from .data import check_and_record, model_keys, open_role, training_splits
@@ -137,32 +141,93 @@ def run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool = 
     return results
 
 
+@dataclass
+class _Models:
+    """The checkpoint being recovered, the config it was made with, and the two models of the distillation."""
+
+    ckpt: Path
+    run_cfg: RCCConfig
+    device: torch.device
+    student_w: Any  # the compressed model's wrapper (or bare module)
+    teacher_w: ModelWrapper
+
+    @property
+    def student(self) -> nn.Module:
+        return self.student_w.model if isinstance(self.student_w, ModelWrapper) else self.student_w
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.teacher_w.model
+
+
+@dataclass
+class _Data:
+    """The training and validation splits, their loaders, and the private-training engine (``None`` without)."""
+
+    train_ds: Any
+    val_ds: Any
+    train_loader: Any
+    val_loader: Any
+    private: PrivateTraining | None
+
+
 def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, progress: bool, dist: DistInfo,
                tracker: ExperimentTracker) -> dict[str, Any]:
-    tcfg = cfg.training
+    models = _open_models(cfg, source, dist)
+    data = _open_data(cfg, run_dir, dist, models)
+    objective, teacher_fn, family = _objective(cfg, models, dist)
+    ckpt_cb = ModelCheckpoint(run_dir / "checkpoints",
+                              every_steps=cfg.training.checkpoint_every_steps or cfg.training.eval_every_steps,
+                              monitor=cfg.training.monitor, mode=_monitor_mode(cfg.training.monitor))
+    trainer = CompressionTrainer(models.student, objective, cfg.training, train_data=data.train_loader,
+                                 val_data=data.val_loader,
+                                 params=trainable_parameters(models.student, cfg.training.trainable),
+                                 callbacks=_callbacks(cfg, run_dir, ckpt_cb, tracker, progress),
+                                 seed=cfg.experiment.seed, device=models.device, dist=dist,
+                                 metric_fn=_val_metrics(cfg, models, data), privacy=data.private)
+    fit = _fit(cfg, trainer, ckpt_cb, models.student, resume)
+    to_inference(models.student)  # the float parameters training needed go; the codes take the trained values
+    results = {
+        "source": str(models.ckpt), "teacher": models.run_cfg.model.name, "family": family,
+        "world_size": dist.world_size, **fit,
+        "data": {"train": data.train_ds.describe() | {"split": data.train_ds.split, "spec": data.train_ds.spec},
+                 "val": data.val_ds.describe() | {"split": data.val_ds.split, "spec": data.val_ds.spec},
+                 "batches_per_epoch": len(data.train_loader), "skipped_items": data.train_loader.skipped},
+        "teacher_cache": {"hits": teacher_fn.cache_hits, "forward_calls": teacher_fn.forward_calls},
+        "privacy": data.private.record() if data.private is not None else None,
+    }
+    if dist.is_main:
+        _save_recovered(cfg, run_dir, models, results)
+    return results
+
+
+def _open_models(cfg: RCCConfig, source: str | Path, dist: DistInfo) -> _Models:
+    """Seed, device, the compressed checkpoint (student) and its dense model (teacher)."""
     ckpt, run_cfg_raw = resolve_source(source)
     run_cfg = validate_config(run_cfg_raw, source=str(ckpt))
     seed_everything(cfg.experiment.seed, cfg.experiment.deterministic)
     device = device_for(dist, resolve_device(cfg.experiment.device))
     student_w, teacher_w = _load_models(ckpt, run_cfg, device)
-    student = student_w.model if isinstance(student_w, ModelWrapper) else student_w
-    teacher = teacher_w.model
-    if tcfg.batch_size % dist.world_size:
-        raise ConfigError(f"training.batch_size {tcfg.batch_size} must divide by the number of processes "
+    if cfg.training.batch_size % dist.world_size:
+        raise ConfigError(f"training.batch_size {cfg.training.batch_size} must divide by the number of processes "
                           f"({dist.world_size})")
+    return _Models(ckpt, run_cfg, device, student_w, teacher_w)
 
-    # ---- data: the training split streamed, a validation split, nothing shared with val or test
-    train_ds, val_ds = training_splits(cfg, teacher_w, fallback=run_cfg.calibration.source)
+
+def _open_data(cfg: RCCConfig, run_dir: Path, dist: DistInfo, models: _Models) -> _Data:
+    """The training split streamed (length buckets, augmentation, Poisson batches when private), a validation
+    split; nothing shared with val or test (the leak check, recorded in ``data.json``)."""
+    tcfg, teacher_w = cfg.training, models.teacher_w
+    train_ds, val_ds = training_splits(cfg, teacher_w, fallback=models.run_cfg.calibration.source)
     roles: dict[str, list[Any]] = {"train": [train_ds], "val": [val_ds]}
     if cfg.dataset.test:
         roles["test"] = [open_role(cfg, teacher_w, cfg.dataset.test, "test")]
     check_and_record(run_dir if dist.is_main else None, roles, cfg.dataset.leak_check,
                      withhold=("train",) if tcfg.privacy is not None else ())
-    keys = model_keys(teacher_w)
-    vqa = getattr(teacher_w, "is_vqa", False)
     common = {"tokenizer": teacher_w.tokenizer, "max_length": teacher_w.max_text_length, "seed": cfg.experiment.seed,
               "num_workers": cfg.dataset.num_workers, "prefetch_factor": cfg.dataset.prefetch_factor,
-              "answers_as_labels": vqa, "keys": keys, "device": device}
+              "answers_as_labels": getattr(teacher_w, "is_vqa", False), "keys": model_keys(teacher_w),
+              "device": models.device}
     private, poisson = _private_training(cfg, len(train_ds))
     train_loader = split_loader(train_ds, "train", tcfg.batch_size // dist.world_size,
                                 augment=augment_from_config(cfg.dataset, train_ds.transform),
@@ -172,37 +237,44 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
     if len(train_loader) == 0:
         raise DataError(f"{train_ds.source}: {len(train_ds)} items make no training batch of "
                         f"{tcfg.batch_size // dist.world_size}; lower training.batch_size")
+    return _Data(train_ds, val_ds, train_loader, val_loader, private)
 
-    # ---- objective
+
+def _objective(cfg: RCCConfig, models: _Models, dist: DistInfo) -> tuple[DistillationObjective, Teacher, str]:
+    """The distillation loss of the model's family against the (cached) teacher; returns it, the teacher and the
+    family."""
+    tcfg, student, teacher = cfg.training, models.student, models.teacher
     forward_kwargs: dict[str, Any] = {}
     if tcfg.attention_weight:
         for m in (student, teacher):
             m.set_attn_implementation("eager")
         forward_kwargs["output_attentions"] = True
     family = model_family(student)
+    smoothing = float(getattr(student.config.text_config, "label_smoothing", 0.0) or 0.0) if family == "blip" else 0.0
     loss = DistillationLoss(family, LossWeights.from_config(tcfg), tcfg.temperature,
-                            gather=gather_with_grad if dist.enabled else None,
-                            label_smoothing=float(getattr(student.config.text_config, "label_smoothing", 0.0) or 0.0)
-                            if family == "blip" else 0.0)
-    teacher_fn = Teacher(teacher, cache_dir=tcfg.teacher_cache, forward_kwargs=forward_kwargs, device=device)
-    objective = DistillationObjective(loss, teacher_fn, forward_kwargs)
+                            gather=gather_with_grad if dist.enabled else None, label_smoothing=smoothing)
+    teacher_fn = Teacher(teacher, cache_dir=tcfg.teacher_cache, forward_kwargs=forward_kwargs, device=models.device)
+    return DistillationObjective(loss, teacher_fn, forward_kwargs), teacher_fn, family
 
-    # ---- validation metrics besides the loss: agreement with the teacher, task benchmarks on val
+
+def _val_metrics(cfg: RCCConfig, models: _Models, data: _Data) -> Callable[[nn.Module], dict[str, float]]:
+    """Validation metrics besides the loss: agreement with the teacher (its outputs computed once), and the
+    ``training.val_benchmarks`` on the validation split."""
     teacher_val: list[dict[str, torch.Tensor]] = []
 
     @torch.no_grad()
     def val_metrics(model: nn.Module) -> dict[str, float]:
         s_out, t_out = [], []
-        for i, batch in enumerate(val_loader):
-            batch = to_device(batch, device)
+        for i, batch in enumerate(data.val_loader):
+            batch = to_device(batch, models.device)
             if i >= len(teacher_val):
-                teacher_val.append(_primary(teacher(**batch)))
+                teacher_val.append(_primary(models.teacher(**batch)))
             s_out.append(_primary(model(**batch)))
             t_out.append(teacher_val[i])
         out = {"val_agreement": output_agreement(s_out, t_out)}
-        if tcfg.val_benchmarks:
-            res = evaluate_model(student_w, tcfg.val_benchmarks, [val_ds], batch_size=cfg.dataset.batch_size,
-                                 bootstrap_samples=0, seed=cfg.experiment.seed)
+        if cfg.training.val_benchmarks:
+            res = evaluate_model(models.student_w, cfg.training.val_benchmarks, [data.val_ds],
+                                 batch_size=cfg.dataset.batch_size, bootstrap_samples=0, seed=cfg.experiment.seed)
             for bench, per_dataset in res.get("results", {}).items():
                 for r in per_dataset.values():
                     for name in HEADLINE_METRICS:
@@ -211,19 +283,27 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
                             out[f"val_{bench}_{name}"] = float(m["value"])
         return out
 
-    monitor, mode = tcfg.monitor, _monitor_mode(tcfg.monitor)
-    ckpt_cb = ModelCheckpoint(run_dir / "checkpoints", every_steps=tcfg.checkpoint_every_steps or tcfg.eval_every_steps,
-                              monitor=monitor, mode=mode)
+    return val_metrics
+
+
+def _callbacks(cfg: RCCConfig, run_dir: Path, ckpt_cb: ModelCheckpoint, tracker: ExperimentTracker,
+               progress: bool) -> list[Callback]:
+    tcfg = cfg.training
     callbacks: list[Callback] = [LearningRateMonitor(), LoggingCallback(every_steps=50), ckpt_cb,
                                  TrackingCallback(tracker), ProgressFile(run_dir / "progress.json")]
     if tcfg.early_stopping_patience:
-        callbacks.insert(0, EarlyStopping(monitor, tcfg.early_stopping_patience, mode=mode))
+        callbacks.insert(0, EarlyStopping(tcfg.monitor, tcfg.early_stopping_patience, mode=_monitor_mode(tcfg.monitor)))
     if progress:
         callbacks.append(ProgressBar("recovery"))
-    trainer = CompressionTrainer(student, objective, tcfg, train_data=train_loader, val_data=val_loader,
-                                 params=trainable_parameters(student, tcfg.trainable), callbacks=callbacks,
-                                 seed=cfg.experiment.seed, device=device, dist=dist, metric_fn=val_metrics,
-                                 privacy=private)
+    return callbacks
+
+
+def _fit(cfg: RCCConfig, trainer: CompressionTrainer, ckpt_cb: ModelCheckpoint, student: nn.Module,
+         resume: bool) -> dict[str, Any]:
+    """Validate, train (resumed from the last checkpoint when asked), validate; keep the best of the input, the
+    best validation and the last step. Returns what the results record of the fit."""
+    tcfg = cfg.training
+    monitor, mode = tcfg.monitor, _monitor_mode(tcfg.monitor)
     initial = {k: v.detach().clone() for k, v in student.state_dict().items()}
     before = trainer.validate()
     if monitor not in before:
@@ -239,7 +319,6 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
     state = trainer.fit()
     history, steps, stopped = list(state.history), state.step, state.should_stop
     after = trainer.validate()
-    # keep the best of the input, the best validation and the last step
     kept = "last"
     best_path = ckpt_cb.directory / "best"
     if _better(before[monitor], after.get(monitor), mode) and not _better(ckpt_cb.best, before[monitor], mode):
@@ -252,25 +331,20 @@ def _run_train(cfg: RCCConfig, source: str | Path, run_dir: Path, resume: bool, 
         after = trainer.validate()
         log.warning("%s was best at the %s; keeping that model", monitor, kept)
     trainer.close()
-    to_inference(student)  # the float parameters training needed go; the codes take the trained values
-    results = {
-        "source": str(ckpt), "teacher": run_cfg.model.name, "family": family, "world_size": dist.world_size,
-        "steps": steps, "epochs": state.epoch, "stopped_early": stopped, "kept": kept, "monitor": monitor,
-        "before": before, "after": after, "history": history,
-        "data": {"train": train_ds.describe() | {"split": train_ds.split, "spec": train_ds.spec},
-                 "val": val_ds.describe() | {"split": val_ds.split, "spec": val_ds.spec},
-                 "batches_per_epoch": len(train_loader), "skipped_items": train_loader.skipped},
-        "teacher_cache": {"hits": teacher_fn.cache_hits, "forward_calls": teacher_fn.forward_calls},
-        "privacy": private.record() if private is not None else None,
-    }
-    if dist.is_main:
-        records = list(read_manifest(ckpt).get("stages") or [])
-        records.append({"stage": "train", "steps": steps, "epochs": state.epoch, "kept": kept, "before": before,
-                        "after": after, **({"privacy": results["privacy"]} if private is not None else {})})
-        save_compressed(student_w, run_dir / "compressed", config=dump_config(cfg), records=records, overwrite=True)
-        atomic_write_json(run_dir / "train_results.json", results)
-    return results
+    return {"steps": steps, "epochs": state.epoch, "stopped_early": stopped, "kept": kept, "monitor": monitor,
+            "before": before, "after": after, "history": history}
 
+
+def _save_recovered(cfg: RCCConfig, run_dir: Path, models: _Models, results: dict[str, Any]) -> None:
+    """The recovered model as a compressed checkpoint (its stage records plus this training's), and the results."""
+    records = list(read_manifest(models.ckpt).get("stages") or [])
+    step_records(records, where=str(models.ckpt / MANIFEST))  # the steps it carries on are checked, not trusted
+    records.append({"stage": "train", "steps": results["steps"], "epochs": results["epochs"],
+                    "kept": results["kept"], "before": results["before"], "after": results["after"],
+                    **({"privacy": results["privacy"]} if results["privacy"] is not None else {})})
+    save_compressed(models.student_w, run_dir / "compressed", config=dump_config(cfg), records=records,
+                    overwrite=True)
+    atomic_write_json(run_dir / "train_results.json", results)
 
 
 def _private_training(cfg: RCCConfig, items: int) -> tuple[PrivateTraining | None, PoissonBatchSampler | None]:
@@ -309,7 +383,8 @@ def train_job(cfg: RCCConfig, source: str | Path, output: Path | None = None, re
         else:
             run_dir = prepare_run_dir(output, overwrite, resume) if dist.is_main else output
         barrier(dist)
-        setup_logging(verbosity if dist.is_main else -1, run_dir if dist.is_main else None)
+        setup_logging(verbosity if dist.is_main else -1, run_dir if dist.is_main else None,
+                      default=logging.WARNING)  # the console shows the bar and the result; run.log the steps
         record = RunRecord(run_dir, dump_config(cfg), cfg.experiment.seed) if dist.is_main else None
         with record if record is not None else contextlib.nullcontext():
             results = run_train(cfg, source, run_dir, resume=resume, progress=progress and dist.is_main, dist=dist)

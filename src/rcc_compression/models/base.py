@@ -1,4 +1,4 @@
-"""The model wrapper interface shared by CLIP and BLIP (design document section 5.2)."""
+"""The model wrapper interface shared by CLIP, SigLIP, BLIP and LLaVA (docs/guides/compress-your-model.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""CLIP wrapper over ``transformers.CLIPModel`` (design document section 3.2)."""
+"""CLIP wrapper over ``transformers.CLIPModel`` (Radford et al., "Learning Transferable Visual Models From
+Natural Language Supervision", ICML 2021)."""
 
 from __future__ import annotations
 

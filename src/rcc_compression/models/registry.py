@@ -116,6 +116,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, ModelWrapper) else model
 
 
+def load_processors(path: str | os.PathLike[str], model_type: str) -> tuple[Any, Any]:
+    """``(image processor, tokenizer)`` of a model directory (``None`` for any it does not hold); no weights read."""
+    return _load_processors(str(path), model_type)
+
+
 def _load_processors(path: str, model_type: str) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
@@ -194,7 +199,7 @@ def _from_hub(model_id: str, model_type: str | None, dtype: str) -> ModelWrapper
 
 def get_model(
     name_or_path: str | os.PathLike[str] | nn.Module,
-    type: str | None = None,  # noqa: A002 - the design document's keyword
+    type: str | None = None,  # noqa: A002 - the config's key name (model.type)
     dtype: str = "float32",
     seed: int = 0,
 ) -> ModelWrapper:

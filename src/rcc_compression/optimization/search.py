@@ -3,22 +3,26 @@
 A study lives in Optuna's RDB storage: an SQLite file in the search directory by default, or a
 ``postgresql://`` URL that any number of worker processes on any number of machines share
 (Optuna's RDB storage is the distributed engine; nothing else coordinates the workers). Every
-worker runs the same loop:
+worker runs Optuna's own loop, ``study.optimize``, with Optuna's machinery for many workers:
 
-1. under the study lock (``flock`` on the SQLite file's lock file; a PostgreSQL advisory lock),
-   fail the trials whose worker stopped sending heartbeats (their parameters are queued again
-   by ``RetryHeartbeatStaleTrialCallback``) and count the trials: stop when ``trials`` are
-   complete or pruned; wait while the remaining ones are running elsewhere; otherwise take a
-   queued trial or start a new one, and record its first heartbeat before the lock is released.
-2. run the trial: the base experiment config plus the trial's parameters is compressed by the
-   same job as ``rcc compress`` into ``trials/trial-NNNN/`` (its ``config.yaml`` is exactly what
-   ``rcc compress --config`` needs to reproduce it); the cascade's gate retention after every step
-   is reported to Optuna's pruner (median, Hyperband); the compressed checkpoint is then
-   evaluated on the search split (``val`` by default: the test split is kept for reporting).
+1. heartbeats (``RDBStorage(heartbeat_interval=..., grace_period=...)``): a trial whose worker
+   stopped sending them is failed by the next worker that starts a trial (or waits), and
+   ``RetryHeartbeatStaleTrialCallback`` queues its parameters again, at most ``max_retry`` times;
+2. ``MaxTrialsCallback(trials, states=(COMPLETE, PRUNED))`` stops a worker once the study holds
+   ``trials`` finished trials, and a second callback stops it when the trials still missing are
+   all running elsewhere; the worker then waits (``poll_interval``) in case one of them fails,
+   and ends when the study is complete;
+3. each trial: the base experiment config plus the trial's parameters is compressed by the same
+   job as ``rcc compress`` into ``trials/trial-NNNN/`` (its ``config.yaml`` is exactly what ``rcc
+   compress --config`` needs to reproduce it); the cascade's gate retention after every step is
+   reported to Optuna's pruner (median, Hyperband); the compressed checkpoint is then evaluated on
+   the search split (``val`` by default: the test split is kept for reporting); constraints are
+   set on the trial (``Trial.set_constraint``), where the samplers read them.
 
-Because counting and starting a trial happen under one lock, and a dead worker's trial is failed
-and re-queued exactly once per death, the study ends with exactly ``trials`` complete or pruned
-trials, whatever the number of workers or how many of them die.
+A dead worker's trial is failed and re-queued once per death, so nothing is lost. Workers that
+finish trials at the same moment may each start one more before the count reaches them: a
+study ends with ``trials`` finished trials, or a few more (at most one more per worker) when
+many workers race for the last ones.
 
 Outputs (written by every worker when its loop ends; the database is the source of truth):
 ``trials.json``/``trials.csv`` (every trial's parameters, metrics and state), ``pareto.json``/
@@ -27,11 +31,7 @@ Outputs (written by every worker when its loop ends; the database is the source 
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
-import hashlib
-import inspect
 import io
 import json
 import math
@@ -40,13 +40,13 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..compression.records import last_passed
 from ..compression.storage import load_compressed
 from ..config import RCCConfig, dump_config
 from ..errors import ConfigError, RCCError
@@ -68,7 +68,7 @@ class SearchError(RCCError):
     """A search cannot go on (storage unreachable or unsupported, too many failed trials)."""
 
 
-# ----------------------------------------------------------------------------- storage and lock
+# ----------------------------------------------------------------------------- storage
 def storage_url(url: str | None, out_dir: Path) -> str:
     """The study's storage: ``url`` as given, or an SQLite file ``study.db`` in the search directory."""
     if url is None:
@@ -96,95 +96,29 @@ def open_storage(url: str, search: SearchConfig) -> Any:
     import optuna
 
     st = search.study
-    grace = st.grace_period or 3 * st.heartbeat_interval
-    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-        optuna.storages.RetryFailedTrialCallback
-    kwargs: dict[str, Any] = {"heartbeat_interval": st.heartbeat_interval, "grace_period": grace}
-    callback_kw = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in inspect.signature(
-        optuna.storages.RDBStorage).parameters else "failed_trial_callback"
     engine = {"pool_pre_ping": True} if url.startswith("postgresql") else {"connect_args": {"timeout": 60}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = retry_cls(max_retry=st.max_retry)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=st.max_retry)
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs, **{callback_kw: retry})
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=st.heartbeat_interval,
+                                              grace_period=st.grace_period or 3 * st.heartbeat_interval,
+                                              heartbeat_stale_trial_callback=retry)
         except Exception as exc:  # sqlalchemy OperationalError, a missing driver
             where = url.split("@")[-1]
             raise SearchError(f"study storage {where}: cannot open: {' '.join(str(exc).split())[:300]}") from None
 
 
-class StudyLock:
-    """One worker at a time counts and starts trials: ``flock`` for SQLite, an advisory lock for PostgreSQL.
-
-    Both are released by the operating system or the server when the holder dies, so a killed
-    worker never leaves the study locked.
-    """
-
-    def __init__(self, url: str, study_name: str) -> None:
-        self.url, self.study_name = url, study_name
-        self._fh: io.BufferedRandom | None = None
-        self._conn: Any = None
-        self._engine: Any = None
-        self.key = int.from_bytes(hashlib.sha256(f"rcc-search:{study_name}".encode()).digest()[:8], "big",
-                                  signed=True)
-        self.held = False
-
-    def acquire(self) -> None:
-        if self.url.startswith("sqlite:///"):
-            path = Path(self.url.removeprefix("sqlite:///") + ".lock")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "a+b")  # noqa: SIM115 - held across calls
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX)
-        else:
-            import sqlalchemy
-
-            if self._engine is None:
-                self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
-            self._conn = self._engine.connect()
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
-        self.held = True
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        if self._fh is not None:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
-        if self._conn is not None:
-            import sqlalchemy
-
-            with contextlib.suppress(Exception):
-                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
-            self._conn.close()
-            self._conn = None
-
-    def close(self) -> None:
-        self.release()
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
-
-    @contextlib.contextmanager
-    def held_for(self) -> Iterator[None]:
-        self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
-
-
 def make_sampler(search: SearchConfig) -> Any:
-    """TPE (single or multi-objective), NSGA-II, random or grid; constrained where constraints are set."""
+    """TPE (single or multi-objective), NSGA-II, random or grid; constraints reach TPE and NSGA-II through the
+    trials (``Trial.set_constraint``)."""
     import optuna
 
     st = search.study
-    cons = _constraints_func if search.constraints.active() else None
     if st.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=st.seed, n_startup_trials=st.startup_trials, constraints_func=cons)
+        return optuna.samplers.TPESampler(seed=st.seed, n_startup_trials=st.startup_trials)
     if st.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=st.seed, constraints_func=cons)
+        return optuna.samplers.NSGAIISampler(seed=st.seed)
     if st.sampler == "random":
         return optuna.samplers.RandomSampler(seed=st.seed)
     return optuna.samplers.GridSampler(grid(search), seed=st.seed)
@@ -202,20 +136,16 @@ def make_pruner(search: SearchConfig) -> Any:
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto")
 
 
-def _constraints_func(trial: Any) -> list[float]:
-    return list(trial.user_attrs.get("constraint", [math.inf]))
-
-
-def constraint_values(search: SearchConfig, metrics: dict[str, Any]) -> list[float]:
-    """Optuna constraint values (``<= 0`` is feasible), one per active constraint."""
+def constraint_values(search: SearchConfig, metrics: dict[str, Any]) -> dict[str, float]:
+    """Optuna constraint values by constraint name (``<= 0`` is feasible), one per active constraint."""
     c = search.constraints
-    out: list[float] = []
+    out: dict[str, float] = {}
     if c.max_stored_bytes is not None:
-        out.append(float(metrics["stored_bytes"]) - c.max_stored_bytes)
+        out["max_stored_bytes"] = float(metrics["stored_bytes"]) - c.max_stored_bytes
     if c.min_compression_rate is not None:
-        out.append(c.min_compression_rate - float(metrics["compression_rate"]))
+        out["min_compression_rate"] = c.min_compression_rate - float(metrics["compression_rate"])
     if c.max_latency_ms is not None:
-        out.append(float(metrics["latency_ms"]) - c.max_latency_ms)
+        out["max_latency_ms"] = float(metrics["latency_ms"]) - c.max_latency_ms
     return out
 
 
@@ -238,13 +168,13 @@ def _task_metrics(wrapper: Any, cfg: RCCConfig, split: str, max_items: int | Non
 def trial_metrics(cfg: RCCConfig, trial_dir: Path, results: dict[str, Any], search: SearchConfig,
                   dense: dict[str, float]) -> dict[str, Any]:
     """Everything a trial is judged by: retention (task, on the search split), gate retention, bytes, rate."""
+    last = last_passed(results["records"])
     metrics: dict[str, Any] = {
         "gate_retention": results["gate"]["retention"] if results["gate"]["retention"] is not None else 0.0,
         "stored_bytes": int(results["stored_bytes_reported"]["layers"] + results["stored_bytes_reported"]["rest"]),
         "stored_bytes_layers": int(results["stored_bytes_reported"]["layers"]),
         "stored_bytes_measured": int(results["stored_bytes_measured"]["total"]),
-        "compression_rate": float(next((r["achieved"]["compression_rate"] for r in reversed(results["records"])
-                                        if r.get("passed") and "achieved" in r), 0.0)),
+        "compression_rate": float(last.achieved.compression_rate) if last is not None else 0.0,
         "stopped_early": bool(results["stopped_early"]),
     }
     wanted = {o.metric for o in search.objectives} | set(search.constraints.active())
@@ -313,15 +243,13 @@ class Search:
         self.trial_callback = trial_callback
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.storage = open_storage(self.url, search)
-        self.lock = StudyLock(self.url, self.study_name)
         directions = [o.direction for o in search.objectives]
-        with self.lock.held_for():
-            self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
-                                             directions=directions, sampler=make_sampler(search),
-                                             pruner=make_pruner(search), load_if_exists=True)
-            if list(self.study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
-                raise SearchError(f"study {self.study_name!r} exists with other objectives; use another --study")
-            self._first_worker_setup()
+        self.study = optuna.create_study(storage=self.storage, study_name=self.study_name, directions=directions,
+                                         sampler=make_sampler(search), pruner=make_pruner(search),
+                                         load_if_exists=True)
+        if list(self.study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
+            raise SearchError(f"study {self.study_name!r} exists with other objectives; use another --study")
+        self._first_worker_setup()
         self._dense: dict[str, float] | None = None
 
     @property
@@ -339,8 +267,8 @@ class Search:
             self.study.set_user_attr("search", resolved)
             if self.search.study.enqueue_base and not self.study.trials:
                 params = base_params(self.search)
-                if params is not None:
-                    self.study.enqueue_trial(params, user_attrs={"base_config": True})
+                if params is not None:  # two workers starting together queue it once
+                    self.study.enqueue_trial(params, user_attrs={"base_config": True}, skip_if_exists=True)
                 else:
                     log.info("the base config's values lie outside the search space; no base trial queued")
         elif attrs["search"].get("space") != resolved.get("space") or attrs["search"].get(
@@ -359,29 +287,13 @@ class Search:
             self._dense = dict(cached)
         return self._dense
 
-    def _fail_stale(self) -> None:
-        """Optuna's heartbeat check, plus trials whose worker died before its first heartbeat."""
+    def counts(self) -> dict[str, int]:
+        """Trials by state, after failing (and re-queueing) those whose worker stopped sending heartbeats."""
         import optuna
-        from optuna.trial import TrialState
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)
-        grace = self.search.study.grace_period or 3 * self.search.study.heartbeat_interval
-        now = datetime.now()
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if "worker" in t.user_attrs or t.datetime_start is None:
-                continue
-            if now - t.datetime_start > timedelta(seconds=grace):
-                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    if self.storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                        getter = getattr(self.storage, "get_heartbeat_stale_trial_callback", None)
-                        cb = getter() if getter is not None else self.storage.get_failed_trial_callback()
-                        if cb is not None:
-                            cb(self.study, self.storage.get_trial(t._trial_id))
-
-    def counts(self) -> dict[str, int]:
-        """Trials by state."""
         out: dict[str, int] = {}
         for t in self.study.get_trials(deepcopy=False):
             out[t.state.name] = out.get(t.state.name, 0) + 1
@@ -390,47 +302,56 @@ class Search:
     def run(self) -> dict[str, Any]:
         """Take trials until the study is complete; then write the report. Returns the report."""
         import optuna
+        from optuna.study import MaxTrialsCallback
+        from optuna.trial import TrialState
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         target = self.target
-        max_fail = self.search.study.max_failures or max(target, 3)
-        try:
-            while True:
-                self.lock.acquire()
-                self._fail_stale()
-                c = self.counts()
-                done = c.get("COMPLETE", 0) + c.get("PRUNED", 0)
-                if self.progress is not None:
-                    self.progress("trials", min(done, target), target)
-                if done >= target:
-                    break
-                if c.get("FAIL", 0) >= max_fail:
-                    raise SearchError(f"study {self.study_name!r}: {c['FAIL']} trials failed (limit {max_fail}); "
-                                      f"see {self.out_dir / 'trials.json'} for their errors")
-                if not c.get("WAITING", 0) and done + c.get("RUNNING", 0) >= target:
-                    self.lock.release()  # the last trials run elsewhere; one of them may still fail
-                    time.sleep(self.search.study.poll_interval)
-                    continue
-                self.study.optimize(self._objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
-                self.lock.release()
-        finally:
-            self.lock.release()
-        report = write_report(self.study, self.search, self.out_dir)
-        self.lock.close()
-        return report
+        enough = MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        while True:
+            c = self.counts()
+            done = c.get("COMPLETE", 0) + c.get("PRUNED", 0)
+            if self.progress is not None:
+                self.progress("trials", min(done, target), target)
+            if done >= target:
+                break
+            self._check_failures(c)
+            if self._rest_runs_elsewhere(c):
+                time.sleep(self.search.study.poll_interval)  # one of them may still fail and be queued again
+                continue
+            self.study.optimize(self._objective, callbacks=[enough, self._after_trial], catch=(Exception,),
+                                gc_after_trial=True)
+        return write_report(self.study, self.search, self.out_dir)
+
+    def _rest_runs_elsewhere(self, counts: dict[str, int]) -> bool:
+        """Whether the trials still missing are all running (nothing queued): starting one more would overshoot."""
+        done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+        return not counts.get("WAITING", 0) and done + counts.get("RUNNING", 0) >= self.target
+
+    def _check_failures(self, counts: dict[str, int]) -> None:
+        limit = self.search.study.max_failures or max(self.target, 3)
+        if counts.get("FAIL", 0) >= limit:
+            raise SearchError(f"study {self.study_name!r}: {counts['FAIL']} trials failed (limit {limit}); "
+                              f"see {self.out_dir / 'trials.json'} for their errors")
+
+    def _after_trial(self, study: Any, trial: Any) -> None:
+        """``study.optimize`` callback: report progress; stop on too many failures or when the rest runs elsewhere."""
+        c: dict[str, int] = {}
+        for t in study.get_trials(deepcopy=False):
+            c[t.state.name] = c.get(t.state.name, 0) + 1
+        done = c.get("COMPLETE", 0) + c.get("PRUNED", 0)
+        if self.progress is not None:
+            self.progress("trials", min(done, self.target), self.target)
+        limit = self.search.study.max_failures or max(self.target, 3)
+        if c.get("FAIL", 0) >= limit or self._rest_runs_elsewhere(c):
+            study.stop()  # the outer loop raises, waits or ends
 
     # ------------------------------------------------------------------------- the objective
     def _objective(self, trial: Any) -> Any:
         import optuna
 
-        # before the lock goes, the trial has a heartbeat and its parameters: a worker that dies from here on
-        # leaves a trial that goes stale and is queued again with the same parameters
-        self.storage.record_heartbeat(trial._trial_id)
-        try:
-            params = self.suggest_parameters(trial)
-        finally:
-            trial.set_user_attr("worker", self.worker)
-            self.lock.release()
+        trial.set_user_attr("worker", self.worker)
+        params = self.suggest_parameters(trial)
         try:
             cfg = config_for(self.search, params)
             trial_dir = self.out_dir / "trials" / f"trial-{trial.number:04d}"
@@ -440,6 +361,7 @@ class Search:
             atomic_write_text(trial_dir / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
             trial.set_user_attr("config", dump_config(cfg))
             trial.set_user_attr("trial_dir", str(trial_dir))
+
             def on_step(rec: dict[str, Any]) -> None:
                 self.prune_trial(trial, rec)
 
@@ -447,8 +369,8 @@ class Search:
             results = run_compress(cfg, trial_dir, step_callback=on_step, evaluate=False)
             metrics = trial_metrics(cfg, trial_dir, results, self.search, dense)
             trial.set_user_attr("metrics", metrics)
-            if self.search.constraints.active():
-                trial.set_user_attr("constraint", constraint_values(self.search, metrics))
+            for name, value in constraint_values(self.search, metrics).items():
+                trial.set_constraint(name, value)
             atomic_write_json(trial_dir / "trial.json", {"number": trial.number, "params": params,
                                                          "metrics": metrics})
             values = [metric_value(metrics, o.metric) for o in self.search.objectives]
@@ -499,7 +421,7 @@ def optimize(search: SearchConfig, out_dir: str | os.PathLike[str], storage: str
              ) -> dict[str, Any]:
     """Run one worker of the study until it holds ``search.study.trials`` finished trials; returns the report.
 
-    The design document's ``optimize()``: start it in as many processes or machines as you like
+    ``optimize()`` of the search API (docs/analysis.md): start it in as many processes or machines as you like
     with one ``storage`` URL.
     """
     return Search(search, out_dir, storage, study_name, progress).run()
@@ -524,19 +446,28 @@ def trial_rows(study: Any, search: SearchConfig) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         metrics = t.user_attrs.get("metrics", {})
-        cons = t.user_attrs.get("constraint")
+        cons = dict(t.constraints) or None
         rows.append({
             "number": t.number, "state": t.state.name, "params": trial_params(search, t.params),
             "values": list(t.values) if t.values is not None else None, "metrics": metrics,
-            "feasible": all(c <= 0 for c in cons) if cons is not None else t.state.name == "COMPLETE",
+            "feasible": all(c <= 0 for c in cons.values()) if cons is not None else t.state.name == "COMPLETE",
             "constraint": cons, "error": t.user_attrs.get("error"), "pruned_at": t.user_attrs.get("pruned_at"),
-            "retry_of": t.system_attrs.get("failed_trial"), "base_config": bool(t.user_attrs.get("base_config")),
+            "retry_of": _retry_of(t), "base_config": bool(t.user_attrs.get("base_config")),
             "worker": t.user_attrs.get("worker"), "trial_dir": t.user_attrs.get("trial_dir"),
             "start": t.datetime_start.isoformat() if t.datetime_start else None,
             "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
             if t.datetime_complete and t.datetime_start else None,
         })
     return rows
+
+
+def _retry_of(trial: Any) -> int | None:
+    """The number of the trial a re-queued one retries (Optuna's record of it), or ``None``."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
 
 
 def write_report(study: Any, search: SearchConfig, out_dir: Path) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -439,10 +439,17 @@ def create_app(models: list[ServedModel], keys: KeyStore | None, limits: ServeLi
 
 
 def _install_routes(app: FastAPI, rt: _Runtime, metrics: Metrics, state: dict[str, bool]) -> None:
-    """The endpoints of :func:`create_app`."""
-    names = [m.name for m in rt.models]
+    """The endpoints of :func:`create_app`: one router per group."""
+    app.include_router(_embedding_routes(rt))
+    app.include_router(_generation_routes(rt))
+    app.include_router(_service_routes(rt, metrics, state))
 
-    @app.post("/v1/embed/image")
+
+def _embedding_routes(rt: _Runtime) -> APIRouter:
+    """Embeddings, similarity and zero-shot classification (CLIP, SigLIP)."""
+    router = APIRouter()
+
+    @router.post("/v1/embed/image")
     async def embed_image(body: ImagesRequest, request: Request) -> dict[str, Any]:
         """L2-normalised image embeddings (CLIP)."""
         served = rt.resolve(request, body.model, "embed_image")
@@ -450,14 +457,14 @@ def _install_routes(app: FastAPI, rt: _Runtime, metrics: Metrics, state: dict[st
             vecs = await rt.run(request, served, ("embed_image",), pics)
         return {"model": served.name, "embeddings": rt.rows(vecs)}
 
-    @app.post("/v1/embed/text")
+    @router.post("/v1/embed/text")
     async def embed_text(body: TextsRequest, request: Request) -> dict[str, Any]:
         """L2-normalised text embeddings (CLIP)."""
         served = rt.resolve(request, body.model, "embed_text")
         vecs = await rt.run(request, served, ("embed_text",), rt.texts(body.texts, "texts"))
         return {"model": served.name, "embeddings": rt.rows(vecs)}
 
-    @app.post("/v1/similarity")
+    @router.post("/v1/similarity")
     async def similarity(body: SimilarityRequest, request: Request) -> dict[str, Any]:
         """Cosine similarity and the model's scores, images x texts (SigLIP adds each pair's probability)."""
         served = rt.resolve(request, body.model, "embed_image")
@@ -470,7 +477,7 @@ def _install_routes(app: FastAPI, rt: _Runtime, metrics: Metrics, state: dict[st
             out["pair_probabilities"] = (1 / (1 + np.exp(-logits))).astype(float).tolist()
         return out
 
-    @app.post("/v1/zero-shot")
+    @router.post("/v1/zero-shot")
     async def zero_shot(body: ZeroShotRequest, request: Request) -> dict[str, Any]:
         """Class probabilities of each image over ``labels`` (prompt-ensembled over ``templates``)."""
         served = rt.resolve(request, body.model, "embed_image")
@@ -491,7 +498,14 @@ def _install_routes(app: FastAPI, rt: _Runtime, metrics: Metrics, state: dict[st
         return {"model": served.name, "labels": labels, "probs": probs.astype(float).tolist(),
                 "top": [labels[i] for i in probs.argmax(axis=1)]}
 
-    @app.post("/v1/caption")
+    return router
+
+
+def _generation_routes(rt: _Runtime) -> APIRouter:
+    """Captions and answers to questions (BLIP, LLaVA)."""
+    router = APIRouter()
+
+    @router.post("/v1/caption")
     async def caption(body: CaptionRequest, request: Request) -> dict[str, Any]:
         """Captions (BLIP; greedy with num_beams=1, beam search otherwise)."""
         served = rt.resolve(request, body.model, "caption")
@@ -502,7 +516,7 @@ def _install_routes(app: FastAPI, rt: _Runtime, metrics: Metrics, state: dict[st
             out = await rt.run(request, served, ("caption", body.max_length, body.num_beams, body.prompt or ""), pics)
         return {"model": served.name, "captions": out}
 
-    @app.post("/v1/vqa")
+    @router.post("/v1/vqa")
     async def vqa(body: VQARequest, request: Request) -> dict[str, Any]:
         """Answers to questions about images (BLIP VQA)."""
         served = rt.resolve(request, body.model, "vqa")
@@ -517,18 +531,26 @@ def _install_routes(app: FastAPI, rt: _Runtime, metrics: Metrics, state: dict[st
                             list(zip(pics, qs, strict=True)))
         return {"model": served.name, "answers": out}
 
-    @app.get("/v1/models")
+    return router
+
+
+def _service_routes(rt: _Runtime, metrics: Metrics, state: dict[str, bool]) -> APIRouter:
+    """The served models, liveness, readiness and Prometheus metrics."""
+    router = APIRouter()
+    names = [m.name for m in rt.models]
+
+    @router.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
         """The served models this key may use."""
         record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
         return {"models": [m.describe() for m in rt.models if record.allows(m.name)]}
 
-    @app.get("/healthz")
+    @router.get("/healthz")
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @router.get("/readyz")
     async def readyz(request: Request) -> Response:
         """Readiness: models loaded and every batcher running; with a valid key, the models it may use."""
         ok = state["ready"] and all(b.running for b in rt.batchers.values())
@@ -538,13 +560,15 @@ def _install_routes(app: FastAPI, rt: _Runtime, metrics: Metrics, state: dict[st
             body["models"] = [n for n in names if record.allows(n)]
         return SafeJSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     async def prometheus(request: Request) -> Response:
         """Prometheus metrics: requests, latency histogram, batch sizes, errors (per-model ones of the key's
         models only)."""
         data, ctype = metrics.render()
         record: KeyRecord = request.scope.get(_SCOPE_KEY, ANONYMOUS)
         return Response(scoped_metrics(data.decode(), record), media_type=ctype)
+
+    return router
 
 
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..tracking import ExperimentTracker
 from ..utils.io import atomic_write_json
 from ..utils.logging import get_logger
-from ..utils.tracking import ExperimentTracker
 
 if TYPE_CHECKING:
     from .trainer import CompressionTrainer

@@ -5,8 +5,25 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 LOGGER_NAME = "rcc_compression"
+
+
+def console(**kwargs: Any) -> Any:
+    """A rich ``Console`` that writes plain text wherever its stream is not a terminal.
+
+    A notebook kernel sets ``FORCE_COLOR``, and rich would then fill a cell's output (and its
+    ``text/plain`` copy) with ANSI colour codes; a pipe or a log file should not get them either.
+    Colours and live redraws are for a stream that ``isatty()``.
+    """
+    import sys
+
+    from rich.console import Console
+
+    stream = kwargs.get("file") or (sys.stderr if kwargs.get("stderr") else sys.stdout)
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    return Console(force_jupyter=False, force_terminal=tty, **kwargs)
 
 
 def get_logger(name: str | None = None) -> logging.Logger:
@@ -14,13 +31,16 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(LOGGER_NAME if not name else f"{LOGGER_NAME}.{name.removeprefix(LOGGER_NAME + '.')}")
 
 
-def setup_logging(verbosity: int = 0, run_dir: str | os.PathLike[str] | None = None) -> logging.Logger:
-    """Configure the package logger: -1 quiet (warnings), 0 info, 1+ debug.
+def setup_logging(verbosity: int = 0, run_dir: str | os.PathLike[str] | None = None,
+                  default: int = logging.INFO) -> logging.Logger:
+    """Configure the package logger: the console shows -1 warnings, 0 ``default``, 1 info, 2+ debug.
+
+    ``run_dir/run.log`` gets everything (debug). A job that draws progress bars and a result table
+    passes ``default=logging.WARNING``: its step log goes to ``run.log``, ``-v`` shows it.
 
     Re-running replaces the handlers this function installed before, so it is safe to call
     once per CLI command in the same process (tests call ``main`` many times).
     """
-    from rich.console import Console
     from rich.logging import RichHandler
 
     logger = logging.getLogger(LOGGER_NAME)
@@ -28,13 +48,14 @@ def setup_logging(verbosity: int = 0, run_dir: str | os.PathLike[str] | None = N
         if getattr(h, "_rcc", False):
             logger.removeHandler(h)
             h.close()
-    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    level = (logging.WARNING if verbosity < 0 else default if verbosity == 0 else logging.INFO if verbosity == 1
+             else logging.DEBUG)
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    console = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False)
-    console.setLevel(level)
-    console._rcc = True  # type: ignore[attr-defined]
-    logger.addHandler(console)
+    shown = RichHandler(console=console(stderr=True), show_path=False, rich_tracebacks=False, markup=False)
+    shown.setLevel(level)
+    shown._rcc = True  # type: ignore[attr-defined]
+    logger.addHandler(shown)
     if run_dir is not None:
         path = Path(run_dir) / "run.log"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,17 @@ def resident_bytes() -> int | None:
 
 
 def peak_resident_bytes() -> int:
-    """The process's peak resident set so far (``ru_maxrss``; kilobytes on Linux, bytes on macOS)."""
+    """The process's peak resident set so far: Linux's ``VmHWM`` (this program's own, from its ``exec``), else
+    ``ru_maxrss`` (kilobytes on Linux, bytes on macOS). ``ru_maxrss`` is not used on Linux where ``VmHWM`` can
+    be read: it carries the parent's resident set at ``fork`` across ``exec``, so a process started by a large
+    one would report the parent's size as its own peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .logging import console
+
 
 def interactive() -> bool:
     """Whether standard error is a terminal (progress is shown there by default)."""
@@ -21,11 +23,10 @@ def progress_bar(enabled: bool = True, by_first_word: bool = False, transient: b
     ``by_first_word`` keeps one bar per first word (``"quant fc1"`` and ``"quant fc2"`` share the
     ``quant`` bar, which shows the latest ``what``). Disabled, ``report`` does nothing.
     """
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True, quiet=not enabled), transient=transient) as bar:
+                  console=console(stderr=True, quiet=not enabled), transient=transient) as bar:
         tasks: dict[str, Any] = {}
 
         def report(what: str, done: int, total: int) -> None:

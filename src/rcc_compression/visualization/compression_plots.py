@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from ..compression.records import last_passed, step_records
 from .records import RunRecords, layer_position
 
 _NAMES = {"top1": "top-1", "i2t_R@1": "R@1 image->text", "t2i_R@1": "R@1 text->image"}
@@ -36,8 +37,8 @@ def run_rate(run: RunRecords) -> float | None:
     storage = run.storage("compressed")
     if "compression_rate_layers" in storage:
         return float(storage["compression_rate_layers"])
-    records = [r for r in (run.results or {}).get("records", []) if "achieved" in r and r.get("passed", True)]
-    return float(records[-1]["achieved"]["compression_rate"]) if records else None
+    last = last_passed((run.results or {}).get("records", []))
+    return float(last.achieved.compression_rate) if last is not None else None
 
 
 def rate_quality_figure(runs: Sequence[RunRecords], metrics: Sequence[str] | None = None) -> Figure | None:
@@ -85,19 +86,19 @@ def rate_quality_figure(runs: Sequence[RunRecords], metrics: Sequence[str] | Non
 
 def cascade_trace_figure(run: RunRecords) -> Figure | None:
     """Gate retention after every cascade step against the rate reached, by stage; failed steps marked."""
-    records = [r for r in (run.results or run.progress or {}).get("records", []) if "achieved" in r]
+    records = step_records((run.results or run.progress or {}).get("records", []), where=f"{run.name}: records")
     if not records:
         return None
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
-    for stage in dict.fromkeys(r["stage"] for r in records):
-        pts = [(r["achieved"]["compression_rate"], r["retention"]) for r in records if r["stage"] == stage]
+    for stage in dict.fromkeys(r.stage for r in records):
+        pts = [(r.achieved.compression_rate, r.retention) for r in records if r.stage == stage]
         ax.plot(*zip(*pts, strict=True), marker="o", label=f"after {stage}")
-    failed = [r for r in records if not r.get("passed", True)]
+    failed = [r for r in records if not r.passed]
     if failed:
-        ax.scatter([r["achieved"]["compression_rate"] for r in failed], [r["retention"] for r in failed],
+        ax.scatter([r.achieved.compression_rate for r in failed], [r.retention for r in failed],
                    marker="x", color="red", s=60, zorder=5, label="failed gate (rolled back)")
-    threshold = next((r.get("threshold") for r in records if r.get("threshold") is not None), None)
+    threshold = records[0].threshold
     if threshold is not None:
         ax.axhline(threshold, color="gray", linewidth=0.8, linestyle=":", label="validation threshold")
     ax.set_xlabel("compression rate of the compressed layers (1 - stored/dense bytes)")

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..compression.records import step_records
 from ..utils.io import atomic_path
 
 
@@ -27,22 +28,22 @@ def plot_rate_curve(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r for r in records if "achieved" in r and r.get("retention") is not None]  # unmeasured: no point
+    steps = [r for r in step_records(records) if r.retention is not None]  # unmeasured: no point
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for stage in dict.fromkeys(r["stage"] for r in steps):
-        pts = [(r["achieved"]["compression_rate"], r["retention"]) for r in steps if r["stage"] == stage]
+    for stage in dict.fromkeys(r.stage for r in steps):
+        pts = [(r.achieved.compression_rate, r.retention) for r in steps if r.stage == stage]
         ax.plot(*zip(*pts, strict=True), marker="o", linestyle="-", label=f"gate retention after {stage}")
-    failed = [r for r in steps if not r.get("passed", True)]
+    failed = [r for r in steps if not r.passed]
     if failed:
-        ax.scatter([r["achieved"]["compression_rate"] for r in failed], [r["retention"] for r in failed],
+        ax.scatter([r.achieved.compression_rate for r in failed], [r.retention for r in failed],
                    marker="x", color="red", s=60, zorder=5, label="failed gate (rolled back)")
     if dense_points and final_points and steps:
-        final_rate = max((r["achieved"]["compression_rate"] for r in steps if r.get("passed", True)), default=0.0)
+        final_rate = max((r.achieved.compression_rate for r in steps if r.passed), default=0.0)
         for name, dense in dense_points.items():
             if name in final_points and dense:
                 ax.plot([0.0, final_rate], [1.0, final_points[name] / dense], linestyle="--", marker="s",
                         label=f"{name} retention (final)")
-    threshold = next((r.get("threshold") for r in steps if r.get("threshold") is not None), None)
+    threshold = steps[0].threshold if steps else None
     if threshold is not None:
         ax.axhline(threshold, color="gray", linewidth=0.8, linestyle=":", label="validation threshold")
     ax.set_xlabel("compression rate of the compressed layers (1 - stored/dense bytes)")

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
+from ..tracking import METRICS_FILE, read_metrics_file, series_points
 from ..utils.runs import pid_alive
-from ..utils.tracking import METRICS_FILE, read_metrics_file, series_points
 
 #: files whose presence makes a directory a run directory
 RUN_MARKERS = ("run.json", "results.json", "progress.json", "search_results.json")
@@ -249,11 +249,6 @@ def load_run(path: str | os.PathLike[str], root: str | os.PathLike[str] | None =
         except ValueError:
             pass
     return RunRecords(path, name)
-
-
-def load_runs(root: str | os.PathLike[str]) -> list[RunRecords]:
-    """Every run under ``root`` (see :func:`find_runs`)."""
-    return [load_run(p, root) for p in find_runs(root)]
 
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<suffix>.+)$")

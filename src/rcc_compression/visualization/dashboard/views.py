@@ -14,6 +14,7 @@ from typing import Any
 
 import streamlit as st
 
+from ...compression.records import step_records
 from ..compression_plots import spectra_figure, weight_distribution_figure
 from ..figures import FIGURES
 from ..records import RunRecords, find_runs, load_run
@@ -126,15 +127,16 @@ def _live(run: RunRecords, refresh: float = 0.0) -> None:
             st.progress(min(prog.get("step", 0) / prog["total_steps"], 1.0),
                         text=f"epoch {prog.get('epoch', 0)} of {prog.get('num_epochs', '?')}")
         return
-    records = [r for r in prog.get("records", []) if "achieved" in r]
+    records = step_records(prog.get("records", []), where=f"{run.name}: progress")
     total = prog.get("total_steps")
     done = int(prog.get("next_step", len(records)))
     cols = st.columns(4)
     cols[0].metric("status", status)
     cols[1].metric("cascade steps", f"{done}/{total}" if total else str(done))
     if records:
-        cols[2].metric("gate retention", f"{records[-1]['retention']:.4f}")
-        cols[3].metric("rate (layers)", f"{records[-1]['achieved']['compression_rate']:.4f}")
+        last = records[-1]
+        cols[2].metric("gate retention", "not measured" if last.retention is None else f"{last.retention:.4f}")
+        cols[3].metric("rate (layers)", f"{last.achieved.compression_rate:.4f}")
     if total:
         st.progress(min(done / total, 1.0), text=f"cascade step {done} of {total}")
     train = run.series("train")
