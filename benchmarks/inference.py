@@ -14,7 +14,8 @@ Models (``--models``):
 
 Formats: dense float32 and bfloat16; ours weight-only 4x (rate 0.75) and 8x (rate 0.875) and W8A8 4x (rate
 0.75, ``quant.activations: int8``), each in its inference form with the kernels ``optimize_execution``
-measures fastest; ONNX Runtime: dense, ours (W8A8 through MatMulInteger, weight-only through MatMulNBits);
+measures fastest (for the weight-only formats, among those holding nothing beyond the stored form:
+``inference.kernels: memory``); ONNX Runtime: dense, ours (W8A8 through MatMulInteger, weight-only through MatMulNBits);
 the tools: onnxruntime's ``quantize_dynamic`` (int8 weights, dynamic int8 activations), torchao
 (``Int8DynamicActivationInt8WeightConfig``, ``Int8WeightOnlyConfig``) and optimum-quanto (qint8 and qint4
 weights). Columns: stored MB (files' tensors), resident MB (every tensor the loaded model holds; for ONNX
@@ -196,7 +197,8 @@ def compress(case: Case, fmt: str, work: Path) -> tuple[nn.Module, dict[str, Any
     save_compressed(out, path, overwrite=True)
     inner = out.model if hasattr(out, "model") and isinstance(out.model, nn.Module) else out
     to_inference(inner)
-    records = optimize_execution(out, case.inputs[8], iters=3)
+    # weight-only formats are the memory path: no kernel that holds more than the stored form
+    records = optimize_execution(out, case.inputs[8], iters=3, max_extra_bytes=0.0 if "weight-only" in fmt else None)
     stats = out.compression_stats
     acts = stats.get("stages", {}).get("quant", {}).get("activations", {})
     return out, {"stored_bytes": stored_tensor_bytes(path), "path": str(path), "kernels": kernel_mix(records),
@@ -273,12 +275,19 @@ def _onnx_call(entry: dict[str, Any], inputs: dict[str, torch.Tensor]) -> tuple[
 
 
 def fresh_rss(path: str | None, name: str, dense_dir: str | None) -> dict[str, float]:
-    """Resident-set growth of a fresh process that loads ``path`` (ours) or the dense model and runs batch 8."""
+    """Resident-set growth of a fresh process that loads ``path`` (ours) or the dense model and runs batch 8.
+
+    Measured from after a first (meta-device) model construction: transformers imports ~140 MiB of optional
+    libraries then, whichever model is loaded."""
     code = f"""
 import json, resource, torch, psutil
 torch.set_num_threads(1)
 from rcc_compression.compression.storage import load_compressed
-from transformers import CLIPModel
+from transformers import CLIPConfig, CLIPModel
+from rcc_compression.utils.memory import release_memory
+with torch.device("meta"):  # the libraries a first model construction imports: not the model's memory
+    CLIPModel(CLIPConfig())
+release_memory()
 proc = psutil.Process(); base = proc.memory_info().rss
 path = {path!r}
 model = load_compressed(path) if path else CLIPModel.from_pretrained({dense_dir!r})
@@ -394,9 +403,16 @@ def run_case(case: Case, args: argparse.Namespace, work: Path) -> dict[str, Any]
             times = time_all(calls, args.rounds, args.iters)
         for name, ms in times.items():
             rows.setdefault(name, {})[f"ms_bs{bs}"] = ms
-    for label, entry in onnx.items():
-        rows[label].update(stored_bytes=entry["stored_bytes"], resident_bytes=entry["resident_bytes"],
-                           note="resident: RSS growth of making the sessions and two calls")
+    if onnx:
+        with torch.no_grad():
+            ref = case.dense(**case.inputs[8])
+        for label, entry in onnx.items():
+            img, txt = _onnx_call(entry, case.inputs[8])
+            cos = [F.cosine_similarity(torch.from_numpy(got), want.float(), dim=-1).mean()
+                   for got, want in ((img, ref.image_embeds), (txt, ref.text_embeds))]
+            rows[label].update(stored_bytes=entry["stored_bytes"], resident_bytes=entry["resident_bytes"],
+                               quality={"cosine to dense (batch 8)": float(torch.stack(cos).mean())},
+                               note="resident: RSS growth of making the sessions and two calls")
     if args.rss and case.name == "vit-b32":
         dense_dir = work / "dense-hf"
         case.dense.model.save_pretrained(dense_dir)
@@ -420,14 +436,17 @@ def print_table(name: str, rows: dict[str, dict[str, Any]]) -> None:
             return ("-", "-") if v is None else (f"{v:.2f}", f"{v / dense[f'ms_bs{bs}']:.3f}x")
 
         q = ", ".join(f"{k} {v:.4f}" for k, v in (r.get("quality") or {}).items()) or r.get("note", "-")
+        if r.get("quality") and str(fmt).startswith(("ONNX", "onnxruntime")):
+            q += " (resident: RSS growth of making the sessions and two calls)"
         kern = ", ".join(f"{k} {v}" for k, v in (r.get("kernels") or {}).items()) or "-"
         print(f"| {fmt} | {mb('stored_bytes')} | {mb('resident_bytes')} | {' | '.join(ms(1))} | {' | '.join(ms(8))} "
               f"| {q} | {kern} |")
     fresh = {k: v["fresh_rss"] for k, v in rows.items() if "fresh_rss" in v}
     if fresh:
-        d = fresh["dense float32"]["after_call"]
-        print("\nfresh-process resident-set growth (load + one batch-8 call): " + "; ".join(
-            f"{k} {v['after_call'] / 2**20:.0f} MiB ({v['after_call'] / d:.3f}x)" for k, v in fresh.items()))
+        for when, label in (("load", "after loading"), ("after_call", "after one batch-8 call")):
+            d = fresh["dense float32"][when]
+            print(f"\nfresh-process resident-set growth, {label}: " + "; ".join(
+                f"{k} {v[when] / 2**20:.0f} MiB ({v[when] / d:.3f}x)" for k, v in fresh.items()))
 
 
 def main() -> None:

@@ -181,14 +181,17 @@ class InferenceSection(StrictModel):
     Every compressed layer is put in its inference form (it holds what its checkpoint stores);
     ``dtype`` is its compute dtype (``auto``: the fastest of float32 and, where the device runs it,
     bfloat16, among those whose outputs on the holdout keep the gate's threshold); ``kernels`` is
-    ``fastest`` (each layer's fastest execution kernel, whatever it holds) or ``memory`` (only
-    kernels that hold nothing beyond the stored form).
+    ``fastest`` (each layer's fastest execution kernel, the layers holding at most ``max_held`` times
+    their stored bytes) or ``memory`` (only kernels that hold nothing beyond the stored form).
     """
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype: auto (measured), float32, bfloat16 or float16")
     kernels: Literal["fastest", "memory"] = Field(
-        "fastest", description="fastest: by latency; memory: nothing held beyond the stored form")
+        "fastest", description="fastest: by latency, within max_held; memory: nothing held beyond the stored form")
+    max_held: float = Field(
+        1.1, ge=1.0, description="fastest: the compressed layers hold at most this multiple of their stored bytes "
+                                 "(kernels' decoded copies included)")
 
 
 class RCCConfig(StrictModel):

@@ -22,7 +22,7 @@ from rcc_compression.compression.layers import (
 )
 from rcc_compression.compression.quant import quantize_nearest, smoothing_factors
 from rcc_compression.compression.storage import load_compressed, save_compressed
-from rcc_compression.evaluation.efficiency import optimize_execution
+from rcc_compression.evaluation.efficiency import _keep_within, optimize_execution
 
 from .conftest import MLP, batches_for
 
@@ -488,3 +488,39 @@ def test_siblings_share_one_quantization_of_the_same_input_and_never_a_stale_one
             a.set_execution("w8a8")
             torch.testing.assert_close(a(xi), want, rtol=1e-5, atol=1e-5)
     assert ya.shape == (6, 64)
+
+
+def test_kernels_holding_copies_give_way_until_the_model_is_within_its_held_budget(tiny_clip):
+    """``fastest`` never makes a loaded model hold more than ``max_held`` times its stored bytes: the
+    layers whose decoded copy saves the least time per byte go back to their lean kernel first."""
+    model = _quantized_clip(tiny_clip)
+    to_inference(model.model)
+    layers = compressed_layers(model.model)
+    records = {}
+    for i, (name, layer) in enumerate(layers.items()):
+        stored = layer.held_bytes()
+        assert layer.set_execution("merged")
+        # made-up timings: the later the layer, the more time its copy saves
+        records[name] = {"kernel": "merged", "ms": 1.0, "held_bytes": layer.held_bytes(), "stored_bytes": stored,
+                         "lean": ("factored", 1.0 + i), "tried": {}}
+    stored = sum(r["stored_bytes"] for r in records.values())
+    assert sum(r["held_bytes"] for r in records.values()) > 1.5 * stored
+    _keep_within(layers, records, 1.1)
+    held = sum(layer.held_bytes() for layer in layers.values())
+    assert held == sum(r["held_bytes"] for r in records.values()) and held <= 1.1 * stored
+    kept = [i for i, r in enumerate(records.values()) if r["kernel"] == "merged"]
+    dropped = [i for i, r in enumerate(records.values()) if r["kernel"] == "factored"]
+    assert kept and dropped and max(dropped) < min(kept)  # least saving per byte gave way first
+    assert all("budget" in r["tried"]["merged"] for r in records.values() if r["kernel"] == "factored")
+    _keep_within(layers, records, 1.0)
+    assert sum(layer.held_bytes() for layer in layers.values()) <= stored
+
+
+def test_optimize_execution_keeps_the_default_held_budget(tiny_clip):
+    model = _quantized_clip(tiny_clip)
+    batch = model.synthetic_batch(2, torch.Generator().manual_seed(5))
+    to_inference(model.model)
+    records = optimize_execution(model, batch, iters=1)
+    held = sum(r["held_bytes"] for r in records.values())
+    assert held <= 1.1 * sum(r["stored_bytes"] for r in records.values())
+    assert held == sum(layer.held_bytes() for layer in compressed_layers(model.model).values())

@@ -187,7 +187,7 @@ from rcc_compression.config import load_config
 from rcc_compression.models.clip import CLIPWrapper
 from rcc_compression.utils.memory import peak_resident_bytes, release_memory, resident_bytes
 torch.manual_seed(0)
-cfg = CLIPConfig(text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+cfg = CLIPConfig(text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                                   vocab_size=1000),
                  vision_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
                                     num_attention_heads=8, image_size=32, patch_size=16), projection_dim=256)
@@ -212,9 +212,11 @@ def _peak(mode: str) -> dict:
 
 
 def test_offloaded_teacher_and_rollback_copies_are_not_resident():
-    """The design's default cascade, one round, on a CLIP whose 25 M Linear weights dominate, each mode in
+    """The design's default cascade, one round, on a CLIP whose 50 M Linear weights dominate, each mode in
     a fresh process: with ``offload: disk`` the peak resident set is lower by at least 0.6x the Linear
-    layers' bytes (the teacher's copy of them is 1x; the margin is for the allocator). The absolute
+    layers' bytes (the teacher's copy of them is 1x; the margin is for the allocator, whose retained
+    per-layer temporaries vary by machine by up to ~80 MB: the 50 M Linear weights keep the teacher's
+    copy well above that). The absolute
     target is the slow test below, on ViT-B/32's shapes: on a model this small the process's fixed
     costs (interpreter, libraries, activations) dominate any ratio to the model's bytes."""
     disk, memory = _peak("disk"), _peak("memory")

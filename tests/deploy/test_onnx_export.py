@@ -71,8 +71,8 @@ def test_compressed_layers_are_stored_as_compactly_as_the_checkpoint(exported):
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (3, None, True), (8, None, True)])
 @pytest.mark.parametrize("weight_only", ["dequantize", "matmulnbits"])
 def test_quantized_layers_keep_their_bit_width(tmp_path, bits, group, symmetric, weight_only):
-    """Integer codes go in packed as stored, decoded by DequantizeLinear or multiplied by MatMulNBits (dense 4-
-    and 8-bit codes, whose float16 scales it takes as float32): the same code bytes, the same outputs."""
+    """Integer codes go in packed as stored, decoded by DequantizeLinear or multiplied by MatMulNBits (dense
+    4-bit codes, whose float16 scales it takes as float32): the same code bytes, the same outputs."""
     from onnx import numpy_helper
 
     from rcc_compression.compression.layers import compressed_layers
@@ -91,7 +91,7 @@ def test_quantized_layers_keep_their_bit_width(tmp_path, bits, group, symmetric,
     report = export_onnx(w, tmp_path / "onnx", weight_only=weight_only)
     assert all(g["max_abs_diff"] < 1e-4 for g in report["graphs"].values())
     layers = manifest["layers"]
-    nbits = weight_only == "matmulnbits" and bits in (4, 8)
+    nbits = weight_only == "matmulnbits" and bits == 4
     # MatMulNBits takes float32 scales (2 bytes more per scale than stored) and pads each row's packed
     # 4-bit zero points to whole bytes
     widened: dict[str, int] = {}

@@ -163,8 +163,9 @@ class _W8A8(Kernel):
         bias = state.get("bias", layer.bias)
         y = None
         if "weight" in state:
-            acc = torch._int_mm(xq, state["weight"]).to(torch.float32).mul_(xs)
-            y = torch.addcmul(bias, acc, state["weight_scale"]) if bias is not None else acc.mul_(state["weight_scale"])
+            y = torch._int_mm(xq, state["weight"]).to(torch.float32).mul_(xs).mul_(state["weight_scale"])
+            if bias is not None:
+                y = y.add_(bias)
         if "lr_A" in state:
             z = torch._int_mm(xq, state["lr_A"]).to(torch.float32).mul_(xs).mul_(state["lr_A_scale"])
             z = F.linear(z.to(layer.dtype), layer.lr_B).float()

@@ -48,6 +48,7 @@ from ..utils.io import (
     sha256_file,
 )
 from ..utils.logging import get_logger
+from ..utils.memory import release_memory
 from ..utils.schema import short
 from .layers import (
     ACT_BITS,
@@ -757,6 +758,7 @@ def load_compressed(
         to_working(inner)
     elif form != "inference":
         raise ValueError(f"form must be 'inference' or 'working', got {form!r}")
+    release_memory()  # the file bytes read and decoded are freed: hand their pages back
     if wrapper is not None:
         return wrapper
     listed = [rel for rel in manifest["files"] if rel.startswith("processor/")]

@@ -265,6 +265,8 @@ RISKY = frozenset({"int8_weight", "int4_weight"})
 _PROVEN: dict[tuple[Any, ...], str | None] = {}
 #: a kernel that holds bytes beyond the stored form must take at most this share of factored's time
 MIN_GAIN = 0.9
+#: by default the compressed layers hold at most this multiple of their stored bytes, kernel copies included
+MAX_HELD_RATIO = 1.1
 
 
 def survives(fn: Callable[[], bool], timeout: float = 60.0) -> str | None:
@@ -328,7 +330,7 @@ def _layer_inputs(model: nn.Module, layers: Mapping[str, CompressedLinear], batc
 @torch.no_grad()
 def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 10,
                        modes: Sequence[str] | None = None, max_extra_bytes: float | None = None,
-                       ) -> dict[str, dict[str, Any]]:
+                       max_held_ratio: float | None = MAX_HELD_RATIO) -> dict[str, dict[str, Any]]:
     """Give every compressed layer its fastest eval kernel, measured on its real input shape.
 
     Candidates (:data:`CANDIDATES`, or ``modes``) are the kernels a layer's parts, dtype and device
@@ -338,10 +340,13 @@ def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 
     ``factored`` beyond rounding is discarded, and one of the raw aten kernels (:data:`RISKY`) is
     first run in a child process, so a crash cannot take the job down. ``max_extra_bytes`` (a share
     of the layer's held bytes) excludes kernels that hold more than that on top, e.g. ``merged``'s
-    float copy: ``0`` keeps the model at its stored size. The stored (saved) form does not change.
+    float copy: ``0`` keeps the model at its stored size. ``max_held_ratio`` bounds the whole model:
+    the compressed layers hold at most that multiple of their stored form's bytes (default 1.1), the
+    kernels that buy the least time per extra byte giving way first; ``None`` lifts it. The stored
+    (saved) form does not change.
 
-    Returns, per layer: ``kernel``, its median ``ms``, ``held_bytes`` with it, and ``tried``
-    (each candidate's ms, or why it was not used).
+    Returns, per layer: ``kernel``, its median ``ms``, ``held_bytes`` with it, ``stored_bytes`` (held by
+    the stored form alone) and ``tried`` (each candidate's ms, or why it was not used).
     """
     inner = _inner(model)
     device = next(inner.parameters()).device
@@ -354,7 +359,11 @@ def optimize_execution(model: nn.Module, batch: Mapping[str, Any], iters: int = 
         if name not in shapes:
             continue
         records[name] = _choose_kernel(layer, shapes[name], device, iters, modes, max_extra_bytes)
+    if max_held_ratio is not None:
+        _keep_within(layers, records, max_held_ratio)
     _whole_model_check(inner, layers, records, batch, device, iters)
+    for r in records.values():
+        r.pop("lean")
     inner.train(was_training)
     return records
 
@@ -367,6 +376,7 @@ def _choose_kernel(layer: CompressedLinear, shape: tuple[int, ...], device: torc
     reference = layer(x)
     base_bytes = layer.held_bytes()
     best, best_ms = "factored", measure_latency(lambda: layer(x), 2, iters, device)["median_ms"]
+    lean = (best, best_ms)  # the fastest kernel holding nothing beyond the stored form
     tried: dict[str, Any] = {"factored": round(best_ms, 4)}
     for mode in modes or CANDIDATES.get(device.type, ()):
         if mode == "factored":
@@ -405,9 +415,29 @@ def _choose_kernel(layer: CompressedLinear, shape: tuple[int, ...], device: torc
             tried[mode] = f"{ms:.4f} ms: not {1 / MIN_GAIN - 1:.0%} faster for {extra} bytes more"
         elif ms < best_ms:
             best, best_ms = mode, ms
+        if extra <= 0 and ms < lean[1]:
+            lean = (mode, ms)
         layer.set_execution("factored")
     layer.set_execution(best)
-    return {"kernel": best, "ms": best_ms, "held_bytes": layer.held_bytes(), "tried": tried}
+    return {"kernel": best, "ms": best_ms, "held_bytes": layer.held_bytes(), "stored_bytes": base_bytes,
+            "lean": lean, "tried": tried}
+
+
+def _keep_within(layers: Mapping[str, CompressedLinear], records: dict[str, dict[str, Any]], ratio: float) -> None:
+    """Hand layers back to their lean kernel (nothing held beyond the stored form) until the compressed
+    layers hold at most ``ratio`` times their stored bytes, least time saved per extra byte first."""
+    over = sum(r["held_bytes"] for r in records.values()) - ratio * sum(r["stored_bytes"] for r in records.values())
+    extra = {n: r["held_bytes"] - r["stored_bytes"] for n, r in records.items() if r["kernel"] != r["lean"][0]}
+    for n in sorted(extra, key=lambda n: (records[n]["lean"][1] - records[n]["ms"]) / max(extra[n], 1)):
+        if over <= 0:
+            break
+        r = records[n]
+        r["tried"][r["kernel"]] = f"{r['ms']:.4f} ms: beyond the model's held-bytes budget ({ratio:g}x stored)"
+        r["kernel"], r["ms"] = r["lean"]
+        layers[n].set_execution(r["kernel"])
+        held = layers[n].held_bytes()
+        over -= r["held_bytes"] - held
+        r["held_bytes"] = held
 
 
 def _whole_model_check(inner: nn.Module, layers: Mapping[str, CompressedLinear], records: dict[str, dict[str, Any]],

@@ -21,7 +21,14 @@ from torch import nn
 from ..compression.calibration import output_agreement, run_outputs, to_device
 from ..compression.layers import compressed_layers, to_inference
 from ..models.registry import unwrap_model
-from .efficiency import kernel_mix, measure_latency, memory_report, optimize_execution
+from .efficiency import (
+    MAX_HELD_RATIO,
+    kernel_mix,
+    measure_latency,
+    memory_report,
+    optimize_execution,
+    resize_batch,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: another dtype is taken only where it takes at most this share of the model's own dtype's time
@@ -56,13 +63,17 @@ def prepare_for_inference(
     threshold: float = 0.0,
     rounds: int = 5,
     iters: int = 4,
+    batch_sizes: Sequence[int] = (1, 8),
+    max_held: float = MAX_HELD_RATIO,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model in its inference form, in the fastest dtype that holds ``threshold``; and the record.
 
-    ``probe`` is a batch to time on; ``holdout`` and ``teacher_outputs`` (the dense model's outputs on
+    ``probe`` is a batch to time on, cut or repeated to each of ``batch_sizes`` (the dtypes are compared
+    by their summed times); ``holdout`` and ``teacher_outputs`` (the dense model's outputs on
     it) let a dtype be judged by the gate's agreement, else only float32 (or the one dtype asked
-    for) is used. ``kernels``: ``fastest`` (each layer's fastest kernel, whatever it holds) or
-    ``memory`` (only kernels that hold nothing beyond the stored form). Returns the model to use
+    for) is used. ``kernels``: ``fastest`` (each layer's fastest kernel, the compressed layers holding
+    at most ``max_held`` times their stored bytes) or ``memory`` (only kernels that hold nothing beyond
+    the stored form). Returns the model to use
     (``model`` itself, or a cast copy) and ``{"dtype", "kernels", "tried", "memory"}``.
     """
     if kernels not in ("fastest", "memory"):
@@ -79,7 +90,8 @@ def prepare_for_inference(
     tried: dict[str, dict[str, Any]] = {}
     for name in names:
         trial = model if name == current else copy.deepcopy(model).to(DTYPES[name])
-        records = optimize_execution(trial, probe, iters=iters, max_extra_bytes=0.0 if kernels == "memory" else None)
+        records = optimize_execution(trial, probe, iters=iters, max_extra_bytes=0.0 if kernels == "memory" else None,
+                                     max_held_ratio=max_held)
         entry: dict[str, Any] = {"kernels": kernel_mix(records)}
         if judged:
             entry["agreement"] = output_agreement(run_outputs(trial, holdout), teacher_outputs)
@@ -87,19 +99,20 @@ def prepare_for_inference(
         trials[name] = trial
         tried[name] = entry
     if len(trials) > 1:
-        batch = {k: to_device(probe, device) for k in trials}
+        batches = [to_device(resize_batch(probe, bs), device) for bs in batch_sizes]
         times: dict[str, list[float]] = {k: [] for k in trials}
         for _ in range(rounds):  # alternating, so drift on a busy machine favours none
             for name, trial in trials.items():
-                times[name].append(measure_latency(lambda t=trial, b=batch[name]: t(**b), 1, iters)["median_ms"])
+                times[name].append(sum(measure_latency(lambda t=trial, b=b: t(**b), 1, iters)["median_ms"]
+                                       for b in batches))
         for name in trials:
-            tried[name]["ms"] = statistics.median(times[name])
+            tried[name]["ms"] = statistics.median(times[name])  # summed over the batch sizes
     ok = [n for n in trials if tried[n].get("passes", True)] or [current if current in trials else names[0]]
     chosen = min(ok, key=lambda n: tried[n].get("ms", 0.0))
     if current in ok and chosen != current and tried[chosen]["ms"] > MIN_GAIN * tried[current]["ms"]:
         chosen = current  # within the noise of the measurement: keep the model's own dtype
     out = trials[chosen]
-    record = {"dtype": chosen, "asked": dtype, "kernel_policy": kernels, "tried": tried,
+    record = {"dtype": chosen, "asked": dtype, "kernel_policy": kernels, "max_held": max_held, "tried": tried,
               "kernels": tried[chosen]["kernels"], "threshold": threshold if judged else None,
               "judged_on_holdout": judged, "memory": memory_report(out),
               "layers": len(compressed_layers(unwrap_model(out)))}

@@ -266,7 +266,8 @@ def inference_step(wrapper: nn.Module, dense: nn.Module, cfg: RCCConfig, fit: li
     probe = holdout[0] if holdout else fit[0]
     teacher = run_outputs(dense, holdout) if holdout else None
     return prepare_for_inference(wrapper, probe, cfg.inference.dtype, cfg.inference.kernels, holdout or None,
-                                 teacher, cfg.compression.cascade.validation_threshold)
+                                 teacher, cfg.compression.cascade.validation_threshold,
+                                 max_held=cfg.inference.max_held)
 
 
 def compress_outcome(section: Any, pipe: CompressionPipeline, model: nn.Module) -> dict[str, Any]:
