@@ -186,6 +186,8 @@ def run_child(directory: Path, mode: str, args: argparse.Namespace) -> dict[str,
 def row(label: str, mode: str, model_bytes: int, r: dict[str, Any]) -> str:
     per = [b["seconds"] for b in r["blocks"]]
     per_block = f"{sum(per) / len(per):6.2f} s/block" if per else " " * 13
+    if per:  # the highest peak seen at the end of a block (the rest: set-up, the gate, the files outside blocks)
+        per_block += f", {max(b['peak_rss'] for b in r['blocks']) / GIB:.3f} GiB by the last block"
     ratio = r["stored_bytes"]["layers_dense"] / max(r["stored_bytes"]["layers"], 1)
     return (f"{label:>14} {mode:>10}  model {model_bytes / GIB:7.3f} GiB  peak RSS {r['peak_rss'] / GIB:6.3f} GiB "
             f"({r['peak_rss'] / model_bytes:5.2f}x model; {r['base_rss'] / GIB:.2f} GiB after imports)  "
