@@ -178,7 +178,11 @@ class NulluStage(Stage):
         method = cfg.decomposition_method
         # second moments of every layer only where the factorisation needs them in every round; the
         # final round's subspace report gathers them a chunk of layers at a time (bounded memory)
-        stats = ctx.stats(gram=True) if method == "activation_aware" else ctx.stats() if method == "asvd" else None
+        stats = None
+        if method == "activation_aware":
+            stats = ctx.stats(gram=True)
+        elif method == "asvd":
+            stats = ctx.stats()
         run = _LowRankRun(self, ctx, tg, layers, stats)
         fixed = run.fixed_ranks()
         per_layer: dict[str, Any] = {}
@@ -264,7 +268,9 @@ class NulluStage(Stage):
             raise CompressionError("nullu mode 'hallu_space' needs a model with a tokenizer (a CLIP or BLIP wrapper)")
         pairs = load_caption_pairs(cfg.pairs_file)
         adapter = _text_adapter(model)
-        layer_ids = cfg.layers if cfg.layers is not None else list(range(adapter.num_layers // 2, adapter.num_layers))
+        layer_ids = cfg.layers
+        if layer_ids is None:  # the upper half of the text encoder
+            layer_ids = list(range(adapter.num_layers // 2, adapter.num_layers))
         bad = [i for i in layer_ids if not 0 <= i < adapter.num_layers]
         if bad:
             raise CompressionError(f"hallu_space layers {bad} out of range 0..{adapter.num_layers - 1}")
@@ -315,7 +321,12 @@ class _LowRankRun:
 
     def __init__(self, stage: NulluStage, ctx: CompressionContext, tg: dict[str, float | None],
                  layers: dict[str, CompressedLinear], stats: Any) -> None:
-        self.stage, self.cfg, self.ctx, self.tg, self.layers, self.stats = stage, stage.config, ctx, tg, layers, stats
+        self.stage = stage
+        self.cfg = stage.config
+        self.ctx = ctx
+        self.tg = tg
+        self.layers = layers
+        self.stats = stats
         self.planned = self.cfg.layer_ranks is not None
         self.global_budget = (self.cfg.budget_allocation == "global" and tg["param_budget"] is not None
                               and tg["rank_reduction"] is None and tg["energy_threshold"] is None)
