@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test test-slow test-gpu bench lint docs docs-serve clean
+.PHONY: install demo test test-unit test-integration test-quick test-slow test-gpu bench lint docs docs-serve clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,20 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/rcc compress --config config/experiments/demo.yaml
 
+# everything but the deliberately selected slow and gpu tests; .ci/run runs the same in two steps
 test: install
 	$(PY) -m pytest -q
+
+# the two steps of CI, with the 25 slowest tests listed: all but the integration tests, then those
+test-unit: install
+	$(PY) -m pytest -q --durations=25 -m "not slow and not gpu and not integration"
+
+test-integration: install
+	$(PY) -m pytest -q --durations=25 -m "integration and not slow and not gpu"
+
+# the edit-and-test loop (under 2 minutes here): no integration tests, no whole jobs or CLI runs
+test-quick: install
+	$(PY) -m pytest -q -m "not slow and not gpu and not integration and not e2e"
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -1,7 +1,7 @@
 """Quality retained against size: quant, each single stage and the cascade from 2x to 16x and rate 0.99.
 
 For the bundled reference CLIP and BLIP, at each size ratio (dense bytes / stored bytes of the
-compressed layers; ``100`` is the design document's ``compression_rate=0.99``) it compresses a
+compressed layers; ``100`` is ``compression_rate=0.99``) it compresses a
 fresh copy with each method through ``compress_model`` and measures retention (compressed metric /
 dense metric) on the world's test split in this one run: colour+shape zero-shot top-1 and
 retrieval R@1 (CLIP), CIDEr (BLIP). Methods, no fine-tuning unless the name says so:

@@ -31,6 +31,7 @@ def _lint(package_parent: Path, tmp_path: Path) -> subprocess.CompletedProcess[s
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_import_contract_is_kept(tmp_path: Path) -> None:
     """``lint-imports`` (the layers and the no-cycle contracts) passes on this package."""
     res = _lint(PACKAGE.parent, tmp_path)
@@ -38,6 +39,7 @@ def test_import_contract_is_kept(tmp_path: Path) -> None:
     assert "2 kept, 0 broken" in res.stdout
 
 
+@pytest.mark.integration
 def test_import_contract_catches_an_upward_import(tmp_path: Path) -> None:
     """The same check fails, naming the import, when the engine imports the training layer."""
     copy = tmp_path / "tree" / "rcc_compression"
@@ -85,3 +87,24 @@ def test_public_pipeline_distils() -> None:
     assert not hasattr(rcc_compression, "CascadePipeline")
     pipe = CompressionPipeline()
     assert pipe.distill is not None and pipe.distill.func is finetune_on_batches
+
+
+def test_the_stated_line_length_and_function_length_hold_without_exceptions() -> None:
+    """ruff's line length (pyproject) has no ``noqa`` escapes, and no function is over 120 lines (split into steps)."""
+    import tomllib
+
+    limit = tomllib.loads(PYPROJECT.read_text())["tool"]["ruff"]["line-length"]
+    escape = "noqa: " + "E501"
+    roots = [PACKAGE, PYPROJECT.parent / "tests", PYPROJECT.parent / "benchmarks"]
+    long_lines, long_functions = [], []
+    for f in sorted(p for root in roots if root.is_dir() for p in root.rglob("*.py")):
+        text = f.read_text(encoding="utf-8")
+        long_lines += [f"{f.name}:{i}" for i, line in enumerate(text.splitlines(), 1)
+                       if len(line) > limit or escape in line]
+        if f.is_relative_to(PACKAGE):
+            long_functions += [f"{f.name}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+                               for n in ast.walk(ast.parse(text))
+                               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                               and n.end_lineno - n.lineno + 1 > 120]
+    assert not long_lines, long_lines
+    assert not long_functions, long_functions

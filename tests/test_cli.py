@@ -74,6 +74,7 @@ def test_inherit_cycle_exits_2(tmp_path, capsys):
     assert err.count("\n") == 0 and "cycle a.yaml -> b.yaml -> a.yaml" in err
 
 
+@pytest.mark.e2e
 def test_compress_end_to_end_and_resume(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["compress", *TINY, "--output", str(run)]) == 0
@@ -92,6 +93,7 @@ def test_compress_end_to_end_and_resume(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_python_dash_m_entry_point():
     import subprocess
     import sys
@@ -101,6 +103,7 @@ def test_python_dash_m_entry_point():
     assert proc.returncode == 0 and "rcc-compression" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_compress_to_a_target_rate(tmp_path):
     run = tmp_path / "rate"
     assert main(["compress", *TINY, "--set", "compression.cascade.target_rate=0.6", "--output", str(run)]) == 0

@@ -36,6 +36,7 @@ def test_usage_error_in_process(capsys, argv, usage, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("argv", "usage", "message"), CASES[:4], ids=[" ".join(c[0]) for c in CASES[:4]])
 def test_usage_error_as_a_command(argv, usage, message):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}

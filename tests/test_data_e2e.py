@@ -54,6 +54,7 @@ def _ids(ds) -> set[str]:
     return set(image_identities(ds, None, "content"))
 
 
+@pytest.mark.e2e
 def test_compress_train_evaluate_on_imagenet_and_coco(data: dict[str, Path], tmp_path: Path) -> None:
     imagenet, coco = str(data["imagenet"]), str(data["coco"])
     files = {split: _ids(KarpathyCaptionsDataset(data["coco"] / "dataset_coco.json", split))

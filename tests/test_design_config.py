@@ -173,6 +173,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@pytest.mark.e2e
 def test_every_key_set_reaches_the_run_record(tmp_path):
     """Each key of every section and stage, set to a value other than its default, is what the run's resolved
     record (``config.yaml``, ``run.json``) holds and what a run resumed from that record reads back.
@@ -208,6 +209,7 @@ def test_every_key_set_reaches_the_run_record(tmp_path):
     assert not wrong, "\n".join(wrong)
 
 
+@pytest.mark.e2e
 def test_a_run_records_the_values_it_ran_with(small_compressed_run):
     """A real ``rcc compress`` run: the non-default keys it was given are in its ``config.yaml``, ``run.json``
     and the checkpoint's manifest, and each stage's record shows the targets it compressed to."""
@@ -225,6 +227,7 @@ def test_a_run_records_the_values_it_ran_with(small_compressed_run):
 
 
 # ------------------------------------------------------------------------------- the metrics act on the jobs
+@pytest.mark.e2e
 def test_compress_measures_what_the_metrics_name(tmp_path):
     """``metrics: [accuracy]`` reports zero-shot accuracy and skips the efficiency profile; the default adds it."""
     from rcc_compression.jobs.compress import run_compress

@@ -237,18 +237,30 @@ def _recorded_no_eval(run_dir: Path) -> bool:
 
 @app.command()
 def train(
-    source: Annotated[Path | None, typer.Option("--from", "-f", help="Compressed run directory (or checkpoint) to recover.")] = None,  # noqa: E501
-    reference: Annotated[str | None, typer.Option("--reference", help="Train a reference model instead: clip, blip or llava.")] = None,  # noqa: E501
+    source: Annotated[
+        Path | None, typer.Option("--from", "-f", help="Compressed run directory (or checkpoint) to recover."),
+    ] = None,
+    reference: Annotated[
+        str | None, typer.Option("--reference", help="Train a reference model instead: clip, blip or llava."),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory (--reference: model directory).")] = None,  # noqa: E501
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Run directory (--reference: model directory)."),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoints/last.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
     seed: Annotated[int | None, typer.Option("--seed", help="Overrides experiment.seed.")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Training data: SPEC[@SPLIT] (sets dataset.train).")] = None,  # noqa: E501
-    val: Annotated[str | None, typer.Option("--val", help="Validation data: SPEC[@SPLIT] (sets dataset.val).")] = None,  # noqa: E501
+    data: Annotated[
+        str | None, typer.Option("--data", help="Training data: SPEC[@SPLIT] (sets dataset.train)."),
+    ] = None,
+    val: Annotated[
+        str | None, typer.Option("--val", help="Validation data: SPEC[@SPLIT] (sets dataset.val)."),
+    ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimiser steps (sets training.max_steps).")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (sets training.num_epochs).")] = None,  # noqa: E501
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Passes over the data (sets training.num_epochs)."),
+    ] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -256,8 +268,9 @@ def train(
 
     Without --config the compressed run's own config is used. Runs data-parallel under torchrun.
 
-    With --reference clip|blip it trains a bundled-style reference model on the world instead, as `rcc world train-reference` does (that command also takes the world, time budget and steps).
-    """  # noqa: E501
+    With --reference clip|blip it trains a bundled-style reference model on the world instead, as
+    `rcc world train-reference` does (that command also takes the world, time budget and steps).
+    """
     from .config import load_config
     from .jobs.train import resolve_source, train_job
 
@@ -364,8 +377,11 @@ app.add_typer(data_app, name="data")
 def data_anonymize(
     spec: Annotated[str, typer.Argument(help="Dataset: a directory or file of any supported format, world, hf:NAME.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the anonymised copy into.")],
-    entities: Annotated[str | None, typer.Option("--entities", help="Comma-separated Presidio entity types "
-                                                 "(default: names, places, e-mails, phones, cards, IBANs, IPs).")] = None,  # noqa: E501
+    entities: Annotated[
+        str | None,
+        typer.Option("--entities", help="Comma-separated Presidio entity types "
+                     "(default: names, places, e-mails, phones, cards, IBANs, IPs)."),
+    ] = None,
     nlp_model: Annotated[str, typer.Option("--nlp-model", help="spaCy pipeline for names and places; 'none': "
                                            "patterns and the capitalised-name heuristic only.")] = "en_core_web_sm",
     keep_faces: Annotated[bool, typer.Option("--keep-faces", help="Do not blur faces.")] = False,
@@ -461,8 +477,14 @@ def world_train_reference(
 @app.command()
 def evaluate(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, directory or hub id.")] = None,
-    benchmark: Annotated[list[str] | None, typer.Option("--benchmark", "-b", help="zero_shot, retrieval, captioning, vqa, efficiency (repeatable).")] = None,  # noqa: E501
-    dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="world, a path, hf:NAME or a known name (repeatable).")] = None,  # noqa: E501
+    benchmark: Annotated[
+        list[str] | None,
+        typer.Option("--benchmark", "-b",
+            help="zero_shot, retrieval, captioning, vqa, efficiency (repeatable)."),
+    ] = None,
+    dataset: Annotated[
+        list[str] | None, typer.Option("--dataset", "-d", help="world, a path, hf:NAME or a known name (repeatable)."),
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory for results.json/.md.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -514,7 +536,9 @@ def evaluate(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories (compress, evaluate or train runs).")],
     format_: Annotated[str, typer.Option("--format", "-f", help="md, csv, latex, json or html.")] = "md",
-    metric: Annotated[list[str] | None, typer.Option("--metric", help="Keep metrics containing this text (repeatable).")] = None,  # noqa: E501
+    metric: Annotated[
+        list[str] | None, typer.Option("--metric", help="Keep metrics containing this text (repeatable)."),
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
 ) -> None:
     """A comparison table of runs: metrics with 95 % CIs, bytes, rate, latency, as in their results files."""
@@ -554,18 +578,33 @@ def dashboard(
 
 @app.command()
 def serve(
-    sources: Annotated[list[str], typer.Argument(help="Compressed checkpoint, run or model directory, bundled name; NAME=DIR names it.")],  # noqa: E501
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="Compressed checkpoint, run or model directory, bundled name; NAME=DIR names it."),
+    ],
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
-    keys: Annotated[Path | None, typer.Option("--keys", help="API key file (hashes; make one with `rcc keys add`).")] = None,  # noqa: E501
+    keys: Annotated[
+        Path | None, typer.Option("--keys", help="API key file (hashes; make one with `rcc keys add`)."),
+    ] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without API keys (loopback only).")] = False,
-    key_file: Annotated[Path | None, typer.Option("--key-file", help="Key of encrypted checkpoints (else RCC_CHECKPOINT_KEY).")] = None,  # noqa: E501
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", help="Key of encrypted checkpoints (else RCC_CHECKPOINT_KEY)."),
+    ] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Items per dynamic batch.")] = 16,
     batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", help="Wait budget for a batch to fill.")] = 5.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Request timeout in seconds.")] = 30.0,
     threads: Annotated[int | None, typer.Option("--threads", help="torch intra-op threads.")] = None,
-    key_out: Annotated[Path | None, typer.Option("--key-out", help="Write the generated API key to FILE (mode 0600) instead of showing it on the terminal.")] = None,  # noqa: E501
-    allow_download: Annotated[bool, typer.Option("--allow-download", help="Let a source that is not bundled or local be fetched from the Hugging Face hub.")] = False,  # noqa: E501
+    key_out: Annotated[
+        Path | None,
+        typer.Option("--key-out",
+            help="Write the generated API key to FILE (mode 0600) instead of showing it on the terminal."),
+    ] = None,
+    allow_download: Annotated[
+        bool,
+        typer.Option("--allow-download",
+            help="Let a source that is not bundled or local be fetched from the Hugging Face hub."),
+    ] = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -591,12 +630,22 @@ def serve(
 
 @app.command("export")
 def export_cmd(
-    source: Annotated[str, typer.Argument(help="Compressed checkpoint, run directory, model directory or bundled name.")],  # noqa: E501
-    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx (compression kept) or hf (dense Hugging Face).")] = "onnx",  # noqa: E501
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory to write (default: SOURCE-onnx / SOURCE-hf).")] = None,  # noqa: E501
-    key_file: Annotated[Path | None, typer.Option("--key-file", help="Key of an encrypted checkpoint (else RCC_CHECKPOINT_KEY).")] = None,  # noqa: E501
+    source: Annotated[
+        str, typer.Argument(help="Compressed checkpoint, run directory, model directory or bundled name."),
+    ],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="onnx (compression kept) or hf (dense Hugging Face)."),
+    ] = "onnx",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Directory to write (default: SOURCE-onnx / SOURCE-hf)."),
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", help="Key of an encrypted checkpoint (else RCC_CHECKPOINT_KEY)."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the ONNX Runtime check against PyTorch.")] = False,  # noqa: E501
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the ONNX Runtime check against PyTorch."),
+    ] = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -640,9 +689,15 @@ def keys_add(
 @app.command()
 def search(
     config: Annotated[Path, typer.Option("--config", "-c", help="Search file (YAML: base config, space, objectives).")],
-    trials: Annotated[int | None, typer.Option("--trials", "-n", help="Finished trials the study needs (overrides study.trials).")] = None,  # noqa: E501
-    storage: Annotated[str | None, typer.Option("--storage", help="sqlite:///PATH or postgresql://... (default: OUTPUT/study.db).")] = None,  # noqa: E501
-    study: Annotated[str | None, typer.Option("--study", help="Study name (overrides study.name); workers sharing it share trials.")] = None,  # noqa: E501
+    trials: Annotated[
+        int | None, typer.Option("--trials", "-n", help="Finished trials the study needs (overrides study.trials)."),
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option("--storage", help="sqlite:///PATH or postgresql://... (default: OUTPUT/study.db)."),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option("--study", help="Study name (overrides study.name); workers sharing it share trials."),
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Search directory (trials, reports).")] = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
@@ -719,7 +774,9 @@ def ablate(config: ConfigOpt = None, set_: SetOpt = None,
            seeds: SeedsOpt = 3, rate: RateOpt = None, variants: VariantsOpt = None, metric: MetricOpt = None,
            split: SplitOpt = "test", output: StudyOut = None, resume: StudyResume = None,
            overwrite: OverwriteOpt = False,
-           no_subsets: Annotated[bool, typer.Option("--no-subsets", help="Only the named variants against the config.")] = False,  # noqa: E501
+           no_subsets: Annotated[
+               bool, typer.Option("--no-subsets", help="Only the named variants against the config."),
+           ] = False,
            verbose: Verbose = 0, quiet: Quiet = False) -> None:
     """Every subset of the stages (and named variants) at equal stored bytes over seeds, vs the full cascade."""
     _study("ablate", config, set_, model, seeds, rate, variants, metric, split, output, resume, overwrite, verbose,
@@ -740,13 +797,27 @@ def order(config: ConfigOpt = None, set_: SetOpt = None,
 @app.command()
 def analyze(
     run: Annotated[Path, typer.Argument(help="A finished rcc compress run directory.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Report directory (default RUN/analysis).")] = None,  # noqa: E501
-    part: Annotated[list[str] | None, typer.Option("--part", help="subspace, nullspace, sensitivity, embeddings (repeatable; default all).")] = None,  # noqa: E501
-    against: Annotated[Path | None, typer.Option("--against", help="Another run of the same model: compare their subspaces.")] = None,  # noqa: E501
-    energy: Annotated[float, typer.Option("--energy", help="Spectral energy of the compared dominant subspaces.")] = 0.9,  # noqa: E501
-    embedding: Annotated[list[str] | None, typer.Option("--embedding", help="tsne, umap (repeatable; default both).")] = None,  # noqa: E501
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Report directory (default RUN/analysis)."),
+    ] = None,
+    part: Annotated[
+        list[str] | None,
+        typer.Option("--part",
+            help="subspace, nullspace, sensitivity, embeddings (repeatable; default all)."),
+    ] = None,
+    against: Annotated[
+        Path | None, typer.Option("--against", help="Another run of the same model: compare their subspaces."),
+    ] = None,
+    energy: Annotated[
+        float, typer.Option("--energy", help="Spectral energy of the compared dominant subspaces."),
+    ] = 0.9,
+    embedding: Annotated[
+        list[str] | None, typer.Option("--embedding", help="tsne, umap (repeatable; default both)."),
+    ] = None,
     max_items: Annotated[int, typer.Option("--max-items", help="Test images in the embedding maps.")] = 512,
-    layer: Annotated[list[str] | None, typer.Option("--layer", help="Layers for sensitivity (repeatable; default all compressed).")] = None,  # noqa: E501
+    layer: Annotated[
+        list[str] | None, typer.Option("--layer", help="Layers for sensitivity (repeatable; default all compressed)."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo parts already written.")] = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,

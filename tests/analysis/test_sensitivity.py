@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rcc_compression.analysis.sensitivity import layer_sensitivity, single_layer_section
@@ -9,6 +10,7 @@ from rcc_compression.compression.stage import select_layers
 from rcc_compression.config import load_config
 
 
+@pytest.mark.e2e
 def test_each_layer_alone_ranked(tiny_clip) -> None:
     cfg = load_config(None, data={"compression": {
         "dare": {"pruning_rate": 0.7, "iterations": 1, "fine_tune_epochs": 0},

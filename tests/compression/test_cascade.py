@@ -75,6 +75,7 @@ def test_rollback_to_stage_and_metric_fn(tiny_clip):
         pipe.rollback_to_stage("alphaedit")
 
 
+@pytest.mark.e2e
 def test_interrupted_run_resumes_to_same_result(tiny_clip, tmp_path):
     from rcc_compression.models import get_model
 
@@ -135,6 +136,7 @@ def test_plan_rate_hits_target_on_vit_b32_shapes():
         plan_rate(shapes, 0.99, "dare", rest_bytes=10**9, scope="model")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method,scorer,planner", [("dare", "magnitude", "layers"), ("dare", "wanda", "layers"),
                                                    ("cascade", "magnitude", "split"),
                                                    ("cascade", "magnitude", "layers")])
@@ -212,6 +214,7 @@ def _bytes_by_step(pipe):
     {"rank_reduction": None, "energy_threshold": None, "param_budget": 0.2},  # the joint byte schedule
     {"rank_reduction": 0.6, "energy_threshold": 0.9, "param_budget": None},  # each stage's own schedule, capped
 ])
+@pytest.mark.e2e
 @pytest.mark.parametrize("order", [["dare", "nullu"], ["nullu", "dare"]])
 def test_no_step_stores_more_than_the_previous_round(tiny_clip, nullu, order):
     """Issue 10, item 2: with dare.iterations 4 the factors' budget ran 1 - (1 - b) f and early steps stored up to

@@ -362,6 +362,7 @@ def test_warm_started_factors_end_at_the_exact_truncated_svd():
     assert info["warm"] and (info["warm_converged"] or info["exact_svd"])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("allocation", ["layer", "global"])
 def test_low_rank_in_chunks_equals_all_at_once(monkeypatch, allocation):
     """nullu factorises layers in chunks of bounded size; the factors must not depend on the chunk size."""

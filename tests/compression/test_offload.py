@@ -211,6 +211,7 @@ def _peak(mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
 def test_offloaded_teacher_and_rollback_copies_are_not_resident():
     """The design's default cascade, one round, on a CLIP whose 50 M Linear weights dominate, each mode in
     a fresh process: with ``offload: disk`` the peak resident set is lower by at least 0.6x the Linear

@@ -18,6 +18,7 @@ import copy
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -75,6 +76,7 @@ def _compress(config: dict, rate: float | None, threads: int):
     return dense, out
 
 
+@pytest.mark.e2e
 @PROPERTY
 @given(cascades())
 def test_engine_guarantees(drawn) -> None:

@@ -72,6 +72,7 @@ def test_the_attention_pooling_heads_linear_is_never_selected():
         "cascade": {"stages": ["dare", "quant"]}, "dare": {"pruning_rate": 0.5, "fine_tune_epochs": 0},
         "quant": {"bits": 4, "ignore": ["lm_head", r"\.0\.mlp"]}}}},
 ])
+@pytest.mark.e2e
 def test_dry_run_lists_exactly_the_layers_the_run_compresses(kwargs, capsys):
     report = compress_model("tiny-llava", progress=False, dry_run=True, **kwargs)
     printed = capsys.readouterr().out
@@ -88,6 +89,7 @@ def test_dry_run_lists_exactly_the_layers_the_run_compresses(kwargs, capsys):
     assert sum(t["planned_bytes"] for t in report["towers"].values()) == tot["planned_bytes"]
 
 
+@pytest.mark.e2e
 def test_per_tower_bytes_sum_to_the_checkpoint(tmp_path):
     dense = tower_bytes(get_model("tiny-llava"))
     model = compress_model("tiny-llava", 0.5, progress=False)
@@ -109,6 +111,7 @@ def _teacher_forced(wrapper, pixels, prompt_ids, tokens):
     return wrapper.model(input_ids=ids, pixel_values=pixels, use_cache=False).logits[0, len(prompt_ids) - 1:-1]
 
 
+@pytest.mark.e2e
 @torch.no_grad()
 def test_compressed_tiny_llava_generates_as_dense():
     """Rate 0: the same tokens; 2x: logits within a bound, and the same token wherever the margin exceeds it."""
@@ -156,6 +159,7 @@ def test_cli_dry_run_prints_and_writes_the_report_without_a_run(tmp_path, capsys
     assert "calibrates on image-text pairs" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_plan_keeps_protected_layers_at_8_bits_unless_measured_idle():
     """Projector and first/last blocks stay at >= 8 bits; the tower's last block, never read (LLaVA reads the
     penultimate layer), measures exactly 0 and is planned like any other layer."""
@@ -197,6 +201,7 @@ def test_plan_keeps_protected_layers_at_8_bits_unless_measured_idle():
 
 
 
+@pytest.mark.e2e
 def test_protections_are_released_least_sensitive_first_when_the_rate_needs_it():
     cfg = {"compression": {"cascade": {"stages": ["dare", "nullu", "quant"]}}}
     model = compress_model("tiny-llava", 0.93, progress=False, config=cfg)

@@ -28,6 +28,7 @@ def scrubber() -> TextScrubber:
     return TextScrubber(nlp_model=None)
 
 
+@pytest.mark.e2e
 def test_planted_pii_in_the_worlds_captions_is_removed_and_nothing_else_changes(tiny_world: Path,
                                                                                scrubber: TextScrubber) -> None:
     """200 names, e-mails and phones planted in the world's captions: >= 99 % removed, every other character kept."""
@@ -131,6 +132,7 @@ def test_anonymize_a_caption_dataset_on_the_command_line(tmp_path: Path, capsys)
     assert "not empty (pass --overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_every_format_is_written_back_in_its_own_format(tmp_path: Path, scrubber: TextScrubber) -> None:
     """A generated world (Karpathy captions, VQA, class folders), a tsv and a saved Hugging Face dataset."""
     world = tmp_path / "world"

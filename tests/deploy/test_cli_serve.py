@@ -28,6 +28,7 @@ def test_rcc_keys_add_prints_the_key_once_and_stores_its_hash(tmp_path):
     assert KeyStore.load(path).records[0].sha256 == data["keys"][0]["sha256"]
 
 
+@pytest.mark.e2e
 def test_rcc_serve_generates_a_key_binds_loopback_and_serves(tmp_path):
     """Output to a pipe (a log): the generated key goes to a 0600 file, never to the output."""
     from rcc_compression.serving.server import free_port
@@ -69,6 +70,7 @@ def test_rcc_serve_generates_a_key_binds_loopback_and_serves(tmp_path):
     assert sum(line.count(key) for line in lines + out.splitlines()) == 0, "the key never reaches the output"
 
 
+@pytest.mark.e2e
 def test_generated_key_is_shown_on_a_terminal_only(tmp_path):
     """Standard output a terminal: the key is shown there once. Redirected without --key-out: refused."""
     import pty

@@ -57,6 +57,7 @@ ENDPOINTS = [("/v1/embed/image", "POST"), ("/v1/embed/text", "POST"), ("/v1/simi
 CASES = [(p, m, mode) for p, m in ENDPOINTS for mode in (("positive", "negative") if m == "POST" else ("positive",))]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path,method,mode", CASES)  # a GET without parameters has no invalid form
 def test_no_generated_request_gets_a_500(server, path, method, mode):
     from hypothesis import given

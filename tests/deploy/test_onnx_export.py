@@ -68,6 +68,7 @@ def test_compressed_layers_are_stored_as_compactly_as_the_checkpoint(exported):
     assert onnx_layer_bytes(exported["dir"], layers) == {n: info["stored_bytes"] for n, info in layers.items()}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (3, None, True), (8, None, True)])
 @pytest.mark.parametrize("weight_only", ["dequantize", "matmulnbits"])
 def test_quantized_layers_keep_their_bit_width(tmp_path, bits, group, symmetric, weight_only):

@@ -42,6 +42,7 @@ def served(checkpoints):
         yield {"url": url, "models": {m.name: m for m in models}}
 
 
+@pytest.mark.e2e
 def test_checkpoints_load_and_evaluate_as_compressed(checkpoints):
     for name, benches in (("tiny-siglip", ["zero_shot", "retrieval"]), ("tiny-llava", ["captioning", "vqa"])):
         model, path = checkpoints[name]

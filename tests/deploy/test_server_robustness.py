@@ -170,6 +170,7 @@ def test_malformed_templates_are_422_and_keep_the_connection(served, template):
 
 
 # ------------------------------------------------------------------------------ item 10
+@pytest.mark.e2e
 def test_a_timed_out_request_does_not_keep_the_worker_busy(served):
     served["slow"].processed.clear()
     slow_texts = [f"slow {i}" for i in range(16)]  # 4 s of model time, twice the request timeout
@@ -222,6 +223,7 @@ def test_image_bombs_are_refused_from_their_header(served, image, limit):
         assert r.status_code == 413 and r.json()["error"]["limit"] == limit, r.text
 
 
+@pytest.mark.e2e
 def test_pixels_are_bounded_per_request_and_per_key(served):
     img = bomb_b64(500)  # 250,000 pixels each
     r = client(served).post("/v1/embed/image", json={"model": "tiny-clip", "images": [img] * 3})

@@ -22,6 +22,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.integration
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install 'rcc-compression[docs]'")
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
@@ -40,6 +41,7 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         assert (site / "reference" / "api" / name / "index.html").is_file(), name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(notebook: Path, tmp_path: Path) -> None:
     nbformat = pytest.importorskip("nbformat", reason="the docs extra is not installed")
@@ -84,8 +86,10 @@ def test_every_config_key_has_a_meaning() -> None:
 
 
 def test_sources_cite_pages_and_papers() -> None:
-    """Docstrings cite a page of the docs or a paper, never a document that is not in the repository."""
-    hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "src").rglob("*.py"))
+    """Docstrings and docs cite a page of the docs or a paper, never a document that is not in the repository."""
+    files = [*(ROOT / "src").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "docs").rglob("*.md"),
+             ROOT / "README.md", ROOT / "CONTRIBUTING.md"]
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted(files)
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "design document" in line]
     assert not hits, hits
 
@@ -109,3 +113,32 @@ def test_the_layer_order_is_the_same_in_pyproject_contributing_and_architecture(
     sentence = text[text.index("**Layers one way.**"):].split(". ", 1)[0]
     named = re.findall(r"`(\w+)`", sentence)
     assert named == [name for row in layers for name in row], sentence
+
+
+def _python_snippets() -> list[tuple[str, str]]:
+    """Each page's Python snippets, joined in order (a guide's later snippet goes on from its earlier ones)."""
+    import re
+
+    out = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+        if blocks:
+            out.append((str(page.relative_to(ROOT)), "\n".join(blocks)))
+    return out
+
+
+def test_python_snippets_in_the_docs_import_what_they_use() -> None:
+    """A snippet a reader copies runs as far as names go: what it uses is imported or defined in it or above it."""
+    import json
+
+    ruff = pytest.importorskip("ruff.__main__", reason="ruff is in the dev extra").find_ruff_bin()
+    snippets = _python_snippets()
+    assert len(snippets) >= 4
+    bad = {}
+    for where, code in snippets:
+        proc = subprocess.run([ruff, "check", "--isolated", "--select", "F821", "--output-format", "json",
+                               "--stdin-filename", "snippet.py", "-"], input=code, capture_output=True, text=True,
+                              timeout=60)
+        if proc.returncode:
+            bad[where] = [e["message"] for e in json.loads(proc.stdout or "[]")] or proc.stderr[-500:]
+    assert not bad, bad

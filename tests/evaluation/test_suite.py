@@ -51,6 +51,7 @@ def test_clip_benchmarks_on_the_world(world: Path, tiny_clip) -> None:
     assert "| zero_shot |" in table and "top1 (unseen)" in table and "captioning needs a captioning model" in table
 
 
+@pytest.mark.e2e
 def test_blip_captioning_and_vqa(world: Path, tiny_blip, tiny_blip_vqa) -> None:
     res = evaluate_model(tiny_blip, ["captioning", "vqa"], [str(world)], bootstrap_samples=20, num_beams=1,
                          max_length=6, max_items=5)
@@ -83,6 +84,7 @@ def test_run_suite_writes_json_table_and_record(world: Path, tmp_path: Path, tin
     assert run["status"] == "ok" and run["seed"] == 3 and run["results_file"] == "results.json"
 
 
+@pytest.mark.e2e
 def test_cli_generate_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     wdir = tmp_path / "w"
     assert main(["world", "generate", "--out", str(wdir), "--splits", "test", "--test", "6", "-q"]) == 0

@@ -15,6 +15,7 @@ from rcc_compression.jobs.analyze import run_analyze, world_of
 from .conftest import tiny_config
 
 
+@pytest.mark.e2e
 def test_analyze_a_compressed_run(tiny_world: Path, tmp_path: Path) -> None:
     cfg_file = tiny_config(tmp_path / "cfg", tiny_world, ["dare", "nullu"])
     run = tmp_path / "run"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from rcc_compression import CompressionPipeline, get_model
 from rcc_compression.cli import main
 
@@ -40,6 +42,7 @@ def test_early_stop_leads_the_table_and_results_md(tmp_path, capsys):
     assert json.loads((run / "run.json").read_text())["results"]["outcome"]["status"] == "stopped early"
 
 
+@pytest.mark.e2e
 def test_a_met_target_says_so(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["compress", *TINY, "--set", "compression.dare.pruning_rate=0.3",
@@ -59,6 +62,7 @@ def readme_pipeline_snippet() -> str:
     return text[start:end]
 
 
+@pytest.mark.e2e
 def test_readme_pipeline_calibrates_on_the_world_and_runs_every_stage():
     """Like compress_model, the step-by-step pipeline calibrates a bundled model on the world data (not noise):
     the README's example passes every gate and ends with all three stages applied."""

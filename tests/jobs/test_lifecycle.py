@@ -42,6 +42,7 @@ def rcc(*args: str, **kw) -> subprocess.Popen:
 
 
 # ------------------------------------------------------------------------------ item 17
+@pytest.mark.integration
 def test_sigterm_is_recorded_and_resume_keeps_no_eval(tmp_path):
     run = tmp_path / "run"
     proc = rcc("compress", *SLOW_TINY, "--no-eval", "--output", str(run))
@@ -81,6 +82,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.integration
 def test_sigterm_to_the_dashboard_stops_its_streamlit_child(tmp_path):
     pytest.importorskip("streamlit")
     from rcc_compression.serving.server import free_port
@@ -128,6 +130,7 @@ def _world_dirs(tmp: Path) -> list[Path]:
     return sorted(tmp.glob("rcc-world-*"))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_killed_reference_training_leaves_no_world_folder(tmp_path, how, monkeypatch):
     tmp = tmp_path / "tmp"

@@ -24,6 +24,7 @@ def test_variant_sets() -> None:
     assert len(names) == 6 == len(set(names)) and names[0] == "dare > nullu > alphaedit"
 
 
+@pytest.mark.e2e
 def test_ablation_end_to_end_and_resume(tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg_file = tiny_config(tmp_path / "cfg", tiny_world, ["nullu", "alphaedit"])
     variants = tmp_path / "variants.yaml"
@@ -69,6 +70,7 @@ def test_ablation_end_to_end_and_resume(tiny_world: Path, tmp_path: Path, monkey
     assert again["rows"] == res["rows"]  # the rerun unit reproduces its numbers exactly
 
 
+@pytest.mark.e2e
 def test_order_study_and_bad_requests(tiny_world: Path, tmp_path: Path) -> None:
     cfg_file = tiny_config(tmp_path / "cfg", tiny_world, ["dare", "nullu"])
     cfg = load_config(cfg_file, ["compression.cascade.lowrank_share=0.5"])

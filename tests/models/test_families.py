@@ -139,6 +139,7 @@ def test_llava_world_calibration_holds_captions_and_questions(tiny_llava):
     assert torch.isfinite(tiny_llava.model(**batches[0]).loss)
 
 
+@pytest.mark.e2e
 def test_suite_runs_the_tasks_each_family_has(tiny_siglip, tiny_llava):
     res = evaluate_model(tiny_siglip, ["zero_shot", "retrieval", "captioning"], ["world"], max_items=12,
                          bootstrap_samples=0)
@@ -150,6 +151,7 @@ def test_suite_runs_the_tasks_each_family_has(tiny_siglip, tiny_llava):
     assert 0.0 <= res["results"]["vqa"]["world:vqa"]["metrics"]["accuracy"]["value"] <= 1.0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["tiny-siglip", "tiny-llava"])
 def test_compress_save_load_round_trip(name, tmp_path):
     model = compress_model(name, 0.5, progress=False)

@@ -40,6 +40,7 @@ def test_bundled_models_load_by_name_and_are_small(name: str, cls: str) -> None:
     assert rec["parameters"] == sum(p.numel() for p in wrapper.model.parameters())
 
 
+@pytest.mark.e2e
 def test_bundled_clip_reproduces_its_recorded_zero_shot_accuracy(tmp_path: Path) -> None:
     rec = _record("rcc-clip-world")
     world = rec["world"]

@@ -34,6 +34,7 @@ def _table_runs(at: AppTest) -> list[str]:
     return list(at.dataframe[0].value["run"])
 
 
+@pytest.mark.e2e
 def test_runs_table_filter_and_sort(app, small_run, second_run):
     app.run()
     assert not app.exception
@@ -46,6 +47,7 @@ def test_runs_table_filter_and_sort(app, small_run, second_run):
     assert _table_runs(app) == [second_run.name, small_run.name]  # highest rate first
 
 
+@pytest.mark.e2e
 def test_run_page_shows_figures_layers_and_is_read_only(app, runs_root, small_run):
     before = _tree(runs_root)
     app.run()
@@ -118,6 +120,7 @@ def test_search_page_draws_a_studys_pareto_front(search_dir, monkeypatch):
     assert not at.exception and len(at.get("image")) == 1 and not at.info
 
 
+@pytest.mark.e2e
 def test_run_page_shows_the_figures_rcc_analyze_wrote(tmp_path, small_run, monkeypatch):
     import shutil
 

@@ -61,6 +61,7 @@ def browser(tmp_path):
     driver.quit()
 
 
+@pytest.mark.integration
 def test_dashboard_in_chromium_shows_the_runs_figures(browser, runs_root, small_run, second_run, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

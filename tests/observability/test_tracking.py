@@ -78,6 +78,7 @@ def test_backends_that_need_a_directory_are_skipped_without_one(caplog):
     assert sum("needs a run directory" in r.getMessage() for r in caplog.records) == 2
 
 
+@pytest.mark.e2e
 def test_wandb_that_cannot_start_never_fails_the_run(tmp_path, monkeypatch, caplog, wandb_env):
     """An online W&B whose server is unreachable: switched off with a warning, the other backends carry on."""
     monkeypatch.setenv("WANDB_MODE", "online")

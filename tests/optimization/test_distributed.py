@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import write_search
 
 TRIALS = 4
@@ -27,6 +29,7 @@ def _worker(spec: Path, url: str, out: Path) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.integration
 def test_killed_worker_loses_and_duplicates_nothing(postgres_url: str, tmp_path: Path) -> None:
     import optuna
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from rcc_compression.cli import main
 from rcc_compression.optimization.search import storage_url
 
@@ -17,6 +19,7 @@ def test_plain_postgresql_url_names_an_installed_driver(tmp_path: Path) -> None:
     assert url.startswith(("postgresql+psycopg://", "postgresql+psycopg2://")) and url.endswith("user@db/rcc")
 
 
+@pytest.mark.integration
 def test_search_on_the_documented_url_form(postgres_url: str, tmp_path: Path) -> None:
     plain = "postgresql://" + postgres_url.split("://", 1)[1]  # as the docs show it: no +driver
     spec = write_search(tmp_path / "spec", {"compression.dare.pruning_rate": {"low": 0.2, "high": 0.8}},

@@ -49,6 +49,7 @@ def test_search_file_is_validated_against_the_config_schema(search_dir: Path) ->
     assert ok.space["compression.cascade.stages"].options() == [["dare", "nullu"], ["nullu", "dare"]]
 
 
+@pytest.mark.e2e
 def test_cli_search_and_best_config_reproduces_exactly(search_dir: Path, tmp_path: Path) -> None:
     spec = write_search(search_dir / "spec", {
         "compression.dare.pruning_rate": {"low": 0.2, "high": 0.8},
@@ -79,6 +80,7 @@ def test_cli_search_and_best_config_reproduces_exactly(search_dir: Path, tmp_pat
     assert yaml.safe_load((again / "config.yaml").read_text()) == yaml.safe_load((out / "best.yaml").read_text())
 
 
+@pytest.mark.e2e
 def test_median_pruner_stops_a_bad_trial_on_the_gate_metric(search_dir: Path) -> None:
     spec = load_search_config(write_search(search_dir, {"compression.dare.pruning_rate": {"low": 0.1, "high": 0.97}},
                                            {"name": "prune", "trials": 3, "pruner": "median", "startup_trials": 2,
@@ -96,6 +98,7 @@ def test_median_pruner_stops_a_bad_trial_on_the_gate_metric(search_dir: Path) ->
     assert report["counts"] == {"COMPLETE": 2, "PRUNED": 1}
 
 
+@pytest.mark.e2e
 def test_grid_search_visits_every_point_once(search_dir: Path) -> None:
     spec = load_search_config(write_search(search_dir, {
         "compression.dare.scorer": {"choices": ["magnitude", "random"]},
@@ -110,6 +113,7 @@ def test_grid_search_visits_every_point_once(search_dir: Path) -> None:
         ("magnitude", 0.3), ("magnitude", 0.5), ("random", 0.3), ("random", 0.5)}
 
 
+@pytest.mark.e2e
 def test_multi_objective_front_and_byte_constraint(search_dir: Path) -> None:
     spec = load_search_config(write_search(
         search_dir, {"compression.dare.pruning_rate": {"low": 0.2, "high": 0.9}},
@@ -132,6 +136,7 @@ def test_pareto_mask() -> None:
     assert pareto_mask(pts, ["maximize", "minimize"]) == [True, True, False, True]
 
 
+@pytest.mark.e2e
 def test_hyperband_pruner_and_the_optimize_call(search_dir: Path) -> None:
     import optuna
 

@@ -172,6 +172,7 @@ def test_data_missing_folder(tmp_path, capsys):
     assert _error_line(capsys) == f"error: {src}: no such file or directory"
 
 
+@pytest.mark.e2e
 def test_data_corrupt_image(tmp_path, capsys):
     src = _captions_dir(tmp_path / "data", corrupt=2)
     assert main(["compress", *FAST, "--set", f"calibration.source={src}", "--output", str(tmp_path / "r")]) == 2
@@ -266,6 +267,7 @@ def test_non_finite_stage_is_rolled_back(monkeypatch, kind):
     assert_same_state(model_state(model), after[smallest])
 
 
+@pytest.mark.e2e
 def test_non_finite_stage_in_the_cli_says_so(tmp_path, monkeypatch, capsys):
     plain = tmp_path / "dare-only"
     assert main(["compress", *FAST, "--set", "compression.cascade.stages=[dare]", "--output", str(plain)]) == 0

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -75,6 +76,7 @@ def _leftovers(run: Path) -> list[str]:
     return sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if pat.match(p.name))
 
 
+@pytest.mark.integration
 def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path):
     # the uninterrupted reference, in this process (same single thread, same seed)
     ref = tmp_path / "ref"

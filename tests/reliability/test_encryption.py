@@ -131,6 +131,7 @@ def test_bad_keys_are_refused(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- the command line
+@pytest.mark.e2e
 def test_cli_encrypt_writes_encrypted_checkpoints_with_the_same_weights(tmp_path, monkeypatch, capsys, umask_022):
     plain, enc = tmp_path / "plain", tmp_path / "enc"
     assert main(["compress", *TINY, "--output", str(plain)]) == 0

@@ -11,6 +11,7 @@ import string
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -85,6 +86,7 @@ def test_config_loader_on_arbitrary_bytes(data):
     _config_outcome(lambda: load_config(f))
 
 
+@pytest.mark.e2e
 @FUZZ
 @given(config_mappings)
 def test_config_loader_on_nested_mappings(data):

@@ -35,6 +35,7 @@ def _worker():
     return module
 
 
+@pytest.mark.integration
 def test_two_processes_match_one(tmp_path: Path) -> None:
     _worker().run(tmp_path / "one")  # the same code the two processes run, in this process, world size 1
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -79,6 +79,7 @@ def test_per_sample_gradients_of_a_compressed_layer_match_one_backward_per_sampl
             torch.testing.assert_close(per_sample[p][i], p.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_the_accountants_epsilon_for_a_fixed_run_is_opacus_figure() -> None:
     """Our record of a run equals the epsilon Opacus' PrivacyEngine reports for the same sampling, noise and steps."""
     from opacus import PrivacyEngine
@@ -112,6 +113,7 @@ def test_the_accountants_epsilon_for_a_fixed_run_is_opacus_figure() -> None:
     assert 7.5 < record["epsilon_spent"] <= 8.0  # calibrated to the budget, not beyond it
 
 
+@pytest.mark.e2e
 def test_private_distillation_spends_at_most_its_budget_and_keeps_the_sparsity(prune, make_batches) -> None:
     cfg = TrainingSection(scheduler="constant", **FEATURES_ONLY,
                           privacy=PrivacySection(epsilon=8, delta=1e-3, max_grad_norm=1.0))
@@ -132,12 +134,14 @@ def test_private_distillation_spends_at_most_its_budget_and_keeps_the_sparsity(p
     assert out2["privacy"]["noise_multiplier"] > record["noise_multiplier"]
 
 
+@pytest.mark.e2e
 def test_contrastive_terms_are_refused_under_privacy(prune, make_batches) -> None:
     cfg = TrainingSection(scheduler="constant", privacy=PrivacySection(epsilon=8, delta=1e-3))
     with pytest.raises(ConfigError, match="training.kd_weight"):
         _distil(prune, make_batches, cfg)
 
 
+@pytest.mark.e2e
 def test_a_run_that_would_exceed_its_budget_is_refused_or_stopped(prune, make_batches) -> None:
     """A fixed noise multiplier too small for the planned steps: refused before anything trains; a trainer asked for
     more steps than its plan stops at the last step within the budget, saying so."""
@@ -160,6 +164,7 @@ def test_a_run_that_would_exceed_its_budget_is_refused_or_stopped(prune, make_ba
     assert not any(hasattr(p, "grad_sample") for p in student.parameters())  # hooks gone with the trainer
 
 
+@pytest.mark.e2e
 def test_rcc_compress_distils_privately_under_one_budget(tmp_path) -> None:
     """The cascade's distillation (dare's fine-tuning here) through ``rcc compress`` runs DP-SGD and records it."""
     import json
@@ -180,6 +185,7 @@ def test_rcc_compress_distils_privately_under_one_budget(tmp_path) -> None:
     assert record["steps"] == 6 and 0 < record["epsilon_spent"] <= 8 and record["items"] == 24
 
 
+@pytest.mark.e2e
 def test_a_resumed_private_run_continues_the_accounting(prune, make_batches, tmp_path) -> None:
     """The checkpoint holds the accountant's history (never the noise generator's state)."""
     budget = PrivacySection(epsilon=8, delta=1e-3)

@@ -69,6 +69,7 @@ def test_a_short_kd_run_closes_the_gap(tiny_clip, make_batches) -> None:
         assert (m.weight[~m.mask] == 0).all()
 
 
+@pytest.mark.e2e
 def test_kd_on_the_reference_world_closes_the_gap() -> None:
     """The bundled CLIP, 60 % pruned, distilled on world batches: the held-out gap shrinks."""
     from rcc_compression.data.calibration import build_calibration_batches

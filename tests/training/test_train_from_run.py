@@ -84,6 +84,7 @@ def test_rcc_train_from_a_run_with_a_broken_config_is_one_line(run: Path, tmp_pa
     assert err.startswith("error: ") and expected in err and "\n" not in err and str(broken / "config.yaml") in err
 
 
+@pytest.mark.e2e
 def test_private_rcc_train_from_a_compress_run(run: Path, tmp_path: Path, capsys) -> None:
     """``training.privacy`` through the command line: Poisson batches of the world's train split, the epsilon spent
     printed and recorded, no membership list in data.json."""

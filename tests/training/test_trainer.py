@@ -289,6 +289,7 @@ def test_a_streamed_run_stops_at_max_steps_validates_and_resumes_exactly(tmp_pat
     assert len(loads) == 4 * (5 - 2) + 4 * 2
 
 
+@pytest.mark.e2e
 def test_a_run_resumed_with_its_steps_done_trains_no_further(tmp_path: Path) -> None:
     """A run stopped after step 2 and resumed with ``max_steps=2`` ends where it stopped (``rcc train --resume
     --steps N`` to finish a longer run early)."""

@@ -178,11 +178,8 @@ def compress_model(
         raise CompressionError(f"unknown method {method!r}; allowed: cascade, {', '.join(STAGES)}")
     chosen = choose_pipeline(model, pipeline or cfg.compression.cascade.pipeline, cfg)
     if chosen.name == "sequential":
-        unsupported = [k for k, v in (("dry_run", dry_run), ("metric_fn", metric_fn), ("preserve_data", preserve_data),
-                                      ("reference_model", reference_model), ("lowrank_share", lowrank_share)) if v]
-        if unsupported:
-            raise CompressionError(f"the sequential pipeline ({chosen.why}) does not take {', '.join(unsupported)}; "
-                                   "pass pipeline='whole' to use them")
+        _refuse_unsupported(chosen.why, dry_run=dry_run, metric_fn=metric_fn, preserve_data=preserve_data,
+                            reference_model=reference_model, lowrank_share=lowrank_share)
         return compress_sequential(model, compression_rate, method, calibration_data, cfg, chosen, scope=scope,
                                    holdout_data=holdout_data, run_dir=run_dir, seed=seed, device=device,
                                    progress=progress, progress_callback=progress_callback,
@@ -198,10 +195,7 @@ def compress_model(
     plan: dict[str, Any] | None = None
     if compression_rate is None and section.cascade.target_rate is not None:
         compression_rate, scope = section.cascade.target_rate, section.cascade.rate_scope
-    if reference_model is None and section.dare.reference_model and "dare" in stages:
-        reference_model = section.dare.reference_model
-    if isinstance(reference_model, (str, os.PathLike)):
-        reference_model = get_model(reference_model, cfg.model.type, cfg.model.dtype)
+    reference_model = _reference_model(reference_model, cfg, stages)
     with progress_bar(interactive() if progress is None else progress, by_first_word=True) as bar:
 
         def report(what: str, done: int, total: int) -> None:
@@ -239,6 +233,23 @@ def compress_model(
     to_inference(inner)  # what it stores and nothing more; train() makes float parameters again
     out.compression_stats = stats
     return out
+
+
+def _refuse_unsupported(why: str, **arguments: Any) -> None:
+    """The sequential pipeline takes none of these arguments: refuse them by name before any work."""
+    unsupported = [name for name, value in arguments.items() if value]
+    if unsupported:
+        raise CompressionError(f"the sequential pipeline ({why}) does not take {', '.join(unsupported)}; "
+                               "pass pipeline='whole' to use them")
+
+
+def _reference_model(given: Any, cfg: RCCConfig, stages: Sequence[str]) -> Any:
+    """DARE's base model (``dare.target: delta``): the one given, else ``compression.dare.reference_model``."""
+    if given is None and cfg.compression.dare.reference_model and "dare" in stages:
+        given = cfg.compression.dare.reference_model
+    if isinstance(given, (str, os.PathLike)):
+        return get_model(given, cfg.model.type, cfg.model.dtype)
+    return given
 
 
 def _rate_outcome(inner: nn.Module, plan: dict[str, Any], pipe: CascadePipeline, compression_rate: float,
