@@ -232,6 +232,7 @@ def test_allocate_ranks_global_greedy():
     assert allocate_ranks([e0], [(8, 8)], budget_params=10) == [0]
 
 
+@pytest.mark.e2e
 def test_global_budget_hits_rate_exactly_on_tiny_clip():
     from rcc_compression import compress_model
 

@@ -117,6 +117,7 @@ def test_teacher_copy_keeps_linear_weights_out_of_memory(tiny_clip):
     assert torch.equal(teacher(**batch).image_embeds, dense_out)
 
 
+@pytest.mark.e2e
 def test_disk_and_memory_offload_give_the_same_run(tmp_path):
     from rcc_compression.models import get_model
 

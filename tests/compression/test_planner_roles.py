@@ -55,6 +55,7 @@ def test_tied_weights_count_once_on_both_sides(tmp_path):
     assert abs(reported - _files_rate(out, tmp_path, "model")) < 0.005 * (1 - reported)
 
 
+@pytest.mark.e2e
 def test_tied_weights_of_tiny_blip_count_once(tmp_path):
     from rcc_compression.models.registry import get_model
 

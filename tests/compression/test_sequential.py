@@ -114,6 +114,7 @@ def test_block_devices_follow_accelerate_on_several_gpus():
 
 
 # ------------------------------------------------------------------------------------- equality
+@pytest.mark.e2e
 def test_fixed_config_gives_the_whole_pipelines_codes(tiny_clip):
     """GPTQ int4 of every layer: block by block, the same codes, scales and biases as the whole cascade."""
     batches = _batches(tiny_clip, 6)
@@ -132,6 +133,7 @@ def test_fixed_config_gives_the_whole_pipelines_codes(tiny_clip):
     assert len(res.blocks) == 4 and res.gate["retention"] > 0.99
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["quant", "cascade"])
 def test_rate_zero_checkpoints_are_identical(saved_clip, tmp_path, method):
     """From the model directory, block by block: the same files' tensors and manifest entries as the whole run."""
@@ -159,6 +161,7 @@ def _gate_error(stats):
     return last["output_error"], last["output_error_ci"]
 
 
+@pytest.mark.e2e
 def test_two_x_quality_equal_within_the_gates_interval(tiny_clip):
     batches = _batches(tiny_clip)
     fit, hold = batches[:6], batches[6:]
@@ -183,6 +186,7 @@ def _child(directory: str, run_dir: str, kill_at: str) -> None:
                        ).run(CheckpointSource(directory), wrapper)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kill_at", [r"compress/boundary/00003/fit_dense-00000:1", r"survey/blocks/00002\.json:1"],
                          ids=["between-compressed-blocks", "during-the-survey"])
 def test_killed_run_resumes_at_the_next_block_with_the_same_result(saved_clip, tmp_path, kill_at):
@@ -231,6 +235,7 @@ def _live_tensors() -> tuple[int, int]:
     return sum(seen.values()), max(seen.values(), default=0)
 
 
+@pytest.mark.e2e
 def test_a_model_read_from_its_checkpoint_is_never_materialised_whole(tmp_path):
     torch.manual_seed(0)
     tok = get_model("tiny-clip").tokenizer
@@ -293,6 +298,7 @@ def test_auto_chooses_sequential_when_the_model_exceeds_the_share_and_says_so(sa
         compress_model(str(dense), 0.5, calibration_data=_batches(wrapper, 4), pipeline="sequential", dry_run=True)
 
 
+@pytest.mark.e2e
 def test_rcc_compress_takes_the_sequential_pipeline_and_records_every_block(saved_clip, tmp_path, capsys):
     import json
 
@@ -316,6 +322,7 @@ def test_rcc_compress_takes_the_sequential_pipeline_and_records_every_block(save
     assert "MET: target compression rate (layers) 0.7000" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_recovery_distils_each_block_against_the_dense_blocks_outputs(tiny_clip):
     """int3 rounding, then alphaedit's scales distilled block by block: each block's held-out error drops."""
     from rcc_compression.jobs.api import distiller
@@ -334,6 +341,7 @@ def test_recovery_distils_each_block_against_the_dense_blocks_outputs(tiny_clip)
     assert all(s["error_after"][0] < 0.7 * s["error_before"][0] for s in recovered), recovered
 
 
+@pytest.mark.e2e
 def test_without_calibration_data_blocks_are_walked_in_module_order(tiny_clip):
     """Round-to-nearest int8 from the weights alone: no forward pass, the whole cascade's codes, gate not measured."""
     section = {"cascade": {"stages": ["quant"], "validation_threshold": 0.0},

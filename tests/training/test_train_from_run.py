@@ -30,6 +30,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.mark.e2e
 def test_the_runs_captions_differ_in_length(run: Path) -> None:
     batches = calibration_batches(get_model("rcc-clip-world"), load_config(run / "config.yaml"))
     assert len({b["input_ids"].shape[1] for b in batches}) > 1
