@@ -357,6 +357,7 @@ def test_without_calibration_data_blocks_are_walked_in_module_order(tiny_clip):
     assert res.gate["retention"] is None and res.gate["gate"].startswith("not measured")
 
 
+@pytest.mark.integration
 def test_rcc_compress_resume_continues_a_killed_sequential_run(saved_clip, tmp_path):
     """``rcc compress`` killed between blocks, then ``--resume``: the sequential pipeline is kept (not chosen
     again) and the checkpoint equals an uninterrupted run's."""
