@@ -141,7 +141,7 @@ def compress(
     from .jobs.common import checkpoint_key, prepare_run_dir
     from .jobs.compress import outcome_sentence, run_compress, summary_rows
     from .jobs.compress_sequential import run_compress_sequential
-    from .jobs.sequential import choose_pipeline
+    from .jobs.sequential import choose_pipeline, resumed_pipeline
     from .utils.io import directory_lock
     from .utils.logging import console as new_console
     from .utils.logging import setup_logging
@@ -186,7 +186,8 @@ def compress(
         def on_step(rec: dict) -> None:
             bar.update(steps, advance=1, description=f"step {rec['step'] + 1}: {rec['stage']} round {rec['round']}")
 
-        chosen = choose_pipeline(cfg.model.name, cfg.compression.cascade.pipeline, cfg)
+        chosen = (resumed_pipeline(run_dir) if resume is not None
+                  else choose_pipeline(cfg.model.name, cfg.compression.cascade.pipeline, cfg))
         record.update(pipeline={"name": chosen.name, "why": chosen.why})
         if chosen.name == "sequential":  # a block at a time: the bar shows each block's time and peak memory
             results = run_compress_sequential(cfg, run_dir, chosen, resume=resume is not None, progress=on_layer,

@@ -355,3 +355,34 @@ def test_without_calibration_data_blocks_are_walked_in_module_order(tiny_clip):
     for name in a:
         assert torch.equal(a[name].state().quant["weight"].codes, b[name].state().quant["weight"].codes), name
     assert res.gate["retention"] is None and res.gate["gate"].startswith("not measured")
+
+
+@pytest.mark.integration
+def test_rcc_compress_resume_continues_a_killed_sequential_run(saved_clip, tmp_path):
+    """``rcc compress`` killed between blocks, then ``--resume``: the sequential pipeline is kept (not chosen
+    again) and the checkpoint equals an uninterrupted run's."""
+    import json
+
+    from rcc_compression.cli import main
+    from rcc_compression.jobs.sequential import resumed_pipeline
+
+    _, dense = saved_clip
+    args = ["compress", "--model", str(dense), "--set", "compression.cascade.pipeline=sequential",
+            "--set", "calibration.source=synthetic", "--set", "calibration.num_batches=3",
+            "--set", "calibration.batch_size=4", "--set", "compression.cascade.stages=[quant]",
+            "--set", "compression.cascade.target_rate=0.6", "--set", "evaluation.benchmarks=[]", "--no-eval", "-q"]
+    assert main([*args, "--output", str(tmp_path / "straight")]) == 0
+    child = multiprocessing.get_context("fork").Process(
+        target=worker.run_cli, args=([*args, "--output", str(tmp_path / "run")],
+                                     r"sequential/compress/boundary/00003/fit_dense-00000:1",
+                                     str(tmp_path / "child.log")))
+    child.start()
+    child.join(300)
+    assert child.exitcode == -9
+    assert resumed_pipeline(tmp_path / "run").name == "sequential"
+    assert main(["compress", "--resume", str(tmp_path / "run"), "--no-eval", "-q"]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["pipeline"]["why"].startswith("resumed")
+    blocks = json.loads((tmp_path / "run" / "results.json").read_text())["pipeline"]["blocks"]
+    assert [b["index"] for b in blocks] == [0, 1, 2, 3]
+    _same_checkpoint(tmp_path / "straight" / "compressed", tmp_path / "run" / "compressed")

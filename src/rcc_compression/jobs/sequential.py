@@ -28,7 +28,7 @@ from ..compression.layers import to_inference
 from ..compression.matching import check_section_patterns
 from ..compression.placement import CheckpointSource, ResidentSource, model_bytes
 from ..compression.rate import achieved_rate
-from ..compression.sequential import SequentialPipeline, SequentialResult
+from ..compression.sequential import STATE_DIR, SequentialPipeline, SequentialResult
 from ..compression.stage import Distiller
 from ..compression.storage import load_compressed
 from ..compression.towers import tower_bytes
@@ -96,6 +96,13 @@ def choose_pipeline(model: Any, requested: str, cfg: RCCConfig) -> PipelineChoic
            "memory available: compressed whole")
     log.info(why)
     return PipelineChoice("whole", why, nbytes, available)
+
+
+def resumed_pipeline(run_dir: Path) -> PipelineChoice:
+    """The pipeline a run directory was compressed with (a resumed run keeps it, whatever ``auto`` would say now)."""
+    if (run_dir / STATE_DIR).is_dir():
+        return PipelineChoice("sequential", "resumed: the run was compressing a block at a time")
+    return PipelineChoice("whole", "resumed: the run was compressing the model whole")
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -183,4 +190,5 @@ def _result_model(held: nn.Module, source: CheckpointSource | ResidentSource, re
     return load_compressed(result.checkpoint)
 
 
-__all__ = ["PipelineChoice", "choose_pipeline", "compress_sequential", "model_directory", "sequential_source"]
+__all__ = ["PipelineChoice", "choose_pipeline", "compress_sequential", "model_directory", "resumed_pipeline",
+           "sequential_source"]
