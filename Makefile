@@ -19,9 +19,11 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/rcc compress --config config/experiments/demo.yaml
 
-# everything but the deliberately selected slow and gpu tests; .ci/run runs the same in two steps
+# everything but the deliberately selected slow and gpu tests, in two steps (CI runs this): the unit and
+# end-to-end tests, then the integration tests; the second runs even when the first fails
 test: install
-	$(PY) -m pytest -q
+	@status=0; $(MAKE) --no-print-directory test-unit || status=$$?; \
+	$(MAKE) --no-print-directory test-integration || status=$$?; exit $$status
 
 # the two steps of CI, with the 25 slowest tests listed: all but the integration tests, then those
 test-unit: install
