@@ -10,8 +10,8 @@ Prints, measured in one run on the device in use:
    on CUDA (target >= 1.5x) and fp32 on the CPU;
 3. a 2:4 semi-structured sparse linear against dense (CUDA only);
 4. peak memory of the cascade of 1. as a ratio to the model's bytes: the cascade runs again in a
-   fresh process, which reports its peak resident set (``ru_maxrss``; on CUDA also the peak of
-   allocated device memory), so nothing from 1.-3. is counted. Target <= 3x. Measured with the
+   fresh process, which reports its peak resident set (Linux ``VmHWM``: its own, not its parent's;
+   on CUDA also the peak of allocated device memory), so nothing from 1.-3. is counted. Target <= 3x. Measured with the
    teacher's weights and rollback copies in files (``cascade.offload: disk``, the default) and,
    in a second fresh process, resident (``memory``).
 

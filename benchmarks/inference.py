@@ -280,11 +280,11 @@ def fresh_rss(path: str | None, name: str, dense_dir: str | None) -> dict[str, f
     Measured from after a first (meta-device) model construction: transformers imports ~140 MiB of optional
     libraries then, whichever model is loaded."""
     code = f"""
-import json, resource, torch, psutil
+import json, torch, psutil
 torch.set_num_threads(1)
 from rcc_compression.compression.storage import load_compressed
 from transformers import CLIPConfig, CLIPModel
-from rcc_compression.utils.memory import release_memory
+from rcc_compression.utils.memory import peak_resident_bytes, release_memory
 with torch.device("meta"):  # the libraries a first model construction imports: not the model's memory
     CLIPModel(CLIPConfig())
 release_memory()
@@ -298,7 +298,7 @@ with torch.no_grad():
     inner(pixel_values=pix, input_ids=ids, attention_mask=att)
 after = proc.memory_info().rss
 print(json.dumps({{"load": loaded - base, "after_call": after - base,
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}}))
+                  "peak": peak_resident_bytes() - base}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

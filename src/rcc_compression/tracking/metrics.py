@@ -6,12 +6,13 @@ import json
 import math
 import os
 import re
-import resource
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ..utils.memory import peak_resident_bytes
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -49,9 +50,7 @@ def flatten_numbers(data: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 
 def system_metrics(started: float) -> dict[str, float]:
     """Elapsed seconds since ``started``, peak and current resident memory (MB), CUDA peak (MB) if any."""
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"elapsed_s": time.perf_counter() - started,
-           "peak_rss_mb": peak_kb / (1024.0 if sys.platform != "darwin" else 1024.0 * 1024.0)}
+    out = {"elapsed_s": time.perf_counter() - started, "peak_rss_mb": peak_resident_bytes() / 2**20}
     try:
         import psutil
 
