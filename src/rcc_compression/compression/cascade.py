@@ -41,7 +41,7 @@ from .planner import LayerShape
 from .records import StepRecord, step_records
 from .registry import STAGES, CascadeConfig, CompressionSection, build_stage
 from .schedule import joint_schedule
-from .stage import CompressionContext, Distiller, Stage, schedule_fraction, select_layers
+from .stage import CompressionContext, Distiller, Stage, scale_reserve, schedule_fraction, select_layers
 from .storage import (
     dense_bytes,
     install_layers,
@@ -302,17 +302,9 @@ class CascadePipeline:
         """What each layer stores now (the cap of the round about to start) and the room kept for scales."""
         layers = compressed_layers(self._model)
         caps = {n: stored_bytes(m) for n, m in layers.items()}
-        reserve: dict[str, int] = {}
         if not self._ctx.batches:
-            return caps, reserve
-        for st in self.stages:
-            for n in st.layer_names(self._model):
-                m = layers.get(n)
-                if m is not None and m.a_in is None and m.a_out is None:
-                    extra = st.reserved_bytes(m.out_features, m.in_features, m.element_size)
-                    if extra:
-                        reserve[n] = reserve.get(n, 0) + extra
-        return caps, reserve
+            return caps, {}
+        return caps, scale_reserve(layers, ((st, st.layer_names(self._model)) for st in self.stages))
 
     @property
     def dense_model(self) -> nn.Module | None:

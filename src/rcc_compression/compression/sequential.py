@@ -55,7 +55,7 @@ from .placement import CheckpointSource, ResidentSource, block_devices, check_su
 from .rate import layer_plan_setup, write_plan
 from .registry import CascadeConfig, CompressionSection, build_stage
 from .shards import ShardWriter
-from .stage import CompressionContext, Distiller, Stage
+from .stage import CompressionContext, Distiller, Stage, scale_reserve
 from .storage import dense_bytes, stored_bytes
 from .streamplan import SurveySettings, survey
 from .walk import Walk, block_forward
@@ -453,15 +453,7 @@ def _byte_caps(view: nn.Module, stages: Sequence[Stage], selection: Sequence[set
     """What each layer stores now (the cap of the round about to start) and the room kept for scales."""
     layers = compressed_layers(view)
     caps = {n: stored_bytes(m) for n, m in layers.items()}
-    reserve: dict[str, int] = {}
-    for st, chosen in zip(stages, selection, strict=True):
-        for n in chosen:
-            m = layers.get(n)
-            if m is not None and m.a_in is None and m.a_out is None:
-                extra = st.reserved_bytes(m.out_features, m.in_features, m.element_size)
-                if extra:
-                    reserve[n] = reserve.get(n, 0) + extra
-    return caps, reserve
+    return caps, scale_reserve(layers, zip(stages, selection, strict=True))
 
 
 def _errors(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], seed: int = 0

@@ -14,8 +14,6 @@ the directory into place whole (the target holds the previous checkpoint or the 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..models.base import ModelWrapper
-from ..utils.io import atomic_write_json, sha256_file
+from ..utils.io import atomic_write_json, replace_directory, sha256_file
 from .layers import compressed_layers
 from .storage import (
     LAYERS_FILE,
@@ -113,21 +111,4 @@ class ShardWriter:
         return manifest
 
 
-def replace_directory(staging: Path, target: Path) -> None:
-    """Move the finished ``staging`` directory to ``target``; an existing ``target`` is moved aside first and
-    deleted after the rename (``target`` holds the old directory or the new one at every moment)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() or target.is_symlink():
-        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, aside)
-        try:
-            os.replace(staging, target)
-        except BaseException:
-            os.replace(aside, target)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-
-
-__all__ = ["ShardWriter", "replace_directory"]
+__all__ = ["ShardWriter"]

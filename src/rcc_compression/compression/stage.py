@@ -324,6 +324,21 @@ class Stage(ABC):
         self.statistics = data.get("statistics", {})
 
 
+def scale_reserve(layers: Mapping[str, CompressedLinear], chosen: Iterable[tuple[Stage, Iterable[str]]]
+                  ) -> dict[str, int]:
+    """Bytes each layer must keep free for what its stages add after a plan (:meth:`Stage.reserved_bytes`,
+    e.g. channel scales), over the ``(stage, layer names)`` pairs of a round; factored layers add none."""
+    reserve: dict[str, int] = {}
+    for st, names in chosen:
+        for n in names:
+            m = layers.get(n)
+            if m is not None and m.a_in is None and m.a_out is None:
+                extra = st.reserved_bytes(m.out_features, m.in_features, m.element_size)
+                if extra:
+                    reserve[n] = reserve.get(n, 0) + extra
+    return reserve
+
+
 def kd_finetune(
     model: nn.Module, ctx: CompressionContext, params: Sequence[nn.Parameter], epochs: int, lr: float, salt: int = 0
 ) -> dict[str, float]:

@@ -46,6 +46,7 @@ from ..utils.io import (
     atomic_write_json,
     sha256_bytes,
     sha256_file,
+    split_aliases,
 )
 from ..utils.logging import get_logger
 from ..utils.memory import release_memory
@@ -342,19 +343,8 @@ def encode_layers(layers: dict[str, CompressedLinear]) -> tuple[dict[str, torch.
 def rest_state(inner: nn.Module, skip: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, aliases)``: the model's parameters and buffers outside the modules named by the ``skip``
     prefixes (``"name."``), each storage once; a tensor that shares another's storage is an alias of it."""
-    rest: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for key, tensor in inner.state_dict(keep_vars=False).items():
-        if key.startswith(skip) or tensor.is_meta:
-            continue
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if ident in seen and tensor.numel() > 0:
-            aliases[key] = seen[ident]
-            continue
-        seen[ident] = key
-        rest[key] = tensor
-    return rest, aliases
+    return split_aliases({key: tensor for key, tensor in inner.state_dict(keep_vars=False).items()
+                          if not key.startswith(skip) and not tensor.is_meta})
 
 
 def listed_files(stage: Path, skip: frozenset[str] = frozenset()) -> dict[str, Any]:

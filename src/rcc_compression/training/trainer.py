@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from ..compression.calibration import flatten_outputs, to_device
 from ..compression.layers import CompressedLinear
 from ..errors import CheckpointError, ConfigError
-from ..utils.io import atomic_save_safetensors, atomic_write_json, load_safetensors, sha256_file
+from ..utils.io import atomic_save_safetensors, atomic_write_json, load_safetensors, sha256_file, split_aliases
 from ..utils.logging import get_logger
 from ..utils.seeding import get_rng_state, set_rng_state
 from .callbacks import Callback, CallbackHandler
@@ -408,7 +408,7 @@ class CompressionTrainer:
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            model_tensors, aliases = _dedup(self.model.state_dict())
+            model_tensors, aliases = split_aliases(self.model.state_dict())
             opt_tensors, opt_meta = _split_optimizer(self.optimizer.state_dict())
             tensors = {
                 "model.safetensors": model_tensors,
@@ -493,21 +493,6 @@ def _empty(batch: Batch) -> bool:
 
 def _plain(x: Any) -> Any:
     return x.item() if hasattr(x, "item") else x
-
-
-def _dedup(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors with shared storage (tied weights) saved once; the others recorded as aliases."""
-    out: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for key, t in state.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ident in seen and t.numel() > 0:
-            aliases[key] = seen[ident]
-            continue
-        seen[ident] = key
-        out[key] = t
-    return out, aliases
 
 
 def _split_optimizer(sd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -124,6 +124,22 @@ def load_safetensors(path: str | os.PathLike[str], device: str | torch.device = 
     return load_file(str(path), device=str(device))
 
 
+def split_aliases(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, aliases)``: each storage once (safetensors refuses shared ones, e.g. tied weights); a tensor
+    that shares another's storage, offset and shape is recorded as an alias of the first one's key."""
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen and t.numel() > 0:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        out[key] = t
+    return out, aliases
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -173,21 +189,28 @@ def atomic_dir(path: str | os.PathLike[str], mode: int | None = None) -> Iterato
     try:
         os.chmod(staging, mode if mode is not None else default_mode(directory=True))
         yield staging
-        if target.exists() or target.is_symlink():
-            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, aside)  # aside is an empty directory: rename may replace it
-            try:
-                os.replace(staging, target)
-            except BaseException:
-                os.replace(aside, target)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        replace_directory(staging, target)
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Move the finished ``staging`` directory to ``target``; an existing ``target`` is moved aside first and
+    deleted after the rename (``target`` holds the old directory or the new one at every moment)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, aside)  # aside is an empty directory: rename may replace it
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            os.replace(aside, target)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(staging, target)
 
 
 def remove_stale_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
