@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressionError
+from ..utils.io import split_aliases
 from ..utils.logging import get_logger
 from ..utils.memory import release_memory
 from .calibration import collect_layer_stats, iter_grams, output_sensitivity
@@ -111,17 +112,8 @@ def plan_roles(section: Any, stages: Sequence[str]) -> tuple[dict[str, Stage], l
 def rest_bytes(inner: nn.Module, layer_names: Iterable[str]) -> int:
     """Bytes of the model's tensors outside ``layer_names``, each storage once (tied weights: as the files)."""
     skip = tuple(f"{n}." for n in layer_names)
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    total = 0
-    for key, t in inner.state_dict().items():
-        if key.startswith(skip):
-            continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ident in seen and t.numel() > 0:
-            continue
-        seen.add(ident)
-        total += t.numel() * t.element_size()
-    return total
+    tensors, _ = split_aliases({k: t for k, t in inner.state_dict().items() if not k.startswith(skip)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @dataclass

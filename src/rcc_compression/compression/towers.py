@@ -32,6 +32,7 @@ from torch import nn
 
 from ..models.registry import unwrap_model
 from ..models.towers import TOWERS, classify_modules, family, tower_of
+from ..utils.io import split_aliases
 from ..utils.schema import StrictModel
 from .calibration import PRIMARY_OUTPUTS, output_agreement, relative_output_error, run_outputs
 from .layers import compressed_layers, replace_module
@@ -86,14 +87,8 @@ def tower_bytes(model: nn.Module) -> dict[str, dict[str, Any]]:
     for name in layers:
         entry(tower_of(kind, name))["linear_layers"] += 1
     skip = tuple(f"{n}." for n in layers)
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    for key, t in inner.state_dict().items():
-        if key.startswith(skip):
-            continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ident in seen and t.numel() > 0:
-            continue
-        seen.add(ident)
+    tensors, _ = split_aliases({k: t for k, t in inner.state_dict().items() if not k.startswith(skip)})
+    for key, t in tensors.items():
         e = entry(tower_of(kind, key))
         e["dense_bytes"] += t.numel() * t.element_size()
         e["stored_bytes"] += t.numel() * t.element_size()
