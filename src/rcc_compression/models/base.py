@@ -87,6 +87,14 @@ class ModelWrapper(nn.Module):
         pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
         return pixels.to(self.device, self.dtype)
 
+    def prepare_text(self, text: Any, attention_mask: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(input_ids, attention_mask)`` on the model's device from token-id tensors or strings."""
+        if isinstance(text, torch.Tensor):
+            return text.to(self.device), attention_mask.to(self.device) if attention_mask is not None else None
+        enc = self.tokenize(text)
+        return enc["input_ids"], enc.get("attention_mask")
+
     def tokenize(self, texts: str | Iterable[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Token ids and attention mask on the model's device for one or more strings."""
         if self.tokenizer is None:

@@ -32,12 +32,7 @@ class CLIPWrapper(ModelWrapper):
         self, text: Any, attention_mask: torch.Tensor | None = None, normalize: bool = True
     ) -> torch.Tensor:
         """Projected text embeddings for token-id tensors or strings."""
-        if isinstance(text, torch.Tensor):
-            ids = text.to(self.device)
-            mask = attention_mask.to(self.device) if attention_mask is not None else None
-        else:
-            enc = self.tokenize(text)
-            ids, mask = enc["input_ids"], enc.get("attention_mask")
+        ids, mask = self.prepare_text(text, attention_mask)
         pooled = self.model.text_model(input_ids=ids, attention_mask=mask).pooler_output
         emb = self.model.text_projection(pooled)
         return F.normalize(emb, dim=-1) if normalize else emb

@@ -56,12 +56,7 @@ class SigLIPWrapper(ModelWrapper):
         self, text: Any, attention_mask: torch.Tensor | None = None, normalize: bool = True
     ) -> torch.Tensor:
         """Pooled text embeddings for token-id tensors or strings."""
-        if isinstance(text, torch.Tensor):
-            ids = text.to(self.device)
-            mask = attention_mask.to(self.device) if attention_mask is not None else None
-        else:
-            enc = self.tokenize(text)
-            ids, mask = enc["input_ids"], enc.get("attention_mask")
+        ids, mask = self.prepare_text(text, attention_mask)
         emb = self.model.text_model(input_ids=ids, attention_mask=mask).pooler_output
         return F.normalize(emb, dim=-1) if normalize else emb
 
