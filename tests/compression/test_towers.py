@@ -160,13 +160,13 @@ def test_cli_dry_run_prints_and_writes_the_report_without_a_run(tmp_path, capsys
 
 
 @pytest.mark.e2e
-def test_plan_keeps_protected_layers_at_8_bits_unless_measured_idle():
+def test_plan_keeps_protected_layers_at_8_bits_unless_shown_idle():
     """Projector and first/last blocks stay at >= 8 bits; the tower's last block, never read (LLaVA reads the
-    penultimate layer), measures exactly 0 and is planned like any other layer."""
+    penultimate layer), is estimated at exactly 0 (the outputs do not depend on it) and planned like any other."""
     from rcc_compression.compression.planner import Choice, keeps_precision
 
     cfg = {"compression": {"cascade": {"stages": ["dare", "nullu", "quant"]}}}
-    model = compress_model("tiny-llava", 0.8, progress=False, config=cfg)
+    model = compress_model("tiny-llava", 0.85, progress=False, config=cfg)
     plan = model.compression_stats["plan"]
     towers = plan["towers"]
     sens, prot = towers["sensitivity"], towers["protection"]
@@ -184,9 +184,9 @@ def test_plan_keeps_protected_layers_at_8_bits_unless_measured_idle():
         c = Choice(**{k: entry[k] for k in ("pruning_rate", "bits", "group_size", "symmetric", "rank",
                                             "factor_bits", "keep_s")})
         assert keeps_precision(c, 8), (name, entry["choice"])
-    assert model.compression_stats["achieved_rate"] >= 0.8 - 1e-6
+    assert model.compression_stats["achieved_rate"] >= 0.85 - 1e-6
     # without protection the same budget puts some protected layer below 8 bits
-    free = compress_model("tiny-llava", 0.8, progress=False,
+    free = compress_model("tiny-llava", 0.85, progress=False,
                           config={"compression": {**cfg["compression"], "towers": {"protect": []}}})
     below = [n for n in prot["protected"] if not keeps_precision(Choice(**{
         k: free.compression_stats["plan"]["layers"][n][k] for k in ("pruning_rate", "bits", "group_size",

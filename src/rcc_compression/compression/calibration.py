@@ -295,7 +295,8 @@ def output_sensitivity(
     its calibration second moment. This is the output-gradient (Fisher) weighting of HAWQ-V3 (Yao
     et al., ICML 2021) with these departures: the Gauss-Newton matrix of the outputs (no labels) in
     place of the loss Hessian, its diagonal over output channels with tokens averaged (not a trace
-    per layer), and one estimate per layer used to weight every candidate of it. Returns ``None``
+    per layer), and one estimate per layer used to weight every candidate of it. A layer that runs but
+    that the outputs do not depend on weighs zero. Returns ``None``
     where the model cannot be differentiated (the planner then weighs layers by their own outputs).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -333,8 +334,8 @@ def output_sensitivity(
                     grads = torch.autograd.grad(targets, [outs[n] for n in names], vs, retain_graph=p + 1 < probes,
                                                 allow_unused=True)
                     for n, gr in zip(names, grads, strict=True):
-                        if gr is None:
-                            continue
+                        if gr is None:  # the layer ran but the outputs do not depend on it: it weighs nothing
+                            gr = torch.zeros_like(outs[n])
                         gr = gr.detach().reshape(-1, gr.shape[-1]).double()
                         fisher[n] = fisher.get(n, 0) + gr.pow(2).sum(0) / probes
                         if p == 0:

@@ -531,6 +531,18 @@ def choice_weight(
     return approx
 
 
+def probe_estimate(weight: torch.Tensor, gram: torch.Tensor, row_weight: torch.Tensor, bits: int) -> dict[str, float]:
+    """The towers' probe (``bits`` round to nearest, one scale per row) of one layer, to first order: its own
+    relative output error ``tr(D G D^T) / tr(W G W^T)`` and its estimated effect on the model's outputs
+    ``sum_c f[c] (D G D^T)_cc`` (``f``: the layer's output sensitivity), and their ratio, ``weight``."""
+    W = weight.detach().float()
+    G = gram.float().to(W.device)
+    D = W - quantize_nearest(W, bits, None, False).dequantize(torch.float32).to(W.device)
+    own = float(((D @ G) * D).double().sum()) / max(float(((W @ G) * W).double().sum()), 1e-300)
+    moved = float((((D @ G) * D).double().sum(1) * row_weight.to(W.device, torch.float64)).sum())
+    return {"layer_error": own, "output_error": moved, "weight": moved / own if own > 1e-12 else 0.0}
+
+
 def allocate(options: Sequence[Sequence[Choice]], budget: float) -> list[int]:
     """Pick one choice per layer minimising the summed error with total bytes within ``budget``.
 
@@ -595,7 +607,8 @@ def plan_layers(
     prune_scope: str = "layer", damping: float = 1e-2, rounding: str = "gptq", act_order: bool = False,
     clip_search: bool = False, progress: Any = None, sensitivity: Sequence[torch.Tensor | None] | None = None,
     on_layer: Callable[[int, list[list[Choice]], float], None] | None = None,
-    min_bits: Mapping[str, int] | None = None,
+    min_bits: Mapping[str, int] | None = None, probe_bits: int | None = None,
+    lift: Callable[[dict[str, dict[str, float]]], Mapping[str, int]] | None = None,
 ) -> dict[str, Any]:
     """One storage choice per layer (bits x rank x sparsity) minimising the summed calibration output
     error within the bytes ``rate`` leaves (:func:`layer_choices`, then :func:`allocate`).
@@ -622,19 +635,28 @@ def plan_layers(
              "act_order": act_order, "clip_search": clip_search}
     options: list[list[Choice]] = []
     full: dict[int, list[Choice]] = {}  # protected layers' unfiltered candidates
+    probes: dict[str, dict[str, float]] = {}
     for i, (w, g, shape, d) in enumerate(zip(weights, grams, shapes, dims, strict=True)):
         opts, unfiltered = score_layer(w, g, shape, d, min_bits=(min_bits or {}).get(names[i]),
                                        row_weight=sens[i] if weighted else None, **build)
         options.append(opts)
         if unfiltered is not None:
             full[i] = unfiltered
+        if probe_bits is not None and weighted and g is not None:
+            probes[names[i]] = probe_estimate(w, g, sens[i], probe_bits)
         release_memory()  # the candidates' temporaries: hand their pages back before the next layer
         if on_layer is not None:
             on_layer(i, options, budget.layers)
         if progress is not None:
             progress("plan", i + 1, len(shapes))
-    return finish_plan(names, options, full, shapes, rate, dims=dims, reserved=reserved, rest_bytes=rest_bytes,
+    if lift is not None and probes:
+        min_bits = lift(probes)
+        for i in [i for i in full if names[i] not in min_bits]:
+            options[i] = full.pop(i)  # lifted: planned like any other layer
+    out = finish_plan(names, options, full, shapes, rate, dims=dims, reserved=reserved, rest_bytes=rest_bytes,
                        scope=scope, rounding=rounding, weighted=weighted, min_bits=min_bits)
+    out["probes"] = probes
+    return out
 
 
 def score_layer(weight: torch.Tensor, gram: torch.Tensor | None, shape: LayerShape, dims: Collection[str], *,

@@ -26,7 +26,7 @@ from .layers import compressed_layers
 from .planner import Choice, LayerShape, allocate, choice_weight, plan_layers, plan_rate, split_error
 from .registry import STAGES, build_stage
 from .stage import Stage, select_layers
-from .towers import plan_constraints
+from .towers import lift_protections, plan_constraints, probe_record, tower_sensitivity
 
 log = get_logger("rate")
 
@@ -181,10 +181,20 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     names, build = setup.names, setup.build
     mods = [inner.get_submodule(n) for n in names]
     weights = [m.weight.detach() if isinstance(m, nn.Linear) else m.effective_weight() for m in mods]
-    towers = plan_constraints(inner, names, section.towers, fit, progress)  # protections, per-tower sensitivity
     sens = output_sensitivity(inner, names, fit) if fit else None
     if progress is not None and fit:
         progress("sensitivity", 1, 1)
+    cfg = section.towers
+    towers = plan_constraints(inner, names, cfg)  # protections by role; lifted by the probe estimates below
+    estimate = bool(sens) and cfg.sensitivity and bool(cfg.protect)
+
+    def lift(probes: dict[str, dict[str, float]]) -> Mapping[str, int]:
+        record = probe_record(inner, probes, cfg.probe_bits, tower_sensitivity(
+            inner, names, fit[:cfg.batches], cfg.probe_bits), len(fit[:cfg.batches]))
+        towers["sensitivity"] = record
+        towers["protection"], min_bits = lift_protections(inner, names, cfg, record)
+        return min_bits
+
     sequential = SequentialInputs(inner, names, weights, fit, build) if (
         fit and section.cascade.plan_inputs == "sequential") else None
     # second moments streamed in groups of layers: the planner reads each once, in order
@@ -195,11 +205,13 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
                            sensitivity=[sens.get(n) for n in names] if sens else None,
                            rest_bytes=rest_bytes(inner, names), scope=scope, progress=progress,
                            on_layer=sequential.planned if sequential is not None else None,
-                           min_bits=towers["min_bits"], **build)
+                           min_bits=towers["min_bits"], probe_bits=cfg.probe_bits if estimate else None,
+                           lift=lift if estimate else None, **build)
     finally:
         if sequential is not None:
             sequential.restore()
     plan["inputs"] = "sequential" if sequential is not None else ("dense" if fit else "none (weights only)")
+    plan.pop("probes", None)
     plan["towers"] = {k: v for k, v in towers.items() if k != "min_bits"}
     plan["towers"]["protection"]["released"] = plan.pop("released", [])
     write_plan(section, plan, setup.providers, setup.recovery, calibrated)

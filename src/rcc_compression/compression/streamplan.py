@@ -33,18 +33,16 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, CompressionError
-from ..models.towers import family, tower_of
 from ..utils.io import atomic_save_safetensors, atomic_write_json, load_safetensors
 from ..utils.logging import get_logger
 from ..utils.memory import release_memory
 from .blocks import BlockView, Stack
 from .calibration import collect_layer_stats
 from .placement import CheckpointSource, ResidentSource
-from .planner import Choice, allocate, choice_weight, finish_plan, plan_budget, score_layer
-from .quant import quantize_nearest
+from .planner import Choice, allocate, choice_weight, finish_plan, plan_budget, probe_estimate, score_layer
 from .rate import LayerPlanSetup, layer_plan_setup, log_plan, write_plan
 from .streamsens import streamed_sensitivity
-from .towers import plan_constraints, protected_layers
+from .towers import lift_protections, plan_constraints, probe_record
 from .walk import Walk, block_forward
 
 log = get_logger("streamplan")
@@ -85,7 +83,7 @@ class Survey:
         planned = list(self.index)
         self.shapes = {n: self.setup.shapes[i] for n, i in self.index.items()}
         self.total = sum(s.out_features * s.in_features for s in self.shapes.values())
-        self.towers = plan_constraints(source.model, planned, pipe.section.towers, [], None)  # by role: no pass
+        self.towers = plan_constraints(source.model, planned, pipe.section.towers)  # by role
         #: per layer, the probe rounding's estimated effect on the outputs (what lifts protections)
         self.probes: dict[str, dict[str, Any]] = {}
         self.rest = _rest_bytes(source.model, planned)
@@ -209,27 +207,18 @@ class Survey:
     # ---------------------------------------------------------------- protections
     def _protections(self, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, int]]:
         """The towers' protections of the planned layers, lifted where the probe estimate shows a protected
-        layer matters no more than the median unprotected one (:func:`.towers.protected_layers`), most important
+        layer matters no more than the median unprotected one (:func:`.towers.lift_protections`), most important
         first; a lifted layer is planned over all of its candidates."""
         cfg = self.pipe.section.towers
-        measured = self._probe_record() if (self.probes and cfg.sensitivity and cfg.protect) else None
-        protection = protected_layers(self.source.model, names, cfg, measured)
+        record = self._probe_record() if (self.probes and cfg.sensitivity and cfg.protect) else None
+        protection, min_bits = lift_protections(self.source.model, names, cfg, record)
         for n in protection["lifted"]:
             if n in self.full:
                 self.options[n] = self.full.pop(n)
-        if measured is not None:
-            order = sorted(protection["protected"], key=lambda n: -self.probes[n]["weight"])
-        else:
-            order = [n for n in self.towers["min_bits"] if n in protection["protected"]]
-        return protection, dict.fromkeys((n for n in order if n in self.options), cfg.protect_bits)
+        return protection, {n: b for n, b in min_bits.items() if n in self.options}
 
     def _probe_record(self) -> dict[str, Any]:
-        kind = family(self.source.model)
-        cfg = self.pipe.section.towers
-        return {"probe": f"int{cfg.probe_bits} round to nearest, one scale per row; its effect on the outputs "
-                         "estimated to first order from the streamed output sensitivity (not measured: that needs "
-                         "a pass of the whole model per layer)",
-                "layers": {n: {"tower": tower_of(kind, n), **v} for n, v in self.probes.items()}, "towers": {}}
+        return probe_record(self.source.model, self.probes, self.pipe.section.towers.probe_bits)
 
     # ---------------------------------------------------------------- the pass
     def run(self, progress: dict[str, Any]) -> dict[str, Any]:
@@ -295,18 +284,6 @@ class Survey:
         write_plan(self.pipe.section, plan, self.setup.providers, self.setup.recovery, bool(self.pipe.fit))
         log_plan(plan, self.pipe.rate)
         return plan
-
-
-def probe_estimate(weight: torch.Tensor, gram: torch.Tensor, row_weight: torch.Tensor, bits: int) -> dict[str, float]:
-    """The towers' probe (``bits`` round to nearest, one scale per row) of one layer, to first order: its own
-    relative output error ``tr(D G D^T) / tr(W G W^T)`` and its estimated effect on the model's outputs
-    ``sum_c f[c] (D G D^T)_cc`` (``f``: the layer's output sensitivity), and their ratio, ``weight``."""
-    W = weight.detach().float()
-    G = gram.float().to(W.device)
-    D = W - quantize_nearest(W, bits, None, False).dequantize(torch.float32).to(W.device)
-    own = float(((D @ G) * D).double().sum()) / max(float(((W @ G) * W).double().sum()), 1e-300)
-    moved = float((((D @ G) * D).double().sum(1) * row_weight.to(W.device, torch.float64)).sum())
-    return {"layer_error": own, "output_error": moved, "weight": moved / own if own > 1e-12 else 0.0}
 
 
 def _rest_bytes(model: nn.Module, names: Sequence[str]) -> int:

@@ -6,12 +6,12 @@ tolerate compression alike, so a run measures them apart:
 
 * :func:`tower_bytes`: dense and stored bytes of every tower (every parameter and buffer counted
   once, in the tower its module belongs to), which sum to what the checkpoint stores;
-* :func:`measure_sensitivity`: each selected layer (and each tower at once) rounded to a probe
-  format on its own, the relative error it causes in the model's outputs, and that per unit of
-  the relative error of the layer's own output (the record of where a model is fragile; the
-  planner weighs its errors with its own gradient-based output sensitivity);
+* :func:`tower_sensitivity` and :func:`probe_record`: each tower's layers rounded to a probe format
+  together and the relative error that causes in the model's outputs (measured), and each layer's
+  probe error per unit of its own output error, estimated to first order from the planner's
+  output sensitivity (the record of where a model is fragile);
 * :func:`protected_layers`: the layers the defaults keep at ``protect_bits`` or more (the patch
-  embedding, the projector, the first and last block of every stack) unless the measurement shows
+  embedding, the projector, the first and last block of every stack) unless the estimate shows
   they matter no more than a typical layer ("lifted", with the numbers recorded); the planner
   releases the least sensitive where the rate needs their bytes, and the plan without them is
   measured end to end beside the protected one (the protections are a prior, not a rule);
@@ -147,38 +147,48 @@ def _perturbed_error(inner: nn.Module, names: Sequence[str], probe_bits: int, ba
 
 
 @torch.no_grad()
-def measure_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]],
-                        probe_bits: int = 4, progress: Any = None) -> dict[str, Any]:
-    """Each layer of ``names``, and each tower's layers together, rounded to ``probe_bits`` alone.
-
-    Per layer: ``output_error`` (relative error of the model's primary outputs, those the gate
-    compares: :func:`primary_error`), ``layer_error`` (relative error of the layer's own output on the same inputs) and
-    ``weight = output_error / layer_error``, the model's output error per unit of the layer's
-    (what protections are lifted and released by). Per tower: the output
-    error with all of its layers probed at once, and the sum of its layers' errors.
-    """
+def tower_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]],
+                      probe_bits: int = 4) -> dict[str, dict[str, Any]]:
+    """Each tower's layers of ``names`` rounded to ``probe_bits`` together: the relative error of the
+    model's primary outputs (those the gate compares: :func:`primary_error`), measured (one pass per tower)."""
     inner = unwrap_model(model)
     kind = family(inner)
     batches = list(batches)
     dense_out = run_outputs(inner, batches)
-    layers: dict[str, dict[str, float]] = {}
-    for i, n in enumerate(names):
-        out_err, own = _perturbed_error(inner, [n], probe_bits, batches, dense_out)
-        layer_err = own[n]
-        layers[n] = {"tower": tower_of(kind, n), "output_error": out_err, "layer_error": layer_err,
-                     "weight": out_err / layer_err if layer_err > 1e-12 else 0.0}
-        if progress is not None:
-            progress("sensitivity", i + 1, len(names))
     towers: dict[str, dict[str, Any]] = {}
     for t in TOWERS:
-        members = [n for n in names if layers[n]["tower"] == t]
-        if not members:
-            continue
-        err, _ = _perturbed_error(inner, members, probe_bits, batches, dense_out)
-        towers[t] = {"layers": len(members), "output_error": err,
-                     "sum_of_layer_output_errors": sum(layers[n]["output_error"] for n in members)}
-    return {"probe": f"int{probe_bits} round to nearest, one scale per row", "batches": len(batches),
-            "layers": layers, "towers": towers}
+        members = [n for n in names if tower_of(kind, n) == t]
+        if members:
+            err, _ = _perturbed_error(inner, members, probe_bits, batches, dense_out)
+            towers[t] = {"layers": len(members), "output_error": err}
+    return towers
+
+
+def probe_record(model: nn.Module, probes: Mapping[str, Mapping[str, float]], probe_bits: int,
+                 towers: Mapping[str, Any] | None = None, batches: int = 0) -> dict[str, Any]:
+    """The sensitivity record of a plan: each layer's probe estimate (:func:`~.planner.probe_estimate`) and,
+    when measured, each tower's (:func:`tower_sensitivity`)."""
+    kind = family(unwrap_model(model))
+    return {"probe": f"int{probe_bits} round to nearest, one scale per row; each layer's effect on the outputs "
+                     "estimated to first order from the output sensitivity (the planner's own weighting; measuring it "
+                     "takes a pass of the whole model per layer), each tower's measured",
+            "batches": batches,
+            "layers": {n: {"tower": tower_of(kind, n), **v} for n, v in probes.items()},
+            "towers": dict(towers or {})}
+
+
+def lift_protections(model: nn.Module, names: Sequence[str], config: TowerBudgetConfig,
+                     record: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, int]]:
+    """The protections of ``names`` (:func:`protected_layers`) lifted by the sensitivity ``record``, and the
+    planner's ``min_bits``: the protected layers, most sensitive first (the planner releases from the end)."""
+    protection = protected_layers(model, names, config, record)
+    if record is not None:
+        weight = {n: float(v["weight"]) for n, v in record["layers"].items()}
+        order = sorted(protection["protected"], key=lambda n: -weight.get(n, 0.0))
+    else:
+        rank = {r: i for i, r in enumerate(("projector", "patch_embedding", "first_block", "last_block"))}
+        order = sorted(protection["protected"], key=lambda n: rank.get(protection["protected"][n], len(rank)))
+    return protection, dict.fromkeys(order, config.protect_bits)
 
 
 # -------------------------------------------------------------------------------------- protection
@@ -261,23 +271,13 @@ def tower_record(compressed: nn.Module, dense: nn.Module | None, holdout: Sequen
     return record
 
 
-def plan_constraints(model: nn.Module, names: Sequence[str], config: TowerBudgetConfig,
-                     batches: Sequence[Mapping[str, Any]], progress: Any = None) -> dict[str, Any]:
-    """What a rate plan must respect for ``names`` (the layers it plans): the measured sensitivity and the protections.
+def plan_constraints(model: nn.Module, names: Sequence[str], config: TowerBudgetConfig) -> dict[str, Any]:
+    """The protections of ``names`` (the layers a rate plan covers) by role, before any measurement.
 
-    Returns ``{"sensitivity": ... or None, "protection": ..., "min_bits": {layer: bits}}``;
-    ``min_bits`` is what the planner reads (a protected layer's storage keeps at least that many
-    bits, unpruned, with its own values: no choice that drops S for low rank alone), most
-    sensitive layer first: where the rate cannot be reached with every protection, the planner
-    releases them from the end of that order.
+    Returns ``{"sensitivity": None, "protection": ..., "min_bits": {layer: bits}}``; ``min_bits`` is
+    what the planner reads (a protected layer's storage keeps at least that many bits, unpruned, with
+    its own values: no choice that drops S for low rank alone). The planner lifts protections by its
+    probe estimates once the layers are scored (:func:`lift_protections`).
     """
-    sens = None
-    if config.sensitivity and batches and config.protect:
-        sens = measure_sensitivity(model, names, list(batches)[: config.batches], config.probe_bits, progress)
-    protection = protected_layers(model, names, config, sens)
-    rank = {r: i for i, r in enumerate(("projector", "patch_embedding", "first_block", "last_block"))}
-    if sens is not None:
-        order = sorted(protection["protected"], key=lambda n: -sens["layers"][n]["weight"])
-    else:
-        order = sorted(protection["protected"], key=lambda n: rank.get(protection["protected"][n], len(rank)))
-    return {"sensitivity": sens, "protection": protection, "min_bits": dict.fromkeys(order, config.protect_bits)}
+    protection, min_bits = lift_protections(model, names, config, None)
+    return {"sensitivity": None, "protection": protection, "min_bits": min_bits}
