@@ -166,6 +166,10 @@ def merge_outputs(pieces: Sequence[Mapping[str, torch.Tensor]], model: nn.Module
     return merged
 
 
+class _Enough(Exception):
+    """Raised inside a forward once every layer whose inputs are read has read them."""
+
+
 @torch.no_grad()
 def collect_layer_stats(
     model: nn.Module,
@@ -178,13 +182,22 @@ def collect_layer_stats(
 
     Per-channel sums accumulate in float64 on the CPU (float32 on accelerators); the ``n x n``
     second moment in float32, where it costs an ``n^2`` matrix product per token batch. Layers
-    that read the same input tensor (CLIP's q/k/v projections) share one set of statistics.
+    that read the same input tensor (CLIP's q/k/v projections) share one set of statistics. When the
+    first batch shows each layer runs once per forward, later batches stop the forward as soon as the
+    last of them has read its input (the rest of the model is not needed).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     acc_dtype = torch.float64 if device.type == "cpu" else torch.float32
     stats: dict[str, LayerStats] = {}
     seen: dict[tuple[int, tuple[int, ...]], tuple[LayerStats, Any]] = {}  # inputs counted in this batch
     handles = []
+    calls: dict[str, int] = {}  # per forward
+    early = [False]  # stop a forward once every layer has read its input
+
+    def read_all(name: str) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        if early[0] and len(calls) == len(wanted):
+            raise _Enough
 
     def make_hook(name: str):
         def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
@@ -196,6 +209,7 @@ def collect_layer_stats(
             st = stats.get(name)
             if shared is not None and (st is None or st is shared):
                 stats[name] = shared  # same input as a sibling (q/k/v): one set of statistics
+                read_all(name)
                 return
             x = x_in.detach().reshape(-1, x_in.shape[-1]).to(acc_dtype)
             if st is None:
@@ -213,10 +227,12 @@ def collect_layer_stats(
                 xf = x.float()
                 st.gram.addmm_(xf.t(), xf)
             seen[key] = (st, weakref.ref(x_in))
+            read_all(name)
 
         return hook
 
-    for name in layer_names:
+    wanted = set(layer_names)
+    for name in wanted:
         handles.append(model.get_submodule(name).register_forward_pre_hook(make_hook(name)))
     was_training = model.training
     model.eval()
@@ -228,12 +244,18 @@ def collect_layer_stats(
             # batch, so a halving starts the pass again from empty statistics
             stats.clear()
             rows = None
+            early[0] = False
             try:
                 for batch in batches:
                     for piece in halver.pieces(batch):
                         rows = batch_rows(piece)
                         seen.clear()
-                        model(**to_device(piece, device))
+                        calls.clear()
+                        try:
+                            model(**to_device(piece, device))
+                        except _Enough:
+                            pass
+                        early[0] = early[0] or (set(calls) == wanted and all(c == 1 for c in calls.values()))
                 break
             except torch.cuda.OutOfMemoryError:
                 if not halver.shrink(rows):
