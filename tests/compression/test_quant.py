@@ -205,3 +205,34 @@ def test_onnx_export_of_quantized_layers_matches_pytorch(tmp_path):
         layer.set_quantized("lr_A", quantize_nearest(layer.lr_A.detach(), 8))
     report = export_onnx(wrapper, tmp_path / "onnx")
     assert all(g["max_abs_diff"] < 1e-4 for g in report["graphs"].values())
+
+
+def test_a_rounding_on_the_same_inputs_is_memoised_and_a_changed_weight_is_not(monkeypatch):
+    """The end-to-end choice reruns quant from the dense start: a layer rounded the same way on the same weights and
+    second moment is rounded once (the codes equal), and any change of the weight rounds it again."""
+    import copy
+
+    from rcc_compression.compression import quant as quant_mod
+    from rcc_compression.compression.stage import CompressionContext
+
+    calls = []
+    real = quant_mod.quantize_weight
+    monkeypatch.setattr(quant_mod, "quantize_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    dense = MLP()
+    memo: dict = {}
+    codes = []
+    for perturb in (False, False, True):
+        model = copy.deepcopy(dense)
+        if perturb:
+            with torch.no_grad():
+                model.fc1.weight.add_(0.05 * torch.randn(model.fc1.weight.shape))
+        for n in ("fc1", "fc2"):
+            setattr(model, n, CompressedLinear.adopt(getattr(model, n)))
+        ctx = CompressionContext(model=model, dense={n: getattr(dense, n).weight.detach() for n in ("fc1", "fc2")},
+                                 dense_model=dense, batches=batches_for(24, 4), memo=memo)
+        QuantStage({"bits": 4, "targets": ["fc"], "ignore": []}).compress(model, ctx)
+        codes.append({n: m.quant["weight"].codes.clone() for n, m in compressed_layers(model).items()})
+    assert len(calls) == 3  # fc1 and fc2 once, then fc1 again for its changed weight
+    assert all(torch.equal(codes[0][n], codes[1][n]) for n in ("fc1", "fc2"))
+    assert torch.equal(codes[2]["fc2"], codes[0]["fc2"]) and not torch.equal(codes[2]["fc1"], codes[0]["fc1"])

@@ -259,6 +259,7 @@ class CascadePipeline:
             progress_callback=self.progress_callback, distill=self.distill,
             tokenizer=getattr(wrapper, "tokenizer", None),
             image_loader=(lambda imgs, w=wrapper: _load_images(w, imgs)) if wrapper is not None else None,
+            memo={} if self.alternatives else None,  # the end-to-end choice reruns stages from the dense start
         )
         self._model = inner
         self._joint = self._joint_schedule(inner)
@@ -645,6 +646,7 @@ class CascadePipeline:
                 best = (label, self._rank(res), self._snapshot(),
                         {**record, **{k: res.get(k) for k in keys}, "passed": True})
             ctx.tick(f"choice {label}", len(results) - 1, len(self.alternatives))
+        ctx.memo = None  # nothing runs from the dense start again
         if best is None:  # none passes the gate: the caller goes back to the last passing state
             self.plan_choice = {"chosen": None, "candidates": results, "metric": "gate retention, then output error",
                                 "why": "no plan at this rate keeps the gate's threshold on the holdout"}

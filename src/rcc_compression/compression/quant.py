@@ -24,6 +24,8 @@ low-rank part absorbs the rounding error of S and of ``A`` where that lowers the
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -354,6 +356,23 @@ def quantize_weight(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, gr
     return quantize_nearest(w, bits, group_size, symmetric, mask, cfg.clip_search)
 
 
+#: the keys that decide how a part is rounded (with its format and inputs)
+ROUNDING_KEYS = {"rounding", "damping", "block_size", "act_order", "clip_search"}
+
+
+def tensor_digest(*tensors: torch.Tensor | None) -> str:
+    """A digest of the exact contents (dtype, shape, bytes) of ``tensors``: what memoised roundings are keyed by."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        if t is None:
+            h.update(b"none;")
+            continue
+        t = t.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def smoothing_factors(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
     """SmoothQuant's per-input-channel factors ``s_j = max|X_j|^alpha / max|W_:j|^(1 - alpha)``.
 
@@ -480,7 +499,7 @@ class QuantStage(Stage):
                     if layer.a_in is not None:
                         a = layer.a_in.detach().float()
                         H = a[:, None] * H * a[None, :]
-                per_layer[name] = self._quantize_layer(layer, self.layer_format(name), H)
+                per_layer[name] = self._quantize_layer(layer, self.layer_format(name), H, ctx.memo)
                 if smoothing is not None:
                     per_layer[name]["smoothing"] = smoothing
                 ctx.tick(f"quant {name}", i + 1, len(layers))
@@ -543,7 +562,8 @@ class QuantStage(Stage):
         return {"requested": len(wanted), "int8": chosen, "budget": cfg.activation_error,
                 "mean_error": sum(errors.values()) / len(errors)}
 
-    def _quantize_layer(self, layer: CompressedLinear, fmt: LayerQuant, H: torch.Tensor | None) -> dict[str, Any]:
+    def _quantize_layer(self, layer: CompressedLinear, fmt: LayerQuant, H: torch.Tensor | None,
+                        memo: dict[Any, Any] | None = None) -> dict[str, Any]:
         cfg = self.config
         before = (layer.sparse_part() + layer.low_rank_part()).float()
         parts: list[str] = []
@@ -557,7 +577,18 @@ class QuantStage(Stage):
             return not (q.bits == bits and q.group_size == g and q.symmetric == fmt.symmetric)
 
         if layer.weight is not None and fmt.bits is not None and wanted("weight", fmt.bits, fmt.group_size):
-            q = quantize_weight(layer.weight.detach(), H, fmt.bits, fmt.group_size, fmt.symmetric, cfg, layer.mask)
+            w = layer.weight.detach()
+            key = None
+            if memo is not None:
+                key = ("quant weight", fmt.bits, fmt.group_size, fmt.symmetric,
+                       cfg.model_dump_json(include=ROUNDING_KEYS), tensor_digest(w, layer.mask, H))
+            q = memo.get(key) if key is not None else None
+            if q is None:
+                q = quantize_weight(w, H, fmt.bits, fmt.group_size, fmt.symmetric, cfg, layer.mask)
+                if key is not None:
+                    memo[key] = copy.deepcopy(q)
+            else:
+                q = copy.deepcopy(q)
             layer.set_quantized("weight", q)
             parts.append("weight")
         fbits = fmt.factor_bits if fmt.factor_bits is not None else fmt.bits

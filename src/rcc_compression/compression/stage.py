@@ -111,6 +111,10 @@ class CompressionContext:
     byte_caps: dict[str, int] = field(default_factory=dict)
     #: per layer, bytes kept free for channel scales a later ``alphaedit`` step will add
     scale_reserve: dict[str, int] = field(default_factory=dict)
+    #: results of deterministic steps keyed by a digest of their exact inputs, while the cascade keeps them (until
+    #: its end-to-end choice has run stages again from the dense start: a layer rounded the same way on the same
+    #: inputs is rounded once); ``None``: nothing is kept
+    memo: dict[Any, Any] | None = None
     _stats: dict[str, LayerStats] = field(default_factory=dict)
     _stats_gram: bool = False
     _preserve_stats: dict[str, LayerStats] | None = None
