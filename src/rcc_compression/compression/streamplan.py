@@ -12,10 +12,10 @@ alone), and its candidates are scored (:func:`.planner.score_layer`) and kept: a
 
 With calibration data, each layer's errors are weighed by its output sensitivity as the whole
 planner weighs them, computed in a forward and a reverse sweep over the blocks (:mod:`.streamsens`).
-Departures from the whole planner, recorded in the plan: the towers' protections are lifted by a
-first-order estimate of each layer's probe rounding's effect on the outputs (from the same output
-sensitivity; measuring it by rounding each layer alone needs a pass of the whole model per layer),
-and the single-stage alternatives are listed but not measured end to end.
+The towers' protections are lifted, as the whole planner lifts them, by a first-order estimate of
+each layer's probe rounding's effect on the outputs (from the same output sensitivity). Departures
+from the whole planner, recorded in the plan: each tower's probe is not measured, and the
+single-stage alternatives are listed but not measured end to end.
 """
 
 from __future__ import annotations

@@ -50,13 +50,14 @@ class TowerBudgetConfig(StrictModel):
         default_factory=lambda: ["patch_embedding", "projector", "first_block", "last_block"],
         description="roles whose Linear layers keep protect_bits or more (no pruning, no low rank alone)")
     protect_bits: int = Field(8, ge=2, le=16, description="fewest bits a protected layer may be stored with")
-    sensitivity: bool = Field(True, description="before a rate plan, measure each layer's and each tower's effect on "
-                                                "the outputs (a probe rounding); lift protections it shows idle")
+    sensitivity: bool = Field(True, description="in a rate plan, estimate each layer's effect on the outputs of a "
+                                                "probe rounding (first order, from the planner's output sensitivity) "
+                                                "and measure each tower's; lift protections it shows idle")
     lift: Literal["median", "never"] = Field(
-        "median", description="median: a protected layer whose measured sensitivity is at most the median of the "
+        "median", description="median: a protected layer whose estimated sensitivity is at most the median of the "
                               "unprotected layers' is planned like any other; never: always protected")
-    probe_bits: int = Field(4, ge=2, le=8, description="bits of the round-to-nearest probe sensitivity is measured at")
-    batches: int = Field(2, ge=1, description="calibration batches the sensitivity measurement reads")
+    probe_bits: int = Field(4, ge=2, le=8, description="bits of the round-to-nearest probe")
+    batches: int = Field(2, ge=1, description="calibration batches each tower's probe is measured on")
 
 
 # ------------------------------------------------------------------------------------------- bytes
