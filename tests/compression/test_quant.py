@@ -236,3 +236,33 @@ def test_a_rounding_on_the_same_inputs_is_memoised_and_a_changed_weight_is_not(m
     assert len(calls) == 3  # fc1 and fc2 once, then fc1 again for its changed weight
     assert all(torch.equal(codes[0][n], codes[1][n]) for n in ("fc1", "fc2"))
     assert torch.equal(codes[2]["fc2"], codes[0]["fc2"]) and not torch.equal(codes[2]["fc1"], codes[0]["fc1"])
+
+
+def test_sequential_inputs_round_each_layer_on_what_the_rounded_prefix_feeds_it():
+    """``quant.inputs: sequential`` (the GPTQ reference's order), one layer per group: fc2 is rounded against the
+    second moment of the inputs the rounded fc1 produces, exactly; ``dense`` against the dense model's."""
+    import copy
+
+    from rcc_compression.compression.calibration import collect_layer_stats
+    from rcc_compression.compression.stage import CompressionContext
+
+    torch.manual_seed(0)
+    dense = MLP()
+    batches = batches_for(24, 4)
+    codes = {}
+    for inputs in ("dense", "sequential"):
+        model = copy.deepcopy(dense)
+        for n in ("fc1", "fc2"):
+            setattr(model, n, CompressedLinear.adopt(getattr(model, n)))
+        ctx = CompressionContext(model=model, dense={n: getattr(dense, n).weight.detach() for n in ("fc1", "fc2")},
+                                 dense_model=dense, batches=batches)
+        QuantStage({"bits": 3, "targets": ["fc"], "ignore": [], "inputs": inputs, "sequential_group": 1}
+                   ).compress(model, ctx)
+        codes[inputs] = model
+    # fc1 is the first layer: both see the dense inputs
+    assert torch.equal(codes["dense"].fc1.quant["weight"].codes, codes["sequential"].fc1.quant["weight"].codes)
+    for inputs, source in (("dense", dense), ("sequential", codes["sequential"])):
+        H = collect_layer_stats(source, ["fc2"], batches, gram=True)["fc2"].gram
+        expected = gptq(dense.fc2.weight.detach(), H, 3, None, True)
+        assert torch.equal(codes[inputs].fc2.quant["weight"].codes, expected.codes), inputs
+    assert not torch.equal(codes["dense"].fc2.quant["weight"].codes, codes["sequential"].fc2.quant["weight"].codes)

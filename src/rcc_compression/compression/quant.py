@@ -35,6 +35,7 @@ from pydantic import Field
 
 from ..errors import CompressionError
 from ..utils.schema import StrictModel
+from .calibration import collect_layer_stats
 from .layers import CompressedLinear, QuantizedPart, code_bytes, pack_codes, unpack_codes  # noqa: F401 - re-exported
 from .stage import CompressionContext, Stage, StageConfig
 
@@ -92,6 +93,12 @@ class QuantConfig(StageConfig):
         None, ge=0.0, le=1.0, description="SmoothQuant's migration strength alpha for layers with int8 activations "
         "(activation outliers moved into the weights before rounding; 0.5 in the paper); None: off")
     activation_batches: int = Field(4, ge=1, description="calibration batches the activation error is measured on")
+    inputs: Literal["dense", "sequential"] = Field(
+        "dense", description="the inputs GPTQ's second moments are taken on: the dense model's, or (sequential, as "
+        "the GPTQ reference does) those the model rounded so far produces, sequential_group layers at a time")
+    sequential_group: int = Field(6, ge=1, description="inputs sequential: consecutive layers whose second moments "
+                                  "one calibration pass reads (6: about a transformer block; they see the inputs "
+                                  "the prefix before the group produces)")
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -360,7 +367,7 @@ def quantize_weight(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, gr
 
 
 #: the keys that decide how a part is rounded (with its format and inputs)
-ROUNDING_KEYS = {"rounding", "damping", "block_size", "act_order", "clip_search"}
+ROUNDING_KEYS = {"rounding", "damping", "block_size", "act_order", "clip_search", "inputs", "sequential_group"}
 
 
 def tensor_digest(*tensors: torch.Tensor | None) -> str:
@@ -489,10 +496,16 @@ class QuantStage(Stage):
         act_layers = {n for n in layers if self.layer_activations(n) == "int8"}
         use_h = cfg.rounding == "gptq" or (cfg.correct_factors and bool(ctx.batches) and ctx.dense_model is not None)
         smooth = cfg.smoothing is not None and bool(act_layers) and bool(ctx.batches)
-        stats = ctx.stats(gram=True) if (use_h or smooth) else None
+        sequential = cfg.inputs == "sequential" and (use_h or smooth) and bool(ctx.batches)
+        stats = ctx.stats(gram=True) if (use_h or smooth) and not sequential else None
         per_layer: dict[str, Any] = {}
+        names = list(layers)
         with torch.no_grad():
             for i, (name, layer) in enumerate(layers.items()):
+                if sequential and (stats is None or name not in stats):
+                    stats = None  # the previous group's second moments go before the next group's are read
+                    stats = collect_layer_stats(ctx.model, names[i:i + cfg.sequential_group], ctx.batches, gram=True,
+                                                device=ctx.device)
                 smoothing = None
                 if smooth and name in act_layers:
                     smoothing = self._smooth(layer, stats[name].max_abs)
