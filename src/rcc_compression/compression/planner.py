@@ -623,7 +623,10 @@ def plan_layers(
     more (:func:`keeps_precision`; the towers' protections, most important first): where the rate is
     out of reach with all of them, the last ones are released until it is not (``released``
     in the plan); the plan over the same candidates without them is an alternative (``without
-    protections``) the cascade measures end to end. Returns the plan: per layer its choice,
+    protections``) the cascade measures end to end. With ``probe_bits`` and the sensitivity, each
+    layer's probe rounding is estimated as it is scored (:func:`probe_estimate`) and
+    ``lift(estimates)`` returns the protections that stay (``min_bits``, most important first); the
+    others are planned over all their candidates. Returns the plan: per layer its choice,
     bytes and estimated error, the predicted rate and the mean estimated error. Raises
     :class:`CompressionError` when the rate is out of reach.
     """
@@ -653,10 +656,8 @@ def plan_layers(
         min_bits = lift(probes)
         for i in [i for i in full if names[i] not in min_bits]:
             options[i] = full.pop(i)  # lifted: planned like any other layer
-    out = finish_plan(names, options, full, shapes, rate, dims=dims, reserved=reserved, rest_bytes=rest_bytes,
+    return finish_plan(names, options, full, shapes, rate, dims=dims, reserved=reserved, rest_bytes=rest_bytes,
                        scope=scope, rounding=rounding, weighted=weighted, min_bits=min_bits)
-    out["probes"] = probes
-    return out
 
 
 def score_layer(weight: torch.Tensor, gram: torch.Tensor | None, shape: LayerShape, dims: Collection[str], *,

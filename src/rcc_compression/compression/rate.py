@@ -187,10 +187,11 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     cfg = section.towers
     towers = plan_constraints(inner, names, cfg)  # protections by role; lifted by the probe estimates below
     estimate = bool(sens) and cfg.sensitivity and bool(cfg.protect)
+    # measured before the sequential planner installs its provisional choices
+    measured = tower_sensitivity(inner, names, fit[:cfg.batches], cfg.probe_bits) if estimate else {}
 
     def lift(probes: dict[str, dict[str, float]]) -> Mapping[str, int]:
-        record = probe_record(inner, probes, cfg.probe_bits, tower_sensitivity(
-            inner, names, fit[:cfg.batches], cfg.probe_bits), len(fit[:cfg.batches]))
+        record = probe_record(inner, probes, cfg.probe_bits, measured, len(fit[:cfg.batches]))
         towers["sensitivity"] = record
         towers["protection"], min_bits = lift_protections(inner, names, cfg, record)
         return min_bits
@@ -211,7 +212,6 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
         if sequential is not None:
             sequential.restore()
     plan["inputs"] = "sequential" if sequential is not None else ("dense" if fit else "none (weights only)")
-    plan.pop("probes", None)
     plan["towers"] = {k: v for k, v in towers.items() if k != "min_bits"}
     plan["towers"]["protection"]["released"] = plan.pop("released", [])
     write_plan(section, plan, setup.providers, setup.recovery, calibrated)
