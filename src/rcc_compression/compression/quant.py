@@ -356,13 +356,15 @@ def _check_bits(bits: int) -> None:
 
 
 def quantize_weight(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, group_size: int | None,
-                    symmetric: bool, cfg: QuantConfig, mask: torch.Tensor | None = None) -> QuantizedPart:
-    """One part by the configured rounding (``gptq`` needs ``hessian``)."""
+                    symmetric: bool, cfg: QuantConfig, mask: torch.Tensor | None = None,
+                    inverse: torch.Tensor | None = None) -> QuantizedPart:
+    """One part by the configured rounding (``gptq`` needs ``hessian``; ``inverse``: its Cholesky factor,
+    :func:`inverse_factor`, when already computed)."""
     if cfg.rounding == "gptq":
         if hessian is None:
             raise CompressionError("quant rounding 'gptq' needs the calibration second moment")
-        return gptq(w, hessian, bits, group_size, symmetric, mask, cfg.damping, cfg.block_size, cfg.act_order,
-                    cfg.clip_search)
+        return gptq_formats(w, hessian, [(bits, group_size, symmetric)], mask, cfg.damping, cfg.block_size,
+                            cfg.act_order, cfg.clip_search, inverse)[0]
     return quantize_nearest(w, bits, group_size, symmetric, mask, cfg.clip_search)
 
 
@@ -592,15 +594,30 @@ class QuantStage(Stage):
             g, _ = groups_of(getattr(layer, part).shape[1], group)
             return not (q.bits == bits and q.group_size == g and q.symmetric == fmt.symmetric)
 
+        h_digest = tensor_digest(H) if memo is not None else None
+        factor: list[torch.Tensor | None] = []
+
+        def inverse() -> torch.Tensor | None:
+            """GPTQ's Cholesky factor of ``H``: once for the layer's parts (and the choice's reruns)."""
+            if H is None or cfg.rounding != "gptq" or cfg.act_order:  # act_order factors the permuted H itself
+                return None
+            if not factor:
+                key = ("inverse", cfg.damping, h_digest)
+                found = memo.get(key) if memo is not None else None
+                factor.append(found if found is not None else inverse_factor(H, cfg.damping))
+                if memo is not None:
+                    memo[key] = factor[0]
+            return factor[0]
+
         if layer.weight is not None and fmt.bits is not None and wanted("weight", fmt.bits, fmt.group_size):
             w = layer.weight.detach()
             key = None
             if memo is not None:
                 key = ("quant weight", fmt.bits, fmt.group_size, fmt.symmetric,
-                       cfg.model_dump_json(include=ROUNDING_KEYS), tensor_digest(w, layer.mask, H))
+                       cfg.model_dump_json(include=ROUNDING_KEYS), tensor_digest(w, layer.mask), h_digest)
             q = memo.get(key) if key is not None else None
             if q is None:
-                q = quantize_weight(w, H, fmt.bits, fmt.group_size, fmt.symmetric, cfg, layer.mask)
+                q = quantize_weight(w, H, fmt.bits, fmt.group_size, fmt.symmetric, cfg, layer.mask, inverse())
                 if key is not None:
                     memo[key] = copy.deepcopy(q)
             else:
@@ -610,7 +627,7 @@ class QuantStage(Stage):
         fbits = fmt.factor_bits if fmt.factor_bits is not None else fmt.bits
         if layer.rank and cfg.quantize_factors and fbits is not None and (
                 wanted("lr_A", fbits, fmt.group_size) or wanted("lr_B", fbits, fmt.group_size)):
-            qa = quantize_weight(layer.lr_A.detach(), H, fbits, fmt.group_size, fmt.symmetric, cfg)
+            qa = quantize_weight(layer.lr_A.detach(), H, fbits, fmt.group_size, fmt.symmetric, cfg, None, inverse())
             layer.set_quantized("lr_A", qa)
             A_q = layer.lr_A.detach().float()
             HB = A_q @ H @ A_q.t() if H is not None else None

@@ -151,18 +151,18 @@ def _perturbed_error(inner: nn.Module, names: Sequence[str], probe_bits: int, ba
 def tower_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]],
                       probe_bits: int = 4) -> dict[str, dict[str, Any]]:
     """Each tower's layers of ``names`` rounded to ``probe_bits`` together: the relative error of the
-    model's primary outputs (those the gate compares: :func:`primary_error`), measured (one pass per tower)."""
+    model's primary outputs (those the gate compares: :func:`primary_error`), measured (one pass per tower).
+    Empty for a model of one tower (there is nothing to compare it with)."""
     inner = unwrap_model(model)
     kind = family(inner)
+    members = {t: [n for n in names if tower_of(kind, n) == t] for t in TOWERS}
+    members = {t: m for t, m in members.items() if m}
+    if len(members) < 2:
+        return {}
     batches = list(batches)
     dense_out = run_outputs(inner, batches)
-    towers: dict[str, dict[str, Any]] = {}
-    for t in TOWERS:
-        members = [n for n in names if tower_of(kind, n) == t]
-        if members:
-            err, _ = _perturbed_error(inner, members, probe_bits, batches, dense_out)
-            towers[t] = {"layers": len(members), "output_error": err}
-    return towers
+    return {t: {"layers": len(m), "output_error": _perturbed_error(inner, m, probe_bits, batches, dense_out)[0]}
+            for t, m in members.items()}
 
 
 def probe_record(model: nn.Module, probes: Mapping[str, Mapping[str, float]], probe_bits: int,
@@ -246,9 +246,13 @@ def tower_quality(compressed: nn.Module, dense: nn.Module, batches: Sequence[Map
         return {}
     teacher = run_outputs(den, batches)
     out: dict[str, dict[str, float]] = {}
+    every = output_agreement(run_outputs(comp, batches), teacher)
     for t in TOWERS:
         members = {n for n in layers if tower_of(kind, n) == t}
         if not members:
+            continue
+        if len(members) == len(layers):  # the one tower with compressed layers: that is the whole model
+            out[t] = {"agreement": every, "layers": len(members)}
             continue
         probe = copy.deepcopy(comp)
         for n in layers:
@@ -256,7 +260,7 @@ def tower_quality(compressed: nn.Module, dense: nn.Module, batches: Sequence[Map
                 replace_module(probe, n, copy.deepcopy(den.get_submodule(n)))
         out[t] = {"agreement": output_agreement(run_outputs(probe, batches), teacher), "layers": len(members)}
         del probe
-    out["all"] = {"agreement": output_agreement(run_outputs(comp, batches), teacher), "layers": len(layers)}
+    out["all"] = {"agreement": every, "layers": len(layers)}
     return out
 
 
