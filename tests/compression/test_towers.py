@@ -160,12 +160,13 @@ def test_cli_dry_run_prints_and_writes_the_report_without_a_run(tmp_path, capsys
 
 
 @pytest.mark.e2e
-def test_plan_keeps_protected_layers_at_8_bits_unless_shown_idle():
+@pytest.mark.parametrize("probe", ["measured", "estimated"])
+def test_plan_keeps_protected_layers_at_8_bits_unless_shown_idle(probe):
     """Projector and first/last blocks stay at >= 8 bits; the tower's last block, never read (LLaVA reads the
-    penultimate layer), is estimated at exactly 0 (the outputs do not depend on it) and planned like any other."""
+    penultimate layer), measures (or is estimated at) exactly 0 and is planned like any other layer."""
     from rcc_compression.compression.planner import Choice, keeps_precision
 
-    cfg = {"compression": {"cascade": {"stages": ["dare", "nullu", "quant"]}}}
+    cfg = {"compression": {"cascade": {"stages": ["dare", "nullu", "quant"]}, "towers": {"probe": probe}}}
     model = compress_model("tiny-llava", 0.85, progress=False, config=cfg)
     plan = model.compression_stats["plan"]
     towers = plan["towers"]
@@ -177,6 +178,7 @@ def test_plan_keeps_protected_layers_at_8_bits_unless_shown_idle():
     assert "model.multi_modal_projector.linear_2" in prot["protected"] or \
         "model.multi_modal_projector.linear_2" in prot["lifted"]
     assert prot["roles_without_targets"]["patch_embedding"].startswith("no compressed Linear layer")
+    assert probe in sens["probe"]
     assert set(sens["towers"]) == {"vision", "projector", "language_model"}
     assert prot["protected"] and not prot["released"]
     for name in prot["protected"]:
@@ -187,7 +189,7 @@ def test_plan_keeps_protected_layers_at_8_bits_unless_shown_idle():
     assert model.compression_stats["achieved_rate"] >= 0.85 - 1e-6
     # without protection the same budget puts some protected layer below 8 bits
     free = compress_model("tiny-llava", 0.85, progress=False,
-                          config={"compression": {**cfg["compression"], "towers": {"protect": []}}})
+                          config={"compression": {**cfg["compression"], "towers": {"protect": [], "probe": probe}}})
     below = [n for n in prot["protected"] if not keeps_precision(Choice(**{
         k: free.compression_stats["plan"]["layers"][n][k] for k in ("pruning_rate", "bits", "group_size",
                                                                       "symmetric", "rank", "factor_bits",

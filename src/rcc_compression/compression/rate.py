@@ -26,7 +26,7 @@ from .layers import compressed_layers
 from .planner import Choice, LayerShape, allocate, choice_weight, plan_layers, plan_rate, split_error
 from .registry import STAGES, build_stage
 from .stage import Stage, select_layers
-from .towers import lift_protections, plan_constraints, probe_record, tower_sensitivity
+from .towers import lift_protections, measured_probes, plan_constraints, probe_record, tower_sensitivity
 
 log = get_logger("rate")
 
@@ -185,16 +185,21 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     if progress is not None and fit:
         progress("sensitivity", 1, 1)
     cfg = section.towers
-    towers = plan_constraints(inner, names, cfg)  # protections by role; lifted by the probe estimates below
-    estimate = bool(sens) and cfg.sensitivity and bool(cfg.protect)
+    towers = plan_constraints(inner, names, cfg)  # protections by role, lifted by the probes
+    probing = cfg.sensitivity and bool(cfg.protect) and bool(fit)
+    estimate = probing and cfg.probe == "estimated" and bool(sens)
+    probe_batches = fit[:cfg.batches]
     # measured before the sequential planner installs its provisional choices
-    measured = tower_sensitivity(inner, names, fit[:cfg.batches], cfg.probe_bits) if estimate else {}
+    per_tower = tower_sensitivity(inner, names, probe_batches, cfg.probe_bits) if probing else {}
 
-    def lift(probes: dict[str, dict[str, float]]) -> Mapping[str, int]:
-        record = probe_record(inner, probes, cfg.probe_bits, measured, len(fit[:cfg.batches]))
+    def lift(probes: Mapping[str, Mapping[str, float]], measured: bool = False) -> Mapping[str, int]:
+        record = probe_record(inner, probes, cfg.probe_bits, per_tower, len(probe_batches), measured)
         towers["sensitivity"] = record
-        towers["protection"], min_bits = lift_protections(inner, names, cfg, record)
-        return min_bits
+        towers["protection"], towers["min_bits"] = lift_protections(inner, names, cfg, record)
+        return towers["min_bits"]
+
+    if probing and not estimate:
+        lift(measured_probes(inner, names, probe_batches, cfg.probe_bits, progress), measured=True)
 
     sequential = SequentialInputs(inner, names, weights, fit, build) if (
         fit and section.cascade.plan_inputs == "sequential") else None

@@ -50,14 +50,17 @@ class TowerBudgetConfig(StrictModel):
         default_factory=lambda: ["patch_embedding", "projector", "first_block", "last_block"],
         description="roles whose Linear layers keep protect_bits or more (no pruning, no low rank alone)")
     protect_bits: int = Field(8, ge=2, le=16, description="fewest bits a protected layer may be stored with")
-    sensitivity: bool = Field(True, description="in a rate plan, estimate each layer's effect on the outputs of a "
-                                                "probe rounding (first order, from the planner's output sensitivity) "
-                                                "and measure each tower's; lift protections it shows idle")
+    sensitivity: bool = Field(True, description="in a rate plan, find each layer's and each tower's effect on the "
+                                                "outputs of a probe rounding; lift protections it shows idle")
+    probe: Literal["measured", "estimated"] = Field(
+        "measured", description="measured: each layer rounded alone, a pass of the whole model per layer (the better "
+                                "plans); estimated: to first order from the planner's output sensitivity, no pass "
+                                "(faster; what the sequential pipeline does)")
     lift: Literal["median", "never"] = Field(
-        "median", description="median: a protected layer whose estimated sensitivity is at most the median of the "
+        "median", description="median: a protected layer whose probe sensitivity is at most the median of the "
                               "unprotected layers' is planned like any other; never: always protected")
     probe_bits: int = Field(4, ge=2, le=8, description="bits of the round-to-nearest probe")
-    batches: int = Field(2, ge=1, description="calibration batches each tower's probe is measured on")
+    batches: int = Field(2, ge=1, description="calibration batches the measured probes read")
 
 
 # ------------------------------------------------------------------------------------------- bytes
@@ -165,14 +168,36 @@ def tower_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[
             for t, m in members.items()}
 
 
+@torch.no_grad()
+def measured_probes(model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]],
+                    probe_bits: int = 4, progress: Any = None) -> dict[str, dict[str, float]]:
+    """Each layer of ``names`` rounded to ``probe_bits`` alone (a pass of the whole model per layer): the relative
+    error of the model's primary outputs (``output_error``, :func:`primary_error`), of the layer's own output on
+    the same inputs (``layer_error``) and ``weight = output_error / layer_error``, what protections are lifted and
+    released by."""
+    inner = unwrap_model(model)
+    batches = list(batches)
+    dense_out = run_outputs(inner, batches)
+    layers: dict[str, dict[str, float]] = {}
+    for i, n in enumerate(names):
+        out_err, own = _perturbed_error(inner, [n], probe_bits, batches, dense_out)
+        layers[n] = {"output_error": out_err, "layer_error": own[n],
+                     "weight": out_err / own[n] if own[n] > 1e-12 else 0.0}
+        if progress is not None:
+            progress("sensitivity", i + 1, len(names))
+    return layers
+
+
 def probe_record(model: nn.Module, probes: Mapping[str, Mapping[str, float]], probe_bits: int,
-                 towers: Mapping[str, Any] | None = None, batches: int = 0) -> dict[str, Any]:
-    """The sensitivity record of a plan: each layer's probe estimate (:func:`~.planner.probe_estimate`) and,
-    when measured, each tower's (:func:`tower_sensitivity`)."""
+                 towers: Mapping[str, Any] | None = None, batches: int = 0, measured: bool = False
+                 ) -> dict[str, Any]:
+    """The sensitivity record of a plan: each layer's probe, measured (:func:`measured_probes`) or estimated
+    (:func:`~.planner.probe_estimate`), and, when measured, each tower's (:func:`tower_sensitivity`)."""
     kind = family(unwrap_model(model))
+    how = ("measured (a pass of the whole model per layer)" if measured else
+           "estimated to first order from the output sensitivity (the planner's own weighting)")
     return {"probe": f"int{probe_bits} round to nearest, one scale per row; each layer's effect on the outputs "
-                     "estimated to first order from the output sensitivity (the planner's own weighting; measuring it "
-                     "takes a pass of the whole model per layer), each tower's measured",
+                     f"{how}, each tower's measured",
             "batches": batches,
             "layers": {n: {"tower": tower_of(kind, n), **v} for n, v in probes.items()},
             "towers": dict(towers or {})}
