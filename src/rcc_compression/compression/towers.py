@@ -60,7 +60,7 @@ class TowerBudgetConfig(StrictModel):
         "median", description="median: a protected layer whose probe sensitivity is at most the median of the "
                               "unprotected layers' is planned like any other; never: always protected")
     probe_bits: int = Field(4, ge=2, le=8, description="bits of the round-to-nearest probe")
-    batches: int = Field(2, ge=1, description="calibration batches the measured probes read")
+    batches: int = Field(1, ge=1, description="calibration batches the measured probes read")
 
 
 # ------------------------------------------------------------------------------------------- bytes
