@@ -25,7 +25,7 @@ Last, the one-call API as a new user calls it, with the default configuration, a
 calibration_data=...)``, timed, with the time of each phase (first to last progress report).
 
 Usage: HF_HUB_OFFLINE=1 python benchmarks/real_weights.py [--ratios 2,4,8,10,16] [--methods ...]
-       [--eval-items 400] [--threads N] [--api-ratios 2,4,8,10] [--no-api] [--json out.json]
+       [--eval-items 400] [--threads N] [--api-ratios 2,4,8,10] [--api-config JSON] [--no-api] [--json out.json]
 """
 
 from __future__ import annotations
@@ -146,8 +146,10 @@ def scores(model: nn.Module, q: list[dict[str, torch.Tensor]], d: list[dict[str,
 
 
 def one_call(ratio: float, calib: list[dict[str, torch.Tensor]], qb: list[dict[str, torch.Tensor]],
-             db: list[dict[str, torch.Tensor]], dense_emb: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
-    """``compress_model`` as a new user calls it (default configuration), timed phase by phase."""
+             db: list[dict[str, torch.Tensor]], dense_emb: tuple[torch.Tensor, torch.Tensor],
+             section: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``compress_model`` as a new user calls it (default configuration, or the ``compression`` keys in
+    ``section``), timed phase by phase."""
     from rcc_compression import compress_model
 
     model, _ = load_encoder()
@@ -162,7 +164,7 @@ def one_call(ratio: float, calib: list[dict[str, torch.Tensor]], qb: list[dict[s
 
     t0 = time.perf_counter()
     model = compress_model(model, compression_rate=rate, method="cascade", calibration_data=calib,
-                           progress_callback=seen)
+                           progress_callback=seen, config={"compression": section} if section else None)
     seconds = time.perf_counter() - t0
     s = scores(model, qb, db, dense_emb)
     stats = model.compression_stats
@@ -193,6 +195,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-api", action="store_true", help="skip timing the one-call API with defaults")
+    ap.add_argument("--api-config", default=None,
+                    help='the one call with these compression keys instead of the defaults (JSON, e.g. '
+                         '\'{"towers": {"probe": "estimated"}}\')')
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -251,7 +256,8 @@ def main() -> None:
     if not args.no_api:
         report["api"] = {}
         for ratio in [float(r) for r in args.api_ratios.split(",") if r]:
-            report["api"][f"{ratio:g}x"] = one_call(ratio, calib, qb, db, dense_emb)
+            report["api"][f"{ratio:g}x"] = one_call(ratio, calib, qb, db, dense_emb,
+                                                    json.loads(args.api_config) if args.api_config else None)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
