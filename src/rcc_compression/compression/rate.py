@@ -20,7 +20,7 @@ from ..errors import CompressionError
 from ..utils.io import split_aliases
 from ..utils.logging import get_logger
 from ..utils.memory import release_memory
-from .calibration import collect_layer_stats, iter_grams, output_sensitivity
+from .calibration import collect_layer_stats, iter_grams, output_sensitivity, run_outputs
 from .cascade import compression_summary
 from .layers import compressed_layers
 from .planner import Choice, LayerShape, allocate, choice_weight, plan_layers, plan_rate, split_error
@@ -189,8 +189,9 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     probing = cfg.sensitivity and bool(cfg.protect) and bool(fit)
     estimate = probing and cfg.probe == "estimated" and bool(sens)
     probe_batches = fit[:cfg.batches]
+    dense_out = run_outputs(inner, probe_batches) if probing else None  # what every probe is compared with
     # measured before the sequential planner installs its provisional choices
-    per_tower = tower_sensitivity(inner, names, probe_batches, cfg.probe_bits) if probing else {}
+    per_tower = tower_sensitivity(inner, names, probe_batches, cfg.probe_bits, dense_out) if probing else {}
 
     def lift(probes: Mapping[str, Mapping[str, float]], measured: bool = False) -> Mapping[str, int]:
         record = probe_record(inner, probes, cfg.probe_bits, per_tower, len(probe_batches), measured)
@@ -199,7 +200,7 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
         return towers["min_bits"]
 
     if probing and not estimate:
-        lift(measured_probes(inner, names, probe_batches, cfg.probe_bits, progress), measured=True)
+        lift(measured_probes(inner, names, probe_batches, cfg.probe_bits, progress, dense_out), measured=True)
 
     sequential = SequentialInputs(inner, names, weights, fit, build) if (
         fit and section.cascade.plan_inputs == "sequential") else None

@@ -152,10 +152,12 @@ def _perturbed_error(inner: nn.Module, names: Sequence[str], probe_bits: int, ba
 
 @torch.no_grad()
 def tower_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]],
-                      probe_bits: int = 4) -> dict[str, dict[str, Any]]:
+                      probe_bits: int = 4, dense_out: Sequence[Mapping[str, torch.Tensor]] | None = None
+                      ) -> dict[str, dict[str, Any]]:
     """Each tower's layers of ``names`` rounded to ``probe_bits`` together: the relative error of the
     model's primary outputs (those the gate compares: :func:`primary_error`), measured (one pass per tower).
-    Empty for a model of one tower (there is nothing to compare it with)."""
+    Empty for a model of one tower (there is nothing to compare it with). ``dense_out``: the dense outputs on
+    ``batches`` when already computed."""
     inner = unwrap_model(model)
     kind = family(inner)
     members = {t: [n for n in names if tower_of(kind, n) == t] for t in TOWERS}
@@ -163,21 +165,22 @@ def tower_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[
     if len(members) < 2:
         return {}
     batches = list(batches)
-    dense_out = run_outputs(inner, batches)
+    dense_out = dense_out if dense_out is not None else run_outputs(inner, batches)
     return {t: {"layers": len(m), "output_error": _perturbed_error(inner, m, probe_bits, batches, dense_out)[0]}
             for t, m in members.items()}
 
 
 @torch.no_grad()
 def measured_probes(model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]],
-                    probe_bits: int = 4, progress: Any = None) -> dict[str, dict[str, float]]:
+                    probe_bits: int = 4, progress: Any = None,
+                    dense_out: Sequence[Mapping[str, torch.Tensor]] | None = None) -> dict[str, dict[str, float]]:
     """Each layer of ``names`` rounded to ``probe_bits`` alone (a pass of the whole model per layer): the relative
     error of the model's primary outputs (``output_error``, :func:`primary_error`), of the layer's own output on
     the same inputs (``layer_error``) and ``weight = output_error / layer_error``, what protections are lifted and
-    released by."""
+    released by. ``dense_out``: the dense outputs on ``batches`` when already computed."""
     inner = unwrap_model(model)
     batches = list(batches)
-    dense_out = run_outputs(inner, batches)
+    dense_out = dense_out if dense_out is not None else run_outputs(inner, batches)
     layers: dict[str, dict[str, float]] = {}
     for i, n in enumerate(names):
         out_err, own = _perturbed_error(inner, [n], probe_bits, batches, dense_out)
