@@ -66,6 +66,36 @@ def test_estimates_order_by_bits_and_gptq_estimate_is_what_the_stage_gets():
     assert choice_bytes(shape, Choice()) == shape.dense_bytes
 
 
+def test_every_rounded_format_is_scored_by_its_exact_output_error():
+    """Plain GPTQ candidates are scored from GPTQ's own losses: equal to ``tr(D H D^T)`` weighted by rows."""
+    w, H, shape = _problem(2)
+    rw = torch.rand(w.shape[0], generator=torch.Generator().manual_seed(3))
+    scored = [c for c in layer_choices(w, H, shape, sparse=False, lowrank=False, row_weight=rw) if c.bits]
+    assert len(scored) == 7  # the formats whose groups are narrower than the 64 columns
+    for c in scored:
+        layer = CompressedLinear.from_linear(torch.nn.Linear(64, 48))
+        layer.set_sparse(w)
+        fmt = LayerQuant(bits=c.bits, group_size=c.group_size, symmetric=c.symmetric)
+        QuantStage(QuantConfig())._quantize_layer(layer, fmt, H)
+        d = (w - layer.weight.detach()).double()
+        exact = float((((d @ H.double()) * d).sum(1) * rw.double()).sum())
+        assert abs(exact - c.error) <= 1e-5 * exact + 1e-12, c.label()
+
+
+def test_whitened_top_directions_are_the_leading_singular_triplets():
+    from rcc_compression.compression.lowrank import whitened_top
+
+    g = torch.Generator().manual_seed(2)
+    R = torch.randn(80, 12, generator=g) @ torch.randn(12, 120, generator=g) + 1e-3 * torch.randn(80, 120, generator=g)
+    L = torch.linalg.cholesky(torch.eye(120) + 0.1 * torch.ones(120, 120))
+    U, S, Vh = whitened_top(R, L, 20)
+    ref = torch.linalg.svdvals(R @ L)
+    assert torch.allclose(S[:12], ref[:12], rtol=1e-4)
+    assert torch.allclose((U[:, :12] * S[:12]) @ Vh[:12], R @ L, atol=1e-2 * float(ref[11]))
+    U2, S2, _ = whitened_top(R, L, 20)
+    assert torch.equal(S, S2) and torch.equal(U, U2)  # seeded
+
+
 def _mlp_and_batches():
     from .conftest import MLP, batches_for
 

@@ -12,6 +12,7 @@ from rcc_compression.compression.quant import (
     LayerQuant,
     QuantConfig,
     QuantStage,
+    damped_inverse,
     gptq,
     gptq_formats,
     pack_codes,
@@ -84,6 +85,25 @@ def test_gptq_formats_in_one_pass_equal_one_format_at_a_time():
             alone = gptq(w * mask, H, bits, group, sym, mask, act_order=act_order)
             assert torch.equal(q.codes, alone.codes)
             assert torch.equal(q.dequantize(mask=mask), alone.dequantize(mask=mask))
+
+
+def test_gptq_row_losses_are_each_rows_error_under_the_damped_moment():
+    """GPTQ's column losses sum, per row, to ``e H_d e^T`` (the planner scores candidates by them)."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 96, generator=g)
+    x = _anisotropic_inputs(96)
+    x[:, 7] = 0  # an input the data never reaches
+    H = x.t() @ x
+    U, shift = damped_inverse(H, 0.01)
+    assert float(shift[7]) > 1.0 and torch.allclose(shift[0], shift[1])
+    fmts = [(8, None, True), (4, 32, False), (3, None, False), (2, 64, False)]
+    for act_order in (False, True):
+        losses: list[torch.Tensor] = []
+        parts = gptq_formats(w, H, fmts, None, 0.01, act_order=act_order, inverse=U, row_losses=losses)
+        for q, loss in zip(parts, losses, strict=True):
+            e = (w - q.dequantize()).double()
+            exact = ((e @ H.double()) * e).sum(1)
+            assert torch.allclose(loss - (e * e * shift).sum(1), exact, rtol=1e-4, atol=1e-9 * float(exact.max()))
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressionError
+from ..utils.io import tensor_digest
 from .calibration import to_device
 
 
@@ -200,5 +201,129 @@ class RelayHub:
         return found
 
 
-__all__ = ["BlockView", "RelayHub", "Stack", "StopForward", "bind_call", "block_of", "block_signature",
+
+# ------------------------------------------------------------------------------------ block memo
+_Key = tuple[Any, ...]
+_UNKEYED = object()
+
+
+def _call_key(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> _Key | None:
+    """A key of a block's call by the exact contents of its arguments; ``None`` for arguments it cannot key
+    (a cache object, a module): such a call always runs."""
+
+    def key(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tensor_digest(value))
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (tuple, list)):
+            inner = [key(v) for v in value]
+            return _UNKEYED if any(k is _UNKEYED for k in inner) else (type(value).__name__, *inner)
+        return _UNKEYED
+
+    parts = [(name, key(value)) for name, value in [*enumerate(args), *sorted(kwargs.items())]]
+    return None if any(k is _UNKEYED for _, k in parts) else tuple(parts)
+
+
+def _copy_output(out: Any) -> Any | None:
+    """A copy of a block's output (a tensor, or a tuple or list of tensors and ``None``), or ``None`` when it
+    is of another kind (not remembered)."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, (tuple, list)) and all(o is None or isinstance(o, torch.Tensor) for o in out):
+        return type(out)(None if o is None else o.detach().clone() for o in out)
+    return None
+
+
+def _output_bytes(out: Any) -> int:
+    items = out if isinstance(out, (tuple, list)) else [out]
+    return sum(o.numel() * o.element_size() for o in items if isinstance(o, torch.Tensor))
+
+
+def _state(block: nn.Module) -> tuple[list[Any], list[int]]:
+    """What a block computes with: its modules, parameters and buffers (by identity) and their versions."""
+    tensors = [*block.parameters(), *block.buffers()]
+    return [*block.modules(), *tensors], [t._version for t in tensors]
+
+
+def _hooked(block: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in block.modules())
+
+
+class BlockMemo:
+    """Block outputs remembered by their exact inputs, for inference passes that change a few layers.
+
+    Planning runs the same calibration batches through the model many times, each time with one
+    layer or a few changed (a probe, the prefix compressed so far). A block none of whose modules
+    changed (same modules, parameters and buffers, unmodified) that receives exactly the inputs it
+    received before returns what it returned then, without running: the blocks before a changed
+    layer cost nothing. A block runs for real whenever it has a hook (statistics are being read
+    inside it), autograd or training mode is on, or its arguments cannot be keyed; the result is then
+    remembered (replacing the one for the same inputs) while ``max_bytes`` allows. Inputs are keyed by
+    a digest of their bytes (:func:`~rcc_compression.utils.io.tensor_digest`), so only outputs are held.
+    """
+
+    def __init__(self, model: nn.Module, stacks: Sequence[Stack], max_bytes: int = 1 << 28) -> None:
+        self.blocks = [model.get_submodule(b) for s in stacks for b in s.blocks]
+        self.max_bytes, self.held = max_bytes, 0
+        self.entries: dict[int, dict[_Key, tuple[list[Any], list[int], Any]]] = {}
+        self.hits = self.runs = 0
+
+    def _forward(self, block: nn.Module, run: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: Mapping[str, Any]) -> Any:
+        if torch.is_grad_enabled() or block.training or _hooked(block):
+            return run(*args, **kwargs)
+        key = _call_key(args, kwargs)
+        if key is None:
+            return run(*args, **kwargs)
+        held = self.entries.setdefault(id(block), {})
+        objects, versions = _state(block)
+        found = held.get(key)
+        if found is not None and len(found[0]) == len(objects) and all(
+                a is b for a, b in zip(found[0], objects, strict=True)) and found[1] == versions:
+            self.hits += 1
+            return _copy_output(found[2])
+        self.runs += 1
+        out = run(*args, **kwargs)
+        if found is not None:
+            held.pop(key)
+            self.held -= _output_bytes(found[2])
+        size = _output_bytes(out)
+        if self.held + size <= self.max_bytes:
+            kept = _copy_output(out)
+            if kept is not None:
+                held[key] = (objects, versions, kept)
+                self.held += size
+        return out
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[BlockMemo]:
+        """The memo in force for the duration (each block's ``forward`` routed through it); remembered
+        outputs persist from one activation to the next."""
+        patched: list[tuple[nn.Module, Any]] = []
+        try:
+            for block in self.blocks:
+                run = block.forward
+                patched.append((block, block.__dict__.get("forward")))
+
+                def forward(*args: Any, _block: nn.Module = block, _run: Callable[..., Any] = run,
+                            **kwargs: Any) -> Any:
+                    return self._forward(_block, _run, args, kwargs)
+
+                block.forward = forward
+            yield self
+        finally:
+            for block, own in patched:
+                if own is None:
+                    del block.forward
+                else:
+                    block.forward = own
+
+    def clear(self) -> None:
+        """Forget every remembered output."""
+        self.entries.clear()
+        self.held = 0
+
+
+__all__ = ["BlockMemo", "BlockView", "RelayHub", "Stack", "StopForward", "bind_call", "block_of", "block_signature",
            "find_stacks", "hidden_key", "hidden_output"]

@@ -19,8 +19,8 @@ import torch
 from ..errors import CompressionError
 from ..utils.memory import release_memory
 from .dare import keep_count, magnitude_scores, topk_mask, wanda_scores
-from .lowrank import allocate_ranks, budget_rank, factorisable, spectral_energy, svd, whitening
-from .quant import format_bytes, gptq_formats, inverse_factor, quantize_nearest
+from .lowrank import allocate_ranks, budget_rank, factorisable, spectral_energy, svd, whitened_top, whitening
+from .quant import damped_inverse, format_bytes, gptq_formats, quantize_nearest
 from .storage import sparse_encoding_bytes
 
 
@@ -318,8 +318,8 @@ class _LayerScorer:
         self.rw = None if row_weight is None else row_weight.to(W.device, torch.float64)[:, None]
         self.ref = 1.0 if self.rw is not None else max(self.wsum((W @ self.H) * W), 1e-300)
         self.gptq_on = rounding == "gptq" and gram is not None
-        # one Cholesky factor for every rounding of the layer
-        self.inverse = inverse_factor(self.H, damping) if self.gptq_on else None
+        # one Cholesky factor for every rounding of the layer; ``shift``: what its damping adds to diag(H)
+        self.inverse, self.shift = damped_inverse(self.H, damping) if self.gptq_on else (None, None)
         self.root = self.root32 = None
         if lowrank:
             self.root = whitening(self.H.double(), damping)
@@ -335,15 +335,23 @@ class _LayerScorer:
         D = self.W - approx
         return max(0.0, self.wsum((D @ self.H) * D) / self.ref)
 
-    def rounded(self, s: torch.Tensor, fmts: Sequence[tuple[int, int | None, bool]], mask: torch.Tensor | None
-                ) -> list[torch.Tensor]:
-        """``s`` rounded to each format as the ``quant`` stage rounds it (GPTQ against the gram, or nearest)."""
+    def rounded(self, s: torch.Tensor, fmts: Sequence[tuple[int, int | None, bool]], mask: torch.Tensor | None,
+                losses: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """``s`` rounded to each format as the ``quant`` stage rounds it (GPTQ against the gram, or nearest);
+        ``losses``: GPTQ's per-row losses are appended to it (``row_losses`` of :func:`gptq_formats`)."""
         if self.gptq_on:
             parts = gptq_formats(s, self.H, fmts, mask, self.damping, act_order=self.act_order,
-                                 clip_search=self.clip_search, inverse=self.inverse)
+                                 clip_search=self.clip_search, inverse=self.inverse, row_losses=losses)
         else:
             parts = [quantize_nearest(s, b, g, sym, mask, self.clip_search) for b, g, sym in fmts]
         return [q.dequantize(torch.float32, mask).to(self.W.device) for q in parts]
+
+    def loss_error(self, approx: torch.Tensor, loss: torch.Tensor) -> float:
+        """:meth:`error` of a GPTQ rounding of ``W`` from its per-row losses (exact: the losses are the error
+        under the damped gram, less the damping's share), an ``m n`` sum instead of an ``m n^2`` product."""
+        D = (self.W - approx).double()
+        rows = (loss - (D * D * self.shift).sum(1)).clamp_min(0)
+        return max(0.0, self.wsum(rows[:, None]) / self.ref)
 
     def add(self, c: Choice, approx: torch.Tensor | None, err: float | None = None) -> Choice:
         e = err if err is not None else (0.0 if approx is None else self.error(approx))
@@ -355,7 +363,10 @@ class _LayerScorer:
                      factor_bits: Sequence[int] = FACTOR_BITS, e0: float | None = None) -> None:
         """Factors of each rank fitted to what ``s_hat`` leaves; errors from r x r and m x r products only.
 
-        ``e0``: the (unnormalised) error ``s_hat`` leaves, when known; ``R H`` is never formed (``R (H A^T)``).
+        ``e0``: the (unnormalised) error ``s_hat`` leaves, when known. The whitened residual ``R L`` is
+        not formed for a few directions of a large matrix (a randomized SVD through products with ``R``
+        and ``L``); the factors' rows do not depend on the rank, so ``H A^T`` and ``R H A^T`` are formed once
+        for the largest rank and sliced.
         """
         if not rank_list:
             return
@@ -363,27 +374,27 @@ class _LayerScorer:
         R = W - s_hat if s_hat is not None else W
         if e0 is None:
             e0 = self.wsum((R @ H) * R)
-        M = R @ self.root32[0]  # float32: the decomposition only ranks directions; errors are float64 sums
         q = max(rank_list)
+        # float32: the decomposition only ranks directions; errors are float64 sums
         if q + 8 < min(m, n) // 2:  # a few directions of a large matrix: randomized SVD is plenty
-            U, sv, V = torch.svd_lowrank(M, q=q + 8, niter=2)
-            Vh = V.t()
+            U, sv, Vh = whitened_top(R, self.root32[0], q + 8)
         else:
-            U, sv, Vh = torch.linalg.svd(M, full_matrices=False)
-        for r in rank_list:
-            B = (U[:, :r] * sv[:r]).float()
-            A = (Vh[:r] @ self.root32[1]).float()
-            for fb in factor_bits:
-                A_q = quantize_nearest(A, fb, base.group_size, base.symmetric).dequantize(torch.float32)
-                HA = H @ A_q.t()
-                HB = (A_q @ HA).double()
-                rhs = (R @ HA).double()  # R H A^T
+            U, sv, Vh = torch.linalg.svd(R @ self.root32[0], full_matrices=False)
+        A = (Vh[:q] @ self.root32[1]).float()
+        for fb in factor_bits:
+            # rows are rounded alone (a scale per row or per group of its columns): the rank-r factor is the top r rows
+            A_q = quantize_nearest(A, fb, base.group_size, base.symmetric).dequantize(torch.float32)
+            HA_all = H @ A_q.t()
+            HB_all = (A_q @ HA_all).double()
+            rhs_all = (R @ HA_all).double()  # R H A^T
+            for r in rank_list:
+                HB, rhs = HB_all[:r, :r], rhs_all[:, :r]
                 if self.gram is not None:  # B re-solved on the rounded A: least squares with a small ridge
                     lam = self.damping * float(HB.diagonal().mean().clamp_min(1e-300))
                     B_c = torch.linalg.solve(HB + lam * torch.eye(r, dtype=HB.dtype, device=HB.device),
                                              rhs.t()).t().float()
                 else:
-                    B_c = B
+                    B_c = (U[:, :r] * sv[:r]).float()
                 B_q = quantize_nearest(B_c, fb, base.group_size, base.symmetric).dequantize(torch.float64)
                 num = e0 - 2 * self.wsum(B_q * rhs) + self.wsum((B_q @ HB) * B_q)
                 self.add(Choice(**{**base.__dict__, "rank": r, "factor_bits": fb}), None, max(0.0, num) / self.ref)
@@ -391,9 +402,11 @@ class _LayerScorer:
     def quantized(self, lowrank: bool) -> None:
         """S rounded to every format; with ``lowrank``, low-rank corrections of the rounding error."""
         fmts = [f for f in QUANT_FORMATS if f[1] is None or f[1] < self.n]
-        cached = dict(zip(fmts, self.rounded(self.W, fmts, None), strict=True))
-        plain = {fmt: self.add(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat)
-                 for fmt, s_hat in cached.items()}
+        losses: list[torch.Tensor] | None = [] if self.gptq_on else None
+        cached = dict(zip(fmts, self.rounded(self.W, fmts, None, losses), strict=True))
+        plain = {fmt: self.add(Choice(bits=fmt[0], group_size=fmt[1], symmetric=fmt[2]), s_hat,
+                               None if losses is None else self.loss_error(s_hat, losses[k]))
+                 for k, (fmt, s_hat) in enumerate(cached.items())}
         if not lowrank:
             return
         # a low-rank correction of the rounding error (LQER / L2QER, SVDQuant: factors fitted to the whitened

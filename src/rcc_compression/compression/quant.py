@@ -25,7 +25,6 @@ low-rank part absorbs the rounding error of S and of ``A`` where that lowers the
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -34,6 +33,7 @@ import torch
 from pydantic import Field
 
 from ..errors import CompressionError
+from ..utils.io import tensor_digest
 from ..utils.schema import StrictModel
 from .calibration import collect_layer_stats
 from .layers import CompressedLinear, QuantizedPart, code_bytes, pack_codes, unpack_codes  # noqa: F401 - re-exported
@@ -193,11 +193,13 @@ def quantize_nearest(w: torch.Tensor, bits: int, group_size: int | None = None, 
     return QuantizedPart(bits, g, codes, scale, zero, "nearest")
 
 
-def inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damping * mean(diag H) I)^-1`` (float64), inputs never reached made unit.
+def damped_inverse(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, shift)``: ``U`` the upper Cholesky factor of ``(H + diag(shift))^-1`` (float64), what
+    :func:`gptq_formats` rounds against, and ``shift`` (float64, per column) the diagonal it adds to ``H``:
+    ``damping * mean(diag H)`` (raised tenfold while the factorisation fails), plus 1 on inputs never reached.
 
-    What :func:`gptq_formats` rounds against; computed once per layer, it can be handed to every call
-    on that layer (``inverse=``)."""
+    GPTQ's column losses sum to each row's error under ``H + diag(shift)``; less the shift's share they are
+    the error under ``H`` (what the planner scores, ``row_losses`` of :func:`gptq_formats`)."""
     H = hessian.double().clone()
     dead = H.diagonal() <= 0
     H[dead, :] = 0
@@ -206,10 +208,19 @@ def inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     damp = damping * float(H.diagonal().mean())
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(6):
-        L, info = torch.linalg.cholesky_ex(H + max(damp, 1e-12) * (10.0**attempt) * eye)
+        added = max(damp, 1e-12) * (10.0**attempt)
+        L, info = torch.linalg.cholesky_ex(H + added * eye)
         if int(info) == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            shift = torch.full((H.shape[0],), added, dtype=H.dtype, device=H.device) + dead.to(H.dtype)
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), shift
     raise CompressionError("gptq: the calibration second moment stays singular after damping")
+
+
+def inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damping * mean(diag H) I)^-1`` (float64), inputs never reached made unit.
+
+    Computed once per layer, it can be handed to every :func:`gptq_formats` call on that layer (``inverse=``)."""
+    return damped_inverse(hessian, damping)[0]
 
 
 @torch.no_grad()
@@ -228,13 +239,16 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | No
 @torch.no_grad()
 def gptq_formats(w: torch.Tensor, hessian: torch.Tensor, formats: Sequence[tuple[int, int | None, bool]],
                  mask: torch.Tensor | None = None, damping: float = 0.01, block_size: int = 128,
-                 act_order: bool = False, clip_search: bool = False, inverse: torch.Tensor | None = None
-                 ) -> list[QuantizedPart]:
+                 act_order: bool = False, clip_search: bool = False, inverse: torch.Tensor | None = None,
+                 row_losses: list[torch.Tensor] | None = None) -> list[QuantizedPart]:
     """:func:`gptq` for several ``(bits, group_size, symmetric)`` formats of one weight in one pass.
 
     The column order and the inverse Cholesky factor are the same for every format, so the copies
     are stacked row-wise and rounded together: one loop over the columns, whatever the number of
-    formats (what the planner needs to weigh many formats of every layer).
+    formats (what the planner needs to weigh many formats of every layer). With ``row_losses`` (a
+    list), each format's per-row sum of GPTQ's column losses is appended to it (float64, ``rows``):
+    ``e H_d e^T`` for the row's rounding error ``e`` and the damped second moment ``H_d``
+    (:func:`damped_inverse`), so the rounded weight's output error needs no ``rows x cols^2`` product.
     """
     rows, cols = w.shape
     if tuple(hessian.shape) != (cols, cols):
@@ -295,6 +309,7 @@ def gptq_formats(w: torch.Tensor, hessian: torch.Tensor, formats: Sequence[tuple
     # columns as rows (cols x k*rows): each column is contiguous and the updates are row operations
     WT = W.t().contiguous()
     lo = torch.zeros_like(maxq)
+    loss = torch.zeros(k * rows, dtype=torch.float64, device=dev) if row_losses is not None else None
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1T = WT[i1:i2].clone()
@@ -314,6 +329,10 @@ def gptq_formats(w: torch.Tensor, hessian: torch.Tensor, formats: Sequence[tuple
             W1T[i:].addr_(U1[i, i:], err, alpha=-1.0)  # in place: no block x rows temporary per column
             Err1T[i] = err
         WT[i2:] -= U[i1:i2, i2:].t() @ Err1T
+        if loss is not None:
+            loss += Err1T.double().pow(2).sum(0)
+    if row_losses is not None:
+        row_losses.extend(loss[f * rows:(f + 1) * rows] for f in range(k))
     info = {"act_order": act_order, "damping": damping}
     return [QuantizedPart(bits, g, codes[f * rows:(f + 1) * rows].clone(), scales[f], zeros[f], "gptq", dict(info))
             for f, (bits, g, _, _) in enumerate(fmts)]
@@ -370,19 +389,6 @@ def quantize_weight(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, gr
 
 #: the keys that decide how a part is rounded (with its format and inputs)
 ROUNDING_KEYS = {"rounding", "damping", "block_size", "act_order", "clip_search", "inputs", "sequential_group"}
-
-
-def tensor_digest(*tensors: torch.Tensor | None) -> str:
-    """A digest of the exact contents (dtype, shape, bytes) of ``tensors``: what memoised roundings are keyed by."""
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        if t is None:
-            h.update(b"none;")
-            continue
-        t = t.detach().contiguous().cpu()
-        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def smoothing_factors(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -9,6 +9,7 @@ layers (``planner: split``, or a fixed ``lowrank_share``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from ..errors import CompressionError
 from ..utils.io import split_aliases
 from ..utils.logging import get_logger
 from ..utils.memory import release_memory
+from .blocks import BlockMemo, find_stacks
 from .calibration import collect_layer_stats, iter_grams, output_sensitivity, run_outputs
 from .cascade import compression_summary
 from .layers import compressed_layers
@@ -189,9 +191,12 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     probing = cfg.sensitivity and bool(cfg.protect) and bool(fit)
     estimate = probing and cfg.probe == "estimated" and bool(sens)
     probe_batches = fit[:cfg.batches]
-    dense_out = run_outputs(inner, probe_batches) if probing else None  # what every probe is compared with
-    # measured before the sequential planner installs its provisional choices
-    per_tower = tower_sensitivity(inner, names, probe_batches, cfg.probe_bits, dense_out) if probing else {}
+    # the calibration passes change a layer or a prefix at a time: the blocks before it are not run again
+    memo = BlockMemo(inner, find_stacks(inner, names)) if fit else None
+    with memo.active() if memo is not None else contextlib.nullcontext():
+        dense_out = run_outputs(inner, probe_batches) if probing else None  # what every probe is compared with
+        # measured before the sequential planner installs its provisional choices
+        per_tower = tower_sensitivity(inner, names, probe_batches, cfg.probe_bits, dense_out) if probing else {}
 
     def lift(probes: Mapping[str, Mapping[str, float]], measured: bool = False) -> Mapping[str, int]:
         record = probe_record(inner, probes, cfg.probe_bits, per_tower, len(probe_batches), measured)
@@ -199,10 +204,12 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
         towers["protection"], towers["min_bits"] = lift_protections(inner, names, cfg, record)
         return towers["min_bits"]
 
-    if probing and not estimate:
-        lift(measured_probes(inner, names, probe_batches, cfg.probe_bits, progress, dense_out), measured=True)
+        if probing and not estimate:
+            lift(measured_probes(inner, names, probe_batches, cfg.probe_bits, progress, dense_out), measured=True)
+    if memo is not None:
+        memo.clear()
 
-    sequential = SequentialInputs(inner, names, weights, fit, build) if (
+    sequential = SequentialInputs(inner, names, weights, fit, build, memo=memo) if (
         fit and section.cascade.plan_inputs == "sequential") else None
     # second moments streamed in groups of layers: the planner reads each once, in order
     grams: Iterable[torch.Tensor | None] = (sequential.grams() if sequential is not None else
@@ -252,8 +259,9 @@ class SequentialInputs:
 
     def __init__(self, inner: nn.Module, names: Sequence[str], weights: Sequence[torch.Tensor],
                  batches: Sequence[Mapping[str, Any]], build: Mapping[str, Any], group: int = 6,
-                 max_bytes: int = 1 << 27) -> None:
+                 max_bytes: int = 1 << 27, memo: BlockMemo | None = None) -> None:
         self.inner, self.names, self.weights, self.batches, self.build = inner, list(names), weights, batches, build
+        self.memo = memo
         self.groups: list[list[int]] = []
         held = max_bytes
         for i, n in enumerate(self.names):
@@ -273,7 +281,8 @@ class SequentialInputs:
         for k, group in enumerate(self.groups):
             if k:
                 self._install(self.groups[k - 1])
-            stats = collect_layer_stats(self.inner, [self.names[i] for i in group], self.batches, gram=True)
+            with self.memo.active() if self.memo is not None else contextlib.nullcontext():
+                stats = collect_layer_stats(self.inner, [self.names[i] for i in group], self.batches, gram=True)
             for i in group:
                 self.grams_held[i] = stats.pop(self.names[i]).gram
                 yield self.grams_held[i]
@@ -307,6 +316,8 @@ class SequentialInputs:
             self.inner.get_submodule(n).weight = p
         self.originals.clear()
         self.grams_held.clear()
+        if self.memo is not None:
+            self.memo.clear()
 
 
 #: how the end-to-end choice names each single-stage plan

@@ -154,6 +154,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def tensor_digest(*tensors: torch.Tensor | None) -> str:
+    """A digest of the exact contents (dtype, shape, bytes) of ``tensors``: what memoised roundings are keyed by."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        if t is None:
+            h.update(b"none;")
+            continue
+        t = t.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def safe_torch_load(path: str | os.PathLike[str]) -> Any:
     """``torch.load`` restricted to tensors and plain containers (``weights_only=True``).
 
