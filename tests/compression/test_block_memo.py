@@ -37,7 +37,7 @@ def _batches(n: int = 2) -> list[dict[str, torch.Tensor]]:
 
 def _memo(model: nn.Module) -> BlockMemo:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return BlockMemo(model, find_stacks(model, names))
+    return BlockMemo(model, find_stacks(model, names), slots=2)
 
 
 def _same(a, b) -> None:
@@ -92,6 +92,19 @@ def test_in_place_changes_hooks_and_autograd_run_the_block():
     _same(out[0], run_outputs(model, batches)[0])
 
 
+def test_each_block_keeps_its_latest_slots():
+    model, batches = _bert(), _batches(2)
+    memo = _memo(model)
+    memo.slots = 1
+    with memo.active():
+        run_outputs(model, batches)  # batch 1 replaces batch 0 in every block
+        run_outputs(model, batches[1:])
+        assert memo.hits == 4
+        run_outputs(model, batches[:1])
+        assert memo.hits == 4
+    assert all(len(v) == 1 for v in memo.entries.values())
+
+
 def test_byte_cap_keeps_the_earliest_blocks():
     model, batches = _bert(), _batches(1)
     memo = _memo(model)
@@ -114,6 +127,7 @@ def test_the_planner_makes_the_same_plan_with_and_without_the_memo(tiny_clip, mo
     monkeypatch.setattr(blocks_mod.BlockMemo, "active", lambda self: contextlib.nullcontext(self))
     without = compress_model(copy.deepcopy(tiny_clip), 0.8, "cascade", calibration_data=batches, config=cfg,
                              progress=False).compression_stats
+    assert with_memo["plan"]["towers"]["sensitivity"]["layers"]  # measured, a pass per layer
     assert with_memo["plan"]["layers"] == without["plan"]["layers"]
     assert with_memo["plan"]["towers"]["sensitivity"] == without["plan"]["towers"]["sensitivity"]
     assert with_memo["achieved_rate"] == without["achieved_rate"]

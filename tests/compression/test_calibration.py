@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from rcc_compression.compression.calibration import collect_layer_stats
+from rcc_compression.compression.calibration import calls_per_forward, collect_layer_stats
 
 
 class Twice(nn.Module):
@@ -47,6 +47,22 @@ def test_stats_stop_after_the_last_layer_read_and_match_the_full_pass():
     assert st.count == 15
     torch.testing.assert_close(st.sum_sq, (xs * xs).sum(0))
     torch.testing.assert_close(st.gram, (xs.t() @ xs).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_known_single_calls_stop_the_first_forward_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    runs = []
+    model[4].register_forward_hook(lambda *_: runs.append(1))
+    batches = _batches()
+    calls = calls_per_forward(Keyword(model), ["m.0", "m.2", "m.4"], batches[0])
+    assert calls == {"m.0": 1, "m.2": 1, "m.4": 1} and len(runs) == 1
+    whole = collect_layer_stats(Keyword(model), ["m.2"], batches, gram=True)
+    stats = collect_layer_stats(Keyword(model), ["m.2"], batches, gram=True, once=True)
+    assert len(runs) == 2  # the counting pass and the first pass of ``whole``; ``once`` ran no head at all
+    assert stats["m.2"].count == whole["m.2"].count
+    assert torch.equal(stats["m.2"].gram, whole["m.2"].gram)
+    assert calls_per_forward(Keyword(Twice()), ["m.fc", "m.out"], batches[0]) == {"m.fc": 2, "m.out": 1}
 
 
 def test_a_layer_that_runs_twice_per_forward_is_read_whole():

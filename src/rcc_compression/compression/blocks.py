@@ -259,13 +259,16 @@ class BlockMemo:
     received before returns what it returned then, without running: the blocks before a changed
     layer cost nothing. A block runs for real whenever it has a hook (statistics are being read
     inside it), autograd or training mode is on, or its arguments cannot be keyed; the result is then
-    remembered (replacing the one for the same inputs) while ``max_bytes`` allows. Inputs are keyed by
-    a digest of their bytes (:func:`~rcc_compression.utils.io.tensor_digest`), so only outputs are held.
+    remembered, replacing the one for the same inputs; a block holds at most ``slots`` (the number of
+    batches the passes run), its oldest forgotten first (the passes go through the layers in execution
+    order: the blocks after a changed layer see inputs that will not come again), and all together at
+    most ``max_bytes``. Inputs are keyed by a digest of their bytes
+    (:func:`~rcc_compression.utils.io.tensor_digest`), so only outputs are held.
     """
 
-    def __init__(self, model: nn.Module, stacks: Sequence[Stack], max_bytes: int = 1 << 28) -> None:
+    def __init__(self, model: nn.Module, stacks: Sequence[Stack], slots: int = 1, max_bytes: int = 1 << 28) -> None:
         self.blocks = [model.get_submodule(b) for s in stacks for b in s.blocks]
-        self.max_bytes, self.held = max_bytes, 0
+        self.slots, self.max_bytes, self.held = slots, max_bytes, 0
         self.entries: dict[int, dict[_Key, tuple[list[Any], list[int], Any]]] = {}
         self.hits = self.runs = 0
 
@@ -288,8 +291,10 @@ class BlockMemo:
         if found is not None:
             held.pop(key)
             self.held -= _output_bytes(found[2])
+        while held and len(held) >= self.slots:  # dicts keep insertion order: the oldest first
+            self.held -= _output_bytes(held.pop(next(iter(held)))[2])
         size = _output_bytes(out)
-        if self.held + size <= self.max_bytes:
+        if self.slots > 0 and self.held + size <= self.max_bytes:
             kept = _copy_output(out)
             if kept is not None:
                 held[key] = (objects, versions, kept)

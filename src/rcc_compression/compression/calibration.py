@@ -177,6 +177,7 @@ def collect_layer_stats(
     batches: Iterable[Mapping[str, Any]],
     gram: bool = False,
     device: torch.device | str | None = None,
+    once: bool = False,
 ) -> dict[str, LayerStats]:
     """Stream the inputs of ``layer_names`` over ``batches`` into :class:`LayerStats`.
 
@@ -184,7 +185,8 @@ def collect_layer_stats(
     second moment in float32, where it costs an ``n^2`` matrix product per token batch. Layers
     that read the same input tensor (CLIP's q/k/v projections) share one set of statistics. When the
     first batch shows each layer runs once per forward, later batches stop the forward as soon as the
-    last of them has read its input (the rest of the model is not needed).
+    last of them has read its input (the rest of the model is not needed); with ``once`` (the caller
+    knows each runs once per forward: :func:`calls_per_forward`) the first forward stops early too.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     acc_dtype = torch.float64 if device.type == "cpu" else torch.float32
@@ -244,7 +246,7 @@ def collect_layer_stats(
             # batch, so a halving starts the pass again from empty statistics
             stats.clear()
             rows = None
-            early[0] = False
+            early[0] = once
             try:
                 for batch in batches:
                     for piece in halver.pieces(batch):
@@ -272,6 +274,31 @@ def collect_layer_stats(
 
 #: the most bytes of float32 second moments :func:`iter_grams` holds at once
 GRAM_GROUP_BYTES = 1 << 27
+
+
+@torch.no_grad()
+def calls_per_forward(model: nn.Module, layer_names: Sequence[str], batch: Mapping[str, Any],
+                      device: torch.device | str | None = None) -> dict[str, int]:
+    """How many times each of ``layer_names`` runs in one forward pass of ``model`` on ``batch``."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    calls = dict.fromkeys(layer_names, 0)
+
+    def count(name: str):
+        def hook(_mod: nn.Module, _args: tuple[Any, ...]) -> None:
+            calls[name] += 1
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(count(n)) for n in layer_names]
+    was_training = model.training
+    model.eval()
+    try:
+        model(**to_device(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return calls
 
 
 def iter_grams(

@@ -22,7 +22,7 @@ from ..utils.io import split_aliases
 from ..utils.logging import get_logger
 from ..utils.memory import release_memory
 from .blocks import BlockMemo, find_stacks
-from .calibration import collect_layer_stats, iter_grams, output_sensitivity, run_outputs
+from .calibration import calls_per_forward, collect_layer_stats, iter_grams, output_sensitivity, run_outputs
 from .cascade import compression_summary
 from .layers import compressed_layers
 from .planner import Choice, LayerShape, allocate, choice_weight, plan_layers, plan_rate, split_error
@@ -191,12 +191,6 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
     probing = cfg.sensitivity and bool(cfg.protect) and bool(fit)
     estimate = probing and cfg.probe == "estimated" and bool(sens)
     probe_batches = fit[:cfg.batches]
-    # the calibration passes change a layer or a prefix at a time: the blocks before it are not run again
-    memo = BlockMemo(inner, find_stacks(inner, names)) if fit else None
-    with memo.active() if memo is not None else contextlib.nullcontext():
-        dense_out = run_outputs(inner, probe_batches) if probing else None  # what every probe is compared with
-        # measured before the sequential planner installs its provisional choices
-        per_tower = tower_sensitivity(inner, names, probe_batches, cfg.probe_bits, dense_out) if probing else {}
 
     def lift(probes: Mapping[str, Mapping[str, float]], measured: bool = False) -> Mapping[str, int]:
         record = probe_record(inner, probes, cfg.probe_bits, per_tower, len(probe_batches), measured)
@@ -204,10 +198,17 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
         towers["protection"], towers["min_bits"] = lift_protections(inner, names, cfg, record)
         return towers["min_bits"]
 
+    # the calibration passes change a layer or a prefix at a time: the blocks before it are not run again
+    memo = BlockMemo(inner, find_stacks(inner, names), slots=len(probe_batches)) if fit else None
+    with memo.active() if memo is not None else contextlib.nullcontext():
+        dense_out = run_outputs(inner, probe_batches) if probing else None  # what every probe is compared with
+        # measured before the sequential planner installs its provisional choices
+        per_tower = tower_sensitivity(inner, names, probe_batches, cfg.probe_bits, dense_out) if probing else {}
         if probing and not estimate:
             lift(measured_probes(inner, names, probe_batches, cfg.probe_bits, progress, dense_out), measured=True)
     if memo is not None:
         memo.clear()
+        memo.slots = len(fit)
 
     sequential = SequentialInputs(inner, names, weights, fit, build, memo=memo) if (
         fit and section.cascade.plan_inputs == "sequential") else None
@@ -278,11 +279,14 @@ class SequentialInputs:
 
     def grams(self) -> Iterator[torch.Tensor]:
         """Each layer's second moment, in order; a group is measured after the layers before it are installed."""
+        # each layer running once per forward, every pass stops where its group has read its inputs
+        once = bool(self.batches) and set(calls_per_forward(self.inner, self.names, self.batches[0]).values()) == {1}
         for k, group in enumerate(self.groups):
             if k:
                 self._install(self.groups[k - 1])
             with self.memo.active() if self.memo is not None else contextlib.nullcontext():
-                stats = collect_layer_stats(self.inner, [self.names[i] for i in group], self.batches, gram=True)
+                stats = collect_layer_stats(self.inner, [self.names[i] for i in group], self.batches, gram=True,
+                                            once=once)
             for i in group:
                 self.grams_held[i] = stats.pop(self.names[i]).gram
                 yield self.grams_held[i]
