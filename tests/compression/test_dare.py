@@ -14,10 +14,20 @@ from rcc_compression.compression.dare import (
     nm_mask,
     rescale_values,
     topk_mask,
+    topk_masks,
     wanda_scores,
 )
 from rcc_compression.compression.layers import compressed_layers
 from rcc_compression.compression.stage import schedule_fraction
+
+
+def test_topk_masks_from_one_sort_equal_each_rate_alone():
+    s = torch.randint(0, 7, (12, 40)).float()  # many ties: kept by position, as topk_mask keeps them
+    rates = [0.1, 0.5, 0.75, 0.9]
+    for scope in ("layer", "row"):
+        together = topk_masks(s, rates, scope)
+        for p in rates:
+            assert torch.equal(together[p], topk_mask(s, p, scope)), (scope, p)
 
 
 def test_topk_mask_counts_and_scope():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -141,6 +141,21 @@ def topk_mask(scores: torch.Tensor, rate: float, scope: str = "layer", allowed: 
     if allowed is not None:
         mask &= allowed
     return mask
+
+
+def topk_masks(scores: torch.Tensor, rates: Sequence[float], scope: str = "layer") -> dict[float, torch.Tensor]:
+    """:func:`topk_mask` at each of ``rates`` from one stable sort (the same masks, ties kept by position)."""
+    s = scores.float()
+    if scope == "layer":
+        flat = s.reshape(1, -1)
+    elif scope == "row":
+        flat = s
+    else:
+        raise ValueError(f"unknown scope {scope!r}; allowed: layer, row")
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
+    return {p: (rank < keep_count(flat.shape[1], p)).view_as(s) for p in rates}
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int, allowed: torch.Tensor | None = None) -> torch.Tensor:

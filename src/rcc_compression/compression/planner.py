@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CompressionError
 from ..utils.memory import release_memory
-from .dare import keep_count, magnitude_scores, topk_mask, wanda_scores
+from .dare import keep_count, magnitude_scores, topk_mask, topk_masks, wanda_scores
 from .lowrank import allocate_ranks, budget_rank, factorisable, spectral_energy, svd, whitened_top, whitening
 from .quant import damped_inverse, format_bytes, gptq_formats, quantize_nearest
 from .storage import sparse_encoding_bytes
@@ -426,7 +426,7 @@ class _LayerScorer:
         W, m = self.W, self.m
         score = (wanda_scores(W, self.H.diagonal().clamp_min(0).sqrt()) if (scorer == "wanda" and self.gram is not None)
                  else magnitude_scores(W))
-        masks = {p: topk_mask(score, p, self.prune_scope) for p in sorted(set(FLOAT_SPARSITIES) | set(SPARSITIES))}
+        masks = topk_masks(score, sorted(set(FLOAT_SPARSITIES) | set(SPARSITIES)), self.prune_scope)
         for p, mask in masks.items():
             self.add(Choice(pruning_rate=p), W * mask)
         fmts = [f for f in SPARSE_FORMATS if f[1] is None or f[1] < self.n] if quant else []
