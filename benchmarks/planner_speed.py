@@ -10,8 +10,8 @@
 2. ``--vit``: the one call ``compress_model(model, 0.75, method="cascade")`` with the default
    configuration on a ViT-B/32-shaped CLIP (``random-clip-vit-b32``, 151 M parameters) with 4
    calibration batches of 16 random image-text pairs, in a fresh process: seconds, seconds per
-   phase (first to last progress report) and the peak resident set as a ratio to the model's bytes
-   (targets 3 minutes and 3x).
+   phase (first to last progress report), the peak resident set as a ratio to the model's bytes
+   (targets 3 minutes and 3x) and the largest resident set sampled in each phase (where the peak is).
 
 Usage: python benchmarks/planner_speed.py [--repeats 2] [--threads N] [--vit]
 """
@@ -22,6 +22,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -77,17 +78,32 @@ def vit_child() -> dict:
     g = torch.Generator().manual_seed(0)
     batches = [model.synthetic_batch(16, g) for _ in range(4)]
     phases: dict[str, list[float]] = {}
+    now = ["setup"]
+    rss_peak: dict[str, float] = {}  # the largest resident set sampled while each phase was the last reported
+    start_rss = resident_bytes()
 
     def seen(what: str, done: int, total: int) -> None:
-        span = phases.setdefault(what.split(" ")[0].rstrip(":"), [time.perf_counter() - t0] * 2)
+        now[0] = what.split(" ")[0].rstrip(":")
+        span = phases.setdefault(now[0], [time.perf_counter() - t0] * 2)
         span[1] = time.perf_counter() - t0
 
+    def sample(stop: threading.Event) -> None:
+        while not stop.wait(0.05):
+            rss = resident_bytes() or 0
+            rss_peak[now[0]] = max(rss_peak.get(now[0], 0), rss)
+
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample, args=(stop,), daemon=True)
     t0 = time.perf_counter()
+    sampler.start()
     out = compress_model(model, 0.75, "cascade", calibration_data=batches, progress=False, progress_callback=seen)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
     stats = out.compression_stats
-    return {"seconds": time.perf_counter() - t0, "model_bytes": model_bytes, "rss_after_import": base,
+    return {"seconds": seconds, "model_bytes": model_bytes, "rss_after_import": base, "rss_at_start": start_rss,
             "peak_rss": peak_resident_bytes(), "achieved_rate": stats["achieved_rate"],
-            "kept": (stats.get("plan_choice") or {}).get("chosen"), "phases": phases,
+            "kept": (stats.get("plan_choice") or {}).get("chosen"), "phases": phases, "rss_peak": rss_peak,
             "skipped": [r["skipped"] for r in stats["records"] if r.get("skipped")]}
 
 
@@ -102,6 +118,10 @@ def vit_part(threads: int | None) -> dict:
           "target <= 3x)")
     print("    phases (first..last progress report, s): " +
           ", ".join(f"{k} {a:.0f}..{b:.0f}" for k, (a, b) in res["phases"].items()))
+    print(f"    resident set: {res['rss_after_import'] / gib:.2f} GiB after import, "
+          f"{res['rss_at_start'] / gib:.2f} GiB with the model and batches; the largest sampled while each "
+          "phase was the last reported (GiB): " +
+          ", ".join(f"{k} {v / gib:.2f}" for k, v in res["rss_peak"].items()))
     return res
 
 
