@@ -34,11 +34,17 @@ def _batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
     return [{"input": torch.randn(5, 8, generator=g)} for _ in range(n)]
 
 
-def test_stats_stop_after_the_last_layer_read_and_match_the_full_pass():
+def _three_layers() -> tuple[nn.Sequential, list[int]]:
+    """Three Linear layers and the list the last one appends to each time it runs."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    runs = []
+    runs: list[int] = []
     model[4].register_forward_hook(lambda *_: runs.append(1))
+    return model, runs
+
+
+def test_stats_stop_after_the_last_layer_read_and_match_the_full_pass():
+    model, runs = _three_layers()
     batches = _batches()
     stats = collect_layer_stats(Keyword(model), ["m.2"], batches, gram=True)
     assert len(runs) == 1  # the first batch ran whole; the later ones stopped once layer 2 had read its input
@@ -50,10 +56,7 @@ def test_stats_stop_after_the_last_layer_read_and_match_the_full_pass():
 
 
 def test_known_single_calls_stop_the_first_forward_too():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    runs = []
-    model[4].register_forward_hook(lambda *_: runs.append(1))
+    model, runs = _three_layers()
     batches = _batches()
     calls = calls_per_forward(Keyword(model), ["m.0", "m.2", "m.4"], batches[0])
     assert calls == {"m.0": 1, "m.2": 1, "m.4": 1} and len(runs) == 1

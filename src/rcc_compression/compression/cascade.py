@@ -380,7 +380,7 @@ class CascadePipeline:
                 snap[n] = {"teacher": n}
             else:
                 snap[n] = _snap_layer(m, self._last_snap.get(n), self._store)
-                release_memory(every=0.5)  # the layer's copies went to the store: hand their pages back
+                release_memory()  # the layer's copies went to the store: hand their pages back
         self._last_snap = {n: v for n, v in snap.items() if "teacher" not in v}
         return snap
 

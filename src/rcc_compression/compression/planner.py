@@ -660,7 +660,7 @@ def plan_layers(
             full[i] = unfiltered
         if probe_bits is not None and weighted and g is not None:
             probes[names[i]] = probe_estimate(w, g, sens[i], probe_bits)
-        release_memory(every=0.5)  # the candidates' temporaries: hand their pages back before the next layer
+        release_memory()  # the candidates' temporaries: hand their pages back before the next layer
         if on_layer is not None:
             on_layer(i, options, budget.layers)
         if progress is not None:

@@ -312,7 +312,7 @@ class SequentialInputs:
                 self.originals.setdefault(self.names[i], mod.weight)
                 mod.weight = nn.Parameter(w.to(mod.weight.dtype), requires_grad=False)
             self.grams_held.pop(i, None)
-            release_memory(every=0.5)
+            release_memory()
 
     def restore(self) -> None:
         """Put the model's own weights back."""

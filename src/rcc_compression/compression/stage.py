@@ -209,7 +209,7 @@ class CompressionContext:
 
     def tick(self, what: str, done: int, total: int) -> None:
         """A layer is done: give its temporaries' memory back to the system, report progress to a listener."""
-        release_memory(every=0.5)
+        release_memory()
         if self.progress_callback is not None:
             self.progress_callback(what, done, total)
 

@@ -3,9 +3,8 @@
 glibc serves allocations below its (adaptive, up to 32 MiB) mmap threshold from heaps it keeps:
 a layer's temporaries freed between two long-lived tensors leave holes that stay resident. A
 compression frees such temporaries for every layer, so the resident set drifts far above what is
-alive. :func:`release_memory` hands whole free pages back (``malloc_trim``); it costs from a
-millisecond to tens of milliseconds as the heap grows (so per-layer loops ask for it at most every
-``every`` seconds) and does nothing where the C library is not glibc.
+alive. :func:`release_memory` hands whole free pages back (``malloc_trim``); it costs about a
+millisecond and does nothing where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import ctypes
 import ctypes.util
 import resource
 import sys
-import time
 from functools import cache
 
 
@@ -29,20 +27,10 @@ def _malloc_trim():  # noqa: ANN202 - a ctypes function or None
         return None
 
 
-_last_release = [0.0]
-
-
-def release_memory(every: float = 0.0) -> bool:
-    """Return the free pages of the C heap to the system; ``True`` if anything was released.
-
-    ``every``: do nothing if the last release was less than this many seconds ago (per-layer loops)."""
-    now = time.monotonic()
-    if every > 0 and now - _last_release[0] < every:
-        return False
+def release_memory() -> bool:
+    """Return the free pages of the C heap to the system; ``True`` if anything was released."""
     trim = _malloc_trim()
-    released = bool(trim(0)) if trim is not None else False
-    _last_release[0] = time.monotonic()
-    return released
+    return bool(trim(0)) if trim is not None else False
 
 
 def resident_bytes() -> int | None:
