@@ -199,19 +199,17 @@ def apply_layer_plan(inner: nn.Module, section: Any, rate: float, scope: str = "
         return towers["min_bits"]
 
     # the calibration passes change a layer or a prefix at a time: the blocks before it are not run again
-    memo = BlockMemo(inner, find_stacks(inner, names), slots=len(probe_batches)) if fit else None
-    with memo.active() if memo is not None else contextlib.nullcontext():
+    stacks = find_stacks(inner, names)
+    with BlockMemo(inner, stacks, slots=len(probe_batches)).active():
         dense_out = run_outputs(inner, probe_batches) if probing else None  # what every probe is compared with
         # measured before the sequential planner installs its provisional choices
         per_tower = tower_sensitivity(inner, names, probe_batches, cfg.probe_bits, dense_out) if probing else {}
         if probing and not estimate:
             lift(measured_probes(inner, names, probe_batches, cfg.probe_bits, progress, dense_out), measured=True)
-    if memo is not None:
-        memo.clear()
-        memo.slots = len(fit)
 
-    sequential = SequentialInputs(inner, names, weights, fit, build, memo=memo) if (
-        fit and section.cascade.plan_inputs == "sequential") else None
+    sequential = None
+    if fit and section.cascade.plan_inputs == "sequential":
+        sequential = SequentialInputs(inner, names, weights, fit, build, memo=BlockMemo(inner, stacks, slots=len(fit)))
     # second moments streamed in groups of layers: the planner reads each once, in order
     grams: Iterable[torch.Tensor | None] = (sequential.grams() if sequential is not None else
                                             iter_grams(inner, names, fit) if fit else [None] * len(names))

@@ -53,7 +53,7 @@ class TowerBudgetConfig(StrictModel):
     sensitivity: bool = Field(True, description="in a rate plan, find each layer's and each tower's effect on the "
                                                 "outputs of a probe rounding; lift protections it shows idle")
     probe: Literal["measured", "estimated"] = Field(
-        "measured", description="measured: each layer rounded alone, a pass of the whole model per layer (the better "
+        "measured", description="measured: each layer rounded alone, a forward pass per layer (the better "
                                 "plans); estimated: to first order from the planner's output sensitivity, no pass "
                                 "(faster; what the sequential pipeline does)")
     lift: Literal["median", "never"] = Field(
@@ -174,7 +174,7 @@ def tower_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[
 def measured_probes(model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]],
                     probe_bits: int = 4, progress: Any = None,
                     dense_out: Sequence[Mapping[str, torch.Tensor]] | None = None) -> dict[str, dict[str, float]]:
-    """Each layer of ``names`` rounded to ``probe_bits`` alone (a pass of the whole model per layer): the relative
+    """Each layer of ``names`` rounded to ``probe_bits`` alone (a forward pass per layer): the relative
     error of the model's primary outputs (``output_error``, :func:`primary_error`), of the layer's own output on
     the same inputs (``layer_error``) and ``weight = output_error / layer_error``, what protections are lifted and
     released by. ``dense_out``: the dense outputs on ``batches`` when already computed."""
@@ -197,7 +197,7 @@ def probe_record(model: nn.Module, probes: Mapping[str, Mapping[str, float]], pr
     """The sensitivity record of a plan: each layer's probe, measured (:func:`measured_probes`) or estimated
     (:func:`~.planner.probe_estimate`), and, when measured, each tower's (:func:`tower_sensitivity`)."""
     kind = family(unwrap_model(model))
-    how = ("measured (a pass of the whole model per layer)" if measured else
+    how = ("measured (a forward pass per layer)" if measured else
            "estimated to first order from the output sensitivity (the planner's own weighting)")
     return {"probe": f"int{probe_bits} round to nearest, one scale per row; each layer's effect on the outputs "
                      f"{how}, each tower's measured",
